@@ -1,0 +1,63 @@
+# The single definition of how to set up, run, test and measure EMILI.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+EMILI := $(VENV)/bin/emili
+STAMP := $(VENV)/.setup-stamp
+SETUP_INPUTS := scripts/setup.sh scripts/fetch_artifacts.py requirements/constraints.txt requirements/dev.txt \
+	requirements/runtime.txt libs/core/pyproject.toml libs/proto/pyproject.toml $(wildcard services/*/pyproject.toml)
+ARTIFACTS := var/artifacts/fer/mini_xception.onnx var/artifacts/samples/face_640x480.jpg
+PYTEST_ARGS ?=
+
+.PHONY: help setup proto proto-check up down status test test-unit lint fmt typecheck demo bench-fer clean
+
+help:  ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): $(SETUP_INPUTS)
+	bash scripts/setup.sh
+
+$(ARTIFACTS): | $(STAMP)
+	$(PY) scripts/fetch_artifacts.py
+
+setup: $(STAMP) $(ARTIFACTS)  ## Create .venv, install everything, fetch and convert models (idempotent).
+
+proto: $(STAMP)  ## Regenerate libs/proto from protos/ (with type stubs).
+	$(PY) scripts/gen_protos.py
+
+proto-check: $(STAMP)  ## Fail if the committed generated code is stale.
+	$(PY) scripts/gen_protos.py --check
+
+up: setup  ## Start Redis, the S3 server and the services; wait until healthy.
+	$(EMILI) stack up
+
+down:  ## Stop the local stack (data in var/ is kept).
+	@if [ -x $(EMILI) ]; then $(EMILI) stack down; else echo "nothing to stop"; fi
+
+status: setup  ## Health of every component of the local stack.
+	$(EMILI) status
+
+test: setup  ## Every test: unit and integration (fixtures start real Redis and S3 servers).
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: setup  ## Unit tests only.
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+lint: setup  ## ruff (lint and format check), mypy, stale generated code.
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy libs/core/src services/fer/src services/chat/src services/labeler/src services/trainer/src
+	$(PY) scripts/gen_protos.py --check
+
+fmt: setup  ## Apply ruff's fixes and formatting.
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+demo: up  ## The main job; until the pipeline lands: analyse a real face through the running FER service.
+	$(PY) scripts/demo.py
+
+bench-fer: setup  ## FER accuracy and gRPC throughput/latency; prints JSON (record it in BENCHMARKS.md).
+	$(PY) services/fer/bench/bench_fer.py $(BENCH_ARGS)
+
+clean: down  ## Remove the local stack's data and logs (keeps .venv and artefacts).
+	rm -rf var/redis var/s3 var/log var/run

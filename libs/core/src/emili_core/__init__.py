@@ -1,0 +1,1 @@
+"""What every EMILI service shares: settings, logging, gRPC runner, auth, metrics, storage, queues."""

@@ -1,0 +1,36 @@
+"""The queue catalogue and the one routing table.
+
+Work is split by service because each queue is consumed by a different kind of worker: FER workers
+hold an ONNX model (GPU nodes in production), chat workers persist sessions, labeler workers hold the
+lexicon and embedding model, and the trainer worker owns a GPU for hours at concurrency 1. A slow
+training job must never delay a session being saved, so they never share a queue.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Queue(enum.StrEnum):
+    FER = "fer"
+    CHAT = "chat"
+    LABELER = "labeler"
+    TRAINER = "trainer"
+
+
+class UnroutedTaskError(LookupError):
+    pass
+
+
+# Every task the system defines, and the queue that runs it. A test checks both directions.
+TASK_ROUTES: dict[str, Queue] = {
+    "fer.analyze_session_frames": Queue.FER,
+    "fer.ingest_video": Queue.FER,
+}
+
+
+def queue_for(task_name: str) -> Queue:
+    try:
+        return TASK_ROUTES[task_name]
+    except KeyError:
+        raise UnroutedTaskError(f"task {task_name!r} has no route; add it to emili_core.queues.TASK_ROUTES") from None

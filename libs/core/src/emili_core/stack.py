@@ -1,0 +1,129 @@
+"""The local stack: Redis, the S3 server and each service's server and worker under supervisord.
+
+Everything lives in ``var/`` (git-ignored): data in ``var/redis`` and ``var/s3``, logs in
+``var/log``, the generated supervisord config and socket in ``var/run``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from emili_core.settings import REPO_ROOT, CommonSettings
+
+VAR = REPO_ROOT / "var"
+RUN_DIR, LOG_DIR = VAR / "run", VAR / "log"
+CONFIG = RUN_DIR / "supervisord.conf"
+SOCKET = RUN_DIR / "supervisor.sock"
+
+# Services started by `make up`, in start order. A service joins this list when its code lands.
+LOCAL_SERVICES: tuple[str, ...] = ("fer",)
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    command: str
+    priority: int
+    stopwaitsecs: int = 30
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else (shutil.which(name) or name)
+
+
+def programs(settings: CommonSettings, services: tuple[str, ...] = LOCAL_SERVICES) -> list[Program]:
+    redis_port = urlparse(settings.redis_url).port or 6379
+    s3_addr = settings.s3.endpoint
+    s3_keys = f"{settings.s3.access_key.get_secret_value()},{settings.s3.secret_key.get_secret_value()}"
+    result = [
+        Program(
+            "redis",
+            f"{_bin('redis-server')} --bind 127.0.0.1 --port {redis_port} --dir {VAR / 'redis'} "
+            "--appendonly yes --appendfsync everysec --daemonize no --protected-mode yes",
+            priority=10,
+        ),
+        Program(
+            "s3",
+            f"{_bin('rclone')} serve s3 {VAR / 's3'} --addr {s3_addr} --auth-key {s3_keys} "
+            "--force-path-style=true --log-level NOTICE",
+            priority=10,
+        ),
+    ]
+    for service in services:
+        result.append(Program(f"{service}-server", _bin(f"emili-{service}-server"), priority=20))
+        result.append(Program(f"{service}-worker", _bin(f"emili-{service}-worker"), priority=30))
+    return result
+
+
+def render_config(progs: list[Program]) -> str:
+    sections = [
+        f"[unix_http_server]\nfile={SOCKET}\n",
+        f"[supervisord]\nlogfile={LOG_DIR / 'supervisord.log'}\npidfile={RUN_DIR / 'supervisord.pid'}\n"
+        f"directory={REPO_ROOT}\nnodaemon=false\n",
+        "[rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n",
+        f"[supervisorctl]\nserverurl=unix://{SOCKET}\n",
+    ]
+    for p in progs:
+        sections.append(
+            f"[program:{p.name}]\ncommand={p.command}\npriority={p.priority}\nautostart=true\nautorestart=true\n"
+            f"startsecs=2\nstopsignal=TERM\nstopwaitsecs={p.stopwaitsecs}\nstopasgroup=true\nkillasgroup=true\n"
+            f"redirect_stderr=true\nstdout_logfile={LOG_DIR / p.name}.log\nstdout_logfile_maxbytes=20MB\n"
+            "stdout_logfile_backups=3\n"
+        )
+    return "\n".join(sections)
+
+
+def supervisorctl(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_bin("supervisorctl"), "-c", str(CONFIG), *args], capture_output=True, text=True, check=check
+    )
+
+
+def is_running() -> bool:
+    return SOCKET.exists() and supervisorctl("pid").returncode == 0
+
+
+def up(settings: CommonSettings) -> None:
+    for folder in (RUN_DIR, LOG_DIR, VAR / "redis", VAR / "s3"):
+        folder.mkdir(parents=True, exist_ok=True)
+    CONFIG.write_text(render_config(programs(settings)))
+    if is_running():
+        supervisorctl("update", check=True)
+        supervisorctl("start", "all")
+        return
+    subprocess.run([_bin("supervisord"), "-c", str(CONFIG)], check=True, env=os.environ.copy())
+
+
+def down(timeout: float = 60.0) -> bool:
+    if not is_running():
+        return False
+    pid_file = RUN_DIR / "supervisord.pid"
+    pid = int(pid_file.read_text()) if pid_file.exists() else None
+    supervisorctl("shutdown")
+    deadline = time.monotonic() + timeout
+    while pid is not None and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    return True
+
+
+def program_states() -> dict[str, str]:
+    if not is_running():
+        return {}
+    states = {}
+    for line in supervisorctl("status").stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            states[parts[0]] = parts[1]
+    return states

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One-time (and repeatable) set-up of a fresh Debian/Ubuntu machine: system packages, .venv, model artefacts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-}
+if [ -z "$python" ]; then
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))'; then
+      python=$candidate; break
+    fi
+  done
+fi
+[ -n "$python" ] || { echo "setup: Python 3.11+ is required (set PYTHON=...)" >&2; exit 1; }
+
+if ! command -v redis-server >/dev/null; then
+  echo "setup: installing redis-server with apt"
+  sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  # Debian starts a system-wide instance on 6379; the local stack runs its own.
+  ($sudo_cmd service redis-server stop >/dev/null 2>&1 || true)
+fi
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+"${pip[@]}" install --upgrade pip setuptools wheel
+echo "setup: installing Python packages into .venv"
+"${pip[@]}" install -c requirements/constraints.txt \
+  -r requirements/runtime.txt -r requirements/dev.txt \
+  -e libs/proto -e libs/core \
+  -e services/fer -e services/chat -e services/labeler -e services/trainer
+
+echo "setup: fetching model artefacts into var/artifacts"
+.venv/bin/python scripts/fetch_artifacts.py
+
+[ -f .env ] || cp .env.example .env
+touch .venv/.setup-stamp
+echo "setup: done"

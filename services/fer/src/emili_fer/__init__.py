@@ -1,0 +1,1 @@
+"""EMILI FER service: face frames in, seven-emotion readings out."""

@@ -1,0 +1,127 @@
+"""Offline FER jobs run by the worker: analyse a session's stored frames; ingest an uploaded video.
+
+Outputs are keyed by content (the frames' keys and ETags, the model and the pipeline settings), so
+a retried or redelivered job finds its finished output instead of writing a second one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+
+from emili_core.errors import InvalidInput, NotFound
+from emili_core.objectstore import Bucket, ObjectStore
+from emili_fer.engine import FerEngine, FrameInput, Reading
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int], None]
+CHUNK_FRAMES = 64
+
+
+def frames_prefix(session_id: str) -> str:
+    return f"{session_id}/frames/"
+
+
+def frame_key(session_id: str, capture_time_ms: int, suffix: str = ".jpg") -> str:
+    # Zero-padded so that key order is time order.
+    return f"{frames_prefix(session_id)}{capture_time_ms:013d}{suffix}"
+
+
+def capture_time_of(key: str) -> int:
+    stem = Path(key).stem
+    if not stem.isdigit():
+        raise InvalidInput(f"frame key {key} does not end in <capture_time_ms>.<ext>")
+    return int(stem)
+
+
+def _check_session_id(session_id: str) -> None:
+    if not session_id or "/" in session_id or len(session_id) > 128:
+        raise InvalidInput(f"invalid session id {session_id!r}: 1-128 characters, no '/'")
+
+
+def analyze_session_frames(
+    engine: FerEngine, store: ObjectStore, session_id: str, progress: Progress = lambda done, total: None
+) -> dict[str, object]:
+    """Write ``<session>/fer/readings-<hash>.jsonl`` (one reading per stored frame, in time order)."""
+    _check_session_id(session_id)
+    entries = store.list_entries(Bucket.FRAMES, frames_prefix(session_id))
+    if not entries:
+        raise NotFound(f"session {session_id} has no stored frames under {frames_prefix(session_id)}")
+    fingerprint = hashlib.sha256(
+        json.dumps([entries, engine.manifest.id, engine.options.model_dump(mode="json")], sort_keys=True).encode()
+    ).hexdigest()[:16]
+    out_key = f"{session_id}/fer/readings-{fingerprint}.jsonl"
+    result: dict[str, object] = {"session_id": session_id, "key": out_key, "frames": len(entries)}
+    if store.exists(Bucket.SESSIONS, out_key):
+        log.info("readings for %s already exist at %s", session_id, out_key)
+        return {**result, "reused": True}
+    faces = 0
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as out:
+        for start in range(0, len(entries), CHUNK_FRAMES):
+            chunk = entries[start : start + CHUNK_FRAMES]
+            frames = [FrameInput(store.get_bytes(Bucket.FRAMES, key)) for key, _ in chunk]
+            for (key, _), reading in zip(chunk, engine.analyze_sync(frames), strict=True):
+                record: dict[str, object] = {"capture_time_ms": capture_time_of(key), "frame_key": key}
+                if isinstance(reading, Reading):
+                    faces += reading.face_found
+                    record.update(reading.to_json())
+                else:
+                    record["error"] = str(reading)
+                out.write(json.dumps(record) + "\n")
+            progress(min(start + CHUNK_FRAMES, len(entries)), len(entries))
+    path = Path(out.name)
+    try:
+        store.put_file(Bucket.SESSIONS, out_key, path, content_type="application/x-ndjson")
+    finally:
+        path.unlink(missing_ok=True)
+    return {**result, "faces": faces, "reused": False}
+
+
+def ingest_video(
+    engine: FerEngine,
+    store: ObjectStore,
+    session_id: str,
+    video_key: str,
+    fps: float,
+    max_frames: int,
+    progress: Progress = lambda done, total: None,
+) -> dict[str, object]:
+    """Sample an uploaded video (frames bucket) at ``fps``, store the frames, then analyse them."""
+    _check_session_id(session_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = store.get_file(Bucket.FRAMES, video_key, Path(tmp) / Path(video_key).name)
+        capture = cv2.VideoCapture(str(path))
+        if not capture.isOpened():
+            raise InvalidInput(f"{video_key} is not a video OpenCV can read")
+        try:
+            native_fps = capture.get(cv2.CAP_PROP_FPS) or 0.0
+            total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+            if native_fps <= 0:
+                raise InvalidInput(f"{video_key} has no frame rate")
+            step = max(1.0, native_fps / fps)
+            index, next_sample, stored = 0, 0.0, 0
+            while stored < max_frames and capture.grab():
+                if index >= next_sample:
+                    ok, image = capture.retrieve()
+                    if not ok:
+                        break
+                    ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+                    key = frame_key(session_id, round(index * 1000.0 / native_fps))
+                    if not store.exists(Bucket.FRAMES, key):
+                        store.put_bytes(Bucket.FRAMES, key, jpeg.tobytes(), content_type="image/jpeg")
+                    stored += 1
+                    next_sample += step
+                    progress(index, total)
+                index += 1
+        finally:
+            capture.release()
+    if stored == 0:
+        raise InvalidInput(f"{video_key} has no decodable frames")
+    analysis = analyze_session_frames(engine, store, session_id, progress)
+    return {**analysis, "video_key": video_key, "sampled_frames": stored}
