@@ -166,6 +166,13 @@ def stack_up(
             print_status(rows)
             console.print(f"[red]not healthy after {wait:.0f} s: {', '.join(waiting)}; see {stack.LOG_DIR}[/red]")
             raise typer.Exit(1)
+        failed = [name for name, state in stack.program_states().items() if state == "FATAL"]
+        if failed:
+            print_status(rows)
+            for name in failed:
+                console.print(f"[red]{name} keeps exiting; last lines of {stack.LOG_DIR / name}.log:[/red]")
+                console.print(stack.log_tail(name))
+            raise typer.Exit(1)
         console.print(f"waiting for: {', '.join(waiting)}")
         time.sleep(2)
 

@@ -127,3 +127,8 @@ def program_states() -> dict[str, str]:
         if len(parts) >= 2:
             states[parts[0]] = parts[1]
     return states
+
+
+def log_tail(program: str, lines: int = 20) -> str:
+    path = LOG_DIR / f"{program}.log"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"

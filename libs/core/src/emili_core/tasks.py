@@ -111,7 +111,9 @@ class TaskMetrics:
         self.duration = Histogram(
             metric_name(service, "task_duration_seconds"), "Task run time", ["task"], buckets=LATENCY_BUCKETS
         )
-        depth = Gauge(metric_name(service, "queue_depth"), "Messages waiting in the service's queue", ["queue"])
+        depth = Gauge(
+            metric_name(service, "task_queue_messages"), "Task messages waiting in the service's queue", ["queue"]
+        )
         client = redis.Redis.from_url(redis_url, socket_timeout=2)
         depth.labels(service).set_function(lambda: float(client.llen(service)))
         self._started: dict[str, float] = {}

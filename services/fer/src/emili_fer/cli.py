@@ -37,7 +37,10 @@ async def _analyze_remote(settings: FerSettings, target: str, paths: list[Path])
     from google.protobuf.json_format import MessageToDict
 
     return [
-        {"image": str(p), **MessageToDict(item, preserving_proto_field_name=True)}
+        {
+            "image": str(p),
+            **MessageToDict(item, preserving_proto_field_name=True, always_print_fields_with_no_presence=True),
+        }
         for p, item in zip(paths, response.items, strict=True)
     ]
 

@@ -1,0 +1,58 @@
+"""The object-store client against a real S3 server (rclone serve s3)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from emili_core.errors import NotFound
+from emili_core.objectstore import Bucket, ObjectStore, content_key
+
+pytestmark = pytest.mark.integration
+
+
+def test_buckets_are_created_once_and_idempotently(object_store: ObjectStore) -> None:
+    object_store.ensure_buckets()
+    names = {b.name for b in object_store.client.list_buckets()}
+    assert {object_store.bucket(b) for b in Bucket} <= names
+
+
+def test_put_and_read_back(object_store: ObjectStore) -> None:
+    digest = object_store.put_bytes(Bucket.SESSIONS, "s-1/events.jsonl", b'{"a":1}\n')
+    assert digest == hashlib.sha256(b'{"a":1}\n').hexdigest()
+    assert object_store.get_bytes(Bucket.SESSIONS, "s-1/events.jsonl") == b'{"a":1}\n'
+    assert object_store.metadata(Bucket.SESSIONS, "s-1/events.jsonl")["sha256"] == digest
+    object_store.put_json(Bucket.SESSIONS, "s-1/meta.json", {"b": [1, 2]})
+    assert object_store.get_json(Bucket.SESSIONS, "s-1/meta.json") == {"b": [1, 2]}
+
+
+def test_large_file_streams_in_parts(object_store: ObjectStore, tmp_path: Path) -> None:
+    source = tmp_path / "adapter.bin"
+    with source.open("wb") as f:
+        for _ in range(40):  # 40 MiB: three multipart parts of 16 MiB.
+            f.write(os.urandom(1024 * 1024))
+    digest = object_store.put_file(Bucket.MODELS, "adapters/test/adapter.bin", source)
+    copy = object_store.get_file(Bucket.MODELS, "adapters/test/adapter.bin", tmp_path / "copy.bin")
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == digest
+    streamed = hashlib.sha256()
+    for chunk in object_store.iter_chunks(Bucket.MODELS, "adapters/test/adapter.bin"):
+        streamed.update(chunk)
+    assert streamed.hexdigest() == digest
+    with pytest.raises(ValueError, match="in-memory limit"):
+        object_store.get_bytes(Bucket.MODELS, "adapters/test/adapter.bin", max_bytes=1024)
+
+
+def test_content_addressed_keys_are_deterministic(object_store: ObjectStore) -> None:
+    first = object_store.put_content_addressed(Bucket.FRAMES, "uploads", b"same bytes", ".bin")
+    second = object_store.put_content_addressed(Bucket.FRAMES, "uploads", b"same bytes", ".bin")
+    assert first == second == content_key("uploads", hashlib.sha256(b"same bytes").hexdigest(), ".bin")
+    assert object_store.list_keys(Bucket.FRAMES, "uploads/").count(first) == 1
+
+
+def test_missing_object_is_not_found(object_store: ObjectStore) -> None:
+    assert not object_store.exists(Bucket.SESSIONS, "nope/never.json")
+    with pytest.raises(NotFound):
+        object_store.get_bytes(Bucket.SESSIONS, "nope/never.json")
