@@ -1,0 +1,101 @@
+"""`make demo` until the end-to-end pipeline lands: drive what exists through the running local stack.
+
+1. A live session: a stream of real face frames through FER StreamAnalyze, one reading per frame.
+2. A stored session: the frames are uploaded to S3 and the `fer.analyze_session_frames` task runs on
+   the FER worker through Redis, writing the session's FER time series back to S3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import cv2
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from emili.fer.v1 import fer_pb2, fer_pb2_grpc
+from emili_core.cli import CliSettings, client_token
+from emili_core.grpc_client import make_channel
+from emili_core.objectstore import Bucket, ObjectStore
+from emili_core.settings import REPO_ROOT, load_settings
+from emili_core.tasks import create_celery_app
+from emili_fer.jobs import frame_key
+from emili_fer.settings import FerSettings
+
+console = Console()
+FACE = REPO_ROOT / "var" / "artifacts" / "samples" / "face_640x480.jpg"
+
+
+def demo_frames(count: int = 8) -> list[bytes]:
+    """The sample face, shifting and tilting a little, with a frame where the user looks away."""
+    face = cv2.imread(str(FACE))
+    frames = []
+    for i in range(count):
+        if i == count // 2:
+            image = np.full_like(face, 90)  # The user is out of view.
+        else:
+            matrix = cv2.getRotationMatrix2D((320, 240), (i - count / 2) * 2.0, 1.0)
+            matrix[0, 2] += 6 * i
+            image = cv2.warpAffine(face, matrix, (640, 480), borderMode=cv2.BORDER_REPLICATE)
+        frames.append(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
+    return frames
+
+
+async def live_session(target: str, token: str, session_id: str, frames: list[bytes]) -> None:
+    start_ms = int(time.time() * 1000)
+
+    async def requests() -> AsyncIterator[fer_pb2.StreamAnalyzeRequest]:
+        for i, data in enumerate(frames):
+            yield fer_pb2.StreamAnalyzeRequest(
+                session_id=session_id, capture_time_ms=start_ms + 1000 * i, sequence=i, frame=fer_pb2.Frame(data=data)
+            )
+
+    table = Table(title=f"live session {session_id}: FER StreamAnalyze")
+    for column in ("t (s)", "face", "top emotion", "salience (0-100)", "server ms"):
+        table.add_column(column)
+    async with make_channel(target, token) as channel:
+        async for reply in fer_pb2_grpc.FerServiceStub(channel).StreamAnalyze(requests()):
+            reading = reply.reading
+            scores = " ".join(f"{s.emotion}={s.salience}" for s in reading.scores if s.salience > 0)
+            table.add_row(
+                f"{(reply.capture_time_ms - start_ms) / 1000:.0f}",
+                "yes" if reading.face_found else "no",
+                reading.top_emotion or "-",
+                scores or "-",
+                f"{reading.timings.total_ms:.1f}",
+            )
+    console.print(table)
+
+
+def stored_session(settings: CliSettings, session_id: str, frames: list[bytes]) -> None:
+    store = ObjectStore(settings.s3)
+    store.ensure_buckets()
+    start_ms = int(time.time() * 1000)
+    for i, data in enumerate(frames):
+        store.put_bytes(Bucket.FRAMES, frame_key(session_id, start_ms + 1000 * i), data, content_type="image/jpeg")
+    app = create_celery_app("demo", settings)
+    console.print(f"enqueued fer.analyze_session_frames for {session_id} on queue 'fer'")
+    result = app.send_task("fer.analyze_session_frames", args=[session_id]).get(timeout=120)
+    console.print_json(json.dumps(result))
+    first = store.get_bytes(Bucket.SESSIONS, str(result["key"])).decode().splitlines()[0]
+    console.print(f"first record of s3://{store.bucket(Bucket.SESSIONS)}/{result['key']}:")
+    console.print_json(first)
+
+
+def main() -> None:
+    settings = load_settings(CliSettings)
+    target = load_settings(FerSettings).grpc_target()
+    session_id = f"demo-{uuid.uuid4().hex[:8]}"
+    frames = demo_frames()
+    asyncio.run(live_session(target, client_token(settings, "fer", subject="demo-client"), session_id, frames))
+    stored_session(settings, session_id, frames)
+    console.print("[bold]The chat, labeler, trainer and pipeline parts of the demo arrive with issues #4-#7.[/bold]")
+
+
+if __name__ == "__main__":
+    main()
