@@ -133,3 +133,20 @@ async def test_analyze_before_start_is_not_ready(fer_options: FerOptions, face_j
     with pytest.raises(NotReady):
         await engine.analyze(FrameInput(face_jpeg))
     await asyncio.sleep(0)
+
+
+async def test_frames_beyond_capacity_are_refused(fer_options: FerOptions, face_jpeg: bytes) -> None:
+    from emili_core.errors import Overloaded
+
+    batching = fer_options.batching.model_copy(update={"queue_capacity": 2, "max_batch_size": 2})
+    engine = FerEngine(fer_options.model_copy(update={"batching": batching}), artifacts_dir())
+    await engine.start()
+    try:
+        results = await asyncio.gather(
+            *(engine.analyze(FrameInput(face_jpeg)) for _ in range(5)), return_exceptions=True
+        )
+    finally:
+        await engine.stop()
+    assert [type(r).__name__ for r in results] == ["Reading", "Reading", "Overloaded", "Overloaded", "Overloaded"]
+    assert "at capacity (2 frames" in str(results[2])
+    assert isinstance(results[2], Overloaded)

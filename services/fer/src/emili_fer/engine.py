@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from emili_core.errors import EmiliError, InvalidInput, NotReady
+from emili_core.errors import EmiliError, InvalidInput, NotReady, Overloaded
 from emili_fer.batcher import MicroBatcher
 from emili_fer.decode import Format, decode
 from emili_fer.detect import Box, FaceDetector, square_crop
@@ -104,6 +104,9 @@ class FerEngine:
         self.classifier: OnnxClassifier | None = None
         self.batcher: MicroBatcher[ModelResult] | None = None
         self._pool: ThreadPoolExecutor | None = None
+        # Frames admitted and not yet answered. Bounded, so a flood is refused instead of queueing
+        # without limit in front of the pipeline threads.
+        self._in_flight = 0
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -130,7 +133,7 @@ class FerEngine:
             on_batch=self.metrics.batch_size.observe,
         )
         self.batcher.start()
-        self.metrics.queue_depth.set_function(lambda: float(self.batcher.depth if self.batcher else 0))
+        self.metrics.queue_depth.set_function(lambda: float(self._in_flight))
 
     async def stop(self) -> None:
         if self.batcher is not None:
@@ -202,6 +205,11 @@ class FerEngine:
     async def analyze(self, frame: FrameInput) -> Reading:
         if self.batcher is None or self._pool is None:
             raise NotReady("FER model is still loading; retry shortly")
+        capacity = self.options.batching.queue_capacity
+        if self._in_flight >= capacity:
+            self.metrics.frames.labels("error").inc()
+            raise Overloaded(f"FER service is at capacity ({capacity} frames in progress); retry later")
+        self._in_flight += 1
         started = time.perf_counter()
         try:
             prepared = await asyncio.get_running_loop().run_in_executor(self._pool, self.prepare, frame)
@@ -214,6 +222,8 @@ class FerEngine:
         except Exception:
             self.metrics.frames.labels("error").inc()
             raise
+        finally:
+            self._in_flight -= 1
         return self._reading(prepared, result, started)
 
     async def analyze_many(self, frames: Sequence[FrameInput]) -> list[Reading | EmiliError]:

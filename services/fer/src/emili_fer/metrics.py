@@ -21,7 +21,7 @@ class FerMetrics:
         self.batch_size = Histogram(
             metric_name("fer", "batch_size"), "Faces per model call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
         )
-        self.queue_depth = Gauge(metric_name("fer", "queue_depth"), "Faces waiting for the model")
+        self.queue_depth = Gauge(metric_name("fer", "queue_depth"), "Frames admitted and not yet answered")
 
 
 @functools.cache

@@ -36,6 +36,9 @@ class OnnxClassifier:
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if device == "cuda" and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu with CUDA/cuDNN from pip wheels finds those libraries only when preloaded.
+            ort.preload_dlls()
         wanted = [CUDA, CPU] if device == "cuda" else [CPU]
         available = ort.get_available_providers()
         providers = [p for p in wanted if p in available]

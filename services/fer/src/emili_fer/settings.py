@@ -38,7 +38,7 @@ class LimitSettings(BaseModel):
 class BatchingSettings(BaseModel):
     max_batch_size: int = Field(64, ge=1, le=4096)
     max_wait_ms: float = Field(4.0, ge=0.0, le=1000.0)
-    queue_capacity: int = Field(512, ge=1)  # Frames waiting for the model; beyond it: RESOURCE_EXHAUSTED.
+    queue_capacity: int = Field(512, ge=1)  # Frames in progress at once; beyond it: RESOURCE_EXHAUSTED.
     pipeline_threads: int = Field(2, ge=1, le=64)  # Decode + detect + crop run on this many threads.
 
 
