@@ -21,10 +21,10 @@ from rich.table import Table
 from emili.fer.v1 import fer_pb2, fer_pb2_grpc
 from emili_core.cli import CliSettings, client_token
 from emili_core.grpc_client import make_channel
+from emili_core.keys import frame_key
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import REPO_ROOT, load_settings
 from emili_core.tasks import create_celery_app
-from emili_fer.jobs import frame_key
 from emili_fer.settings import FerSettings
 
 console = Console()

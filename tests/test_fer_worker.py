@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from celery import Celery
 
+from emili_core.keys import frame_key
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import REPO_ROOT, CommonSettings
 from emili_core.tasks import create_celery_app
 from emili_core.testing import Stack
-from emili_fer.jobs import frame_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

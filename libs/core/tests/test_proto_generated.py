@@ -36,17 +36,31 @@ def test_stale_code_is_caught(tmp_path: Path) -> None:
     assert "missing: fer/v1/fer_pb2_grpc.py" in problems
 
 
-def test_enum_zero_values_are_unspecified() -> None:
-    from emili.fer.v1 import fer_pb2
+def _proto_modules() -> list[object]:
+    import importlib
 
-    for enum in fer_pb2.DESCRIPTOR.enum_types_by_name.values():
-        assert enum.values[0].number == 0 and enum.values[0].name.endswith("_UNSPECIFIED"), enum.name
+    root = ROOT / "libs" / "proto" / "src"
+    names = [".".join(p.relative_to(root).with_suffix("").parts) for p in root.rglob("*_pb2.py")]
+    assert names, "no generated modules"
+    return [importlib.import_module(name) for name in names]
+
+
+def test_packages_are_versioned_per_service() -> None:
+    for module in _proto_modules():
+        package = module.DESCRIPTOR.package  # type: ignore[attr-defined]
+        parts = package.split(".")
+        assert len(parts) == 3 and parts[0] == "emili" and parts[2] == "v1", package
+
+
+def test_enum_zero_values_are_unspecified() -> None:
+    for module in _proto_modules():
+        for enum in module.DESCRIPTOR.enum_types_by_name.values():  # type: ignore[attr-defined]
+            assert enum.values[0].number == 0 and enum.values[0].name.endswith("_UNSPECIFIED"), enum.name
 
 
 def test_every_rpc_has_its_own_request_and_response() -> None:
-    from emili.fer.v1 import fer_pb2
-
-    for service in fer_pb2.DESCRIPTOR.services_by_name.values():
-        for method in service.methods:
-            assert method.input_type.name == f"{method.name}Request"
-            assert method.output_type.name == f"{method.name}Response"
+    for module in _proto_modules():
+        for service in module.DESCRIPTOR.services_by_name.values():  # type: ignore[attr-defined]
+            for method in service.methods:
+                assert method.input_type.name == f"{method.name}Request"
+                assert method.output_type.name == f"{method.name}Response"

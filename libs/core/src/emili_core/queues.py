@@ -24,6 +24,7 @@ class UnroutedTaskError(LookupError):
 
 # Every task the system defines, and the queue that runs it. A test checks both directions.
 TASK_ROUTES: dict[str, Queue] = {
+    "chat.persist_session": Queue.CHAT,
     "fer.analyze_session_frames": Queue.FER,
     "fer.ingest_video": Queue.FER,
 }

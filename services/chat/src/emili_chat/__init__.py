@@ -1,1 +1,1 @@
-"""EMILI chat service. Its API and workers arrive with issue #4; only its settings exist so far."""
+"""EMILI chat service: conversations with an LLM partner that sees a live readout of the user's face."""

@@ -1,20 +1,90 @@
-"""Entry points of the chat service. Not built yet (issue #4): they say so and exit non-zero."""
+"""``emili-chat-server``: the chat gRPC server."""
 
 from __future__ import annotations
 
-import sys
+import asyncio
+import logging
 
+import grpc
+import redis.asyncio as aioredis
+
+from emili.chat.v1 import chat_pb2, chat_pb2_grpc
+from emili_chat.engine import ChatEngine
+from emili_chat.llm import ChatBackend, build_backend
+from emili_chat.servicer import ChatServicer
 from emili_chat.settings import ChatSettings
+from emili_chat.store import SessionStore
+from emili_core.auth import create_token
+from emili_core.grpc_client import make_channel
+from emili_core.grpc_server import ServiceApp, serve_forever
+from emili_core.logs import configure_logging
+from emili_core.objectstore import ObjectStore
 from emili_core.settings import load_settings
+from emili_core.tasks import create_celery_app
 
-NOT_BUILT = "the chat service is not implemented yet (issue #4); it is not part of the local stack"
+SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+log = logging.getLogger(__name__)
+
+
+def make_backend(settings: ChatSettings) -> ChatBackend:
+    llm = settings.chat.llm
+    if llm.backend == "local":
+        model = settings.artifact(llm.local_model)
+        is_gguf = model.suffix == ".gguf"
+        return build_backend(
+            "local",
+            model_path=model.parent if is_gguf else model,
+            gguf_file=model.name if is_gguf else None,
+            cache_dir=settings.artifact(llm.local_cache) if is_gguf else None,
+            context_window=llm.context_window,
+            threads=llm.local_threads or None,
+        )
+    return build_backend(
+        llm.backend,
+        base_url=llm.base_url,
+        api_key=llm.api_key.get_secret_value(),
+        model=llm.model,
+        context_window=llm.context_window,
+    )
+
+
+def build_app(settings: ChatSettings, backend: ChatBackend | None = None) -> ServiceApp:
+    """The chat service: its own token (scope ``fer``) to call the FER service; sessions in Redis."""
+    fer_token = create_token(
+        settings.auth.secret.get_secret_value(), "chat-service", ["fer"], ttl_seconds=10 * 365 * 86400
+    )
+    fer_channel = make_channel(settings.chat.fer_target, fer_token, stream_timeout=24 * 3600)
+    objects = ObjectStore(settings.s3)
+    celery = create_celery_app("chat", settings)
+
+    def persist_later(session_id: str) -> None:
+        celery.send_task("chat.persist_session", args=[session_id])
+
+    engine = ChatEngine(
+        settings,
+        backend or make_backend(settings),
+        SessionStore(aioredis.Redis.from_url(settings.redis_url)),
+        fer_channel=fer_channel,
+        objects=objects,
+        on_session_ended=persist_later,
+    )
+
+    def register(server: grpc.aio.Server) -> None:
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(engine), server)
+
+    async def startup() -> None:
+        await asyncio.to_thread(objects.ensure_buckets)
+        await engine.store.redis.ping()
+        await engine.start()
+
+    async def shutdown() -> None:
+        await fer_channel.close()
+        await engine.store.redis.aclose()
+
+    return ServiceApp(name="chat", service_names=[SERVICE_NAME], register=register, startup=startup, shutdown=shutdown)
 
 
 def serve() -> None:
-    load_settings(ChatSettings)  # Still validates configuration, so deploy manifests can be checked.
-    sys.exit(NOT_BUILT)
-
-
-def worker() -> None:
-    load_settings(ChatSettings)
-    sys.exit(NOT_BUILT)
+    settings = load_settings(ChatSettings)
+    configure_logging("chat", settings.log_level, settings.log_format)
+    asyncio.run(serve_forever(build_app(settings), settings, settings.chat.server))

@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 
 from emili_core.errors import InvalidInput, NotFound
+from emili_core.keys import capture_time_of, check_session_id, fer_readings_key, frame_key, frames_prefix
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_fer.engine import FerEngine, FrameInput, Reading
 
@@ -24,39 +25,18 @@ Progress = Callable[[int, int], None]
 CHUNK_FRAMES = 64
 
 
-def frames_prefix(session_id: str) -> str:
-    return f"{session_id}/frames/"
-
-
-def frame_key(session_id: str, capture_time_ms: int, suffix: str = ".jpg") -> str:
-    # Zero-padded so that key order is time order.
-    return f"{frames_prefix(session_id)}{capture_time_ms:013d}{suffix}"
-
-
-def capture_time_of(key: str) -> int:
-    stem = Path(key).stem
-    if not stem.isdigit():
-        raise InvalidInput(f"frame key {key} does not end in <capture_time_ms>.<ext>")
-    return int(stem)
-
-
-def _check_session_id(session_id: str) -> None:
-    if not session_id or "/" in session_id or len(session_id) > 128:
-        raise InvalidInput(f"invalid session id {session_id!r}: 1-128 characters, no '/'")
-
-
 def analyze_session_frames(
     engine: FerEngine, store: ObjectStore, session_id: str, progress: Progress = lambda done, total: None
 ) -> dict[str, object]:
     """Write ``<session>/fer/readings-<hash>.jsonl`` (one reading per stored frame, in time order)."""
-    _check_session_id(session_id)
+    check_session_id(session_id)
     entries = store.list_entries(Bucket.FRAMES, frames_prefix(session_id))
     if not entries:
         raise NotFound(f"session {session_id} has no stored frames under {frames_prefix(session_id)}")
     fingerprint = hashlib.sha256(
         json.dumps([entries, engine.manifest.id, engine.options.model_dump(mode="json")], sort_keys=True).encode()
     ).hexdigest()[:16]
-    out_key = f"{session_id}/fer/readings-{fingerprint}.jsonl"
+    out_key = fer_readings_key(session_id, fingerprint)
     result: dict[str, object] = {"session_id": session_id, "key": out_key, "frames": len(entries)}
     if store.exists(Bucket.SESSIONS, out_key):
         log.info("readings for %s already exist at %s", session_id, out_key)
@@ -93,7 +73,7 @@ def ingest_video(
     progress: Progress = lambda done, total: None,
 ) -> dict[str, object]:
     """Sample an uploaded video (frames bucket) at ``fps``, store the frames, then analyse them."""
-    _check_session_id(session_id)
+    check_session_id(session_id)
     with tempfile.TemporaryDirectory() as tmp:
         path = store.get_file(Bucket.FRAMES, video_key, Path(tmp) / Path(video_key).name)
         capture = cv2.VideoCapture(str(path))

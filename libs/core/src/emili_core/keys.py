@@ -1,0 +1,44 @@
+"""Deterministic object keys shared by the services (the key catalogue)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from emili_core.errors import InvalidInput
+
+
+def check_session_id(session_id: str) -> None:
+    if not session_id or "/" in session_id or len(session_id) > 128:
+        raise InvalidInput(f"invalid session id {session_id!r}: 1-128 characters, no '/'")
+
+
+def frames_prefix(session_id: str) -> str:
+    """Bucket ``frames``: a session's face frames, one object per capture time."""
+    return f"{session_id}/frames/"
+
+
+def frame_key(session_id: str, capture_time_ms: int, suffix: str = ".jpg") -> str:
+    # Zero-padded so that key order is time order.
+    return f"{frames_prefix(session_id)}{capture_time_ms:013d}{suffix}"
+
+
+def capture_time_of(key: str) -> int:
+    stem = Path(key).stem
+    if not stem.isdigit():
+        raise InvalidInput(f"frame key {key} does not end in <capture_time_ms>.<ext>")
+    return int(stem)
+
+
+def session_record_prefix(session_id: str) -> str:
+    """Bucket ``sessions``: the persisted session record (events, FER series, manifest)."""
+    return f"{session_id}/"
+
+
+def fer_readings_key(session_id: str, fingerprint: str) -> str:
+    """Bucket ``sessions``: readings computed offline by the FER worker from stored frames."""
+    return f"{session_id}/fer/readings-{fingerprint}.jsonl"
+
+
+def model_registry_key(version: str) -> str:
+    """Bucket ``models``: a registered model version's manifest (adapter location, recipe, metrics)."""
+    return f"registry/{version}.json"

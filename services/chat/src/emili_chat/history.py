@@ -1,0 +1,44 @@
+"""The LLM's view of a session: rebuilt from recorded events, condensed near the context window."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from emili_chat.llm import Message
+from emili_chat.store import Event
+
+# Event kinds that are part of what the model sees, and as which role.
+ROLES = {"user_message": "user", "assistant_message": "assistant", "readout_injected": "system", "reminder": "system"}
+
+
+def messages_from_events(system_prompt: str, events: Sequence[Event]) -> list[Message]:
+    messages = [Message("system", system_prompt)]
+    for event in events:
+        role = ROLES.get(event.kind)
+        if role is not None:
+            messages.append(Message(role, str(event.payload["text"])))  # type: ignore[arg-type]
+    return messages
+
+
+def condense(
+    messages: Sequence[Message], count_tokens: Callable[[Sequence[Message]], int], budget: int, keep_last: int
+) -> list[Message]:
+    """Fit ``messages`` into ``budget`` tokens the way EMILI did.
+
+    Keep the system prompt, the user's messages and the assistant replies that answer them, and the
+    last ``keep_last`` messages verbatim; drop older readouts and unprompted remarks first, then the
+    oldest exchanges, until it fits.
+    """
+    messages = list(messages)
+    if count_tokens(messages) <= budget:
+        return messages
+    head, body = messages[:1], messages[1:]
+    old, recent = body[: max(0, len(body) - keep_last)], body[max(0, len(body) - keep_last) :]
+    kept: list[Message] = []
+    for i, message in enumerate(old):
+        answers_user = message.role == "assistant" and i > 0 and old[i - 1].role == "user"
+        if message.role == "user" or answers_user:
+            kept.append(message)
+    while kept and count_tokens(head + kept + recent) > budget:
+        kept = kept[2:] if len(kept) >= 2 and kept[1].role == "assistant" else kept[1:]
+    return head + kept + recent

@@ -1,0 +1,421 @@
+"""A Hugging Face causal LM on this machine: a model folder, or a GGUF file dequantised on load.
+
+All work on the model (loading, adding adapters, generating) runs on one worker thread per device, shared by
+every local model on that device. That thread is the lock: generations are serialised (one at a time, which
+is what a CPU can do well), and an adapter is never loaded or switched while a generation is running. Text
+comes back through transformers' :class:`~transformers.AsyncTextIteratorStreamer` (the asyncio flavour of
+``TextIteratorStreamer``), so the event loop never blocks on a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import torch
+from jinja2 import TemplateError
+from peft import PeftModel
+from transformers import (
+    AsyncTextIteratorStreamer,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BatchEncoding,
+    GenerationMixin,
+    GgufConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from emili_chat.llm.base import BackendError, ChatBackend, GenerationParams, Message, fold_system_messages
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Conversation = list[dict[str, str]]
+LoadSource = Literal["folder", "gguf", "cache"]
+
+# Written into the cache folder: which GGUF file (and which version of it) the cached weights came from.
+CACHE_MARKER = "emili-gguf-source.json"
+# Quantisation suffix of GGUF file names ("SmolLM2-135M-Instruct.Q4_1", "-q4_k_m", "-F16"), left out of model ids.
+_QUANT_SUFFIX = re.compile(r"[.-](?:I?Q\d\w*|B?F\d+)$", re.IGNORECASE)
+# A conversation with a system message in the middle, to find out once how the chat template copes.
+_PROBE = [
+    Message("system", "s"),
+    Message("user", "u"),
+    Message("assistant", "a"),
+    Message("system", "r"),
+    Message("user", "u"),
+]
+
+
+# torch on CPU gives each OS thread that computes its own OpenMP thread team; a second team competes with the
+# first for the cores even when idle (measured on 2 cores: 60 tokens in 2.0 s, then 3.5 s once another thread
+# had run a model). Hence one worker thread per device for all models, rather than one per model.
+_WORKERS: dict[str, ThreadPoolExecutor] = {}
+_WORKERS_LOCK = threading.Lock()
+
+
+def _worker(device: torch.device) -> ThreadPoolExecutor:
+    with _WORKERS_LOCK:
+        if str(device) not in _WORKERS:
+            _WORKERS[str(device)] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llm-{device}")
+        return _WORKERS[str(device)]
+
+
+@dataclass(frozen=True)
+class LoadInfo:
+    source: LoadSource  # "gguf": dequantised from the GGUF file; "cache": the folder saved after that.
+    load_s: float  # Reading the tokenizer and weights (and saving the cache, when it was written).
+    warmup_s: float
+
+
+class _StopFlag(StoppingCriteria):  # type: ignore[misc]
+    """Ends ``generate`` at the next token once the consumer has gone away."""
+
+    def __init__(self, flag: threading.Event) -> None:
+        self.flag = flag
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class LocalHFBackend(ChatBackend):
+    """Runs a causal LM with transformers, optionally with PEFT LoRA adapters added at runtime.
+
+    ``model_path`` is a Hugging Face model folder, or, with ``gguf_file``, the folder holding that GGUF file (a
+    path to a ``.gguf`` file names both). Nothing is fetched from the Hub. With ``cache_dir``, the model
+    dequantised from a GGUF file is saved there once and loaded from there afterwards, which is much faster.
+    ``threads`` sets torch's thread count, a process-wide setting.
+    """
+
+    name = "local"
+
+    def __init__(
+        self,
+        model_path: Path,
+        gguf_file: str | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        cache_dir: Path | None = None,
+        context_window: int = 8192,
+        threads: int | None = None,
+    ) -> None:
+        model_path = Path(model_path)
+        if gguf_file is None and model_path.suffix == ".gguf":
+            model_path, gguf_file = model_path.parent, model_path.name
+        torch_dtype = getattr(torch, dtype, None)
+        if not isinstance(torch_dtype, torch.dtype):
+            raise ValueError(f"unknown torch dtype {dtype!r}")
+        self.model_path = model_path
+        self.gguf_file = gguf_file
+        self.device = torch.device(device)
+        self.dtype = torch_dtype
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.context_window = context_window
+        self.threads = threads or None
+        self.load_info: LoadInfo | None = None
+        stem = Path(gguf_file).stem if gguf_file else model_path.name
+        self._base_id = _QUANT_SUFFIX.sub("", stem)
+        self._executor = _worker(self.device)
+        self._model: PreTrainedModel | PeftModel | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._to_conversation: Callable[[Sequence[Message]], Conversation] = _as_is
+        self._adapters: dict[str, Path] = {}
+
+    # --- the ChatBackend interface ---------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        if self._model is None:
+            await self._on_model_thread(self._load)
+
+    def model_id(self, adapter: str | None = None) -> str:
+        return self._base_id if adapter is None else f"{self._base_id}+{adapter}"
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        """Exact: the prompt as the chat template renders it, generation prompt included."""
+        return len(self._encode(messages, return_tensors=None)["input_ids"])
+
+    async def stream(
+        self, messages: Sequence[Message], params: GenerationParams, adapter: str | None = None
+    ) -> AsyncIterator[str]:
+        tokenizer = self._require_tokenizer()
+        if adapter is not None and adapter not in self._adapters:
+            raise BackendError(f"unknown adapter {adapter!r}; loaded: {sorted(self._adapters) or 'none'}")
+        inputs = self._encode(messages, return_tensors="pt")
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        max_new_tokens = min(params.max_new_tokens, self.context_window - prompt_tokens)
+        if max_new_tokens < 1:
+            raise BackendError(f"prompt of {prompt_tokens} tokens fills the {self.context_window}-token context window")
+        streamer = AsyncTextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = threading.Event()
+        future = self._executor.submit(self._generate, dict(inputs), params, max_new_tokens, adapter, streamer, stop)
+        try:
+            async for text in streamer:
+                if text:
+                    yield text
+            await asyncio.wrap_future(future)  # A failure in generate surfaces here, after the text it made.
+        finally:
+            stop.set()
+            # Wait for generate to see the flag (one decoding step), so it never posts to a loop that has gone;
+            # a generation still queued behind another one is simply dropped.
+            if not future.cancel():
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(asyncio.wrap_future(future))
+
+    async def add_adapter(self, adapter_id: str, path: Path) -> None:
+        """Load a PEFT LoRA folder (``adapter_config.json`` and weights) next to the adapters already live."""
+        self._require_tokenizer()
+        path = Path(path)
+        if not (path / "adapter_config.json").is_file():
+            raise BackendError(f"{path} is not a PEFT adapter folder (no adapter_config.json)")
+        await self._on_model_thread(self._add_adapter, adapter_id, path)
+
+    def adapters(self) -> list[str]:
+        return sorted(self._adapters)
+
+    async def aclose(self) -> None:
+        """Drop the model (the worker thread is shared, and stays); a generation under way fails."""
+        self._model, self._tokenizer = None, None
+
+    @property
+    def model(self) -> PreTrainedModel | PeftModel:
+        """The live model (a ``PeftModel`` once an adapter is loaded), for inspection."""
+        if self._model is None:
+            raise BackendError("the local model is not loaded; call load() first")
+        return self._model
+
+    # --- on the model thread ----------------------------------------------------------------------------------
+
+    async def _on_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+
+    def _load(self) -> None:
+        if self._model is not None:  # Another load() call got here first.
+            return
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        start = time.perf_counter()
+        source, tokenizer, model = self._read_weights()
+        load_s = time.perf_counter() - start
+        if tokenizer.chat_template is None:
+            raise BackendError(f"{self.model_path} has no chat template")
+        model.to(self.device).eval()  # type: ignore[arg-type]  # functools.wraps hides to()'s signature.
+        self._to_conversation = _conversation_style(tokenizer)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and limit < self.context_window:
+            self.context_window = limit
+        self._tokenizer, self._model = tokenizer, model
+        start = time.perf_counter()
+        self._generate_sync(dict(tokenizer("Hello", return_tensors="pt")), max_new_tokens=2)
+        self.load_info = LoadInfo(source, load_s, time.perf_counter() - start)
+        log.info("loaded %s from %s in %.1f s, warm-up %.2f s", self._base_id, source, load_s, self.load_info.warmup_s)
+
+    def _read_weights(self) -> tuple[LoadSource, PreTrainedTokenizerBase, PreTrainedModel]:
+        if self.gguf_file is None:
+            return "folder", *self._from_folder(self.model_path)
+        gguf_path = self.model_path / self.gguf_file
+        if not gguf_path.is_file():
+            raise BackendError(f"no GGUF file at {gguf_path}")
+        if self.cache_dir is not None and _cache_matches(self.cache_dir, gguf_path):
+            return "cache", *self._from_folder(self.cache_dir)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.model_path, gguf_file=self.gguf_file, local_files_only=True)
+            # dequantize=True asks for plain float weights; transformers otherwise keeps a GGUF "quantizer"
+            # attached that refuses save_pretrained, even for architectures it dequantises anyway.
+            model = AutoModelForCausalLM.from_pretrained(
+                self.model_path,
+                gguf_file=self.gguf_file,
+                dtype=self.dtype,
+                quantization_config=GgufConfig(dequantize=True),
+                local_files_only=True,
+            )
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"could not load {gguf_path}: {exc}") from exc
+        if self.cache_dir is not None:
+            _write_cache(self.cache_dir, gguf_path, tokenizer, model)
+        return "gguf", tokenizer, model
+
+    def _from_folder(self, folder: Path) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"could not load a model from {folder}: {exc}") from exc
+        return tokenizer, model
+
+    def _add_adapter(self, adapter_id: str, path: Path) -> None:
+        if adapter_id in self._adapters:  # Checked here, on the model thread, so that two callers cannot race.
+            raise BackendError(f"adapter {adapter_id!r} is already loaded")
+        model = self.model
+        try:
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(path), adapter_name=adapter_id, is_trainable=False)
+            else:
+                # The first adapter wraps the model; its LoRA layers are injected in place, so the base weights
+                # are shared, and ``disable_adapter`` gives the plain model back.
+                model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_id, is_trainable=False)
+        except Exception as exc:
+            if isinstance(model, PeftModel) and adapter_id in model.peft_config:
+                model.delete_adapter(adapter_id)
+            raise BackendError(f"could not load adapter {adapter_id!r} from {path}: {exc}") from exc
+        self._model = model.eval()
+        self._adapters[adapter_id] = path
+        log.info("adapter %s loaded from %s; live: %s", adapter_id, path, self.adapters())
+
+    def _generate(
+        self,
+        inputs: dict[str, torch.Tensor],
+        params: GenerationParams,
+        max_new_tokens: int,
+        adapter: str | None,
+        streamer: AsyncTextIteratorStreamer,
+        stop: threading.Event,
+    ) -> None:
+        try:
+            if stop.is_set():  # The consumer left while this waited its turn.
+                return
+            # What GenerationParams does not set (top_k, repetition_penalty, ...) comes from the model's
+            # generation_config, or transformers' defaults (top_k=50 when sampling).
+            sampling: dict[str, Any] = {"do_sample": False}
+            if params.temperature > 0:
+                sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+            with self._adapter_scope(adapter), self._seeded(params.seed):
+                self._generate_sync(
+                    inputs,
+                    max_new_tokens=max_new_tokens,
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopFlag(stop)]),
+                    **sampling,
+                )
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"local generation failed: {exc}") from exc
+        finally:
+            # generate ends the stream itself, but not when it fails or never starts; ending twice is harmless.
+            streamer.end()
+
+    def _generate_sync(self, inputs: dict[str, torch.Tensor], **kwargs: Any) -> None:
+        tokenizer, model = self._require_tokenizer(), self.model
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if not isinstance(model, PeftModel | GenerationMixin):
+            raise BackendError(f"{type(model).__name__} cannot generate text")
+        with torch.inference_mode():
+            model.generate(**{k: v.to(self.device) for k, v in inputs.items()}, pad_token_id=pad_token_id, **kwargs)
+
+    @contextlib.contextmanager
+    def _adapter_scope(self, adapter: str | None) -> Iterator[None]:
+        model = self.model
+        if isinstance(model, PeftModel) and adapter is None:
+            with model.disable_adapter():
+                yield
+            return
+        if isinstance(model, PeftModel) and adapter is not None:
+            model.set_adapter(adapter)
+        yield
+
+    @contextlib.contextmanager
+    def _seeded(self, seed: int | None) -> Iterator[None]:
+        """Seed torch's RNG for one generation and restore it afterwards, so other randomness is unaffected."""
+        if seed is None:
+            yield
+            return
+        devices = [] if self.device.type == "cpu" else [self.device]
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            torch.manual_seed(seed)
+            yield
+
+    def _encode(self, messages: Sequence[Message], return_tensors: Literal["pt"] | None) -> BatchEncoding:
+        encoded = self._require_tokenizer().apply_chat_template(
+            self._to_conversation(messages), add_generation_prompt=True, return_dict=True, return_tensors=return_tensors
+        )
+        assert isinstance(encoded, BatchEncoding)  # return_dict=True
+        return encoded
+
+    def _require_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            raise BackendError("the local model is not loaded; call load() first")
+        return self._tokenizer
+
+
+# --- chat templates and system messages mid-conversation -----------------------------------------------------
+
+
+def _as_is(messages: Sequence[Message]) -> Conversation:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def _folded(messages: Sequence[Message]) -> Conversation:
+    system, turns = fold_system_messages(messages)
+    return ([{"role": "system", "content": system}] if system else []) + _as_is(turns)
+
+
+def _folded_without_system(messages: Sequence[Message]) -> Conversation:
+    system, turns = fold_system_messages(messages)
+    conversation = _as_is(turns)
+    if system and conversation:
+        conversation[0]["content"] = f"{system}\n\n{conversation[0]['content']}"
+    return conversation
+
+
+def _conversation_style(tokenizer: PreTrainedTokenizerBase) -> Callable[[Sequence[Message]], Conversation]:
+    """The least rewriting the model's chat template accepts.
+
+    Many templates (SmolLM2's, ChatML) take any role anywhere, so messages go as they are; templates that
+    insist on alternation get mid-conversation system messages folded into user turns; templates without a
+    system role get the system prompt at the start of the first user turn.
+    """
+    for style in (_as_is, _folded, _folded_without_system):
+        try:
+            tokenizer.apply_chat_template(style(_PROBE), add_generation_prompt=True, tokenize=False)
+        except TemplateError:
+            continue
+        return style
+    raise BackendError("the model's chat template rejects every way of writing a conversation")
+
+
+# --- the cache of a dequantised GGUF model -----------------------------------------------------------------------
+
+
+def _source_stamp(gguf_path: Path) -> dict[str, object]:
+    stat = gguf_path.stat()
+    return {"gguf": str(gguf_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _cache_matches(cache_dir: Path, gguf_path: Path) -> bool:
+    try:
+        return bool(json.loads((cache_dir / CACHE_MARKER).read_text()) == _source_stamp(gguf_path))
+    except (OSError, ValueError):
+        return False
+
+
+def _write_cache(cache_dir: Path, gguf_path: Path, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+    """Save next to the final place, then rename, so a crash never leaves a half-written cache to load."""
+    staging = cache_dir.with_name(f"{cache_dir.name}.tmp-{os.getpid()}")
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / CACHE_MARKER).write_text(json.dumps(_source_stamp(gguf_path)))
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        staging.rename(cache_dir)
+    except (OSError, ValueError) as exc:
+        # The cache only saves time; without it the next start dequantises again.
+        log.warning("could not cache the dequantised model in %s: %s", cache_dir, exc)
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        log.info("cached the dequantised model in %s", cache_dir)

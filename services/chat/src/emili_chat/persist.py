@@ -1,0 +1,64 @@
+"""The session record: a session's Redis event log copied to object storage.
+
+    emili-sessions/<session>/events.jsonl   every event, in order
+    emili-sessions/<session>/fer.jsonl      the FER time series (one reading per line)
+    emili-sessions/<session>/session.json   the session's metadata, counts, and the last event id copied
+
+Idempotent: the output is a function of the event log, and a run that finds session.json already at
+the log's last event id does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from emili_chat.store import read_events, read_session
+from emili_core.keys import check_session_id
+from emili_core.objectstore import Bucket, ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+def record_keys(session_id: str) -> dict[str, str]:
+    return {name: f"{session_id}/{name}" for name in ("events.jsonl", "fer.jsonl", "session.json")}
+
+
+def persist_session(client: redis.Redis, store: ObjectStore, session_id: str) -> dict[str, Any]:
+    check_session_id(session_id)
+    record = read_session(client, session_id)
+    events = read_events(client, session_id)
+    keys = record_keys(session_id)
+    last_event_id = events[-1].event_id if events else ""
+    summary: dict[str, Any] = {"session_id": session_id, "events": len(events), "last_event_id": last_event_id}
+    if store.exists(Bucket.SESSIONS, keys["session.json"]):
+        existing = store.get_json(Bucket.SESSIONS, keys["session.json"])
+        if existing.get("last_event_id") == last_event_id and existing.get("state") == record.state:
+            return {**summary, "reused": True}
+    counts: dict[str, int] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        events_path, fer_path = Path(tmp) / "events.jsonl", Path(tmp) / "fer.jsonl"
+        with events_path.open("w") as all_events, fer_path.open("w") as fer:
+            for event in events:
+                counts[event.kind] = counts.get(event.kind, 0) + 1
+                line = json.dumps(event.to_json(), separators=(",", ":")) + "\n"
+                all_events.write(line)
+                if event.kind == "fer_reading":
+                    fer.write(line)
+        store.put_file(Bucket.SESSIONS, keys["events.jsonl"], events_path, content_type="application/x-ndjson")
+        store.put_file(Bucket.SESSIONS, keys["fer.jsonl"], fer_path, content_type="application/x-ndjson")
+    manifest = {
+        **{k: v for k, v in vars(record).items()},
+        "last_event_id": last_event_id,
+        "counts": counts,
+        "objects": {name: f"s3://{store.bucket(Bucket.SESSIONS)}/{key}" for name, key in keys.items()},
+    }
+    # Written last: its presence with this event id means the whole record is complete.
+    store.put_json(Bucket.SESSIONS, keys["session.json"], manifest)
+    log.info("persisted session %s: %d events", session_id, len(events))
+    return {**summary, "reused": False, "counts": counts}

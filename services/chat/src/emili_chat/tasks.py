@@ -1,0 +1,28 @@
+"""Celery tasks on the ``chat`` queue: thin wrappers around plain functions."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import redis
+
+from emili_chat.persist import persist_session
+from emili_chat.settings import ChatSettings
+from emili_core.objectstore import ObjectStore
+from emili_core.settings import load_settings
+from emili_core.tasks import idempotent_task
+
+
+@functools.cache
+def runtime() -> tuple[redis.Redis, ObjectStore]:
+    settings = load_settings(ChatSettings)
+    store = ObjectStore(settings.s3)
+    store.ensure_buckets()
+    return redis.Redis.from_url(settings.redis_url), store
+
+
+@idempotent_task("chat.persist_session")
+def persist_session_task(self: Any, session_id: str) -> dict[str, Any]:
+    client, store = runtime()
+    return persist_session(client, store, session_id)

@@ -1,0 +1,339 @@
+"""LocalHFBackend on a tiny random Llama (streaming, limits, cancellation, LoRA adapters) and on the real SmolLM2."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from emili_chat.llm import BackendError, GenerationParams, LocalHFBackend, Message, build_backend, fold_system_messages
+
+ARTIFACTS = Path(__file__).resolve().parents[3] / "var" / "artifacts" / "chat"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+needs_gguf = pytest.mark.skipif(not (ARTIFACTS / GGUF).is_file(), reason=f"{GGUF} is not in {ARTIFACTS}")
+pytestmark = needs_gguf
+
+CONVERSATION = [
+    Message("system", "You are EMILI, a warm and empathetic chat partner."),
+    Message("user", "Hi! I had a long day."),
+    Message("assistant", "Oh no, what happened?"),
+    Message("system", "Right now, user looks HAPPY (46)"),
+    Message("user", "It ended well, I got a promotion!"),
+]
+GREEDY = GenerationParams(temperature=0.0, max_new_tokens=12)
+
+# Says so when roles do not alternate or a system message is not first, as many real templates do.
+STRICT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' and not loop.first %}{{ raise_exception('system only first') }}{% endif %}"
+    "{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+    "{{ raise_exception('roles must alternate') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerBase:
+    """SmolLM2's real tokenizer (with its chat template), read from the GGUF file; no Hub access."""
+    return AutoTokenizer.from_pretrained(ARTIFACTS, gguf_file=GGUF, local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerBase) -> Path:
+    """A random 2-layer Llama with hidden size 32, saved with the tokenizer as a model folder."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_adapter(base_dir: Path, folder: Path, seed: int) -> Path:
+    """A LoRA adapter (r=4 on q_proj and v_proj) whose B matrices are random, so that it changes the output."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    peft_model.save_pretrained(str(folder))
+    assert (folder / "adapter_config.json").is_file()
+    assert (folder / "adapter_model.safetensors").is_file()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> dict[str, Path]:
+    return {name: make_adapter(tiny_dir, tmp_path_factory.mktemp(name), seed) for name, seed in (("a", 1), ("b", 2))}
+
+
+@pytest.fixture
+async def backend(tiny_dir: Path) -> AsyncIterator[LocalHFBackend]:
+    backend = LocalHFBackend(tiny_dir, context_window=4096)
+    await backend.load()
+    yield backend
+    await backend.aclose()
+
+
+def reference(model_dir: Path, messages: Sequence[Message], max_new_tokens: int, adapter: Path | None = None) -> str:
+    """Plain, non-streamed greedy ``generate`` and decode, straight from transformers (and PEFT)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    conversation = [{"role": m.role, "content": m.content} for m in messages]
+    inputs: Any = tokenizer.apply_chat_template(
+        conversation, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
+    assert len(new_tokens) == max_new_tokens  # No early end of sequence: the limit is what stops it.
+    return str(tokenizer.decode(new_tokens, skip_special_tokens=True))
+
+
+async def collect(
+    backend: LocalHFBackend,
+    params: GenerationParams = GREEDY,
+    adapter: str | None = None,
+    messages: Sequence[Message] = CONVERSATION,
+) -> list[str]:
+    return [delta async for delta in backend.stream(messages, params, adapter)]
+
+
+class ForwardCounter:
+    """Counts forward passes of the model (one per generated token) and the most that ran at once."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.calls = 0
+        self.running = 0
+        self.most_at_once = 0
+        model.register_forward_pre_hook(self._pre)
+        model.register_forward_hook(self._post)
+
+    def _pre(self, *_: object) -> None:
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        time.sleep(0.001)  # Widens the window in which an overlapping generation would be caught.
+
+    def _post(self, *_: object) -> None:
+        self.running -= 1
+        self.calls += 1
+
+
+async def test_stream_equals_non_streamed_greedy_decode(backend: LocalHFBackend, tiny_dir: Path) -> None:
+    deltas = await collect(backend, GenerationParams(temperature=0.0, max_new_tokens=40))
+    assert len(deltas) > 1 and all(deltas)
+    assert "".join(deltas) == reference(tiny_dir, CONVERSATION, 40)
+
+
+async def test_max_new_tokens_is_respected(backend: LocalHFBackend, tiny_dir: Path) -> None:
+    counter = ForwardCounter(backend.model)
+    text = "".join(await collect(backend, GenerationParams(temperature=0.0, max_new_tokens=5)))
+    assert counter.calls == 5
+    assert text == reference(tiny_dir, CONVERSATION, 5)
+
+
+async def test_seed_makes_sampling_reproducible(backend: LocalHFBackend) -> None:
+    params = GenerationParams(temperature=1.0, max_new_tokens=20, seed=7)
+    first, again = await collect(backend, params), await collect(backend, params)
+    other = await collect(backend, GenerationParams(temperature=1.0, max_new_tokens=20, seed=8))
+    assert "".join(first) == "".join(again) != "".join(other)
+
+
+async def test_closing_the_stream_stops_generation(backend: LocalHFBackend) -> None:
+    counter = ForwardCounter(backend.model)
+    stream = backend.stream(CONVERSATION, GenerationParams(temperature=0.0, max_new_tokens=800))
+    assert await anext(stream)
+    await stream.aclose()  # type: ignore[attr-defined]
+    stopped_at = counter.calls
+    await asyncio.sleep(0.2)
+    assert counter.calls == stopped_at < 100  # It had stopped by the time aclose returned.
+    assert await collect(backend)  # And the model is free for the next generation.
+
+
+async def test_cancelling_the_consumer_stops_generation(backend: LocalHFBackend) -> None:
+    counter = ForwardCounter(backend.model)
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in backend.stream(CONVERSATION, GenerationParams(temperature=0.0, max_new_tokens=800)):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stopped_at = counter.calls
+    await asyncio.sleep(0.2)
+    assert counter.calls == stopped_at < 100
+
+
+async def test_generations_are_serialised(backend: LocalHFBackend) -> None:
+    alone = await collect(backend)
+    counter = ForwardCounter(backend.model)
+    together = await asyncio.gather(*(collect(backend) for _ in range(3)))
+    assert counter.most_at_once == 1
+    assert all(result == alone for result in together)
+
+
+async def test_mid_conversation_system_message_is_rendered_as_is(
+    backend: LocalHFBackend, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    conversation = [{"role": m.role, "content": m.content} for m in CONVERSATION]
+    rendered = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    assert "<|im_start|>system\nRight now, user looks HAPPY (46)<|im_end|>" in rendered
+    assert backend.count_tokens(CONVERSATION) == len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+async def test_strict_template_gets_readouts_folded_into_user_turns(
+    tmp_path: Path, tiny_dir: Path, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    strict = AutoTokenizer.from_pretrained(tiny_dir)
+    strict.chat_template = STRICT_TEMPLATE
+    strict.save_pretrained(tmp_path)
+    AutoModelForCausalLM.from_pretrained(tiny_dir).save_pretrained(tmp_path)
+    with pytest.raises(Exception, match="system only first"):
+        strict.apply_chat_template([{"role": m.role, "content": m.content} for m in CONVERSATION], tokenize=False)
+
+    backend = LocalHFBackend(tmp_path)
+    await backend.load()
+    system, turns = fold_system_messages(CONVERSATION)
+    assert turns[-1].content.startswith("[Facial expression readout] Right now, user looks HAPPY (46)\n\n")
+    folded = [{"role": "system", "content": system}] + [{"role": m.role, "content": m.content} for m in turns]
+    expected: Any = strict.apply_chat_template(folded, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert backend.count_tokens(CONVERSATION) == len(expected["input_ids"])
+    assert await collect(backend)
+    await backend.aclose()
+
+
+async def test_lora_adapters_at_runtime(backend: LocalHFBackend, tiny_dir: Path, adapter_dirs: dict[str, Path]) -> None:
+    base = "".join(await collect(backend))
+    assert backend.adapters() == []
+
+    await backend.add_adapter("a", adapter_dirs["a"])
+    with_a = "".join(await collect(backend, adapter="a"))
+    assert with_a != base
+    assert with_a == reference(tiny_dir, CONVERSATION, GREEDY.max_new_tokens, adapter_dirs["a"])
+
+    await backend.add_adapter("b", adapter_dirs["b"])
+    assert backend.adapters() == ["a", "b"]
+    with_b = "".join(await collect(backend, adapter="b"))
+    assert with_b not in (base, with_a)
+    assert with_b == reference(tiny_dir, CONVERSATION, GREEDY.max_new_tokens, adapter_dirs["b"])
+
+    # Both stay live: switching back and forth, and to the base model, gives the same outputs again.
+    assert "".join(await collect(backend, adapter="a")) == with_a
+    assert "".join(await collect(backend)) == base
+    assert "".join(await collect(backend, adapter="b")) == with_b
+    assert backend.model_id() == "tiny-llama0"
+    assert backend.model_id("a") == "tiny-llama0+a"
+
+
+@pytest.fixture(scope="module")
+def foreign_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerBase) -> Path:
+    """An adapter made for a different (wider) model, so its weights do not fit the tiny one."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    )
+    other = tmp_path_factory.mktemp("other-llama")
+    LlamaForCausalLM(config).save_pretrained(other)
+    return make_adapter(other, tmp_path_factory.mktemp("foreign"), seed=3)
+
+
+async def test_adapter_errors(
+    backend: LocalHFBackend, adapter_dirs: dict[str, Path], foreign_adapter_dir: Path, tmp_path: Path
+) -> None:
+    base = await collect(backend)
+    with pytest.raises(BackendError, match="unknown adapter 'nope'"):
+        await collect(backend, adapter="nope")
+    with pytest.raises(BackendError, match="not a PEFT adapter folder"):
+        await backend.add_adapter("empty", tmp_path)
+    with pytest.raises(BackendError, match="could not load adapter 'foreign'"):
+        await backend.add_adapter("foreign", foreign_adapter_dir)
+    assert backend.adapters() == []
+    assert await collect(backend) == base  # A failed load leaves the model as it was.
+
+    await backend.add_adapter("a", adapter_dirs["a"])
+    with pytest.raises(BackendError, match="already loaded"):
+        await backend.add_adapter("a", adapter_dirs["b"])
+    with pytest.raises(BackendError, match="could not load adapter 'foreign'"):
+        await backend.add_adapter("foreign", foreign_adapter_dir)
+    assert backend.adapters() == ["a"]
+    assert await collect(backend) == base
+    assert "".join(await collect(backend, adapter="a")) != "".join(base)
+
+
+async def test_not_loaded_and_context_window(tiny_dir: Path) -> None:
+    backend = build_backend("local", model_path=tiny_dir, context_window=4096)
+    assert isinstance(backend, LocalHFBackend)
+    with pytest.raises(BackendError, match="not loaded"):
+        backend.count_tokens(CONVERSATION)
+    await backend.load()
+    assert backend.context_window == 1024  # Capped by the model's max_position_embeddings.
+    long = [Message("user", "word " * 2000)]
+    with pytest.raises(BackendError, match="context window"):
+        await collect(backend, messages=long)
+    await backend.aclose()
+    with pytest.raises(BackendError, match="not loaded"):
+        await collect(backend)
+
+
+@pytest.mark.slow
+async def test_real_smollm2_gguf_streams_a_reply(tmp_path: Path) -> None:
+    """Loads the real GGUF (dequantised, then cached) and streams a reply to a conversation with a readout."""
+    cache = tmp_path / "smollm2-dequantised"
+    from_gguf = LocalHFBackend(ARTIFACTS / GGUF, cache_dir=cache)
+    await from_gguf.load()
+    from_cache = LocalHFBackend(ARTIFACTS, gguf_file=GGUF, cache_dir=cache)
+    await from_cache.load()
+    assert from_gguf.load_info is not None and from_gguf.load_info.source == "gguf"
+    assert from_cache.load_info is not None and from_cache.load_info.source == "cache"
+    assert from_cache.model_id() == "SmolLM2-135M-Instruct"
+
+    params = GenerationParams(temperature=0.0, max_new_tokens=60)
+    start = time.perf_counter()
+    first_delta_s = 0.0
+    deltas: list[str] = []
+    async for delta in from_cache.stream(CONVERSATION, params):
+        first_delta_s = first_delta_s or time.perf_counter() - start
+        deltas.append(delta)
+    total_s = time.perf_counter() - start
+    text = "".join(deltas)
+    assert text.strip()
+    assert text == "".join(await collect(from_gguf, params))  # The cache holds the same model.
+
+    tokens = len(AutoTokenizer.from_pretrained(cache)(text)["input_ids"])
+    print(
+        f"\nSmolLM2 GGUF: load {from_gguf.load_info.load_s:.1f} s from GGUF (dequantise + cache), "
+        f"{from_cache.load_info.load_s:.2f} s from the cache; warm-up {from_cache.load_info.warmup_s:.2f} s\n"
+        f"prompt {from_cache.count_tokens(CONVERSATION)} tokens; first text after {first_delta_s * 1000:.0f} ms; "
+        f"{tokens} tokens in {total_s:.2f} s = {tokens / total_s:.1f} tokens/s "
+        f"({(tokens - 1) / (total_s - first_delta_s):.1f} tokens/s after the first)\n"
+        f"reply: {text!r}"
+    )
+    await from_gguf.aclose()
+    await from_cache.aclose()
