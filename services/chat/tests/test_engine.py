@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -12,6 +13,7 @@ import redis.asyncio as aioredis
 from emili_chat.engine import (
     Accepted,
     AssistantReply,
+    ChatEngine,
     ClientReading,
     ConverseInput,
     ConverseOutput,
@@ -21,8 +23,10 @@ from emili_chat.engine import (
     UserText,
 )
 from emili_chat.readout import EMOTIONS
+from emili_chat.store import SessionStore
 from emili_core.auth import Principal
 from emili_core.errors import FailedPrecondition, InvalidInput, NotFound, PermissionDenied
+from emili_core.objectstore import Bucket, ObjectStore
 
 from .conftest import ScriptedBackend, make_engine, make_settings
 
@@ -241,3 +245,35 @@ async def test_restart_loses_nothing_and_keeps_the_history(redis_url: str, redis
     assert "I had a long day" in contents and "work was hard" in contents
     assert any(isinstance(o, Delta) for o in outputs)
     await fresh_client.aclose()
+
+
+async def test_model_versions_load_from_object_storage_and_serve_side_by_side(
+    redis_url: str, redis_client: aioredis.Redis, object_store: ObjectStore, tmp_path: Path
+) -> None:
+    for version in ("v-alpha", "v-beta"):
+        object_store.put_bytes(Bucket.MODELS, f"adapters/{version}/adapter_config.json", b'{"r": 4}')
+        object_store.put_bytes(Bucket.MODELS, f"adapters/{version}/adapter_model.safetensors", version.encode())
+        object_store.put_json(Bucket.MODELS, f"registry/{version}.json", {"adapter_prefix": f"adapters/{version}/"})
+    backend = ScriptedBackend("ok")
+    settings = make_settings(redis_url, post_response_reading_s=0.0, speak_on_change=False)
+    settings = settings.model_copy(update={"artifacts_dir": tmp_path})
+    engine = ChatEngine(settings, backend, SessionStore(redis_client), objects=object_store)
+    alpha = await engine.create_session(
+        ALICE, store_frames=False, use_for_training=True, arm="v-alpha", options=SessionOptions()
+    )
+    beta = await engine.create_session(
+        ALICE, store_frames=False, use_for_training=True, arm="v-beta", options=SessionOptions()
+    )
+    base = await engine.create_session(
+        ALICE, store_frames=False, use_for_training=True, arm="base", options=SessionOptions()
+    )
+    assert backend.adapters() == ["v-alpha", "v-beta"]  # Loaded once each, without a restart.
+    assert (alpha.model_id, beta.model_id, base.model_id) == ("scripted+v-alpha", "scripted+v-beta", "scripted")
+    assert (tmp_path / "chat" / "adapters" / "v-beta" / "adapter_model.safetensors").read_bytes() == b"v-beta"
+    for session in (alpha, beta, base):
+        await collect(engine.converse(ALICE, session.session_id, script(UserText("hello there"))))
+    assert [adapter for _, _, adapter in backend.calls] == ["v-alpha", "v-beta", None]
+    with pytest.raises(InvalidInput, match="invalid model arm"):
+        await engine.create_session(
+            ALICE, store_frames=False, use_for_training=True, arm="../etc", options=SessionOptions()
+        )

@@ -197,6 +197,6 @@ async def stream_with_retries(
                 raise
             delay = min(max_backoff_s, backoff_s * 2 ** (attempt - 1))
             log.warning("%s attempt %d/%d failed (%s); retrying in %.2f s", backend.name, attempt, attempts, exc, delay)
-            await asyncio.sleep(delay)
         finally:
             await _close(stream)
+        await asyncio.sleep(delay)  # Only reached after a failure that is retried.

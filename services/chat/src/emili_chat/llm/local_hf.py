@@ -26,7 +26,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 from jinja2 import TemplateError
-from peft import PeftModel
+from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import (
     AsyncTextIteratorStreamer,
     AutoModelForCausalLM,
@@ -261,15 +261,19 @@ class LocalHFBackend(ChatBackend):
         if adapter_id in self._adapters:  # Checked here, on the model thread, so that two callers cannot race.
             raise BackendError(f"adapter {adapter_id!r} is already loaded")
         model = self.model
+        wrapped: PeftModel | None = None
         try:
             if isinstance(model, PeftModel):
                 model.load_adapter(str(path), adapter_name=adapter_id, is_trainable=False)
             else:
-                # The first adapter wraps the model; its LoRA layers are injected in place, so the base weights
-                # are shared, and ``disable_adapter`` gives the plain model back.
-                model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_id, is_trainable=False)
+                wrapped = _wrap(model, adapter_id, path)
+                wrapped.load_adapter(str(path), adapter_name=adapter_id, is_trainable=False)
+                model = wrapped
         except Exception as exc:
-            if isinstance(model, PeftModel) and adapter_id in model.peft_config:
+            # Leave the model as it was: a half-added adapter would linger in every later generation.
+            if wrapped is not None:
+                wrapped.unload()
+            elif isinstance(model, PeftModel) and adapter_id in model.peft_config:
                 model.delete_adapter(adapter_id)
             raise BackendError(f"could not load adapter {adapter_id!r} from {path}: {exc}") from exc
         self._model = model.eval()
@@ -350,6 +354,19 @@ class LocalHFBackend(ChatBackend):
         if self._tokenizer is None:
             raise BackendError("the local model is not loaded; call load() first")
         return self._tokenizer
+
+
+def _wrap(model: PreTrainedModel, adapter_id: str, path: Path) -> PeftModel:
+    """Wrap the model for its first adapter: LoRA layers are injected in place, so the base weights are shared
+    and ``disable_adapter`` gives the plain model back. Done apart from loading the weights (which is what
+    ``PeftModel.from_pretrained`` does in one go) so that a failed load can be undone with ``unload``."""
+    config = PeftConfig.from_pretrained(str(path))
+    config.inference_mode = True
+    config.base_model_name_or_path = model.name_or_path  # Applied to this model, wherever it was trained.
+    wrapped = get_peft_model(model, config, adapter_name=adapter_id)
+    if not isinstance(wrapped, PeftModel):
+        raise BackendError(f"unsupported adapter type {type(wrapped).__name__}")
+    return wrapped
 
 
 # --- chat templates and system messages mid-conversation -----------------------------------------------------
