@@ -3,6 +3,8 @@
 1. A live session: a stream of real face frames through FER StreamAnalyze, one reading per frame.
 2. A stored session: the frames are uploaded to S3 and the `fer.analyze_session_frames` task runs on
    the FER worker through Redis, writing the session's FER time series back to S3.
+3. A chat with EMILI: the same face frames go with the user's messages through the chat service,
+   which injects readouts, answers with SmolLM2, and saves the session record to S3.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from emili.chat.v1 import chat_pb2, chat_pb2_grpc
 from emili.fer.v1 import fer_pb2, fer_pb2_grpc
+from emili_chat.settings import ChatSettings
 from emili_core.cli import CliSettings, client_token
 from emili_core.grpc_client import make_channel
 from emili_core.keys import frame_key
@@ -87,6 +91,64 @@ def stored_session(settings: CliSettings, session_id: str, frames: list[bytes]) 
     console.print_json(first)
 
 
+async def chat_session(target: str, token: str, frames: list[bytes], store: ObjectStore) -> None:
+    lines = ["Hi EMILI! I finally finished my thesis today.", "I think I will sleep for a week."]
+    async with make_channel(target, token, timeout=120) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        session = (
+            await stub.CreateSession(
+                chat_pb2.CreateSessionRequest(consent=chat_pb2.Consent(store_frames=False, use_for_training=True))
+            )
+        ).session
+        await stub.SubmitPreSurvey(
+            chat_pb2.SubmitPreSurveyRequest(
+                session_id=session.session_id,
+                survey=chat_pb2.Survey(
+                    current_feelings=["Tired"], desired_feelings=["Proud"], text="Tired but relieved."
+                ),
+            )
+        )
+        answered = asyncio.Event()
+
+        async def requests() -> AsyncIterator[chat_pb2.ConverseRequest]:
+            yield chat_pb2.ConverseRequest(session_id=session.session_id)
+            for line in lines:
+                for data in frames[:3]:
+                    capture = int(time.time() * 1000)
+                    yield chat_pb2.ConverseRequest(frame=chat_pb2.FaceFrame(jpeg=data, capture_time_ms=capture))
+                    await asyncio.sleep(0.4)
+                answered.clear()
+                console.print(f"[bold]user:[/bold] {line}")
+                yield chat_pb2.ConverseRequest(user_message=chat_pb2.UserMessage(text=line))
+                await answered.wait()
+
+        console.rule(f"chat session {session.session_id} ({session.model_id})")
+        async for reply in stub.Converse(requests()):
+            kind = reply.WhichOneof("event")
+            if kind == "readout":
+                console.print(f"[dim]{reply.readout.text}[/dim]")
+            elif kind == "message":
+                console.print(f"[bold cyan]EMILI:[/bold cyan] {reply.message.text}")
+                answered.set()
+        await stub.SubmitPostSurvey(
+            chat_pb2.SubmitPostSurveyRequest(session_id=session.session_id, survey=chat_pb2.Survey(text="Proud."))
+        )
+        await stub.SubmitRating(
+            chat_pb2.SubmitRatingRequest(session_id=session.session_id, empathy=4, relevance=4, fluency=5)
+        )
+        await stub.EndSession(chat_pb2.EndSessionRequest(session_id=session.session_id))
+    key = f"{session.session_id}/session.json"
+    for _ in range(60):
+        if store.exists(Bucket.SESSIONS, key):
+            manifest = store.get_json(Bucket.SESSIONS, key)
+            console.print(
+                f"session record: s3://{store.bucket(Bucket.SESSIONS)}/{session.session_id}/ {manifest['counts']}"
+            )
+            return
+        await asyncio.sleep(1)
+    console.print("[red]the session record did not reach object storage within a minute[/red]")
+
+
 def main() -> None:
     settings = load_settings(CliSettings)
     target = load_settings(FerSettings).grpc_target()
@@ -94,7 +156,10 @@ def main() -> None:
     frames = demo_frames()
     asyncio.run(live_session(target, client_token(settings, "fer", subject="demo-client"), session_id, frames))
     stored_session(settings, session_id, frames)
-    console.print("[bold]The chat, labeler, trainer and pipeline parts of the demo arrive with issues #4-#7.[/bold]")
+    chat_target = load_settings(ChatSettings).grpc_target()
+    chat_token = client_token(settings, "chat", subject="demo-user")
+    asyncio.run(chat_session(chat_target, chat_token, frames, ObjectStore(settings.s3)))
+    console.print("[bold]Labelling, training and the pipeline arrive with issues #5-#7.[/bold]")
 
 
 if __name__ == "__main__":

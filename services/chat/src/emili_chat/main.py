@@ -53,7 +53,6 @@ def build_app(settings: ChatSettings, backend: ChatBackend | None = None) -> Ser
     fer_token = create_token(
         settings.auth.secret.get_secret_value(), "chat-service", ["fer"], ttl_seconds=10 * 365 * 86400
     )
-    fer_channel = make_channel(settings.chat.fer_target, fer_token, stream_timeout=24 * 3600)
     objects = ObjectStore(settings.s3)
     celery = create_celery_app("chat", settings)
 
@@ -64,7 +63,6 @@ def build_app(settings: ChatSettings, backend: ChatBackend | None = None) -> Ser
         settings,
         backend or make_backend(settings),
         SessionStore(aioredis.Redis.from_url(settings.redis_url)),
-        fer_channel=fer_channel,
         objects=objects,
         on_session_ended=persist_later,
     )
@@ -73,12 +71,15 @@ def build_app(settings: ChatSettings, backend: ChatBackend | None = None) -> Ser
         chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(engine), server)
 
     async def startup() -> None:
+        # gRPC aio channels belong to the event loop they are made in: make it in the server's loop.
+        engine.fer_channel = make_channel(settings.chat.fer_target, fer_token, stream_timeout=24 * 3600)
         await asyncio.to_thread(objects.ensure_buckets)
         await engine.store.redis.ping()
         await engine.start()
 
     async def shutdown() -> None:
-        await fer_channel.close()
+        if engine.fer_channel is not None:
+            await engine.fer_channel.close()
         await engine.store.redis.aclose()
 
     return ServiceApp(name="chat", service_names=[SERVICE_NAME], register=register, startup=startup, shutdown=shutdown)
