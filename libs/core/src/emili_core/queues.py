@@ -27,6 +27,10 @@ TASK_ROUTES: dict[str, Queue] = {
     "chat.persist_session": Queue.CHAT,
     "fer.analyze_session_frames": Queue.FER,
     "fer.ingest_video": Queue.FER,
+    "labeler.label_session": Queue.LABELER,
+    "labeler.label_all_unlabeled": Queue.LABELER,
+    "labeler.build_sft_dataset": Queue.LABELER,
+    "labeler.build_dpo_dataset": Queue.LABELER,
 }
 
 

@@ -210,10 +210,16 @@ class ChatEngine:
             options=self._resolve_options(options),
         )
         await self.store.create(record)
+        # The prompt is recorded with the session, so labels and datasets use exactly what the model saw.
         await self.store.append(
             record.session_id,
             "session_created",
-            {"model_arm": arm, "model_id": record.model_id, "options": record.options},
+            {
+                "model_arm": arm,
+                "model_id": record.model_id,
+                "options": record.options,
+                "system_prompt": self.system_prompt,
+            },
         )
         return record
 

@@ -1,1 +1,1 @@
-"""EMILI labeler service. Its API and workers arrive with issue #5; only its settings exist so far."""
+"""EMILI labeler: VAD gold labels, reaction flags, per-user emotion weights and training datasets."""

@@ -1,8 +1,9 @@
-"""The labeler service's one settings class. Environment: ``EMILI_LABELER__<FIELD>`` (and the common ``EMILI_*``)."""
+"""The labeler's one settings class. Environment: ``EMILI_LABELER__<FIELD>`` (and the common ``EMILI_*``)."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from pathlib import Path
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
@@ -18,11 +19,33 @@ class LabelerWorkerSettings(WorkerSettings):
     metrics_port: int = Field(9113, ge=0, le=65535)
 
 
+class LexiconSettings(BaseModel):
+    """Which VAD lexicon: a path (relative to EMILI_ARTIFACTS_DIR unless absolute) or an object key."""
+
+    format: Literal["warriner", "nrc_v1", "nrc_v2"] = "warriner"
+    path: Path = Path("labeler/NoVAD_v2013.csv")
+    object_key: str = ""  # Bucket "datasets"; when set, downloaded to the cache and used instead of path.
+
+
 class LabelerOptions(BaseModel):
     server: LabelerServerSettings = LabelerServerSettings()
     worker: LabelerWorkerSettings = LabelerWorkerSettings()
+    lexicon: LexiconSettings = LexiconSettings()
+    embedding_model: Path = Path("labeler/all-MiniLM-L6-v2")
+    oov_method: Literal["softmax", "topk", "ridge", "none"] = "softmax"
+    beta: float = Field(10.0, gt=0)  # Softmax sharpness of the paper's out-of-lexicon method.
+    top_k: int = Field(10, ge=1)
+    ridge_alpha: float = Field(1.0, gt=0)
+    max_text_chars: int = Field(100_000, ge=1)
+    max_batch_texts: int = Field(10_000, ge=1)
+    weights: Literal["emotion_tune", "variant_2025"] = "emotion_tune"
+    bootstrap_samples: int = Field(2000, ge=100)
+    empathetic_dialogues: Path | None = None  # EmpatheticDialogues CSV folder; development data lives in ../shared.
 
 
 class LabelerSettings(CommonSettings):
     service_name: ClassVar[str] = "labeler"
     labeler: LabelerOptions = LabelerOptions()
+
+    def artifact(self, path: Path) -> Path:
+        return path if path.is_absolute() else self.artifacts_dir / path

@@ -1,0 +1,456 @@
+"""Fine-tuning data from recorded chat sessions: SFT examples, feedback preference pairs, manifests.
+
+Everything here is a pure function of its inputs (only :func:`write_jsonl` touches the disk), and every
+output is deterministic: ids are sha256 digests of canonical JSON, records come out in a stable order.
+
+What the functions decide, so the data can be interpreted:
+
+* **Conversation.** The system prompt (when non-empty) comes first; then, in event order, readouts and
+  reminders as ``system`` messages where they occurred, user messages as ``user``, assistant messages as
+  ``assistant`` (carrying ``turn_id``). Other event kinds (``session_created``, readings, ...) are not
+  part of what the model saw and are left out. Events may carry their fields flat (``{"kind", "text"}``)
+  or under ``"payload"`` as the chat store records them.
+* **SFT** (:func:`sft_examples`): ONE example per session, the whole conversation, with ``weight`` 1 on
+  assistant messages whose turn is flagged True and 0 on every other assistant message; user and system
+  messages carry no weight (never trained on). One example per session, rather than one per flagged
+  turn, keeps each reply's real context without duplicating the prefix N times; the trainer masks the
+  loss to weight-1 assistant messages. Sessions without a weight-1 turn produce nothing. Empty replies
+  are never weighted 1. With ``include_readouts=False`` readouts and reminders (which refer to the
+  readout) are dropped, and unprompted replies get weight 0: what triggered them was a readout.
+* **Feedback pairs** (:func:`feedback_pairs`): only replies that answer a user message are paired (the
+  prompt must end with the user message; unprompted remarks answer a face, not a context). The context
+  key is the system prompt plus the user/assistant messages up to and including that user message,
+  whitespace-normalised (NFC, runs of whitespace collapsed, case kept); readouts and reminders are left
+  out of the key so the same words under different faces count as the same context. Within a context,
+  each reply flagged True is paired with each reply flagged False with a measured delta (unflaggable
+  turns, ``flagged`` None or False without a delta, are skipped, as are pairs whose replies read the
+  same); at most ``max_pairs_per_group`` pairs per context, drawn with a generator seeded by
+  ``(seed, context)``, so one context's draw does not depend on any other. The
+  prompt is the chosen side's context without readouts (the two replies saw different faces, so
+  neither face is the shared context); ``include_readouts=True`` keeps the chosen side's readouts.
+  ``chosen`` / ``rejected`` are plain reply texts with no role tag (see :func:`plain_reply`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import tempfile
+import unicodedata
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+__all__ = [
+    "DATASET_KINDS",
+    "DatasetKind",
+    "DatasetManifest",
+    "SessionInput",
+    "TurnLabel",
+    "TurnLabelLike",
+    "canonical_json",
+    "content_id",
+    "context_key",
+    "conversation_messages",
+    "feedback_pairs",
+    "jsonl_bytes",
+    "normalise_text",
+    "plain_reply",
+    "sft_examples",
+    "write_jsonl",
+]
+
+DatasetKind = Literal["sft", "dpo_feedback", "dpo_empathetic"]
+DATASET_KINDS: tuple[DatasetKind, ...] = ("sft", "dpo_feedback", "dpo_empathetic")
+
+# Event kinds the LLM saw, and as which role (the chat service's history uses the same mapping).
+ROLES: Mapping[str, str] = {
+    "user_message": "user",
+    "assistant_message": "assistant",
+    "readout_injected": "system",
+    "reminder": "system",
+}
+INJECTED_KINDS = frozenset({"readout_injected", "reminder"})  # System messages added mid-conversation.
+SYSTEM_PROMPT_KIND = "system_prompt"  # Internal marker for the leading system message.
+
+
+class TurnLabelLike(Protocol):
+    """What a turn label must offer; the labeller's own label type fits without conversion."""
+
+    @property
+    def flagged(self) -> bool | None: ...
+
+    @property
+    def delta(self) -> float | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TurnLabel:
+    """A turn's flag: True (positive reaction), False (negative), None (unflaggable, no face data)."""
+
+    flagged: bool | None
+    delta: float | None = None
+
+
+@dataclass(frozen=True)
+class SessionInput:
+    """One recorded session with what is needed to pair its replies."""
+
+    session_id: str
+    system_prompt: str
+    events: Sequence[Mapping[str, Any]]
+    labels: Mapping[str, TurnLabelLike]
+
+
+# --- canonical JSON, ids, files ------------------------------------------------------------------------
+
+
+def canonical_json(obj: Any) -> str:
+    # Sorted keys and no whitespace so equal content always gives equal bytes; NaN is refused, not written
+    # as the non-standard token.
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def content_id(obj: Any) -> str:
+    """sha256 (hex) of ``obj``'s canonical JSON (UTF-8)."""
+    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
+
+
+def jsonl_bytes(records: Iterable[Mapping[str, Any]]) -> bytes:
+    """The JSONL bytes :func:`write_jsonl` writes: one canonical JSON object per line, LF-terminated."""
+    return "".join(canonical_json(record) + "\n" for record in records).encode("utf-8")
+
+
+def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> str:
+    """Write ``records`` as JSONL to ``path`` atomically; return the sha256 (hex) of the bytes written."""
+    data = jsonl_bytes(records)
+    target = Path(path)
+    # Write beside the target and rename, so a reader never sees a half-written dataset.
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- text -----------------------------------------------------------------------------------------------
+
+_WHITESPACE = re.compile(r"\s+")
+# Chat-template role markers a reply must not carry: the trainer's template adds the assistant tag itself,
+# and a second one (EmPO's bug) teaches the model to emit it.
+_LEADING_ROLE_TAG = re.compile(
+    r"^\s*(?:<\|im_start\|>\s*assistant\b|<\|assistant\|>|<\|start_header_id\|>\s*assistant\s*<\|end_header_id\|>"
+    r"|<start_of_turn>\s*model\b|\[/INST\]|(?:assistant|emili)\s*:)\s*",
+    re.IGNORECASE,
+)
+_TRAILING_END_TAG = re.compile(r"\s*(?:<\|im_end\|>|<\|eot_id\|>|<\|end\|>|<end_of_turn>|</s>)\s*$", re.IGNORECASE)
+
+
+def normalise_text(text: str) -> str:
+    """NFC, runs of whitespace collapsed to one space, stripped. Case is kept."""
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
+
+
+def plain_reply(text: str) -> str:
+    """A reply without leading role tags or trailing end-of-turn tokens, stripped."""
+    previous = None
+    while previous != text:  # Tags can be stacked ("<|assistant|>\nAssistant: ...").
+        previous = text
+        text = _TRAILING_END_TAG.sub("", _LEADING_ROLE_TAG.sub("", text))
+    return text.strip()
+
+
+def _finite(value: float | None) -> float | None:
+    # A NaN or infinite delta is as good as no delta, and would not survive canonical JSON.
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+# --- conversations --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    kind: str  # The event kind, or SYSTEM_PROMPT_KIND.
+    role: str
+    content: str
+    turn_id: str | None = None
+    unprompted: bool = False
+
+
+def _fields(event: Mapping[str, Any]) -> Mapping[str, Any]:
+    payload = event.get("payload")
+    return {**event, **payload} if isinstance(payload, Mapping) else event
+
+
+def _timeline(system_prompt: str, events: Sequence[Mapping[str, Any]]) -> list[_Entry]:
+    entries = [_Entry(SYSTEM_PROMPT_KIND, "system", system_prompt)] if system_prompt.strip() else []
+    for event in events:
+        fields = _fields(event)
+        kind = fields.get("kind")
+        role = ROLES.get(kind) if isinstance(kind, str) else None
+        if kind is None or role is None:
+            continue
+        text = fields.get("text")
+        if not isinstance(text, str):
+            raise ValueError(f"event {fields.get('event_id')!r} ({kind}) has no text")
+        if role != "assistant":
+            entries.append(_Entry(kind, role, text))
+            continue
+        turn_id = fields.get("turn_id")
+        if not isinstance(turn_id, str) or not turn_id:
+            raise ValueError(f"assistant event {fields.get('event_id')!r} has no turn_id")
+        entries.append(_Entry(kind, role, text, turn_id, bool(fields.get("unprompted", False))))
+    return entries
+
+
+def conversation_messages(system_prompt: str, events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The chat messages of a session in order; assistant messages also carry ``turn_id``."""
+    messages: list[dict[str, Any]] = []
+    for entry in _timeline(system_prompt, events):
+        message: dict[str, Any] = {"role": entry.role, "content": entry.content}
+        if entry.turn_id is not None:
+            message["turn_id"] = entry.turn_id
+        messages.append(message)
+    return messages
+
+
+# --- SFT ------------------------------------------------------------------------------------------------
+
+
+def sft_examples(
+    session_id: str,
+    system_prompt: str,
+    events: Sequence[Mapping[str, Any]],
+    labels: Mapping[str, TurnLabelLike],
+    include_readouts: bool = True,
+) -> list[dict[str, Any]]:
+    """Zero or one chat-JSONL example for the session (see the module docstring for the rules).
+
+    The example is ``{"id", "session_id", "messages", "flagged_turns"}``; ``messages`` are
+    ``{"role", "content"}`` plus ``"weight"`` (0 or 1) on assistant messages only.
+    """
+    messages: list[dict[str, Any]] = []
+    flagged_turns: list[str] = []
+    for entry in _timeline(system_prompt, events):
+        if entry.kind in INJECTED_KINDS and not include_readouts:
+            continue
+        message: dict[str, Any] = {"role": entry.role, "content": entry.content}
+        if entry.role == "assistant":
+            assert entry.turn_id is not None  # _timeline guarantees it.
+            label = labels.get(entry.turn_id)
+            trainable = bool(entry.content.strip()) and (include_readouts or not entry.unprompted)
+            weight = 1 if trainable and label is not None and label.flagged is True else 0
+            message["weight"] = weight
+            if weight:
+                flagged_turns.append(entry.turn_id)
+        messages.append(message)
+    if not flagged_turns:
+        return []
+    body = {"session_id": session_id, "messages": messages}
+    return [{"id": content_id(body), **body, "flagged_turns": flagged_turns}]
+
+
+# --- DPO from feedback ----------------------------------------------------------------------------------
+
+
+def context_key(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The id of a context: the sha256 of its (role, normalised content) sequence.
+
+    Expects ``messages`` as :func:`conversation_messages` makes them minus readouts and reminders, i.e. an
+    optional leading system prompt followed by user/assistant messages.
+    """
+    return content_id([[m["role"], normalise_text(str(m["content"]))] for m in messages])
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    session_id: str
+    turn_id: str
+    text: str  # plain_reply of the recorded text.
+    flagged: bool
+    delta: float | None
+    prompt: tuple[Mapping[str, str], ...]  # Without readouts; ends with the user message.
+    prompt_with_readouts: tuple[Mapping[str, str], ...]
+
+
+def _reaction(label: TurnLabelLike | None) -> bool | None:
+    """True (positive), False (negative) or None (no usable reaction) for pairing."""
+    if label is None or label.flagged is None:
+        return None
+    # "Not flagged" without a measured delta is how the reaction labeller marks a turn it could not read
+    # (no face in a window): that is no evidence of a negative reaction.
+    if label.flagged is False and _finite(label.delta) is None:
+        return None
+    return label.flagged
+
+
+def _replies(session: SessionInput) -> list[tuple[str, _Reply]]:
+    """(context key, reply) for each of the session's pairable replies."""
+    out: list[tuple[str, _Reply]] = []
+    plain: list[dict[str, str]] = []  # The conversation so far without readouts/reminders.
+    full: list[dict[str, str]] = []
+    for entry in _timeline(session.system_prompt, session.events):
+        message = {"role": entry.role, "content": entry.content}
+        if entry.role == "assistant":
+            assert entry.turn_id is not None
+            label = session.labels.get(entry.turn_id)
+            text = plain_reply(entry.content)
+            answers_user = bool(plain) and plain[-1]["role"] == "user"
+            reaction = _reaction(label)
+            if answers_user and not entry.unprompted and text and reaction is not None:
+                reply = _Reply(
+                    session.session_id,
+                    entry.turn_id,
+                    text,
+                    reaction,
+                    _finite(label.delta) if label is not None else None,
+                    tuple(dict(m) for m in plain),
+                    tuple(dict(m) for m in full),
+                )
+                out.append((context_key(plain), reply))
+        full.append(message)
+        if entry.kind not in INJECTED_KINDS:
+            plain.append(message)
+    return out
+
+
+def _group_rng(seed: int, key: str) -> random.Random:
+    # Seeded from (seed, context) so adding sessions to one context never changes another context's draw.
+    return random.Random(int(content_id([seed, key]), 16))
+
+
+def feedback_pairs(
+    sessions: Sequence[SessionInput],
+    *,
+    max_pairs_per_group: int = 4,
+    seed: int = 0,
+    include_readouts: bool = False,
+) -> list[dict[str, Any]]:
+    """Preference pairs from replies to the same context with a positive vs a negative reaction.
+
+    Each pair is ``{"id", "prompt", "chosen", "rejected", "chosen_delta", "rejected_delta", "source":
+    "feedback", "sessions": [chosen session, rejected session], "turns": [chosen turn, rejected turn],
+    "context": context key}``, sorted by id; the output does not depend on the order of ``sessions``.
+    """
+    if max_pairs_per_group < 1:
+        raise ValueError(f"max_pairs_per_group must be at least 1, got {max_pairs_per_group}")
+    ids = [s.session_id for s in sessions]
+    if len(set(ids)) != len(ids):
+        raise ValueError("session ids must be unique")
+    groups: dict[str, list[_Reply]] = defaultdict(list)
+    for session in sessions:
+        for key, reply in _replies(session):
+            groups[key].append(reply)
+    pairs: dict[str, dict[str, Any]] = {}
+    for key in sorted(groups):
+        replies = sorted(groups[key], key=lambda r: (r.session_id, r.turn_id))
+        positives = [r for r in replies if r.flagged]
+        negatives = [r for r in replies if not r.flagged]
+        candidates = [
+            (p, n)
+            for p in positives
+            for n in negatives
+            # The same words cannot be both better and worse: no preference signal.
+            if normalise_text(p.text) != normalise_text(n.text)
+        ]
+        _group_rng(seed, key).shuffle(candidates)
+        for chosen, rejected in candidates[:max_pairs_per_group]:
+            prompt = [dict(m) for m in (chosen.prompt_with_readouts if include_readouts else chosen.prompt)]
+            body = {"prompt": prompt, "chosen": chosen.text, "rejected": rejected.text}
+            pair_id = content_id(body)
+            # Identical (prompt, chosen, rejected) from different sessions would be one example twice.
+            pairs.setdefault(
+                pair_id,
+                {
+                    "id": pair_id,
+                    **body,
+                    "chosen_delta": chosen.delta,
+                    "rejected_delta": rejected.delta,
+                    "source": "feedback",
+                    "sessions": [chosen.session_id, rejected.session_id],
+                    "turns": [chosen.turn_id, rejected.turn_id],
+                    "context": key,
+                },
+            )
+    return [pairs[k] for k in sorted(pairs)]
+
+
+# --- manifests ------------------------------------------------------------------------------------------
+
+
+def _record_sessions(kind: DatasetKind, record: Mapping[str, Any]) -> list[str]:
+    if kind == "sft":
+        return [str(record["session_id"])]
+    if kind == "dpo_feedback":
+        return [str(s) for s in record["sessions"]]
+    # EmpatheticDialogues pairs: the conversations whose replies they use.
+    return [str(record["conv_id"]), str(record["rejected_conv_id"])]
+
+
+def _counts(kind: DatasetKind, records: Sequence[Mapping[str, Any]], sessions: Sequence[str]) -> dict[str, int]:
+    if kind == "sft":
+        weights = [m.get("weight") for r in records for m in r["messages"] if m["role"] == "assistant"]
+        return {
+            "examples": len(records),
+            "sessions": len(sessions),
+            "assistant_turns": len(weights),
+            "flagged_turns": sum(1 for w in weights if w == 1),
+        }
+    return {
+        "examples": len(records),
+        "pairs": len(records),
+        "sessions": len(sessions),
+        "prompts": len({content_id(r["prompt"]) for r in records}),
+    }
+
+
+@dataclass(frozen=True)
+class DatasetManifest:
+    """What a dataset file holds and how it was made; ``id`` depends only on kind, content and settings."""
+
+    id: str
+    kind: DatasetKind
+    content_hash: str  # sha256 (hex) of the JSONL bytes.
+    counts: dict[str, int]
+    source_sessions: list[str]  # Sorted, unique; EmpatheticDialogues conv_ids for "dpo_empathetic".
+    label_settings: dict[str, Any]
+    created_from: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        kind: DatasetKind,
+        records: Sequence[Mapping[str, Any]],
+        label_settings: Mapping[str, Any],
+        created_from: Mapping[str, Any] | None = None,
+    ) -> DatasetManifest:
+        """The manifest of ``records`` as :func:`write_jsonl` would write them."""
+        if kind not in DATASET_KINDS:
+            raise ValueError(f"unknown dataset kind {kind!r}")
+        content_hash = hashlib.sha256(jsonl_bytes(records)).hexdigest()
+        sessions = sorted({s for r in records for s in _record_sessions(kind, r)})
+        settings = dict(label_settings)
+        # created_from is free-form (it may hold times or paths), so it stays out of the id.
+        manifest_id = content_id({"kind": kind, "content_hash": content_hash, "label_settings": settings})
+        return cls(
+            id=manifest_id,
+            kind=kind,
+            content_hash=content_hash,
+            counts=_counts(kind, records, sessions),
+            source_sessions=sessions,
+            label_settings=settings,
+            created_from=dict(created_from or {}),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

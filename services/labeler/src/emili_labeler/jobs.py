@@ -1,0 +1,219 @@
+"""The labeler's jobs, as plain functions over the session records in object storage.
+
+    emili-sessions/<session>/labels/<settings-hash>.json   a session's label (gold VAD + turn flags)
+    emili-datasets/<kind>/<dataset-id>/data.jsonl          an immutable dataset
+    emili-datasets/<kind>/<dataset-id>/manifest.json       its manifest (written last)
+    emili-datasets/index/<dataset-id>.json                 where a dataset id lives
+
+Every output is keyed by content (session id plus a hash of the label settings; dataset ids are hashes
+of kind, content and settings), so retried or redelivered jobs find or rewrite the same objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from emili_core.errors import InvalidInput, NotFound
+from emili_core.keys import check_session_id
+from emili_core.objectstore import Bucket, ObjectStore
+from emili_labeler.datasets import DatasetManifest, SessionInput, feedback_pairs, jsonl_bytes, sft_examples
+from emili_labeler.empathetic import empo_pairs, load_dialogues
+from emili_labeler.gold import gold_label
+from emili_labeler.reactions import EMOTION_TUNE_ORIGINAL, VARIANT_2025, TurnReaction, WeightVector, flag_turns
+from emili_labeler.settings import LabelerSettings
+from emili_labeler.vad import VADScorer
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int], None]
+WEIGHTS: dict[str, tuple[WeightVector, str]] = {
+    "emotion_tune": (EMOTION_TUNE_ORIGINAL, "window"),  # Reads the face in [t, t + 1 s].
+    "variant_2025": (VARIANT_2025, "delayed"),  # Reads the face 5 s after the reply.
+}
+
+
+@dataclass
+class Runtime:
+    settings: LabelerSettings
+    store: ObjectStore
+    scorer: VADScorer
+
+    @property
+    def label_settings(self) -> dict[str, Any]:
+        """What a label depends on; its hash keys the label objects."""
+        o = self.settings.labeler
+        return {
+            "lexicon": self.scorer.lexicon.name,
+            "lexicon_sha256": self.scorer.lexicon.sha256,
+            "oov_method": o.oov_method,
+            "beta": o.beta,
+            "top_k": o.top_k,
+            "ridge_alpha": o.ridge_alpha,
+            "weights": o.weights,
+        }
+
+    @property
+    def settings_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.label_settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def label_key(session_id: str, settings_hash: str) -> str:
+    return f"{session_id}/labels/{settings_hash}.json"
+
+
+def load_session(store: ObjectStore, session_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A persisted session record: its manifest and its events."""
+    check_session_id(session_id)
+    try:
+        manifest = store.get_json(Bucket.SESSIONS, f"{session_id}/session.json")
+    except NotFound:
+        raise NotFound(f"session {session_id} has no record in object storage (is it ended and persisted?)") from None
+    lines = store.get_bytes(Bucket.SESSIONS, f"{session_id}/events.jsonl").decode().splitlines()
+    return manifest, [json.loads(line) for line in lines if line.strip()]
+
+
+def system_prompt_of(events: Sequence[dict[str, Any]]) -> str:
+    for event in events:
+        if event["kind"] == "session_created":
+            return str(event.get("system_prompt", ""))
+    return ""
+
+
+def turn_reactions(runtime: Runtime, events: Sequence[dict[str, Any]]) -> list[TurnReaction]:
+    weights, post = WEIGHTS[runtime.settings.labeler.weights]
+    return flag_turns(events, weights, post=post)  # type: ignore[arg-type]
+
+
+def label_session(runtime: Runtime, session_id: str) -> dict[str, Any]:
+    key = label_key(session_id, runtime.settings_hash)
+    if runtime.store.exists(Bucket.SESSIONS, key):
+        return {**runtime.store.get_json(Bucket.SESSIONS, key), "reused": True}
+    manifest, events = load_session(runtime.store, session_id)
+    gold = gold_label(events, runtime.scorer)
+    turns = turn_reactions(runtime, events)
+    label = {
+        "session_id": session_id,
+        "user_id": manifest.get("user_id", ""),
+        "model_arm": manifest.get("model_arm", ""),
+        "use_for_training": bool(manifest.get("use_for_training", False)),
+        "synthetic": bool(manifest.get("synthetic", False)),
+        "gold": gold.to_json(),
+        "turns": [
+            {
+                "turn_id": t.turn_id,
+                "flagged": t.flagged,
+                "delta": t.delta,
+                "reason": t.reason,
+                "unprompted": t.unprompted,
+            }
+            for t in turns
+        ],
+        "settings": runtime.label_settings,
+        "settings_hash": runtime.settings_hash,
+        "key": key,
+        "source_last_event_id": manifest.get("last_event_id", ""),
+    }
+    runtime.store.put_json(Bucket.SESSIONS, key, label)
+    return {**label, "reused": False}
+
+
+def recorded_sessions(store: ObjectStore) -> list[str]:
+    return sorted(k.split("/")[0] for k in store.list_keys(Bucket.SESSIONS, "") if k.endswith("/session.json"))
+
+
+def label_all_unlabeled(runtime: Runtime, progress: Progress = lambda done, total: None) -> dict[str, Any]:
+    sessions = recorded_sessions(runtime.store)
+    todo = [s for s in sessions if not runtime.store.exists(Bucket.SESSIONS, label_key(s, runtime.settings_hash))]
+    failed: dict[str, str] = {}
+    for i, session_id in enumerate(todo, 1):
+        try:
+            label_session(runtime, session_id)
+        except (InvalidInput, NotFound, ValueError) as exc:  # One bad record must not stop the rest.
+            failed[session_id] = str(exc)
+        progress(i, len(todo))
+    return {
+        "sessions": len(sessions),
+        "labelled": len(todo) - len(failed),
+        "failed": failed,
+        "settings_hash": runtime.settings_hash,
+    }
+
+
+def _training_inputs(runtime: Runtime, session_ids: Sequence[str] | None) -> list[SessionInput]:
+    inputs = []
+    for session_id in session_ids if session_ids is not None else recorded_sessions(runtime.store):
+        label = label_session(runtime, session_id)
+        if not label["use_for_training"]:
+            continue  # The user did not consent to training on this session.
+        _, events = load_session(runtime.store, session_id)
+        flags = {t["turn_id"]: _Flag(t["flagged"], t["delta"]) for t in label["turns"] if t["turn_id"]}
+        inputs.append(SessionInput(session_id, system_prompt_of(events), events, flags))
+    return inputs
+
+
+@dataclass(frozen=True)
+class _Flag:
+    flagged: bool | None
+    delta: float | None
+
+
+def _publish(runtime: Runtime, manifest: DatasetManifest, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    prefix = f"{manifest.kind}/{manifest.id}"
+    out = {**manifest.to_dict(), "key": f"{prefix}/data.jsonl"}
+    if not runtime.store.exists(Bucket.DATASETS, f"{prefix}/manifest.json"):
+        runtime.store.put_bytes(Bucket.DATASETS, f"{prefix}/data.jsonl", jsonl_bytes(records), "application/x-ndjson")
+        runtime.store.put_json(Bucket.DATASETS, f"{prefix}/manifest.json", out)  # Last: the dataset is complete.
+        runtime.store.put_json(Bucket.DATASETS, f"index/{manifest.id}.json", {"manifest": f"{prefix}/manifest.json"})
+    return out
+
+
+def build_sft_dataset(runtime: Runtime, session_ids: Sequence[str] | None = None) -> dict[str, Any]:
+    inputs = _training_inputs(runtime, session_ids)
+    records = [r for s in inputs for r in sft_examples(s.session_id, s.system_prompt, s.events, s.labels)]
+    if not records:
+        raise NotFound("no consenting session has a flagged assistant turn: nothing to train on yet")
+    manifest = DatasetManifest.build("sft", records, runtime.label_settings)
+    return _publish(runtime, manifest, records)
+
+
+def build_dpo_dataset(
+    runtime: Runtime,
+    source: str = "feedback",
+    session_ids: Sequence[str] | None = None,
+    epoch: int = 0,
+    seed: int = 0,
+    split: str = "valid",
+) -> dict[str, Any]:
+    if source == "feedback":
+        records = feedback_pairs(_training_inputs(runtime, session_ids), seed=seed)
+        kind = "dpo_feedback"
+        settings = runtime.label_settings
+    elif source == "empathetic":
+        folder = runtime.settings.labeler.empathetic_dialogues
+        if folder is None:
+            raise InvalidInput("EmpatheticDialogues is not configured (EMILI_LABELER__EMPATHETIC_DIALOGUES)")
+        dialogues, _ = load_dialogues(Path(folder) / f"{split}.csv", split=split)
+        records = empo_pairs(dialogues, epoch, seed, split=split)
+        kind = "dpo_empathetic"
+        settings = {"split": split, "epoch": epoch, "seed": seed}
+    else:
+        raise InvalidInput(f"unknown DPO source {source!r}: feedback or empathetic")
+    if not records:
+        raise NotFound(f"no {source} preference pairs could be built")
+    manifest = DatasetManifest.build(kind, records, settings)  # type: ignore[arg-type]
+    return _publish(runtime, manifest, records)
+
+
+def get_dataset(store: ObjectStore, dataset_id: str) -> dict[str, Any]:
+    if not dataset_id or "/" in dataset_id:
+        raise InvalidInput(f"invalid dataset id {dataset_id!r}")
+    try:
+        index = store.get_json(Bucket.DATASETS, f"index/{dataset_id}.json")
+    except NotFound:
+        raise NotFound(f"dataset {dataset_id} does not exist") from None
+    return dict(store.get_json(Bucket.DATASETS, index["manifest"]))

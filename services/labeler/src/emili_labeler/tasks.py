@@ -1,0 +1,55 @@
+"""Celery tasks on the ``labeler`` queue: thin wrappers around ``emili_labeler.jobs``.
+
+Each is idempotent: labels are keyed by session id plus a hash of the label settings, and datasets by
+their content, so a retried or redelivered task finds or rewrites the same objects.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from emili_core.settings import load_settings
+from emili_core.tasks import idempotent_task
+from emili_labeler import jobs
+from emili_labeler.runtime import build_runtime
+from emili_labeler.settings import LabelerSettings
+
+
+@functools.cache
+def runtime() -> jobs.Runtime:
+    return build_runtime(load_settings(LabelerSettings))
+
+
+def _progress(task: Any) -> jobs.Progress:
+    def report(done: int, total: int) -> None:
+        task.update_state(state="PROGRESS", meta={"done": done, "total": total})
+
+    return report
+
+
+@idempotent_task("labeler.label_session")
+def label_session(self: Any, session_id: str) -> dict[str, Any]:
+    return jobs.label_session(runtime(), session_id)
+
+
+@idempotent_task("labeler.label_all_unlabeled")
+def label_all_unlabeled(self: Any) -> dict[str, Any]:
+    return jobs.label_all_unlabeled(runtime(), _progress(self))
+
+
+@idempotent_task("labeler.build_sft_dataset")
+def build_sft_dataset(self: Any, session_ids: list[str] | None = None) -> dict[str, Any]:
+    return jobs.build_sft_dataset(runtime(), session_ids)
+
+
+@idempotent_task("labeler.build_dpo_dataset")
+def build_dpo_dataset(
+    self: Any,
+    source: str = "feedback",
+    session_ids: list[str] | None = None,
+    epoch: int = 0,
+    seed: int = 0,
+    split: str = "valid",
+) -> dict[str, Any]:
+    return jobs.build_dpo_dataset(runtime(), source, session_ids, epoch, seed, split)

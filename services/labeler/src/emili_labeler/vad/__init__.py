@@ -1,0 +1,81 @@
+"""Text to valence-arousal-dominance: lexicons, tokenisation, out-of-lexicon estimation, scoring, evaluation.
+
+Typical use::
+
+    lexicon = load_lexicon("NRC-VAD-Lexicon.txt")
+    embedder = SentenceTransformerEmbedder("var/artifacts/labeler/all-MiniLM-L6-v2")
+    scorer = VADScorer(lexicon, embedder, cache=LocalEmbeddingCache("var/cache/vad"))
+    scorer.score("I'm so happy today!").vad
+"""
+
+from emili_labeler.vad.embed import (
+    Embedder,
+    EmbeddingCache,
+    FixedEmbedder,
+    LocalEmbeddingCache,
+    MemoryEmbeddingCache,
+    SentenceTransformerEmbedder,
+    embedding_cache_key,
+    lexicon_embeddings,
+)
+from emili_labeler.vad.evaluate import evaluate_oov, holdout_split, pearson_r
+from emili_labeler.vad.lexicon import (
+    DIMENSIONS,
+    Lexicon,
+    LexiconFormat,
+    detect_format,
+    load_lexicon,
+    load_nrc_vad_v1,
+    load_nrc_vad_v2,
+    load_warriner,
+)
+from emili_labeler.vad.oov import (
+    OOV_METHODS,
+    OOVEstimator,
+    OOVMethod,
+    RidgeEstimator,
+    SoftmaxEstimator,
+    TopKEstimator,
+    make_estimator,
+)
+from emili_labeler.vad.score import DEFAULT_MAX_CHARS, LEXICON_SOURCE, VAD, TextVAD, VADScorer
+from emili_labeler.vad.tokenize import DEFAULT_STOPWORDS, LexiconTokenizer, Tokens, normalise, raw_tokens
+
+__all__ = [
+    "DEFAULT_MAX_CHARS",
+    "DEFAULT_STOPWORDS",
+    "DIMENSIONS",
+    "LEXICON_SOURCE",
+    "OOV_METHODS",
+    "VAD",
+    "Embedder",
+    "EmbeddingCache",
+    "FixedEmbedder",
+    "Lexicon",
+    "LexiconFormat",
+    "LexiconTokenizer",
+    "LocalEmbeddingCache",
+    "MemoryEmbeddingCache",
+    "OOVEstimator",
+    "OOVMethod",
+    "RidgeEstimator",
+    "SentenceTransformerEmbedder",
+    "SoftmaxEstimator",
+    "TextVAD",
+    "Tokens",
+    "TopKEstimator",
+    "VADScorer",
+    "detect_format",
+    "embedding_cache_key",
+    "evaluate_oov",
+    "holdout_split",
+    "lexicon_embeddings",
+    "load_lexicon",
+    "load_nrc_vad_v1",
+    "load_nrc_vad_v2",
+    "load_warriner",
+    "make_estimator",
+    "normalise",
+    "pearson_r",
+    "raw_tokens",
+]

@@ -1,0 +1,162 @@
+"""The labeler through real Redis, S3, a Celery worker and the gRPC API, on sessions recorded by chat code."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+import redis.asyncio as aioredis
+from celery import Celery
+
+from emili.labeler.v1 import labeler_pb2, labeler_pb2_grpc
+from emili_chat.persist import persist_session
+from emili_chat.store import SessionRecord, SessionStore
+from emili_core.grpc_client import make_channel
+from emili_core.grpc_server import start_server
+from emili_core.objectstore import Bucket, ObjectStore
+from emili_core.settings import CommonSettings
+from emili_core.tasks import create_celery_app
+from emili_core.testing import Stack, token
+from emili_labeler.main import build_app
+from emili_labeler.settings import LabelerSettings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+T0 = 1_790_000_000_000
+HAPPY = {"angry": 0.0, "disgust": 0.0, "fear": 0.0, "happy": 0.9, "sad": 0.0, "surprise": 0.0, "neutral": 0.1}
+SAD = {"angry": 0.05, "disgust": 0.05, "fear": 0.0, "happy": 0.0, "sad": 0.8, "surprise": 0.0, "neutral": 0.1}
+NEUTRAL = {"angry": 0.0, "disgust": 0.0, "fear": 0.0, "happy": 0.1, "sad": 0.1, "surprise": 0.0, "neutral": 0.8}
+
+
+async def record_session(redis_url: str, session_id: str, user: str, arm: str) -> None:
+    """A session as the chat service records it: neutral face, a reply the user smiles at, one they frown at."""
+    client = aioredis.Redis.from_url(redis_url)
+    store = SessionStore(client)
+    await store.create(
+        SessionRecord(session_id, user, arm, "scripted", False, True, {"cadence": "before_user_message"}, state="ended")
+    )
+
+    async def add(kind: str, at_ms: int, **payload: object) -> None:
+        await store.append(session_id, kind, payload, time_ms=at_ms)
+
+    def reading(at_ms: int, probabilities: dict[str, float]) -> dict[str, object]:
+        return {"capture_time_ms": at_ms, "face_found": True, "probabilities": probabilities, "source": "client"}
+
+    await add("session_created", T0, model_arm=arm, model_id="scripted", options={}, system_prompt="You are EMILI.")
+    await add(
+        "pre_survey", T0 + 100, current_feelings=["Sad"], desired_feelings=["Joyful"], text="I feel sad and tired."
+    )
+    await add("fer_reading", T0 + 900, **reading(T0 + 900, NEUTRAL))
+    await add("user_message", T0 + 1000, text="I failed my driving test today.")
+    await add(
+        "assistant_message",
+        T0 + 3000,
+        text="Oh no. How are you holding up?",
+        turn_id="t1",
+        unprompted=False,
+        model_id="scripted",
+        model_arm=arm,
+    )
+    await add("fer_reading", T0 + 3500, **reading(T0 + 3500, HAPPY))
+    await add("fer_reading", T0 + 9900, **reading(T0 + 9900, HAPPY))
+    await add("user_message", T0 + 10000, text="Better now, thanks for asking.")
+    await add(
+        "assistant_message",
+        T0 + 12000,
+        text="Driving tests are pointless anyway.",
+        turn_id="t2",
+        unprompted=False,
+        model_id="scripted",
+        model_arm=arm,
+    )
+    await add("fer_reading", T0 + 12500, **reading(T0 + 12500, SAD))
+    await add("post_survey", T0 + 20000, current_feelings=["Happy"], desired_feelings=[], text="I feel happy and calm.")
+    await client.aclose()
+
+
+@pytest.fixture
+def labeler_worker(stack: Stack, tmp_path: Path) -> Iterator[Path]:
+    log = tmp_path / "labeler-worker.log"
+    env = {**os.environ, **stack.env(), "EMILI_LABELER__WORKER__METRICS_PORT": "0"}
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "emili-labeler-worker")],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    yield log
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(30)
+
+
+@pytest.fixture
+def producer(stack_env: dict[str, str]) -> Iterator[Celery]:
+    app = create_celery_app("tests", CommonSettings())
+    yield app
+    app.close()
+
+
+async def test_label_and_datasets_through_the_worker_and_grpc(
+    stack: Stack, stack_env: dict[str, str], object_store: ObjectStore, labeler_worker: Path, producer: Celery
+) -> None:
+    await record_session(stack.redis_url, "lab-1", "alice", "base")
+    persist_session(redis.Redis.from_url(stack.redis_url), object_store, "lab-1")
+
+    label = producer.send_task("labeler.label_session", args=["lab-1"]).get(timeout=300)
+    gold = label["gold"]
+    assert gold["delta"]["valence"] > 0.1, gold  # "sad and tired" -> "happy and calm".
+    assert gold["lexicon"] and label["settings"]["oov_method"] == "softmax"
+    flags = {t["turn_id"]: t for t in label["turns"]}
+    assert flags["t1"]["flagged"] is True and flags["t1"]["delta"] > 0  # Neutral -> happy after the reply.
+    assert flags["t2"]["flagged"] is False and flags["t2"]["delta"] < 0  # Happy -> sad after the reply.
+    again = producer.send_task("labeler.label_session", args=["lab-1"]).get(timeout=60)
+    assert again["reused"] is True and again["key"] == label["key"]
+    assert object_store.list_keys(Bucket.SESSIONS, "lab-1/labels/") == [label["key"]]
+
+    sft = producer.send_task("labeler.build_sft_dataset", args=[["lab-1"]]).get(timeout=120)
+    assert sft["kind"] == "sft" and sft["counts"]["flagged_turns"] == 1
+    (example,) = [json.loads(line) for line in object_store.get_bytes(Bucket.DATASETS, sft["key"]).splitlines()]
+    weights = {m["content"]: m.get("weight") for m in example["messages"] if m["role"] == "assistant"}
+    assert weights == {"Oh no. How are you holding up?": 1, "Driving tests are pointless anyway.": 0}
+    assert all("weight" not in m for m in example["messages"] if m["role"] != "assistant")
+    rebuilt = producer.send_task("labeler.build_sft_dataset", args=[["lab-1"]]).get(timeout=120)
+    assert rebuilt["id"] == sft["id"]  # Same content, same immutable dataset.
+
+    settings = LabelerSettings()
+    settings = settings.model_copy(
+        update={
+            "labeler": settings.labeler.model_copy(
+                update={"server": settings.labeler.server.model_copy(update={"grpc_port": 0})}
+            )
+        }
+    )
+    server = await start_server(build_app(settings), settings, settings.labeler.server)
+    try:
+        await asyncio.wait_for(server.ready.wait(), 300)
+        async with make_channel(f"127.0.0.1:{server.port}", token(["labeler"])) as channel:
+            stub = labeler_pb2_grpc.LabelerServiceStub(channel)
+            scores = await stub.ScoreTexts(labeler_pb2.ScoreTextsRequest(texts=["I love this!", "", "grief and loss"]))
+            assert len(scores.scores) == 3 and not scores.scores[1].HasField("vad")
+            assert scores.scores[0].vad.valence > scores.scores[2].vad.valence
+            reply = await stub.LabelSession(labeler_pb2.LabelSessionRequest(session_id="lab-1"))
+            assert reply.label.delta.valence == pytest.approx(gold["delta"]["valence"])
+            assert [t.flagged for t in reply.label.turns] == [True, False]
+            manifest = (await stub.GetDataset(labeler_pb2.GetDatasetRequest(dataset_id=sft["id"]))).manifest
+            assert manifest.kind == labeler_pb2.DATASET_KIND_SFT and manifest.key == sft["key"]
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await stub.LabelSession(labeler_pb2.LabelSessionRequest(session_id="never-recorded"))
+            assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await stub.ScoreTexts(labeler_pb2.ScoreTextsRequest(texts=["x" * 200_000]))
+            assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await server.stop()
