@@ -131,6 +131,11 @@ async def test_label_and_datasets_through_the_worker_and_grpc(
     rebuilt = producer.send_task("labeler.build_sft_dataset", args=[["lab-1"]]).get(timeout=120)
     assert rebuilt["id"] == sft["id"]  # Same content, same immutable dataset.
 
+    weights = producer.send_task("labeler.fit_user_weights", args=[["lab-1"]]).get(timeout=120)
+    assert weights["users"] == 1 and weights["samples"] == 2  # One face-and-text sample per user message.
+    fitted = object_store.get_json(Bucket.DATASETS, weights["key"])["users"]["alice"]
+    assert fitted["fell_back"] is True and fitted["n_samples"] == 2  # Too little data: population weights.
+
     settings = LabelerSettings()
     settings = settings.model_copy(
         update={
@@ -160,3 +165,56 @@ async def test_label_and_datasets_through_the_worker_and_grpc(
             assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         await server.stop()
+
+
+def test_eval_oov_cli(tmp_path: Path) -> None:
+    words = [
+        "happy",
+        "joyful",
+        "glad",
+        "cheerful",
+        "delighted",
+        "sad",
+        "gloomy",
+        "miserable",
+        "unhappy",
+        "sorrowful",
+        "calm",
+        "peaceful",
+        "relaxed",
+        "angry",
+        "furious",
+        "table",
+        "chair",
+        "window",
+        "paper",
+        "stone",
+    ]
+    valence = [8.2, 8.0, 7.8, 7.9, 8.1, 2.1, 2.5, 1.8, 2.0, 2.2, 7.0, 7.5, 7.3, 2.5, 2.0, 5.2, 5.1, 5.3, 5.0, 5.0]
+    lines = ["Word,V.Mean.Sum,A.Mean.Sum,D.Mean.Sum"] + [
+        f"{w},{v},5.0,5.0" for w, v in zip(words, valence, strict=True)
+    ]
+    (tmp_path / "norms.csv").write_text("\n".join(lines) + "\n")
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "emili"),
+            "labeler",
+            "eval-oov",
+            "--lexicon",
+            str(tmp_path / "norms.csv"),
+            "--holdout",
+            "0.25",
+            "--seed",
+            "3",
+            "--format",
+            "warriner",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    report = json.loads(result.stdout)
+    assert report["n_holdout"] == 5 and report["n_train"] == 15
+    assert set(report["methods"]) == {"softmax", "topk", "ridge"}
+    assert report["methods"]["softmax"]["valence"] > 0.5  # Synonyms of held-out words are in the training part.

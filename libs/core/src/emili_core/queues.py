@@ -31,6 +31,7 @@ TASK_ROUTES: dict[str, Queue] = {
     "labeler.label_all_unlabeled": Queue.LABELER,
     "labeler.build_sft_dataset": Queue.LABELER,
     "labeler.build_dpo_dataset": Queue.LABELER,
+    "labeler.fit_user_weights": Queue.LABELER,
 }
 
 

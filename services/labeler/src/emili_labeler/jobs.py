@@ -27,6 +27,14 @@ from emili_labeler.empathetic import empo_pairs, load_dialogues
 from emili_labeler.gold import gold_label
 from emili_labeler.reactions import EMOTION_TUNE_ORIGINAL, VARIANT_2025, TurnReaction, WeightVector, flag_turns
 from emili_labeler.settings import LabelerSettings
+from emili_labeler.user_weights import (
+    Baseline,
+    Sample,
+    baseline_readings,
+    fit_users,
+    samples_from_session,
+    user_baseline,
+)
 from emili_labeler.vad import VADScorer
 
 log = logging.getLogger(__name__)
@@ -217,3 +225,36 @@ def get_dataset(store: ObjectStore, dataset_id: str) -> dict[str, Any]:
     except NotFound:
         raise NotFound(f"dataset {dataset_id} does not exist") from None
     return dict(store.get_json(Bucket.DATASETS, index["manifest"]))
+
+
+def user_weights_key(settings_hash: str) -> str:
+    return f"user_weights/{settings_hash}.json"
+
+
+def fit_user_weights(runtime: Runtime, session_ids: Sequence[str] | None = None) -> dict[str, Any]:
+    """Per-user emotion weights (paper 2.2): the face before each user message regressed on the valence of
+    that message's text, each user z-scored against their own baseline and shrunk toward the population."""
+    samples: list[Sample] = []
+    baselines: dict[str, Baseline] = {}
+    readings: dict[str, list[Any]] = {}
+    for session_id in session_ids if session_ids is not None else recorded_sessions(runtime.store):
+        manifest, events = load_session(runtime.store, session_id)
+        user = str(manifest.get("user_id", ""))
+        messages = [e for e in events if e["kind"] == "user_message"]
+        scored = runtime.scorer.score_batch([str(e["text"]) for e in messages])
+        targets = {e["event_id"]: r.vad.valence for e, r in zip(messages, scored, strict=True) if r.vad is not None}
+        samples += samples_from_session(events, user, targets)
+        readings.setdefault(user, []).extend(baseline_readings(events).tolist())
+    if not samples:
+        raise NotFound("no user message has both a face reading and a scorable text: nothing to fit")
+    for user, rows in readings.items():
+        baselines[user] = user_baseline(rows)
+    population, users = fit_users(samples, baselines=baselines)
+    result = {
+        "settings_hash": runtime.settings_hash,
+        "target": "valence of the user's message",
+        "population": population.to_json(),
+        "users": {user: fit.to_json() for user, fit in sorted(users.items())},
+    }
+    runtime.store.put_json(Bucket.DATASETS, user_weights_key(runtime.settings_hash), result)
+    return {"key": user_weights_key(runtime.settings_hash), "users": len(users), "samples": len(samples)}

@@ -53,3 +53,8 @@ def build_dpo_dataset(
     split: str = "valid",
 ) -> dict[str, Any]:
     return jobs.build_dpo_dataset(runtime(), source, session_ids, epoch, seed, split)
+
+
+@idempotent_task("labeler.fit_user_weights")
+def fit_user_weights(self: Any, session_ids: list[str] | None = None) -> dict[str, Any]:
+    return jobs.fit_user_weights(runtime(), session_ids)
