@@ -9,7 +9,7 @@ SETUP_INPUTS := scripts/setup.sh scripts/fetch_artifacts.py requirements/constra
 ARTIFACTS := var/artifacts/fer/mini_xception.onnx var/artifacts/samples/face_640x480.jpg
 PYTEST_ARGS ?=
 
-.PHONY: help setup proto proto-check up down status test test-unit lint fmt typecheck demo bench-fer bench-chat clean
+.PHONY: help setup proto proto-check up down status test test-unit lint fmt typecheck demo bench-fer bench-chat bench-labeler clean
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ bench-fer: setup  ## FER accuracy and gRPC throughput/latency; prints JSON (reco
 
 bench-chat: setup  ## Chat: readout overhead per turn, model speed on CPU, concurrent sessions; prints JSON.
 	$(PY) services/chat/bench/bench_chat.py $(BENCH_ARGS)
+
+bench-labeler: up  ## Labeler: ScoreTexts throughput, 1,000 sessions through the queue; prints JSON.
+	$(PY) services/labeler/bench/bench_labeler.py $(BENCH_ARGS)
 
 clean: down  ## Remove the local stack's data and logs (keeps .venv and artefacts).
 	rm -rf var/redis var/s3 var/log var/run

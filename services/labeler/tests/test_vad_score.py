@@ -174,3 +174,6 @@ def test_configuration_errors(lexicon: Lexicon) -> None:
         VADScorer(lexicon)
     with pytest.raises(ValueError, match="unknown OOV method"):
         VADScorer(lexicon, FixedEmbedder(), oov="nearest")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="k >= 1"):
+        VADScorer(lexicon, FixedEmbedder(), oov="topk", k=0)
+    VADScorer(lexicon, oov=None).warm()  # Nothing to build.

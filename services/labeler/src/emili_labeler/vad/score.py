@@ -18,6 +18,7 @@ and the rest are embedded in one call. The scorer is thread-safe.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -101,6 +102,9 @@ class VADScorer:
             raise ValueError(f"OOV method {oov!r} needs an embedder (or pass oov=None)")
         if max_chars < 1 or oov_cache_size < 0:
             raise ValueError("max_chars must be >= 1 and oov_cache_size >= 0")
+        # Checked now: the estimator itself is only built when the first unknown word arrives.
+        if not (math.isfinite(beta) and k >= 1 and alpha >= 0):
+            raise ValueError(f"need a finite beta, k >= 1 and alpha >= 0; got beta={beta}, k={k}, alpha={alpha}")
         self.lexicon = lexicon
         self.embedder = embedder
         self.oov: OOVMethod | None = oov
@@ -117,8 +121,9 @@ class VADScorer:
         self.oov_misses = 0
 
     def warm(self) -> None:
-        """Build the OOV estimator now (embeds the lexicon unless the cache has it)."""
-        self._get_estimator()
+        """Build the OOV estimator now (embeds the lexicon unless the cache has it); a no-op without one."""
+        if self.oov is not None:
+            self._get_estimator()
 
     def _get_estimator(self) -> OOVEstimator:
         with self._build_lock:
