@@ -26,7 +26,9 @@ from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import CommonSettings
 from emili_core.tasks import create_celery_app
 from emili_core.testing import Stack, token
+from emili_labeler import jobs
 from emili_labeler.main import build_app
+from emili_labeler.runtime import build_runtime
 from emili_labeler.settings import LabelerSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -135,6 +137,19 @@ async def test_label_and_datasets_through_the_worker_and_grpc(
     assert weights["users"] == 1 and weights["samples"] == 2  # One face-and-text sample per user message.
     fitted = object_store.get_json(Bucket.DATASETS, weights["key"])["users"]["alice"]
     assert fitted["fell_back"] is True and fitted["n_samples"] == 2  # Too little data: population weights.
+
+    # Flags from the learned weights (here the population's: alice has too little data), and Table 2.
+    learned = LabelerSettings()
+    learned = learned.model_copy(update={"labeler": learned.labeler.model_copy(update={"weights": "learned"})})
+    runtime = await asyncio.to_thread(build_runtime, learned)
+    relabel = await asyncio.to_thread(jobs.label_session, runtime, "lab-1")
+    assert relabel["key"] != label["key"] and relabel["settings"]["learned_weights_sha256"]
+    assert {t["turn_id"] for t in relabel["turns"]} == {"t1", "t2"} and all(
+        t["delta"] is not None for t in relabel["turns"]
+    )
+    table = await asyncio.to_thread(jobs.delta_table, runtime, ["lab-1"])
+    assert table["arms"]["base"]["n"] == 1
+    assert table["arms"]["base"]["valence"]["mean"] == pytest.approx(gold["delta"]["valence"])
 
     settings = LabelerSettings()
     settings = settings.model_copy(

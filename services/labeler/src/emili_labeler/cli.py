@@ -49,3 +49,12 @@ def score(texts: Annotated[list[str], typer.Argument(help="Texts to score.")]) -
     runtime = build_runtime(load_settings(LabelerSettings))
     for result in runtime.scorer.score_batch(texts):
         print(json.dumps(result.to_dict()))
+
+
+@app.command()
+def table() -> None:
+    """The paper's Table 2 over every recorded session: mean Delta V/A/D per model arm with 95% CIs (JSON)."""
+    from emili_labeler.jobs import delta_table
+    from emili_labeler.runtime import build_runtime
+
+    print(json.dumps(delta_table(build_runtime(load_settings(LabelerSettings))), indent=2))

@@ -36,6 +36,13 @@ class GoldLabel:
             return None
         return VAD(*(b - a for a, b in zip(self.pre, self.post, strict=True)))
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> GoldLabel:
+        def vad(v: Mapping[str, float] | None) -> VAD | None:
+            return None if v is None else VAD(v["valence"], v["arousal"], v["dominance"])
+
+        return cls(vad(data["pre"]), vad(data["post"]), data["pre_coverage"], data["post_coverage"], data["lexicon"])
+
     def to_json(self) -> dict[str, Any]:
         def vad(v: VAD | None) -> dict[str, float] | None:
             return None if v is None else v._asdict()

@@ -24,15 +24,18 @@ from emili_core.keys import check_session_id
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_labeler.datasets import DatasetManifest, SessionInput, feedback_pairs, jsonl_bytes, sft_examples
 from emili_labeler.empathetic import empo_pairs, load_dialogues
-from emili_labeler.gold import gold_label
+from emili_labeler.gold import GoldLabel, arm_table, gold_label
 from emili_labeler.reactions import EMOTION_TUNE_ORIGINAL, VARIANT_2025, TurnReaction, WeightVector, flag_turns
 from emili_labeler.settings import LabelerSettings
 from emili_labeler.user_weights import (
     Baseline,
+    PopulationWeights,
     Sample,
+    UserWeights,
     baseline_readings,
     fit_users,
     samples_from_session,
+    to_weight_vector,
     user_baseline,
 )
 from emili_labeler.vad import VADScorer
@@ -43,6 +46,9 @@ WEIGHTS: dict[str, tuple[WeightVector, str]] = {
     "emotion_tune": (EMOTION_TUNE_ORIGINAL, "window"),  # Reads the face in [t, t + 1 s].
     "variant_2025": (VARIANT_2025, "delayed"),  # Reads the face 5 s after the reply.
 }
+
+
+LEARNED_WEIGHTS_KEY = "user_weights/latest.json"
 
 
 @dataclass
@@ -63,7 +69,15 @@ class Runtime:
             "top_k": o.top_k,
             "ridge_alpha": o.ridge_alpha,
             "weights": o.weights,
+            # Learned weights change what a flag means: their digest is part of the label's key.
+            "learned_weights_sha256": self._learned_digest() if o.weights == "learned" else None,
         }
+
+    def _learned_digest(self) -> str:
+        try:
+            return self.store.metadata(Bucket.DATASETS, LEARNED_WEIGHTS_KEY).get("sha256", "")
+        except NotFound:
+            return ""
 
     @property
     def settings_hash(self) -> str:
@@ -92,8 +106,22 @@ def system_prompt_of(events: Sequence[dict[str, Any]]) -> str:
     return ""
 
 
-def turn_reactions(runtime: Runtime, events: Sequence[dict[str, Any]]) -> list[TurnReaction]:
-    weights, post = WEIGHTS[runtime.settings.labeler.weights]
+def learned_weights(store: ObjectStore, user_id: str) -> WeightVector:
+    """The user's fitted weight vector, or the population's when the user has none."""
+    try:
+        fitted = store.get_json(Bucket.DATASETS, LEARNED_WEIGHTS_KEY)
+    except NotFound:
+        raise NotFound("no learned weights yet: run labeler.fit_user_weights first") from None
+    if user_id in fitted["users"]:
+        return to_weight_vector(UserWeights.from_json(fitted["users"][user_id]))
+    return to_weight_vector(PopulationWeights.from_json(fitted["population"]))
+
+
+def turn_reactions(runtime: Runtime, events: Sequence[dict[str, Any]], user_id: str) -> list[TurnReaction]:
+    choice = runtime.settings.labeler.weights
+    if choice == "learned":
+        return flag_turns(events, learned_weights(runtime.store, user_id), post="window")
+    weights, post = WEIGHTS[choice]
     return flag_turns(events, weights, post=post)  # type: ignore[arg-type]
 
 
@@ -103,7 +131,7 @@ def label_session(runtime: Runtime, session_id: str) -> dict[str, Any]:
         return {**runtime.store.get_json(Bucket.SESSIONS, key), "reused": True}
     manifest, events = load_session(runtime.store, session_id)
     gold = gold_label(events, runtime.scorer)
-    turns = turn_reactions(runtime, events)
+    turns = turn_reactions(runtime, events, str(manifest.get("user_id", "")))
     label = {
         "session_id": session_id,
         "user_id": manifest.get("user_id", ""),
@@ -257,4 +285,18 @@ def fit_user_weights(runtime: Runtime, session_ids: Sequence[str] | None = None)
         "users": {user: fit.to_json() for user, fit in sorted(users.items())},
     }
     runtime.store.put_json(Bucket.DATASETS, user_weights_key(runtime.settings_hash), result)
+    runtime.store.put_json(Bucket.DATASETS, LEARNED_WEIGHTS_KEY, result)  # What weights="learned" uses.
     return {"key": user_weights_key(runtime.settings_hash), "users": len(users), "samples": len(samples)}
+
+
+def delta_table(runtime: Runtime, session_ids: Sequence[str] | None = None) -> dict[str, Any]:
+    """The paper's Table 2 over the recorded sessions: mean Delta V/A/D per model arm with bootstrap 95% CIs."""
+    labels = []
+    for session_id in session_ids if session_ids is not None else recorded_sessions(runtime.store):
+        label = label_session(runtime, session_id)
+        labels.append((label["model_arm"], GoldLabel.from_json(label["gold"])))
+    return {
+        "lexicon": runtime.scorer.lexicon.name,
+        "sessions": len(labels),
+        "arms": arm_table(labels, runtime.settings.labeler.bootstrap_samples),
+    }

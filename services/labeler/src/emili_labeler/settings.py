@@ -38,7 +38,8 @@ class LabelerOptions(BaseModel):
     ridge_alpha: float = Field(1.0, gt=0)
     max_text_chars: int = Field(100_000, ge=1)
     max_batch_texts: int = Field(10_000, ge=1)
-    weights: Literal["emotion_tune", "variant_2025"] = "emotion_tune"
+    # "learned": each user's fitted weights (labeler.fit_user_weights), else the population's.
+    weights: Literal["emotion_tune", "variant_2025", "learned"] = "emotion_tune"
     bootstrap_samples: int = Field(2000, ge=100)
     empathetic_dialogues: Path | None = None  # EmpatheticDialogues CSV folder; development data lives in ../shared.
 
