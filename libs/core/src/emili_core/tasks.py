@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -20,7 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from emili_core.errors import DependencyUnavailable
 from emili_core.metrics import LATENCY_BUCKETS, metric_name
 from emili_core.queues import TASK_ROUTES, Queue, queue_for
-from emili_core.settings import CommonSettings
+from emili_core.settings import CommonSettings, SettingsT
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -132,6 +133,32 @@ class TaskMetrics:
 
     def _retry(self, request: Any, reason: Any, **_: Any) -> None:
         log.warning("task %s retrying: %s", getattr(request, "task", "?"), reason)
+
+
+def task_progress(task: Any) -> Callable[[int, int], None]:
+    """A callback that publishes a long task's progress as its state (shown by clients and the CLI)."""
+
+    def report(done: int, total: int) -> None:
+        task.update_state(state="PROGRESS", meta={"done": done, "total": total})
+
+    return report
+
+
+def worker_main(service: str, settings_cls: type[SettingsT], warm_up: Callable[[], object]) -> None:
+    """Body of every ``emili-<service>-worker``: settings, logging, the app, models loaded before taking work.
+
+    The service's task module must be imported by the caller (importing it registers its tasks).
+    """
+    from emili_core.logs import configure_logging
+    from emili_core.settings import load_settings
+
+    settings = load_settings(settings_cls)
+    configure_logging(f"{service}-worker", settings.log_level, settings.log_format)
+    app = create_celery_app(service, settings)
+    if "--check" not in sys.argv:
+        warm_up()
+    worker = settings.worker_settings()
+    run_worker(app, service, settings, worker.concurrency, worker.metrics_port, sys.argv[1:])
 
 
 def broker_reachable(settings: CommonSettings) -> bool:

@@ -7,7 +7,7 @@ from typing import Any
 
 from emili_core.objectstore import ObjectStore
 from emili_core.settings import load_settings
-from emili_core.tasks import idempotent_task
+from emili_core.tasks import idempotent_task, task_progress
 from emili_fer import jobs
 from emili_fer.engine import FerEngine
 from emili_fer.settings import FerSettings
@@ -24,17 +24,10 @@ def runtime() -> tuple[FerSettings, FerEngine, ObjectStore]:
     return settings, engine, store
 
 
-def _progress(task: Any) -> jobs.Progress:
-    def report(done: int, total: int) -> None:
-        task.update_state(state="PROGRESS", meta={"done": done, "total": total})
-
-    return report
-
-
 @idempotent_task("fer.analyze_session_frames")
 def analyze_session_frames(self: Any, session_id: str) -> dict[str, object]:
     _, engine, store = runtime()
-    return jobs.analyze_session_frames(engine, store, session_id, _progress(self))
+    return jobs.analyze_session_frames(engine, store, session_id, task_progress(self))
 
 
 @idempotent_task("fer.ingest_video")
@@ -47,5 +40,5 @@ def ingest_video(self: Any, session_id: str, video_key: str, fps: float | None =
         video_key,
         fps or settings.fer.video_fps,
         settings.fer.max_video_frames,
-        _progress(self),
+        task_progress(self),
     )

@@ -10,7 +10,7 @@ import functools
 from typing import Any
 
 from emili_core.settings import load_settings
-from emili_core.tasks import idempotent_task
+from emili_core.tasks import idempotent_task, task_progress
 from emili_labeler import jobs
 from emili_labeler.runtime import build_runtime
 from emili_labeler.settings import LabelerSettings
@@ -21,13 +21,6 @@ def runtime() -> jobs.Runtime:
     return build_runtime(load_settings(LabelerSettings))
 
 
-def _progress(task: Any) -> jobs.Progress:
-    def report(done: int, total: int) -> None:
-        task.update_state(state="PROGRESS", meta={"done": done, "total": total})
-
-    return report
-
-
 @idempotent_task("labeler.label_session")
 def label_session(self: Any, session_id: str) -> dict[str, Any]:
     return jobs.label_session(runtime(), session_id)
@@ -35,7 +28,7 @@ def label_session(self: Any, session_id: str) -> dict[str, Any]:
 
 @idempotent_task("labeler.label_all_unlabeled")
 def label_all_unlabeled(self: Any) -> dict[str, Any]:
-    return jobs.label_all_unlabeled(runtime(), _progress(self))
+    return jobs.label_all_unlabeled(runtime(), task_progress(self))
 
 
 @idempotent_task("labeler.build_sft_dataset")
