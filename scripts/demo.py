@@ -5,6 +5,7 @@
    the FER worker through Redis, writing the session's FER time series back to S3.
 3. A chat with EMILI: the same face frames go with the user's messages through the chat service,
    which injects readouts, answers with SmolLM2, and saves the session record to S3.
+4. The labeler worker labels that session: VAD gold labels from the surveys, reaction flags per reply.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ FACE = REPO_ROOT / "var" / "artifacts" / "samples" / "face_640x480.jpg"
 def demo_frames(count: int = 8) -> list[bytes]:
     """The sample face, shifting and tilting a little, with a frame where the user looks away."""
     face = cv2.imread(str(FACE))
+    if face is None:
+        raise SystemExit(f"{FACE} is missing; run `make setup`")
     frames = []
     for i in range(count):
         if i == count // 2:
@@ -91,7 +94,7 @@ def stored_session(settings: CliSettings, session_id: str, frames: list[bytes]) 
     console.print_json(first)
 
 
-async def chat_session(target: str, token: str, frames: list[bytes], store: ObjectStore) -> None:
+async def chat_session(target: str, token: str, frames: list[bytes], store: ObjectStore) -> str:
     lines = ["Hi EMILI! I finally finished my thesis today.", "I think I will sleep for a week."]
     async with make_channel(target, token, timeout=120) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
@@ -144,9 +147,26 @@ async def chat_session(target: str, token: str, frames: list[bytes], store: Obje
             console.print(
                 f"session record: s3://{store.bucket(Bucket.SESSIONS)}/{session.session_id}/ {manifest['counts']}"
             )
-            return
+            return str(session.session_id)
         await asyncio.sleep(1)
-    console.print("[red]the session record did not reach object storage within a minute[/red]")
+    raise SystemExit("the session record did not reach object storage within a minute; see var/log/chat-worker.log")
+
+
+def label_session(settings: CliSettings, session_id: str) -> None:
+    """The labeler worker turns the recorded session into VAD gold labels and reaction flags."""
+    app = create_celery_app("demo", settings)
+    label = app.send_task("labeler.label_session", args=[session_id]).get(timeout=600)
+    gold = label["gold"]
+    table = Table(title=f"labels of {session_id} (lexicon {gold['lexicon']})")
+    for column in ("", "valence", "arousal", "dominance"):
+        table.add_column(column)
+    for name in ("pre", "post", "delta"):
+        values = gold[name]
+        table.add_row(name, *(f"{values[d]:+.3f}" if values else "-" for d in ("valence", "arousal", "dominance")))
+    console.print(table)
+    for turn in label["turns"]:
+        delta = "no face data" if turn["delta"] is None else f"reaction delta {turn['delta']:+.1f}"
+        console.print(f"turn {turn['turn_id']}: {'flagged' if turn['flagged'] else 'not flagged'} ({delta})")
 
 
 def main() -> None:
@@ -158,8 +178,9 @@ def main() -> None:
     stored_session(settings, session_id, frames)
     chat_target = load_settings(ChatSettings).grpc_target()
     chat_token = client_token(settings, "chat", subject="demo-user")
-    asyncio.run(chat_session(chat_target, chat_token, frames, ObjectStore(settings.s3)))
-    console.print("[bold]Labelling, training and the pipeline arrive with issues #5-#7.[/bold]")
+    chat_id = asyncio.run(chat_session(chat_target, chat_token, frames, ObjectStore(settings.s3)))
+    label_session(settings, chat_id)
+    console.print("[bold]Training, evaluation and the full pipeline arrive with issues #6 and #7.[/bold]")
 
 
 if __name__ == "__main__":
