@@ -26,7 +26,7 @@ from emili.fer.v1 import fer_pb2, fer_pb2_grpc
 from emili_chat.settings import ChatSettings
 from emili_core.cli import CliSettings, client_token
 from emili_core.grpc_client import make_channel
-from emili_core.keys import frame_key
+from emili_core.keys import frame_key, session_record_keys
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import REPO_ROOT, load_settings
 from emili_core.tasks import create_celery_app
@@ -140,7 +140,7 @@ async def chat_session(target: str, token: str, frames: list[bytes], store: Obje
             chat_pb2.SubmitRatingRequest(session_id=session.session_id, empathy=4, relevance=4, fluency=5)
         )
         await stub.EndSession(chat_pb2.EndSessionRequest(session_id=session.session_id))
-    key = f"{session.session_id}/session.json"
+    key = session_record_keys(session.session_id)["session.json"]
     for _ in range(60):
         if store.exists(Bucket.SESSIONS, key):
             manifest = store.get_json(Bucket.SESSIONS, key)

@@ -8,8 +8,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from emili_chat.persist import persist_session, record_keys
+from emili_chat.persist import persist_session
 from emili_chat.store import SessionRecord, SessionStore
+from emili_core.keys import session_record_keys
 from emili_core.objectstore import Bucket, ObjectStore
 
 pytestmark = pytest.mark.integration
@@ -28,7 +29,7 @@ async def test_record_is_complete_and_idempotent(redis_url: str, object_store: O
     sync = redis.Redis.from_url(redis_url)
     first = persist_session(sync, object_store, "persist-1")
     assert first["events"] == 3 and first["reused"] is False
-    keys = record_keys("persist-1")
+    keys = session_record_keys("persist-1")
     lines = object_store.get_bytes(Bucket.SESSIONS, keys["events.jsonl"]).decode().splitlines()
     assert [json.loads(line)["kind"] for line in lines] == ["user_message", "fer_reading", "assistant_message"]
     fer = object_store.get_bytes(Bucket.SESSIONS, keys["fer.jsonl"]).decode().splitlines()

@@ -29,9 +29,12 @@ def capture_time_of(key: str) -> int:
     return int(stem)
 
 
-def session_record_prefix(session_id: str) -> str:
-    """Bucket ``sessions``: the persisted session record (events, FER series, manifest)."""
-    return f"{session_id}/"
+SESSION_RECORD_FILES = ("events.jsonl", "fer.jsonl", "session.json")
+
+
+def session_record_keys(session_id: str) -> dict[str, str]:
+    """Bucket ``sessions``: the persisted session record (events, FER series, manifest), by file name."""
+    return {name: f"{session_id}/{name}" for name in SESSION_RECORD_FILES}
 
 
 def fer_readings_key(session_id: str, fingerprint: str) -> str:

@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 import urllib3
 from minio import Minio
@@ -209,12 +209,6 @@ class ObjectStore:
         finally:
             response.close()
             response.release_conn()
-
-    def upload_stream(
-        self, bucket: Bucket, key: str, stream: BinaryIO, content_type: str = "application/octet-stream"
-    ) -> None:
-        """Upload a stream of unknown length in parts. Not retried: a stream cannot be rewound in general."""
-        self.client.put_object(self.bucket(bucket), key, stream, -1, content_type=content_type, part_size=PART_BYTES)
 
     def list_keys(self, bucket: Bucket, prefix: str) -> list[str]:
         return [key for key, _ in self.list_entries(bucket, prefix)]

@@ -117,6 +117,10 @@ class CommonSettings(BaseSettings):
             raise TypeError(f"{type(self).__name__} has no `{self.service_name}.worker` settings")
         return options.worker  # type: ignore[union-attr, no-any-return]
 
+    def artifact(self, path: Path) -> Path:
+        """A configured artefact path: relative paths are under ``artifacts_dir``."""
+        return path if path.is_absolute() else self.artifacts_dir / path
+
     def grpc_target(self) -> str:
         server = self.server_settings()
         host = "127.0.0.1" if server.host in {"0.0.0.0", "::", ""} else server.host

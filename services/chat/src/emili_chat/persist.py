@@ -19,21 +19,17 @@ from typing import Any
 import redis
 
 from emili_chat.store import read_events, read_session
-from emili_core.keys import check_session_id
+from emili_core.keys import check_session_id, session_record_keys
 from emili_core.objectstore import Bucket, ObjectStore
 
 log = logging.getLogger(__name__)
-
-
-def record_keys(session_id: str) -> dict[str, str]:
-    return {name: f"{session_id}/{name}" for name in ("events.jsonl", "fer.jsonl", "session.json")}
 
 
 def persist_session(client: redis.Redis, store: ObjectStore, session_id: str) -> dict[str, Any]:
     check_session_id(session_id)
     record = read_session(client, session_id)
     events = read_events(client, session_id)
-    keys = record_keys(session_id)
+    keys = session_record_keys(session_id)
     last_event_id = events[-1].event_id if events else ""
     summary: dict[str, Any] = {"session_id": session_id, "events": len(events), "last_event_id": last_event_id}
     if store.exists(Bucket.SESSIONS, keys["session.json"]):

@@ -78,6 +78,3 @@ class ChatOptions(BaseModel):
 class ChatSettings(CommonSettings):
     service_name: ClassVar[str] = "chat"
     chat: ChatOptions = ChatOptions()
-
-    def artifact(self, path: Path) -> Path:
-        return path if path.is_absolute() else self.artifacts_dir / path

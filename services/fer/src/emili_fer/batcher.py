@@ -50,10 +50,6 @@ class MicroBatcher(Generic[R]):
         # One thread owns the model: batches run one after another, never competing for cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fer-model")
 
-    @property
-    def depth(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
-
     def start(self) -> None:
         self._queue = asyncio.Queue(maxsize=self.capacity)
         self._task = asyncio.create_task(self._loop(), name="fer-micro-batcher")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from emili_core.errors import InvalidInput, NotFound
-from emili_core.keys import check_session_id
+from emili_core.keys import check_session_id, session_record_keys
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_labeler.datasets import DatasetManifest, SessionInput, feedback_pairs, jsonl_bytes, sft_examples
 from emili_labeler.empathetic import empo_pairs, load_dialogues
@@ -91,11 +91,12 @@ def label_key(session_id: str, settings_hash: str) -> str:
 def load_session(store: ObjectStore, session_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A persisted session record: its manifest and its events."""
     check_session_id(session_id)
+    keys = session_record_keys(session_id)
     try:
-        manifest = store.get_json(Bucket.SESSIONS, f"{session_id}/session.json")
+        manifest = store.get_json(Bucket.SESSIONS, keys["session.json"])
     except NotFound:
         raise NotFound(f"session {session_id} has no record in object storage (is it ended and persisted?)") from None
-    lines = store.get_bytes(Bucket.SESSIONS, f"{session_id}/events.jsonl").decode().splitlines()
+    lines = store.get_bytes(Bucket.SESSIONS, keys["events.jsonl"]).decode().splitlines()
     return manifest, [json.loads(line) for line in lines if line.strip()]
 
 

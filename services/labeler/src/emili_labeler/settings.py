@@ -47,6 +47,3 @@ class LabelerOptions(BaseModel):
 class LabelerSettings(CommonSettings):
     service_name: ClassVar[str] = "labeler"
     labeler: LabelerOptions = LabelerOptions()
-
-    def artifact(self, path: Path) -> Path:
-        return path if path.is_absolute() else self.artifacts_dir / path
