@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import re
-import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -29,11 +25,8 @@ from jinja2 import TemplateError
 from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import (
     AsyncTextIteratorStreamer,
-    AutoModelForCausalLM,
-    AutoTokenizer,
     BatchEncoding,
     GenerationMixin,
-    GgufConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     StoppingCriteria,
@@ -41,17 +34,12 @@ from transformers import (
 )
 
 from emili_chat.llm.base import BackendError, ChatBackend, GenerationParams, Message, fold_system_messages
+from emili_core.causal_lm import LoadSource, ModelLoadError, ModelSource, load_causal_lm, torch_dtype
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Conversation = list[dict[str, str]]
-LoadSource = Literal["folder", "gguf", "cache"]
-
-# Written into the cache folder: which GGUF file (and which version of it) the cached weights came from.
-CACHE_MARKER = "emili-gguf-source.json"
-# Quantisation suffix of GGUF file names ("SmolLM2-135M-Instruct.Q4_1", "-q4_k_m", "-F16"), left out of model ids.
-_QUANT_SUFFIX = re.compile(r"[.-](?:I?Q\d\w*|B?F\d+)$", re.IGNORECASE)
 # A conversation with a system message in the middle, to find out once how the chat template copes.
 _PROBE = [
     Message("system", "s"),
@@ -117,19 +105,15 @@ class LocalHFBackend(ChatBackend):
         model_path = Path(model_path)
         if gguf_file is None and model_path.suffix == ".gguf":
             model_path, gguf_file = model_path.parent, model_path.name
-        torch_dtype = getattr(torch, dtype, None)
-        if not isinstance(torch_dtype, torch.dtype):
-            raise ValueError(f"unknown torch dtype {dtype!r}")
         self.model_path = model_path
         self.gguf_file = gguf_file
         self.device = torch.device(device)
-        self.dtype = torch_dtype
+        self.dtype = torch_dtype(dtype)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.context_window = context_window
         self.threads = threads or None
         self.load_info: LoadInfo | None = None
-        stem = Path(gguf_file).stem if gguf_file else model_path.name
-        self._base_id = _QUANT_SUFFIX.sub("", stem)
+        self._base_id = ModelSource(model_path, gguf_file).base_id
         self._executor = _worker(self.device)
         self._model: PreTrainedModel | PeftModel | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
@@ -225,37 +209,10 @@ class LocalHFBackend(ChatBackend):
         log.info("loaded %s from %s in %.1f s, warm-up %.2f s", self._base_id, source, load_s, self.load_info.warmup_s)
 
     def _read_weights(self) -> tuple[LoadSource, PreTrainedTokenizerBase, PreTrainedModel]:
-        if self.gguf_file is None:
-            return "folder", *self._from_folder(self.model_path)
-        gguf_path = self.model_path / self.gguf_file
-        if not gguf_path.is_file():
-            raise BackendError(f"no GGUF file at {gguf_path}")
-        if self.cache_dir is not None and _cache_matches(self.cache_dir, gguf_path):
-            return "cache", *self._from_folder(self.cache_dir)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(self.model_path, gguf_file=self.gguf_file, local_files_only=True)
-            # dequantize=True asks for plain float weights; transformers otherwise keeps a GGUF "quantizer"
-            # attached that refuses save_pretrained, even for architectures it dequantises anyway.
-            model = AutoModelForCausalLM.from_pretrained(
-                self.model_path,
-                gguf_file=self.gguf_file,
-                dtype=self.dtype,
-                quantization_config=GgufConfig(dequantize=True),
-                local_files_only=True,
-            )
-        except (OSError, ValueError) as exc:
-            raise BackendError(f"could not load {gguf_path}: {exc}") from exc
-        if self.cache_dir is not None:
-            _write_cache(self.cache_dir, gguf_path, tokenizer, model)
-        return "gguf", tokenizer, model
-
-    def _from_folder(self, folder: Path) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise BackendError(f"could not load a model from {folder}: {exc}") from exc
-        return tokenizer, model
+            return load_causal_lm(ModelSource(self.model_path, self.gguf_file, self.cache_dir), self.dtype)
+        except ModelLoadError as exc:
+            raise BackendError(str(exc)) from exc
 
     def _add_adapter(self, adapter_id: str, path: Path) -> None:
         if adapter_id in self._adapters:  # Checked here, on the model thread, so that two callers cannot race.
@@ -403,36 +360,3 @@ def _conversation_style(tokenizer: PreTrainedTokenizerBase) -> Callable[[Sequenc
             continue
         return style
     raise BackendError("the model's chat template rejects every way of writing a conversation")
-
-
-# --- the cache of a dequantised GGUF model -----------------------------------------------------------------------
-
-
-def _source_stamp(gguf_path: Path) -> dict[str, object]:
-    stat = gguf_path.stat()
-    return {"gguf": str(gguf_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def _cache_matches(cache_dir: Path, gguf_path: Path) -> bool:
-    try:
-        return bool(json.loads((cache_dir / CACHE_MARKER).read_text()) == _source_stamp(gguf_path))
-    except (OSError, ValueError):
-        return False
-
-
-def _write_cache(cache_dir: Path, gguf_path: Path, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
-    """Save next to the final place, then rename, so a crash never leaves a half-written cache to load."""
-    staging = cache_dir.with_name(f"{cache_dir.name}.tmp-{os.getpid()}")
-    try:
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / CACHE_MARKER).write_text(json.dumps(_source_stamp(gguf_path)))
-        shutil.rmtree(cache_dir, ignore_errors=True)
-        staging.rename(cache_dir)
-    except (OSError, ValueError) as exc:
-        # The cache only saves time; without it the next start dequantises again.
-        log.warning("could not cache the dequantised model in %s: %s", cache_dir, exc)
-        shutil.rmtree(staging, ignore_errors=True)
-    else:
-        log.info("cached the dequantised model in %s", cache_dir)
