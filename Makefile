@@ -46,7 +46,7 @@ test-unit: setup  ## Unit tests only.
 lint: setup  ## ruff (lint and format check), mypy, stale generated code.
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy libs/core/src services/fer/src services/chat/src services/labeler/src services/trainer/src
+	$(VENV)/bin/mypy libs/core/src services/fer/src services/chat/src services/labeler/src services/trainer/src libs/pipeline/src
 	$(PY) scripts/gen_protos.py --check
 
 fmt: setup  ## Apply ruff's fixes and formatting.

@@ -53,6 +53,7 @@ def session_to_pb(record: SessionRecord) -> chat_pb2.Session:
         state=_STATE_TO_PB.get(record.state, chat_pb2.SESSION_STATE_UNSPECIFIED),
         created_ms=record.created_ms,
         ended_ms=record.ended_ms,
+        synthetic=record.synthetic,
         options=chat_pb2.SessionOptions(
             cadence=_CADENCE_TO_PB[options["cadence"]],
             speak_on_change=options["speak_on_change"],

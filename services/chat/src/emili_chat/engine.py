@@ -195,7 +195,14 @@ class ChatEngine:
         }
 
     async def create_session(
-        self, principal: Principal, *, store_frames: bool, use_for_training: bool, arm: str, options: SessionOptions
+        self,
+        principal: Principal,
+        *,
+        store_frames: bool,
+        use_for_training: bool,
+        arm: str,
+        options: SessionOptions,
+        synthetic: bool = False,
     ) -> SessionRecord:
         principal.require("chat")
         arm = arm or self.options.default_arm
@@ -208,6 +215,7 @@ class ChatEngine:
             store_frames=store_frames,
             use_for_training=use_for_training,
             options=self._resolve_options(options),
+            synthetic=synthetic,
         )
         await self.store.create(record)
         # The prompt is recorded with the session, so labels and datasets use exactly what the model saw.
@@ -219,6 +227,7 @@ class ChatEngine:
                 "model_id": record.model_id,
                 "options": record.options,
                 "system_prompt": self.system_prompt,
+                "synthetic": synthetic,
             },
         )
         return record

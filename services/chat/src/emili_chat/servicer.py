@@ -26,6 +26,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             use_for_training=request.consent.use_for_training,
             arm=request.model_arm,
             options=codec.options_from_pb(request.options),
+            synthetic=request.synthetic,
         )
         return chat_pb2.CreateSessionResponse(session=codec.session_to_pb(record))
 

@@ -135,6 +135,7 @@ class Session(_message.Message):
     CREATED_MS_FIELD_NUMBER: _builtins.int
     ENDED_MS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    SYNTHETIC_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     user_id: _builtins.str
     model_arm: _builtins.str
@@ -142,6 +143,8 @@ class Session(_message.Message):
     state: Global___SessionState.ValueType
     created_ms: _builtins.int
     ended_ms: _builtins.int
+    synthetic: _builtins.bool
+    """Made by the user simulator, not a person."""
     @_builtins.property
     def consent(self) -> Global___Consent: ...
     @_builtins.property
@@ -158,10 +161,11 @@ class Session(_message.Message):
         created_ms: _builtins.int = ...,
         ended_ms: _builtins.int = ...,
         options: Global___SessionOptions | None = ...,
+        synthetic: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["consent", b"consent", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent", b"consent", "created_ms", b"created_ms", "ended_ms", b"ended_ms", "model_arm", b"model_arm", "model_id", b"model_id", "options", b"options", "session_id", b"session_id", "state", b"state", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent", b"consent", "created_ms", b"created_ms", "ended_ms", b"ended_ms", "model_arm", b"model_arm", "model_id", b"model_id", "options", b"options", "session_id", b"session_id", "state", b"state", "synthetic", b"synthetic", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -174,8 +178,11 @@ class CreateSessionRequest(_message.Message):
     CONSENT_FIELD_NUMBER: _builtins.int
     MODEL_ARM_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    SYNTHETIC_FIELD_NUMBER: _builtins.int
     model_arm: _builtins.str
     """"base" or a registered model version id; empty = the server's default arm."""
+    synthetic: _builtins.bool
+    """The "user" is the simulator (demos, CI, load tests): every record of the session is marked synthetic."""
     @_builtins.property
     def consent(self) -> Global___Consent: ...
     @_builtins.property
@@ -186,10 +193,11 @@ class CreateSessionRequest(_message.Message):
         consent: Global___Consent | None = ...,
         model_arm: _builtins.str = ...,
         options: Global___SessionOptions | None = ...,
+        synthetic: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["consent", b"consent", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent", b"consent", "model_arm", b"model_arm", "options", b"options"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent", b"consent", "model_arm", b"model_arm", "options", b"options", "synthetic", b"synthetic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
