@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -18,28 +16,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from emili.chat.v1 import chat_pb2, chat_pb2_grpc
 from emili_core.grpc_client import make_channel
 from emili_core.settings import REPO_ROOT
-from emili_core.testing import Stack, free_port, token
+from emili_core.testing import EntryPointProcess, Stack, free_port, token
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 FACE = REPO_ROOT / "var" / "artifacts" / "samples" / "face_640x480.jpg"
 
 
-class Server:
+class Server(EntryPointProcess):
     def __init__(self, name: str, env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self.process = subprocess.Popen(
-            [str(BIN / f"emili-{name}-server")],
-            env=env,
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+        super().__init__(f"emili-{name}-server", env, log)
 
 
 async def wait_serving(target: str, server: Server, limit_s: float = 120) -> None:

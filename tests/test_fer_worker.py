@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +16,7 @@ from emili_core.keys import frame_key
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import REPO_ROOT, CommonSettings
 from emili_core.tasks import create_celery_app
-from emili_core.testing import Stack
+from emili_core.testing import EntryPointProcess, Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -28,28 +25,9 @@ FACE = REPO_ROOT / "var" / "artifacts" / "samples" / "face_640x480.jpg"
 TIME_LIMIT, VISIBILITY = 8, 10
 
 
-class Worker:
+class Worker(EntryPointProcess):
     def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "emili-fer-worker")],
-            env=env,
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Its own process group, so SIGKILL takes everything at once.
-        )
-
-    def kill(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        super().__init__("emili-fer-worker", env, log)
 
 
 @pytest.fixture

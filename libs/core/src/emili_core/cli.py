@@ -186,6 +186,9 @@ def stack_down() -> None:
 def _load_plugins() -> None:
     for ep in entry_points(group="emili.cli"):
         app.add_typer(ep.load(), name=ep.name)
+    # Typer apps whose commands join the top level (``emili train``, ``emili report``).
+    for ep in entry_points(group="emili.commands"):
+        app.add_typer(ep.load())
 
 
 def main() -> None:

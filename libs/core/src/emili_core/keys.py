@@ -45,3 +45,28 @@ def fer_readings_key(session_id: str, fingerprint: str) -> str:
 def model_registry_key(version: str) -> str:
     """Bucket ``models``: a registered model version's manifest (adapter location, recipe, metrics)."""
     return f"registry/{version}.json"
+
+
+def adapter_prefix(version: str) -> str:
+    """Bucket ``models``: the files of a registered version's LoRA adapter (and its tokenizer)."""
+    return f"adapters/{version}/"
+
+
+def dataset_index_key(dataset_id: str) -> str:
+    """Bucket ``datasets``: points at a dataset version's manifest (``{"manifest": key}``)."""
+    return f"index/{dataset_id}.json"
+
+
+def run_prefix(run_id: str) -> str:
+    """Bucket ``models``: a training or evaluation run's record, checkpoints and report."""
+    return f"runs/{run_id}"
+
+
+def pipeline_state_key(pipeline_id: str) -> str:
+    """Bucket ``models``: a pipeline's state after its last step (config, sessions, each step's outputs)."""
+    return f"pipelines/{pipeline_id}/state.json"
+
+
+def pipeline_prefix(pipeline_id: str) -> str:
+    """Bucket ``models``: everything a pipeline keeps besides its runs (state, simulated sessions per arm)."""
+    return f"pipelines/{pipeline_id}/"

@@ -224,3 +224,21 @@ class ObjectStore:
             lambda: list(self.client.list_objects(self.bucket(bucket), prefix=prefix, recursive=True)),
         )
         return sorted((o.object_name, o.etag or "") for o in objects if o.object_name)
+
+    def delete(self, bucket: Bucket, key: str) -> None:
+        """Remove one object; removing a missing one is not an error (so retries are safe)."""
+        self._retry(f"delete {key}", functools.partial(self.client.remove_object, self.bucket(bucket), key))
+
+    def put_folder(self, bucket: Bucket, prefix: str, folder: Path) -> list[str]:
+        """Upload every file under ``folder`` to ``prefix`` + its relative path; returns the keys, sorted."""
+        keys = []
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            key = f"{prefix.rstrip('/')}/{path.relative_to(folder).as_posix()}"
+            self.put_file(bucket, key, path)
+            keys.append(key)
+        return keys
+
+    def get_folder(self, bucket: Bucket, prefix: str, folder: Path) -> list[Path]:
+        """Download every object under ``prefix`` into ``folder``, keeping relative paths."""
+        prefix = prefix.rstrip("/") + "/"
+        return [self.get_file(bucket, key, folder / key[len(prefix) :]) for key in self.list_keys(bucket, prefix)]

@@ -25,6 +25,8 @@ class UnroutedTaskError(LookupError):
 # Every task the system defines, and the queue that runs it. A test checks both directions.
 TASK_ROUTES: dict[str, Queue] = {
     "chat.persist_session": Queue.CHAT,
+    "chat.pipeline_collect": Queue.CHAT,
+    "chat.pipeline_arm_sessions": Queue.CHAT,
     "fer.analyze_session_frames": Queue.FER,
     "fer.ingest_video": Queue.FER,
     "labeler.label_session": Queue.LABELER,
@@ -32,6 +34,15 @@ TASK_ROUTES: dict[str, Queue] = {
     "labeler.build_sft_dataset": Queue.LABELER,
     "labeler.build_dpo_dataset": Queue.LABELER,
     "labeler.fit_user_weights": Queue.LABELER,
+    "labeler.delta_table": Queue.LABELER,
+    "labeler.pipeline_label": Queue.LABELER,
+    "labeler.pipeline_datasets": Queue.LABELER,
+    "labeler.pipeline_delta_table": Queue.LABELER,
+    "trainer.train": Queue.TRAINER,
+    "trainer.evaluate": Queue.TRAINER,
+    "trainer.pipeline_sft": Queue.TRAINER,
+    "trainer.pipeline_dpo": Queue.TRAINER,
+    "trainer.pipeline_evaluate": Queue.TRAINER,
 }
 
 

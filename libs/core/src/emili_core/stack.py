@@ -23,7 +23,7 @@ CONFIG = RUN_DIR / "supervisord.conf"
 SOCKET = RUN_DIR / "supervisor.sock"
 
 # Services started by `make up`, in start order. A service joins this list when its code lands.
-LOCAL_SERVICES: tuple[str, ...] = ("fer", "chat", "labeler")
+LOCAL_SERVICES: tuple[str, ...] = ("fer", "chat", "labeler", "trainer")
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from emili_core.errors import InvalidInput, NotFound
-from emili_core.keys import check_session_id, session_record_keys
+from emili_core.keys import dataset_index_key
 from emili_core.objectstore import Bucket, ObjectStore
+from emili_core.records import load_session, recorded_sessions
 from emili_labeler.datasets import DatasetManifest, SessionInput, feedback_pairs, jsonl_bytes, sft_examples
 from emili_labeler.empathetic import empo_pairs, load_dialogues
 from emili_labeler.gold import GoldLabel, arm_table, gold_label
@@ -88,18 +89,6 @@ def label_key(session_id: str, settings_hash: str) -> str:
     return f"{session_id}/labels/{settings_hash}.json"
 
 
-def load_session(store: ObjectStore, session_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A persisted session record: its manifest and its events."""
-    check_session_id(session_id)
-    keys = session_record_keys(session_id)
-    try:
-        manifest = store.get_json(Bucket.SESSIONS, keys["session.json"])
-    except NotFound:
-        raise NotFound(f"session {session_id} has no record in object storage (is it ended and persisted?)") from None
-    lines = store.get_bytes(Bucket.SESSIONS, keys["events.jsonl"]).decode().splitlines()
-    return manifest, [json.loads(line) for line in lines if line.strip()]
-
-
 def system_prompt_of(events: Sequence[dict[str, Any]]) -> str:
     for event in events:
         if event["kind"] == "session_created":
@@ -159,10 +148,6 @@ def label_session(runtime: Runtime, session_id: str) -> dict[str, Any]:
     return {**label, "reused": False}
 
 
-def recorded_sessions(store: ObjectStore) -> list[str]:
-    return sorted(k.split("/")[0] for k in store.list_keys(Bucket.SESSIONS, "") if k.endswith("/session.json"))
-
-
 def label_all_unlabeled(runtime: Runtime, progress: Progress = lambda done, total: None) -> dict[str, Any]:
     sessions = recorded_sessions(runtime.store)
     todo = [s for s in sessions if not runtime.store.exists(Bucket.SESSIONS, label_key(s, runtime.settings_hash))]
@@ -205,7 +190,7 @@ def _publish(runtime: Runtime, manifest: DatasetManifest, records: Sequence[dict
     if not runtime.store.exists(Bucket.DATASETS, f"{prefix}/manifest.json"):
         runtime.store.put_bytes(Bucket.DATASETS, f"{prefix}/data.jsonl", jsonl_bytes(records), "application/x-ndjson")
         runtime.store.put_json(Bucket.DATASETS, f"{prefix}/manifest.json", out)  # Last: the dataset is complete.
-        runtime.store.put_json(Bucket.DATASETS, f"index/{manifest.id}.json", {"manifest": f"{prefix}/manifest.json"})
+        runtime.store.put_json(Bucket.DATASETS, dataset_index_key(manifest.id), {"manifest": f"{prefix}/manifest.json"})
     return out
 
 
@@ -225,7 +210,12 @@ def build_dpo_dataset(
     epoch: int = 0,
     seed: int = 0,
     split: str = "valid",
+    epochs: int = 1,
 ) -> dict[str, Any]:
+    """Preference pairs; for EmpatheticDialogues, one fresh rejected draw for each of ``epochs`` epochs
+    (epoch, epoch+1, ...) in one dataset version, so the trainer can give each epoch its own draw."""
+    if epochs < 1:
+        raise InvalidInput(f"epochs must be at least 1, not {epochs}")
     if source == "feedback":
         records = feedback_pairs(_training_inputs(runtime, session_ids), seed=seed)
         kind = "dpo_feedback"
@@ -235,9 +225,9 @@ def build_dpo_dataset(
         if folder is None:
             raise InvalidInput("EmpatheticDialogues is not configured (EMILI_LABELER__EMPATHETIC_DIALOGUES)")
         dialogues, _ = load_dialogues(Path(folder) / f"{split}.csv", split=split)
-        records = empo_pairs(dialogues, epoch, seed, split=split)
+        records = [r for e in range(epoch, epoch + epochs) for r in empo_pairs(dialogues, e, seed, split=split)]
         kind = "dpo_empathetic"
-        settings = {"split": split, "epoch": epoch, "seed": seed}
+        settings = {"split": split, "epoch": epoch, "epochs": epochs, "seed": seed}
     else:
         raise InvalidInput(f"unknown DPO source {source!r}: feedback or empathetic")
     if not records:
@@ -250,7 +240,7 @@ def get_dataset(store: ObjectStore, dataset_id: str) -> dict[str, Any]:
     if not dataset_id or "/" in dataset_id:
         raise InvalidInput(f"invalid dataset id {dataset_id!r}")
     try:
-        index = store.get_json(Bucket.DATASETS, f"index/{dataset_id}.json")
+        index = store.get_json(Bucket.DATASETS, dataset_index_key(dataset_id))
     except NotFound:
         raise NotFound(f"dataset {dataset_id} does not exist") from None
     return dict(store.get_json(Bucket.DATASETS, index["manifest"]))

@@ -44,10 +44,43 @@ def build_dpo_dataset(
     epoch: int = 0,
     seed: int = 0,
     split: str = "valid",
+    epochs: int = 1,
 ) -> dict[str, Any]:
-    return jobs.build_dpo_dataset(runtime(), source, session_ids, epoch, seed, split)
+    return jobs.build_dpo_dataset(runtime(), source, session_ids, epoch, seed, split, epochs)
 
 
 @idempotent_task("labeler.fit_user_weights")
 def fit_user_weights(self: Any, session_ids: list[str] | None = None) -> dict[str, Any]:
     return jobs.fit_user_weights(runtime(), session_ids)
+
+
+@idempotent_task("labeler.delta_table")
+def delta_table(self: Any, session_ids: list[str] | None = None) -> dict[str, Any]:
+    return jobs.delta_table(runtime(), session_ids)
+
+
+@idempotent_task("labeler.pipeline_label")
+def pipeline_label(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+    from emili_pipeline import steps
+    from emili_pipeline.pipeline import run_step_task
+
+    rt = runtime()
+    return run_step_task(self, rt.store, state, "label", lambda s: steps.label(rt, s))
+
+
+@idempotent_task("labeler.pipeline_datasets")
+def pipeline_datasets(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+    from emili_pipeline import steps
+    from emili_pipeline.pipeline import run_step_task
+
+    rt = runtime()
+    return run_step_task(self, rt.store, state, "datasets", lambda s: steps.datasets(rt, s))
+
+
+@idempotent_task("labeler.pipeline_delta_table")
+def pipeline_delta_table(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+    from emili_pipeline import steps
+    from emili_pipeline.pipeline import run_step_task
+
+    rt = runtime()
+    return run_step_task(self, rt.store, state, "delta_table", lambda s: steps.delta_table(rt, s))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 from pydantic import BaseModel, Field
 
-from emili_core.settings import CommonSettings, ServerSettings, WorkerSettings
+from emili_core.settings import REPO_ROOT, CommonSettings, ServerSettings, WorkerSettings
 
 
 class TrainerServerSettings(ServerSettings):
@@ -15,14 +16,30 @@ class TrainerServerSettings(ServerSettings):
 
 
 class TrainerWorkerSettings(WorkerSettings):
+    # One run at a time per worker: a run owns the machine's accelerator (or its cores).
+    concurrency: int = Field(1, ge=1, le=1)
     metrics_port: int = Field(9114, ge=0, le=65535)
 
 
 class TrainerOptions(BaseModel):
     server: TrainerServerSettings = TrainerServerSettings()
     worker: TrainerWorkerSettings = TrainerWorkerSettings()
+    # Local scratch space for runs: checkpoints are written here, then copied to object storage.
+    work_dir: Path = REPO_ROOT / "var" / "trainer"
+    # The run lock's time to live; a heartbeat renews it. A dead worker's run is free again after this long.
+    lock_ttl_seconds: float = Field(60.0, gt=1.0)
+    torch_threads: int | None = Field(None, ge=1)
+    # Evaluation: EmpatheticDialogues CSV folder (test.csv is used), and a local MMLU copy for lm-eval.
+    empathetic_dialogues: Path | None = None
+    mmlu_path: Path | None = None
+    eval_max_new_tokens: int = Field(60, ge=1, le=1024)
+    embedding_model: Path = Path("labeler/all-MiniLM-L6-v2")
+    vad_lexicon: Path = Path("labeler/NoVAD_v2013.csv")
 
 
 class TrainerSettings(CommonSettings):
     service_name: ClassVar[str] = "trainer"
+    # A run can take hours; the broker must not hand its message to another worker meanwhile.
+    task_time_limit_seconds: int = Field(12 * 3600, ge=1)
+    visibility_timeout_seconds: int = Field(13 * 3600, ge=2)
     trainer: TrainerOptions = TrainerOptions()

@@ -1,0 +1,338 @@
+"""The evaluation run: base model vs fine-tuned adapters on the same held-out prompts, and the report.
+
+Contexts come from EmpatheticDialogues' test split (when configured; the last listener reply is the
+reference, as in EmPO) and from held-out recorded sessions (each assistant turn's context, with the reply
+that was given as the reference). Every arm answers the same contexts greedily, so differences come from
+the adapters, not from sampling. Table 1 is computed from the ratings users gave through the chat API;
+Table 2 is the labeler's Delta-VAD table, passed in by the pipeline. The report (report.json, report.md
+and PNG plots) goes to ``emili-models/runs/<run_id>/report/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from emili_core.errors import FailedPrecondition, InvalidInput, NotFound
+from emili_core.keys import run_prefix
+from emili_core.objectstore import Bucket
+from emili_core.records import load_session, recorded_sessions
+from emili_trainer import jobs
+from emili_trainer.evaluation.metrics import ReplyRow, reference_perplexity, reply_metrics, word_counts
+from emili_trainer.evaluation.mmlu import run_mmlu
+from emili_trainer.evaluation.report import build_report, render_markdown, render_plots
+from emili_trainer.recipes import load_recipe
+from emili_trainer.runs import FINAL_STATES, RunLocked, RunState
+from emili_trainer.training import Progress, load_base_model
+
+log = logging.getLogger(__name__)
+
+BASE = "base"
+DEFAULT_MAX_EXAMPLES = 32
+DEFAULT_BASE_RECIPE = "smollm2-cpu-sft"  # Names the base model when only "base" is evaluated.
+GENERATION_BATCH = 8
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def start_evaluation(
+    runtime: jobs.Runtime,
+    versions: Sequence[str],
+    *,
+    max_examples: int | None = None,
+    session_ids: Sequence[str] = (),
+    rating_session_ids: Sequence[str] | None = None,
+    delta_table: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], bool]:
+    arms = [BASE, *sorted({v for v in versions if v and v != BASE})]
+    for arm in arms[1:]:
+        jobs.registered_model(runtime.store, arm)  # NotFound names the version.
+    limit = max_examples or DEFAULT_MAX_EXAMPLES
+    if limit < 1:
+        raise InvalidInput(f"max_examples must be positive, not {limit}")
+    request = {
+        "arms": arms,
+        "max_examples": limit,
+        "session_ids": sorted(session_ids),
+        "rating_session_ids": sorted(rating_session_ids) if rating_session_ids is not None else None,
+        "delta_table": delta_table,
+    }
+    run_id = f"eval-{_digest(request)[:16]}"
+    record = {"kind": "eval", "state": RunState.QUEUED.value, **request, "attempts": 0}
+    return jobs.create_or_requeue(runtime, run_id, record)
+
+
+# --- contexts ------------------------------------------------------------------------------------------------
+
+
+def empathetic_rows(folder: Path | None, limit: int) -> list[ReplyRow]:
+    """The first ``limit`` test dialogues (by conv_id): context before the last listener reply, and that reply."""
+    if folder is None:
+        return []
+    from emili_labeler.empathetic import load_dialogues
+
+    path = Path(folder) / "test.csv"
+    if not path.is_file():
+        raise FailedPrecondition(f"EmpatheticDialogues test split not found at {path}")
+    dialogues, _ = load_dialogues(path, split="test")
+    chosen = sorted(dialogues, key=lambda d: d.conv_id)[:limit]
+    return [ReplyRow(d.context_messages(), d.target, "") for d in chosen]
+
+
+def session_rows(runtime: jobs.Runtime, session_ids: Sequence[str], limit: int) -> list[ReplyRow]:
+    """Each prompted assistant turn of the held-out sessions: what the model saw, and the reply it gave."""
+    from emili_labeler.datasets import conversation_messages
+    from emili_labeler.jobs import system_prompt_of
+
+    rows: list[ReplyRow] = []
+    for session_id in session_ids:
+        _, events = load_session(runtime.store, session_id)
+        messages = conversation_messages(system_prompt_of(events), events)
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant" and i > 0 and messages[i - 1]["role"] == "user":
+                context = [{"role": m["role"], "content": m["content"]} for m in messages[:i]]
+                rows.append(ReplyRow(context, message["content"], ""))
+            if len(rows) >= limit:
+                return rows
+    return rows
+
+
+def session_ratings(runtime: jobs.Runtime, session_ids: Sequence[str] | None) -> list[dict[str, Any]]:
+    """Every rating submitted through the chat API, with the arm of its session (Table 1's input)."""
+    ratings = []
+    for session_id in session_ids if session_ids is not None else recorded_sessions(runtime.store):
+        try:
+            manifest, events = load_session(runtime.store, session_id)
+        except NotFound:
+            continue
+        arm = str(manifest.get("model_arm") or BASE)
+        for event in events:
+            if event.get("kind") == "rating":
+                payload = event.get("payload", event)
+                ratings.append({"model_arm": arm, **{k: payload[k] for k in ("empathy", "relevance", "fluency")}})
+    return ratings
+
+
+# --- generation ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _arm(model: PeftModel | PreTrainedModel, arm: str) -> Iterator[PreTrainedModel]:
+    if arm == BASE:
+        if isinstance(model, PeftModel):
+            with model.disable_adapter():
+                yield model  # type: ignore[misc]
+        else:
+            yield model
+    else:
+        assert isinstance(model, PeftModel)
+        model.set_adapter(arm)
+        yield model  # type: ignore[misc]
+
+
+def generate_replies(
+    model: Any, tokenizer: PreTrainedTokenizerBase, contexts: Sequence[Any], max_new_tokens: int
+) -> list[str]:
+    """Greedy replies, in batches with left padding (the prompt ends where generation starts)."""
+    replies: list[str] = []
+    tokenizer.padding_side = "left"
+    for start in range(0, len(contexts), GENERATION_BATCH):
+        batch = contexts[start : start + GENERATION_BATCH]
+        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in batch]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        with torch.inference_mode():
+            output = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        new = output[:, inputs["input_ids"].shape[1] :]
+        replies += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return replies
+
+
+# --- the run -------------------------------------------------------------------------------------------------
+
+
+def execute_evaluation(
+    runtime: jobs.Runtime,
+    run_id: str,
+    delta_table: dict[str, Any] | None = None,
+    progress: jobs.ProgressSink = lambda p: None,
+) -> dict[str, Any]:
+    record = runtime.runs.get(run_id)
+    if record["state"] in FINAL_STATES:
+        return record
+    try:
+        with runtime.runs.lock(run_id):
+            return _evaluate_locked(runtime, run_id, delta_table, progress)
+    except RunLocked as exc:
+        return {**runtime.runs.get(run_id), "note": str(exc)}
+
+
+def _evaluate_locked(
+    runtime: jobs.Runtime, run_id: str, delta_table: dict[str, Any] | None, progress: jobs.ProgressSink
+) -> dict[str, Any]:
+    runs = runtime.runs
+    record = runs.get(run_id)
+    if record["state"] in FINAL_STATES:
+        return record
+    runs.update(run_id, state=RunState.RUNNING.value, attempts=int(record.get("attempts", 0)) + 1)
+    runs.mirror(run_id)
+    try:
+        report = _evaluate(runtime, run_id, record, delta_table or record.get("delta_table"), progress)
+    except (InvalidInput, FailedPrecondition, NotFound) as exc:
+        runs.update(run_id, state=RunState.FAILED.value, error=str(exc))
+        runs.mirror(run_id)
+        raise
+    summary = {arm: {k: m.get(k) for k in ("n", "bleu", "distinct_2")} for arm, m in report["reply_metrics"].items()}
+    runs.update(run_id, state=RunState.SUCCEEDED.value, report_prefix=report_prefix(run_id), metrics=summary)
+    runs.mirror(run_id)
+    return runs.get(run_id)
+
+
+def report_prefix(run_id: str) -> str:
+    return f"{run_prefix(run_id)}/report"
+
+
+def _load_arms(runtime: jobs.Runtime, arms: Sequence[str], work: Path) -> tuple[PreTrainedTokenizerBase, Any]:
+    manifests = [jobs.registered_model(runtime.store, arm) for arm in arms if arm != BASE]
+    bases = {m["base_model"] for m in manifests}
+    if len(bases) > 1:
+        raise InvalidInput(f"the arms were trained on different base models ({sorted(bases)}); compare one base")
+    recipe = load_recipe(DEFAULT_BASE_RECIPE)
+    if manifests:
+        from emili_trainer.recipes import Recipe
+
+        recipe = Recipe(**manifests[0]["recipe"])
+    tokenizer, model = load_base_model(recipe, runtime.artifacts_dir)
+    model.config.use_cache = True
+    if recipe.device != "cpu" and torch.cuda.is_available():
+        model.to(torch.device("cuda"))  # type: ignore[arg-type]  # functools.wraps hides to()'s signature.
+    peft: Any = model
+    for manifest in manifests:
+        folder = jobs.download_adapter(runtime.store, manifest["version"], work / manifest["version"])
+        if isinstance(peft, PeftModel):
+            peft.load_adapter(str(folder), adapter_name=manifest["version"])
+        else:
+            peft = PeftModel.from_pretrained(model, str(folder), adapter_name=manifest["version"])
+    peft.eval()
+    return tokenizer, peft
+
+
+def _evaluate(
+    runtime: jobs.Runtime,
+    run_id: str,
+    record: dict[str, Any],
+    delta_table: dict[str, Any] | None,
+    progress: jobs.ProgressSink,
+) -> dict[str, Any]:
+    options = runtime.settings.trainer
+    limit = int(record["max_examples"])
+    sources = {
+        "empathetic": empathetic_rows(options.empathetic_dialogues, limit),
+        "sessions": session_rows(runtime, record["session_ids"], limit),
+    }
+    sources = {name: rows for name, rows in sources.items() if rows}
+    if not sources:
+        raise FailedPrecondition(
+            "no evaluation contexts: set EMILI_TRAINER__EMPATHETIC_DIALOGUES or pass held-out session ids"
+        )
+    arms: list[str] = record["arms"]
+    total = len(arms) * sum(len(rows) for rows in sources.values())
+    done, started = 0, time.perf_counter()
+    embed, lexicon = _scorers(runtime)
+    with tempfile.TemporaryDirectory(prefix="emili-eval-") as tmp:
+        tokenizer, model = _load_arms(runtime, arms, Path(tmp))
+        reply_results: dict[str, Any] = {}
+        perplexity: dict[str, Any] = {}
+        samples: dict[str, Any] = {}
+        for arm in arms:
+            with _arm(model, arm) as active:
+                for source, rows in sources.items():
+                    name = f"{arm} · {source}" if len(sources) > 1 else arm
+                    replies = generate_replies(
+                        active, tokenizer, [r.context for r in rows], options.eval_max_new_tokens
+                    )
+                    scored = [ReplyRow(r.context, reply, r.reply) for r, reply in zip(rows, replies, strict=True)]
+                    counts = word_counts([r.reference for r in scored])
+                    reply_results[name] = reply_metrics(scored, embed=embed, vad_lexicon=lexicon, corpus_counts=counts)
+                    perplexity[name] = reference_perplexity(active, tokenizer, scored)
+                    samples[name] = [{"reply": s.reply, "reference": s.reference} for s in scored[:5]]
+                    done += len(rows)
+                    progress(Progress(done, total, 0.0, tokens_per_second=None))
+                    runtime.runs.update(run_id, step=done, total=total)
+        if options.mmlu_path is None:
+            mmlu = run_mmlu(model, tokenizer, mmlu_path=None)  # Says why it was skipped.
+        else:
+            mmlu = _mmlu(model, tokenizer, arms, options.mmlu_path)
+    report = build_report(
+        {
+            "title": f"EMILI evaluation {run_id}: {' vs '.join(arms)}",
+            "ratings": session_ratings(runtime, record.get("rating_session_ids")),
+            "delta_table": delta_table,
+            "reply_metrics": reply_results,
+            "perplexity": perplexity,
+            "mmlu": mmlu,
+        }
+    )
+    report["samples"] = samples
+    report["contexts"] = {name: len(rows) for name, rows in sources.items()}
+    report["wall_seconds"] = time.perf_counter() - started
+    _publish_report(runtime, run_id, report)
+    return report
+
+
+def _mmlu(model: Any, tokenizer: Any, arms: Sequence[str], path: Path) -> dict[str, Any]:
+    results = {}
+    for arm in arms:
+        with _arm(model, arm) as active:
+            results[arm] = run_mmlu(active, tokenizer, mmlu_path=path)
+    return results
+
+
+def _scorers(runtime: jobs.Runtime) -> tuple[Any, Any]:
+    from emili_labeler.vad import SentenceTransformerEmbedder, load_lexicon
+
+    options = runtime.settings.trainer
+    embed_dir = runtime.settings.artifact(options.embedding_model)
+    lexicon_path = runtime.settings.artifact(options.vad_lexicon)
+    embed = SentenceTransformerEmbedder(embed_dir).embed if (embed_dir / "config.json").is_file() else None
+    lexicon = load_lexicon(lexicon_path) if lexicon_path.is_file() else None
+    return embed, lexicon
+
+
+def _publish_report(runtime: jobs.Runtime, run_id: str, report: dict[str, Any]) -> None:
+    prefix = report_prefix(run_id)
+    with tempfile.TemporaryDirectory(prefix="emili-report-") as tmp:
+        folder = Path(tmp)
+        (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (folder / "report.md").write_text(render_markdown(report))
+        render_plots(report, folder / "plots")
+        runtime.store.put_folder(Bucket.MODELS, prefix, folder)
+
+
+def load_report(runtime: jobs.Runtime, run_id: str) -> dict[str, Any]:
+    """report.md, report.json and the plot keys of a finished evaluation run."""
+    record = runtime.runs.get(run_id)
+    if record.get("kind") != "eval":
+        raise InvalidInput(f"run {run_id} is a {record.get('kind')} run, not an evaluation")
+    if record["state"] != RunState.SUCCEEDED:
+        raise FailedPrecondition(f"evaluation {run_id} is {record['state']}; its report exists once it succeeds")
+    prefix = report_prefix(run_id)
+    return {
+        "markdown": runtime.store.get_bytes(Bucket.MODELS, f"{prefix}/report.md").decode(),
+        "report": runtime.store.get_json(Bucket.MODELS, f"{prefix}/report.json"),
+        "plot_keys": [k for k in runtime.store.list_keys(Bucket.MODELS, f"{prefix}/plots/") if k.endswith(".png")],
+    }

@@ -1,0 +1,299 @@
+"""Training runs as plain functions: start (idempotent, keyed by content), execute (resumable), cancel.
+
+A run's id is a digest of what decides its result (kind, recipe, dataset version, the adapter it starts
+from), so asking twice for the same training gives the same run, and a finished run is never trained again.
+The registered model version of a successful run has the run's id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from emili_core.errors import FailedPrecondition, InvalidInput, NotFound
+from emili_core.keys import adapter_prefix, dataset_index_key, model_registry_key
+from emili_core.objectstore import Bucket, ObjectStore
+from emili_trainer.recipes import Recipe
+from emili_trainer.runs import FINAL_STATES, RunLocked, RunState, RunStore
+from emili_trainer.settings import TrainerSettings
+from emili_trainer.training import (
+    OnSave,
+    Progress,
+    ProgressReporter,
+    TrainResult,
+    load_base_model,
+    train_dpo,
+    train_sft,
+)
+
+log = logging.getLogger(__name__)
+
+# Which dataset kinds (labeler manifests) each recipe kind trains on.
+DATASET_KINDS = {"sft": ("sft",), "dpo": ("dpo_feedback", "dpo_empathetic")}
+ProgressSink = Callable[[Progress], None]
+
+
+@dataclass
+class Runtime:
+    settings: TrainerSettings
+    store: ObjectStore
+    runs: RunStore
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.settings.artifacts_dir
+
+
+def build_runtime(settings: TrainerSettings) -> Runtime:
+    store = ObjectStore(settings.s3)
+    store.ensure_buckets()
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
+    return Runtime(settings, store, RunStore(client, store, settings.trainer.lock_ttl_seconds))
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# --- datasets and models in object storage ------------------------------------------------------------------
+
+
+def dataset_manifest(store: ObjectStore, dataset_id: str) -> dict[str, Any]:
+    if not dataset_id or "/" in dataset_id:
+        raise InvalidInput(f"invalid dataset id {dataset_id!r}")
+    try:
+        index = store.get_json(Bucket.DATASETS, dataset_index_key(dataset_id))
+    except NotFound:
+        raise NotFound(f"dataset {dataset_id} does not exist; build it with the labeler first") from None
+    return dict(store.get_json(Bucket.DATASETS, index["manifest"]))
+
+
+def dataset_records(store: ObjectStore, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = store.get_file(Bucket.DATASETS, manifest["key"], Path(tmp) / "data.jsonl")
+        with path.open(encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+
+def registered_model(store: ObjectStore, version: str) -> dict[str, Any]:
+    try:
+        return dict(store.get_json(Bucket.MODELS, model_registry_key(version)))
+    except NotFound:
+        raise NotFound(f"model version {version!r} is not registered") from None
+
+
+def list_models(store: ObjectStore) -> list[dict[str, Any]]:
+    return [dict(store.get_json(Bucket.MODELS, key)) for key in store.list_keys(Bucket.MODELS, "registry/")]
+
+
+def download_adapter(store: ObjectStore, version: str, target: Path) -> Path:
+    manifest = registered_model(store, version)
+    store.get_folder(Bucket.MODELS, manifest["adapter_prefix"], target)
+    return target
+
+
+def publish_model(store: ObjectStore, version: str, adapter_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Register a model version: its adapter files first, then the manifest that makes it visible."""
+    key = model_registry_key(version)
+    if store.exists(Bucket.MODELS, key):  # A redelivered run that already published.
+        return dict(store.get_json(Bucket.MODELS, key))
+    prefix = adapter_prefix(version)
+    files = store.put_folder(Bucket.MODELS, prefix, adapter_dir)
+    full = {**manifest, "version": version, "adapter_prefix": prefix, "files": [f[len(prefix) :] for f in files]}
+    store.put_json(Bucket.MODELS, key, full)
+    return full
+
+
+# --- starting and cancelling --------------------------------------------------------------------------------
+
+
+def start_training(
+    runtime: Runtime, recipe: Recipe, dataset_id: str, init_version: str | None = None, recipe_source: str = ""
+) -> tuple[dict[str, Any], bool]:
+    """Create (or find) the run; returns its record and whether a job must be enqueued for it."""
+    manifest = dataset_manifest(runtime.store, dataset_id)
+    if manifest["kind"] not in DATASET_KINDS[recipe.kind]:
+        raise InvalidInput(
+            f"recipe {recipe.name} is {recipe.kind} and trains on {', '.join(DATASET_KINDS[recipe.kind])} "
+            f"datasets; {dataset_id} is a {manifest['kind']} dataset"
+        )
+    if init_version is not None:
+        if recipe.kind != "dpo":
+            raise InvalidInput("only a dpo recipe can start from a trained adapter (init_version)")
+        registered_model(runtime.store, init_version)
+    key = {"kind": recipe.kind, "recipe": recipe.digest, "dataset": dataset_id, "init_version": init_version}
+    run_id = f"{recipe.kind}-{_digest(key)[:16]}"
+    record = {
+        "kind": recipe.kind,
+        "state": RunState.QUEUED.value,
+        "recipe": recipe.to_dict(),
+        "recipe_source": recipe_source or recipe.name,
+        "dataset_id": dataset_id,
+        "dataset_kind": manifest["kind"],
+        "init_version": init_version,
+        "attempts": 0,
+    }
+    return create_or_requeue(runtime, run_id, record)
+
+
+def create_or_requeue(runtime: Runtime, run_id: str, record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The run's record, and whether a job must be enqueued: yes for a new run or one that failed or was
+    cancelled (asking again retries it); no for one queued, running or done (asking again changes nothing)."""
+    if runtime.runs.create(run_id, record):
+        return runtime.runs.get(run_id), True
+    existing = runtime.runs.get(run_id)
+    if existing["state"] in (RunState.FAILED, RunState.CANCELLED):
+        runtime.runs.clear_cancel(run_id)
+        runtime.runs.update(run_id, state=RunState.QUEUED.value, error=None)
+        runtime.runs.mirror(run_id)
+        return runtime.runs.get(run_id), True
+    return existing, False
+
+
+def cancel_run(runtime: Runtime, run_id: str) -> dict[str, Any]:
+    record = runtime.runs.get(run_id)
+    if record["state"] in FINAL_STATES:
+        raise FailedPrecondition(f"run {run_id} is already {record['state']}")
+    runtime.runs.request_cancel(run_id)
+    if runtime.runs.lock_holder(run_id) is None and record["state"] == RunState.QUEUED:
+        runtime.runs.update(run_id, state=RunState.CANCELLED.value)  # Its queued job will see this and stop.
+        runtime.runs.mirror(run_id)
+    return runtime.runs.get(run_id)
+
+
+# --- executing ----------------------------------------------------------------------------------------------
+
+
+def execute_run(runtime: Runtime, run_id: str, progress: ProgressSink = lambda p: None) -> dict[str, Any]:
+    """Run (or resume) a training run to its end; safe to call again for the same run at any time."""
+    record = runtime.runs.get(run_id)
+    if record["state"] in FINAL_STATES:
+        return record
+    try:
+        with runtime.runs.lock(run_id):
+            return _execute_locked(runtime, run_id, progress)
+    except RunLocked as exc:
+        log.info("%s; this copy of the job does nothing", exc)
+        return {**runtime.runs.get(run_id), "note": str(exc)}
+
+
+def _execute_locked(runtime: Runtime, run_id: str, progress: ProgressSink) -> dict[str, Any]:
+    runs = runtime.runs
+    record = runs.get(run_id)  # Again, under the lock: another copy may have finished meanwhile.
+    if record["state"] in FINAL_STATES:
+        return record
+    if runs.cancel_requested(run_id):
+        runs.update(run_id, state=RunState.CANCELLED.value)
+        runs.mirror(run_id)
+        return runs.get(run_id)
+    work_dir = runtime.settings.trainer.work_dir / run_id
+    shutil.rmtree(work_dir, ignore_errors=True)  # Local leftovers of a dead worker are not trusted.
+    work_dir.mkdir(parents=True)
+    restored = runs.restore_checkpoint(run_id, work_dir)
+    runs.update(
+        run_id,
+        state=RunState.RUNNING.value,
+        attempts=int(record.get("attempts", 0)) + 1,
+        resumed_from_step=restored[1] if restored else 0,
+        error=None,
+    )
+    runs.mirror(run_id)
+    try:
+        result = _train(runtime, run_id, record, work_dir, restored[0] if restored else None, progress)
+    except (InvalidInput, FailedPrecondition, NotFound) as exc:
+        # Retrying cannot help: the run fails with a message a person can act on.
+        runs.update(run_id, state=RunState.FAILED.value, error=str(exc))
+        runs.mirror(run_id)
+        raise
+    if result.cancelled:
+        runs.update(run_id, state=RunState.CANCELLED.value, step=result.steps)
+        runs.mirror(run_id)
+        return runs.get(run_id)
+    metrics = {
+        "train_loss": result.train_loss,
+        "steps": result.steps,
+        "examples": result.examples,
+        "tokens_seen": result.tokens_seen,
+        "tokens_per_second": result.tokens_per_second,
+        "wall_seconds": result.wall_seconds,
+        **result.details,
+    }
+    recipe = record["recipe"]
+    model = publish_model(
+        runtime.store,
+        run_id,
+        result.adapter_dir,
+        {
+            "kind": record["kind"],
+            "run_id": run_id,
+            "base_model": recipe["model"]["path"],
+            "recipe": recipe,
+            "dataset_id": record["dataset_id"],
+            "dataset_kind": record["dataset_kind"],
+            "init_version": record.get("init_version"),
+            "metrics": metrics,
+        },
+    )
+    runs.update(run_id, state=RunState.SUCCEEDED.value, model_version=model["version"], metrics=metrics)
+    runs.mirror(run_id)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return runs.get(run_id)
+
+
+def _train(
+    runtime: Runtime,
+    run_id: str,
+    record: dict[str, Any],
+    work_dir: Path,
+    resume_from: Path | None,
+    progress: ProgressSink,
+) -> TrainResult:
+    recipe = Recipe(**record["recipe"])
+    records = dataset_records(runtime.store, dataset_manifest(runtime.store, record["dataset_id"]))
+    tokenizer, model = load_base_model(recipe, runtime.artifacts_dir)
+
+    def report(p: Progress) -> None:
+        runtime.runs.update(run_id, **{k: v for k, v in p.to_dict().items() if k != "total_steps"}, total=p.total_steps)
+        progress(p)
+
+    callbacks = [
+        ProgressReporter(report),
+        OnSave(lambda folder, step: runtime.runs.save_checkpoint(run_id, folder, step)),
+    ]
+
+    def cancelled() -> bool:
+        return runtime.runs.cancel_requested(run_id)
+
+    if recipe.kind == "sft":
+        return train_sft(
+            recipe,
+            tokenizer,
+            model,
+            records,
+            work_dir,
+            resume_from=resume_from,
+            callbacks=callbacks,
+            should_stop=cancelled,
+        )
+    init = record.get("init_version")
+    init_dir = download_adapter(runtime.store, init, work_dir / "init-adapter") if init else None
+    return train_dpo(
+        recipe,
+        tokenizer,
+        model,
+        records,
+        work_dir,
+        init_adapter=init_dir,
+        resume_from=resume_from,
+        callbacks=callbacks,
+        should_stop=cancelled,
+    )

@@ -1,0 +1,110 @@
+"""The trainer's gRPC API on a real server (with auth and the error mapping), Redis and S3: status codes a
+client can act on, idempotent starts, watching and cancelling runs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from emili.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from emili_core.grpc_client import make_channel
+from emili_core.grpc_server import ServiceApp, start_server
+from emili_core.keys import dataset_index_key
+from emili_core.objectstore import Bucket
+from emili_core.testing import token
+from emili_labeler.datasets import DatasetManifest, jsonl_bytes
+from emili_trainer import jobs
+from emili_trainer.main import SERVICE_NAME
+from emili_trainer.servicer import TrainerServicer
+from emili_trainer.settings import TrainerSettings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def stub(
+    stack_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[trainer_pb2_grpc.TrainerServiceStub, list[tuple[str, str]], jobs.Runtime, str]]:
+    monkeypatch.setenv("EMILI_TRAINER__WORK_DIR", str(tmp_path))
+    monkeypatch.setenv("EMILI_TRAINER__SERVER__GRPC_PORT", "0")
+    settings = TrainerSettings()
+    runtime = jobs.build_runtime(settings)
+    enqueued: list[tuple[str, str]] = []
+    servicer = TrainerServicer(lambda: runtime, lambda task, run_id: enqueued.append((task, run_id)), 0.05)
+
+    def register(server: grpc.aio.Server) -> None:
+        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, server)
+
+    app = ServiceApp(name="trainer", service_names=[SERVICE_NAME], register=register)
+    server = await start_server(app, settings, settings.trainer.server)
+    await asyncio.wait_for(server.ready.wait(), 30)
+    async with make_channel(f"127.0.0.1:{server.port}", token(["trainer"])) as channel:
+        yield trainer_pb2_grpc.TrainerServiceStub(channel), enqueued, runtime, f"127.0.0.1:{server.port}"
+    await server.stop()
+
+
+def _dataset(runtime: jobs.Runtime, records: list[dict[str, Any]]) -> str:
+    manifest = DatasetManifest.build("sft", records, {"source": "test"}).to_dict()
+    prefix = f"sft/{manifest['id']}"
+    runtime.store.put_bytes(Bucket.DATASETS, f"{prefix}/data.jsonl", jsonl_bytes(records))
+    runtime.store.put_json(Bucket.DATASETS, f"{prefix}/manifest.json", {**manifest, "key": f"{prefix}/data.jsonl"})
+    runtime.store.put_json(Bucket.DATASETS, dataset_index_key(manifest["id"]), {"manifest": f"{prefix}/manifest.json"})
+    return str(manifest["id"])
+
+
+async def _code(call: Callable[[], Any]) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await call()
+    return exc.value.code()
+
+
+async def test_bad_requests_get_clear_status_codes(stub: Any) -> None:
+    client = stub[0]
+    start = client.StartTraining
+    assert (
+        await _code(lambda: start(trainer_pb2.StartTrainingRequest(dataset_id="x"))) == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    both = trainer_pb2.StartTrainingRequest(recipe="smollm2-cpu-sft", recipe_yaml="a: 1", dataset_id="x")
+    assert await _code(lambda: start(both)) == grpc.StatusCode.INVALID_ARGUMENT
+    bad_yaml = trainer_pb2.StartTrainingRequest(recipe_yaml="name: x\nkind: sft\n", dataset_id="x")
+    assert await _code(lambda: start(bad_yaml)) == grpc.StatusCode.INVALID_ARGUMENT
+    unknown = trainer_pb2.StartTrainingRequest(recipe="no-such-recipe", dataset_id="x")
+    assert await _code(lambda: start(unknown)) == grpc.StatusCode.NOT_FOUND
+    missing = trainer_pb2.StartTrainingRequest(recipe="smollm2-cpu-sft", dataset_id="0" * 64)
+    assert await _code(lambda: start(missing)) == grpc.StatusCode.NOT_FOUND
+    get = client.GetRun
+    assert await _code(lambda: get(trainer_pb2.GetRunRequest(run_id="sft-nope"))) == grpc.StatusCode.NOT_FOUND
+    evaluate = trainer_pb2.StartEvaluationRequest(model_versions=["never-trained"])
+    assert await _code(lambda: client.StartEvaluation(evaluate)) == grpc.StatusCode.NOT_FOUND
+
+
+async def test_no_token_is_unauthenticated(stub: Any) -> None:
+    async with make_channel(stub[3]) as anonymous:
+        call = trainer_pb2_grpc.TrainerServiceStub(anonymous).ListModels(trainer_pb2.ListModelsRequest())
+        assert await _code(lambda: call) == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_start_watch_cancel(stub: Any, conversation: list[dict[str, Any]]) -> None:
+    client, enqueued, runtime, _ = stub
+    dataset_id = _dataset(runtime, [{"id": "a", "session_id": "a", "messages": conversation}])
+    request = trainer_pb2.StartTrainingRequest(recipe="smollm2-cpu-sft", dataset_id=dataset_id)
+    first = await client.StartTraining(request)
+    second = await client.StartTraining(request)
+    assert first.enqueued and not second.enqueued and first.run.run_id == second.run.run_id
+    assert enqueued == [("trainer.train", first.run.run_id)]  # One job for one run.
+    assert first.run.state == trainer_pb2.RUN_STATE_QUEUED and first.run.recipe == "smollm2-cpu-sft"
+
+    watch = client.WatchRun(trainer_pb2.WatchRunRequest(run_id=first.run.run_id))
+    updates = [(await watch.read()).run.state]
+    cancelled = await client.CancelRun(trainer_pb2.CancelRunRequest(run_id=first.run.run_id))
+    assert cancelled.run.state == trainer_pb2.RUN_STATE_CANCELLED
+    async for update in watch:  # The stream ends once the run is final.
+        updates.append(update.run.state)
+    assert updates == [trainer_pb2.RUN_STATE_QUEUED, trainer_pb2.RUN_STATE_CANCELLED]
+    cancel_again = trainer_pb2.CancelRunRequest(run_id=first.run.run_id)
+    assert await _code(lambda: client.CancelRun(cancel_again)) == grpc.StatusCode.FAILED_PRECONDITION
