@@ -9,7 +9,7 @@ SETUP_INPUTS := scripts/setup.sh scripts/fetch_artifacts.py requirements/constra
 ARTIFACTS := var/artifacts/fer/mini_xception.onnx var/artifacts/samples/face_640x480.jpg
 PYTEST_ARGS ?=
 
-.PHONY: help setup proto proto-check up down status test test-unit lint fmt typecheck demo bench-fer bench-chat bench-labeler clean
+.PHONY: help setup proto proto-check up down status test test-unit lint fmt typecheck demo bench-fer bench-chat bench-labeler bench-trainer clean
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ bench-chat: setup  ## Chat: readout overhead per turn, model speed on CPU, concu
 
 bench-labeler: up  ## Labeler: ScoreTexts throughput, 1,000 sessions through the queue; prints JSON.
 	$(PY) services/labeler/bench/bench_labeler.py $(BENCH_ARGS)
+
+bench-trainer: setup  ## Trainer: LoRA SFT and DPO of SmolLM2-135M on 200 examples (CPU; --gpu for a ~1B model); JSON.
+	$(PY) services/trainer/bench/bench_trainer.py $(BENCH_ARGS)
 
 clean: down  ## Remove the local stack's data and logs (keeps .venv and artefacts).
 	rm -rf var/redis var/s3 var/log var/run

@@ -259,7 +259,7 @@ def _train(
 ) -> TrainResult:
     recipe = Recipe(**record["recipe"])
     records = dataset_records(runtime.store, dataset_manifest(runtime.store, record["dataset_id"]))
-    tokenizer, model = load_base_model(recipe, runtime.artifacts_dir)
+    tokenizer, model = load_base_model(recipe, runtime.artifacts_dir, runtime.settings.trainer.model_cache_dir)
 
     def report(p: Progress) -> None:
         runtime.runs.update(run_id, **{k: v for k, v in p.to_dict().items() if k != "total_steps"}, total=p.total_steps)

@@ -27,6 +27,8 @@ class TrainerOptions(BaseModel):
     # Local scratch space for runs: checkpoints are written here, then copied to object storage.
     work_dir: Path = REPO_ROOT / "var" / "trainer"
     # The run lock's time to live; a heartbeat renews it. A dead worker's run is free again after this long.
+    # Where a GGUF base model is dequantised to (once); default: beside the GGUF file in the artifacts folder.
+    model_cache_dir: Path | None = None
     lock_ttl_seconds: float = Field(60.0, gt=1.0)
     torch_threads: int | None = Field(None, ge=1)
     # Evaluation: EmpatheticDialogues CSV folder (test.csv is used), and a local MMLU copy for lm-eval.

@@ -73,11 +73,13 @@ def pick_device(recipe: Recipe) -> str:
     return recipe.device
 
 
-def load_base_model(recipe: Recipe, artifacts_dir: Path) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+def load_base_model(
+    recipe: Recipe, artifacts_dir: Path, cache_root: Path | None = None
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """The recipe's base model and tokenizer, read from the artifacts folder (nothing is downloaded).
 
-    A GGUF base is dequantised once into ``<name>-dequantised`` beside it: the folder the chat service uses
-    for the same file, so both load identical weights and only the first one pays for dequantisation.
+    A GGUF base is dequantised once into ``<name>-dequantised`` in ``cache_root`` (default: beside the GGUF
+    file, the folder the chat service uses for the same file, so only the first one pays for dequantising).
     """
     path = Path(recipe.model.path)
     path = path if path.is_absolute() else artifacts_dir / path
@@ -89,7 +91,8 @@ def load_base_model(recipe: Recipe, artifacts_dir: Path) -> tuple[PreTrainedToke
     else:
         source = ModelSource.from_path(path)
         if source.gguf_file is not None:
-            source = ModelSource(source.folder, source.gguf_file, source.folder / f"{source.base_id}-dequantised")
+            cache = (cache_root or source.folder) / f"{source.base_id}-dequantised"
+            source = ModelSource(source.folder, source.gguf_file, cache)
         _, tokenizer, model = load_causal_lm(source, dtype)
     model.config.use_cache = False  # The KV cache only costs memory during training.
     if recipe.model.attn_implementation != "eager":

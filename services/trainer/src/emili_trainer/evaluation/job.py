@@ -216,7 +216,7 @@ def _load_arms(runtime: jobs.Runtime, arms: Sequence[str], work: Path) -> tuple[
         from emili_trainer.recipes import Recipe
 
         recipe = Recipe(**manifests[0]["recipe"])
-    tokenizer, model = load_base_model(recipe, runtime.artifacts_dir)
+    tokenizer, model = load_base_model(recipe, runtime.artifacts_dir, runtime.settings.trainer.model_cache_dir)
     model.config.use_cache = True
     if recipe.device != "cpu" and torch.cuda.is_available():
         model.to(torch.device("cuda"))  # type: ignore[arg-type]  # functools.wraps hides to()'s signature.
