@@ -262,6 +262,16 @@ def _train(
     tokenizer, model = load_base_model(recipe, runtime.artifacts_dir, runtime.settings.trainer.model_cache_dir)
 
     def report(p: Progress) -> None:
+        if p.loss is not None:
+            log.info(
+                "run %s: step %d/%d loss %.4f lr %.2e %.0f tokens/s",
+                run_id,
+                p.step,
+                p.total_steps,
+                p.loss,
+                p.learning_rate or 0.0,
+                p.tokens_per_second or 0.0,
+            )
         runtime.runs.update(run_id, **{k: v for k, v in p.to_dict().items() if k != "total_steps"}, total=p.total_steps)
         progress(p)
 

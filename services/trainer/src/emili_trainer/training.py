@@ -18,6 +18,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState
+from transformers.trainer_callback import PrinterCallback
 from trl.trainer.dpo_config import DPOConfig
 from trl.trainer.dpo_trainer import DPOTrainer
 from trl.trainer.sft_config import SFTConfig
@@ -297,6 +298,7 @@ def _common_args(recipe: Recipe, output_dir: Path, device: str, epochs: int) -> 
 
 
 def _run(trainer: Any, resume_from: Path | None, stopper: StopWhen, output_dir: Path, examples: int) -> TrainResult:
+    trainer.remove_callback(PrinterCallback)  # Progress goes to our reporter and logs, not to stdout.
     start = time.perf_counter()
     outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - start

@@ -1,0 +1,89 @@
+"""The evaluation run end to end on a tiny model with real Redis and S3: base vs a trained adapter on the
+contexts of a held-out recorded session, Table 1 from its rating, the report and its plots in S3."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import PreTrainedTokenizerBase
+
+from emili_core.keys import session_record_keys
+from emili_core.objectstore import Bucket
+from emili_trainer import jobs
+from emili_trainer.evaluation import job as evaluation
+from emili_trainer.recipes import Recipe
+from emili_trainer.settings import TrainerSettings
+from emili_trainer.training import train_sft
+
+pytestmark = pytest.mark.integration
+
+
+def record_session(runtime: jobs.Runtime, session_id: str, arm: str) -> None:
+    events: list[dict[str, Any]] = []
+
+    def add(kind: str, **payload: Any) -> None:
+        events.append({"event_id": f"{len(events)}-0", "kind": kind, "time_ms": 1000 * len(events), "payload": payload})
+
+    add("session_created", model_arm=arm, system_prompt="You are EMILI.")
+    add("user_message", text="I failed my exam today.")
+    add("assistant_message", text="I'm sorry. How are you feeling?", turn_id="t1", unprompted=False)
+    add("user_message", text="Sad, but I'll retake it.")
+    add("assistant_message", text="That's a brave plan.", turn_id="t2", unprompted=False)
+    add("rating", empathy=4, relevance=5, fluency=3, comment="")
+    keys = session_record_keys(session_id)
+    lines = "".join(json.dumps(e) + "\n" for e in events).encode()
+    runtime.store.put_bytes(Bucket.SESSIONS, keys["events.jsonl"], lines)
+    runtime.store.put_json(Bucket.SESSIONS, keys["session.json"], {"session_id": session_id, "model_arm": arm})
+
+
+def test_base_vs_adapter_report(
+    stack_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    conversation: list[dict[str, Any]],
+    make_model: Callable[..., Any],
+    make_recipe: Callable[..., Recipe],
+) -> None:
+    monkeypatch.setenv("EMILI_TRAINER__WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.setenv("EMILI_TRAINER__EVAL_MAX_NEW_TOKENS", "6")
+    runtime = jobs.build_runtime(TrainerSettings())
+    recipe = make_recipe("smollm2-cpu-sft", max_steps=3)
+    trained = train_sft(recipe, tokenizer, make_model(), [{"id": "a", "messages": conversation}], tmp_path / "sft")
+    version = "sft-evaltest"
+    jobs.publish_model(
+        runtime.store,
+        version,
+        trained.adapter_dir,
+        {"kind": "sft", "base_model": recipe.model.path, "recipe": recipe.to_dict()},
+    )
+    record_session(runtime, "eval-held-out", arm=version)
+
+    with pytest.raises(Exception, match="not registered"):
+        evaluation.start_evaluation(runtime, ["never-trained"])
+    record, enqueue = evaluation.start_evaluation(
+        runtime, [version], session_ids=["eval-held-out"], rating_session_ids=["eval-held-out"]
+    )
+    assert enqueue and record["arms"] == ["base", version]
+    done = evaluation.execute_evaluation(runtime, record["run_id"])
+    assert done["state"] == "succeeded", done
+
+    report = evaluation.load_report(runtime, record["run_id"])
+    data = report["report"]
+    assert set(data["reply_metrics"]) == {"base", version}
+    for metrics in data["reply_metrics"].values():
+        assert metrics["n"] == 2  # Both prompted turns of the held-out session, for each arm.
+        assert metrics["bleu"] is not None and "distinct_1" in metrics  # A random model's words may be empty.
+    assert all(p > 1 for p in data["perplexity"].values())
+    assert data["ratings_table"][version]["n"] == 1 and data["ratings_table"][version]["empathy"]["mean"] == 4
+    assert "skipped" in data["mmlu"]  # No local MMLU copy here: said so, not faked.
+    assert "Table 1" in report["markdown"] and version in report["markdown"]
+    assert report["plot_keys"] and all(k.endswith(".png") for k in report["plot_keys"])
+    again, enqueue_again = evaluation.start_evaluation(
+        runtime, [version], session_ids=["eval-held-out"], rating_session_ids=["eval-held-out"]
+    )
+    assert not enqueue_again and again["run_id"] == record["run_id"]
