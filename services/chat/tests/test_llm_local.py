@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from emili_chat.llm import BackendError, GenerationParams, LocalHFBackend, Message, build_backend, fold_system_messages
+from emili_core.testing import tiny_llama
 
 ARTIFACTS = Path(__file__).resolve().parents[3] / "var" / "artifacts" / "chat"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,22 +50,8 @@ def tokenizer() -> PreTrainedTokenizerBase:
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerBase) -> Path:
     """A random 2-layer Llama with hidden size 32, saved with the tokenizer as a model folder."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_llama(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -255,8 +242,8 @@ async def test_lora_adapters_at_runtime(backend: LocalHFBackend, tiny_dir: Path,
     assert "".join(await collect(backend, adapter="calm")) == with_calm
     assert "".join(await collect(backend)) == base
     assert "".join(await collect(backend, adapter="warm")) == with_warm
-    assert backend.model_id() == "tiny-llama0"
-    assert backend.model_id("calm") == "tiny-llama0+calm"
+    assert backend.model_id() == tiny_dir.name
+    assert backend.model_id("calm") == f"{tiny_dir.name}+calm"
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from emili_core.testing import tiny_llama
 from emili_trainer.recipes import Recipe, load_recipe
 
 ARTIFACTS = Path(__file__).resolve().parents[3] / "var" / "artifacts" / "chat"
@@ -31,21 +31,8 @@ CONVERSATION = [
 
 
 def tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
+    model: LlamaForCausalLM = tiny_llama(tokenizer, seed)
+    return model
 
 
 def tiny_recipe(name: str, model_dir: Path, **train: int) -> Recipe:
