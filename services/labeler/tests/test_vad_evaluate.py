@@ -61,17 +61,24 @@ def test_held_out_words_are_absent_from_every_method(monkeypatch: pytest.MonkeyP
     seen: list[tuple[str, np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []
     real = evaluate_module.make_estimator  # type: ignore[attr-defined]
 
+    held_terms = {lexicon.terms[i] for i in held}
+    fit_terms: list[str] = []
+
     def spy(method: Any, embeddings: Any, values: Any, **kwargs: Any) -> Any:
         seen.append((method, np.asarray(embeddings), np.asarray(values)))
+        fit_terms.extend(kwargs.get("terms") or ())
         return real(method, embeddings, values, **kwargs)
 
     monkeypatch.setattr(evaluate_module, "make_estimator", spy)
     result = evaluate_oov(lexicon, embedder, holdout=0.1, seed=3)
-    assert [m for m, _, _ in seen] == ["softmax", "topk", "ridge"]
-    for _, matrix, values in seen:
-        assert matrix.shape == (180, 32) and values.shape == (180, 3)
+    assert [m for m, _, _ in seen] == ["softmax", "topk", "ridge", "fusion"]
+    # Fusion is fitted on the training terms only (its affect features are looked up from these).
+    assert len(fit_terms) == 180 and not held_terms & set(fit_terms)
+    for method, matrix, values in seen:
+        # Fusion's text features: e(w), then one block per template sentence.
+        assert matrix.shape == (180, 96 if method == "fusion" else 32) and values.shape == (180, 3)
         # No held-out word's embedding (nor its VAD row) is among the rows the method was built from.
-        distances = np.abs(matrix[None, :, :] - held_vectors[:, None, :]).max(axis=2)
+        distances = np.abs(matrix[None, :, :32] - held_vectors[:, None, :]).max(axis=2)
         assert distances.min() > 1e-3
         for i in held:
             assert not (values == lexicon.values[i]).all(axis=1).any()
@@ -110,8 +117,12 @@ def test_result_form_is_json_able() -> None:
 @pytest.mark.skipif(not NRC_V1.is_file(), reason=f"{NRC_V1} is not available (never part of the repository)")
 @pytest.mark.skipif(not (MINILM / "model.safetensors").is_file(), reason=f"{MINILM} is missing")
 def test_nrc_v1_with_minilm(tmp_path: Any) -> None:
+    # Fusion is left out: embedding its template sentences from an empty cache takes minutes (the CLI measures it).
     result = evaluate_oov(
-        load_lexicon(NRC_V1), SentenceTransformerEmbedder(MINILM), cache=LocalEmbeddingCache(tmp_path)
+        load_lexicon(NRC_V1),
+        SentenceTransformerEmbedder(MINILM),
+        methods=("softmax", "topk", "ridge"),
+        cache=LocalEmbeddingCache(tmp_path),
     )
     assert result["n_train"] == 18_006 and result["n_holdout"] == 2_001
     # Measured: softmax valence 0.72 at beta 10 (the paper reports about 0.74).

@@ -10,7 +10,13 @@ import typer
 
 from emili_core.settings import load_settings
 from emili_labeler.settings import LabelerSettings
-from emili_labeler.vad import LocalEmbeddingCache, SentenceTransformerEmbedder, evaluate_oov, load_lexicon
+from emili_labeler.vad import (
+    LocalEmbeddingCache,
+    SentenceTransformerEmbedder,
+    evaluate_oov,
+    load_affect_tables,
+    load_lexicon,
+)
 
 app = typer.Typer(help="VAD labels and datasets.", no_args_is_help=True)
 
@@ -28,8 +34,9 @@ def eval_oov(
     settings = load_settings(LabelerSettings)
     options = settings.labeler
     embedder = SentenceTransformerEmbedder(settings.artifact(options.embedding_model))
+    loaded = load_lexicon(lexicon, lexicon_format)
     result = evaluate_oov(
-        load_lexicon(lexicon, lexicon_format),
+        loaded,
         embedder,
         holdout,
         seed,
@@ -37,6 +44,9 @@ def eval_oov(
         beta=options.beta,
         k=options.top_k,
         alpha=options.ridge_alpha,
+        affect_tables=load_affect_tables(
+            [settings.artifact(p) for p in options.affect_resources], exclude_sha256=[loaded.sha256]
+        ),
     )
     print(json.dumps(result))
 

@@ -15,7 +15,7 @@ from emili_core.errors import NotFound
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_labeler.jobs import Runtime
 from emili_labeler.settings import LabelerSettings
-from emili_labeler.vad import SentenceTransformerEmbedder, VADScorer, load_lexicon
+from emili_labeler.vad import SentenceTransformerEmbedder, VADScorer, load_affect_tables, load_lexicon
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ def build_runtime(settings: LabelerSettings) -> Runtime:
         k=options.top_k,
         alpha=options.ridge_alpha,
         max_chars=options.max_text_chars,
+        affect_tables=load_affect_tables([settings.artifact(p) for p in options.affect_resources])
+        if oov == "fusion"
+        else (),
     )
     scorer.warm()
     log.info("labeler ready: lexicon %s (%d terms), OOV method %s", lexicon.name, len(lexicon.terms), oov)

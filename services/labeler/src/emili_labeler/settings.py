@@ -32,7 +32,9 @@ class LabelerOptions(BaseModel):
     worker: LabelerWorkerSettings = LabelerWorkerSettings()
     lexicon: LexiconSettings = LexiconSettings()
     embedding_model: Path = Path("labeler/all-MiniLM-L6-v2")
-    oov_method: Literal["softmax", "topk", "ridge", "none"] = "softmax"
+    oov_method: Literal["softmax", "topk", "ridge", "fusion", "none"] = "softmax"
+    # Independent affect lexicons read by the "fusion" method: files, or folders of them (missing ones skipped).
+    affect_resources: list[Path] = [Path("labeler/NoVAD_v2013.csv"), Path("labeler/affect")]
     beta: float = Field(10.0, gt=0)  # Softmax sharpness of the paper's out-of-lexicon method.
     top_k: int = Field(10, ge=1)
     ridge_alpha: float = Field(1.0, gt=0)

@@ -8,6 +8,7 @@ Typical use::
     scorer.score("I'm so happy today!").vad
 """
 
+from emili_labeler.vad.affect import AffectTable, affect_features, load_affect_tables
 from emili_labeler.vad.embed import (
     Embedder,
     EmbeddingCache,
@@ -19,6 +20,13 @@ from emili_labeler.vad.embed import (
     lexicon_embeddings,
 )
 from emili_labeler.vad.evaluate import evaluate_oov, holdout_split, pearson_r
+from emili_labeler.vad.fusion import (
+    DEFAULT_TEMPLATES,
+    FusionEstimator,
+    TemplateEmbedder,
+    WordFeaturizer,
+    lexicon_text_features,
+)
 from emili_labeler.vad.lexicon import (
     DIMENSIONS,
     Lexicon,
@@ -44,13 +52,16 @@ from emili_labeler.vad.tokenize import DEFAULT_STOPWORDS, LexiconTokenizer, Toke
 __all__ = [
     "DEFAULT_MAX_CHARS",
     "DEFAULT_STOPWORDS",
+    "DEFAULT_TEMPLATES",
     "DIMENSIONS",
     "LEXICON_SOURCE",
     "OOV_METHODS",
     "VAD",
+    "AffectTable",
     "Embedder",
     "EmbeddingCache",
     "FixedEmbedder",
+    "FusionEstimator",
     "Lexicon",
     "LexiconFormat",
     "LexiconTokenizer",
@@ -61,15 +72,20 @@ __all__ = [
     "RidgeEstimator",
     "SentenceTransformerEmbedder",
     "SoftmaxEstimator",
+    "TemplateEmbedder",
     "TextVAD",
     "Tokens",
     "TopKEstimator",
     "VADScorer",
+    "WordFeaturizer",
+    "affect_features",
     "detect_format",
     "embedding_cache_key",
     "evaluate_oov",
     "holdout_split",
     "lexicon_embeddings",
+    "lexicon_text_features",
+    "load_affect_tables",
     "load_lexicon",
     "load_nrc_vad_v1",
     "load_nrc_vad_v2",

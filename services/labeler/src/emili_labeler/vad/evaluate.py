@@ -5,6 +5,9 @@ softmax and top-k lookup matrices and the ridge fit exclude every held-out term)
 held-out terms from their embeddings. The score is Pearson's r between predictions and the lexicon's
 values, per dimension.
 
+The ``fusion`` method also reads independent affect lexicons (``affect_tables``); they are features, not
+targets, so they may list held-out words. A table whose file is the evaluated lexicon itself is dropped.
+
 Held-out rows are sliced out of the whole lexicon's (cached) embedding matrix: a term's embedding depends
 on that term alone, so this is the same as embedding the two parts separately, without leaking anything.
 """
@@ -18,7 +21,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from emili_labeler.vad.affect import AffectTable
 from emili_labeler.vad.embed import Embedder, EmbeddingCache, lexicon_embeddings
+from emili_labeler.vad.fusion import DEFAULT_TEMPLATES, FusionEstimator, WordFeaturizer, lexicon_text_features
 from emili_labeler.vad.lexicon import DIMENSIONS, Lexicon
 from emili_labeler.vad.oov import OOV_METHODS, OOVMethod, make_estimator
 
@@ -62,13 +67,16 @@ def evaluate_oov(
     beta: float = 10.0,
     k: int = 10,
     alpha: float = 1.0,
+    affect_tables: Sequence[AffectTable] = (),
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
 ) -> dict[str, Any]:
     """Pearson r per method and dimension on a held-out share of the lexicon (JSON-able result).
 
     ``{"lexicon", "lexicon_sha256", "model", "holdout", "seed", "n_train", "n_holdout",
     "methods": {"softmax": {"valence", "arousal", "dominance", "beta", "seconds"},
-    "topk": {..., "k"}, "ridge": {..., "alpha"}}}``; ``seconds`` is the time to build the method and
-    predict (the lexicon's embeddings are computed, or read from the cache, once beforehand).
+    "topk": {..., "k"}, "ridge": {..., "alpha"}, "fusion": {..., "templates", "resources", "alpha"}}}``;
+    ``seconds`` is the time to build the method and predict (the lexicon's embeddings are computed, or read
+    from the cache, once beforehand; fusion's template embeddings too).
     """
     unknown = [m for m in methods if m not in OOV_METHODS]
     if unknown:
@@ -78,11 +86,29 @@ def evaluate_oov(
     train_x, train_y = matrix[train], lexicon.values[train]
     held_x, held_y = matrix[held], lexicon.values[held]
     parameters: dict[str, dict[str, Any]] = {"softmax": {"beta": beta}, "topk": {"k": k}, "ridge": {"alpha": alpha}}
+    tables = [t for t in affect_tables if t.sha256 != lexicon.sha256]
+    featurizer = WordFeaturizer(embedder, tables, templates)
+    text = lexicon_text_features(lexicon, featurizer, cache) if "fusion" in methods else None
     results: dict[str, dict[str, Any]] = {}
     for method in methods:
         started = time.perf_counter()
-        estimator = make_estimator(method, train_x, train_y, beta=beta, k=k, alpha=alpha)
-        predicted = estimator.estimate(held_x)
+        if method == "fusion":
+            assert text is not None
+            # Only training rows and terms reach the fit; held-out words are featurised like any new word.
+            estimator = make_estimator(
+                method, text[train], train_y, k=k, terms=[lexicon.terms[i] for i in train], featurizer=featurizer
+            )
+            assert isinstance(estimator, FusionEstimator)
+            predicted = estimator.predict(text[held], featurizer.affect([lexicon.terms[i] for i in held]))
+            parameters[method] = {
+                "templates": list(templates),
+                "resources": [t.name for t in tables],
+                "alpha": estimator.alpha,
+            }
+        else:
+            estimator = make_estimator(method, train_x, train_y, beta=beta, k=k, alpha=alpha)
+            assert not isinstance(estimator, FusionEstimator)
+            predicted = estimator.estimate(held_x)
         elapsed = time.perf_counter() - started
         scores: dict[str, Any] = {dim: pearson_r(predicted[:, j], held_y[:, j]) for j, dim in enumerate(DIMENSIONS)}
         scores.update(parameters[method])

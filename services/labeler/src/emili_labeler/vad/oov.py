@@ -9,15 +9,21 @@ Three methods, each built from a lexicon's embedding matrix E (N x d, unit rows)
 * ``ridge`` (supervised): a linear map from embedding to VAD, fitted on the lexicon in closed form,
   W = (Xc^T Xc + alpha I)^-1 Xc^T Yc with centred X, Y and an unpenalised intercept.
 
+A fourth, ``fusion`` (:mod:`.fusion`), stacks text embeddings and independent affect lexicons; it needs the
+words themselves, not only their embeddings, so it is built with ``terms`` and a ``featurizer``.
+
 Queries are processed in chunks so memory stays bounded (chunk x N similarities at a time).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+
+from emili_labeler.vad.fusion import FusionEstimator, WordFeaturizer
 
 __all__ = [
     "OOV_METHODS",
@@ -29,8 +35,8 @@ __all__ = [
     "make_estimator",
 ]
 
-OOVMethod = Literal["softmax", "topk", "ridge"]
-OOV_METHODS: Final[tuple[OOVMethod, ...]] = ("softmax", "topk", "ridge")
+OOVMethod = Literal["softmax", "topk", "ridge", "fusion"]
+OOV_METHODS: Final[tuple[OOVMethod, ...]] = ("softmax", "topk", "ridge", "fusion")
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -173,11 +179,26 @@ def make_estimator(
     beta: float = 10.0,
     k: int = 10,
     alpha: float = 1.0,
-) -> SoftmaxEstimator | TopKEstimator | RidgeEstimator:
+    terms: Sequence[str] | None = None,
+    featurizer: WordFeaturizer | None = None,
+) -> SoftmaxEstimator | TopKEstimator | RidgeEstimator | FusionEstimator:
+    """The method built from the lexicon's rows; for ``fusion`` ``embeddings`` are the featurizer's text features."""
     if method == "softmax":
         return SoftmaxEstimator(embeddings, values, beta=beta)
     if method == "topk":
         return TopKEstimator(embeddings, values, k=k)
     if method == "ridge":
         return RidgeEstimator(embeddings, values, alpha=alpha)
+    if method == "fusion":
+        if terms is None or featurizer is None:
+            raise ValueError("the fusion method needs the lexicon's terms and a featurizer")
+        text = np.asarray(embeddings, dtype=np.float32)
+        return FusionEstimator(
+            text,
+            featurizer.affect(terms),
+            values,
+            word_dim=text.shape[1] // len(featurizer.embedders),
+            featurizer=featurizer,
+            k=k,
+        )
     raise ValueError(f"unknown OOV method {method!r}; choose one of {OOV_METHODS}")

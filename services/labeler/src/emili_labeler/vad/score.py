@@ -28,7 +28,9 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from emili_labeler.vad.affect import AffectTable
 from emili_labeler.vad.embed import Embedder, EmbeddingCache, lexicon_embeddings
+from emili_labeler.vad.fusion import FusionEstimator, WordFeaturizer, lexicon_text_features
 from emili_labeler.vad.lexicon import Lexicon
 from emili_labeler.vad.oov import OOV_METHODS, OOVEstimator, OOVMethod, make_estimator
 from emili_labeler.vad.tokenize import DEFAULT_STOPWORDS, LexiconTokenizer
@@ -77,7 +79,8 @@ class VADScorer:
     """Scores texts against one lexicon; unknown words are estimated with one OOV method.
 
     The lexicon's embedding matrix is built on first need (or by :meth:`warm`) from ``cache`` when it holds
-    it. Estimates for unknown words are kept in an LRU of ``oov_cache_size`` words.
+    it. Estimates for unknown words are kept in an LRU of ``oov_cache_size`` words. ``affect_tables`` are
+    the independent lexicons the ``fusion`` method reads (one made from the scorer's own lexicon file is dropped).
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class VADScorer:
         stopwords: Iterable[str] = DEFAULT_STOPWORDS,
         max_chars: int = DEFAULT_MAX_CHARS,
         oov_cache_size: int = 100_000,
+        affect_tables: Sequence[AffectTable] = (),
     ) -> None:
         if oov == "none":  # The settings' spelling of "no OOV method".
             oov = None
@@ -113,7 +117,9 @@ class VADScorer:
         self.max_chars = max_chars
         self.oov_cache_size = oov_cache_size
         self.tokenizer = LexiconTokenizer(lexicon, stopwords)
-        self._estimator: OOVEstimator | None = None
+        tables = [t for t in affect_tables if t.sha256 != lexicon.sha256]
+        self.featurizer = WordFeaturizer(embedder, tables) if oov == "fusion" and embedder is not None else None
+        self._estimator: OOVEstimator | FusionEstimator | None = None
         self._lru: OrderedDict[str, tuple[float, float, float]] = OrderedDict()
         self._lock = threading.Lock()  # Guards the LRU and the counters.
         self._build_lock = threading.Lock()  # Held while the lexicon is embedded: other threads wait for it.
@@ -125,13 +131,23 @@ class VADScorer:
         if self.oov is not None:
             self._get_estimator()
 
-    def _get_estimator(self) -> OOVEstimator:
+    def _get_estimator(self) -> OOVEstimator | FusionEstimator:
         with self._build_lock:
             if self._estimator is None:
                 assert self.oov is not None and self.embedder is not None
-                matrix = lexicon_embeddings(self.lexicon, self.embedder, self.cache)
+                if self.featurizer is not None:
+                    matrix = lexicon_text_features(self.lexicon, self.featurizer, self.cache)
+                else:
+                    matrix = lexicon_embeddings(self.lexicon, self.embedder, self.cache)
                 self._estimator = make_estimator(
-                    self.oov, matrix, self.lexicon.values, beta=self.beta, k=self.k, alpha=self.alpha
+                    self.oov,
+                    matrix,
+                    self.lexicon.values,
+                    beta=self.beta,
+                    k=self.k,
+                    alpha=self.alpha,
+                    terms=self.lexicon.terms,
+                    featurizer=self.featurizer,
                 )
             return self._estimator
 
@@ -153,7 +169,11 @@ class VADScorer:
         if missing:
             assert self.embedder is not None
             estimator = self._get_estimator()
-            estimates = estimator.estimate(self.embedder.embed([words[i] for i in missing]))
+            new_words = [words[i] for i in missing]
+            if isinstance(estimator, FusionEstimator):
+                estimates = estimator.estimate_words(new_words)
+            else:
+                estimates = estimator.estimate(self.embedder.embed(new_words))
             out[missing] = estimates
             if self.oov_cache_size:
                 with self._lock:
