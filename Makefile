@@ -8,8 +8,10 @@ SETUP_INPUTS := scripts/setup.sh scripts/fetch_artifacts.py requirements/constra
 	requirements/runtime.txt libs/core/pyproject.toml libs/proto/pyproject.toml $(wildcard services/*/pyproject.toml)
 ARTIFACTS := var/artifacts/fer/mini_xception.onnx var/artifacts/samples/face_640x480.jpg
 PYTEST_ARGS ?=
+DEMO_CONFIG ?= libs/pipeline/configs/demo.yaml
+LOAD_ARGS ?= --users 20 --minutes 2
 
-.PHONY: help setup proto proto-check up down status test test-unit lint fmt typecheck demo bench-fer bench-chat bench-labeler bench-trainer clean
+.PHONY: help setup proto proto-check up down status test test-unit lint fmt typecheck demo load bench-fer bench-chat bench-labeler bench-trainer clean
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -53,8 +55,11 @@ fmt: setup  ## Apply ruff's fixes and formatting.
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-demo: up  ## The main job; until the pipeline lands: analyse a real face through the running FER service.
-	$(PY) scripts/demo.py
+demo: up  ## The main job: simulated users, then label, SFT, DPO and evaluate on the local stack; prints the report.
+	$(EMILI) pipeline run $(DEMO_CONFIG)
+
+load: up  ## Load test: M sessions at 1 face input/s for T minutes (LOAD_ARGS="--users M --minutes T"); prints JSON.
+	$(EMILI) pipeline load $(LOAD_ARGS)
 
 bench-fer: setup  ## FER accuracy and gRPC throughput/latency; prints JSON (record it in BENCHMARKS.md).
 	$(PY) services/fer/bench/bench_fer.py $(BENCH_ARGS)

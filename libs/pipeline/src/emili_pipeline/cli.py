@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 
 from emili_core.auth import create_token
 from emili_core.logs import configure_logging
 from emili_core.settings import load_settings
 
 app = typer.Typer(help="Simulated users, the collect-label-train-evaluate pipeline, load tests.", no_args_is_help=True)
+console = Console(stderr=True)
 
 
 @app.callback()
@@ -88,4 +90,271 @@ def simulate(
         summary["outcomes"] = str(out)
     print(json.dumps(summary, indent=2))
     if summary["failed"]:
+        raise typer.Exit(1)
+
+
+# --- the pipeline: collect, then the canvas -------------------------------------------------------------------
+
+
+def _producer() -> tuple[Any, Any]:
+    from emili_core.objectstore import ObjectStore
+    from emili_core.tasks import create_celery_app
+    from emili_pipeline.settings import PipelineSettings
+
+    settings = load_settings(PipelineSettings)
+    store = ObjectStore(settings.s3)
+    store.ensure_buckets()
+    return create_celery_app("pipeline", settings), store
+
+
+def _status_table(pipeline: str, views: list[Any], status: str) -> Any:
+    from rich.table import Table
+
+    colours = {"done": "green", "running": "yellow", "retrying": "yellow", "failed": "red", "queued": "cyan"}
+    table = Table(title=f"pipeline {pipeline}: {status}", title_justify="left")
+    for column in ("step", "what", "state", "time", "detail"):
+        table.add_column(column, overflow="fold")
+    for v in views:
+        colour = colours.get(v.state, "white")
+        seconds = f"{v.seconds:.0f} s" if v.seconds is not None else ""
+        table.add_row(v.name, v.title, f"[{colour}]{v.state}[/{colour}]", seconds, v.detail)
+    return table
+
+
+def _follow(app: Any, store: Any, state: dict[str, Any], timeout_s: float | None) -> tuple[str, dict[str, Any]]:
+    from rich.live import Live
+
+    from emili_pipeline.orchestrate import Watcher
+
+    watcher = Watcher(app, store, state)
+    with Live(_status_table(watcher.pipeline_id, [], "submitted"), console=console, refresh_per_second=2) as live:
+        status = watcher.wait(
+            timeout_s, on_poll=lambda views, s: live.update(_status_table(watcher.pipeline_id, views, s))
+        )
+    for r in watcher.resubmissions:
+        console.print(f"[yellow]step {r['step']} lost its worker ({r['worker']}); it was resubmitted[/yellow]")
+    return status, watcher.state
+
+
+def _print_report(store: Any, state: dict[str, Any], reports_dir: Path) -> None:
+    from rich.markdown import Markdown
+
+    from emili_pipeline.orchestrate import download_report
+    from emili_pipeline.pipeline import outputs
+    from emili_pipeline.steps import model_arms
+
+    run_id = outputs(state, "evaluate").get("run_id")
+    if not run_id:
+        console.print("[red]the pipeline has no evaluation report[/red]")
+        return
+    folder = reports_dir / run_id
+    markdown, plots = download_report(store, run_id, folder)
+    console.print(Markdown(markdown))
+    arms = ", ".join(f"{label} = {arm}" for label, arm in model_arms(state).items())
+    console.print(f"\narms: {arms}")
+    notes = outputs(state, "datasets").get("notes") or []
+    for note in notes:
+        console.print(f"note: {note}")
+    console.print(f"report: {folder / 'report.md'}")
+    for plot in plots:
+        console.print(f"plot: {plot}")
+
+
+def _reports_dir() -> Path:
+    from emili_core.settings import REPO_ROOT
+
+    return REPO_ROOT / "var" / "reports"
+
+
+@app.command()
+def run(
+    config_file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Pipeline config YAML.")],
+    target: Annotated[str | None, typer.Option(help="Chat server address (default from the chat settings).")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Give up following after this many seconds.")] = None,
+) -> None:
+    """Collect simulated sessions, run the canvas (label, datasets, SFT, DPO, arms, Table 2, evaluation), show
+    live status, print the report."""
+    from emili_core.errors import InvalidInput
+    from emili_pipeline.config import load_config, resolve
+    from emili_pipeline.orchestrate import submit
+    from emili_pipeline.pipeline import new_state, save_state
+    from emili_pipeline.settings import PipelineSettings
+    from emili_pipeline.simulator import load_personas, run_users, summarize
+
+    settings = load_settings(PipelineSettings)
+    configure_logging("pipeline", "WARNING", settings.log_format)
+    started = time.perf_counter()
+    try:
+        config = resolve(load_config(config_file), config_file.resolve().parent)
+        simulator = config.simulator_settings(settings.pipeline.simulator)
+        cast = load_personas(config.personas, config.persona_limit)
+    except (InvalidInput, OSError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    secret = settings.auth.secret.get_secret_value()
+    faces = f", faces {config.faces}" if config.faces else ", FER readings"
+    console.print(
+        f"collecting: {config.users} simulated users ({config.concurrency} at a time, personas {config.personas}"
+        f"{faces}) talking to arm {config.arm}"
+    )
+
+    def token_for(subject: str) -> str:
+        return create_token(secret, subject, ["chat"], settings.auth.default_ttl_seconds, settings.auth.issuer)
+
+    outcomes = asyncio.run(
+        run_users(
+            config.users,
+            config.concurrency,
+            target or _chat_target(),
+            cast,
+            simulator,
+            config.seed,
+            token_for=token_for,
+        )
+    )
+    summary = summarize(outcomes, time.perf_counter() - started)
+    console.print(
+        f"collected {summary['ok']} sessions ({summary['failed']} failed) in {summary['wall_s']:.0f} s; "
+        f"ttft p50 {summary['ttft_s']['p50']} s"
+    )
+    if not summary["sessions"]:
+        console.print("[red]no session was created; is the stack up (make up)?[/red]")
+        raise typer.Exit(1)
+    collected = {k: summary[k] for k in ("ok", "failed", "wall_s", "turns", "ttft_s", "mean_ratings", "errors")}
+    state = new_state(config, summary["sessions"], collected)
+    app_, store = _producer()
+    save_state(store, state)
+    console.print(
+        f"pipeline {state['pipeline_id']}: {len(state['train_sessions'])} training sessions, "
+        f"{len(state['heldout_sessions'])} held out"
+    )
+    state = submit(app_, store, state)
+    status, state = _follow(app_, store, state, timeout)
+    if status != "succeeded":
+        console.print(
+            f"[red]pipeline {state['pipeline_id']} {status}[/red]; `emili pipeline resume {state['pipeline_id']}`"
+        )
+        raise typer.Exit(1)
+    _print_report(store, state, _reports_dir())
+    console.print(f"pipeline {state['pipeline_id']} finished in {time.perf_counter() - started:.0f} s")
+
+
+@app.command()
+def status(
+    pipeline: Annotated[str, typer.Argument(help="A pipeline id (pl-...).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the stored state as JSON.")] = False,
+) -> None:
+    """A pipeline's stored state: each step's state and outputs."""
+    from emili_core.errors import NotFound
+    from emili_pipeline.pipeline import STEPS, load_state
+    from emili_pipeline.steps import describe
+
+    _, store = _producer()
+    try:
+        state = load_state(store, pipeline)
+    except NotFound as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if as_json:
+        print(json.dumps(state, indent=2))
+        return
+    from emili_pipeline.orchestrate import StepView, step_seconds
+
+    views = []
+    for step in STEPS:
+        recorded = state["steps"][step.name]
+        detail = recorded.get("error") or ""
+        if recorded.get("state") == "done":
+            detail = describe(step.name, recorded.get("outputs") or {})
+        views.append(StepView(step.name, step.title, recorded.get("state", "pending"), detail, step_seconds(recorded)))
+    console.print(_status_table(pipeline, views, f"attempt {state.get('attempt')}"))
+
+
+@app.command()
+def resume(
+    pipeline: Annotated[str, typer.Argument(help="A pipeline id (pl-...).")],
+    step: Annotated[str | None, typer.Option(help="Resubmit from this step (default: the first not done).")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Give up following after this many seconds.")] = None,
+) -> None:
+    """Resubmit a pipeline from its first unfinished step (finished work is found, not redone), follow it, and
+    print the report."""
+    from emili_core.errors import NotFound
+    from emili_pipeline.orchestrate import submit
+    from emili_pipeline.pipeline import STEP_NAMES, is_finished, load_state
+
+    app_, store = _producer()
+    try:
+        state = load_state(store, pipeline)
+    except NotFound as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if step is not None and step not in STEP_NAMES:
+        raise typer.BadParameter(f"--step must be one of {', '.join(STEP_NAMES)}")
+    if step is not None or not is_finished(state):
+        state = submit(app_, store, state, from_step=step)
+        status, state = _follow(app_, store, state, timeout)
+        if status != "succeeded":
+            console.print(f"[red]pipeline {pipeline} {status}[/red]")
+            raise typer.Exit(1)
+    _print_report(store, state, _reports_dir())
+
+
+@app.command()
+def load(
+    users: Annotated[int, typer.Option(min=1, help="Simulated sessions open at once (M).")] = 20,
+    minutes: Annotated[float, typer.Option(min=0.05, help="How long to keep them going (T).")] = 2.0,
+    fps: Annotated[float, typer.Option(min=0.0, help="Face inputs per second per session.")] = 1.0,
+    # One message and a minute of face input per session by default: the load is the face stream and the event
+    # log, while the one CPU model (a reply at a time) would otherwise only measure its own queue.
+    turns: Annotated[int, typer.Option(min=1, help="User messages per session.")] = 1,
+    seconds_between_turns: Annotated[float, typer.Option(min=0.0, help="Pause after each reply.")] = 10.0,
+    linger: Annotated[float, typer.Option(min=0.0, help="Face input kept on after the last reply (s).")] = 60.0,
+    faces: Annotated[
+        Path | None,
+        typer.Option(exists=True, help="Send JPEG frames of these faces (FER in the loop); default: readings."),
+    ] = None,
+    personas: Annotated[str, typer.Option(help="'builtin', a JSON/YAML file, or ed:PATH.")] = "builtin",
+    seed: Annotated[int, typer.Option(help="Seed of the simulated users.")] = 0,
+    target: Annotated[str | None, typer.Option(help="Chat server address (default from the chat settings).")] = None,
+) -> None:
+    """Load test against the running stack: sustained face inputs/s, TTFT p50/p99, queue lag, errors, and the
+    zero-loss check of every acknowledged event against the stored records. Prints JSON; exit 1 if anything
+    acknowledged was lost."""
+    from emili_core.objectstore import ObjectStore
+    from emili_pipeline.load import report, run_load
+    from emili_pipeline.settings import PipelineSettings
+    from emili_pipeline.simulator import load_personas
+
+    settings = load_settings(PipelineSettings)
+    configure_logging("pipeline", "WARNING", settings.log_format)
+    simulator = settings.pipeline.simulator.model_copy(
+        update={
+            "turns": turns,
+            "seconds_between_turns": seconds_between_turns,
+            "frames_per_second": fps,
+            "linger_s": linger,
+            "faces": faces,
+            "subject_prefix": "load",
+        }
+    )
+    store = ObjectStore(settings.s3)
+    secret = settings.auth.secret.get_secret_value()
+
+    def token_for(subject: str) -> str:
+        return create_token(secret, subject, ["chat"], settings.auth.default_ttl_seconds, settings.auth.issuer)
+
+    console.print(f"load: {users} sessions at once, {fps} face inputs/s each, for {minutes} min")
+    result = asyncio.run(
+        run_load(
+            users,
+            minutes,
+            target or _chat_target(),
+            load_personas(personas),
+            simulator,
+            store,
+            settings.redis_url,
+            token_for=token_for,
+            seed=seed,
+        )
+    )
+    summary = report(result, store, users, minutes, fps)
+    print(json.dumps(summary, indent=2))
+    if not summary["zero_loss"]:
         raise typer.Exit(1)

@@ -26,3 +26,22 @@ def runtime() -> tuple[redis.Redis, ObjectStore]:
 def persist_session_task(self: Any, session_id: str) -> dict[str, Any]:
     client, store = runtime()
     return persist_session(client, store, session_id)
+
+
+@idempotent_task("chat.pipeline_collect")
+def pipeline_collect(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+    from emili_pipeline import steps
+    from emili_pipeline.pipeline import run_step_task
+
+    client, store = runtime()
+    return run_step_task(self, store, state, "collect", lambda s: steps.collect(client, store, s))
+
+
+@idempotent_task("chat.pipeline_arm_sessions")
+def pipeline_arm_sessions(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+    from emili_pipeline import steps
+    from emili_pipeline.pipeline import run_step_task
+
+    client, store = runtime()
+    settings = load_settings(ChatSettings)
+    return run_step_task(self, store, state, "arm_sessions", lambda s: steps.arm_sessions(settings, client, store, s))

@@ -1,0 +1,119 @@
+"""The pipeline's config file (``emili pipeline run CONFIG.yaml``): who is simulated, which recipes train, what
+is held out and evaluated.
+
+``auto`` inputs pick the development data in ``../shared/data`` when it is there (EmpatheticDialogues personas,
+FER2013 faces) and the built-in personas and FER readings when it is not, so a fresh clone runs the same file.
+:func:`resolve` turns them into concrete values before anything runs, so the pipeline id names what was used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from emili_core.errors import InvalidInput
+from emili_core.settings import REPO_ROOT
+from emili_pipeline.simulator.run import SimulatorSettings
+
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SHARED_PERSONAS = SHARED_DATA / "empatheticdialogues"
+SHARED_FACES = SHARED_DATA / "fer2013-publictest" / "fer2013_publictest_48x48.npz"
+AUTO = "auto"
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+class Recipes(BaseModel):
+    """A recipe shipped with the trainer (by name) or a recipe YAML file (its text travels with the pipeline)."""
+
+    model_config = _STRICT
+    sft: str = "smollm2-cpu-sft"
+    dpo: str = "smollm2-cpu-dpo"
+
+
+class Evaluation(BaseModel):
+    model_config = _STRICT
+    # Contexts per source (held-out sessions, EmpatheticDialogues test) each arm answers.
+    max_examples: int = Field(16, ge=1, le=10_000)
+    # Simulated users per arm (base, SFT, SFT+DPO) after training: Tables 1 and 2 compare their ratings and
+    # survey changes. 0 skips them (the tables then hold the collected sessions' arm only).
+    users_per_arm: int = Field(4, ge=0, le=10_000)
+    concurrency: int = Field(3, ge=1, le=256)
+
+
+class PipelineConfig(BaseModel):
+    model_config = _STRICT
+
+    name: str = Field("pipeline", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    seed: int = 0
+    users: int = Field(8, ge=1, le=100_000)  # Simulated users collected before training.
+    concurrency: int = Field(3, ge=1, le=256)
+    arm: str = "base"  # The model arm the collected sessions talk to.
+    personas: str = AUTO  # builtin | a JSON/YAML file | ed:PATH | auto
+    # Use only the first N personas: users who share a persona open with the same words, which is what
+    # feedback preference pairs need (replies to the same context, one liked and one not).
+    persona_limit: int | None = Field(None, ge=1)
+    faces: str | None = AUTO  # class folders or an NPZ | auto | null (FER readings)
+    # Overrides of the simulator's settings (turns, seconds_between_turns, frames_per_second, linger_s, ...).
+    simulator: dict[str, Any] = Field(default_factory=dict)
+    heldout_share: float = Field(0.25, ge=0.0, lt=1.0)  # Sessions kept out of training, for evaluation.
+    recipes: Recipes = Recipes()
+    # feedback: pairs from the users' reactions; empathetic: EmPO pairs (needs the labeler's
+    # EMILI_LABELER__EMPATHETIC_DIALOGUES); auto: feedback, else EmPO, else DPO is skipped (the reason is kept).
+    dpo_source: Literal["auto", "feedback", "empathetic"] = "auto"
+    evaluation: Evaluation = Evaluation()
+
+    def simulator_settings(self, base: SimulatorSettings | None = None) -> SimulatorSettings:
+        """The simulator's settings: ``base`` (the environment's) with this file's overrides and inputs."""
+        merged = {**(base or SimulatorSettings()).model_dump(), **self.simulator, "model_arm": self.arm}
+        merged["faces"] = None if self.faces in (None, AUTO) else Path(self.faces)
+        try:
+            return SimulatorSettings.model_validate(merged)
+        except ValidationError as exc:
+            raise InvalidInput(f"simulator settings: {exc}") from None
+
+
+def load_config(path: Path) -> PipelineConfig:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidInput(f"cannot read pipeline config {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{path} must be a YAML mapping")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInput(f"{path} is not a valid pipeline config: {exc}") from None
+
+
+def _recipe(value: str, folder: Path) -> str:
+    """A recipe file's text (so workers need no copy of the file), or a shipped recipe's name."""
+    if value.endswith((".yaml", ".yml")):
+        path = Path(value) if Path(value).is_absolute() else folder / value
+        if not path.is_file():
+            path = Path(value).resolve()
+        if not path.is_file():
+            raise InvalidInput(f"recipe file {value} not found (relative paths are read from {folder})")
+        return path.read_text(encoding="utf-8")
+    return value
+
+
+def resolve(config: PipelineConfig, config_dir: Path, shared: Path = SHARED_DATA) -> PipelineConfig:
+    """Concrete inputs: ``auto`` replaced by what exists, recipe files by their text, paths made absolute."""
+    personas, faces = config.personas, config.faces
+    ed, npz = shared / SHARED_PERSONAS.name, shared / SHARED_FACES.relative_to(SHARED_DATA)
+    if personas == AUTO:
+        personas = f"ed:{ed}" if (ed / "valid.csv").is_file() else "builtin"
+    elif personas.startswith("ed:") and not Path(personas[3:]).is_absolute():
+        personas = f"ed:{(config_dir / personas[3:]).resolve()}"
+    elif personas != "builtin" and not Path(personas).is_absolute():
+        personas = str((config_dir / personas).resolve())
+    if faces == AUTO:
+        faces = str(npz) if npz.is_file() else None
+    elif faces is not None and not Path(faces).is_absolute():
+        faces = str((config_dir / faces).resolve())
+    recipes = Recipes(sft=_recipe(config.recipes.sft, config_dir), dpo=_recipe(config.recipes.dpo, config_dir))
+    return config.model_copy(update={"personas": personas, "faces": faces, "recipes": recipes})

@@ -1,0 +1,218 @@
+"""Submitting the canvas and following it: the producer side of the pipeline (the CLI, tests).
+
+:func:`submit` sends a Celery chain of the steps not yet done, each with a task id recorded in the state.
+:class:`Watcher` polls the result backend: each step's state, a training step's progress (the PROGRESS meta of
+its task), the final state. When the worker running a step has died (its process is gone, or, on another host,
+it stopped answering pings), the watcher resubmits the chain from that step: the step runs again and, being
+keyed by content, resumes or finds its outputs instead of making new ones. The dead worker's message comes
+back only after the broker's visibility timeout; it then belongs to an older attempt and stops at once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, chain
+
+from emili_core.keys import run_prefix
+from emili_core.objectstore import Bucket, ObjectStore
+from emili_pipeline.pipeline import DONE, FAILED, STEPS, State, first_unfinished, load_state, save_state
+from emili_pipeline.steps import describe
+
+STEP_TASK = {s.name: s.task for s in STEPS}
+LIVE = {"STARTED", "PROGRESS", "RETRY"}
+
+
+def submit(app: Celery, store: ObjectStore, state: State, from_step: str | None = None) -> State:
+    """Send the chain from ``from_step`` (default: the first step not done); returns the submitted state."""
+    start = from_step or first_unfinished(state)
+    if start is None:
+        return state
+    names = [s.name for s in STEPS]
+    todo = names[names.index(start) :]
+    state = {**state, "attempt": int(state.get("attempt", 0)) + 1}
+    ids = {name: uuid.uuid4().hex for name in todo}
+    state["tasks"] = {**state.get("tasks", {}), **ids}
+    for name in todo:
+        state["steps"][name] = {**state["steps"][name], "state": "pending", "error": None}
+    save_state(store, state)  # First: a step of the previous attempt that is still running sees it and stops.
+    signatures = [
+        app.signature(STEP_TASK[name], args=(state,) if i == 0 else ()).set(task_id=ids[name])
+        for i, name in enumerate(todo)
+    ]
+    chain(*signatures).apply_async()
+    return state
+
+
+def _local_worker_alive(hostname: str) -> bool | None:
+    """Whether a worker named ``<service>-<pid>@<host>`` is alive, when it runs on this machine (None: unknown)."""
+    name, _, host = hostname.partition("@")
+    pid = name.rpartition("-")[2]
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class StepView:
+    name: str
+    title: str
+    state: str = "pending"
+    detail: str = ""
+    seconds: float | None = None
+
+
+@dataclass
+class Watcher:
+    app: Celery
+    store: ObjectStore
+    state: State
+    ping_every_s: float = 10.0
+    missed_pings_allowed: int = 3
+    resubmissions: list[dict[str, Any]] = field(default_factory=list)
+    _missed: dict[str, int] = field(default_factory=dict)
+    _last_ping: float = 0.0
+    _alive: set[str] = field(default_factory=set)
+    _started: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def pipeline_id(self) -> str:
+        return str(self.state["pipeline_id"])
+
+    def _meta(self, task_id: str) -> dict[str, Any]:
+        return dict(self.app.backend.get_task_meta(task_id))
+
+    def _worker_dead(self, worker: str) -> bool:
+        local = _local_worker_alive(worker)
+        if local is not None:
+            return not local
+        now = time.monotonic()
+        if now - self._last_ping >= self.ping_every_s:
+            self._last_ping = now
+            try:
+                self._alive = {n for reply in self.app.control.ping(timeout=2) for n in reply}
+            except Exception:
+                return False  # The broker is unreachable: no evidence about the worker.
+            self._missed[worker] = 0 if worker in self._alive else self._missed.get(worker, 0) + 1
+        return self._missed.get(worker, 0) >= self.missed_pings_allowed
+
+    def poll(self) -> tuple[list[StepView], str]:
+        """Each step's view, and the pipeline's status: running, succeeded or failed (resubmitting as needed)."""
+        views: list[StepView] = []
+        status = "running"
+        latest = self.state
+        for step in STEPS:
+            view = StepView(step.name, step.title)
+            views.append(view)
+            recorded = latest["steps"][step.name]
+            task_id = latest.get("tasks", {}).get(step.name)
+            if recorded.get("state") == DONE:
+                view.state, view.detail = "done", describe(step.name, recorded.get("outputs") or {})
+                view.seconds = step_seconds(recorded)
+                continue
+            if task_id is None:
+                continue
+            meta = self._meta(task_id)
+            celery_state, info = meta.get("status", "PENDING"), meta.get("result")
+            if celery_state == "SUCCESS" and isinstance(info, dict):
+                latest = info  # The state after this step: what the next steps build on.
+                self.state = latest
+                done = latest["steps"][step.name]
+                view.state, view.detail = "done", describe(step.name, done.get("outputs") or {})
+                view.seconds = step_seconds(done)
+            elif celery_state == "FAILURE":
+                view.state, view.detail = "failed", _error(info)
+                status = "failed"
+                break
+            elif celery_state in LIVE:
+                view.state = "running" if celery_state != "RETRY" else "retrying"
+                self._started.setdefault(step.name, time.monotonic())
+                view.seconds = time.monotonic() - self._started[step.name]
+                view.detail = _progress(info) if celery_state == "PROGRESS" else ""
+                worker = str(meta.get("worker") or (info or {}).get("hostname") or "")
+                if celery_state != "RETRY" and worker and self._worker_dead(worker):
+                    self._resubmit(step.name, worker)
+                    view.detail = f"worker {worker} died; resubmitted from this step"
+                break
+            else:
+                view.state = "queued"
+                break
+        if all(v.state == "done" for v in views):
+            status = "succeeded"
+        return views, status
+
+    def _resubmit(self, step: str, worker: str) -> None:
+        stored = load_state(self.store, self.pipeline_id)
+        self.resubmissions.append({"step": step, "worker": worker, "attempt": stored.get("attempt")})
+        self._started.pop(step, None)
+        self.state = submit(self.app, self.store, stored, from_step=step)
+
+    def wait(self, timeout_s: float | None = None, interval_s: float = 1.0, on_poll: Any = None) -> str:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            views, status = self.poll()
+            if on_poll is not None:
+                on_poll(views, status)
+            if status != "running":
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"pipeline {self.pipeline_id} still running after {timeout_s} s")
+            time.sleep(interval_s)
+
+
+def step_seconds(step: dict[str, Any]) -> float | None:
+    if step.get("started_ms") and step.get("finished_ms"):
+        return (int(step["finished_ms"]) - int(step["started_ms"])) / 1000
+    return None
+
+
+def _error(info: Any) -> str:
+    if isinstance(info, dict):
+        return f"{info.get('exc_type', 'error')}: {info.get('exc_message', info)}"
+    return str(info)
+
+
+def _progress(info: Any) -> str:
+    """A trainer task's PROGRESS meta: step/total, loss, tokens per second."""
+    if not isinstance(info, dict):
+        return ""
+    parts = []
+    if info.get("total_steps"):
+        parts.append(f"step {info.get('step', 0)}/{info['total_steps']}")
+    if info.get("loss") is not None:
+        parts.append(f"loss {float(info['loss']):.3f}")
+    if info.get("tokens_per_second"):
+        parts.append(f"{float(info['tokens_per_second']):,.0f} tok/s")
+    if info.get("run_id"):
+        parts.append(str(info["run_id"]))
+    return " · ".join(parts)
+
+
+def step_failed(state: State) -> str | None:
+    return next((n for n, s in state["steps"].items() if s.get("state") == FAILED), None)
+
+
+def download_report(store: ObjectStore, eval_run_id: str, folder: Path) -> tuple[str, list[Path]]:
+    """An evaluation run's report.md, with report.json and its plots saved into ``folder``."""
+    prefix = f"{run_prefix(eval_run_id)}/report"
+    folder.mkdir(parents=True, exist_ok=True)
+    markdown = store.get_bytes(Bucket.MODELS, f"{prefix}/report.md").decode()
+    (folder / "report.md").write_text(markdown, encoding="utf-8")
+    store.get_file(Bucket.MODELS, f"{prefix}/report.json", folder / "report.json")
+    plots = []
+    for key in store.list_keys(Bucket.MODELS, f"{prefix}/plots/"):
+        if key.endswith(".png"):
+            plots.append(store.get_file(Bucket.MODELS, key, folder / "plots" / Path(key).name))
+    return markdown, plots

@@ -1,0 +1,183 @@
+"""The pipeline's state: what each step received and produced, kept in object storage after every step.
+
+The canvas is a Celery chain of step tasks, one per service queue (:data:`STEPS`). Each task takes the
+accumulated ``state`` dict from the step before, runs its step through :func:`run_step` and returns the state
+with its outputs merged; the same state is written to ``emili-models/pipelines/<id>/state.json`` so
+``emili pipeline status ID`` works later and a pipeline can be resumed from its first unfinished step.
+
+Every step's work is keyed by content (session records, labels, dataset ids, run ids), so running a step
+again (a redelivered message, a resubmitted chain) finds or rewrites the same objects. A resubmission bumps
+``attempt``; a step of an older chain that is still travelling sees the newer attempt and stops its chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from emili_core.errors import NotFound
+from emili_core.keys import pipeline_state_key
+from emili_core.objectstore import Bucket, ObjectStore
+from emili_core.tasks import TRANSIENT_ERRORS
+from emili_pipeline.config import PipelineConfig
+
+State = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    task: str  # The Celery task that runs it (its queue is the service whose worker must run it).
+    title: str
+
+
+STEPS: tuple[Step, ...] = (
+    Step("collect", "chat.pipeline_collect", "persist the collected sessions"),
+    Step("label", "labeler.pipeline_label", "gold VAD labels and reaction flags"),
+    Step("datasets", "labeler.pipeline_datasets", "SFT and DPO datasets"),
+    Step("sft", "trainer.pipeline_sft", "LoRA SFT"),
+    Step("dpo", "trainer.pipeline_dpo", "LoRA DPO from the SFT adapter"),
+    Step("arm_sessions", "chat.pipeline_arm_sessions", "simulated users per arm"),
+    Step("delta_table", "labeler.pipeline_delta_table", "Table 2: Delta VAD per arm"),
+    Step("evaluate", "trainer.pipeline_evaluate", "base vs SFT vs SFT+DPO, report"),
+)
+STEP_NAMES = tuple(s.name for s in STEPS)
+PENDING, RUNNING, RETRYING, DONE, FAILED = "pending", "running", "retrying", "done", "failed"
+
+
+class Superseded(Exception):
+    """A newer submission of the same pipeline exists: this chain must stop."""
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def pipeline_id(config: PipelineConfig, session_ids: Sequence[str]) -> str:
+    """Same (resolved) config and same collected sessions: same pipeline."""
+    return f"pl-{_digest({'config': config.model_dump(mode='json'), 'sessions': sorted(session_ids)})[:16]}"
+
+
+def heldout_split(session_ids: Sequence[str], share: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(training, held-out) session ids. Each id's rank by a hash of (seed, id) decides, so the split does not
+    depend on the order sessions were collected in; the held-out part is ``ceil(share * n)`` sessions (at least
+    one when ``share > 0`` and there are two or more, never all of them)."""
+    ids = sorted(set(session_ids))
+    if share <= 0 or len(ids) < 2:
+        return ids, []
+    ranked = sorted(ids, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
+    count = min(len(ids) - 1, max(1, math.ceil(share * len(ids))))
+    heldout = set(ranked[:count])
+    return [s for s in ids if s not in heldout], sorted(heldout)
+
+
+def new_state(config: PipelineConfig, session_ids: Sequence[str], collected: dict[str, Any] | None = None) -> State:
+    train, heldout = heldout_split(session_ids, config.heldout_share, config.seed)
+    return {
+        "pipeline_id": pipeline_id(config, session_ids),
+        "config": config.model_dump(mode="json"),
+        "sessions": sorted(set(session_ids)),
+        "train_sessions": train,
+        "heldout_sessions": heldout,
+        "collected": collected or {},
+        "attempt": 0,
+        "tasks": {},
+        "created_ms": _now_ms(),
+        "steps": {s.name: {"state": PENDING} for s in STEPS},
+    }
+
+
+def config_of(state: State) -> PipelineConfig:
+    return PipelineConfig.model_validate(state["config"])
+
+
+def outputs(state: State, step: str) -> dict[str, Any]:
+    """What a finished step produced (empty if it has not finished)."""
+    return dict(state["steps"].get(step, {}).get("outputs") or {})
+
+
+def first_unfinished(state: State) -> str | None:
+    return next((name for name in STEP_NAMES if state["steps"][name].get("state") != DONE), None)
+
+
+def is_finished(state: State) -> bool:
+    return first_unfinished(state) is None
+
+
+# --- object storage --------------------------------------------------------------------------------------------
+
+
+def save_state(store: ObjectStore, state: State) -> None:
+    store.put_json(Bucket.MODELS, pipeline_state_key(state["pipeline_id"]), {**state, "updated_ms": _now_ms()})
+
+
+def load_state(store: ObjectStore, pipeline: str) -> State:
+    try:
+        return dict(store.get_json(Bucket.MODELS, pipeline_state_key(pipeline)))
+    except NotFound:
+        raise NotFound(f"no pipeline {pipeline!r} in object storage") from None
+
+
+def _stored_attempt(store: ObjectStore, pipeline: str) -> int:
+    try:
+        return int(load_state(store, pipeline).get("attempt", 0))
+    except NotFound:
+        return 0
+
+
+# --- running one step ------------------------------------------------------------------------------------------
+
+
+def run_step(
+    store: ObjectStore,
+    state: State,
+    name: str,
+    work: Callable[[State], dict[str, Any]],
+    *,
+    task_id: str = "",
+    worker: str = "",
+) -> State:
+    """Run step ``name`` of the pipeline in ``state``: record it as running, call ``work`` (which returns the
+    step's outputs), record the outputs, and return the new state. A step already done returns the state
+    unchanged; a state from an older submission raises :class:`Superseded`."""
+    if name not in STEP_NAMES:
+        raise ValueError(f"unknown pipeline step {name!r}")
+    if _stored_attempt(store, state["pipeline_id"]) > int(state.get("attempt", 0)):
+        raise Superseded(f"pipeline {state['pipeline_id']} was resubmitted; this copy of step {name} stops")
+    step = state["steps"][name]
+    if step.get("state") == DONE:
+        return state
+    step.update(state=RUNNING, started_ms=_now_ms(), task_id=task_id, worker=worker, error=None)
+    step["runs"] = int(step.get("runs", 0)) + 1
+    save_state(store, state)
+    try:
+        result = work(state)
+    except Exception as exc:
+        transient = isinstance(exc, TRANSIENT_ERRORS)
+        step.update(state=RETRYING if transient else FAILED, error=f"{type(exc).__name__}: {exc}")
+        save_state(store, state)
+        raise
+    step.update(state=DONE, finished_ms=_now_ms(), outputs=result)
+    save_state(store, state)
+    return state
+
+
+def run_step_task(
+    task: Any, store: ObjectStore, state: State, name: str, work: Callable[[State], dict[str, Any]]
+) -> State:
+    """The body of every ``*.pipeline_*`` Celery task: :func:`run_step`, and a superseded chain stops quietly."""
+    from celery.exceptions import Ignore
+
+    try:
+        return run_step(store, state, name, work, task_id=task.request.id or "", worker=task.request.hostname or "")
+    except Superseded:
+        raise Ignore() from None

@@ -1,0 +1,168 @@
+"""The pipeline's config, held-out split, ids and step bookkeeping (no servers: an in-memory object store)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from emili_core.errors import InvalidInput, NotFound
+from emili_core.queues import TASK_ROUTES
+from emili_pipeline.config import AUTO, PipelineConfig, load_config, resolve
+from emili_pipeline.pipeline import (
+    DONE,
+    FAILED,
+    STEPS,
+    Superseded,
+    first_unfinished,
+    heldout_split,
+    is_finished,
+    load_state,
+    new_state,
+    pipeline_id,
+    run_step,
+)
+from emili_pipeline.steps import describe, model_arms
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SESSIONS = [f"s{i:02d}" for i in range(20)]
+
+
+class MemoryStore:
+    """The part of ObjectStore the pipeline state uses."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], Any] = {}
+
+    def put_json(self, bucket: Any, key: str, value: Any) -> None:
+        import json
+
+        self.objects[(str(bucket), key)] = json.loads(json.dumps(value))
+
+    def get_json(self, bucket: Any, key: str) -> Any:
+        try:
+            return self.objects[(str(bucket), key)]
+        except KeyError:
+            raise NotFound(key) from None
+
+
+def test_heldout_split_is_deterministic_and_independent_of_order() -> None:
+    train, heldout = heldout_split(SESSIONS, 0.25, seed=0)
+    assert len(heldout) == 5 and len(train) == 15 and not set(train) & set(heldout)
+    assert heldout_split(list(reversed(SESSIONS)), 0.25, seed=0) == (train, heldout)
+    assert heldout_split(SESSIONS, 0.25, seed=1)[1] != heldout  # The seed picks another share.
+
+
+@pytest.mark.parametrize(
+    ("ids", "share", "held"),
+    [([], 0.25, 0), (["a"], 0.5, 0), (["a", "b"], 0.1, 1), (["a", "b"], 0.9, 1), (SESSIONS, 0.0, 0)],
+)
+def test_heldout_split_edges(ids: list[str], share: float, held: int) -> None:
+    train, heldout = heldout_split(ids, share)
+    assert len(heldout) == held and sorted(train + heldout) == sorted(ids)
+
+
+def test_pipeline_id_names_config_and_sessions() -> None:
+    config = PipelineConfig(users=4)
+    assert pipeline_id(config, SESSIONS) == pipeline_id(config, list(reversed(SESSIONS)))
+    assert pipeline_id(config, SESSIONS) != pipeline_id(config, SESSIONS[:-1])
+    assert pipeline_id(config, SESSIONS) != pipeline_id(PipelineConfig(users=5), SESSIONS)
+    assert pipeline_id(config, SESSIONS).startswith("pl-")
+
+
+def test_shipped_configs_load_and_resolve_without_shared_data(tmp_path: Path) -> None:
+    for name in ("demo.yaml", "ci.yaml"):
+        config = load_config(CONFIGS / name)
+        resolved = resolve(config, CONFIGS, shared=tmp_path / "no-shared")
+        assert resolved.personas == "builtin" and resolved.faces is None
+        assert "kind: sft" in resolved.recipes.sft and "kind: dpo" in resolved.recipes.dpo  # File text travels.
+        assert resolved.simulator_settings().turns == config.simulator["turns"]
+    assert load_config(CONFIGS / "demo.yaml").personas == AUTO
+
+
+def test_resolve_uses_shared_data_when_present(tmp_path: Path) -> None:
+    (tmp_path / "empatheticdialogues").mkdir()
+    (tmp_path / "empatheticdialogues" / "valid.csv").write_text("conv_id\n")
+    (tmp_path / "fer2013-publictest").mkdir()
+    (tmp_path / "fer2013-publictest" / "fer2013_publictest_48x48.npz").write_bytes(b"")
+    resolved = resolve(PipelineConfig(), CONFIGS, shared=tmp_path)
+    assert resolved.personas == f"ed:{tmp_path / 'empatheticdialogues'}"
+    assert resolved.faces == str(tmp_path / "fer2013-publictest" / "fer2013_publictest_48x48.npz")
+    assert resolved.recipes.sft == "smollm2-cpu-sft"  # A shipped recipe stays a name.
+
+
+def test_bad_configs_are_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("users: 0\n")
+    with pytest.raises(InvalidInput, match="users"):
+        load_config(bad)
+    bad.write_text("userz: 3\n")
+    with pytest.raises(InvalidInput, match="userz"):
+        load_config(bad)
+    with pytest.raises(InvalidInput, match="not found"):
+        resolve(PipelineConfig(recipes={"sft": "missing.yaml"}), tmp_path)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="simulator"):
+        PipelineConfig(simulator={"turns": 0}).simulator_settings()
+
+
+def test_every_step_task_is_routed() -> None:
+    assert all(step.task in TASK_ROUTES for step in STEPS)
+    assert [s.task.split(".")[0] for s in STEPS] == [
+        "chat",
+        "labeler",
+        "labeler",
+        "trainer",
+        "trainer",
+        "chat",
+        "labeler",
+        "trainer",
+    ]
+
+
+def test_run_step_records_outputs_and_skips_done_steps() -> None:
+    store = MemoryStore()
+    state = new_state(PipelineConfig(), SESSIONS)
+    calls: list[str] = []
+
+    def work(s: dict[str, Any]) -> dict[str, Any]:
+        calls.append("collect")
+        return {"sessions": len(s["sessions"]), "written": 20, "reused": 0, "missing": []}
+
+    state = run_step(store, state, "collect", work, task_id="t1", worker="chat-1@h")  # type: ignore[arg-type]
+    assert state["steps"]["collect"]["state"] == DONE and state["steps"]["collect"]["outputs"]["written"] == 20
+    assert load_state(store, state["pipeline_id"])["steps"]["collect"]["state"] == DONE  # type: ignore[arg-type]
+    run_step(store, state, "collect", work)  # type: ignore[arg-type]
+    assert calls == ["collect"]  # Done steps are not run again.
+    assert first_unfinished(state) == "label" and not is_finished(state)
+    assert "20 sessions" in describe("collect", state["steps"]["collect"]["outputs"])
+
+
+def test_a_failed_step_is_recorded_and_raised() -> None:
+    store = MemoryStore()
+    state = new_state(PipelineConfig(), SESSIONS)
+
+    def fail(s: dict[str, Any]) -> dict[str, Any]:
+        raise NotFound("no consenting session has a flagged assistant turn")
+
+    with pytest.raises(NotFound):
+        run_step(store, state, "datasets", fail)  # type: ignore[arg-type]
+    stored = load_state(store, state["pipeline_id"])  # type: ignore[arg-type]
+    assert stored["steps"]["datasets"]["state"] == FAILED and "flagged" in stored["steps"]["datasets"]["error"]
+
+
+def test_an_older_submission_stops_when_a_newer_one_exists() -> None:
+    store = MemoryStore()
+    state = new_state(PipelineConfig(), SESSIONS)
+    newer = {**state, "attempt": 2}
+    store.put_json("models", f"pipelines/{state['pipeline_id']}/state.json", newer)
+    with pytest.raises(Superseded):
+        run_step(store, {**state, "attempt": 1}, "label", lambda s: {})  # type: ignore[arg-type]
+
+
+def test_model_arms_follow_the_training_steps() -> None:
+    state = new_state(PipelineConfig(), SESSIONS)
+    assert model_arms(state) == {"base": "base"}
+    state["steps"]["sft"] = {"state": DONE, "outputs": {"model_version": "sft-1"}}
+    state["steps"]["dpo"] = {"state": DONE, "outputs": {"skipped": "no DPO dataset"}}
+    assert model_arms(state) == {"base": "base", "sft": "sft-1"}
