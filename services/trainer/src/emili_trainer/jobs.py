@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import torch
 
 from emili_core.errors import FailedPrecondition, InvalidInput, NotFound
 from emili_core.keys import adapter_prefix, dataset_index_key, model_registry_key
 from emili_core.objectstore import Bucket, ObjectStore
+from emili_trainer import distributed
 from emili_trainer.recipes import Recipe
 from emili_trainer.runs import FINAL_STATES, RunLocked, RunState, RunStore
 from emili_trainer.settings import TrainerSettings
@@ -259,7 +261,6 @@ def _train(
 ) -> TrainResult:
     recipe = Recipe(**record["recipe"])
     records = dataset_records(runtime.store, dataset_manifest(runtime.store, record["dataset_id"]))
-    tokenizer, model = load_base_model(recipe, runtime.artifacts_dir, runtime.settings.trainer.model_cache_dir)
 
     def report(p: Progress) -> None:
         if p.loss is not None:
@@ -275,14 +276,34 @@ def _train(
         runtime.runs.update(run_id, **{k: v for k, v in p.to_dict().items() if k != "total_steps"}, total=p.total_steps)
         progress(p)
 
-    callbacks = [
-        ProgressReporter(report),
-        OnSave(lambda folder, step: runtime.runs.save_checkpoint(run_id, folder, step)),
-    ]
+    def checkpoint(folder: Path, step: int) -> None:
+        runtime.runs.save_checkpoint(run_id, folder, step)
+
+    callbacks = [ProgressReporter(report), OnSave(checkpoint)]
 
     def cancelled() -> bool:
         return runtime.runs.cancel_requested(run_id)
 
+    init = record.get("init_version")
+    init_dir = download_adapter(runtime.store, init, work_dir / "init-adapter") if init else None
+    options = runtime.settings.trainer
+    processes = options.launch_processes or (torch.cuda.device_count() if torch.cuda.device_count() > 1 else 0)
+    if processes:
+        return distributed.launch(
+            recipe,
+            records,
+            work_dir,
+            num_processes=processes,
+            artifacts_dir=runtime.artifacts_dir,
+            cache_root=options.model_cache_dir,
+            resume_from=resume_from,
+            init_adapter=init_dir,
+            progress=report,
+            on_checkpoint=checkpoint,
+            should_stop=cancelled,
+            cpu=not torch.cuda.is_available(),
+        )
+    tokenizer, model = load_base_model(recipe, runtime.artifacts_dir, options.model_cache_dir)
     if recipe.kind == "sft":
         return train_sft(
             recipe,
@@ -294,8 +315,6 @@ def _train(
             callbacks=callbacks,
             should_stop=cancelled,
         )
-    init = record.get("init_version")
-    init_dir = download_adapter(runtime.store, init, work_dir / "init-adapter") if init else None
     return train_dpo(
         recipe,
         tokenizer,

@@ -31,6 +31,9 @@ class TrainerOptions(BaseModel):
     model_cache_dir: Path | None = None
     lock_ttl_seconds: float = Field(60.0, gt=1.0)
     torch_threads: int | None = Field(None, ge=1)
+    # Processes per run, launched with `accelerate launch` (one per GPU). 0: one per visible CUDA device when
+    # there are several, else train inside the worker. A number forces that many (on CPU without CUDA).
+    launch_processes: int = Field(0, ge=0)
     # Evaluation: EmpatheticDialogues CSV folder (test.csv is used), and a local MMLU copy for lm-eval.
     empathetic_dialogues: Path | None = None
     mmlu_path: Path | None = None

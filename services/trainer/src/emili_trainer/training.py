@@ -303,8 +303,7 @@ def _run(trainer: Any, resume_from: Path | None, stopper: StopWhen, output_dir: 
     outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - start
     adapter_dir = output_dir / ADAPTER_DIR
-    trainer.model.save_pretrained(adapter_dir)
-    trainer.processing_class.save_pretrained(adapter_dir)
+    trainer.save_model(str(adapter_dir))  # The adapter and tokenizer, written by the main process only.
     state = trainer.state
     tokens = int(state.num_input_tokens_seen)
     return TrainResult(
