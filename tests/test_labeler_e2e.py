@@ -231,5 +231,5 @@ def test_eval_oov_cli(tmp_path: Path) -> None:
     )
     report = json.loads(result.stdout)
     assert report["n_holdout"] == 5 and report["n_train"] == 15
-    assert set(report["methods"]) == {"softmax", "topk", "ridge"}
+    assert set(report["methods"]) == {"softmax", "topk", "ridge", "fusion"}
     assert report["methods"]["softmax"]["valence"] > 0.5  # Synonyms of held-out words are in the training part.
