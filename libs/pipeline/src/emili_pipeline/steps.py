@@ -295,7 +295,9 @@ def describe(name: str, result: dict[str, Any]) -> str:
         return f"{result['labelled']} labelled, {result['flagged_turns']}/{result['assistant_turns']} turns flagged"
     if name == "datasets":
         parts = [
-            f"{k} {v['id'][:12]} ({v.get('records', '?')} records)" for k, v in result.items() if isinstance(v, dict)
+            f"{k} {v['id'][:12]} ({v.get('counts', {}).get('examples', '?')} examples)"
+            for k, v in result.items()
+            if isinstance(v, dict)
         ]
         return "; ".join(parts + result.get("notes", [])) or "none"
     if name in ("sft", "dpo"):
