@@ -87,3 +87,16 @@ def test_base_vs_adapter_report(
         runtime, [version], session_ids=["eval-held-out"], rating_session_ids=["eval-held-out"]
     )
     assert not enqueue_again and again["run_id"] == record["run_id"]
+
+
+SHARED_ED = Path(__file__).resolve().parents[4] / "shared" / "data" / "empatheticdialogues"
+
+
+@pytest.mark.skipif(not (SHARED_ED / "test.csv").is_file(), reason="EmpatheticDialogues is not in ../shared/data")
+def test_empathetic_test_contexts() -> None:
+    rows = evaluation.empathetic_rows(SHARED_ED, 5)
+    assert len(rows) == 5
+    for row in rows:
+        assert isinstance(row.context, list) and row.context[-1]["role"] == "user"  # The reply answers the speaker.
+        assert row.reply.strip() and "_comma_" not in row.reply  # The gold last listener reply, cleaned.
+    assert evaluation.empathetic_rows(None, 5) == []
