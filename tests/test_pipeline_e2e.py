@@ -11,17 +11,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-import torch
 from celery import Celery
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from emili_chat.llm import ChatBackend, GenerationParams, Message
 from emili_chat.main import build_app
@@ -30,7 +26,7 @@ from emili_core.grpc_server import RunningServer, start_server
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import REPO_ROOT, CommonSettings
 from emili_core.tasks import create_celery_app
-from emili_core.testing import Stack, token
+from emili_core.testing import EntryPointProcess, Stack, tiny_llama, token
 from emili_pipeline.config import PipelineConfig, Recipes
 from emili_pipeline.orchestrate import Watcher, download_report, submit
 from emili_pipeline.pipeline import DONE, load_state, new_state, outputs, save_state
@@ -103,22 +99,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not (ARTIFACTS / GGUF).is_file():
         pytest.fail(f"{ARTIFACTS / GGUF} is missing; run `make setup`")
     tokenizer = AutoTokenizer.from_pretrained(ARTIFACTS, gguf_file=GGUF, local_files_only=True)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
     folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_llama(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -139,28 +121,10 @@ async def chat_server(stack_env: dict[str, str]) -> AsyncIterator[RunningServer]
     await server.stop()
 
 
-class Worker:
+class Worker(EntryPointProcess):
     def __init__(self, service: str, env: dict[str, str], log: Path) -> None:
-        self.service, self.log = service, log
-        self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / f"emili-{service}-worker")],
-            env=env,
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Its own process group: SIGKILL takes all of it at once.
-        )
-
-    def kill(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        super().__init__(f"emili-{service}-worker", env, log)
+        self.service = service
 
 
 @pytest.fixture
@@ -175,7 +139,26 @@ def worker_env(stack: Stack, stack_env: dict[str, str], chat_server: RunningServ
         "EMILI_TRAINER__LOCK_TTL_SECONDS": "3",  # A dead worker's run is free again soon.
         "EMILI_TRAINER__WORK_DIR": str(tmp_path / "trainer"),
         "EMILI_TRAINER__TORCH_THREADS": "1",
+        "EMILI_LABELER__EMPATHETIC_DIALOGUES": str(_empathetic_dialogues(tmp_path / "ed")),
     }
+
+
+def _empathetic_dialogues(folder: Path) -> Path:
+    """A tiny EmpatheticDialogues valid split: two sad and two joyful dialogues (opposite emotions)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["conv_id,utterance_idx,context,prompt,speaker_idx,utterance,selfeval,tags"]
+    for i, (emotion, said, reply) in enumerate(
+        [
+            ("sad", "My dog died yesterday.", "I'm so sorry_comma_ that is heartbreaking."),
+            ("sad", "I lost my job today.", "That is really hard. How are you coping?"),
+            ("joyful", "I got the job I wanted!", "Congratulations! You must be thrilled."),
+            ("joyful", "My sister had a baby.", "How wonderful! Boy or girl?"),
+        ]
+    ):
+        rows.append(f"hit:{i}_conv:{i},1,{emotion},situation {i},1,{said.replace(',', '_comma_')},,")
+        rows.append(f"hit:{i}_conv:{i},2,{emotion},situation {i},2,{reply.replace(',', '_comma_')},,")
+    (folder / "valid.csv").write_text("\n".join(rows) + "\n")
+    return folder
 
 
 @pytest.fixture
@@ -232,7 +215,9 @@ async def test_pipeline_survives_a_killed_trainer_worker(
         simulator={"turns": 2, "seconds_between_turns": 0.2, "frames_per_second": 4.0, "linger_s": 1.2},
         heldout_share=0.34,
         recipes=Recipes(sft=_recipe("sft", tiny_model), dpo=_recipe("dpo", tiny_model)),
-        dpo_source="feedback",
+        # Feedback pairs need a flagged and an unflagged reply to the same words, which depends on timing; the
+        # EmPO pairs of a small EmpatheticDialogues file are the fallback, so DPO always has data.
+        dpo_source="auto",
         evaluation={"max_examples": 2, "users_per_arm": 1, "concurrency": 1},  # type: ignore[arg-type]
     )
     target = f"127.0.0.1:{chat_server.port}"

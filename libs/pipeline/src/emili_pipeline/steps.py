@@ -180,7 +180,10 @@ def datasets(runtime: LabelerRuntime, state: State) -> dict[str, Any]:
             result["notes"].append("no EmPO pairs: EMILI_LABELER__EMPATHETIC_DIALOGUES is not set")
             continue
         try:
-            manifest = build_dpo_dataset(runtime, source, train if source == "feedback" else None, seed=config.seed)
+            # EmPO pairs: one fresh rejected draw for each epoch the DPO recipe trains.
+            epochs = _recipe(config.recipes.dpo)[0].train.epochs if source == "empathetic" else 1
+            sessions = train if source == "feedback" else None
+            manifest = build_dpo_dataset(runtime, source, sessions, seed=config.seed, epochs=epochs)
         except NotFound as exc:
             result["notes"].append(f"no {source} DPO pairs: {exc}")
             continue
