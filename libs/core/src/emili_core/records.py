@@ -1,13 +1,14 @@
-"""Reading the session records the chat service persists (bucket ``sessions``): the shared contract between
-the chat service, which writes them, and the labeler, trainer and pipeline, which read them."""
+"""Reading the records services share through object storage: session records (bucket ``sessions``, written
+by the chat service) and dataset manifests (bucket ``datasets``, written by the labeler), read by the
+labeler, trainer and pipeline."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from emili_core.errors import NotFound
-from emili_core.keys import check_session_id, session_record_keys
+from emili_core.errors import InvalidInput, NotFound
+from emili_core.keys import check_session_id, dataset_index_key, session_record_keys
 from emili_core.objectstore import Bucket, ObjectStore
 
 
@@ -26,3 +27,14 @@ def load_session(store: ObjectStore, session_id: str) -> tuple[dict[str, Any], l
 def recorded_sessions(store: ObjectStore) -> list[str]:
     """Ids of every persisted session, sorted."""
     return sorted(k.split("/")[0] for k in store.list_keys(Bucket.SESSIONS, "") if k.endswith("/session.json"))
+
+
+def dataset_manifest(store: ObjectStore, dataset_id: str) -> dict[str, Any]:
+    """A dataset version's manifest, found through its index entry."""
+    if not dataset_id or "/" in dataset_id:
+        raise InvalidInput(f"invalid dataset id {dataset_id!r}")
+    try:
+        index = store.get_json(Bucket.DATASETS, dataset_index_key(dataset_id))
+    except NotFound:
+        raise NotFound(f"dataset {dataset_id} does not exist; build it with the labeler first") from None
+    return dict(store.get_json(Bucket.DATASETS, index["manifest"]))

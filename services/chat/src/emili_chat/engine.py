@@ -137,13 +137,10 @@ class AdapterRegistry:
             manifest = self.objects.get_json(Bucket.MODELS, model_registry_key(arm))
         except NotFound:
             raise NotFound(f"model arm {arm!r} is not a registered model version") from None
-        prefix = str(manifest["adapter_prefix"]).rstrip("/") + "/"
+        prefix = str(manifest["adapter_prefix"])
         target = self.cache_dir / arm
-        keys = self.objects.list_keys(Bucket.MODELS, prefix)
-        if not keys:
+        if not self.objects.get_folder(Bucket.MODELS, prefix, target):
             raise NotFound(f"model version {arm!r} names adapter files under {prefix}, but there are none")
-        for key in keys:
-            self.objects.get_file(Bucket.MODELS, key, target / key[len(prefix) :])
         return target
 
 

@@ -236,16 +236,6 @@ def build_dpo_dataset(
     return _publish(runtime, manifest, records)
 
 
-def get_dataset(store: ObjectStore, dataset_id: str) -> dict[str, Any]:
-    if not dataset_id or "/" in dataset_id:
-        raise InvalidInput(f"invalid dataset id {dataset_id!r}")
-    try:
-        index = store.get_json(Bucket.DATASETS, dataset_index_key(dataset_id))
-    except NotFound:
-        raise NotFound(f"dataset {dataset_id} does not exist") from None
-    return dict(store.get_json(Bucket.DATASETS, index["manifest"]))
-
-
 def user_weights_key(settings_hash: str) -> str:
     return f"user_weights/{settings_hash}.json"
 

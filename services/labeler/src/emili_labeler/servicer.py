@@ -11,6 +11,7 @@ import grpc
 
 from emili.labeler.v1 import labeler_pb2, labeler_pb2_grpc
 from emili_core.errors import InvalidInput
+from emili_core.records import dataset_manifest
 from emili_labeler import jobs
 
 _KINDS = {
@@ -80,7 +81,7 @@ class LabelerServicer(labeler_pb2_grpc.LabelerServiceServicer):
     async def GetDataset(
         self, request: labeler_pb2.GetDatasetRequest, context: grpc.aio.ServicerContext
     ) -> labeler_pb2.GetDatasetResponse:
-        manifest = await asyncio.to_thread(jobs.get_dataset, self.runtime.store, request.dataset_id)
+        manifest = await asyncio.to_thread(dataset_manifest, self.runtime.store, request.dataset_id)
         return labeler_pb2.GetDatasetResponse(
             manifest=labeler_pb2.DatasetManifest(
                 dataset_id=manifest["id"],

@@ -21,8 +21,9 @@ import redis
 import torch
 
 from emili_core.errors import FailedPrecondition, InvalidInput, NotFound
-from emili_core.keys import adapter_prefix, dataset_index_key, model_registry_key
+from emili_core.keys import adapter_prefix, model_registry_key
 from emili_core.objectstore import Bucket, ObjectStore
+from emili_core.records import dataset_manifest
 from emili_trainer import distributed
 from emili_trainer.recipes import Recipe
 from emili_trainer.runs import FINAL_STATES, RunLocked, RunState, RunStore
@@ -67,16 +68,6 @@ def _digest(obj: Any) -> str:
 
 
 # --- datasets and models in object storage ------------------------------------------------------------------
-
-
-def dataset_manifest(store: ObjectStore, dataset_id: str) -> dict[str, Any]:
-    if not dataset_id or "/" in dataset_id:
-        raise InvalidInput(f"invalid dataset id {dataset_id!r}")
-    try:
-        index = store.get_json(Bucket.DATASETS, dataset_index_key(dataset_id))
-    except NotFound:
-        raise NotFound(f"dataset {dataset_id} does not exist; build it with the labeler first") from None
-    return dict(store.get_json(Bucket.DATASETS, index["manifest"]))
 
 
 def dataset_records(store: ObjectStore, manifest: dict[str, Any]) -> list[dict[str, Any]]:
