@@ -5,13 +5,15 @@ PY := $(VENV)/bin/python
 EMILI := $(VENV)/bin/emili
 STAMP := $(VENV)/.setup-stamp
 SETUP_INPUTS := scripts/setup.sh scripts/fetch_artifacts.py requirements/constraints.txt requirements/dev.txt \
-	requirements/runtime.txt libs/core/pyproject.toml libs/proto/pyproject.toml $(wildcard services/*/pyproject.toml)
+	requirements/runtime.txt $(wildcard libs/*/pyproject.toml) testing/pyproject.toml $(wildcard services/*/pyproject.toml)
 ARTIFACTS := var/artifacts/fer/mini_xception.onnx var/artifacts/samples/face_640x480.jpg
 PYTEST_ARGS ?=
 DEMO_CONFIG ?= libs/pipeline/configs/demo.yaml
 LOAD_ARGS ?= --users 20 --minutes 2
+IMAGES := fer chat labeler trainer
+TAG ?= dev
 
-.PHONY: help setup proto proto-check up down status test test-unit lint fmt typecheck demo load bench-fer bench-chat bench-labeler bench-trainer clean
+.PHONY: help images setup proto proto-check up down status test test-unit lint fmt typecheck demo load bench-fer bench-chat bench-labeler bench-trainer clean
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -48,7 +50,7 @@ test-unit: setup  ## Unit tests only.
 lint: setup  ## ruff (lint and format check), mypy, stale generated code.
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy libs/core/src services/fer/src services/chat/src services/labeler/src services/trainer/src libs/pipeline/src
+	$(VENV)/bin/mypy libs/core/src libs/session/src libs/affect/src libs/llm/src testing/src services/fer/src services/chat/src services/labeler/src services/trainer/src libs/pipeline/src
 	$(PY) scripts/gen_protos.py --check
 
 fmt: setup  ## Apply ruff's fixes and formatting.
@@ -72,6 +74,9 @@ bench-labeler: up  ## Labeler: ScoreTexts throughput, 1,000 sessions through the
 
 bench-trainer: setup  ## Trainer: LoRA SFT and DPO of SmolLM2-135M on 200 examples (CPU; --gpu for a ~1B model); JSON.
 	$(PY) services/trainer/bench/bench_trainer.py $(BENCH_ARGS)
+
+images:  ## Build every service's image from the one Dockerfile (TAG=dev; IMAGES="fer trainer" VARIANT=gpu).
+	for svc in $(IMAGES); do docker build --build-arg SERVICE=$$svc --build-arg VARIANT=$${VARIANT:-cpu} -t emili-$$svc:$(TAG) . || exit 1; done
 
 clean: down  ## Remove the local stack's data and logs (keeps .venv and artefacts).
 	rm -rf var/redis var/s3 var/log var/run

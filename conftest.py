@@ -1,3 +1,3 @@
-"""Repository-wide pytest set-up: EMILI's fixtures and hooks live in emili_core.testing."""
+"""Repository-wide pytest set-up: EMILI's fixtures and hooks live in emili_testing.plugin."""
 
-pytest_plugins = ["emili_core.testing"]
+pytest_plugins = ["emili_testing.plugin"]

@@ -28,7 +28,7 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 echo "setup: installing Python packages into .venv"
 "${pip[@]}" install -c requirements/constraints.txt \
   -r requirements/runtime.txt -r requirements/dev.txt \
-  -e libs/proto -e libs/core -e libs/pipeline \
+  -e libs/proto -e libs/core -e libs/session -e libs/affect -e libs/llm -e testing -e libs/pipeline \
   -e services/fer -e services/chat -e services/labeler -e services/trainer
 
 echo "setup: fetching model artefacts into var/artifacts"

@@ -22,9 +22,9 @@ from emili_core.grpc_client import make_channel
 from emili_core.grpc_server import start_server
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import REPO_ROOT
-from emili_core.testing import Stack, token
 from emili_fer.main import build_app as build_fer
 from emili_fer.settings import FerSettings
+from emili_testing.plugin import Stack, token
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 FACE = REPO_ROOT / "var" / "artifacts" / "samples" / "face_640x480.jpg"

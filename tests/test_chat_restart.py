@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from emili.chat.v1 import chat_pb2, chat_pb2_grpc
 from emili_core.grpc_client import make_channel
 from emili_core.settings import REPO_ROOT
-from emili_core.testing import EntryPointProcess, Stack, free_port, token
+from emili_testing.plugin import EntryPointProcess, Stack, free_port, token
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent

@@ -16,7 +16,7 @@ from emili_core.keys import frame_key
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import REPO_ROOT, CommonSettings
 from emili_core.tasks import create_celery_app
-from emili_core.testing import EntryPointProcess, Stack
+from emili_testing.plugin import EntryPointProcess, Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -25,11 +25,11 @@ from emili_core.grpc_server import start_server
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import CommonSettings
 from emili_core.tasks import create_celery_app
-from emili_core.testing import Stack, token
 from emili_labeler import jobs
 from emili_labeler.main import build_app
 from emili_labeler.runtime import build_runtime
 from emili_labeler.settings import LabelerSettings
+from emili_testing.plugin import Stack, token
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 T0 = 1_790_000_000_000

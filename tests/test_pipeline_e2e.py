@@ -26,11 +26,11 @@ from emili_core.grpc_server import RunningServer, start_server
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import REPO_ROOT, CommonSettings
 from emili_core.tasks import create_celery_app
-from emili_core.testing import EntryPointProcess, Stack, tiny_llama, token
 from emili_pipeline.config import PipelineConfig, Recipes
 from emili_pipeline.orchestrate import Watcher, download_report, submit
 from emili_pipeline.pipeline import DONE, load_state, new_state, outputs, save_state
 from emili_pipeline.simulator import SimulatorSettings, load_personas, run_users
+from emili_testing.plugin import EntryPointProcess, Stack, tiny_llama, token
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -18,7 +18,7 @@ from emili.fer.v1 import fer_pb2, fer_pb2_grpc
 from emili_core.auth import verify_token
 from emili_core.grpc_client import make_channel
 from emili_core.settings import REPO_ROOT
-from emili_core.testing import TEST_SECRET, free_port, token
+from emili_testing.plugin import TEST_SECRET, free_port, token
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent

@@ -14,7 +14,7 @@ from emili_core.auth import current_principal
 from emili_core.grpc_client import make_channel
 from emili_core.grpc_server import ServiceApp, start_server
 from emili_core.settings import CommonSettings, ServerSettings
-from emili_core.testing import TEST_SECRET, token
+from emili_testing.plugin import TEST_SECRET, token
 
 SERVICE = "emili.test.v1.TestService"
 identity = {"request_deserializer": bytes, "response_serializer": bytes}

@@ -20,7 +20,6 @@ from emili_core.grpc_client import make_channel
 from emili_core.grpc_server import RunningServer, start_server
 from emili_core.keys import session_record_keys
 from emili_core.objectstore import Bucket, ObjectStore
-from emili_core.testing import token
 from emili_pipeline.simulator import (
     SimulatorSettings,
     load_personas,
@@ -29,6 +28,7 @@ from emili_pipeline.simulator import (
     summarize,
     transcript_events,
 )
+from emili_testing.plugin import token
 
 pytestmark = pytest.mark.integration
 

@@ -33,7 +33,7 @@ from emili_chat.readout import EMOTIONS
 from emili_chat.settings import ChatSettings
 from emili_chat.store import SessionStore
 from emili_core.auth import Principal
-from emili_core.testing import free_port
+from emili_testing.plugin import free_port
 
 USER = Principal("bench-user", frozenset({"chat"}))
 

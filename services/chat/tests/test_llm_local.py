@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from emili_chat.llm import BackendError, GenerationParams, LocalHFBackend, Message, build_backend, fold_system_messages
-from emili_core.testing import tiny_llama
+from emili_testing.plugin import tiny_llama
 
 ARTIFACTS = Path(__file__).resolve().parents[3] / "var" / "artifacts" / "chat"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from emili.fer.v1 import fer_pb2, fer_pb2_grpc
 from emili_core.grpc_client import make_channel
 from emili_core.settings import REPO_ROOT
-from emili_core.testing import TEST_SECRET, free_port, token
+from emili_testing.plugin import TEST_SECRET, free_port, token
 
 DEFAULT_NPZ = REPO_ROOT.parent / "shared" / "data" / "fer2013-publictest" / "fer2013_publictest_48x48.npz"
 FACE = REPO_ROOT / "var" / "artifacts" / "samples" / "face_640x480.jpg"

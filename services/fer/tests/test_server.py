@@ -12,9 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from emili.fer.v1 import fer_pb2, fer_pb2_grpc
 from emili_core.grpc_client import make_channel
 from emili_core.grpc_server import RunningServer, start_server
-from emili_core.testing import TEST_SECRET, token
 from emili_fer.main import SERVICE_NAME, build_app
 from emili_fer.settings import FerSettings
+from emili_testing.plugin import TEST_SECRET, token
 
 from .conftest import artifacts_dir
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from emili_core.testing import tiny_llama
+from emili_testing.plugin import tiny_llama
 from emili_trainer.recipes import Recipe, load_recipe
 
 ARTIFACTS = Path(__file__).resolve().parents[3] / "var" / "artifacts" / "chat"

@@ -14,7 +14,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from emili_core.testing import tiny_llama
+from emili_testing.plugin import tiny_llama
 from emili_trainer.evaluation.mmlu import GROUP, SKIP_MESSAGE, mmlu_subjects, mmlu_task_config, run_mmlu
 
 

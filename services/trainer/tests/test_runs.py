@@ -17,8 +17,8 @@ from emili_core.errors import FailedPrecondition, InvalidInput, NotFound
 from emili_core.keys import dataset_index_key, model_registry_key, run_prefix
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.tasks import create_celery_app
-from emili_core.testing import EntryPointProcess, Stack, free_port
 from emili_labeler.datasets import DatasetManifest, jsonl_bytes
+from emili_testing.plugin import EntryPointProcess, Stack, free_port
 from emili_trainer import jobs
 from emili_trainer.recipes import Recipe, parse_recipe
 from emili_trainer.runs import RunLocked

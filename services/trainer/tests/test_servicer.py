@@ -16,8 +16,8 @@ from emili_core.grpc_client import make_channel
 from emili_core.grpc_server import ServiceApp, start_server
 from emili_core.keys import dataset_index_key
 from emili_core.objectstore import Bucket
-from emili_core.testing import token
 from emili_labeler.datasets import DatasetManifest, jsonl_bytes
+from emili_testing.plugin import token
 from emili_trainer import jobs
 from emili_trainer.main import SERVICE_NAME
 from emili_trainer.servicer import TrainerServicer

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import distributions, entry_points, version
 from typing import Annotated
 
 import grpc
@@ -28,6 +28,30 @@ stack_app = typer.Typer(help="The local stack (Redis, S3 server, services) under
 app.add_typer(token_app, name="token")
 app.add_typer(stack_app, name="stack")
 console = Console(stderr=True)
+
+
+def _installed_versions() -> str:
+    """``emili``'s own version and every installed EMILI package's, one per line."""
+    packages = sorted(d.metadata["Name"] for d in distributions() if (d.metadata["Name"] or "").startswith("emili-"))
+    lines = [f"emili {version('emili-core')}"]
+    lines += [f"  {name} {version(name)}" for name in dict.fromkeys(packages) if name != "emili-core"]
+    return "\n".join(lines)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(_installed_versions())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the versions and exit."),
+    ] = False,
+) -> None:
+    """EMILI: emotionally intelligent listener platform."""
 
 
 class CliSettings(CommonSettings):

@@ -24,8 +24,8 @@ from trl.trainer.dpo_trainer import DPOTrainer
 from trl.trainer.sft_config import SFTConfig
 from trl.trainer.sft_trainer import SFTTrainer
 
-from emili_core.causal_lm import ModelSource, load_causal_lm, torch_dtype
 from emili_core.errors import FailedPrecondition, InvalidInput
+from emili_llm.causal_lm import ModelSource, load_causal_lm, torch_dtype
 from emili_trainer.masking import MaskingError, tokenise_weighted
 from emili_trainer.recipes import Recipe
 

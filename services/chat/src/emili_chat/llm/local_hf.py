@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from emili_chat.llm.base import BackendError, ChatBackend, GenerationParams, Message, fold_system_messages
-from emili_core.causal_lm import LoadSource, ModelLoadError, ModelSource, load_causal_lm, torch_dtype
+from emili_llm.causal_lm import LoadSource, ModelLoadError, ModelSource, load_causal_lm, torch_dtype
 
 log = logging.getLogger(__name__)
 

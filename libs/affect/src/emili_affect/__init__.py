@@ -1,0 +1,1 @@
+"""Affect analysis shared by the labeler and the trainer: VAD lexicons and scoring, statistics, EmpatheticDialogues."""

@@ -1,0 +1,1 @@
+"""Loading causal LMs from local files, shared by the chat service and the trainer."""

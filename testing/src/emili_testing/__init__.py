@@ -1,0 +1,1 @@
+"""Test support shared by EMILI's test folders: real Redis and S3 fixtures, tokens, test doubles."""
