@@ -8,8 +8,8 @@
 # third-party version taken from requirements/constraints.txt: the images run what the tests ran. The local
 # libraries are offered as wheels built from this checkout; nothing is listed by hand, so a service whose
 # pyproject misses a library fails here (and in tests/test_service_dependencies.py), not in the cluster.
-# One image runs both processes: the gRPC server (ENTRYPOINT) and the Celery worker (Kubernetes overrides
-# the command with emili-<SERVICE>-worker).
+# One image runs both processes: the server (ENTRYPOINT; gRPC, or HTTP for the gateway) and the Celery worker
+# (Kubernetes overrides the command with emili-<SERVICE>-worker; the gateway has none).
 
 # An exact tag: a rebuild months later starts from the same Python and Debian release.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
@@ -26,7 +26,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 RUN set -eux; \
-    case "${SERVICE:-}" in fer|chat|labeler|trainer) ;; *) echo "SERVICE must be fer, chat, labeler or trainer" >&2; exit 1 ;; esac; \
+    case "${SERVICE:-}" in fer|chat|gateway|labeler|trainer) ;; *) echo "SERVICE must be fer, chat, gateway, labeler or trainer" >&2; exit 1 ;; esac; \
     case "$VARIANT" in cpu|gpu) ;; *) echo "VARIANT must be cpu or gpu" >&2; exit 1 ;; esac; \
     python -m venv /opt/venv
 WORKDIR /src
@@ -38,7 +38,7 @@ RUN pip install -c requirements/constraints.txt pip setuptools wheel
 RUN set -eux; \
     torch=$(grep -E '^torch==' requirements/constraints.txt); \
     case "$SERVICE/$VARIANT" in \
-      fer/cpu) ;; \
+      fer/cpu|gateway/cpu) ;; \
       fer/gpu) pip install -c requirements/constraints.txt "onnxruntime-gpu[cuda,cudnn]" ;; \
       trainer/gpu) pip install -c requirements/constraints.txt "$torch" ;; \
       */cpu) pip install -c requirements/constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu "${torch}+cpu" ;; \
@@ -56,9 +56,9 @@ RUN set -eux; \
       pip uninstall -y onnxruntime onnxruntime-gpu; pip install -c requirements/constraints.txt "onnxruntime-gpu[cuda,cudnn]"; \
     fi; \
     pip check; \
-    python -c "import importlib, sys; [importlib.import_module(f'emili_$SERVICE.{m}') for m in ('main', 'worker', 'tasks')]"; \
+    python -c "import importlib, importlib.util as u; [importlib.import_module(m) for m in (f'emili_$SERVICE.{n}' for n in ('main', 'worker', 'tasks')) if u.find_spec(m)]"; \
     ln -s "/opt/venv/bin/emili-${SERVICE}-server" /opt/venv/bin/emili-server; \
-    command -v "emili-${SERVICE}-server" "emili-${SERVICE}-worker" emili
+    command -v "emili-${SERVICE}-server" emili
 
 # Model artefacts baked into the image (read-only at runtime).
 COPY scripts/fetch_artifacts.py scripts/fetch_artifacts.py

@@ -10,7 +10,7 @@ ARTIFACTS := var/artifacts/fer/mini_xception.onnx var/artifacts/samples/face_640
 PYTEST_ARGS ?=
 DEMO_CONFIG ?= libs/pipeline/configs/demo.yaml
 LOAD_ARGS ?= --users 20 --minutes 2
-IMAGES := fer chat labeler trainer
+IMAGES := fer chat gateway labeler trainer
 TAG ?= dev
 
 .PHONY: help images setup proto proto-check up down status test test-unit lint fmt typecheck demo load bench-fer bench-chat bench-labeler bench-trainer clean
@@ -47,11 +47,13 @@ test: setup  ## Every test: unit and integration (fixtures start real Redis and 
 test-unit: setup  ## Unit tests only.
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-lint: setup  ## ruff (lint and format check), mypy, stale generated code.
+lint: setup  ## ruff (lint and format check), mypy, stale generated code, import layering, declared dependencies.
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy libs/core/src libs/session/src libs/affect/src libs/llm/src testing/src services/fer/src services/chat/src services/labeler/src services/trainer/src libs/pipeline/src
+	$(VENV)/bin/mypy libs/core/src libs/session/src libs/affect/src libs/llm/src testing/src services/fer/src services/chat/src services/gateway/src services/labeler/src services/trainer/src libs/pipeline/src
 	$(PY) scripts/gen_protos.py --check
+	$(VENV)/bin/lint-imports --no-cache --no-logo
+	bash scripts/check_deps.sh
 
 fmt: setup  ## Apply ruff's fixes and formatting.
 	$(VENV)/bin/ruff check --fix .

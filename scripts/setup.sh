@@ -13,12 +13,18 @@ if [ -z "$python" ]; then
 fi
 [ -n "$python" ] || { echo "setup: Python 3.11+ is required (set PYTHON=...)" >&2; exit 1; }
 
-if ! command -v redis-server >/dev/null; then
-  echo "setup: installing redis-server with apt"
+# System packages: Redis for the local stack and tests, Chromium and its driver for the participant app's
+# browser tests. Each is installed with apt only when its command is missing.
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]} with apt"
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends redis-server >/dev/null
-  # Debian starts a system-wide instance on 6379; the local stack runs its own.
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian starts a system-wide Redis on 6379; the local stack runs its own.
   ($sudo_cmd service redis-server stop >/dev/null 2>&1 || true)
 fi
 
@@ -29,7 +35,7 @@ echo "setup: installing Python packages into .venv"
 "${pip[@]}" install -c requirements/constraints.txt \
   -r requirements/runtime.txt -r requirements/dev.txt \
   -e libs/proto -e libs/core -e libs/session -e libs/affect -e libs/llm -e testing -e libs/pipeline \
-  -e services/fer -e services/chat -e services/labeler -e services/trainer
+  -e services/fer -e services/chat -e services/gateway -e services/labeler -e services/trainer
 
 echo "setup: fetching model artefacts into var/artifacts"
 .venv/bin/python scripts/fetch_artifacts.py

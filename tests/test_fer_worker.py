@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from celery import Celery
 
-from emili_core.keys import frame_key
+from emili_core.keys import frame_key, session_record_keys
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import REPO_ROOT, CommonSettings
 from emili_core.tasks import create_celery_app
@@ -67,7 +67,13 @@ def _start_worker(workers: list[Worker], env: dict[str, str], tmp_path: Path) ->
     return worker
 
 
+def _consent(store: ObjectStore, session_id: str) -> None:
+    """The session's record says its user consented to storing frames (FER refuses a session without it)."""
+    store.put_json(Bucket.SESSIONS, session_record_keys(session_id)["session.json"], {"store_frames": True})
+
+
 def _store_frames(store: ObjectStore, session_id: str, count: int) -> None:
+    _consent(store, session_id)
     face = FACE.read_bytes()
     noise = cv2.imencode(".jpg", np.random.default_rng(1).integers(0, 255, (480, 640), np.uint8))[1].tobytes()
     for i in range(count):
@@ -135,6 +141,7 @@ def test_video_ingest(
         writer.write(np.roll(face, 2 * i, axis=1))
     writer.release()
     object_store.put_file(Bucket.FRAMES, "uploads/clip.avi", video)
+    _consent(object_store, "sess-video")
     _start_worker(workers, worker_env, tmp_path)
     result = producer.send_task("fer.ingest_video", args=["sess-video", "uploads/clip.avi", 2.0]).get(timeout=90)
     assert result["sampled_frames"] == 6 and result["frames"] == 6 and result["faces"] == 6

@@ -20,7 +20,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
 
-# service -> (gRPC port, server metrics port)
+# gRPC services, each a server and a Celery worker: service -> (gRPC port, server metrics port)
 SERVICES: dict[str, tuple[int, int]] = {
     "fer": (50051, 9101),
     "chat": (50052, 9102),
@@ -29,6 +29,10 @@ SERVICES: dict[str, tuple[int, int]] = {
 }
 # service -> Celery worker metrics port (WorkerSettings defaults in each service)
 WORKER_METRICS = {"fer": 9111, "chat": 9112, "labeler": 9113, "trainer": 9114}
+# HTTP services, a server and no worker: service -> (HTTP port, metrics port)
+HTTP_SERVICES: dict[str, tuple[int, int]] = {"gateway": (8080, 9105)}
+SERVERS = sorted(SERVICES.keys() | HTTP_SERVICES.keys())
+DEPLOYMENTS = sorted([*SERVERS, *(f"{s}-worker" for s in SERVICES)])
 SECRET_KEYS = {
     "EMILI_AUTH__SECRET": "auth-secret",
     "EMILI_S3__ACCESS_KEY": "s3-access-key",
@@ -239,11 +243,19 @@ def test_configmap_has_non_secret_settings_only() -> None:
 
 
 def test_all_deployments_present() -> None:
-    expected = set(SERVICES) | {f"{s}-worker" for s in SERVICES}
-    assert set(_deployments()) == expected
+    # Every service package has its server; gRPC services a worker too, HTTP services none.
+    assert sorted(p.parent.name for p in REPO.glob("services/*/pyproject.toml")) == SERVERS
+    assert not SERVICES.keys() & HTTP_SERVICES.keys()
+    assert sorted(_deployments()) == DEPLOYMENTS
 
 
-@pytest.mark.parametrize("name", sorted(set(SERVICES) | {f"{s}-worker" for s in SERVICES}))
+def test_ports_are_unique() -> None:
+    ports = [p for s in SERVICES.values() for p in s] + list(WORKER_METRICS.values())
+    ports += [p for s in HTTP_SERVICES.values() for p in s]
+    assert len(ports) == len(set(ports)), ports
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
 def test_deployment_hardened(name: str) -> None:
     dep = _deployments()[name]
     svc = _svc_of(name)
@@ -309,6 +321,53 @@ def test_server_deployment(svc: str) -> None:
         assert tmpl["spec"]["terminationGracePeriodSeconds"] == 30
 
 
+@pytest.mark.parametrize("svc", sorted(HTTP_SERVICES))
+def test_http_server_deployment(svc: str) -> None:
+    http_port, metrics_port = HTTP_SERVICES[svc]
+    dep = _deployments()[svc]
+    tmpl = dep["spec"]["template"]
+    assert tmpl["metadata"]["labels"]["app.kubernetes.io/component"] == "server"
+    ann = tmpl["metadata"].get("annotations") or {}
+    assert ann.get("prometheus.io/scrape") == "true"
+    assert ann.get("prometheus.io/port") == str(metrics_port)
+    assert ann.get("prometheus.io/path") == "/metrics"
+    (c,) = tmpl["spec"]["containers"]
+    assert "command" not in c, "servers use the image ENTRYPOINT (emili-<svc>-server)"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": http_port, "metrics": metrics_port}
+    env = _env(c)
+    prefix = f"EMILI_{svc.upper()}__SERVER__"
+    assert env[prefix + "HOST"]["value"] == "0.0.0.0"
+    assert env[prefix + "HTTP_PORT"]["value"] == str(http_port)
+    assert env[prefix + "METRICS_PORT"]["value"] == str(metrics_port)
+    paths = {"startupProbe": "/healthz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
+    for probe, path in paths.items():
+        get = c[probe].get("httpGet") or {}
+        assert get.get("path") == path, f"{svc}: {probe} must GET {path}"
+        assert get.get("port") in ("http", http_port), f"{svc}: {probe} must use the http port"
+    assert c["startupProbe"].get("failureThreshold", 3) * c["startupProbe"].get("periodSeconds", 10) >= 60
+    assert tmpl["spec"].get("terminationGracePeriodSeconds", 30) >= 15
+
+
+def test_gateway_reaches_chat_and_fer_through_their_services() -> None:
+    from emili_gateway.settings import GatewaySettings
+
+    (c,) = _deployments()["gateway"]["spec"]["template"]["spec"]["containers"]
+    env = _env(c)
+    assert env["EMILI_GATEWAY__CHAT_TARGET"]["value"] == f"chat:{SERVICES['chat'][0]}"
+    assert env["EMILI_GATEWAY__FER_TARGET"]["value"] == f"fer:{SERVICES['fer'][0]}"
+    server = GatewaySettings().gateway.server  # The manifests repeat the settings' default ports.
+    assert (server.http_port, server.metrics_port) == HTTP_SERVICES["gateway"]
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_overlays_tag_every_image(overlay: str) -> None:
+    (k,) = _load(K8S / "overlays" / overlay / "kustomization.yaml")
+    tagged = [i["name"] for i in k.get("images") or [] if i.get("newTag")]
+    assert {f"emili-{s}" for s in SERVERS} <= set(tagged), f"overlays/{overlay}: images"
+    assert len(tagged) == len(set(tagged))
+
+
 @pytest.mark.parametrize("svc", sorted(SERVICES))
 def test_worker_deployment(svc: str) -> None:
     dep = _deployments()[f"{svc}-worker"]
@@ -346,22 +405,23 @@ def test_memory_sizing() -> None:
         assert mem(name, "limits") >= mem(name, "requests"), name
 
 
-@pytest.mark.parametrize("svc", sorted(SERVICES))
+@pytest.mark.parametrize("svc", SERVERS)
 def test_service_and_pdb(svc: str) -> None:
-    grpc_port, metrics_port = SERVICES[svc]
+    protocol, (port, metrics_port) = ("grpc", SERVICES[svc]) if svc in SERVICES else ("http", HTTP_SERVICES[svc])
     docs = [d for _, d in _all_resource_docs()]
     service = _by_kind(docs, "Service")[svc]
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
     ports = {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]}
-    assert ports == {"grpc": (grpc_port, "grpc"), "metrics": (metrics_port, "metrics")}
+    assert ports == {protocol: (port, protocol), "metrics": (metrics_port, "metrics")}
     pod_labels = _deployments()[svc]["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
-    worker_labels = _deployments()[f"{svc}-worker"]["spec"]["template"]["metadata"]["labels"]
-    assert not service["spec"]["selector"].items() <= worker_labels.items(), "Service must not select workers"
     pdb = _by_kind(docs, "PodDisruptionBudget")[svc]
     assert pdb["apiVersion"] == "policy/v1"
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
-    assert not pdb["spec"]["selector"]["matchLabels"].items() <= worker_labels.items()
+    if svc in SERVICES:
+        worker_labels = _deployments()[f"{svc}-worker"]["spec"]["template"]["metadata"]["labels"]
+        assert not service["spec"]["selector"].items() <= worker_labels.items(), "Service must not select workers"
+        assert not pdb["spec"]["selector"]["matchLabels"].items() <= worker_labels.items()
 
 
 def test_local_deps_component() -> None:
@@ -413,7 +473,7 @@ def test_gpu_component_patches() -> None:
 def test_one_dockerfile_builds_every_service() -> None:
     text = (REPO / "Dockerfile").read_text(encoding="utf-8")
     allowed = re.search(r'case "\$\{SERVICE:-\}" in ([a-z|]+)\)', text)
-    assert allowed and set(allowed.group(1).split("|")) == set(SERVICES)
+    assert allowed and set(allowed.group(1).split("|")) == set(SERVERS)
     assert not list(REPO.glob("services/*/Dockerfile")), "one Dockerfile (ARG SERVICE) serves every service"
     assert re.search(r'^ENTRYPOINT \["emili-server"\]\s*$', text, re.M)
     assert 'ln -s "/opt/venv/bin/emili-${SERVICE}-server" /opt/venv/bin/emili-server' in text
@@ -463,7 +523,7 @@ def test_render(rel: str) -> None:
             tmpl_labels = d["spec"]["template"]["metadata"]["labels"]
             assert tmpl_labels.get("app.kubernetes.io/part-of") == "emili"
     assert not _by_kind(docs, "Secret")
-    assert len(_by_kind(docs, "Deployment")) == 8
+    assert sorted(_by_kind(docs, "Deployment")) == DEPLOYMENTS
 
 
 def test_render_dev() -> None:

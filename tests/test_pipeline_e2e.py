@@ -9,27 +9,26 @@ with SmolLM2's tokenizer, so the whole canvas runs in about a minute on 2 cores.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from celery import Celery
 from transformers import AutoTokenizer
 
-from emili_chat.llm import ChatBackend, GenerationParams, Message
 from emili_chat.main import build_app
 from emili_chat.settings import ChatSettings
 from emili_core.grpc_server import RunningServer, start_server
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import REPO_ROOT, CommonSettings
 from emili_core.tasks import create_celery_app
-from emili_pipeline.config import PipelineConfig, Recipes
+from emili_pipeline.config import PipelineConfig, Recipes, resolve
 from emili_pipeline.orchestrate import Watcher, download_report, submit
 from emili_pipeline.pipeline import DONE, load_state, new_state, outputs, save_state
 from emili_pipeline.simulator import SimulatorSettings, load_personas, run_users
+from emili_testing.chat import ScriptedBackend
 from emili_testing.plugin import EntryPointProcess, Stack, tiny_llama, token
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -41,38 +40,6 @@ REPLIES = (
     "Whatever, calm down, it's no big deal.",
     "I'm sorry, that must be hard. What happened?",
 )
-
-
-class ScriptedBackend(ChatBackend):
-    """The model: canned replies in turn, a few words per delta."""
-
-    name = "scripted"
-    context_window = 4096
-
-    def __init__(self) -> None:
-        self.replies = itertools.cycle(REPLIES)
-
-    async def load(self) -> None:
-        return None
-
-    def model_id(self, adapter: str | None = None) -> str:
-        return "scripted" + (f"+{adapter}" if adapter else "")
-
-    def count_tokens(self, messages: Sequence[Message]) -> int:
-        return sum(len(m.content.split()) for m in messages)
-
-    async def stream(
-        self, messages: Sequence[Message], params: GenerationParams, adapter: str | None = None
-    ) -> AsyncIterator[str]:
-        for word in next(self.replies).split(" "):
-            await asyncio.sleep(0.005)
-            yield word + " "
-
-    async def add_adapter(self, adapter_id: str, path: Path) -> None:
-        return None
-
-    def adapters(self) -> list[str]:
-        return []
 
 
 def _recipe(kind: str, model_dir: Path) -> str:
@@ -115,7 +82,8 @@ async def chat_server(stack_env: dict[str, str]) -> AsyncIterator[RunningServer]
         }
     )
     settings = settings.model_copy(update={"chat": options})
-    server = await start_server(build_app(settings, ScriptedBackend()), settings, settings.chat.server)
+    backend = ScriptedBackend(REPLIES, delta_delay_s=0.005)
+    server = await start_server(build_app(settings, backend), settings, settings.chat.server)
     await asyncio.wait_for(server.ready.wait(), 60)
     yield server
     await server.stop()
@@ -205,7 +173,8 @@ async def test_pipeline_survives_a_killed_trainer_worker(
     tiny_model: Path,
     tmp_path: Path,
 ) -> None:
-    config = PipelineConfig(
+    # resolve() as the CLI does: the recipes are already text; it records the DPO recipe's epochs for the labeler.
+    unresolved = PipelineConfig(
         name="e2e",
         users=6,
         concurrency=3,
@@ -220,6 +189,8 @@ async def test_pipeline_survives_a_killed_trainer_worker(
         dpo_source="auto",
         evaluation={"max_examples": 2, "users_per_arm": 1, "concurrency": 1},  # type: ignore[arg-type]
     )
+    config = resolve(unresolved, tmp_path)
+    assert config.recipes.dpo_epochs == 1
     target = f"127.0.0.1:{chat_server.port}"
     outcomes = await run_users(
         config.users,

@@ -64,6 +64,9 @@ def test_production_refuses_development_secrets(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(ValidationError, match="EMILI_S3__SECRET_KEY"):
         DemoSettings()
     monkeypatch.setenv("EMILI_S3__SECRET_KEY", "prod-secret")
+    with pytest.raises(ValidationError, match="EMILI_TLS__ENABLED"):
+        DemoSettings()
+    monkeypatch.setenv("EMILI_TLS__ENABLED", "true")
     assert DemoSettings().env == "production"
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from emili_core.errors import InvalidInput, NotFound
 from emili_core.queues import TASK_ROUTES
-from emili_pipeline.config import AUTO, PipelineConfig, load_config, resolve
+from emili_pipeline.config import AUTO, PipelineConfig, Recipes, load_config, resolve
+from emili_pipeline.describe import describe
 from emili_pipeline.pipeline import (
     DONE,
     FAILED,
@@ -19,14 +20,21 @@ from emili_pipeline.pipeline import (
     heldout_split,
     is_finished,
     load_state,
+    model_arms,
     new_state,
     pipeline_id,
     run_step,
 )
-from emili_pipeline.steps import describe, model_arms
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SESSIONS = [f"s{i:02d}" for i in range(20)]
+# What the trainer's GetRecipe would answer: shipped recipes' texts by name.
+SHIPPED = {
+    "smollm2-cpu-sft": "name: smollm2-cpu-sft\nkind: sft\nmodel: {path: m.gguf}\ntrain: {epochs: 1}\n",
+    "smollm2-cpu-dpo": (
+        "name: smollm2-cpu-dpo\nkind: dpo\nmodel: {path: m.gguf}\ntrain: {epochs: 3}\ndpo: {beta: 0.1}\n"
+    ),
+}
 
 
 class MemoryStore:
@@ -77,6 +85,7 @@ def test_shipped_configs_load_and_resolve_without_shared_data(tmp_path: Path) ->
         resolved = resolve(config, CONFIGS, shared=tmp_path / "no-shared")
         assert resolved.personas == "builtin" and resolved.faces is None
         assert "kind: sft" in resolved.recipes.sft and "kind: dpo" in resolved.recipes.dpo  # File text travels.
+        assert resolved.recipes.dpo_epochs == 1
         assert resolved.simulator_settings().turns == config.simulator["turns"]
     assert load_config(CONFIGS / "demo.yaml").personas == AUTO
 
@@ -86,10 +95,38 @@ def test_resolve_uses_shared_data_when_present(tmp_path: Path) -> None:
     (tmp_path / "empatheticdialogues" / "valid.csv").write_text("conv_id\n")
     (tmp_path / "fer2013-publictest").mkdir()
     (tmp_path / "fer2013-publictest" / "fer2013_publictest_48x48.npz").write_bytes(b"")
-    resolved = resolve(PipelineConfig(), CONFIGS, shared=tmp_path)
+    resolved = resolve(PipelineConfig(), CONFIGS, shared=tmp_path, fetch_recipe=SHIPPED.__getitem__)
     assert resolved.personas == f"ed:{tmp_path / 'empatheticdialogues'}"
     assert resolved.faces == str(tmp_path / "fer2013-publictest" / "fer2013_publictest_48x48.npz")
-    assert resolved.recipes.sft == "smollm2-cpu-sft"  # A shipped recipe stays a name.
+
+
+def test_resolve_fetches_shipped_recipes_and_records_the_dpo_epochs(tmp_path: Path) -> None:
+    asked: list[str] = []
+
+    def fetch(name: str) -> str:
+        asked.append(name)
+        return SHIPPED[name]
+
+    resolved = resolve(PipelineConfig(), tmp_path, shared=tmp_path, fetch_recipe=fetch)
+    assert asked == ["smollm2-cpu-sft", "smollm2-cpu-dpo"]
+    assert (resolved.recipes.sft, resolved.recipes.dpo) == (SHIPPED["smollm2-cpu-sft"], SHIPPED["smollm2-cpu-dpo"])
+    assert resolved.recipes.dpo_epochs == resolved.recipes.require_dpo_epochs() == 3
+    # Resolving again changes nothing (text stays text) and needs no fetching: the pipeline id is stable.
+    assert resolve(resolved, tmp_path, shared=tmp_path) == resolved
+    assert pipeline_id(resolved, SESSIONS) != pipeline_id(PipelineConfig(), SESSIONS)
+
+
+def test_resolve_refuses_what_it_cannot_turn_into_recipe_text(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="shipped recipe"):
+        resolve(PipelineConfig(), tmp_path, shared=tmp_path)  # A shipped name, and no way to fetch it.
+    no_epochs = SHIPPED["smollm2-cpu-dpo"].replace("train: {epochs: 3}\n", "")
+    with pytest.raises(InvalidInput, match=r"sets no train\.epochs"):
+        resolve(PipelineConfig(recipes=Recipes(dpo=no_epochs)), tmp_path, fetch_recipe=SHIPPED.__getitem__)
+    zero = SHIPPED["smollm2-cpu-dpo"].replace("epochs: 3", "epochs: 0")
+    with pytest.raises(InvalidInput, match=r"train\.epochs 0"):
+        resolve(PipelineConfig(recipes=Recipes(dpo=zero)), tmp_path, fetch_recipe=SHIPPED.__getitem__)
+    with pytest.raises(InvalidInput, match="not resolved"):
+        PipelineConfig().recipes.require_dpo_epochs()
 
 
 def test_bad_configs_are_refused(tmp_path: Path) -> None:

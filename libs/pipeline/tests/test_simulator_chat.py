@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
-from collections.abc import AsyncIterator, Iterator, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
 
 from emili.chat.v1 import chat_pb2, chat_pb2_grpc
-from emili_chat.llm import ChatBackend, GenerationParams, Message
 from emili_chat.main import build_app
 from emili_chat.persist import persist_session
 from emili_chat.settings import ChatSettings
@@ -28,6 +25,7 @@ from emili_pipeline.simulator import (
     summarize,
     transcript_events,
 )
+from emili_testing.chat import ScriptedBackend
 from emili_testing.plugin import token
 
 pytestmark = pytest.mark.integration
@@ -37,38 +35,6 @@ REPLIES = (
     "I'm sorry, that must be hard.",
     "Whatever, calm down, it's no big deal.",
 )
-
-
-class ScriptedBackend(ChatBackend):
-    """A test double for the model: cycles through canned replies, a few words per delta."""
-
-    name = "scripted"
-    context_window = 4096
-
-    def __init__(self) -> None:
-        self.replies: Iterator[str] = itertools.cycle(REPLIES)
-
-    async def load(self) -> None:
-        return None
-
-    def model_id(self, adapter: str | None = None) -> str:
-        return "scripted" + (f"+{adapter}" if adapter else "")
-
-    def count_tokens(self, messages: Sequence[Message]) -> int:
-        return sum(len(m.content.split()) for m in messages)
-
-    async def stream(
-        self, messages: Sequence[Message], params: GenerationParams, adapter: str | None = None
-    ) -> AsyncIterator[str]:
-        for word in next(self.replies).split(" "):
-            await asyncio.sleep(0.005)
-            yield word + " "
-
-    async def add_adapter(self, adapter_id: str, path: Path) -> None:
-        return None
-
-    def adapters(self) -> list[str]:
-        return []
 
 
 @pytest.fixture
@@ -81,7 +47,8 @@ async def chat_server(stack_env: dict[str, str]) -> AsyncIterator[RunningServer]
         }
     )
     settings = settings.model_copy(update={"chat": options})
-    server = await start_server(build_app(settings, ScriptedBackend()), settings, settings.chat.server)
+    backend = ScriptedBackend(REPLIES, delta_delay_s=0.005)
+    server = await start_server(build_app(settings, backend), settings, settings.chat.server)
     await asyncio.wait_for(server.ready.wait(), 60)
     yield server
     await server.stop()

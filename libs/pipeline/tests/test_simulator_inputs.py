@@ -9,11 +9,12 @@ import cv2
 import numpy as np
 import pytest
 
-from emili_pipeline.simulator.faces import FER_CLASSES, FaceModelSettings, class_name, load_face_set
+from emili_pipeline.simulator.faces import FaceModelSettings, class_name, load_face_set
 from emili_pipeline.simulator.personas import Persona, builtin_personas, load_personas, pick
 from emili_pipeline.simulator.state import EMOTION_VAD, EmotionState, HiddenState, StateModelSettings, UserTraits
 from emili_pipeline.simulator.surveys import CALM_WISHES, FEELING_VAD, LIVELY_WISHES
 from emili_pipeline.simulator.user import SimulatedUser
+from emili_session.emotions import EMOTIONS
 
 ED = Path("/work/shared/data/empatheticdialogues")
 FER2013 = Path("/work/shared/data/fer2013-publictest/fer2013_publictest_48x48.npz")
@@ -52,7 +53,7 @@ def test_npz_crops_become_centred_jpegs(tmp_path: Path) -> None:
     crops = np.stack([np.full((48, 48), 10 * i, dtype=np.uint8) for i in range(7)])
     np.savez(tmp_path / "faces.npz", images=crops, labels=np.arange(7))
     faces = load_face_set(tmp_path, FaceModelSettings(frame_size=120, face_size=96))
-    assert faces.counts() == dict.fromkeys(FER_CLASSES, 1)
+    assert faces.counts() == dict.fromkeys(EMOTIONS, 1)
     label, data = faces.pick("sad", np.random.default_rng(0))
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
     assert label == "sad" and image.shape == (120, 120)
@@ -60,9 +61,9 @@ def test_npz_crops_become_centred_jpegs(tmp_path: Path) -> None:
 
 
 def test_user_frames_follow_the_state(tmp_path: Path) -> None:
-    for folder in FER_CLASSES:
+    for folder in EMOTIONS:
         (tmp_path / folder).mkdir()
-        (tmp_path / folder / "x.png").write_bytes(_png(FER_CLASSES.index(folder)))
+        (tmp_path / folder / "x.png").write_bytes(_png(EMOTIONS.index(folder)))
     faces = load_face_set(tmp_path)
     joyful = Persona(persona_id="p", emotion="joyful", situation="s", user_lines=["hi"])
     user = SimulatedUser(joyful, 0, face_model=FaceModelSettings())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emili_pipeline.simulator.faces import FER_CLASSES, FaceModelSettings, expression_mean, sample_reading
+from emili_pipeline.simulator.faces import FaceModelSettings, expression_mean, sample_reading
 from emili_pipeline.simulator.personas import builtin_personas
 from emili_pipeline.simulator.state import (
     EMOTION_VAD,
@@ -16,6 +16,7 @@ from emili_pipeline.simulator.state import (
     reply_quality,
 )
 from emili_pipeline.simulator.user import SimulatedUser
+from emili_session.emotions import EMOTIONS
 
 USER = "My dog passed away on Sunday. The house is so quiet without him."
 GOOD = "I'm so sorry, that sounds really hard. The quiet house must be tough. What was he like?"
@@ -91,7 +92,7 @@ def test_expressiveness_scales_face_intensity(emotion: str) -> None:
 
     def intensity(gain: float) -> float:
         mean = expression_mean(state, UserTraits(gain, 1.0, (0.0,) * 7), params)
-        return 1.0 - float(mean[FER_CLASSES.index("neutral")])
+        return 1.0 - float(mean[EMOTIONS.index("neutral")])
 
     assert intensity(0.3) < intensity(0.7) < intensity(1.2)
 
@@ -99,7 +100,7 @@ def test_expressiveness_scales_face_intensity(emotion: str) -> None:
 @pytest.mark.parametrize(("emotion", "expected"), [("joyful", "happy"), ("sad", "sad"), ("afraid", "fear")])
 def test_expressive_face_shows_the_emotion(emotion: str, expected: str) -> None:
     mean = expression_mean(EmotionState(*EMOTION_VAD[emotion]), UserTraits(1.0, 1.0, (0.0,) * 7), FaceModelSettings())
-    assert FER_CLASSES[int(np.argmax(mean))] == expected
+    assert EMOTIONS[int(np.argmax(mean))] == expected
 
 
 def test_readings_are_valid_distributions() -> None:
@@ -111,7 +112,7 @@ def test_readings_are_valid_distributions() -> None:
     assert 0.8 < len(found) / len(readings) < 0.97
     assert all(r.probabilities == {} for r in readings if not r.face_found)
     for reading in found:
-        assert list(reading.probabilities) == list(FER_CLASSES)
+        assert list(reading.probabilities) == list(EMOTIONS)
         assert all(0.0 < p <= 1.0 for p in reading.probabilities.values())
         assert sum(reading.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
 

@@ -26,13 +26,14 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 import redis.asyncio as aioredis
 
-from emili_chat.engine import AssistantReply, ChatEngine, ClientReading, Delta, SessionOptions, UserText
+from emili_chat.engine import ChatEngine
+from emili_chat.io_types import AssistantReply, ClientReading, Delta, SessionOptions, UserText
 from emili_chat.llm import ChatBackend, GenerationParams, Message
 from emili_chat.main import make_backend
-from emili_chat.readout import EMOTIONS
 from emili_chat.settings import ChatSettings
 from emili_chat.store import SessionStore
 from emili_core.auth import Principal
+from emili_session.emotions import EMOTIONS
 from emili_testing.plugin import free_port
 
 USER = Principal("bench-user", frozenset({"chat"}))

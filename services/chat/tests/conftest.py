@@ -1,53 +1,17 @@
-"""Chat test helpers: a scripted LLM backend (a test double for the code around the model) and engines."""
+"""Chat test helpers: settings, a Redis client and engines with the scripted model of ``emili_testing.chat``."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
 
 from emili_chat.engine import ChatEngine
-from emili_chat.llm import ChatBackend, GenerationParams, Message
+from emili_chat.llm import ChatBackend
 from emili_chat.settings import ChatSettings
 from emili_chat.store import SessionStore
-
-
-class ScriptedBackend(ChatBackend):
-    """Replies with canned text in small deltas and records what it was asked."""
-
-    name = "scripted"
-    context_window = 4096
-
-    def __init__(self, reply: str = "That sounds lovely. What made you smile?") -> None:
-        self.reply = reply
-        self.calls: list[tuple[list[Message], GenerationParams, str | None]] = []
-        self._adapters: list[str] = []
-
-    async def load(self) -> None:
-        return None
-
-    def model_id(self, adapter: str | None = None) -> str:
-        return "scripted" + (f"+{adapter}" if adapter else "")
-
-    def count_tokens(self, messages: Sequence[Message]) -> int:
-        return sum(len(m.content.split()) for m in messages)
-
-    async def stream(
-        self, messages: Sequence[Message], params: GenerationParams, adapter: str | None = None
-    ) -> AsyncIterator[str]:
-        self.calls.append((list(messages), params, adapter))
-        for word in self.reply.split(" "):
-            await asyncio.sleep(0)
-            yield word + " "
-
-    async def add_adapter(self, adapter_id: str, path: Path) -> None:
-        self._adapters.append(adapter_id)
-
-    def adapters(self) -> list[str]:
-        return list(self._adapters)
+from emili_testing.chat import ScriptedBackend
 
 
 def make_settings(redis_url: str, **readout: object) -> ChatSettings:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from emili_chat.engine import (
+from emili_chat.engine import ChatEngine
+from emili_chat.io_types import (
     Accepted,
     AssistantReply,
-    ChatEngine,
     ClientReading,
     ConverseInput,
     ConverseOutput,
@@ -22,13 +22,14 @@ from emili_chat.engine import (
     SessionOptions,
     UserText,
 )
-from emili_chat.readout import EMOTIONS
 from emili_chat.store import SessionStore
 from emili_core.auth import Principal
 from emili_core.errors import FailedPrecondition, InvalidInput, NotFound, PermissionDenied
 from emili_core.objectstore import Bucket, ObjectStore
+from emili_session.emotions import EMOTIONS
+from emili_testing.chat import ScriptedBackend
 
-from .conftest import ScriptedBackend, make_engine, make_settings
+from .conftest import make_engine, make_settings
 
 pytestmark = pytest.mark.integration
 

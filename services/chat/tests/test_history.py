@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from emili_chat.history import condense, messages_from_events
 from emili_chat.llm import Message
-from emili_chat.store import Event
+from emili_session.events import Event
 
 
 def words(messages: Sequence[Message]) -> int:
@@ -19,7 +19,7 @@ def test_events_become_messages_in_order() -> None:
         Event("2-0", "readout_injected", 1, {"text": "Right now, user looks HAPPY (46)"}),
         Event("3-0", "user_message", 2, {"text": "hello"}),
         Event("4-0", "fer_reading", 3, {"face_found": True}),
-        Event("5-0", "assistant_message", 4, {"text": "hi!"}),
+        Event("5-0", "assistant_message", 4, {"text": "hi!", "turn_id": "t1"}),
         Event("6-0", "rating", 5, {"empathy": 5}),
     ]
     messages = messages_from_events("PROMPT", events)

@@ -7,7 +7,6 @@ import math
 import pytest
 
 from emili_chat.readout import (
-    EMOTIONS,
     SALIENCE_TABLE,
     SHORT_MESSAGE_CHARS,
     Aggregator,
@@ -20,6 +19,7 @@ from emili_chat.readout import (
     short_message_reminder,
     to_scores,
 )
+from emili_session.emotions import EMOTIONS
 
 # The reference table, typed out again here (not read from the module) so that a typo there fails a test.
 REFERENCE_TABLE: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {

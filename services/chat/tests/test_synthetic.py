@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 
 from emili.chat.v1 import chat_pb2
 from emili_chat import codec
-from emili_chat.engine import SessionOptions
+from emili_chat.io_types import SessionOptions
 from emili_chat.persist import persist_session
 from emili_chat.store import SessionRecord
 from emili_core.auth import Principal

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from emili_core.errors import InvalidInput
-from emili_fer.decode import Format, decode
+from emili_fer.decode import Format, declared_pixels, decode
 
 LIMITS = {"max_bytes": 8 * 1024 * 1024, "max_pixels": 4096 * 4096}
 
@@ -98,3 +98,12 @@ def test_raw_frames() -> None:
         decode(bytes(11), Format.RAW_GRAY8, 4, 3, **LIMITS)
     with pytest.raises(InvalidInput, match="width and height"):
         decode(bytes(12), Format.RAW_GRAY8, **LIMITS)
+
+
+def test_declared_pixels_come_from_the_header_without_decoding(face_jpeg: bytes) -> None:
+    height, width = cv2.imdecode(np.frombuffer(face_jpeg, np.uint8), cv2.IMREAD_GRAYSCALE).shape
+    assert declared_pixels(face_jpeg) == width * height
+    tiny = _png(np.zeros((8, 8), np.uint8))
+    assert declared_pixels(_with_png_size(tiny, 4096, 4096)) == 4096 * 4096  # A claim, never decoded.
+    assert declared_pixels(b"", Format.RAW_GRAY8, 640, 480) == 640 * 480
+    assert declared_pixels(b"garbage") == 0 and declared_pixels(face_jpeg[:100]) == 0  # Decoding reports those.

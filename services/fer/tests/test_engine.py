@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from emili_core.errors import InvalidInput
+from emili_fer.decode import Format
 from emili_fer.detect import Box, square_crop
 from emili_fer.engine import FerEngine, FrameInput, Reading
-from emili_fer.manifest import FER2013_LABELS
 from emili_fer.settings import FerOptions
+from emili_session.emotions import EMOTIONS
 
 from .conftest import artifacts_dir
 
@@ -27,7 +28,7 @@ def test_real_face_reads_as_happy(loaded_engine: FerEngine, face_jpeg: bytes) ->
     (reading,) = loaded_engine.analyze_sync([FrameInput(face_jpeg)])
     assert isinstance(reading, Reading)
     assert reading.face_found and reading.face_count == 1
-    assert list(reading.probabilities) == list(FER2013_LABELS)
+    assert list(reading.probabilities) == list(EMOTIONS)
     assert sum(reading.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
     assert reading.top_emotion == "happy"  # The astronaut is smiling.
     assert reading.salience["happy"] >= 90
@@ -150,3 +151,34 @@ async def test_frames_beyond_capacity_are_refused(fer_options: FerOptions, face_
     assert [type(r).__name__ for r in results] == ["Reading", "Reading", "Overloaded", "Overloaded", "Overloaded"]
     assert "at capacity (2 frames" in str(results[2])
     assert isinstance(results[2], Overloaded)
+
+
+def test_pixel_budget_counts_the_whole_request_before_decoding(face_jpeg: bytes) -> None:
+    options = FerOptions()
+    engine = FerEngine(
+        options.model_copy(update={"limits": options.limits.model_copy(update={"max_pixels_per_request": 1280 * 720})}),
+        artifacts_dir(),
+    )
+    assert engine.options.limits.max_pixels_per_request == 1280 * 720
+    raw = FrameInput(bytes(640 * 360), Format.RAW_GRAY8, 640, 360)
+    assert engine.check_pixel_budget([raw] * 4) == 1280 * 720  # Exactly the budget is allowed.
+    with pytest.raises(InvalidInput, match=r"over 921600 pixels, the per-request budget"):
+        engine.check_pixel_budget([raw] * 5)
+    assert engine.check_pixel_budget([FrameInput(b"garbage")] * 100) == 0  # Decoding reports those, one by one.
+
+
+def test_default_pixel_budget_is_64_hd_frames() -> None:
+    assert FerOptions().limits.max_pixels_per_request == 64 * 1280 * 720
+
+
+async def test_analyze_many_refuses_a_request_over_the_budget_without_decoding(face_jpeg: bytes) -> None:
+    options = FerOptions()
+    engine = FerEngine(
+        options.model_copy(update={"limits": options.limits.model_copy(update={"max_pixels_per_request": 64 * 64})}),
+        artifacts_dir(),
+    )
+    # Not started (no model, no thread pool): a frame that reached decoding would fail with NotReady instead.
+    with pytest.raises(InvalidInput, match="per-request budget"):
+        await engine.analyze_many([FrameInput(face_jpeg)])
+    with pytest.raises(InvalidInput, match="per-request budget"):
+        await engine.analyze(FrameInput(face_jpeg))

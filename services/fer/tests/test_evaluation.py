@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emili_fer.evaluation import FER2013_LABELS, evaluate_crops
+from emili_fer.evaluation import evaluate_crops
+from emili_session.emotions import EMOTIONS
 
 
 def _fake_classify(batch: np.ndarray) -> np.ndarray:
@@ -30,7 +31,7 @@ def test_accuracy_recall_and_batching() -> None:
     assert result["n"] == 10
     assert result["accuracy"] == pytest.approx(0.7)
     recall = result["per_class_recall"]
-    assert list(recall) == list(FER2013_LABELS)
+    assert list(recall) == list(EMOTIONS)
     assert recall["angry"] == pytest.approx(0.5)
     assert recall["disgust"] == 1.0
     assert recall["fear"] is None  # no fear examples

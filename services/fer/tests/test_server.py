@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
+import cv2
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -142,3 +145,21 @@ async def test_gpu_configured_without_gpu_never_serves() -> None:
         assert await _health(f"127.0.0.1:{running.port}") == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         await running.stop()
+
+
+async def test_a_batch_over_the_pixel_budget_is_refused_before_decoding(fer_server: str) -> None:
+    """64 blank 4096x4096 PNGs (a few MB on the wire, each under the per-frame limit) would take seconds of CPU
+    to decode; their headers alone put the request over the budget, so it is refused at once."""
+    ok, encoded = cv2.imencode(".png", np.zeros((4096, 4096), np.uint8))
+    assert ok
+    frames = [fer_pb2.Frame(data=encoded.tobytes())] * 64
+    async with make_channel(fer_server, token(["fer"])) as channel:
+        stub = fer_pb2_grpc.FerServiceStub(channel)
+        started = time.perf_counter()
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.AnalyzeBatch(fer_pb2.AnalyzeBatchRequest(frames=frames))
+        elapsed = time.perf_counter() - started
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = exc.value.details() or ""
+    assert f"over {64 * 1280 * 720} pixels, the per-request budget" in details and "64 frames of 1280x720" in details
+    assert elapsed < 2.0, elapsed  # Decoding them would take seconds.

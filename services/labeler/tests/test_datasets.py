@@ -15,13 +15,13 @@ from emili_labeler.datasets import (
     SessionInput,
     TurnLabel,
     content_id,
-    conversation_messages,
     feedback_pairs,
     jsonl_bytes,
     plain_reply,
     sft_examples,
     write_jsonl,
 )
+from emili_session.conversation import conversation_messages
 
 SYSTEM = "You are EMILI, an Emotionally Intelligent Listener."
 

@@ -7,14 +7,14 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from emili_labeler.gold import GoldLabel, arm_table, bootstrap_ci, gold_label, survey_texts
-from emili_labeler.vad import VAD, TextVAD
+from emili_affect.vad import VAD, TextVAD
+from emili_labeler.gold import GoldLabel, arm_table, gold_label, survey_texts
 
 WORDS = {"tired": VAD(0.2, 0.3, 0.4), "better": VAD(0.8, 0.5, 0.6), "calm": VAD(0.7, 0.1, 0.5)}
 
 
 class FakeScorer:
-    """Mean of known word values; the real scorer is tested in test_vad_*."""
+    """Mean of known word values; the real scorer is tested in libs/affect/tests/test_vad_*."""
 
     def score_batch(self, texts: Sequence[str]) -> list[TextVAD]:
         results = []
@@ -51,16 +51,6 @@ def test_missing_survey_has_no_delta() -> None:
     label = gold_label([{"kind": "pre_survey", "text": "tired"}], FakeScorer())
     assert label.pre is not None and label.post is None and label.delta is None
     assert survey_texts([{"kind": "pre_survey", "text": ""}]) == (None, None)
-
-
-def test_bootstrap_interval_brackets_the_mean_and_narrows_with_n() -> None:
-    rng = np.random.default_rng(1)
-    small, large = rng.normal(0.1, 0.2, 20), rng.normal(0.1, 0.2, 2000)
-    low_s, high_s = bootstrap_ci(small.tolist())
-    low_l, high_l = bootstrap_ci(large.tolist())
-    assert low_s < small.mean() < high_s and low_l < large.mean() < high_l
-    assert (high_l - low_l) < (high_s - low_s) / 5
-    assert bootstrap_ci([0.5, 0.5, 0.5]) == (0.5, 0.5)
 
 
 def test_arm_table() -> None:

@@ -10,15 +10,16 @@ import pytest
 
 from emili_labeler.reactions import (
     EMOTION_TUNE_ORIGINAL,
-    EMOTIONS,
     POPULATION_MEAN_2025,
     VARIANT_2025,
     VARIANT_2025_UNSCALED,
     TurnReaction,
     WeightVector,
     WindowSettings,
+    fer_gaps,
     flag_turns,
 )
+from emili_session.emotions import EMOTIONS
 
 T0 = 1_700_000_000_000  # Unix ms.
 A = T0 + 4_000  # The assistant reply finishes 4 s after the user message.
@@ -380,3 +381,51 @@ def test_weight_vector_validation_and_scoring() -> None:
         flag_turns([], EMOTION_TUNE_ORIGINAL, post="later")  # type: ignore[arg-type]
     assert VARIANT_2025.score(np.array(POPULATION_MEAN_2025)) == pytest.approx(0.0, abs=1e-12)
     assert EMOTION_TUNE_ORIGINAL.score(np.array([0, 0, 0, 0.5, 0, 0, 0.5])) == pytest.approx(300.0)
+
+
+def fer_down(since_ms: int, at: int | None = None) -> Event:
+    return {"kind": "fer_unavailable", "time_ms": at or since_ms + 100, "since_ms": since_ms, "error": "UNAVAILABLE"}
+
+
+def fer_back(restored_ms: int) -> Event:
+    return {"kind": "fer_restored", "time_ms": restored_ms + ARRIVAL_MS, "restored_ms": restored_ms, "reconnects": 2}
+
+
+def test_fer_gaps_pair_unavailable_with_restored() -> None:
+    events = session(fer_down(T0), fer_back(T0 + 3_000), fer_down(A, at=A + 50), fer_down(A + 60))
+    assert fer_gaps(events) == [(T0, T0 + 3_000), (A, float("inf"))]  # A repeated "down" does not open a new gap.
+    assert fer_gaps(session(user(T0))) == []
+
+
+def test_a_window_in_a_fer_gap_is_unflaggable_not_no_face() -> None:
+    # FER went down after the user message and came back 3 s later, before the reply: the pre window is known.
+    ok = session(
+        user(T0), fer(T0, happy=1.0), fer_down(T0 + 600), fer_back(T0 + 3_000), assistant(A), fer(A, happy=0.5)
+    )
+    assert only(flag_turns(ok, EMOTION_TUNE_ORIGINAL)).reason == "below_threshold"
+
+    # Down from just before the reply until after its post window: the post window is unknown, not "no face".
+    events = session(
+        user(T0), fer(T0, happy=1.0), fer_down(A - 200), assistant(A), fer_back(A + 2_000), fer(A + 2_100, happy=0.1)
+    )
+    r = only(flag_turns(events, EMOTION_TUNE_ORIGINAL))
+    assert (r.flagged, r.reason, r.delta, r.flaggable, r.post_scores) == (False, "fer_unavailable", None, False, None)
+
+    # A gap that only partly covers the pre window makes the turn unflaggable even with a reading in the window.
+    events = session(fer_down(T0 - 2_000), fer_back(T0 - 100), fer(T0, happy=1.0), user(T0), assistant(A), fer(A))
+    assert only(flag_turns(events, EMOTION_TUNE_ORIGINAL)).reason == "fer_unavailable"
+
+    # Never restored: every later window is in the gap; a no-face reading recorded there changes nothing.
+    events = session(user(T0), fer(T0, happy=1.0), fer_down(A - 2_000), no_face(A + 10), assistant(A))
+    assert only(flag_turns(events, EMOTION_TUNE_ORIGINAL)).reason == "fer_unavailable"
+
+
+def test_delayed_reading_taken_while_fer_was_down_is_not_used() -> None:
+    down = {**post_reading("t1", None), "fer_unavailable": True}
+    events = delayed_session(fer_down(A + 3_000), down)
+    r = only(flag_turns(events, EMOTION_TUNE_ORIGINAL, post="delayed"))
+    assert (r.reason, r.post_source, r.delta) == ("fer_unavailable", None, None)
+    # Marked unavailable but with scores (a stale aggregate) is not used either.
+    stale = {**post_reading("t1", {"happy": 100}), "fer_unavailable": True}
+    r = only(flag_turns(delayed_session(stale), EMOTION_TUNE_ORIGINAL, post="delayed"))
+    assert (r.reason, r.post_source) == ("no_post_readings", None)

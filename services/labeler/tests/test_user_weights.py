@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from emili_labeler.reactions import EMOTIONS, POPULATION_MEAN_2025, POPULATION_STD_2025, flag_turns
+from emili_labeler.reactions import POPULATION_MEAN_2025, POPULATION_STD_2025, flag_turns
 from emili_labeler.user_weights import (
     REFERENCE_POPULATION_BASELINE,
     Baseline,
@@ -26,6 +26,7 @@ from emili_labeler.user_weights import (
     to_weight_vector,
     user_baseline,
 )
+from emili_session.emotions import EMOTIONS
 
 Array = npt.NDArray[np.float64]
 

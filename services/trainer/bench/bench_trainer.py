@@ -45,7 +45,7 @@ BUILT_IN = [
 def conversations(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
     """n short conversations (user, assistant, user, assistant)."""
     if ED.is_file():
-        from emili_labeler.empathetic import load_dialogues
+        from emili_affect.empathetic import load_dialogues
 
         dialogues, _ = load_dialogues(ED, split="valid")
         chosen = sorted(dialogues, key=lambda d: d.conv_id)[:n]

@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from emili_labeler.vad import Lexicon
+from emili_affect.vad import Lexicon
 from emili_testing.plugin import tiny_llama
 from emili_trainer.evaluation.intensity import load_emotion_intensity
 from emili_trainer.evaluation.metrics import (

@@ -8,8 +8,6 @@ from typing import Any
 
 import pytest
 
-from emili_labeler.gold import GoldLabel, arm_table
-from emili_labeler.vad import VAD
 from emili_trainer.evaluation.metrics import reply_metrics
 from emili_trainer.evaluation.mmlu import SKIP_MESSAGE
 from emili_trainer.evaluation.report import (
@@ -32,13 +30,29 @@ RATINGS = [
 
 
 def _delta_table() -> dict[str, Any]:
-    """The labeler's delta_table output, built with its own arm_table."""
-    labels = [
-        ("base", GoldLabel(VAD(0.5, 0.5, 0.5), VAD(0.6, 0.4, 0.5), 1.0, 1.0, "warriner-2013")),
-        ("base", GoldLabel(VAD(0.5, 0.5, 0.5), VAD(0.4, 0.5, 0.6), 1.0, 1.0, "warriner-2013")),
-        ("adapter:sft-1", GoldLabel(VAD(0.3, 0.5, 0.5), VAD(0.7, 0.5, 0.5), 1.0, 1.0, "warriner-2013")),
-    ]
-    return {"lexicon": "warriner-2013", "sessions": 3, "arms": arm_table(labels, samples=200)}
+    """A labeler delta_table as it arrives (JSON): the trainer reads the labeler's output, never its code."""
+
+    def dim(mean: float, low: float, high: float) -> dict[str, Any]:
+        return {"mean": mean, "ci95": [low, high]}
+
+    return {
+        "lexicon": "warriner-2013",
+        "sessions": 3,
+        "arms": {
+            "adapter:sft-1": {
+                "n": 1,
+                "valence": dim(0.4, 0.4, 0.4),
+                "arousal": dim(0, 0, 0),
+                "dominance": dim(0, 0, 0),
+            },
+            "base": {
+                "n": 2,
+                "valence": dim(0.0, -0.1, 0.1),
+                "arousal": dim(-0.05, -0.1, 0.0),
+                "dominance": dim(0.05, 0.0, 0.1),
+            },
+        },
+    }
 
 
 def _full_results() -> dict[str, Any]:

@@ -16,6 +16,7 @@ from emili_core.objectstore import Bucket
 from emili_trainer import jobs
 from emili_trainer.evaluation import job as evaluation
 from emili_trainer.recipes import Recipe
+from emili_trainer.runs import RunState
 from emili_trainer.settings import TrainerSettings
 from emili_trainer.training import train_sft
 
@@ -68,12 +69,12 @@ def test_base_vs_adapter_report(
     record, enqueue = evaluation.start_evaluation(
         runtime, [version], session_ids=["eval-held-out"], rating_session_ids=["eval-held-out"]
     )
-    assert enqueue and record["arms"] == ["base", version]
-    done = evaluation.execute_evaluation(runtime, record["run_id"])
-    assert done["state"] == "succeeded", done
+    assert enqueue and record.arms == ("base", version)
+    done = evaluation.execute_evaluation(runtime, record.run_id)
+    assert done.state == RunState.SUCCEEDED, done
 
-    report = evaluation.load_report(runtime, record["run_id"])
-    data = report["report"]
+    report = evaluation.load_report(runtime, record.run_id)
+    data = report.report
     assert set(data["reply_metrics"]) == {"base", version}
     for metrics in data["reply_metrics"].values():
         assert metrics["n"] == 2  # Both prompted turns of the held-out session, for each arm.
@@ -81,12 +82,12 @@ def test_base_vs_adapter_report(
     assert all(p > 1 for p in data["perplexity"].values())
     assert data["ratings_table"][version]["n"] == 1 and data["ratings_table"][version]["empathy"]["mean"] == 4
     assert "skipped" in data["mmlu"]  # No local MMLU copy here: said so, not faked.
-    assert "Table 1" in report["markdown"] and version in report["markdown"]
-    assert report["plot_keys"] and all(k.endswith(".png") for k in report["plot_keys"])
+    assert "Table 1" in report.markdown and version in report.markdown
+    assert report.plot_keys and all(k.endswith(".png") for k in report.plot_keys)
     again, enqueue_again = evaluation.start_evaluation(
         runtime, [version], session_ids=["eval-held-out"], rating_session_ids=["eval-held-out"]
     )
-    assert not enqueue_again and again["run_id"] == record["run_id"]
+    assert not enqueue_again and again.run_id == record.run_id
 
 
 SHARED_ED = Path(__file__).resolve().parents[4] / "shared" / "data" / "empatheticdialogues"

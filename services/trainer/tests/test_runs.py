@@ -18,10 +18,11 @@ from emili_core.keys import dataset_index_key, model_registry_key, run_prefix
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.tasks import create_celery_app
 from emili_labeler.datasets import DatasetManifest, jsonl_bytes
+from emili_session.registry import registered_model
 from emili_testing.plugin import EntryPointProcess, Stack, free_port
 from emili_trainer import jobs
 from emili_trainer.recipes import Recipe, parse_recipe
-from emili_trainer.runs import RunLocked
+from emili_trainer.runs import RunLocked, RunState
 from emili_trainer.settings import TrainerSettings
 
 pytestmark = pytest.mark.integration
@@ -104,17 +105,17 @@ def test_start_training_checks_its_inputs(
         jobs.start_training(runtime, make_recipe("smollm2-cpu-sft"), sft_dataset, init_version="x")
     first, enqueue = jobs.start_training(runtime, make_recipe("smollm2-cpu-sft", seed=7), sft_dataset)
     again, enqueue_again = jobs.start_training(runtime, make_recipe("smollm2-cpu-sft", seed=7), sft_dataset)
-    assert enqueue and not enqueue_again and first["run_id"] == again["run_id"]  # Same content, same run.
+    assert enqueue and not enqueue_again and first.run_id == again.run_id  # Same content, same run.
 
 
 def test_cancel_a_queued_run(runtime: jobs.Runtime, sft_dataset: str, make_recipe: Callable[..., Recipe]) -> None:
     record, _ = jobs.start_training(runtime, make_recipe("smollm2-cpu-sft", seed=11), sft_dataset)
-    assert jobs.cancel_run(runtime, record["run_id"])["state"] == "cancelled"
-    assert jobs.execute_run(runtime, record["run_id"])["state"] == "cancelled"  # Its queued job does nothing.
+    assert jobs.cancel_run(runtime, record.run_id).state == RunState.CANCELLED
+    assert jobs.execute_run(runtime, record.run_id).state == RunState.CANCELLED  # Its queued job does nothing.
     with pytest.raises(FailedPrecondition, match="already cancelled"):
-        jobs.cancel_run(runtime, record["run_id"])
+        jobs.cancel_run(runtime, record.run_id)
     again, enqueue = jobs.start_training(runtime, make_recipe("smollm2-cpu-sft", seed=11), sft_dataset)
-    assert enqueue and again["state"] == "queued"  # Asking again retries a cancelled run.
+    assert enqueue and again.state == RunState.QUEUED  # Asking again retries a cancelled run.
 
 
 # --- a real worker: resume after SIGKILL ---------------------------------------------------------------------
@@ -162,7 +163,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_the_chat_serves_the_res
 ) -> None:
     recipe = make_recipe("smollm2-cpu-sft", max_steps=60, save_steps=4, seed=3)
     record, _ = jobs.start_training(runtime, parse_recipe(yaml.safe_dump(recipe.to_dict())), sft_dataset)
-    run_id = record["run_id"]
+    run_id = record.run_id
     create_celery_app("tests", runtime.settings).send_task("trainer.train", args=[run_id])
     first = EntryPointProcess("emili-trainer-worker", worker_env, tmp_path / "worker-1.log")
     workers.append(first)
@@ -170,24 +171,24 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_the_chat_serves_the_res
     _wait(lambda: runtime.store.exists(Bucket.MODELS, marker), "the first checkpoint in S3", first)
     first.kill()
     killed_at = runtime.runs.get(run_id)
-    assert killed_at["state"] == "running" and killed_at["step"] < 60
+    assert killed_at.state == RunState.RUNNING and killed_at.step < 60
 
     second = EntryPointProcess("emili-trainer-worker", worker_env, tmp_path / "worker-2.log")
     workers.append(second)
-    _wait(lambda: runtime.runs.get(run_id)["state"] in ("succeeded", "failed"), "the resumed run", second)
+    _wait(lambda: runtime.runs.get(run_id).final, "the resumed run", second)
     done = runtime.runs.get(run_id)
-    assert done["state"] == "succeeded", done
-    assert done["attempts"] == 2 and done["resumed_from_step"] >= 4  # Never from zero.
-    assert done["metrics"]["steps"] == 60
+    assert done.state == RunState.SUCCEEDED, done
+    assert done.attempts == 2 and done.resumed_from_step >= 4  # Never from zero.
+    assert done.metrics is not None and done.metrics["steps"] == 60
     registered = runtime.store.list_keys(Bucket.MODELS, "registry/")
     assert [k for k in registered if run_id in k] == [model_registry_key(run_id)]  # Registered once.
-    manifest = jobs.registered_model(runtime.store, run_id)
+    manifest = registered_model(runtime.store, run_id)
     assert manifest["dataset_id"] == sft_dataset and manifest["recipe"]["train"]["max_steps"] == 60
     assert "adapter_model.safetensors" in manifest["files"] and "tokenizer_config.json" in manifest["files"]
-    assert jobs.execute_run(runtime, run_id)["state"] == "succeeded"  # A late duplicate changes nothing.
+    assert jobs.execute_run(runtime, run_id).state == RunState.SUCCEEDED  # A late duplicate changes nothing.
 
     # The chat service serves the registered version by id, as a model arm.
-    from emili_chat.engine import AdapterRegistry
+    from emili_chat.adapters import AdapterRegistry
     from emili_chat.llm import GenerationParams, LocalHFBackend, Message
 
     async def chat_with_arm() -> str:

@@ -19,7 +19,9 @@ from emili_core.objectstore import Bucket
 from emili_labeler.datasets import DatasetManifest, jsonl_bytes
 from emili_testing.plugin import token
 from emili_trainer import jobs
+from emili_trainer.engine import TrainerEngine
 from emili_trainer.main import SERVICE_NAME
+from emili_trainer.recipes import parse_recipe, shipped_recipes
 from emili_trainer.servicer import TrainerServicer
 from emili_trainer.settings import TrainerSettings
 
@@ -35,7 +37,8 @@ async def stub(
     settings = TrainerSettings()
     runtime = jobs.build_runtime(settings)
     enqueued: list[tuple[str, str]] = []
-    servicer = TrainerServicer(lambda: runtime, lambda task, run_id: enqueued.append((task, run_id)), 0.05)
+    engine = TrainerEngine(lambda: runtime, lambda task, run_id: enqueued.append((task, run_id)), 0.05)
+    servicer = TrainerServicer(engine)
 
     def register(server: grpc.aio.Server) -> None:
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, server)
@@ -108,3 +111,17 @@ async def test_start_watch_cancel(stub: Any, conversation: list[dict[str, Any]])
     assert updates == [trainer_pb2.RUN_STATE_QUEUED, trainer_pb2.RUN_STATE_CANCELLED]
     cancel_again = trainer_pb2.CancelRunRequest(run_id=first.run.run_id)
     assert await _code(lambda: client.CancelRun(cancel_again)) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_get_recipe_returns_a_shipped_recipe_by_name(stub: Any) -> None:
+    client = stub[0]
+    response = await client.GetRecipe(trainer_pb2.GetRecipeRequest(name="empo-7b-dpo"))
+    assert (response.name, response.kind, response.epochs) == ("empo-7b-dpo", "dpo", 3)
+    assert response.yaml == shipped_recipes()["empo-7b-dpo"].read_text(encoding="utf-8")  # The text as shipped.
+    assert parse_recipe(response.yaml).train.epochs == 3
+    assert await _code(lambda: client.GetRecipe(trainer_pb2.GetRecipeRequest())) == grpc.StatusCode.INVALID_ARGUMENT
+    for name in ("no-such-recipe", "../recipes/smollm2-cpu-sft.yaml"):  # Names only: never a path on the server.
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await client.GetRecipe(trainer_pb2.GetRecipeRequest(name=name))
+        assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "smollm2-cpu-dpo" in (exc.value.details() or "")  # The message lists the shipped recipes.

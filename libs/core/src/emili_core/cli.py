@@ -7,11 +7,13 @@ import json
 import time
 from dataclasses import dataclass
 from importlib.metadata import distributions, entry_points, version
+from pathlib import Path
 from typing import Annotated
 
 import grpc
 import redis
 import typer
+import urllib3
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
 from rich.console import Console
@@ -19,14 +21,18 @@ from rich.table import Table
 
 from emili_core import stack
 from emili_core.auth import KNOWN_SCOPES, create_token
+from emili_core.grpc_client import open_channel
 from emili_core.objectstore import ObjectStore
-from emili_core.settings import CommonSettings, load_settings
+from emili_core.retention import retention_app
+from emili_core.settings import REPO_ROOT, CommonSettings, HealthCheck, TLSSettings, load_settings
+from emili_core.settings import service_settings_classes as service_settings_classes  # Re-exported (moved there).
 
 app = typer.Typer(help="EMILI: emotionally intelligent listener platform.", no_args_is_help=True)
 token_app = typer.Typer(help="Bearer tokens for the gRPC APIs.", no_args_is_help=True)
 stack_app = typer.Typer(help="The local stack (Redis, S3 server, services) under supervisord.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(stack_app, name="stack")
+app.add_typer(retention_app, name="retention")
 console = Console(stderr=True)
 
 
@@ -56,11 +62,6 @@ def _root(
 
 class CliSettings(CommonSettings):
     token: SecretStr | None = None  # EMILI_TOKEN: used instead of minting one from the secret.
-
-
-def service_settings_classes() -> dict[str, type[CommonSettings]]:
-    """Each installed service's settings class, from the ``emili.services`` entry points."""
-    return {ep.name: ep.load() for ep in entry_points(group="emili.services")}
 
 
 def client_token(settings: CliSettings, scope: str, subject: str = "emili-cli") -> str:
@@ -101,14 +102,37 @@ class ComponentStatus:
         return self.state in {"SERVING", "OK"}
 
 
-async def _grpc_health(target: str) -> tuple[str, str]:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def _grpc_health(target: str, tls: TLSSettings | None = None) -> tuple[str, str]:
+    async with open_channel(target, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
         except grpc.aio.AioRpcError as exc:
             return "UNREACHABLE", f"{target}: {exc.code().name}"
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status), target
+
+
+def _http_health(url: str) -> tuple[str, str]:
+    """SERVING when the URL answers 200; NOT_SERVING naming what the server says is down; UNREACHABLE."""
+    try:
+        reply = urllib3.request("GET", url, timeout=urllib3.Timeout(total=3), retries=False)
+    except urllib3.exceptions.HTTPError as exc:
+        return "UNREACHABLE", f"{url}: {type(exc).__name__}"
+    if reply.status == 200:
+        return "SERVING", url
+    try:
+        down = ", ".join(reply.json().get("down") or [])
+    except (ValueError, AttributeError):
+        down = ""
+    return "NOT_SERVING", f"{url}: HTTP {reply.status}" + (f", down: {down}" if down else "")
+
+
+def server_health(check: HealthCheck, tls: TLSSettings | None = None) -> tuple[str, str]:
+    """(state, detail) of a server, checked the way its settings class says (gRPC health, over TLS when ``tls`` is
+    enabled, or an HTTP URL)."""
+    if check.kind == "http":
+        return _http_health(check.target)
+    return asyncio.run(_grpc_health(check.target, tls))
 
 
 def collect_status(settings: CliSettings, services: list[str]) -> list[ComponentStatus]:
@@ -129,9 +153,11 @@ def collect_status(settings: CliSettings, services: list[str]) -> list[Component
         if service not in classes:
             rows.append(ComponentStatus(f"{service}-server", "NOT INSTALLED"))
             continue
-        target = classes[service]().grpc_target()
-        state, detail = asyncio.run(_grpc_health(target))
+        service_settings = classes[service]()
+        state, detail = server_health(service_settings.health_check(), service_settings.tls)
         rows.append(ComponentStatus(f"{service}-server", state, detail))
+        if not classes[service].has_worker:
+            continue
         alive = [w for w in workers if w.startswith(f"{service}-")]
         rows.append(ComponentStatus(f"{service}-worker", "OK" if alive else "DOWN", ", ".join(alive) or "no pong"))
     return rows
@@ -147,14 +173,27 @@ def _worker_hostnames(settings: CliSettings) -> list[str]:
         return []
 
 
-def print_status(rows: list[ComponentStatus]) -> None:
+def service_links(services: list[str]) -> dict[str, str]:
+    """What people open in a browser (e.g. the participant app), from each installed service's settings."""
+    classes = service_settings_classes()
+    links: dict[str, str] = {}
+    for service in services:
+        if service in classes:
+            links |= classes[service]().links()
+    return links
+
+
+def print_status(rows: list[ComponentStatus], links: dict[str, str] | None = None) -> None:
     table = Table(title="EMILI local stack")
     for column in ("component", "state", "detail"):
         table.add_column(column)
     for row in rows:
         style = "green" if row.ok else "red"
         table.add_row(row.name, f"[{style}]{row.state}[/{style}]", row.detail)
-    Console().print(table)
+    out = Console()
+    out.print(table)
+    for what, url in (links or {}).items():
+        out.print(f"{what}: {url}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -167,7 +206,7 @@ def status(
     if as_json:
         print(json.dumps([{"name": r.name, "state": r.state, "detail": r.detail} for r in rows], indent=2))
     else:
-        print_status(rows)
+        print_status(rows, service_links(list(stack.LOCAL_SERVICES)))
     raise typer.Exit(0 if all(r.ok for r in rows) else 1)
 
 
@@ -184,7 +223,7 @@ def stack_up(
         rows = collect_status(settings, list(stack.LOCAL_SERVICES))
         waiting = [r.name for r in rows if not r.ok]
         if not waiting:
-            print_status(rows)
+            print_status(rows, service_links(list(stack.LOCAL_SERVICES)))
             return
         if time.monotonic() > deadline:
             print_status(rows)
@@ -199,6 +238,26 @@ def stack_up(
             raise typer.Exit(1)
         console.print(f"waiting for: {', '.join(waiting)}")
         time.sleep(2)
+
+
+@stack_app.command("certs")
+def stack_certs(
+    directory: Annotated[Path, typer.Option("--dir", help="Where to write ca.crt, server.crt and server.key.")] = (
+        REPO_ROOT / "var" / "tls"
+    ),
+    host: Annotated[list[str] | None, typer.Option(help="Repeatable: names the certificate is for.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing certificates.")] = False,
+) -> None:
+    """Make development TLS certificates (a local CA, and one certificate for 127.0.0.1/localhost).
+
+    Use them with EMILI_TLS__ENABLED=true (the EMILI_TLS__* defaults name these files); `emili stack up` makes
+    them itself when TLS is enabled and they are missing. Never for production."""
+    from emili_core.tls import DEFAULT_HOSTS, dev_certificates, generate_dev_certificates
+
+    existed = dev_certificates(directory).exist()
+    paths = generate_dev_certificates(directory, tuple(host) if host else DEFAULT_HOSTS, overwrite=overwrite)
+    verb = "kept existing" if existed and not overwrite else "wrote"
+    console.print(f"{verb} {paths.ca_file}, {paths.cert_file}, {paths.key_file}")
 
 
 @stack_app.command("down")

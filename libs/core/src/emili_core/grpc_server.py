@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from emili_core import errors
 from emili_core.auth import principal_from_metadata, set_current_principal
 from emili_core.metrics import rpc_metrics, start_metrics_server
-from emili_core.settings import CommonSettings, ServerSettings
+from emili_core.settings import CommonSettings, ServerSettings, TLSSettings
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,9 @@ class RunningServer:
     grace_seconds: float
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     startup_task: asyncio.Task[None] | None = None
+    # The plaintext health-only server (``health_port``), for probes that cannot speak TLS.
+    health_server: grpc.aio.Server | None = None
+    health_port: int = 0
 
     async def stop(self) -> None:
         """Drain: report NOT_SERVING, finish in-flight calls within the grace period, release resources."""
@@ -223,7 +226,22 @@ class RunningServer:
         if self.startup_task is not None and not self.startup_task.done():
             self.startup_task.cancel()
         await self.server.stop(self.grace_seconds)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.app.shutdown()
+
+
+def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials:
+    """The server's certificate and key; with ``require_client_cert``, clients must present one signed by the CA."""
+    for name, path in (("CERT_FILE", tls.cert_file), ("KEY_FILE", tls.key_file)):
+        if not path.is_file():
+            raise RuntimeError(f"EMILI_TLS__{name}={path} does not exist (`emili stack certs` makes development ones)")
+    ca = tls.ca_file.read_bytes() if tls.require_client_cert and tls.ca_file is not None else None
+    return grpc.ssl_server_credentials(
+        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=tls.require_client_cert,
+    )
 
 
 async def start_server(app: ServiceApp, settings: CommonSettings, server_settings: ServerSettings) -> RunningServer:
@@ -246,12 +264,40 @@ async def start_server(app: ServiceApp, settings: CommonSettings, server_setting
     reflection.enable_server_reflection([*app.service_names, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
     for name in ["", *app.service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(f"{server_settings.host}:{server_settings.grpc_port}")
+    address = f"{server_settings.host}:{server_settings.grpc_port}"
+    port = (
+        server.add_secure_port(address, server_credentials(settings.tls))
+        if settings.tls.enabled
+        else (server.add_insecure_port(address))
+    )
+    health_server, health_port = None, 0
+    if server_settings.health_port is not None:
+        # Kubelet gRPC probes cannot speak TLS: the same health status, plaintext, on a port of its own (nothing
+        # but grpc.health.v1 is served there).
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = health_server.add_insecure_port(f"{server_settings.host}:{server_settings.health_port}")
     if port == 0:
         raise RuntimeError(f"could not bind {server_settings.host}:{server_settings.grpc_port}")
     await server.start()
-    running = RunningServer(server, health_servicer, port, app, server_settings.grace_seconds)
-    log.info("%s listening on %s:%d (NOT_SERVING until started up)", app.name, server_settings.host, port)
+    if health_server is not None:
+        await health_server.start()
+    running = RunningServer(
+        server,
+        health_servicer,
+        port,
+        app,
+        server_settings.grace_seconds,
+        health_server=health_server,
+        health_port=health_port,
+    )
+    log.info(
+        "%s listening on %s:%d (%s; NOT_SERVING until started up)",
+        app.name,
+        server_settings.host,
+        port,
+        "TLS" if settings.tls.enabled else "plaintext",
+    )
 
     async def become_ready() -> None:
         started = time.perf_counter()
@@ -267,7 +313,7 @@ async def start_server(app: ServiceApp, settings: CommonSettings, server_setting
 
 async def serve_forever(app: ServiceApp, settings: CommonSettings, server_settings: ServerSettings) -> None:
     """Run until SIGTERM/SIGINT, then stop gracefully. Startup failure ends the process non-zero."""
-    start_metrics_server(server_settings.metrics_port)
+    start_metrics_server(server_settings.metrics_port, settings.metrics_host)
     running = await start_server(app, settings, server_settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

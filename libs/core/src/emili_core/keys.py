@@ -42,9 +42,12 @@ def fer_readings_key(session_id: str, fingerprint: str) -> str:
     return f"{session_id}/fer/readings-{fingerprint}.jsonl"
 
 
+MODEL_REGISTRY_PREFIX = "registry/"
+
+
 def model_registry_key(version: str) -> str:
     """Bucket ``models``: a registered model version's manifest (adapter location, recipe, metrics)."""
-    return f"registry/{version}.json"
+    return f"{MODEL_REGISTRY_PREFIX}{version}.json"
 
 
 def adapter_prefix(version: str) -> str:
@@ -70,3 +73,29 @@ def pipeline_state_key(pipeline_id: str) -> str:
 def pipeline_prefix(pipeline_id: str) -> str:
     """Bucket ``models``: everything a pipeline keeps besides its runs (state, simulated sessions per arm)."""
     return f"pipelines/{pipeline_id}/"
+
+
+SESSION_TOMBSTONE_PREFIX = "tombstones/"
+
+
+def session_tombstone_key(session_id: str) -> str:
+    """Bucket ``sessions``: marks a session whose data were deleted (its id and when, nothing else).
+
+    Jobs that write a session's data (chat's record, FER's readings, the labeler's labels) check it before and
+    after writing, so a job queued before the deletion cannot bring the data back."""
+    return f"{SESSION_TOMBSTONE_PREFIX}{session_id}.json"
+
+
+DELETION_AUDIT_PREFIX = "audit/deletions/"
+
+
+def deletion_audit_key(day: str, audit_id: str) -> str:
+    """Bucket ``sessions``: one deletion's audit record (who asked, which sessions, what was removed, when);
+    ``day`` is the UTC date (YYYY-MM-DD). Written once, never changed: the audit log is append-only."""
+    return f"{DELETION_AUDIT_PREFIX}{day}/{audit_id}.json"
+
+
+def dataset_withdrawal_key(manifest_key: str) -> str:
+    """Bucket ``datasets``: beside a dataset's manifest, which of its sessions were withdrawn, when, and the
+    dataset rebuilt without them. A dataset with this file is never trained on again."""
+    return f"{manifest_key.rsplit('/', 1)[0]}/withdrawn.json" if "/" in manifest_key else "withdrawn.json"

@@ -13,8 +13,11 @@ def metric_name(service: str, name: str) -> str:
     return f"emili_{service}_{name}"
 
 
-def start_metrics_server(port: int, host: str = "0.0.0.0") -> None:
-    """Serve /metrics on its own port; port 0 means disabled (tests run many services in one process)."""
+def start_metrics_server(port: int, host: str = "127.0.0.1") -> None:
+    """Serve /metrics on its own port; port 0 means disabled (tests run many services in one process).
+
+    ``host`` is ``settings.metrics_host``: the loopback unless configured (the endpoint has no authentication;
+    Kubernetes sets 0.0.0.0 so that Prometheus can scrape the pod)."""
     if port:
         start_http_server(port, addr=host, registry=REGISTRY)
 

@@ -7,6 +7,7 @@ bytes always land on the same key, so retried uploads are harmless. Large object
 
 from __future__ import annotations
 
+import datetime
 import enum
 import functools
 import hashlib
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 
 import urllib3
 from minio import Minio
-from minio.error import S3Error, ServerError
+from minio.error import MinioException, S3Error, ServerError
 
 from emili_core.errors import DependencyUnavailable, NotFound
 from emili_core.settings import S3Settings
@@ -224,6 +225,30 @@ class ObjectStore:
             lambda: list(self.client.list_objects(self.bucket(bucket), prefix=prefix, recursive=True)),
         )
         return sorted((o.object_name, o.etag or "") for o in objects if o.object_name)
+
+    def list_modified(self, bucket: Bucket, prefix: str) -> list[tuple[str, datetime.datetime | None]]:
+        """(key, last modified) of every object under ``prefix``, sorted by key (for retention sweeps)."""
+        objects = self._retry(
+            f"list {prefix}",
+            lambda: list(self.client.list_objects(self.bucket(bucket), prefix=prefix, recursive=True)),
+        )
+        return sorted((o.object_name, o.last_modified) for o in objects if o.object_name)
+
+    def apply_lifecycle(self, bucket: Bucket, prefix: str, days: int) -> bool:
+        """Ask the server to expire objects under ``prefix`` after ``days`` days (an S3 lifecycle rule; ``days`` 0
+        removes the rule). False when the server has no lifecycle support (rclone's S3 server): sweep instead."""
+        from emili_core.retention import lifecycle_config  # Beside the sweeper that stands in for it.
+
+        name = self.bucket(bucket)
+        try:
+            if days > 0:
+                self.client.set_bucket_lifecycle(name, lifecycle_config(prefix, days))
+            else:
+                self.client.delete_bucket_lifecycle(name)
+        except MinioException as exc:  # rclone answers PUT ?lifecycle as a bucket creation: 409.
+            log.info("object store: no lifecycle rule on %s (%s): the retention sweeper expires it", name, exc)
+            return False
+        return True
 
     def delete(self, bucket: Bucket, key: str) -> None:
         """Remove one object; removing a missing one is not an error (so retries are safe)."""

@@ -7,11 +7,15 @@ nested groups, e.g. ``EMILI_S3__ENDPOINT`` or ``EMILI_FER__MAX_BATCH_SIZE``.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from emili_core.queues import REDELIVERY, Queue, Redelivery
 
 # Development defaults, published in .env.example; a production deployment must replace them.
 DEV_AUTH_SECRET = "dev-only-secret-change-me-0123456789abcdef"
@@ -39,6 +43,42 @@ class AuthSettings(BaseModel):
     default_ttl_seconds: int = Field(24 * 3600, gt=0)
 
 
+class TLSSettings(BaseModel):
+    """TLS on every gRPC hop (``EMILI_TLS__*``); required with ``EMILI_ENV=production``.
+
+    A server presents ``cert_file``/``key_file``; a client trusts ``ca_file`` (the system roots when empty). With
+    ``require_client_cert`` a server also asks each client for a certificate signed by ``ca_file`` (mutual TLS),
+    and clients present ``cert_file``/``key_file``. ``emili stack certs`` makes development ones under var/tls.
+    """
+
+    enabled: bool = False
+    cert_file: Path = REPO_ROOT / "var" / "tls" / "server.crt"
+    key_file: Path = REPO_ROOT / "var" / "tls" / "server.key"
+    ca_file: Path | None = REPO_ROOT / "var" / "tls" / "ca.crt"
+    require_client_cert: bool = False
+    # The name the server's certificate is checked against when it differs from the target's host.
+    server_name_override: str = ""
+
+    @model_validator(mode="after")
+    def _client_certs_need_a_ca(self) -> TLSSettings:
+        if self.enabled and self.require_client_cert and self.ca_file is None:
+            raise ValueError("EMILI_TLS__REQUIRE_CLIENT_CERT needs EMILI_TLS__CA_FILE to verify clients with")
+        return self
+
+
+class QueueSettings(BaseModel):
+    """One queue's redelivery numbers (``EMILI_QUEUES__<QUEUE>__VISIBILITY_TIMEOUT_S`` ...); defaults in
+    :data:`emili_core.queues.REDELIVERY`. The visibility timeout must exceed the task time limit."""
+
+    visibility_timeout_s: int = Field(..., ge=2)
+    task_time_limit_s: int = Field(..., ge=1)
+
+    @model_validator(mode="after")
+    def _visibility_outlasts_tasks(self) -> QueueSettings:
+        Redelivery(self.visibility_timeout_s, self.task_time_limit_s)  # Raises ValueError when it does not.
+        return self
+
+
 class ServerSettings(BaseModel):
     """Where one service listens. Each service subclasses it to give its own default ports, so that
     setting one field from the environment (e.g. EMILI_FER__SERVER__HOST) keeps the others."""
@@ -46,6 +86,8 @@ class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     grpc_port: int = Field(..., ge=0, le=65535)  # 0 picks a free port (tests).
     metrics_port: int = Field(..., ge=0, le=65535)  # 0 disables the metrics endpoint (tests).
+    # Plaintext gRPC health only (probes that cannot speak TLS, like the kubelet's); None: not served; 0: any port.
+    health_port: int | None = Field(None, ge=0, le=65535)
     grace_seconds: float = Field(10.0, ge=0)
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
 
@@ -54,6 +96,32 @@ class WorkerSettings(BaseModel):
     concurrency: int = Field(2, ge=1)
     prefetch_multiplier: int = Field(1, ge=1)
     metrics_port: int = Field(..., ge=0, le=65535)
+
+
+class RetentionSettings(BaseModel):
+    """How long raw data are kept (``EMILI_RETENTION__<FIELD>``); 0 keeps them forever.
+
+    Production defaults: face frames 30 days, a session's Redis event stream and hash 7 days after its record is
+    persisted to object storage (the record stays), a session never ended 30 days after its last write, offline
+    FER readings 90 days. Frames expire by an S3 lifecycle rule where the store supports one, else by the sweeper
+    (``chat.retention_sweep``, ``emili retention sweep``)."""
+
+    frames_days: int = Field(30, ge=0)
+    event_stream_days: int = Field(7, ge=0)  # After chat.persist_session has stored the record.
+    idle_session_days: int = Field(30, ge=0)  # A session never ended: after its last write.
+    fer_readings_days: int = Field(90, ge=0)  # Offline FER readings (``<session>/fer/`` in the sessions bucket).
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """How a service's server tells whether it is ready (``emili status``, ``emili stack up``).
+
+    ``grpc``: ``target`` is host:port, asked with the standard ``grpc.health.v1`` Check; ``http``: ``target`` is a
+    URL that answers 200 when the server is ready (anything else, e.g. 503 naming what is down, is not ready).
+    """
+
+    kind: Literal["grpc", "http"]
+    target: str
 
 
 class CommonSettings(BaseSettings):
@@ -67,6 +135,9 @@ class CommonSettings(BaseSettings):
 
     # The service's one name; its own options live in the field of that name (e.g. ``fer``).
     service_name: ClassVar[str] = ""
+    # Whether the service runs a Celery worker (``emili-<name>-worker``) beside its server; the local stack and
+    # ``emili status`` follow it. A service with no background jobs (the gateway) sets it to False.
+    has_worker: ClassVar[bool] = True
 
     env: Literal["development", "test", "production"] = "development"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -75,10 +146,18 @@ class CommonSettings(BaseSettings):
     artifacts_dir: Path = REPO_ROOT / "var" / "artifacts"
     s3: S3Settings = S3Settings()
     auth: AuthSettings = AuthSettings()
+    retention: RetentionSettings = RetentionSettings()
+    tls: TLSSettings = TLSSettings()
+    # Where /metrics listens: the loopback unless configured (the k8s ConfigMap sets 0.0.0.0 so that Prometheus
+    # scrapes the pod); the endpoint has no authentication.
+    metrics_host: str = "127.0.0.1"
     # A task is stopped after this long; the visibility timeout must be longer, or Redis would hand a
     # task that is still running to a second worker.
     task_time_limit_seconds: int = Field(3600, ge=1)
     visibility_timeout_seconds: int = Field(2 * 3600, ge=2)
+    # Per-queue redelivery, overriding the catalogue (emili_core.queues.REDELIVERY); the two numbers above are
+    # for a Celery app of no known queue.
+    queues: dict[Queue, QueueSettings] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _visibility_timeout_outlasts_tasks(self) -> CommonSettings:
@@ -105,6 +184,25 @@ class CommonSettings(BaseSettings):
             raise ValueError("refusing development secrets with EMILI_ENV=production: " + "; ".join(problems))
         return self
 
+    @model_validator(mode="after")
+    def _production_needs_tls(self) -> CommonSettings:
+        if self.env == "production" and not self.tls.enabled:
+            raise ValueError(
+                "refusing plaintext gRPC with EMILI_ENV=production: set EMILI_TLS__ENABLED=true and "
+                "EMILI_TLS__CERT_FILE, EMILI_TLS__KEY_FILE, EMILI_TLS__CA_FILE (see deploy/k8s/README.md)"
+            )
+        return self
+
+    def redelivery(self, queue: str) -> Redelivery:
+        """The visibility timeout and task time limit of ``queue``'s consumers."""
+        try:
+            known = Queue(queue)
+        except ValueError:
+            return Redelivery(self.visibility_timeout_seconds, self.task_time_limit_seconds)
+        if known in self.queues:
+            return Redelivery(self.queues[known].visibility_timeout_s, self.queues[known].task_time_limit_s)
+        return REDELIVERY[known]
+
     def server_settings(self) -> ServerSettings:
         options = getattr(self, self.service_name, None)
         if not isinstance(getattr(options, "server", None), ServerSettings):
@@ -125,6 +223,23 @@ class CommonSettings(BaseSettings):
         server = self.server_settings()
         host = "127.0.0.1" if server.host in {"0.0.0.0", "::", ""} else server.host
         return f"{host}:{server.grpc_port}"
+
+    def health_check(self) -> HealthCheck:
+        """How to check this service's server: gRPC health on its gRPC port, unless the service says otherwise."""
+        return HealthCheck("grpc", self.grpc_target())
+
+    def http_url(self) -> str | None:
+        """Where a local client reaches the service's HTTP API (``http://host:port``); None for gRPC-only ones."""
+        return None
+
+    def links(self) -> dict[str, str]:
+        """Addresses a person opens in a browser, by what they are (``emili status`` prints them)."""
+        return {}
+
+
+def service_settings_classes() -> dict[str, type[CommonSettings]]:
+    """Each installed service's settings class, from the ``emili.services`` entry points."""
+    return {ep.name: ep.load() for ep in entry_points(group="emili.services")}
 
 
 SettingsT = TypeVar("SettingsT", bound=CommonSettings)

@@ -15,15 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from emili_core.settings import REPO_ROOT, CommonSettings
+from emili_core.settings import REPO_ROOT, CommonSettings, service_settings_classes
 
 VAR = REPO_ROOT / "var"
 RUN_DIR, LOG_DIR = VAR / "run", VAR / "log"
 CONFIG = RUN_DIR / "supervisord.conf"
 SOCKET = RUN_DIR / "supervisor.sock"
 
-# Services started by `make up`, in start order. A service joins this list when its code lands.
-LOCAL_SERVICES: tuple[str, ...] = ("fer", "chat", "labeler", "trainer")
+# Services started by `make up`, in start order. A service joins this list when its code lands. Each runs its
+# server and, when its settings class says it has one (``has_worker``), its Celery worker.
+LOCAL_SERVICES: tuple[str, ...] = ("fer", "chat", "labeler", "trainer", "gateway")
 # Every process of the local stack shares a few cores. OpenMP threads that spin while waiting (the default)
 # starve the other processes' threads: SmolLM2 on 2 busy cores made 0.6 tokens/s with spinning threads and
 # 8.3 with passive ones.
@@ -61,7 +62,20 @@ def environment(service: str) -> dict[str, str]:
     return env
 
 
-def programs(settings: CommonSettings, services: tuple[str, ...] = LOCAL_SERVICES) -> list[Program]:
+def has_worker(service: str, classes: dict[str, type[CommonSettings]]) -> bool:
+    """Whether a service runs a Celery worker, as its settings class declares (assumed when it is not installed)."""
+    cls = classes.get(service)
+    return cls is None or cls.has_worker
+
+
+def programs(
+    settings: CommonSettings,
+    services: tuple[str, ...] = LOCAL_SERVICES,
+    classes: dict[str, type[CommonSettings]] | None = None,
+) -> list[Program]:
+    """Redis, the S3 server, then each service's server and (if it has one) worker; ``classes`` are the
+    services' settings classes (default: the installed ones)."""
+    classes = service_settings_classes() if classes is None else classes
     redis_port = urlparse(settings.redis_url).port or 6379
     s3_addr = settings.s3.endpoint
     s3_keys = f"{settings.s3.access_key.get_secret_value()},{settings.s3.secret_key.get_secret_value()}"
@@ -82,7 +96,8 @@ def programs(settings: CommonSettings, services: tuple[str, ...] = LOCAL_SERVICE
     for service in services:
         env = environment(service)
         result.append(Program(f"{service}-server", _bin(f"emili-{service}-server"), priority=20, environment=env))
-        result.append(Program(f"{service}-worker", _bin(f"emili-{service}-worker"), priority=30, environment=env))
+        if has_worker(service, classes):
+            result.append(Program(f"{service}-worker", _bin(f"emili-{service}-worker"), priority=30, environment=env))
     return result
 
 
@@ -115,9 +130,30 @@ def is_running() -> bool:
     return SOCKET.exists() and supervisorctl("pid").returncode == 0
 
 
+def ensure_dev_certificates(settings: CommonSettings) -> bool:
+    """With TLS enabled and the configured certificate files missing, make development ones (a local CA and a
+    certificate for 127.0.0.1/localhost) there; True when it made them."""
+    from emili_core.tls import generate_dev_certificates
+
+    tls = settings.tls
+    if not tls.enabled or (tls.cert_file.is_file() and tls.key_file.is_file()):
+        return False
+    made = generate_dev_certificates(tls.cert_file.parent)
+    if (made.cert_file, made.key_file) != (tls.cert_file, tls.key_file) or (
+        tls.ca_file is not None and tls.ca_file != made.ca_file
+    ):
+        raise RuntimeError(
+            f"development certificates are made as {made.cert_file.name}, {made.key_file.name} and "
+            f"{made.ca_file.name} in one folder; EMILI_TLS__* name other files: run `emili stack certs --dir DIR` "
+            "and point EMILI_TLS__CERT_FILE, EMILI_TLS__KEY_FILE and EMILI_TLS__CA_FILE at them"
+        )
+    return True
+
+
 def up(settings: CommonSettings) -> None:
     for folder in (RUN_DIR, LOG_DIR, VAR / "redis", VAR / "s3"):
         folder.mkdir(parents=True, exist_ok=True)
+    ensure_dev_certificates(settings)
     CONFIG.write_text(render_config(programs(settings)))
     if is_running():
         supervisorctl("update", check=True)

@@ -24,13 +24,48 @@ def main() -> None:
     """Simulated users, the collect-label-train-evaluate pipeline, load tests."""
 
 
-def _chat_target() -> str:
-    from emili_core.cli import service_settings_classes
+def _service_target(service: str, hint: str) -> str:
+    """A service's gRPC address from its settings (found through its ``emili.services`` entry point)."""
+    from emili_core.settings import service_settings_classes
 
     classes = service_settings_classes()
-    if "chat" not in classes:
-        raise typer.BadParameter("the chat service is not installed; pass --target HOST:PORT")
-    return load_settings(classes["chat"]).grpc_target()
+    if service not in classes:
+        raise typer.BadParameter(f"the {service} service is not installed; {hint}")
+    return load_settings(classes[service]).grpc_target()
+
+
+def _chat_target() -> str:
+    return _service_target("chat", "pass --target HOST:PORT")
+
+
+def _fetch_recipe(name: str) -> str:
+    """A shipped recipe's YAML text, from the trainer's ``GetRecipe`` (the trainer owns its recipes)."""
+    import grpc
+
+    from emili.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+    from emili_core.cli import CliSettings, client_token
+    from emili_core.errors import InvalidInput
+    from emili_core.grpc_client import make_channel
+
+    target = _service_target("trainer", "name recipe files in the pipeline config instead of shipped recipes")
+    cli_settings = load_settings(CliSettings)
+    token = client_token(cli_settings, "trainer", "emili-pipeline")
+
+    async def call() -> str:
+        async with make_channel(target, token, tls=cli_settings.tls) as channel:
+            stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+            response: trainer_pb2.GetRecipeResponse = await stub.GetRecipe(trainer_pb2.GetRecipeRequest(name=name))
+            return response.yaml
+
+    try:
+        return asyncio.run(call())
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+            raise InvalidInput(f"recipe {name!r}: {exc.details()}") from None
+        raise InvalidInput(
+            f"cannot fetch the shipped recipe {name!r} from the trainer at {target} ({exc.code().name}: "
+            f"{exc.details()}); is the stack up (make up)?"
+        ) from None
 
 
 @app.command()
@@ -140,8 +175,7 @@ def _print_report(store: Any, state: dict[str, Any], reports_dir: Path) -> None:
     from rich.markdown import Markdown
 
     from emili_pipeline.orchestrate import download_report
-    from emili_pipeline.pipeline import outputs
-    from emili_pipeline.steps import model_arms
+    from emili_pipeline.pipeline import model_arms, outputs
 
     run_id = outputs(state, "evaluate").get("run_id")
     if not run_id:
@@ -160,6 +194,61 @@ def _print_report(store: Any, state: dict[str, Any], reports_dir: Path) -> None:
         console.print(f"plot: {plot}")
 
 
+def _gateway_client() -> tuple[Any, dict[str, str]]:
+    """An HTTP client for the gateway's root URL with an admin token, and the links its settings name (the
+    participant app). Its address comes from its settings class, found through its ``emili.services`` entry point
+    like every service's; nothing of the gateway is imported."""
+    import httpx
+    from pydantic import ValidationError
+
+    from emili_core.cli import CliSettings, client_token
+    from emili_core.settings import service_settings_classes
+    from emili_pipeline.study import StudyUnavailable
+
+    classes = service_settings_classes()
+    if "gateway" not in classes:
+        raise StudyUnavailable("the gateway is not installed")
+    try:
+        settings = classes["gateway"]()
+    except ValidationError as exc:
+        raise StudyUnavailable(f"the gateway's settings are not valid: {exc}") from None
+    url = settings.http_url()
+    if url is None:
+        raise StudyUnavailable("the gateway's settings name no HTTP address")
+    token = client_token(load_settings(CliSettings), "admin", "emili-pipeline")
+    http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30.0)
+    return http, settings.links()
+
+
+def _print_demo_study(state: dict[str, Any]) -> None:
+    """Beside the report: the participant app's address and an invite link to a study of base vs the trained
+    model (created once, then reused). Never fails the run: when the gateway cannot be asked, says why."""
+    from rich.markup import escape
+
+    from emili_pipeline.study import StudyUnavailable, demo_arms, ensure_demo_study
+
+    arms = demo_arms(state)
+    try:
+        http, links = _gateway_client()
+        with http:
+            demo = ensure_demo_study(http, arms)
+    except StudyUnavailable as exc:
+        console.print(f"[yellow]no demo study for people to try: {escape(str(exc))}[/yellow]")
+        return
+    except Exception as exc:  # The report is already out: a surprise here must not turn the run into a failure.
+        console.print(f"[yellow]no demo study for people to try: {type(exc).__name__}: {escape(str(exc))}[/yellow]")
+        return
+    lines = [f"{what}: {url}" for what, url in links.items()]
+    reused = " (reused)" if demo.reused_study else ""
+    note = "" if len(arms) > 1 else "; the pipeline trained no model, so base only"
+    lines.append(f"demo study {demo.study_id}{reused}: {escape(demo.name)}{note}")
+    until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(demo.invite_expires_ms / 1000))
+    lines.append(f"invite link ({demo.invite_uses_left} more people, until {until}): {demo.invite_url}")
+    lines.append(f"follow it: emili study progress {demo.study_id}; export: emili study export {demo.study_id}")
+    for line in lines:
+        console.print(line, soft_wrap=True)  # Links stay whole, to be copied.
+
+
 def _reports_dir() -> Path:
     from emili_core.settings import REPO_ROOT
 
@@ -171,9 +260,13 @@ def run(
     config_file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Pipeline config YAML.")],
     target: Annotated[str | None, typer.Option(help="Chat server address (default from the chat settings).")] = None,
     timeout: Annotated[float | None, typer.Option(help="Give up following after this many seconds.")] = None,
+    study: Annotated[
+        bool,
+        typer.Option(help="After the report, a gateway study of base vs the trained model and an invite link."),
+    ] = True,
 ) -> None:
     """Collect simulated sessions, run the canvas (label, datasets, SFT, DPO, arms, Table 2, evaluation), show
-    live status, print the report."""
+    live status, print the report (and, with the gateway running, an invite link for people to try the models)."""
     from emili_core.errors import InvalidInput
     from emili_pipeline.config import load_config, resolve
     from emili_pipeline.orchestrate import submit
@@ -185,7 +278,7 @@ def run(
     configure_logging("pipeline", "WARNING", settings.log_format)
     started = time.perf_counter()
     try:
-        config = resolve(load_config(config_file), config_file.resolve().parent)
+        config = resolve(load_config(config_file), config_file.resolve().parent, fetch_recipe=_fetch_recipe)
         simulator = config.simulator_settings(settings.pipeline.simulator)
         cast = load_personas(config.personas, config.persona_limit)
     except (InvalidInput, OSError, ValueError) as exc:
@@ -235,6 +328,8 @@ def run(
         )
         raise typer.Exit(1)
     _print_report(store, state, _reports_dir())
+    if study:
+        _print_demo_study(state)
     console.print(f"pipeline {state['pipeline_id']} finished in {time.perf_counter() - started:.0f} s")
 
 
@@ -245,8 +340,8 @@ def status(
 ) -> None:
     """A pipeline's stored state: each step's state and outputs."""
     from emili_core.errors import NotFound
+    from emili_pipeline.describe import describe
     from emili_pipeline.pipeline import STEPS, load_state
-    from emili_pipeline.steps import describe
 
     _, store = _producer()
     try:

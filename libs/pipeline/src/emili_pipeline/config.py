@@ -4,10 +4,13 @@ is held out and evaluated.
 ``auto`` inputs pick the development data in ``../shared/data`` when it is there (EmpatheticDialogues personas,
 FER2013 faces) and the built-in personas and FER readings when it is not, so a fresh clone runs the same file.
 :func:`resolve` turns them into concrete values before anything runs, so the pipeline id names what was used.
+It also turns every recipe into its YAML text (a shipped recipe's through the trainer's ``GetRecipe``) and records
+what another step needs from a recipe (``recipes.dpo_epochs``), so no worker imports another service's config.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,12 +29,24 @@ AUTO = "auto"
 _STRICT = ConfigDict(extra="forbid")
 
 
+# A shipped recipe's name -> its YAML text (the CLI asks the trainer's GetRecipe; tests look it up in a dict).
+RecipeFetcher = Callable[[str], str]
+
+
 class Recipes(BaseModel):
-    """A recipe shipped with the trainer (by name) or a recipe YAML file (its text travels with the pipeline)."""
+    """Each a recipe shipped with the trainer (by name) or a recipe YAML file; :func:`resolve` replaces both with
+    the recipe's text, which travels with the pipeline (workers need no copy, the pipeline id names the content)."""
 
     model_config = _STRICT
     sft: str = "smollm2-cpu-sft"
     dpo: str = "smollm2-cpu-dpo"
+    # The DPO recipe's train.epochs, recorded by resolve(): the labeler draws one EmPO rejected reply per epoch.
+    dpo_epochs: int | None = Field(None, ge=1)
+
+    def require_dpo_epochs(self) -> int:
+        if self.dpo_epochs is None:
+            raise InvalidInput("recipes.dpo_epochs is unset: the pipeline config was not resolved (config.resolve)")
+        return self.dpo_epochs
 
 
 class Evaluation(BaseModel):
@@ -89,8 +104,10 @@ def load_config(path: Path) -> PipelineConfig:
         raise InvalidInput(f"{path} is not a valid pipeline config: {exc}") from None
 
 
-def _recipe(value: str, folder: Path) -> str:
-    """A recipe file's text (so workers need no copy of the file), or a shipped recipe's name."""
+def _recipe(value: str, folder: Path, fetch: RecipeFetcher | None) -> str:
+    """A recipe's YAML text: given as text already, read from a file, or fetched by a shipped recipe's name."""
+    if "\n" in value:
+        return value
     if value.endswith((".yaml", ".yml")):
         path = Path(value) if Path(value).is_absolute() else folder / value
         if not path.is_file():
@@ -98,11 +115,38 @@ def _recipe(value: str, folder: Path) -> str:
         if not path.is_file():
             raise InvalidInput(f"recipe file {value} not found (relative paths are read from {folder})")
         return path.read_text(encoding="utf-8")
-    return value
+    if fetch is None:
+        raise InvalidInput(f"recipe {value!r} names a shipped recipe, and nothing was given to fetch it")
+    return fetch(value)
 
 
-def resolve(config: PipelineConfig, config_dir: Path, shared: Path = SHARED_DATA) -> PipelineConfig:
-    """Concrete inputs: ``auto`` replaced by what exists, recipe files by their text, paths made absolute."""
+def _train_epochs(text: str, recipe: str) -> int:
+    """``train.epochs`` of a recipe's text: read here, so the labeler never loads the trainer's recipes."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidInput(f"the DPO recipe {recipe} is not valid YAML: {exc}") from None
+    train = data.get("train") if isinstance(data, dict) else None
+    epochs = train.get("epochs") if isinstance(train, dict) else None
+    if epochs is None:
+        raise InvalidInput(
+            f"the DPO recipe {recipe} sets no train.epochs; the pipeline needs it (EmPO pairs get one rejected "
+            "draw per DPO epoch)"
+        )
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise InvalidInput(f"the DPO recipe {recipe} has train.epochs {epochs!r}; it must be a whole number >= 1")
+    return epochs
+
+
+def resolve(
+    config: PipelineConfig,
+    config_dir: Path,
+    shared: Path = SHARED_DATA,
+    *,
+    fetch_recipe: RecipeFetcher | None = None,
+) -> PipelineConfig:
+    """Concrete inputs: ``auto`` replaced by what exists, recipes by their text (files read, shipped recipes
+    fetched with ``fetch_recipe``), the DPO recipe's epochs recorded, paths made absolute."""
     personas, faces = config.personas, config.faces
     ed, npz = shared / SHARED_PERSONAS.name, shared / SHARED_FACES.relative_to(SHARED_DATA)
     if personas == AUTO:
@@ -115,5 +159,8 @@ def resolve(config: PipelineConfig, config_dir: Path, shared: Path = SHARED_DATA
         faces = str(npz) if npz.is_file() else None
     elif faces is not None and not Path(faces).is_absolute():
         faces = str((config_dir / faces).resolve())
-    recipes = Recipes(sft=_recipe(config.recipes.sft, config_dir), dpo=_recipe(config.recipes.dpo, config_dir))
+    sft = _recipe(config.recipes.sft, config_dir, fetch_recipe)
+    dpo = _recipe(config.recipes.dpo, config_dir, fetch_recipe)
+    dpo_name = config.recipes.dpo if "\n" not in config.recipes.dpo else "(given as text)"
+    recipes = Recipes(sft=sft, dpo=dpo, dpo_epochs=_train_epochs(dpo, dpo_name))
     return config.model_copy(update={"personas": personas, "faces": faces, "recipes": recipes})

@@ -22,8 +22,8 @@ from celery import Celery, chain
 
 from emili_core.keys import run_prefix
 from emili_core.objectstore import Bucket, ObjectStore
+from emili_pipeline.describe import describe
 from emili_pipeline.pipeline import DONE, FAILED, STEPS, State, first_unfinished, load_state, save_state
-from emili_pipeline.steps import describe
 
 STEP_TASK = {s.name: s.task for s in STEPS}
 LIVE = {"STARTED", "PROGRESS", "RETRY"}

@@ -1,9 +1,10 @@
 """The pipeline's state: what each step received and produced, kept in object storage after every step.
 
 The canvas is a Celery chain of step tasks, one per service queue (:data:`STEPS`). Each task takes the
-accumulated ``state`` dict from the step before, runs its step through :func:`run_step` and returns the state
-with its outputs merged; the same state is written to ``emili-models/pipelines/<id>/state.json`` so
-``emili pipeline status ID`` works later and a pipeline can be resumed from its first unfinished step.
+accumulated ``state`` dict from the step before, runs its step (the work lives in the service whose worker runs
+it: ``emili_<service>.pipeline_steps``) through :func:`run_step` and returns the state with its outputs merged;
+the same state is written to ``emili-models/pipelines/<id>/state.json`` so ``emili pipeline status ID`` works
+later and a pipeline can be resumed from its first unfinished step.
 
 Every step's work is keyed by content (session records, labels, dataset ids, run ids), so running a step
 again (a redelivered message, a resubmitted chain) finds or rewrites the same objects. A resubmission bumps
@@ -103,6 +104,16 @@ def config_of(state: State) -> PipelineConfig:
 def outputs(state: State, step: str) -> dict[str, Any]:
     """What a finished step produced (empty if it has not finished)."""
     return dict(state["steps"].get(step, {}).get("outputs") or {})
+
+
+def model_arms(state: State) -> dict[str, str]:
+    """Label -> chat model arm of every model the pipeline has: base, and the SFT and DPO versions it trained."""
+    arms = {"base": "base"}
+    for step in ("sft", "dpo"):
+        version = outputs(state, step).get("model_version")
+        if version:
+            arms[step] = str(version)
+    return arms
 
 
 def first_unfinished(state: State) -> str | None:

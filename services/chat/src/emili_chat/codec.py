@@ -6,7 +6,8 @@ import json
 from collections.abc import AsyncIterator
 
 from emili.chat.v1 import chat_pb2
-from emili_chat.engine import (
+from emili_chat.deletion import DeletedSession, Deletion
+from emili_chat.io_types import (
     Accepted,
     AssistantReply,
     ClientReading,
@@ -18,8 +19,9 @@ from emili_chat.engine import (
     SessionOptions,
     UserText,
 )
-from emili_chat.store import ACTIVE, ENDED, Event, SessionRecord
+from emili_chat.store import ACTIVE, ENDED, SessionRecord
 from emili_core.errors import InvalidInput
+from emili_session.events import Event
 
 _CADENCE_TO_PB = {
     "before_user_message": chat_pb2.READOUT_CADENCE_BEFORE_USER_MESSAGE,
@@ -70,9 +72,35 @@ def survey_from_pb(survey: chat_pb2.Survey) -> dict[str, object]:
     }
 
 
+def deleted_session_to_pb(deleted: DeletedSession) -> chat_pb2.DeletedSession:
+    return chat_pb2.DeletedSession(
+        session_id=deleted.session_id,
+        already_deleted=deleted.already_deleted,
+        redis_keys=deleted.redis_keys,
+        events=deleted.events,
+        record_objects=deleted.record_objects,
+        frames=deleted.frames,
+        tombstone_key=deleted.tombstone_key,
+        deleted_ms=deleted.deleted_ms,
+    )
+
+
+def delete_session_to_pb(deletion: Deletion) -> chat_pb2.DeleteSessionDataResponse:
+    (deleted,) = deletion.sessions
+    return chat_pb2.DeleteSessionDataResponse(deleted=deleted_session_to_pb(deleted), audit_key=deletion.audit_key)
+
+
+def delete_user_to_pb(deletion: Deletion) -> chat_pb2.DeleteUserDataResponse:
+    return chat_pb2.DeleteUserDataResponse(
+        user_id=deletion.user_id,
+        sessions=[deleted_session_to_pb(s) for s in deletion.sessions],
+        audit_key=deletion.audit_key,
+    )
+
+
 def event_to_pb(event: Event) -> chat_pb2.TranscriptEvent:
     return chat_pb2.TranscriptEvent(
-        event_id=event.event_id, time_ms=event.time_ms, kind=event.kind, payload_json=json.dumps(event.payload)
+        event_id=event.event_id, time_ms=event.time_ms, kind=str(event.kind), payload_json=json.dumps(event.payload)
     )
 
 

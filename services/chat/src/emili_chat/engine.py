@@ -1,150 +1,61 @@
-"""The chat data plane, free of any transport: sessions, surveys, ratings and live conversations."""
+"""The chat data plane, free of any transport: sessions, surveys, ratings, and opening live conversations."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
+import json
 import re
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
 
-from emili_chat.fer_client import FaceReading, FerStream
-from emili_chat.history import condense, messages_from_events
-from emili_chat.llm import BackendError, ChatBackend, GenerationParams, stream_with_retries
+from emili_chat.adapters import AdapterRegistry
+from emili_chat.conversation import Conversation
+from emili_chat.deletion import DeletedSession, Deletion, persisted_owner, sweep_objects
+from emili_chat.frames import FrameUploader
+from emili_chat.io_types import ConverseInput, ConverseOutput, SessionOptions
+from emili_chat.llm import ChatBackend
 from emili_chat.metrics import chat_metrics
-from emili_chat.readout import (
-    EMOTIONS,
-    Aggregator,
-    ChangeTrigger,
-    change_is_large,
-    readout_message,
-    short_message_reminder,
-)
 from emili_chat.settings import ChatSettings
-from emili_chat.store import Event, SessionRecord, SessionStore, new_session_id, now_ms
+from emili_chat.store import ACTIVE, SessionRecord, SessionStore, ended_message, new_session_id
 from emili_core.auth import Principal
-from emili_core.errors import DependencyUnavailable, InvalidInput, NotFound
-from emili_core.keys import frame_key, model_registry_key
-from emili_core.objectstore import Bucket, ObjectStore
-
-log = logging.getLogger(__name__)
+from emili_core.deletion import MAX_REASON_CHARS, audit_deletion, session_deleted, tombstone, write_tombstone
+from emili_core.errors import FailedPrecondition, InvalidInput, NotFound, PermissionDenied
+from emili_core.keys import check_session_id
+from emili_core.objectstore import ObjectStore
+from emili_session.events import Event, PostSurvey, PreSurvey, Rating, SessionCreated, SessionEnded
 
 CADENCES = ("before_user_message", "fixed_interval", "on_change")
 LIKERT = range(1, 6)
-ARM_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-# --- conversation inputs and outputs (what the gRPC adapter converts to and from) --------------------
-
-
-@dataclass(frozen=True)
-class UserText:
-    text: str
-    client_time_ms: int = 0
+SURVEYS: dict[str, type[PreSurvey] | type[PostSurvey]] = {"pre": PreSurvey, "post": PostSurvey}
+MAX_DELETE_SESSIONS = 10_000
+_PAGE_TOKEN = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")  # A Redis stream id: the last event of the page before.
 
 
 @dataclass(frozen=True)
-class Frame:
-    jpeg: bytes
-    capture_time_ms: int
+class TranscriptPage:
+    record: SessionRecord
+    events: list[Event]
+    next_page_token: str  # The last event id of this page; empty when no event follows.
 
 
-@dataclass(frozen=True)
-class ClientReading:
-    face_found: bool
-    probabilities: dict[str, float]
-    capture_time_ms: int
-
-
-ConverseInput = UserText | Frame | ClientReading
-
-
-@dataclass(frozen=True)
-class Delta:
-    turn_id: str
-    text: str
-
-
-@dataclass(frozen=True)
-class AssistantReply:
-    turn_id: str
-    text: str
-    unprompted: bool
-    model_id: str
-    time_ms: int
-
-
-@dataclass(frozen=True)
-class Readout:
-    text: str
-    cadence: str
-    time_ms: int
-
-
-@dataclass(frozen=True)
-class Accepted:
-    event_id: str
-    time_ms: int
-
-
-ConverseOutput = Delta | AssistantReply | Readout | Accepted
-
-
-@dataclass(frozen=True)
-class SessionOptions:
-    cadence: str | None = None
-    speak_on_change: bool | None = None
-    post_response_reading_s: float | None = None
-
-
-# --- adapters ------------------------------------------------------------------------------------------
-
-
-class AdapterRegistry:
-    """Model arms: "base" or a registered model version whose LoRA adapter is loaded on first use."""
-
-    def __init__(self, backend: ChatBackend, objects: ObjectStore | None, cache_dir: Path) -> None:
-        self.backend = backend
-        self.objects = objects
-        self.cache_dir = cache_dir
-        self._lock = asyncio.Lock()
-
-    async def resolve(self, arm: str) -> str | None:
-        if arm == "base":
-            return None
-        if not ARM_PATTERN.match(arm):
-            raise InvalidInput(f"invalid model arm {arm!r}: letters, digits, '.', '_' or '-', at most 64")
-        async with self._lock:
-            if arm in self.backend.adapters():
-                return arm
-            if self.objects is None:
-                raise NotFound(f"model arm {arm!r} is not loaded and no object store is configured")
-            path = await asyncio.to_thread(self._download, arm)
-            await self.backend.add_adapter(arm, path)
-            log.info("loaded adapter %s from object storage", arm)
-            return arm
-
-    def _download(self, arm: str) -> Path:
-        assert self.objects is not None
-        try:
-            manifest = self.objects.get_json(Bucket.MODELS, model_registry_key(arm))
-        except NotFound:
-            raise NotFound(f"model arm {arm!r} is not a registered model version") from None
-        prefix = str(manifest["adapter_prefix"])
-        target = self.cache_dir / arm
-        if not self.objects.get_folder(Bucket.MODELS, prefix, target):
-            raise NotFound(f"model version {arm!r} names adapter files under {prefix}, but there are none")
-        return target
-
-
-# --- the engine ------------------------------------------------------------------------------------------
+def normalise_feelings(chosen: Iterable[str], vocabulary: Sequence[str], what: str, limit: int) -> tuple[str, ...]:
+    """The chosen feelings in the vocabulary's spelling (matched ignoring case), each once, in the order chosen;
+    ``InvalidInput`` naming the allowed words for any other, and for more than ``limit``."""
+    allowed = {word.casefold(): word for word in vocabulary}
+    chosen = [str(c) for c in chosen]
+    if len(chosen) > 2 * max(limit, len(allowed)):  # Refused before looking at them: a bound on the work too.
+        raise InvalidInput(f"{what}: {len(chosen)} given, over the limit of {limit}")
+    unknown = [c for c in chosen if c.strip().casefold() not in allowed]
+    if unknown:
+        shown = ", ".join(repr(u[:40]) for u in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise InvalidInput(f"{what}: {shown} not offered; choose from {', '.join(vocabulary)}")
+    result = tuple(dict.fromkeys(allowed[c.strip().casefold()] for c in chosen))
+    if len(result) > limit:
+        raise InvalidInput(f"{what}: {len(result)} chosen, over the limit of {limit}")
+    return result
 
 
 class ChatEngine:
@@ -168,6 +79,14 @@ class ChatEngine:
         self.adapters = AdapterRegistry(backend, objects, settings.artifact(self.options.adapter_cache))
         self.system_prompt = self.options.system_prompt.read_text().strip()
         self.metrics = chat_metrics()
+        buffer = self.options.frame_buffer
+        self.frames = (
+            FrameUploader(
+                objects, store, max_bytes=buffer.max_bytes, uploaders=buffer.uploaders, retry_max_s=buffer.retry_max_s
+            )
+            if objects is not None
+            else None
+        )
 
     async def start(self) -> None:
         await self.backend.load()
@@ -216,47 +135,111 @@ class ChatEngine:
         )
         await self.store.create(record)
         # The prompt is recorded with the session, so labels and datasets use exactly what the model saw.
-        await self.store.append(
+        await self.store.record(
             record.session_id,
-            "session_created",
-            {
-                "model_arm": arm,
-                "model_id": record.model_id,
-                "options": record.options,
-                "system_prompt": self.system_prompt,
-                "synthetic": synthetic,
-            },
+            SessionCreated(
+                model_arm=arm,
+                model_id=record.model_id,
+                options=record.options,
+                system_prompt=self.system_prompt,
+                synthetic=synthetic,
+            ),
         )
         return record
 
+    async def _active(self, principal: Principal, session_id: str) -> SessionRecord:
+        """The caller's own session, still active: after EndSession nothing more reaches its record; an admin
+        may not write into someone else's."""
+        record = await self.store.get_owned(session_id, principal, write=True)
+        if record.state != ACTIVE:
+            raise FailedPrecondition(ended_message(session_id))
+        return record
+
     async def submit_survey(self, principal: Principal, session_id: str, phase: str, survey: dict[str, Any]) -> None:
-        await self.store.get_owned(session_id, principal, active=phase == "pre")
-        if len(str(survey.get("text", ""))) > self.options.max_message_chars:
-            raise InvalidInput(f"survey text is over {self.options.max_message_chars} characters")
-        await self.store.append(session_id, f"{phase}_survey", survey)
+        """Record a pre- or post-chat survey. A session keeps one of each: submitting one again replaces it (the
+        record holds both; readers take the last), up to ``surveys.max_submissions`` times; only before
+        EndSession."""
+        if phase not in SURVEYS:
+            raise InvalidInput(f"unknown survey phase {phase!r}; one of {sorted(SURVEYS)}")
+        limits = self.options.surveys
+        text = str(survey.get("text", ""))
+        if len(text) > limits.max_text_chars:
+            raise InvalidInput(f"survey text is {len(text)} characters, over the {limits.max_text_chars} limit")
+        payload = SURVEYS[phase](
+            current_feelings=normalise_feelings(
+                survey.get("current_feelings", ()), limits.current_feelings, "current_feelings", limits.max_feelings
+            ),
+            desired_feelings=normalise_feelings(
+                survey.get("desired_feelings", ()), limits.desired_feelings, "desired_feelings", limits.max_feelings
+            ),
+            text=text,
+        )
+        await self._active(principal, session_id)
+        await self.store.record(session_id, payload, limit=limits.max_submissions)
 
     async def submit_rating(self, principal: Principal, session_id: str, ratings: dict[str, int], comment: str) -> None:
-        await self.store.get_owned(session_id, principal)
+        """Record the session's rating. A session keeps one: submitting again replaces it (readers take the last),
+        up to ``surveys.max_submissions`` times; only before EndSession."""
         for name, value in ratings.items():
             if value not in LIKERT:
                 raise InvalidInput(f"{name} must be a Likert score from 1 to 5, got {value}")
-        await self.store.append(session_id, "rating", {**ratings, "comment": comment[: self.options.max_message_chars]})
+        if set(ratings) != {"empathy", "relevance", "fluency"}:
+            raise InvalidInput(f"a rating needs exactly empathy, relevance and fluency; got {sorted(ratings)}")
+        limit = self.options.surveys.max_comment_chars
+        if len(comment) > limit:
+            raise InvalidInput(f"rating comment is {len(comment)} characters, over the {limit} limit")
+        await self._active(principal, session_id)
+        await self.store.record(
+            session_id,
+            Rating(
+                empathy=ratings["empathy"],
+                relevance=ratings["relevance"],
+                fluency=ratings["fluency"],
+                comment=comment,
+            ),
+            limit=self.options.surveys.max_submissions,
+        )
 
     async def end_session(self, principal: Principal, session_id: str) -> SessionRecord:
-        record = await self.store.get_owned(session_id, principal, active=True)
-        await self.store.append(session_id, "session_ended", {})
+        record = await self.store.get_owned(session_id, principal, active=True, write=True)
+        await self.store.record(session_id, SessionEnded())
         record = await self.store.end(record)
         self.on_session_ended(session_id)
         return record
 
     async def transcript(self, principal: Principal, session_id: str) -> tuple[SessionRecord, list[Event]]:
+        """The whole event log (in-process callers; over gRPC, :meth:`transcript_page`)."""
         record = await self.store.get_owned(session_id, principal)
         return record, await self.store.events(session_id)
+
+    async def transcript_page(
+        self, principal: Principal, session_id: str, page_size: int = 0, page_token: str = ""
+    ) -> TranscriptPage:
+        """One page of the event log: up to ``page_size`` events (0: the default; at most the maximum) after the
+        event ``page_token``; a page also ends before its events pass ``transcript.max_page_bytes``."""
+        limits = self.options.transcript
+        if page_size < 0:
+            raise InvalidInput(f"page_size must not be negative, got {page_size}")
+        if page_token and not _PAGE_TOKEN.match(page_token):
+            raise InvalidInput("page_token is not one this service returned (an event id, like 1700000000000-0)")
+        size = min(page_size or limits.default_page_size, limits.max_page_size)
+        record = await self.store.get_owned(session_id, principal)
+        fetched = await self.store.events_page(session_id, page_token, size + 1)
+        events: list[Event] = []
+        used = 0
+        for event in fetched[:size]:
+            cost = len(json.dumps(event.payload)) + len(event.event_id) + 32
+            if events and used + cost > limits.max_page_bytes:
+                break
+            events.append(event)
+            used += cost
+        more = len(events) < len(fetched)
+        return TranscriptPage(record, events, events[-1].event_id if more and events else "")
 
     async def converse(
         self, principal: Principal, session_id: str, inputs: AsyncIterator[ConverseInput]
     ) -> AsyncIterator[ConverseOutput]:
-        record = await self.store.get_owned(session_id, principal, active=True)
+        record = await self._active(principal, session_id)
         conversation = Conversation(self, record, await self.store.events(session_id))
         self.metrics.active_sessions.inc()
         try:
@@ -265,255 +248,96 @@ class ChatEngine:
         finally:
             self.metrics.active_sessions.dec()
 
+    # --- deleting a person's data ------------------------------------------------------------------------
 
-_END = object()
+    def _objects(self) -> ObjectStore:
+        if self.objects is None:
+            raise FailedPrecondition("this chat service has no object storage configured, so it cannot delete data")
+        return self.objects
 
-
-class Conversation:
-    """One open Converse stream: reads inputs, keeps the face aggregate, injects readouts, generates."""
-
-    def __init__(self, engine: ChatEngine, record: SessionRecord, events: list[Event]) -> None:
-        self.engine = engine
-        self.record = record
-        self.events = events
-        self.settings = engine.options
-        r = engine.options.readout
-        self.cadence: str = record.options["cadence"]
-        self.aggregator = Aggregator(
-            tick_seconds=r.tick_s, half_life_seconds=r.half_life_s, visibility_epsilon=r.visibility_epsilon
-        )
-        self.trigger = ChangeTrigger(
-            start_threshold=r.trigger_start_threshold,
-            decay_per_second=r.trigger_decay_per_second,
-            refractory_seconds=r.trigger_refractory_s,
-        )
-        self.out: asyncio.Queue[Any] = asyncio.Queue()
-        self.turns: asyncio.Queue[UserText | None] = asyncio.Queue()
-        self.generating = asyncio.Lock()
-        self.last_readout_scores: dict[str, int] | None = None
-        self.previous_aggregate: dict[str, int] | None = None  # The tick before the latest one.
-        self.last_fixed_readout = 0.0
-        self.fer: FerStream | None = None
-        self.timers: set[asyncio.Task[None]] = set()
-        self.adapter: str | None = None
-
-    # --- the stream ---------------------------------------------------------------------------------
-
-    async def run(self, inputs: AsyncIterator[ConverseInput]) -> AsyncIterator[ConverseOutput]:
-        self.adapter = await self.engine.adapters.resolve(self.record.model_arm)
-        tasks = [
-            asyncio.create_task(self._guard(self._read(inputs))),
-            asyncio.create_task(self._guard(self._turn_loop())),
-            asyncio.create_task(self._guard(self._tick_loop())),
-        ]
+    async def _owner(self, session_id: str) -> str | None:
+        """Who owns the session: its Redis hash, else its persisted record; None when neither is left."""
         try:
-            while (item := await self.out.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            for task in [*tasks, *self.timers]:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            if self.fer is not None:
-                await self.fer.close()
+            return (await self.store.get(session_id)).user_id
+        except NotFound:
+            return await asyncio.to_thread(persisted_owner, self._objects(), session_id)
 
-    async def _guard(self, work: Any) -> None:
-        try:
-            await work
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            await self.out.put(exc)
-
-    async def _read(self, inputs: AsyncIterator[ConverseInput]) -> None:
-        try:
-            async for item in inputs:
-                if isinstance(item, UserText):
-                    self._check_text(item.text)
-                    await self.turns.put(item)
-                elif isinstance(item, Frame):
-                    await self._frame(item)
-                else:
-                    await self._on_reading(self._client_reading(item))
-        finally:
-            await self.turns.put(None)
-
-    async def _turn_loop(self) -> None:
-        while (message := await self.turns.get()) is not None:
-            await self._user_turn(message)
-        await self.out.put(_END)
-
-    async def _tick_loop(self) -> None:
-        tick = self.settings.readout.tick_s
-        while True:
-            await asyncio.sleep(tick)
-            now = time.time()
-            aggregate = self.aggregator.tick(now)
-            if self.cadence == "fixed_interval" and now - self.last_fixed_readout >= self.settings.readout.interval_s:
-                self.last_fixed_readout = now
-                await self._inject_readout("fixed_interval", aggregate)
-            fired = self.trigger.update(aggregate, now)
-            previous, self.previous_aggregate = self.previous_aggregate, aggregate
-            if fired and self.record.options["speak_on_change"] and not self.generating.locked() and self.turns.empty():
-                await self._unprompted_turn(previous, aggregate)
-
-    # --- inputs ---------------------------------------------------------------------------------------
-
-    def _check_text(self, text: str) -> None:
-        if not text.strip():
-            raise InvalidInput("user message is empty")
-        if len(text) > self.settings.max_message_chars:
-            raise InvalidInput(
-                f"user message is {len(text)} characters, over the {self.settings.max_message_chars} limit"
-            )
-
-    async def _frame(self, frame: Frame) -> None:
-        if not frame.jpeg:
-            raise InvalidInput("face frame is empty")
-        if len(frame.jpeg) > self.settings.max_frame_bytes:
-            raise InvalidInput(f"face frame is {len(frame.jpeg)} bytes, over the {self.settings.max_frame_bytes} limit")
-        capture = frame.capture_time_ms or now_ms()
-        if self.record.store_frames and self.engine.objects is not None:
-            key = frame_key(self.record.session_id, capture)
-            await asyncio.to_thread(self.engine.objects.put_bytes, Bucket.FRAMES, key, frame.jpeg, "image/jpeg")
-            await self._record("frame_stored", {"key": key, "capture_time_ms": capture})
-        if self.engine.fer_channel is None:
-            raise DependencyUnavailable("this chat service has no FER service configured; send FER readings instead")
-        if self.fer is None:
-            self.fer = FerStream(self.engine.fer_channel, self.record.session_id, self._on_reading)
-        self.fer.send(frame.jpeg, capture)
-
-    def _client_reading(self, reading: ClientReading) -> FaceReading:
-        if reading.face_found:
-            unknown = set(reading.probabilities) - set(EMOTIONS)
-            if unknown or not reading.probabilities:
-                raise InvalidInput(
-                    f"FER reading needs probabilities for {list(EMOTIONS)}; got {sorted(reading.probabilities)}"
-                )
-            if any(not 0.0 <= p <= 1.0 for p in reading.probabilities.values()):
-                raise InvalidInput("FER probabilities must be between 0 and 1")
-        return FaceReading(
-            reading.capture_time_ms or now_ms(), reading.face_found, dict(reading.probabilities), "client"
+    async def _delete(self, session_id: str, owner: str | None) -> DeletedSession:
+        objects = self._objects()
+        # The tombstone first: from here on no job writes this session's data (they check it before and after).
+        key, existed = await asyncio.to_thread(write_tombstone, objects, session_id)
+        marked = await asyncio.to_thread(tombstone, objects, session_id)
+        removed = await self.store.delete(session_id, owner)
+        # After Redis: a conversation still streaming can no longer record a frame it stores, so it deletes it.
+        record_objects, frames = await asyncio.to_thread(sweep_objects, objects, session_id)
+        return DeletedSession(
+            session_id=session_id,
+            already_deleted=existed,
+            redis_keys=removed.keys,
+            events=removed.events,
+            record_objects=record_objects,
+            frames=frames,
+            tombstone_key=key,
+            deleted_ms=int((marked or {}).get("deleted_ms", 0)),
         )
 
-    async def _on_reading(self, reading: FaceReading) -> None:
-        self.engine.metrics.fer_readings.labels(reading.source).inc()
-        await self._record(
-            "fer_reading",
-            {
-                "capture_time_ms": reading.capture_time_ms,
-                "face_found": reading.face_found,
-                "probabilities": reading.probabilities,
-                "source": reading.source,
-            },
+    async def _audit(self, principal: Principal, action: str, deletion: Deletion, reason: str) -> Deletion:
+        key = await asyncio.to_thread(
+            audit_deletion,
+            self._objects(),
+            service="chat",
+            action=action,
+            requested_by=principal.subject,
+            session_ids=[s.session_id for s in deletion.sessions],
+            removed=deletion.totals(),
+            reason=reason,
         )
-        if reading.face_found:
-            scores = {e: 100.0 * reading.probabilities.get(e, 0.0) for e in EMOTIONS}
-            self.aggregator.add(scores, time.time())
-        else:
-            self.aggregator.add_no_face(time.time())
+        return Deletion(deletion.user_id, deletion.sessions, key)
 
-    # --- turns --------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_reason(reason: str) -> None:
+        if len(reason) > MAX_REASON_CHARS:
+            raise InvalidInput(f"reason is over {MAX_REASON_CHARS} characters; it is a short label for the audit log")
 
-    async def _record(self, kind: str, payload: dict[str, Any]) -> Event:
-        event = await self.engine.store.append(self.record.session_id, kind, payload)
-        self.events.append(event)
-        return event
-
-    async def _inject_readout(
-        self, cadence: str, aggregate: dict[str, int] | None, previous: dict[str, int] | None = None
-    ) -> None:
-        """Record and send a readout; ``previous`` defaults to what the last readout showed."""
-        started = time.perf_counter()
-        previous = previous if previous is not None else self.last_readout_scores
-        changed = (
-            previous is not None
-            and aggregate is not None
-            and change_is_large(previous, aggregate, self.settings.readout.trigger_start_threshold)
+    async def delete_session_data(self, principal: Principal, session_id: str, reason: str = "") -> Deletion:
+        """Delete one session's data (its owner or an admin); deleting it again sweeps again and says so."""
+        principal.require("chat")
+        check_session_id(session_id)
+        self._check_reason(reason)
+        owner = await self._owner(session_id)
+        if owner is None:
+            deleted = await asyncio.to_thread(session_deleted, self._objects(), session_id)
+            if not deleted and not principal.is_admin:
+                raise NotFound(f"session {session_id} does not exist")
+        elif owner != principal.subject and not principal.is_admin:
+            raise PermissionDenied(f"session {session_id} belongs to another user")
+        deleted_session = await self._delete(session_id, owner)
+        return await self._audit(
+            principal, "delete_session_data", Deletion(owner or "", (deleted_session,), ""), reason
         )
-        text = readout_message(aggregate, previous, changed)
-        event = await self._record("readout_injected", {"text": text, "cadence": cadence, "scores": aggregate})
-        self.last_readout_scores = aggregate
-        self.engine.metrics.readouts.labels(cadence).inc()
-        self.engine.metrics.readout_build.observe(time.perf_counter() - started)
-        await self.out.put(Readout(text, cadence, event.time_ms))
 
-    async def _user_turn(self, message: UserText) -> None:
-        async with self.generating:
-            if self.cadence == "before_user_message":
-                await self._inject_readout("before_user_message", self.aggregator.tick(time.time()))
-            reminder = short_message_reminder(message.text) if self.settings.readout.short_message_reminder else None
-            if reminder:
-                await self._record("reminder", {"text": reminder})
-            event = await self._record("user_message", {"text": message.text, "client_time_ms": message.client_time_ms})
-            await self.out.put(Accepted(event.event_id, event.time_ms))
-            await self._generate(unprompted=False)
-
-    async def _unprompted_turn(self, before: dict[str, int] | None, aggregate: dict[str, int] | None) -> None:
-        async with self.generating:
-            await self._inject_readout("on_change", aggregate, previous=before)
-            await self._generate(unprompted=True)
-
-    async def _generate(self, *, unprompted: bool) -> None:
-        llm = self.settings.llm
-        backend = self.engine.backend
-        params = GenerationParams(
-            temperature=llm.temperature,
-            max_new_tokens=llm.unprompted_max_new_tokens if unprompted else llm.max_new_tokens,
-        )
-        messages = condense(
-            messages_from_events(self.engine.system_prompt, self.events),
-            backend.count_tokens,
-            backend.context_window - params.max_new_tokens,
-            self.settings.keep_last_messages,
-        )
-        turn_id = uuid.uuid4().hex[:16]
-        started, first, parts = time.perf_counter(), None, []
-        try:
-            async for delta in stream_with_retries(
-                backend,
-                messages,
-                params,
-                self.adapter,
-                attempts=llm.attempts,
-                first_token_timeout_s=llm.first_token_timeout_s,
-                idle_timeout_s=llm.idle_timeout_s,
-            ):
-                if first is None:
-                    first = time.perf_counter()
-                    self.engine.metrics.ttft.observe(first - started)
-                parts.append(delta)
-                await self.out.put(Delta(turn_id, delta))
-        except BackendError as exc:
-            self.engine.metrics.backend_errors.labels(type(exc).__name__).inc()
-            raise DependencyUnavailable(f"the language model failed: {exc}") from exc
-        self.engine.metrics.generation.observe(time.perf_counter() - started)
-        self.engine.metrics.turns.labels("unprompted" if unprompted else "reply").inc()
-        text = "".join(parts).strip()
-        model_id = backend.model_id(self.adapter)
-        event = await self._record(
-            "assistant_message",
-            {
-                "text": text,
-                "turn_id": turn_id,
-                "unprompted": unprompted,
-                "model_id": model_id,
-                "adapter": self.adapter,
-                "model_arm": self.record.model_arm,
-                "params": {"temperature": params.temperature, "max_new_tokens": params.max_new_tokens},
-            },
-        )
-        await self.out.put(AssistantReply(turn_id, text, unprompted, model_id, event.time_ms))
-        delay = float(self.record.options["post_response_reading_s"])
-        if delay > 0:
-            timer = asyncio.create_task(self._post_response_reading(turn_id, delay))
-            self.timers.add(timer)
-            timer.add_done_callback(self.timers.discard)
-
-    async def _post_response_reading(self, turn_id: str, delay: float) -> None:
-        await asyncio.sleep(delay)
-        aggregate = self.aggregator.tick(time.time())
-        await self._record("post_response_reading", {"turn_id": turn_id, "delay_s": delay, "scores": aggregate})
+    async def delete_user_data(
+        self, principal: Principal, user_id: str, session_ids: list[str], reason: str = ""
+    ) -> Deletion:
+        """Delete every session of ``user_id`` (empty: the caller): those in chat's index of their sessions and
+        ``session_ids``. The user themself or an admin. Every session is checked before anything is deleted."""
+        principal.require("chat")
+        user_id = user_id or principal.subject
+        if user_id != principal.subject and not principal.is_admin:
+            raise PermissionDenied("only an admin may delete another user's data")
+        self._check_reason(reason)
+        indexed = set(await self.store.user_sessions(user_id))
+        extra = sorted(set(session_ids) - indexed)
+        if len(indexed) + len(extra) > MAX_DELETE_SESSIONS:
+            raise InvalidInput(f"over {MAX_DELETE_SESSIONS} sessions in one request; delete them in parts")
+        for session_id in extra:
+            check_session_id(session_id)
+            owner = await self._owner(session_id)
+            if owner is None and not principal.is_admin:
+                if not await asyncio.to_thread(session_deleted, self._objects(), session_id):
+                    raise NotFound(f"session {session_id} does not exist")
+            elif owner is not None and owner != user_id:
+                problem = f"session {session_id} is not {user_id}'s"
+                raise InvalidInput(problem) if principal.is_admin else PermissionDenied(problem)
+        sessions = [await self._delete(session_id, user_id) for session_id in sorted(indexed | set(extra))]
+        return await self._audit(principal, "delete_user_data", Deletion(user_id, tuple(sessions), ""), reason)

@@ -5,19 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from emili_chat.llm import Message
-from emili_chat.store import Event
-
-# Event kinds that are part of what the model sees, and as which role.
-ROLES = {"user_message": "user", "assistant_message": "assistant", "readout_injected": "system", "reminder": "system"}
+from emili_session.conversation import conversation
+from emili_session.events import Event
 
 
 def messages_from_events(system_prompt: str, events: Sequence[Event]) -> list[Message]:
-    messages = [Message("system", system_prompt)]
-    for event in events:
-        role = ROLES.get(event.kind)
-        if role is not None:
-            messages.append(Message(role, str(event.payload["text"])))  # type: ignore[arg-type]
-    return messages
+    """The conversation the model saw (:func:`emili_session.conversation.conversation`) as backend messages."""
+    return [Message(turn.role, turn.content) for turn in conversation(system_prompt, events)]
 
 
 def condense(

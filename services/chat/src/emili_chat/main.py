@@ -6,16 +6,14 @@ import asyncio
 import logging
 
 import grpc
-import redis.asyncio as aioredis
 
 from emili.chat.v1 import chat_pb2, chat_pb2_grpc
 from emili_chat.engine import ChatEngine
 from emili_chat.llm import ChatBackend, build_backend
 from emili_chat.servicer import ChatServicer
 from emili_chat.settings import ChatSettings
-from emili_chat.store import SessionStore
-from emili_core.auth import create_token
-from emili_core.grpc_client import make_channel
+from emili_chat.store import SessionStore, redis_client
+from emili_core.grpc_client import ServiceToken, make_channel
 from emili_core.grpc_server import ServiceApp, serve_forever
 from emili_core.logs import configure_logging
 from emili_core.objectstore import ObjectStore
@@ -50,8 +48,9 @@ def make_backend(settings: ChatSettings) -> ChatBackend:
 
 def build_app(settings: ChatSettings, backend: ChatBackend | None = None) -> ServiceApp:
     """The chat service: its own token (scope ``fer``) to call the FER service; sessions in Redis."""
-    fer_token = create_token(
-        settings.auth.secret.get_secret_value(), "chat-service", ["fer"], ttl_seconds=10 * 365 * 86400
+    # Chat's own token for FER: short-lived (15 min), minted again before it expires, asked for on every call.
+    fer_token = ServiceToken(
+        settings.auth.secret.get_secret_value(), "chat-service", ["fer"], issuer=settings.auth.issuer
     )
     objects = ObjectStore(settings.s3)
     celery = create_celery_app("chat", settings)
@@ -59,10 +58,20 @@ def build_app(settings: ChatSettings, backend: ChatBackend | None = None) -> Ser
     def persist_later(session_id: str) -> None:
         celery.send_task("chat.persist_session", args=[session_id])
 
+    resilience = settings.chat.resilience
     engine = ChatEngine(
         settings,
         backend or make_backend(settings),
-        SessionStore(aioredis.Redis.from_url(settings.redis_url)),
+        SessionStore(
+            redis_client(
+                settings.redis_url,
+                health_check_interval_s=resilience.redis_health_check_interval_s,
+                command_retries=resilience.redis_command_retries,
+                socket_timeout_s=resilience.redis_socket_timeout_s,
+            ),
+            retry_s=resilience.redis_retry_s,
+            retry_initial_s=resilience.redis_retry_initial_s,
+        ),
         objects=objects,
         on_session_ended=persist_later,
     )
@@ -72,12 +81,16 @@ def build_app(settings: ChatSettings, backend: ChatBackend | None = None) -> Ser
 
     async def startup() -> None:
         # gRPC aio channels belong to the event loop they are made in: make it in the server's loop.
-        engine.fer_channel = make_channel(settings.chat.fer_target, fer_token, stream_timeout=24 * 3600)
+        engine.fer_channel = make_channel(
+            settings.chat.fer_target, fer_token, tls=settings.tls, stream_timeout=24 * 3600
+        )
         await asyncio.to_thread(objects.ensure_buckets)
         await engine.store.redis.ping()
         await engine.start()
 
     async def shutdown() -> None:
+        if engine.frames is not None:  # Store what is buffered while storage answers, for a while.
+            await engine.frames.close(settings.chat.frame_buffer.drain_s)
         if engine.fer_channel is not None:
             await engine.fer_channel.close()
         await engine.store.redis.aclose()

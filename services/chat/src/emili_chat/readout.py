@@ -22,8 +22,9 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from emili_session.emotions import EMOTIONS
+
 __all__ = [
-    "EMOTIONS",
     "NOT_VISIBLE_MESSAGE",
     "SALIENCE_TABLE",
     "SHORT_MESSAGE_CHARS",
@@ -40,8 +41,7 @@ __all__ = [
     "to_scores",
 ]
 
-# FER2013 class order: the mini-Xception's softmax comes out in this order, so vectors use it too.
-EMOTIONS: Final = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+# Vectors use the FER model's output order.
 _INDEX: Final[Mapping[str, int]] = MappingProxyType({name: i for i, name in enumerate(EMOTIONS)})
 
 NOT_VISIBLE_MESSAGE: Final = "User is not visible right now."

@@ -62,10 +62,28 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def GetTranscript(
         self, request: chat_pb2.GetTranscriptRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.GetTranscriptResponse:
-        record, events = await self.engine.transcript(current_principal(), request.session_id)
-        return chat_pb2.GetTranscriptResponse(
-            session=codec.session_to_pb(record), events=[codec.event_to_pb(e) for e in events]
+        page = await self.engine.transcript_page(
+            current_principal(), request.session_id, request.page_size, request.page_token
         )
+        return chat_pb2.GetTranscriptResponse(
+            session=codec.session_to_pb(page.record),
+            events=[codec.event_to_pb(e) for e in page.events],
+            next_page_token=page.next_page_token,
+        )
+
+    async def DeleteSessionData(
+        self, request: chat_pb2.DeleteSessionDataRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.DeleteSessionDataResponse:
+        deletion = await self.engine.delete_session_data(current_principal(), request.session_id, request.reason)
+        return codec.delete_session_to_pb(deletion)
+
+    async def DeleteUserData(
+        self, request: chat_pb2.DeleteUserDataRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.DeleteUserDataResponse:
+        deletion = await self.engine.delete_user_data(
+            current_principal(), request.user_id, list(request.session_ids), request.reason
+        )
+        return codec.delete_user_to_pb(deletion)
 
     async def Converse(
         self, request_iterator: AsyncIterator[chat_pb2.ConverseRequest], context: grpc.aio.ServicerContext

@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from emili_core.settings import CommonSettings, ServerSettings, WorkerSettings
+from emili_session.surveys import CURRENT_FEELINGS, DESIRED_FEELINGS
 
 PROMPTS = Path(__file__).parent / "prompts"
 
@@ -61,6 +62,79 @@ class ReadoutSettings(BaseModel):
     short_message_reminder: bool = True
 
 
+class SurveySettings(BaseModel):
+    """What a person may submit around a chat: the feelings offered, text lengths, and resubmissions.
+
+    A session keeps one pre-survey, one post-survey and one rating: submitting one again replaces the one before
+    (readers take the last), up to ``max_submissions`` of each kind per session. A gateway study's own survey words
+    must be in these vocabularies.
+    """
+
+    current_feelings: tuple[str, ...] = CURRENT_FEELINGS
+    desired_feelings: tuple[str, ...] = DESIRED_FEELINGS
+    max_feelings: int = Field(12, ge=1, le=100)  # Per list of one survey, after duplicates are removed.
+    max_text_chars: int = Field(4000, ge=1, le=100_000)  # A survey's free text.
+    max_comment_chars: int = Field(2000, ge=0, le=100_000)  # A rating's comment.
+    max_submissions: int = Field(10, ge=1, le=1000)  # Pre-surveys, post-surveys and ratings, each, per session.
+
+
+class TranscriptSettings(BaseModel):
+    """GetTranscript pages: events per response, so a response stays far below the gRPC message limit."""
+
+    default_page_size: int = Field(500, ge=1)
+    max_page_size: int = Field(1000, ge=1)
+    max_page_bytes: int = Field(1024 * 1024, ge=64 * 1024)  # A page ends early when its events reach this size.
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> TranscriptSettings:
+        if self.default_page_size > self.max_page_size:
+            raise ValueError("transcript.default_page_size must not exceed transcript.max_page_size")
+        return self
+
+
+class ResilienceSettings(BaseModel):
+    """How a live conversation rides out faults (``EMILI_CHAT__RESILIENCE__<FIELD>``).
+
+    * FER: a conversation's ``StreamAnalyze`` stream that ends is reopened after ``fer_reconnect_initial_s``,
+      doubling up to ``fer_reconnect_max_s`` between tries, for as long as the conversation lasts; meanwhile
+      readouts say the face cannot be read and the record marks the gap (``fer_unavailable``/``fer_restored``).
+    * Redis: an event write (or read) that meets a connection error is retried with backoff from
+      ``redis_retry_initial_s`` (doubling, at most 1 s apart) for up to ``redis_retry_s`` before the call fails
+      with UNAVAILABLE; the client checks an idle pooled connection after ``redis_health_check_interval_s``
+      and redis-py itself retries a command ``redis_command_retries`` times on a dropped connection.
+    * ``inbox_size``: user messages waiting for their turn on one Converse stream; one more is refused with
+      RESOURCE_EXHAUSTED instead of queueing without bound.
+    """
+
+    fer_reconnect_initial_s: float = Field(0.25, gt=0)
+    fer_reconnect_max_s: float = Field(5.0, gt=0)
+    redis_retry_s: float = Field(5.0, ge=0)  # 0: no retries beyond redis-py's own.
+    redis_retry_initial_s: float = Field(0.05, gt=0)
+    redis_health_check_interval_s: int = Field(15, ge=0)  # 0: off.
+    redis_command_retries: int = Field(3, ge=0, le=20)
+    redis_socket_timeout_s: float = Field(10.0, gt=0)
+    inbox_size: int = Field(32, ge=1, le=100_000)
+
+
+class FrameBufferSettings(BaseModel):
+    """Frames a conversation stores (with consent) are uploaded off its path by a background uploader that
+    retries while object storage is down; frames beyond ``max_bytes`` waiting are dropped (counted, and recorded
+    as a ``frames_dropped`` event)."""
+
+    max_bytes: int = Field(128 * 1024 * 1024, ge=1024)
+    uploaders: int = Field(4, ge=1, le=64)  # Concurrent uploads.
+    retry_max_s: float = Field(10.0, gt=0)  # The longest wait between tries while storage is down.
+    drain_s: float = Field(10.0, ge=0)  # At shutdown, how long to keep uploading what is buffered.
+
+
+class ReconcileSettings(BaseModel):
+    """The chat worker's reconciler: finds ended sessions with no current record and enqueues them again."""
+
+    interval_s: float = Field(30.0, gt=0)  # 0 < interval; one worker at a time runs it (a Redis lock).
+    requeue_after_s: float = Field(120.0, gt=0)  # A session still unpersisted is enqueued again this often.
+    enabled: bool = True
+
+
 class ChatOptions(BaseModel):
     server: ChatServerSettings = ChatServerSettings()
     worker: ChatWorkerSettings = ChatWorkerSettings()
@@ -69,10 +143,15 @@ class ChatOptions(BaseModel):
     system_prompt: Path = PROMPTS / "emili_system.txt"
     fer_target: str = "127.0.0.1:50051"  # The FER service (StreamAnalyze).
     default_arm: str = "base"
-    max_message_chars: int = Field(4000, ge=1)
+    max_message_chars: int = Field(4000, ge=1)  # A user message in Converse.
+    surveys: SurveySettings = SurveySettings()
+    transcript: TranscriptSettings = TranscriptSettings()
     max_frame_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     keep_last_messages: int = Field(6, ge=2)  # Kept verbatim when the context is condensed.
     adapter_cache: Path = Path("chat/adapters")  # Under EMILI_ARTIFACTS_DIR unless absolute.
+    frame_buffer: FrameBufferSettings = FrameBufferSettings()
+    reconcile: ReconcileSettings = ReconcileSettings()
+    resilience: ResilienceSettings = ResilienceSettings()
 
 
 class ChatSettings(CommonSettings):

@@ -10,8 +10,10 @@ import redis
 from emili_chat.persist import persist_session
 from emili_chat.settings import ChatSettings
 from emili_core.objectstore import ObjectStore
-from emili_core.settings import load_settings
+from emili_core.settings import RetentionSettings, load_settings
 from emili_core.tasks import idempotent_task
+
+PIPELINE_STEP_LIMIT_S = 6 * 3600
 
 
 @functools.cache
@@ -25,21 +27,36 @@ def runtime() -> tuple[redis.Redis, ObjectStore]:
 @idempotent_task("chat.persist_session")
 def persist_session_task(self: Any, session_id: str) -> dict[str, Any]:
     client, store = runtime()
-    return persist_session(client, store, session_id)
+    return persist_session(client, store, session_id, retention_settings())
+
+
+@functools.cache
+def retention_settings() -> RetentionSettings:
+    return load_settings(ChatSettings).retention
+
+
+@idempotent_task("chat.retention_sweep")
+def retention_sweep_task(self: Any) -> dict[str, Any]:
+    """Expire raw data past their retention period (frames, FER readings, Redis streams); ``emili retention
+    sweep`` queues it, and a scheduler (cron, a Kubernetes CronJob) runs it daily."""
+    from emili_chat.retention import retention_sweep
+
+    client, store = runtime()
+    return retention_sweep(client, store, retention_settings())
 
 
 @idempotent_task("chat.pipeline_collect")
 def pipeline_collect(self: Any, state: dict[str, Any]) -> dict[str, Any]:
-    from emili_pipeline import steps
+    from emili_chat import pipeline_steps as steps
     from emili_pipeline.pipeline import run_step_task
 
     client, store = runtime()
     return run_step_task(self, store, state, "collect", lambda s: steps.collect(client, store, s))
 
 
-@idempotent_task("chat.pipeline_arm_sessions")
+@idempotent_task("chat.pipeline_arm_sessions", time_limit=PIPELINE_STEP_LIMIT_S)
 def pipeline_arm_sessions(self: Any, state: dict[str, Any]) -> dict[str, Any]:
-    from emili_pipeline import steps
+    from emili_chat import pipeline_steps as steps
     from emili_pipeline.pipeline import run_step_task
 
     client, store = runtime()

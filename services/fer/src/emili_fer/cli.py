@@ -30,7 +30,7 @@ def _cli_token(settings: FerSettings) -> str:
 
 
 async def _analyze_remote(settings: FerSettings, target: str, paths: list[Path]) -> list[dict[str, object]]:
-    async with make_channel(target, _cli_token(settings), timeout=30) as channel:
+    async with make_channel(target, _cli_token(settings), tls=settings.tls, timeout=30) as channel:
         stub = fer_pb2_grpc.FerServiceStub(channel)
         request = fer_pb2.AnalyzeBatchRequest(frames=[fer_pb2.Frame(data=p.read_bytes()) for p in paths])
         response = await stub.AnalyzeBatch(request)

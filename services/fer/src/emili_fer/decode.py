@@ -73,6 +73,20 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     raise InvalidInput("JPEG frame is truncated or corrupt: no frame header found")
 
 
+def declared_pixels(data: bytes, fmt: Format = Format.AUTO, width: int = 0, height: int = 0) -> int:
+    """The pixel count a frame declares, read from its header without decoding (raw frames: ``width * height``);
+    0 for a frame whose header cannot be read (decoding it reports the problem)."""
+    try:
+        if fmt is Format.AUTO:
+            fmt = sniff(data)
+        if fmt in (Format.RAW_GRAY8, Format.RAW_BGR24):
+            return max(width, 0) * max(height, 0)
+        w, h = jpeg_size(data) if fmt is Format.JPEG else png_size(data)
+    except (InvalidInput, struct.error):
+        return 0
+    return w * h
+
+
 def decode(
     data: bytes,
     fmt: Format = Format.AUTO,

@@ -20,7 +20,7 @@ import numpy as np
 
 from emili_core.errors import EmiliError, InvalidInput, NotReady, Overloaded
 from emili_fer.batcher import MicroBatcher
-from emili_fer.decode import Format, decode
+from emili_fer.decode import Format, declared_pixels, decode
 from emili_fer.detect import Box, FaceDetector, square_crop
 from emili_fer.manifest import ModelManifest, load_manifest
 from emili_fer.metrics import fer_metrics
@@ -202,7 +202,28 @@ class FerEngine:
 
     # --- async API (server) ----------------------------------------------------------------------
 
+    def check_pixel_budget(self, frames: Sequence[FrameInput]) -> int:
+        """The frames' declared pixels (from their headers, nothing decoded); ``InvalidInput`` naming the budget
+        when they are over ``limits.max_pixels_per_request``."""
+        budget = self.options.limits.max_pixels_per_request
+        total = 0
+        for frame in frames:
+            total += declared_pixels(frame.data, frame.format, frame.width, frame.height)
+            if total > budget:
+                self.metrics.frames.labels("error").inc(len(frames))
+                raise InvalidInput(
+                    f"the request's {len(frames)} frame(s) declare over {budget} pixels, the per-request budget "
+                    f"(limits.max_pixels_per_request, e.g. {budget // (1280 * 720)} frames of 1280x720); "
+                    "send smaller frames or fewer per request"
+                )
+        return total
+
     async def analyze(self, frame: FrameInput) -> Reading:
+        """One frame of its own request (Analyze, one StreamAnalyze frame): checked against the pixel budget."""
+        self.check_pixel_budget([frame])
+        return await self._analyze(frame)
+
+    async def _analyze(self, frame: FrameInput) -> Reading:
         if self.batcher is None or self._pool is None:
             raise NotReady("FER model is still loading; retry shortly")
         capacity = self.options.batching.queue_capacity
@@ -231,7 +252,8 @@ class FerEngine:
         limit = self.options.limits.max_batch_frames
         if len(frames) > limit:
             raise InvalidInput(f"batch has {len(frames)} frames, over the limit of {limit}; split it")
-        results = await asyncio.gather(*(self.analyze(f) for f in frames), return_exceptions=True)
+        self.check_pixel_budget(frames)  # The whole request, before any frame is decoded.
+        results = await asyncio.gather(*(self._analyze(f) for f in frames), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, EmiliError):
                 raise result

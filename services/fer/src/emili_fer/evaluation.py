@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from emili_fer.manifest import FER2013_LABELS
+from emili_session.emotions import EMOTIONS
 
 Classify = Callable[[np.ndarray], np.ndarray]
 
@@ -42,7 +42,7 @@ def evaluate_crops(
         raise ValueError(f"labels must have shape ({len(images)},), got {labels.shape}")
     if len(images) == 0:
         raise ValueError("no images to evaluate")
-    num_classes = len(FER2013_LABELS)
+    num_classes = len(EMOTIONS)
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must be in [0, {num_classes})")
     if batch_size < 1:
@@ -58,7 +58,7 @@ def evaluate_crops(
 
     correct = predictions == labels
     recall: dict[str, float | None] = {}
-    for class_id, name in enumerate(FER2013_LABELS):
+    for class_id, name in enumerate(EMOTIONS):  # FER2013 class ids are in this order.
         mask = labels == class_id
         recall[name] = float(correct[mask].mean()) if mask.any() else None
     return {"n": len(images), "accuracy": float(correct.mean()), "per_class_recall": recall}

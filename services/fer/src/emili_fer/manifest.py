@@ -1,4 +1,9 @@
-"""The model manifest: everything the pipeline needs to know about an ONNX FER model."""
+"""The model manifest: everything the pipeline needs to know about an ONNX FER model.
+
+Any ONNX model drops in through a manifest (size, colour, layout, normalisation, extra outputs), but its
+labels must be EMILI's seven emotions in their order (:data:`emili_session.emotions.EMOTIONS`): readouts,
+reaction weights and datasets read readings by those names, and evaluation by FER2013 class id.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-FER2013_LABELS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+from emili_session.emotions import check_labels
 
 
 class ModelManifest(BaseModel):
@@ -52,6 +57,7 @@ def load_manifest(path: Path, artifacts_dir: Path) -> ModelManifest:
         manifest = ModelManifest.model_validate(yaml.safe_load(path.read_text()))
     except (yaml.YAMLError, ValidationError) as exc:
         raise ValueError(f"invalid FER model manifest {path}: {exc}") from exc
+    check_labels(manifest.labels, f"FER model manifest {path}")
     if not manifest.onnx.is_absolute():
         manifest = manifest.model_copy(update={"onnx": artifacts_dir / manifest.onnx})
     return manifest

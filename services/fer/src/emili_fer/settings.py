@@ -33,6 +33,9 @@ class LimitSettings(BaseModel):
     max_frame_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_frame_pixels: int = Field(4096 * 4096, ge=64 * 64)  # Checked from the header, before decoding.
     max_batch_frames: int = Field(256, ge=1)  # Frames per AnalyzeBatch call.
+    # Decoded pixels (width x height, from the headers, before decoding) of all the frames of one Analyze or
+    # AnalyzeBatch request: 64 frames of 1280x720. Decoding costs CPU by the pixel, not by the byte sent.
+    max_pixels_per_request: int = Field(64 * 1280 * 720, ge=64 * 64)
 
 
 class BatchingSettings(BaseModel):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from redis import Redis
+
 from emili_core.objectstore import ObjectStore
+from emili_core.records import HashReader
 from emili_core.settings import load_settings
 from emili_core.tasks import idempotent_task, task_progress
 from emili_fer import jobs
@@ -24,10 +27,16 @@ def runtime() -> tuple[FerSettings, FerEngine, ObjectStore]:
     return settings, engine, store
 
 
+@functools.cache
+def consent_reader() -> HashReader:
+    """Redis, where a live session's consent is (chat's session hash) before its record is persisted."""
+    return Redis.from_url(runtime()[0].redis_url)
+
+
 @idempotent_task("fer.analyze_session_frames")
 def analyze_session_frames(self: Any, session_id: str) -> dict[str, object]:
     _, engine, store = runtime()
-    return jobs.analyze_session_frames(engine, store, session_id, task_progress(self))
+    return jobs.analyze_session_frames(engine, store, session_id, task_progress(self), consent_reader())
 
 
 @idempotent_task("fer.ingest_video")
@@ -41,4 +50,5 @@ def ingest_video(self: Any, session_id: str, video_key: str, fps: float | None =
         fps or settings.fer.video_fps,
         settings.fer.max_video_frames,
         task_progress(self),
+        consent_reader(),
     )

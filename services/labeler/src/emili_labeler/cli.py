@@ -8,15 +8,15 @@ from typing import Annotated
 
 import typer
 
-from emili_core.settings import load_settings
-from emili_labeler.settings import LabelerSettings
-from emili_labeler.vad import (
+from emili_affect.vad import (
     LocalEmbeddingCache,
     SentenceTransformerEmbedder,
     evaluate_oov,
     load_affect_tables,
     load_lexicon,
 )
+from emili_core.settings import load_settings
+from emili_labeler.settings import LabelerSettings
 
 app = typer.Typer(help="VAD labels and datasets.", no_args_is_help=True)
 

@@ -5,11 +5,9 @@ output is deterministic: ids are sha256 digests of canonical JSON, records come 
 
 What the functions decide, so the data can be interpreted:
 
-* **Conversation.** The system prompt (when non-empty) comes first; then, in event order, readouts and
-  reminders as ``system`` messages where they occurred, user messages as ``user``, assistant messages as
-  ``assistant`` (carrying ``turn_id``). Other event kinds (``session_created``, readings, ...) are not
-  part of what the model saw and are left out. Events may carry their fields flat (``{"kind", "text"}``)
-  or under ``"payload"`` as the chat store records them.
+* **Conversation.** What the model saw, as :func:`emili_session.conversation.conversation` rebuilds it (the
+  chat service builds its context with the same function): the system prompt, then readouts and reminders
+  as ``system`` messages where they occurred, user and assistant messages (the latter carrying ``turn_id``).
 * **SFT** (:func:`sft_examples`): ONE example per session, the whole conversation, with ``weight`` 1 on
   assistant messages whose turn is flagged True and 0 on every other assistant message; user and system
   messages carry no weight (never trained on). One example per session, rather than one per flagged
@@ -47,6 +45,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from emili_session.conversation import INJECTED_KINDS, conversation
+
 __all__ = [
     "DATASET_KINDS",
     "DatasetKind",
@@ -57,7 +57,6 @@ __all__ = [
     "canonical_json",
     "content_id",
     "context_key",
-    "conversation_messages",
     "feedback_pairs",
     "jsonl_bytes",
     "normalise_text",
@@ -68,16 +67,6 @@ __all__ = [
 
 DatasetKind = Literal["sft", "dpo_feedback", "dpo_empathetic"]
 DATASET_KINDS: tuple[DatasetKind, ...] = ("sft", "dpo_feedback", "dpo_empathetic")
-
-# Event kinds the LLM saw, and as which role (the chat service's history uses the same mapping).
-ROLES: Mapping[str, str] = {
-    "user_message": "user",
-    "assistant_message": "assistant",
-    "readout_injected": "system",
-    "reminder": "system",
-}
-INJECTED_KINDS = frozenset({"readout_injected", "reminder"})  # System messages added mid-conversation.
-SYSTEM_PROMPT_KIND = "system_prompt"  # Internal marker for the leading system message.
 
 
 class TurnLabelLike(Protocol):
@@ -175,55 +164,6 @@ def _finite(value: float | None) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-# --- conversations --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    kind: str  # The event kind, or SYSTEM_PROMPT_KIND.
-    role: str
-    content: str
-    turn_id: str | None = None
-    unprompted: bool = False
-
-
-def _fields(event: Mapping[str, Any]) -> Mapping[str, Any]:
-    payload = event.get("payload")
-    return {**event, **payload} if isinstance(payload, Mapping) else event
-
-
-def _timeline(system_prompt: str, events: Sequence[Mapping[str, Any]]) -> list[_Entry]:
-    entries = [_Entry(SYSTEM_PROMPT_KIND, "system", system_prompt)] if system_prompt.strip() else []
-    for event in events:
-        fields = _fields(event)
-        kind = fields.get("kind")
-        role = ROLES.get(kind) if isinstance(kind, str) else None
-        if kind is None or role is None:
-            continue
-        text = fields.get("text")
-        if not isinstance(text, str):
-            raise ValueError(f"event {fields.get('event_id')!r} ({kind}) has no text")
-        if role != "assistant":
-            entries.append(_Entry(kind, role, text))
-            continue
-        turn_id = fields.get("turn_id")
-        if not isinstance(turn_id, str) or not turn_id:
-            raise ValueError(f"assistant event {fields.get('event_id')!r} has no turn_id")
-        entries.append(_Entry(kind, role, text, turn_id, bool(fields.get("unprompted", False))))
-    return entries
-
-
-def conversation_messages(system_prompt: str, events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The chat messages of a session in order; assistant messages also carry ``turn_id``."""
-    messages: list[dict[str, Any]] = []
-    for entry in _timeline(system_prompt, events):
-        message: dict[str, Any] = {"role": entry.role, "content": entry.content}
-        if entry.turn_id is not None:
-            message["turn_id"] = entry.turn_id
-        messages.append(message)
-    return messages
-
-
 # --- SFT ------------------------------------------------------------------------------------------------
 
 
@@ -241,12 +181,12 @@ def sft_examples(
     """
     messages: list[dict[str, Any]] = []
     flagged_turns: list[str] = []
-    for entry in _timeline(system_prompt, events):
+    for entry in conversation(system_prompt, events):
         if entry.kind in INJECTED_KINDS and not include_readouts:
             continue
         message: dict[str, Any] = {"role": entry.role, "content": entry.content}
         if entry.role == "assistant":
-            assert entry.turn_id is not None  # _timeline guarantees it.
+            assert entry.turn_id is not None  # conversation() guarantees it.
             label = labels.get(entry.turn_id)
             trainable = bool(entry.content.strip()) and (include_readouts or not entry.unprompted)
             weight = 1 if trainable and label is not None and label.flagged is True else 0
@@ -266,8 +206,8 @@ def sft_examples(
 def context_key(messages: Sequence[Mapping[str, Any]]) -> str:
     """The id of a context: the sha256 of its (role, normalised content) sequence.
 
-    Expects ``messages`` as :func:`conversation_messages` makes them minus readouts and reminders, i.e. an
-    optional leading system prompt followed by user/assistant messages.
+    Expects ``messages`` as :func:`emili_session.conversation.conversation_messages` makes them minus readouts
+    and reminders, i.e. an optional leading system prompt followed by user/assistant messages.
     """
     return content_id([[m["role"], normalise_text(str(m["content"]))] for m in messages])
 
@@ -299,7 +239,7 @@ def _replies(session: SessionInput) -> list[tuple[str, _Reply]]:
     out: list[tuple[str, _Reply]] = []
     plain: list[dict[str, str]] = []  # The conversation so far without readouts/reminders.
     full: list[dict[str, str]] = []
-    for entry in _timeline(session.system_prompt, session.events):
+    for entry in conversation(session.system_prompt, session.events):
         message = {"role": entry.role, "content": entry.content}
         if entry.role == "assistant":
             assert entry.turn_id is not None

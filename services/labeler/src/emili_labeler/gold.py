@@ -13,7 +13,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from emili_labeler.vad import VAD, TextVAD
+from emili_affect.stats import bootstrap_ci
+from emili_affect.vad import VAD, TextVAD
+from emili_session.events import EventKind
 
 DIMENSIONS = ("valence", "arousal", "dominance")
 
@@ -61,9 +63,9 @@ def survey_texts(events: Sequence[Mapping[str, Any]]) -> tuple[str | None, str |
     """The last pre-chat and post-chat survey texts of a session (a resubmitted survey replaces the first)."""
     pre = post = None
     for event in events:
-        if event["kind"] == "pre_survey":
+        if event["kind"] == EventKind.PRE_SURVEY:
             pre = str(event.get("text", "")) or None
-        elif event["kind"] == "post_survey":
+        elif event["kind"] == EventKind.POST_SURVEY:
             post = str(event.get("text", "")) or None
     return pre, post
 
@@ -82,19 +84,6 @@ def gold_label(events: Sequence[Mapping[str, Any]], scorer: Scorer) -> GoldLabel
         post_coverage=post.coverage if post else None,
         lexicon=lexicon,
     )
-
-
-def bootstrap_ci(
-    values: Sequence[float], samples: int = 2000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean."""
-    data = np.asarray(values, dtype=np.float64)
-    if len(data) == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, len(data), size=(samples, len(data)))].mean(axis=1)
-    tail = (1.0 - level) / 2.0
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
 
 
 def arm_table(labels: Sequence[tuple[str, GoldLabel]], samples: int = 2000, seed: int = 0) -> dict[str, Any]:

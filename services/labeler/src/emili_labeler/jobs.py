@@ -4,9 +4,11 @@
     emili-datasets/<kind>/<dataset-id>/data.jsonl          an immutable dataset
     emili-datasets/<kind>/<dataset-id>/manifest.json       its manifest (written last)
     emili-datasets/index/<dataset-id>.json                 where a dataset id lives
+    emili-datasets/<kind>/<dataset-id>/withdrawn.json      sessions withdrawn from it (see forget_sessions)
 
 Every output is keyed by content (session id plus a hash of the label settings; dataset ids are hashes
-of kind, content and settings), so retried or redelivered jobs find or rewrite the same objects.
+of kind, content and settings), so retried or redelivered jobs find or rewrite the same objects. Nothing is
+written for a deleted session (its tombstone, :mod:`emili_core.deletion`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emili_core.errors import InvalidInput, NotFound
-from emili_core.keys import dataset_index_key
+from emili_affect.empathetic import load_dialogues
+from emili_affect.vad import VADScorer
+from emili_core.deletion import audit_deletion, check_not_deleted, guard_written, now_ms, session_deleted
+from emili_core.errors import FailedPrecondition, InvalidInput, NotFound
+from emili_core.keys import check_session_id, dataset_index_key, dataset_withdrawal_key
 from emili_core.objectstore import Bucket, ObjectStore
-from emili_core.records import load_session, recorded_sessions
+from emili_core.records import load_session, recorded_sessions, session_consent
 from emili_labeler.datasets import DatasetManifest, SessionInput, feedback_pairs, jsonl_bytes, sft_examples
-from emili_labeler.empathetic import empo_pairs, load_dialogues
+from emili_labeler.empathetic import empo_pairs
 from emili_labeler.gold import GoldLabel, arm_table, gold_label
 from emili_labeler.reactions import EMOTION_TUNE_ORIGINAL, VARIANT_2025, TurnReaction, WeightVector, flag_turns
 from emili_labeler.settings import LabelerSettings
@@ -39,7 +44,8 @@ from emili_labeler.user_weights import (
     to_weight_vector,
     user_baseline,
 )
-from emili_labeler.vad import VADScorer
+from emili_session.conversation import system_prompt_of
+from emili_session.events import EventKind
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -89,13 +95,6 @@ def label_key(session_id: str, settings_hash: str) -> str:
     return f"{session_id}/labels/{settings_hash}.json"
 
 
-def system_prompt_of(events: Sequence[dict[str, Any]]) -> str:
-    for event in events:
-        if event["kind"] == "session_created":
-            return str(event.get("system_prompt", ""))
-    return ""
-
-
 def learned_weights(store: ObjectStore, user_id: str) -> WeightVector:
     """The user's fitted weight vector, or the population's when the user has none."""
     try:
@@ -115,8 +114,28 @@ def turn_reactions(runtime: Runtime, events: Sequence[dict[str, Any]], user_id: 
     return flag_turns(events, weights, post=post)  # type: ignore[arg-type]
 
 
+def training_consent(store: ObjectStore, session_id: str) -> bool:
+    """Whether the session's user consented to training on it (its persisted record's ``use_for_training``);
+    NotFound when the session has no record."""
+    consent = session_consent(store, session_id)
+    if consent is None:
+        raise NotFound(f"session {session_id} has no record in object storage (is it ended and persisted?)")
+    return consent.use_for_training
+
+
+def check_training_consent(store: ObjectStore, session_id: str) -> None:
+    if not training_consent(store, session_id):
+        raise FailedPrecondition(
+            f"session {session_id}: its user did not consent to training (use_for_training is false): no training "
+            "labels are computed for it"
+        )
+
+
 def label_session(runtime: Runtime, session_id: str) -> dict[str, Any]:
+    """The session's training label; refused (FailedPrecondition) for a session without training consent."""
     key = label_key(session_id, runtime.settings_hash)
+    check_not_deleted(runtime.store, session_id)
+    check_training_consent(runtime.store, session_id)
     if runtime.store.exists(Bucket.SESSIONS, key):
         return {**runtime.store.get_json(Bucket.SESSIONS, key), "reused": True}
     manifest, events = load_session(runtime.store, session_id)
@@ -145,6 +164,7 @@ def label_session(runtime: Runtime, session_id: str) -> dict[str, Any]:
         "source_last_event_id": manifest.get("last_event_id", ""),
     }
     runtime.store.put_json(Bucket.SESSIONS, key, label)
+    guard_written(runtime.store, session_id, [(Bucket.SESSIONS, key)])  # Deleted meanwhile: the label goes too.
     return {**label, "reused": False}
 
 
@@ -152,30 +172,43 @@ def label_all_unlabeled(runtime: Runtime, progress: Progress = lambda done, tota
     sessions = recorded_sessions(runtime.store)
     todo = [s for s in sessions if not runtime.store.exists(Bucket.SESSIONS, label_key(s, runtime.settings_hash))]
     failed: dict[str, str] = {}
+    skipped: list[str] = []
     for i, session_id in enumerate(todo, 1):
         try:
             label_session(runtime, session_id)
+        except FailedPrecondition:
+            skipped.append(session_id)  # No consent to training: no label.
         except (InvalidInput, NotFound, ValueError) as exc:  # One bad record must not stop the rest.
             failed[session_id] = str(exc)
         progress(i, len(todo))
+    if skipped:
+        log.info("%d sessions without training consent skipped", len(skipped))
     return {
         "sessions": len(sessions),
-        "labelled": len(todo) - len(failed),
+        "labelled": len(todo) - len(failed) - len(skipped),
         "failed": failed,
+        "skipped_no_training_consent": len(skipped),
         "settings_hash": runtime.settings_hash,
     }
 
 
-def _training_inputs(runtime: Runtime, session_ids: Sequence[str] | None) -> list[SessionInput]:
+def _training_inputs(runtime: Runtime, session_ids: Sequence[str] | None) -> tuple[list[SessionInput], int]:
+    """The consenting sessions' inputs, and how many sessions were skipped for want of training consent."""
     inputs = []
+    skipped = 0
     for session_id in session_ids if session_ids is not None else recorded_sessions(runtime.store):
+        if session_deleted(runtime.store, session_id):
+            continue  # Deleted at its owner's request.
+        if not training_consent(runtime.store, session_id):
+            skipped += 1  # The user did not consent to training on this session: not even labelled.
+            continue
         label = label_session(runtime, session_id)
-        if not label["use_for_training"]:
-            continue  # The user did not consent to training on this session.
         _, events = load_session(runtime.store, session_id)
         flags = {t["turn_id"]: _Flag(t["flagged"], t["delta"]) for t in label["turns"] if t["turn_id"]}
         inputs.append(SessionInput(session_id, system_prompt_of(events), events, flags))
-    return inputs
+    if skipped:
+        log.info("%d sessions without training consent skipped", skipped)
+    return inputs, skipped
 
 
 @dataclass(frozen=True)
@@ -191,16 +224,23 @@ def _publish(runtime: Runtime, manifest: DatasetManifest, records: Sequence[dict
         runtime.store.put_bytes(Bucket.DATASETS, f"{prefix}/data.jsonl", jsonl_bytes(records), "application/x-ndjson")
         runtime.store.put_json(Bucket.DATASETS, f"{prefix}/manifest.json", out)  # Last: the dataset is complete.
         runtime.store.put_json(Bucket.DATASETS, dataset_index_key(manifest.id), {"manifest": f"{prefix}/manifest.json"})
+    # A session deleted while this dataset was built: withdrawn at once (forget_sessions may have looked already).
+    deleted = [s for s in manifest.source_sessions if session_deleted(runtime.store, s)]
+    if deleted:
+        _withdraw_dataset(runtime, out, f"{prefix}/manifest.json", deleted, rebuild=False)
     return out
 
 
 def build_sft_dataset(runtime: Runtime, session_ids: Sequence[str] | None = None) -> dict[str, Any]:
-    inputs = _training_inputs(runtime, session_ids)
+    inputs, skipped = _training_inputs(runtime, session_ids)
     records = [r for s in inputs for r in sft_examples(s.session_id, s.system_prompt, s.events, s.labels)]
     if not records:
-        raise NotFound("no consenting session has a flagged assistant turn: nothing to train on yet")
+        raise NotFound(
+            "no consenting session has a flagged assistant turn: nothing to train on yet"
+            + (f" ({skipped} sessions without training consent skipped)" if skipped else "")
+        )
     manifest = DatasetManifest.build("sft", records, runtime.label_settings)
-    return _publish(runtime, manifest, records)
+    return {**_publish(runtime, manifest, records), "skipped_no_training_consent": skipped}
 
 
 def build_dpo_dataset(
@@ -216,8 +256,10 @@ def build_dpo_dataset(
     (epoch, epoch+1, ...) in one dataset version, so the trainer can give each epoch its own draw."""
     if epochs < 1:
         raise InvalidInput(f"epochs must be at least 1, not {epochs}")
+    skipped = 0
     if source == "feedback":
-        records = feedback_pairs(_training_inputs(runtime, session_ids), seed=seed)
+        inputs, skipped = _training_inputs(runtime, session_ids)
+        records = feedback_pairs(inputs, seed=seed)
         kind = "dpo_feedback"
         settings = runtime.label_settings
     elif source == "empathetic":
@@ -231,9 +273,13 @@ def build_dpo_dataset(
     else:
         raise InvalidInput(f"unknown DPO source {source!r}: feedback or empathetic")
     if not records:
-        raise NotFound(f"no {source} preference pairs could be built")
-    manifest = DatasetManifest.build(kind, records, settings)  # type: ignore[arg-type]
-    return _publish(runtime, manifest, records)
+        raise NotFound(
+            f"no {source} preference pairs could be built"
+            + (f" ({skipped} sessions without training consent skipped)" if skipped else "")
+        )
+    created_from = {"seed": seed} if source == "feedback" else None  # What a rebuild without a session reuses.
+    manifest = DatasetManifest.build(kind, records, settings, created_from)  # type: ignore[arg-type]
+    return {**_publish(runtime, manifest, records), "skipped_no_training_consent": skipped}
 
 
 def user_weights_key(settings_hash: str) -> str:
@@ -246,10 +292,14 @@ def fit_user_weights(runtime: Runtime, session_ids: Sequence[str] | None = None)
     samples: list[Sample] = []
     baselines: dict[str, Baseline] = {}
     readings: dict[str, list[Any]] = {}
+    skipped = 0
     for session_id in session_ids if session_ids is not None else recorded_sessions(runtime.store):
+        if not training_consent(runtime.store, session_id):
+            skipped += 1  # No consent to training: its face and words do not shape the weights.
+            continue
         manifest, events = load_session(runtime.store, session_id)
         user = str(manifest.get("user_id", ""))
-        messages = [e for e in events if e["kind"] == "user_message"]
+        messages = [e for e in events if e["kind"] == EventKind.USER_MESSAGE]
         scored = runtime.scorer.score_batch([str(e["text"]) for e in messages])
         targets = {e["event_id"]: r.vad.valence for e, r in zip(messages, scored, strict=True) if r.vad is not None}
         samples += samples_from_session(events, user, targets)
@@ -267,17 +317,178 @@ def fit_user_weights(runtime: Runtime, session_ids: Sequence[str] | None = None)
     }
     runtime.store.put_json(Bucket.DATASETS, user_weights_key(runtime.settings_hash), result)
     runtime.store.put_json(Bucket.DATASETS, LEARNED_WEIGHTS_KEY, result)  # What weights="learned" uses.
-    return {"key": user_weights_key(runtime.settings_hash), "users": len(users), "samples": len(samples)}
+    return {
+        "key": user_weights_key(runtime.settings_hash),
+        "users": len(users),
+        "samples": len(samples),
+        "skipped_no_training_consent": skipped,
+    }
 
 
 def delta_table(runtime: Runtime, session_ids: Sequence[str] | None = None) -> dict[str, Any]:
     """The paper's Table 2 over the recorded sessions: mean Delta V/A/D per model arm with bootstrap 95% CIs."""
     labels = []
+    skipped = 0
     for session_id in session_ids if session_ids is not None else recorded_sessions(runtime.store):
+        if not training_consent(runtime.store, session_id):
+            skipped += 1  # Labels are computed only for sessions whose users consented.
+            continue
         label = label_session(runtime, session_id)
         labels.append((label["model_arm"], GoldLabel.from_json(label["gold"])))
     return {
         "lexicon": runtime.scorer.lexicon.name,
         "sessions": len(labels),
+        "skipped_no_training_consent": skipped,
         "arms": arm_table(labels, runtime.settings.labeler.bootstrap_samples),
     }
+
+
+# --- forgetting sessions (a person withdrew) ----------------------------------------------------------------
+
+
+def _dataset_manifests(store: ObjectStore) -> list[tuple[str, dict[str, Any]]]:
+    """(manifest key, manifest) of every published dataset version, through the index."""
+    found = []
+    for index_key in store.list_keys(Bucket.DATASETS, dataset_index_key("").removesuffix(".json")):
+        try:
+            manifest_key = store.get_json(Bucket.DATASETS, index_key)["manifest"]
+            found.append((manifest_key, dict(store.get_json(Bucket.DATASETS, manifest_key))))
+        except (NotFound, KeyError, TypeError):
+            continue  # A half-written or foreign entry: not a dataset this can withdraw.
+    return found
+
+
+def _rebuild(runtime: Runtime, manifest: dict[str, Any], remaining: list[str]) -> tuple[str | None, str]:
+    """The dataset rebuilt from its remaining sessions with the same builder: (new id, note)."""
+    kind = manifest["kind"]
+    if kind not in ("sft", "dpo_feedback"):
+        return None, f"{kind} datasets are not built from sessions: not rebuilt"
+    if manifest.get("label_settings") != runtime.label_settings:
+        return None, "not rebuilt: the labeler's label settings changed since it was built; build a new one"
+    if not remaining:
+        return None, "not rebuilt: every one of its sessions was withdrawn"
+    try:
+        if kind == "sft":
+            rebuilt = build_sft_dataset(runtime, remaining)
+        else:
+            seed = int(manifest.get("created_from", {}).get("seed", 0))
+            rebuilt = build_dpo_dataset(runtime, "feedback", remaining, seed=seed)
+    except (NotFound, InvalidInput, ValueError) as exc:  # The withdrawal must not fail for want of a rebuild.
+        return None, f"not rebuilt: {exc}"
+    return str(rebuilt["id"]), "rebuilt without the withdrawn sessions"
+
+
+def _withdraw_dataset(
+    runtime: Runtime, manifest: dict[str, Any], manifest_key: str, sessions: Sequence[str], *, rebuild: bool = True
+) -> dict[str, Any]:
+    """Mark a dataset withdrawn (``withdrawn.json`` beside its manifest and a flag in its index entry), remove its
+    data file (it holds the withdrawn people's words), and rebuild it without them where its builder can."""
+    store = runtime.store
+    key = dataset_withdrawal_key(manifest_key)
+    try:
+        previous: dict[str, Any] = dict(store.get_json(Bucket.DATASETS, key))
+    except NotFound:
+        previous = {}
+    withdrawn = sorted(set(previous.get("withdrawn_sessions", [])) | set(sessions))
+    source = list(manifest.get("source_sessions", []))
+    remaining = [s for s in source if s not in withdrawn and not session_deleted(store, s)]
+    if previous and withdrawn == sorted(previous.get("withdrawn_sessions", [])):
+        replacement, note = previous.get("replacement"), str(previous.get("note", ""))  # A retry: rebuilt before.
+    elif rebuild:
+        replacement, note = _rebuild(runtime, manifest, remaining)
+    else:
+        replacement, note = None, "not rebuilt: withdrawn as it was published"
+    record = {
+        "dataset_id": manifest["id"],
+        "kind": manifest["kind"],
+        "withdrawn_sessions": withdrawn,
+        "withdrawn_ms": previous.get("withdrawn_ms") or now_ms(),
+        "updated_ms": now_ms(),
+        "replacement": replacement,
+        "note": note,
+        "data_removed": True,
+    }
+    store.put_json(Bucket.DATASETS, key, record)
+    store.put_json(Bucket.DATASETS, dataset_index_key(manifest["id"]), {"manifest": manifest_key, "withdrawn": key})
+    data_key = manifest.get("key") or f"{manifest_key.rsplit('/', 1)[0]}/data.jsonl"
+    store.delete(Bucket.DATASETS, data_key)
+    return {
+        "id": manifest["id"],
+        "kind": manifest["kind"],
+        "withdrawn_sessions": sorted(set(sessions) & set(source)),
+        "replacement": replacement,
+        "note": note,
+        "key": key,
+    }
+
+
+def _forget_users_in_weights(store: ObjectStore, user_ids: set[str]) -> dict[str, int]:
+    """Drop the users' entries from every stored fit of per-user weights (the population fit is kept: it is an
+    aggregate). Refitting is ``labeler.fit_user_weights``."""
+    files = entries = 0
+    for key in store.list_keys(Bucket.DATASETS, "user_weights/"):
+        if not key.endswith(".json"):
+            continue
+        fitted = store.get_json(Bucket.DATASETS, key)
+        users = fitted.get("users", {}) if isinstance(fitted, dict) else {}
+        gone = sorted(set(users) & user_ids)
+        if not gone:
+            continue
+        fitted["users"] = {u: w for u, w in users.items() if u not in user_ids}
+        fitted["withdrawn_users"] = int(fitted.get("withdrawn_users", 0)) + len(gone)
+        store.put_json(Bucket.DATASETS, key, fitted)
+        files, entries = files + 1, entries + len(gone)
+    return {"files": files, "entries_removed": entries}
+
+
+def forget_sessions(
+    runtime: Runtime,
+    session_ids: Sequence[str],
+    user_ids: Sequence[str] = (),
+    requested_by: str = "",
+    reason: str = "",
+) -> dict[str, Any]:
+    """Remove what the labeler holds of these sessions (people withdrew; chat deletes the sessions themselves):
+    their labels, every dataset built from them (marked withdrawn, its data removed, rebuilt without them where
+    the builder can), and the per-user weights of their users (``user_ids``, and the users named in their labels).
+    Idempotent: a second run finds nothing more to remove and the same rebuilt datasets."""
+    store = runtime.store
+    sessions = sorted(set(session_ids))
+    for session_id in sessions:
+        check_session_id(session_id)
+    users = set(user_ids)
+    labels = 0
+    for session_id in sessions:
+        for key in store.list_keys(Bucket.SESSIONS, f"{session_id}/labels/"):
+            try:
+                owner = store.get_json(Bucket.SESSIONS, key).get("user_id")
+            except (NotFound, ValueError, AttributeError):
+                owner = None
+            if owner:
+                users.add(str(owner))
+            store.delete(Bucket.SESSIONS, key)
+            labels += 1
+    forget = set(sessions)
+    datasets = [
+        _withdraw_dataset(runtime, manifest, manifest_key, sorted(forget & set(manifest.get("source_sessions", []))))
+        for manifest_key, manifest in _dataset_manifests(store)
+        if forget & set(manifest.get("source_sessions", []))
+    ]
+    weights = _forget_users_in_weights(store, users)
+    removed = {
+        "labels": labels,
+        "datasets_withdrawn": len(datasets),
+        "datasets_rebuilt": sum(d["replacement"] is not None for d in datasets),
+        "user_weight_entries": weights["entries_removed"],
+    }
+    audit_key = audit_deletion(
+        store,
+        service="labeler",
+        action="forget_sessions",
+        requested_by=requested_by or "labeler",
+        session_ids=sessions,
+        removed=removed,
+        reason=reason,
+    )
+    log.info("forgot %d sessions: %s", len(sessions), removed)
+    return {"session_ids": sessions, **removed, "datasets": datasets, "user_weights": weights, "audit_key": audit_key}

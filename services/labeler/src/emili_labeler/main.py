@@ -11,6 +11,7 @@ from emili_core.errors import NotReady
 from emili_core.grpc_server import ServiceApp, serve_forever
 from emili_core.logs import configure_logging
 from emili_core.settings import load_settings
+from emili_labeler.engine import LabelerEngine
 from emili_labeler.jobs import Runtime
 from emili_labeler.runtime import build_runtime
 from emili_labeler.servicer import LabelerServicer
@@ -28,7 +29,7 @@ def build_app(settings: LabelerSettings) -> ServiceApp:
         return holder["runtime"]
 
     def register(server: grpc.aio.Server) -> None:
-        labeler_pb2_grpc.add_LabelerServiceServicer_to_server(LabelerServicer(current), server)
+        labeler_pb2_grpc.add_LabelerServiceServicer_to_server(LabelerServicer(LabelerEngine(current)), server)
 
     async def startup() -> None:
         holder["runtime"] = await asyncio.to_thread(build_runtime, settings)

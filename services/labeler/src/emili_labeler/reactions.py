@@ -29,6 +29,12 @@ Choices made here (the reference leaves them open), so flags can be interpreted:
   :data:`VARIANT_2025_UNSCALED` is the other reading of the reference: the same weights and threshold on
   plain 0-1 scores. The variant was described with the +5 s reading: use it with ``post="delayed"``.
 * ``flagged`` is ``delta >= threshold`` with a 1e-9 allowance for floating-point rounding.
+* FER gaps. Between a ``fer_unavailable`` event (from its ``since_ms``) and the next ``fer_restored`` (its
+  ``restored_ms``; the end of time when none follows) the FER service was down: the face is unknown, which is
+  not "no face". A turn whose pre or post window overlaps such a gap is unflaggable (``reason=
+  "fer_unavailable"``) even when some readings fall in the window, since the mean would be over part of it;
+  a ``post_response_reading`` marked ``fer_unavailable`` is never used (the delayed window decides, and it
+  lies in the gap). Readings recorded inside a gap (client readings, late replies) are left out of every mean.
 
 Everything is pure (no I/O). Cost: O(n log n) to sort the readings, then each window mean is two binary
 searches and a prefix-sum difference.
@@ -45,8 +51,10 @@ from typing import Any, Final, Literal, get_args
 import numpy as np
 import numpy.typing as npt
 
+from emili_session.emotions import EMOTIONS
+from emili_session.events import EventKind
+
 __all__ = [
-    "EMOTIONS",
     "EMOTION_TUNE_ORIGINAL",
     "N_EMOTIONS",
     "POPULATION_MEAN_2025",
@@ -60,18 +68,20 @@ __all__ = [
     "TurnReaction",
     "WeightVector",
     "WindowSettings",
+    "fer_gaps",
     "flag_turns",
     "seconds_to_ms",
 ]
 
-EMOTIONS: Final = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 N_EMOTIONS: Final = len(EMOTIONS)
 
 Scale = Literal["percent", "unit"]
 PostMode = Literal["window", "delayed"]
 PostSource = Literal["fer_window", "post_response_reading"]
 PreAnchor = Literal["user_message", "before_assistant"]
-Reason = Literal["flagged", "below_threshold", "no_user_message", "no_pre_readings", "no_post_readings"]
+Reason = Literal[
+    "flagged", "below_threshold", "no_user_message", "fer_unavailable", "no_pre_readings", "no_post_readings"
+]
 
 _EMOTION_SET: Final = frozenset(EMOTIONS)
 _SCALE_FACTOR: Final[Mapping[str, float]] = {"percent": 100.0, "unit": 1.0}
@@ -251,6 +261,37 @@ def _unit_vector(values: Mapping[str, Any], what: str, *, divisor: float = 1.0) 
     return vec
 
 
+Gap = tuple[float, float]  # [start_ms, end_ms] while the FER service was unavailable.
+
+
+def fer_gaps(events: Iterable[Mapping[str, Any]]) -> list[Gap]:
+    """The closed intervals, in ms, when FER was unavailable (``fer_unavailable`` to the next ``fer_restored``;
+    open-ended when none follows), in order."""
+    gaps: list[Gap] = []
+    start: float | None = None
+    for event in events:
+        kind = event.get("kind")
+        if kind == EventKind.FER_UNAVAILABLE and start is None:
+            since = event.get("since_ms")
+            start = float(since) if isinstance(since, int | float) and since > 0 else float(event["time_ms"])
+        elif kind == EventKind.FER_RESTORED and start is not None:
+            restored = event.get("restored_ms")
+            end = float(restored) if isinstance(restored, int | float) and restored > 0 else float(event["time_ms"])
+            gaps.append((start, max(start, end)))
+            start = None
+    if start is not None:
+        gaps.append((start, math.inf))
+    return gaps
+
+
+def _overlaps(gaps: Sequence[Gap], lo_ms: float, hi_ms: float) -> bool:
+    return any(start <= hi_ms and lo_ms <= end for start, end in gaps)
+
+
+def _in_gap(gaps: Sequence[Gap], at_ms: float) -> bool:
+    return any(start <= at_ms <= end for start, end in gaps)
+
+
 class ReadingIndex:
     """A session's face-found FER readings sorted by capture time, with O(log n) window means."""
 
@@ -271,8 +312,10 @@ class ReadingIndex:
         rows: list[list[float]] = []
         whats: list[str] = []
         raw: list[Mapping[str, Any]] = []
+        events = list(events)
+        gaps = fer_gaps(events)
         for event in events:
-            if event.get("kind") != "fer_reading" or not event.get("face_found"):
+            if event.get("kind") != EventKind.FER_READING or not event.get("face_found"):
                 continue
             event_id = event.get("event_id", "?")
             time_ms = float(event["time_ms"])
@@ -283,6 +326,8 @@ class ReadingIndex:
                     f"fer_reading {event_id}: capture_time_ms {at:.0f} is {abs(at - time_ms) / 1000.0:.0f} s from "
                     f"its time_ms {time_ms:.0f}; both must be Unix milliseconds (seconds or deciseconds mixed in?)"
                 )
+            if _in_gap(gaps, at):
+                continue  # FER was down then: whatever this is, it is not part of a continuous face series.
             probabilities = event.get("probabilities") or {}
             times.append(at)
             whats.append(f"fer_reading {event_id}")
@@ -362,12 +407,13 @@ def _scores_dict(weights: WeightVector, unit: FloatArray | None) -> dict[str, fl
 def _delayed_readings(events: Sequence[Mapping[str, Any]], delay_s: float) -> dict[str, FloatArray]:
     found: dict[str, FloatArray] = {}
     for event in events:
-        if event.get("kind") != "post_response_reading":
+        if event.get("kind") != EventKind.POST_RESPONSE_READING:
             continue
         scores, turn_id = event.get("scores"), event.get("turn_id")
         delay = event.get("delay_s")
-        # A reading taken at another delay is not the one asked for; None scores mean no face was visible.
-        if turn_id is None or scores is None or not isinstance(delay, int | float):
+        # A reading taken at another delay is not the one asked for; None scores mean no face was visible;
+        # one taken while FER was unavailable knows nothing of the face.
+        if turn_id is None or scores is None or not isinstance(delay, int | float) or event.get("fer_unavailable"):
             continue
         if abs(float(delay) - delay_s) > _DELAY_MATCH_S:
             continue
@@ -388,18 +434,19 @@ def flag_turns(
         raise ValueError(f"post must be one of {get_args(PostMode)}; got {post!r}")
     events = list(events)
     index = ReadingIndex.from_events(events, max_clock_skew_s=windows.max_clock_skew_s)
+    gaps = fer_gaps(events)
     delayed = _delayed_readings(events, windows.delay_s) if post == "delayed" else {}
     out: list[TurnReaction] = []
     last_user: Mapping[str, Any] | None = None
     for event in events:
         kind = event.get("kind")
-        if kind == "user_message":
+        if kind == EventKind.USER_MESSAGE:
             last_user = event
-        elif kind == "assistant_message":
+        elif kind == EventKind.ASSISTANT_MESSAGE:
             unprompted = bool(event.get("unprompted", False))
             if unprompted and not windows.include_unprompted:
                 continue
-            out.append(_turn(event, last_user, unprompted, index, delayed, weights, windows, post))
+            out.append(_turn(event, last_user, unprompted, index, delayed, weights, windows, post, gaps))
     return out
 
 
@@ -412,14 +459,19 @@ def _turn(
     weights: WeightVector,
     windows: WindowSettings,
     post: PostMode,
+    gaps: Sequence[Gap] = (),
 ) -> TurnReaction:
     t = float(event["time_ms"])
     turn_id = event.get("turn_id")
     pre: FloatArray | None
+    in_gap = False
     if unprompted:
-        pre, n_pre = index.mean(t - seconds_to_ms(windows.unprompted_before_s), t, include_hi=False)
+        lo = t - seconds_to_ms(windows.unprompted_before_s)
+        pre, n_pre = index.mean(lo, t, include_hi=False)
+        in_gap = _overlaps(gaps, lo, t)
     elif last_user is not None:
         pre, n_pre = index.mean(*windows.user_window_ms(last_user))
+        in_gap = _overlaps(gaps, *windows.user_window_ms(last_user))
     else:
         pre, n_pre = None, 0
 
@@ -431,8 +483,13 @@ def _turn(
         at = t + seconds_to_ms(windows.delay_s)
         half = seconds_to_ms(windows.delayed_half_window_s)
         after, n_post = index.mean(at - half, at + half)
+        in_gap = in_gap or _overlaps(gaps, at - half, at + half)
     else:
-        after, n_post = index.mean(t + seconds_to_ms(windows.post_start_s), t + seconds_to_ms(windows.post_end_s))
+        lo, hi = t + seconds_to_ms(windows.post_start_s), t + seconds_to_ms(windows.post_end_s)
+        after, n_post = index.mean(lo, hi)
+        in_gap = in_gap or _overlaps(gaps, lo, hi)
+    if in_gap:  # Part of a window is unknown: no reaction is read from it (see the module's notes).
+        pre = after = None
     if after is None:
         source = None
 
@@ -442,6 +499,8 @@ def _turn(
     reason: Reason
     if not unprompted and last_user is None:
         reason = "no_user_message"
+    elif in_gap:
+        reason = "fer_unavailable"
     elif pre_reaction is None:
         reason = "no_pre_readings"
     elif delta is None:

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from emili_affect.vad import SentenceTransformerEmbedder, VADScorer, load_affect_tables, load_lexicon
 from emili_core.errors import NotFound
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_labeler.jobs import Runtime
 from emili_labeler.settings import LabelerSettings
-from emili_labeler.vad import SentenceTransformerEmbedder, VADScorer, load_affect_tables, load_lexicon
 
 log = logging.getLogger(__name__)
 

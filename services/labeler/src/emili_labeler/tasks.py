@@ -59,9 +59,20 @@ def delta_table(self: Any, session_ids: list[str] | None = None) -> dict[str, An
     return jobs.delta_table(runtime(), session_ids)
 
 
+@idempotent_task("labeler.forget_sessions")
+def forget_sessions(
+    self: Any,
+    session_ids: list[str],
+    user_ids: list[str] | None = None,
+    requested_by: str = "",
+    reason: str = "",
+) -> dict[str, Any]:
+    return jobs.forget_sessions(runtime(), session_ids, user_ids or [], requested_by, reason)
+
+
 @idempotent_task("labeler.pipeline_label")
 def pipeline_label(self: Any, state: dict[str, Any]) -> dict[str, Any]:
-    from emili_pipeline import steps
+    from emili_labeler import pipeline_steps as steps
     from emili_pipeline.pipeline import run_step_task
 
     rt = runtime()
@@ -70,7 +81,7 @@ def pipeline_label(self: Any, state: dict[str, Any]) -> dict[str, Any]:
 
 @idempotent_task("labeler.pipeline_datasets")
 def pipeline_datasets(self: Any, state: dict[str, Any]) -> dict[str, Any]:
-    from emili_pipeline import steps
+    from emili_labeler import pipeline_steps as steps
     from emili_pipeline.pipeline import run_step_task
 
     rt = runtime()
@@ -79,7 +90,7 @@ def pipeline_datasets(self: Any, state: dict[str, Any]) -> dict[str, Any]:
 
 @idempotent_task("labeler.pipeline_delta_table")
 def pipeline_delta_table(self: Any, state: dict[str, Any]) -> dict[str, Any]:
-    from emili_pipeline import steps
+    from emili_labeler import pipeline_steps as steps
     from emili_pipeline.pipeline import run_step_task
 
     rt = runtime()

@@ -41,7 +41,6 @@ import numpy as np
 import numpy.typing as npt
 
 from emili_labeler.reactions import (
-    EMOTIONS,
     N_EMOTIONS,
     POPULATION_MEAN_2025,
     POPULATION_STD_2025,
@@ -50,6 +49,8 @@ from emili_labeler.reactions import (
     WindowSettings,
     seconds_to_ms,
 )
+from emili_session.emotions import EMOTIONS
+from emili_session.events import EventKind
 
 __all__ = [
     "DEFAULT_MIN_STD",
@@ -187,7 +188,7 @@ def baseline_readings(
         return np.zeros((0, N_EMOTIONS))
     if window.mode == "first_seconds":
         return index.values(first, first + seconds_to_ms(window.seconds))
-    message = next((e for e in events if e.get("kind") == "user_message"), None)
+    message = next((e for e in events if e.get("kind") == EventKind.USER_MESSAGE), None)
     end = math.inf if message is None else windows.message_time_ms(message)
     return index.values(first, end, include_hi=False)
 
@@ -497,7 +498,7 @@ def samples_from_session(
     index = ReadingIndex.from_events(events, max_clock_skew_s=windows.max_clock_skew_s)
     out: list[Sample] = []
     for event in events:
-        if event.get("kind") != "user_message" or event.get("event_id") not in targets:
+        if event.get("kind") != EventKind.USER_MESSAGE or event.get("event_id") not in targets:
             continue
         mean, _ = index.mean(*windows.user_window_ms(event))
         if mean is not None:

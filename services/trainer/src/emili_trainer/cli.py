@@ -36,7 +36,8 @@ def _channel(target: str | None) -> grpc.aio.Channel:
     from emili_core.cli import CliSettings, client_token
 
     settings = load_settings(TrainerSettings)
-    return make_channel(target or settings.grpc_target(), client_token(load_settings(CliSettings), "trainer"))
+    token = client_token(load_settings(CliSettings), "trainer")
+    return make_channel(target or settings.grpc_target(), token, tls=settings.tls)
 
 
 def _fail(message: str) -> typer.Exit:

@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,11 @@ import torch
 from emili_core.errors import FailedPrecondition, InvalidInput, NotFound
 from emili_core.keys import adapter_prefix, model_registry_key
 from emili_core.objectstore import Bucket, ObjectStore
-from emili_core.records import dataset_manifest
+from emili_core.records import dataset_manifest, dataset_withdrawal
+from emili_session.registry import download_adapter, registered_model
 from emili_trainer import distributed
 from emili_trainer.recipes import Recipe
-from emili_trainer.runs import FINAL_STATES, RunLocked, RunState, RunStore
+from emili_trainer.runs import RunLocked, RunRecord, RunState, RunStore
 from emili_trainer.settings import TrainerSettings
 from emili_trainer.training import (
     OnSave,
@@ -77,23 +79,6 @@ def dataset_records(store: ObjectStore, manifest: dict[str, Any]) -> list[dict[s
             return [json.loads(line) for line in f if line.strip()]
 
 
-def registered_model(store: ObjectStore, version: str) -> dict[str, Any]:
-    try:
-        return dict(store.get_json(Bucket.MODELS, model_registry_key(version)))
-    except NotFound:
-        raise NotFound(f"model version {version!r} is not registered") from None
-
-
-def list_models(store: ObjectStore) -> list[dict[str, Any]]:
-    return [dict(store.get_json(Bucket.MODELS, key)) for key in store.list_keys(Bucket.MODELS, "registry/")]
-
-
-def download_adapter(store: ObjectStore, version: str, target: Path) -> Path:
-    manifest = registered_model(store, version)
-    store.get_folder(Bucket.MODELS, manifest["adapter_prefix"], target)
-    return target
-
-
 def publish_model(store: ObjectStore, version: str, adapter_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Register a model version: its adapter files first, then the manifest that makes it visible."""
     key = model_registry_key(version)
@@ -111,9 +96,10 @@ def publish_model(store: ObjectStore, version: str, adapter_dir: Path, manifest:
 
 def start_training(
     runtime: Runtime, recipe: Recipe, dataset_id: str, init_version: str | None = None, recipe_source: str = ""
-) -> tuple[dict[str, Any], bool]:
+) -> tuple[RunRecord, bool]:
     """Create (or find) the run; returns its record and whether a job must be enqueued for it."""
     manifest = dataset_manifest(runtime.store, dataset_id)
+    check_not_withdrawn(runtime.store, dataset_id)
     if manifest["kind"] not in DATASET_KINDS[recipe.kind]:
         raise InvalidInput(
             f"recipe {recipe.name} is {recipe.kind} and trains on {', '.join(DATASET_KINDS[recipe.kind])} "
@@ -124,41 +110,60 @@ def start_training(
             raise InvalidInput("only a dpo recipe can start from a trained adapter (init_version)")
         registered_model(runtime.store, init_version)
     key = {"kind": recipe.kind, "recipe": recipe.digest, "dataset": dataset_id, "init_version": init_version}
-    run_id = f"{recipe.kind}-{_digest(key)[:16]}"
-    record = {
-        "kind": recipe.kind,
-        "state": RunState.QUEUED.value,
-        "recipe": recipe.to_dict(),
-        "recipe_source": recipe_source or recipe.name,
-        "dataset_id": dataset_id,
-        "dataset_kind": manifest["kind"],
-        "init_version": init_version,
-        "attempts": 0,
-    }
-    return create_or_requeue(runtime, run_id, record)
+    record = RunRecord(
+        run_id=f"{recipe.kind}-{_digest(key)[:16]}",
+        kind=recipe.kind,
+        recipe=recipe.to_dict(),
+        recipe_source=recipe_source or recipe.name,
+        dataset_id=dataset_id,
+        dataset_kind=manifest["kind"],
+        init_version=init_version,
+    )
+    return create_or_requeue(runtime, record)
 
 
-def create_or_requeue(runtime: Runtime, run_id: str, record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+def check_not_withdrawn(store: ObjectStore, dataset_id: str) -> None:
+    """Refuse a dataset some of whose sessions were withdrawn by the people in them (``labeler.forget_sessions``
+    marks it); the error names the dataset rebuilt without them, when there is one."""
+    withdrawal = dataset_withdrawal(store, dataset_id)
+    if withdrawal is None:
+        return
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(int(withdrawal.get("withdrawn_ms", 0)) / 1000))
+    sessions = len(withdrawal.get("withdrawn_sessions", []))
+    replacement = withdrawal.get("replacement")
+    instead = (
+        f"train on {replacement}, the same data without them"
+        if replacement
+        else "rebuild the dataset with the labeler (it could not be rebuilt without them automatically)"
+    )
+    raise FailedPrecondition(
+        f"dataset {dataset_id} was withdrawn on {when}: {sessions} of its sessions were deleted at their owners' "
+        f"request, so it is no longer trained on; {instead}"
+    )
+
+
+def create_or_requeue(runtime: Runtime, record: RunRecord) -> tuple[RunRecord, bool]:
     """The run's record, and whether a job must be enqueued: yes for a new run or one that failed or was
     cancelled (asking again retries it); no for one queued, running or done (asking again changes nothing)."""
-    if runtime.runs.create(run_id, record):
+    run_id = record.run_id
+    if runtime.runs.create(record):
         return runtime.runs.get(run_id), True
     existing = runtime.runs.get(run_id)
-    if existing["state"] in (RunState.FAILED, RunState.CANCELLED):
+    if existing.state in (RunState.FAILED, RunState.CANCELLED):
         runtime.runs.clear_cancel(run_id)
-        runtime.runs.update(run_id, state=RunState.QUEUED.value, error=None)
+        runtime.runs.update(run_id, state=RunState.QUEUED, error=None)
         runtime.runs.mirror(run_id)
         return runtime.runs.get(run_id), True
     return existing, False
 
 
-def cancel_run(runtime: Runtime, run_id: str) -> dict[str, Any]:
+def cancel_run(runtime: Runtime, run_id: str) -> RunRecord:
     record = runtime.runs.get(run_id)
-    if record["state"] in FINAL_STATES:
-        raise FailedPrecondition(f"run {run_id} is already {record['state']}")
+    if record.final:
+        raise FailedPrecondition(f"run {run_id} is already {record.state}")
     runtime.runs.request_cancel(run_id)
-    if runtime.runs.lock_holder(run_id) is None and record["state"] == RunState.QUEUED:
-        runtime.runs.update(run_id, state=RunState.CANCELLED.value)  # Its queued job will see this and stop.
+    if runtime.runs.lock_holder(run_id) is None and record.state == RunState.QUEUED:
+        runtime.runs.update(run_id, state=RunState.CANCELLED)  # Its queued job will see this and stop.
         runtime.runs.mirror(run_id)
     return runtime.runs.get(run_id)
 
@@ -166,26 +171,26 @@ def cancel_run(runtime: Runtime, run_id: str) -> dict[str, Any]:
 # --- executing ----------------------------------------------------------------------------------------------
 
 
-def execute_run(runtime: Runtime, run_id: str, progress: ProgressSink = lambda p: None) -> dict[str, Any]:
+def execute_run(runtime: Runtime, run_id: str, progress: ProgressSink = lambda p: None) -> RunRecord:
     """Run (or resume) a training run to its end; safe to call again for the same run at any time."""
     record = runtime.runs.get(run_id)
-    if record["state"] in FINAL_STATES:
+    if record.final:
         return record
     try:
         with runtime.runs.lock(run_id):
             return _execute_locked(runtime, run_id, progress)
     except RunLocked as exc:
         log.info("%s; this copy of the job does nothing", exc)
-        return {**runtime.runs.get(run_id), "note": str(exc)}
+        return runtime.runs.get(run_id).with_note(str(exc))
 
 
-def _execute_locked(runtime: Runtime, run_id: str, progress: ProgressSink) -> dict[str, Any]:
+def _execute_locked(runtime: Runtime, run_id: str, progress: ProgressSink) -> RunRecord:
     runs = runtime.runs
     record = runs.get(run_id)  # Again, under the lock: another copy may have finished meanwhile.
-    if record["state"] in FINAL_STATES:
+    if record.final:
         return record
     if runs.cancel_requested(run_id):
-        runs.update(run_id, state=RunState.CANCELLED.value)
+        runs.update(run_id, state=RunState.CANCELLED)
         runs.mirror(run_id)
         return runs.get(run_id)
     work_dir = runtime.settings.trainer.work_dir / run_id
@@ -194,8 +199,8 @@ def _execute_locked(runtime: Runtime, run_id: str, progress: ProgressSink) -> di
     restored = runs.restore_checkpoint(run_id, work_dir)
     runs.update(
         run_id,
-        state=RunState.RUNNING.value,
-        attempts=int(record.get("attempts", 0)) + 1,
+        state=RunState.RUNNING,
+        attempts=record.attempts + 1,
         resumed_from_step=restored[1] if restored else 0,
         error=None,
     )
@@ -204,11 +209,11 @@ def _execute_locked(runtime: Runtime, run_id: str, progress: ProgressSink) -> di
         result = _train(runtime, run_id, record, work_dir, restored[0] if restored else None, progress)
     except (InvalidInput, FailedPrecondition, NotFound) as exc:
         # Retrying cannot help: the run fails with a message a person can act on.
-        runs.update(run_id, state=RunState.FAILED.value, error=str(exc))
+        runs.update(run_id, state=RunState.FAILED, error=str(exc))
         runs.mirror(run_id)
         raise
     if result.cancelled:
-        runs.update(run_id, state=RunState.CANCELLED.value, step=result.steps)
+        runs.update(run_id, state=RunState.CANCELLED, step=result.steps)
         runs.mirror(run_id)
         return runs.get(run_id)
     metrics = {
@@ -220,23 +225,23 @@ def _execute_locked(runtime: Runtime, run_id: str, progress: ProgressSink) -> di
         "wall_seconds": result.wall_seconds,
         **result.details,
     }
-    recipe = record["recipe"]
+    recipe = dict(record.recipe or {})
     model = publish_model(
         runtime.store,
         run_id,
         result.adapter_dir,
         {
-            "kind": record["kind"],
+            "kind": record.kind,
             "run_id": run_id,
             "base_model": recipe["model"]["path"],
             "recipe": recipe,
-            "dataset_id": record["dataset_id"],
-            "dataset_kind": record["dataset_kind"],
-            "init_version": record.get("init_version"),
+            "dataset_id": record.dataset_id,
+            "dataset_kind": record.dataset_kind,
+            "init_version": record.init_version,
             "metrics": metrics,
         },
     )
-    runs.update(run_id, state=RunState.SUCCEEDED.value, model_version=model["version"], metrics=metrics)
+    runs.update(run_id, state=RunState.SUCCEEDED, model_version=model["version"], metrics=metrics)
     runs.mirror(run_id)
     shutil.rmtree(work_dir, ignore_errors=True)
     return runs.get(run_id)
@@ -245,13 +250,16 @@ def _execute_locked(runtime: Runtime, run_id: str, progress: ProgressSink) -> di
 def _train(
     runtime: Runtime,
     run_id: str,
-    record: dict[str, Any],
+    record: RunRecord,
     work_dir: Path,
     resume_from: Path | None,
     progress: ProgressSink,
 ) -> TrainResult:
-    recipe = Recipe(**record["recipe"])
-    records = dataset_records(runtime.store, dataset_manifest(runtime.store, record["dataset_id"]))
+    if record.recipe is None or record.dataset_id is None:
+        raise FailedPrecondition(f"run {run_id} is a {record.kind} run, not a training run")
+    recipe = Recipe(**record.recipe)
+    check_not_withdrawn(runtime.store, record.dataset_id)  # A run queued before its dataset was withdrawn.
+    records = dataset_records(runtime.store, dataset_manifest(runtime.store, record.dataset_id))
 
     def report(p: Progress) -> None:
         if p.loss is not None:
@@ -275,7 +283,7 @@ def _train(
     def cancelled() -> bool:
         return runtime.runs.cancel_requested(run_id)
 
-    init = record.get("init_version")
+    init = record.init_version
     init_dir = download_adapter(runtime.store, init, work_dir / "init-adapter") if init else None
     options = runtime.settings.trainer
     processes = options.launch_processes or (torch.cuda.device_count() if torch.cuda.device_count() > 1 else 0)

@@ -12,6 +12,7 @@ from emili_core.grpc_server import ServiceApp, serve_forever
 from emili_core.logs import configure_logging
 from emili_core.settings import load_settings
 from emili_core.tasks import create_celery_app
+from emili_trainer.engine import TrainerEngine
 from emili_trainer.jobs import Runtime, build_runtime
 from emili_trainer.servicer import TrainerServicer
 from emili_trainer.settings import TrainerSettings
@@ -32,7 +33,7 @@ def build_app(settings: TrainerSettings) -> ServiceApp:
         celery.send_task(task, args=[run_id])
 
     def register(server: grpc.aio.Server) -> None:
-        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(current, enqueue), server)
+        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(TrainerEngine(current, enqueue)), server)
 
     async def startup() -> None:
         runtime = await asyncio.to_thread(build_runtime, settings)

@@ -122,6 +122,14 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         raise InvalidInput(f"{source} is not a valid recipe: {exc}") from exc
 
 
+def shipped_recipe_text(name: str) -> str:
+    """The YAML text of a recipe shipped with the trainer (names only: a caller never reads the server's files)."""
+    shipped = shipped_recipes()
+    if name not in shipped:
+        raise NotFound(f"no shipped recipe {name!r}; shipped: {', '.join(sorted(shipped))}")
+    return shipped[name].read_text(encoding="utf-8")
+
+
 def load_recipe(name_or_path: str) -> Recipe:
     """A shipped recipe by name, or a YAML file by path."""
     shipped = shipped_recipes()

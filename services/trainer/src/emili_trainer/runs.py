@@ -8,6 +8,9 @@
 * Cancellation is a flag the training loop checks after every optimiser step.
 * Checkpoints are copied to ``runs/<id>/checkpoints/<step>/``; ``runs/<id>/checkpoint.json`` names the last
   complete one and is written only after all its files are, so a half-uploaded checkpoint is never used.
+
+Code reads and writes records as :class:`RunRecord`; the stored form (one JSON value per hash field, the same
+object in run.json) is what :meth:`RunRecord.to_json` gives and :meth:`RunRecord.from_json` reads.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import redis
 
@@ -41,6 +45,128 @@ class RunState(enum.StrEnum):
 
 
 FINAL_STATES = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED})
+RunKind = Literal["sft", "dpo", "eval"]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run as stored: its request, its live progress and its outcome.
+
+    Fields that belong to one kind of run (the recipe and dataset of training runs, the arms and contexts of
+    evaluations) are None for the other kind, and None fields are left out of the stored form. Keys this class
+    does not know are kept in ``extra`` and written back unchanged, so records written by another version of the
+    trainer survive being read and mirrored by this one.
+    """
+
+    run_id: str
+    kind: RunKind
+    state: RunState = RunState.QUEUED
+    attempts: int = 0  # Times a worker started it (more than 1: resumed after a worker died).
+    created_ms: int = 0
+    updated_ms: int = 0
+    # Training runs.
+    recipe: Mapping[str, Any] | None = None  # The recipe as a dict (Recipe.to_dict()).
+    recipe_source: str | None = None  # The recipe's name, or where its YAML came from.
+    dataset_id: str | None = None
+    dataset_kind: str | None = None
+    init_version: str | None = None  # The adapter a DPO run starts from; None: the base model.
+    # Live progress (evaluations count answered contexts as steps).
+    step: int = 0
+    total: int = 0
+    epoch: float | None = None
+    loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    tokens_seen: int | None = None
+    resumed_from_step: int = 0
+    # Outcome.
+    model_version: str | None = None  # Training runs that succeeded.
+    error: str | None = None  # Why the run failed.
+    metrics: Mapping[str, Any] | None = None  # Final training metrics, or the evaluation's summary.
+    report_prefix: str | None = None  # Evaluations that succeeded (bucket models).
+    # Evaluation runs.
+    arms: tuple[str, ...] | None = None
+    max_examples: int | None = None
+    session_ids: tuple[str, ...] | None = None
+    rating_session_ids: tuple[str, ...] | None = None  # None: every recorded session.
+    delta_table: Mapping[str, Any] | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    note: str | None = None  # Why this copy of a job did nothing; never stored.
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored form, with ``note`` when there is one (a job's result, not a record to store)."""
+        out = dict(self.extra)
+        for name in _FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = _plain(value)
+        if self.note is not None:
+            out["note"] = self.note
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunRecord:
+        """Reads every record written so far; a missing or null field takes its default."""
+        if data.get("kind") not in get_args(RunKind):
+            raise ValueError(f"run {data.get('run_id')!r} has an unknown kind {data.get('kind')!r}")
+        values: dict[str, Any] = {name: _PARSE[name](data[name]) for name in _FIELDS if data.get(name) is not None}
+        extra = {k: v for k, v in data.items() if k not in _FIELDS and k != "note"}
+        return cls(**values, extra=extra)
+
+    def with_note(self, note: str) -> RunRecord:
+        return replace(self, note=note)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, RunState):
+        return value.value
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
+
+
+def _strings(values: Sequence[Any]) -> tuple[str, ...]:
+    return tuple(str(v) for v in values)
+
+
+_PARSE: dict[str, Any] = {
+    "run_id": str,
+    "kind": str,
+    "state": RunState,
+    "attempts": int,
+    "created_ms": int,
+    "updated_ms": int,
+    "recipe": dict,
+    "recipe_source": str,
+    "dataset_id": str,
+    "dataset_kind": str,
+    "init_version": str,
+    "step": int,
+    "total": int,
+    "epoch": float,
+    "loss": float,
+    "learning_rate": float,
+    "tokens_per_second": float,
+    "tokens_seen": int,
+    "resumed_from_step": int,
+    "model_version": str,
+    "error": str,
+    "metrics": dict,
+    "report_prefix": str,
+    "arms": _strings,
+    "max_examples": int,
+    "session_ids": _strings,
+    "rating_session_ids": _strings,
+    "delta_table": dict,
+}
+_FIELDS = tuple(f.name for f in fields(RunRecord) if f.name not in ("extra", "note"))
+assert set(_PARSE) == set(_FIELDS), "every stored field needs a parser"
 
 
 class RunLocked(FailedPrecondition):
@@ -67,30 +193,37 @@ class RunStore:
 
     # --- the record ----------------------------------------------------------------------------------------
 
-    def create(self, run_id: str, record: dict[str, Any]) -> bool:
+    def create(self, record: RunRecord) -> bool:
         """Store a new run's record; False (and nothing changed) when the run already exists."""
-        fields = _encode({**record, "run_id": run_id, "created_ms": _now_ms()})
-        if not self.redis.hsetnx(_key("run", run_id), "run_id", fields["run_id"]):
+        run_id = record.run_id
+        stored = replace(record, created_ms=_now_ms(), note=None).to_json()
+        encoded = _encode(stored)
+        if not self.redis.hsetnx(_key("run", run_id), "run_id", encoded["run_id"]):
             return False
-        self.redis.hset(_key("run", run_id), mapping=fields)
+        self.redis.hset(_key("run", run_id), mapping=encoded)
         self.redis.sadd("emili:trainer:runs", run_id)
         self.mirror(run_id)
         return True
 
-    def get(self, run_id: str) -> dict[str, Any]:
+    def get(self, run_id: str) -> RunRecord:
         raw = self.redis.hgetall(_key("run", run_id))
         if raw:
-            return {_text(k): json.loads(v) for k, v in raw.items()}
+            return RunRecord.from_json({_text(k): json.loads(v) for k, v in raw.items()})
         try:
-            return dict(self.objects.get_json(Bucket.MODELS, f"{run_prefix(run_id)}/run.json"))
+            return RunRecord.from_json(self.objects.get_json(Bucket.MODELS, f"{run_prefix(run_id)}/run.json"))
         except NotFound:
             raise NotFound(f"no run {run_id!r}") from None
 
-    def update(self, run_id: str, **fields: Any) -> None:
-        self.redis.hset(_key("run", run_id), mapping=_encode({**fields, "updated_ms": _now_ms()}))
+    def update(self, run_id: str, **changes: Any) -> None:
+        """Set some fields of the record (names and values as in :class:`RunRecord`; None clears a field)."""
+        unknown = set(changes) - set(_FIELDS)
+        if unknown:
+            raise ValueError(f"run records have no field {', '.join(sorted(unknown))}")
+        values = {name: _plain(value) for name, value in changes.items()}
+        self.redis.hset(_key("run", run_id), mapping=_encode({**values, "updated_ms": _now_ms()}))
 
     def mirror(self, run_id: str) -> None:
-        self.objects.put_json(Bucket.MODELS, f"{run_prefix(run_id)}/run.json", self.get(run_id))
+        self.objects.put_json(Bucket.MODELS, f"{run_prefix(run_id)}/run.json", self.get(run_id).to_json())
 
     def list_ids(self) -> list[str]:
         return sorted(_text(m) for m in self.redis.smembers("emili:trainer:runs"))

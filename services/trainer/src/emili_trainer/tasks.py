@@ -15,6 +15,7 @@ from emili_core.settings import load_settings
 from emili_core.tasks import idempotent_task
 from emili_trainer import jobs
 from emili_trainer.metrics import TRAINING
+from emili_trainer.runs import RunState
 from emili_trainer.settings import TrainerSettings
 from emili_trainer.training import Progress
 
@@ -34,14 +35,14 @@ def _reporter(task: Any, run_id: str) -> jobs.ProgressSink:
 
 @idempotent_task("trainer.train")
 def train(self: Any, run_id: str) -> dict[str, Any]:
-    return jobs.execute_run(runtime(), run_id, _reporter(self, run_id))
+    return jobs.execute_run(runtime(), run_id, _reporter(self, run_id)).to_json()
 
 
 @idempotent_task("trainer.evaluate")
 def evaluate(self: Any, run_id: str, delta_table: dict[str, Any] | None = None) -> dict[str, Any]:
     from emili_trainer.evaluation import job
 
-    return job.execute_evaluation(runtime(), run_id, delta_table, _reporter(self, run_id))
+    return job.execute_evaluation(runtime(), run_id, delta_table, _reporter(self, run_id)).to_json()
 
 
 def enqueue_orphans() -> list[str]:
@@ -50,7 +51,7 @@ def enqueue_orphans() -> list[str]:
     which time a dead worker's lock has expired; a copy that finds the run busy (its worker is alive) or done
     does nothing."""
     rt = runtime()
-    orphans = [run_id for run_id in rt.runs.list_ids() if rt.runs.get(run_id)["state"] == "running"]
+    orphans = [run_id for run_id in rt.runs.list_ids() if rt.runs.get(run_id).state == RunState.RUNNING]
     delay = rt.settings.trainer.lock_ttl_seconds + 1
     for run_id in orphans:
         task = "trainer.evaluate" if run_id.startswith("eval-") else "trainer.train"
@@ -58,13 +59,13 @@ def enqueue_orphans() -> list[str]:
     return orphans
 
 
-# --- pipeline steps (emili_pipeline): train or evaluate here, inline, so the chain goes on when the run ends ---
+# --- pipeline steps (pipeline_steps): train or evaluate here, inline, so the chain goes on when the run ends ---
 
 
 @idempotent_task("trainer.pipeline_sft")
 def pipeline_sft(self: Any, state: dict[str, Any]) -> dict[str, Any]:
-    from emili_pipeline import steps
     from emili_pipeline.pipeline import run_step_task
+    from emili_trainer import pipeline_steps as steps
 
     rt = runtime()
     return run_step_task(
@@ -74,8 +75,8 @@ def pipeline_sft(self: Any, state: dict[str, Any]) -> dict[str, Any]:
 
 @idempotent_task("trainer.pipeline_dpo")
 def pipeline_dpo(self: Any, state: dict[str, Any]) -> dict[str, Any]:
-    from emili_pipeline import steps
     from emili_pipeline.pipeline import run_step_task
+    from emili_trainer import pipeline_steps as steps
 
     rt = runtime()
     return run_step_task(
@@ -85,8 +86,8 @@ def pipeline_dpo(self: Any, state: dict[str, Any]) -> dict[str, Any]:
 
 @idempotent_task("trainer.pipeline_evaluate")
 def pipeline_evaluate(self: Any, state: dict[str, Any]) -> dict[str, Any]:
-    from emili_pipeline import steps
     from emili_pipeline.pipeline import run_step_task
+    from emili_trainer import pipeline_steps as steps
 
     rt = runtime()
     return run_step_task(

@@ -32,9 +32,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from emili_pipeline.simulator.state import EmotionState, UserTraits
-
-# The FER model's class order (FER2013 ids 0..6).
-FER_CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+from emili_session.emotions import EMOTIONS
 
 FACE_PROTOTYPES: dict[str, tuple[float, float, float]] = {
     "angry": (-0.6, 0.6, 0.4),
@@ -45,8 +43,8 @@ FACE_PROTOTYPES: dict[str, tuple[float, float, float]] = {
     "surprise": (0.3, 0.8, 0.0),
     "neutral": (0.0, 0.0, 0.0),
 }
-_PROTOTYPES = np.array([FACE_PROTOTYPES[c] for c in FER_CLASSES])
-_NEUTRAL = FER_CLASSES.index("neutral")
+_PROTOTYPES = np.array([FACE_PROTOTYPES[c] for c in EMOTIONS])
+_NEUTRAL = EMOTIONS.index("neutral")
 _ALIASES = {
     "anger": "angry",
     "disgusted": "disgust",
@@ -78,7 +76,7 @@ class Reading:
 
 
 def expression_mean(state: EmotionState, traits: UserTraits, params: FaceModelSettings) -> np.ndarray:
-    """The expected FER probabilities (FER_CLASSES order) for a user in ``state``."""
+    """The expected FER probabilities (EMOTIONS order) for a user in ``state``."""
     shown = np.clip(traits.expressiveness * state.vector(), -1.0, 1.0)
     logits = -np.sum((_PROTOTYPES - shown) ** 2, axis=1) / (2 * params.width**2) + np.array(traits.resting_face)
     logits[_NEUTRAL] += params.neutral_prior
@@ -94,20 +92,20 @@ def sample_reading(
     mean = expression_mean(state, traits, params)
     drawn = np.maximum(rng.dirichlet(params.concentration * mean + 1e-3), 1e-4)
     drawn /= drawn.sum()
-    return Reading(True, {c: float(p) for c, p in zip(FER_CLASSES, drawn, strict=True)})
+    return Reading(True, {c: float(p) for c, p in zip(EMOTIONS, drawn, strict=True)})
 
 
 def target_class(state: EmotionState, traits: UserTraits, params: FaceModelSettings, rng: np.random.Generator) -> str:
     """The FER class whose image the user's face shows now, drawn from the expression mean."""
     mean = expression_mean(state, traits, params)
-    return FER_CLASSES[int(rng.choice(len(FER_CLASSES), p=mean))]
+    return EMOTIONS[int(rng.choice(len(EMOTIONS), p=mean))]
 
 
 def class_name(name: str) -> str | None:
     """A folder name as a FER class, or None if it names none."""
     lowered = name.strip().lower()
     lowered = _ALIASES.get(lowered, lowered)
-    return lowered if lowered in FER_CLASSES else None
+    return lowered if lowered in EMOTIONS else None
 
 
 class FaceSet:
@@ -118,12 +116,12 @@ class FaceSet:
         self.images = {c: v for c, v in images.items() if len(v)}
         self.params = params
         if not self.images:
-            raise ValueError(f"{source}: no face images found for any of {', '.join(FER_CLASSES)}")
+            raise ValueError(f"{source}: no face images found for any of {', '.join(EMOTIONS)}")
 
     def counts(self) -> dict[str, int]:
         return {c: len(v) for c, v in self.images.items()}
 
-    def pick(self, wanted: str, rng: np.random.Generator, order: Sequence[str] = FER_CLASSES) -> tuple[str, bytes]:
+    def pick(self, wanted: str, rng: np.random.Generator, order: Sequence[str] = EMOTIONS) -> tuple[str, bytes]:
         """A random image of class ``wanted``; without one, of the first class in ``order`` that has some."""
         label = wanted if wanted in self.images else next(c for c in order if c in self.images)
         pool = self.images[label]
@@ -159,7 +157,7 @@ def _from_npz(path: Path, params: FaceModelSettings) -> FaceSet:
         crops, labels = np.asarray(data["images"]), np.asarray(data["labels"])
     if crops.ndim != 3 or crops.dtype != np.uint8 or len(crops) != len(labels):
         raise ValueError(f"{path}: expected images (N, H, W) uint8 and labels (N,)")
-    return FaceSet(str(path), {c: crops[labels == i] for i, c in enumerate(FER_CLASSES)}, params)
+    return FaceSet(str(path), {c: crops[labels == i] for i, c in enumerate(EMOTIONS)}, params)
 
 
 def load_face_set(path: Path, params: FaceModelSettings | None = None) -> FaceSet:

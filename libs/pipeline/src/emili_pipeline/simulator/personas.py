@@ -6,7 +6,7 @@ Sources, chosen by a spec string (:func:`load_personas`):
 * a path to a JSON or YAML file in the same shape (``{"personas": [...]}`` or a bare list);
 * ``ed:PATH`` — EmpatheticDialogues conversations (a CSV file, or a folder whose ``valid.csv`` is used):
   the emotion label and situation of each conversation, and the speaker's turns as the user's lines.
-  Parsed with the labeler's loader (``emili_labeler.empathetic.load_dialogues``) so malformed rows are
+  Parsed with the shared loader (``emili_affect.empathetic.load_dialogues``) so malformed rows are
   skipped exactly as the labeler skips them. ED is CC BY-NC: it is read by path, never shipped.
 """
 
@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, field_validator
 
+from emili_affect.empathetic import load_dialogues
 from emili_pipeline.simulator.state import EMOTION_VAD
 
 BUILTIN = "builtin"
@@ -74,11 +75,6 @@ def personas_from_file(path: Path) -> list[Persona]:
 
 def personas_from_empathetic_dialogues(path: Path, limit: int | None = None) -> list[Persona]:
     """One persona per conversation, in the loader's (conv_id) order; the speaker's turns are the lines."""
-    try:
-        from emili_labeler.empathetic import load_dialogues  # A heavier import, only needed for this source.
-    except ImportError as exc:
-        raise ValueError("EmpatheticDialogues personas need the emili-labeler package") from exc
-
     csv_path = path / "valid.csv" if path.is_dir() else path
     dialogues, _ = load_dialogues(csv_path)
     personas = []

@@ -34,6 +34,7 @@ from emili_pipeline.simulator.faces import FaceModelSettings, FaceSet, load_face
 from emili_pipeline.simulator.personas import Persona
 from emili_pipeline.simulator.state import ReplyScorer, StateModelSettings, reply_quality
 from emili_pipeline.simulator.user import SimulatedUser
+from emili_session.events import EventKind
 
 log = logging.getLogger(__name__)
 
@@ -400,9 +401,9 @@ def lost_events(outcome: SessionOutcome, events: Iterable[Mapping[str, Any]]) ->
     :func:`transcript_events`): user messages by event id, assistant turns by turn id."""
     user_ids, turn_ids = set(), set()
     for event in events:
-        if event.get("kind") == "user_message":
+        if event.get("kind") == EventKind.USER_MESSAGE:
             user_ids.add(event.get("event_id"))
-        elif event.get("kind") == "assistant_message":
+        elif event.get("kind") == EventKind.ASSISTANT_MESSAGE:
             turn_ids.add(event.get("turn_id"))
     missing = [f"user_message {i}" for i in outcome.accepted_event_ids if i not in user_ids]
     return missing + [f"assistant_message {t}" for t in outcome.assistant_turn_ids if t not in turn_ids]

@@ -185,7 +185,7 @@ class EmotionState:
 class UserTraits:
     expressiveness: float
     sensitivity: float
-    resting_face: tuple[float, ...]  # Logit bias per FER class, in faces.FER_CLASSES order.
+    resting_face: tuple[float, ...]  # Logit bias per FER class, in emili_session.emotions.EMOTIONS order.
 
     @classmethod
     def draw(cls, rng: np.random.Generator, params: StateModelSettings) -> UserTraits:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 
 from emili_pipeline.simulator.faces import (
-    FER_CLASSES,
     FaceModelSettings,
     FaceSet,
     Reading,
@@ -29,6 +28,7 @@ from emili_pipeline.simulator.state import (
     reply_quality,
 )
 from emili_pipeline.simulator.surveys import Ratings, SurveyAnswers, post_survey, pre_survey, ratings
+from emili_session.emotions import EMOTIONS
 
 # Said once the persona's own lines run out, by how the chat is going.
 FOLLOW_UPS = {
@@ -84,7 +84,7 @@ class SimulatedUser:
         """A face image of a class drawn from the expression mean (the likeliest classes stand in for a missing one)."""
         mean = expression_mean(self.state.current, self.traits, self.face_model)
         wanted = target_class(self.state.current, self.traits, self.face_model, self.face_rng)
-        order = [FER_CLASSES[i] for i in np.argsort(-mean)]
+        order = [EMOTIONS[i] for i in np.argsort(-mean)]
         return faces.pick(wanted, self.face_rng, order)
 
     def pre_survey(self) -> SurveyAnswers:

@@ -91,7 +91,7 @@ def eval_replies(
     artifacts_dir: Path | None = None,
 ) -> dict[str, Any]:
     """reply_metrics of a replies file, with the Warriner norms and MiniLM from the artifacts folder when present."""
-    from emili_labeler.vad import SentenceTransformerEmbedder, load_lexicon
+    from emili_affect.vad import SentenceTransformerEmbedder, load_lexicon
     from emili_trainer.evaluation.intensity import load_emotion_intensity
 
     rows = read_reply_rows(replies)

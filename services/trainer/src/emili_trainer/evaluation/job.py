@@ -16,7 +16,8 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,15 @@ from emili_core.errors import FailedPrecondition, InvalidInput, NotFound
 from emili_core.keys import run_prefix
 from emili_core.objectstore import Bucket
 from emili_core.records import load_session, recorded_sessions
+from emili_session.conversation import conversation_messages, system_prompt_of
+from emili_session.events import Rating, payloads_of
+from emili_session.registry import download_adapter, registered_model
 from emili_trainer import jobs
 from emili_trainer.evaluation.metrics import ReplyRow, reference_perplexity, reply_metrics, word_counts
 from emili_trainer.evaluation.mmlu import run_mmlu
 from emili_trainer.evaluation.report import build_report, render_markdown, render_plots
 from emili_trainer.recipes import load_recipe
-from emili_trainer.runs import FINAL_STATES, RunLocked, RunState
+from emili_trainer.runs import RunLocked, RunRecord, RunState
 from emili_trainer.training import Progress, load_base_model
 
 log = logging.getLogger(__name__)
@@ -56,10 +60,10 @@ def start_evaluation(
     session_ids: Sequence[str] = (),
     rating_session_ids: Sequence[str] | None = None,
     delta_table: dict[str, Any] | None = None,
-) -> tuple[dict[str, Any], bool]:
+) -> tuple[RunRecord, bool]:
     arms = [BASE, *sorted({v for v in versions if v and v != BASE})]
     for arm in arms[1:]:
-        jobs.registered_model(runtime.store, arm)  # NotFound names the version.
+        registered_model(runtime.store, arm)  # NotFound names the version.
     limit = max_examples or DEFAULT_MAX_EXAMPLES
     if limit < 1:
         raise InvalidInput(f"max_examples must be positive, not {limit}")
@@ -70,9 +74,16 @@ def start_evaluation(
         "rating_session_ids": sorted(rating_session_ids) if rating_session_ids is not None else None,
         "delta_table": delta_table,
     }
-    run_id = f"eval-{_digest(request)[:16]}"
-    record = {"kind": "eval", "state": RunState.QUEUED.value, **request, "attempts": 0}
-    return jobs.create_or_requeue(runtime, run_id, record)
+    record = RunRecord(
+        run_id=f"eval-{_digest(request)[:16]}",  # The request dict's digest: ids of earlier runs stay the same.
+        kind="eval",
+        arms=tuple(arms),
+        max_examples=limit,
+        session_ids=tuple(sorted(session_ids)),
+        rating_session_ids=tuple(sorted(rating_session_ids)) if rating_session_ids is not None else None,
+        delta_table=delta_table,
+    )
+    return jobs.create_or_requeue(runtime, record)
 
 
 # --- contexts ------------------------------------------------------------------------------------------------
@@ -82,7 +93,7 @@ def empathetic_rows(folder: Path | None, limit: int) -> list[ReplyRow]:
     """The first ``limit`` test dialogues (by conv_id): context before the last listener reply, and that reply."""
     if folder is None:
         return []
-    from emili_labeler.empathetic import load_dialogues
+    from emili_affect.empathetic import load_dialogues
 
     path = Path(folder) / "test.csv"
     if not path.is_file():
@@ -94,9 +105,6 @@ def empathetic_rows(folder: Path | None, limit: int) -> list[ReplyRow]:
 
 def session_rows(runtime: jobs.Runtime, session_ids: Sequence[str], limit: int) -> list[ReplyRow]:
     """Each prompted assistant turn of the held-out sessions: what the model saw, and the reply it gave."""
-    from emili_labeler.datasets import conversation_messages
-    from emili_labeler.jobs import system_prompt_of
-
     rows: list[ReplyRow] = []
     for session_id in session_ids:
         _, events = load_session(runtime.store, session_id)
@@ -111,7 +119,8 @@ def session_rows(runtime: jobs.Runtime, session_ids: Sequence[str], limit: int) 
 
 
 def session_ratings(runtime: jobs.Runtime, session_ids: Sequence[str] | None) -> list[dict[str, Any]]:
-    """Every rating submitted through the chat API, with the arm of its session (Table 1's input)."""
+    """The rating of each session (the last one submitted: a resubmission replaces it), with its arm (Table 1's
+    input)."""
     ratings = []
     for session_id in session_ids if session_ids is not None else recorded_sessions(runtime.store):
         try:
@@ -119,10 +128,12 @@ def session_ratings(runtime: jobs.Runtime, session_ids: Sequence[str] | None) ->
         except NotFound:
             continue
         arm = str(manifest.get("model_arm") or BASE)
-        for event in events:
-            if event.get("kind") == "rating":
-                payload = event.get("payload", event)
-                ratings.append({"model_arm": arm, **{k: payload[k] for k in ("empathy", "relevance", "fluency")}})
+        submitted = list(payloads_of(events, Rating))
+        if submitted:
+            rating = submitted[-1]
+            ratings.append(
+                {"model_arm": arm, "empathy": rating.empathy, "relevance": rating.relevance, "fluency": rating.fluency}
+            )
     return ratings
 
 
@@ -170,34 +181,34 @@ def execute_evaluation(
     run_id: str,
     delta_table: dict[str, Any] | None = None,
     progress: jobs.ProgressSink = lambda p: None,
-) -> dict[str, Any]:
+) -> RunRecord:
     record = runtime.runs.get(run_id)
-    if record["state"] in FINAL_STATES:
+    if record.final:
         return record
     try:
         with runtime.runs.lock(run_id):
             return _evaluate_locked(runtime, run_id, delta_table, progress)
     except RunLocked as exc:
-        return {**runtime.runs.get(run_id), "note": str(exc)}
+        return runtime.runs.get(run_id).with_note(str(exc))
 
 
 def _evaluate_locked(
     runtime: jobs.Runtime, run_id: str, delta_table: dict[str, Any] | None, progress: jobs.ProgressSink
-) -> dict[str, Any]:
+) -> RunRecord:
     runs = runtime.runs
     record = runs.get(run_id)
-    if record["state"] in FINAL_STATES:
+    if record.final:
         return record
-    runs.update(run_id, state=RunState.RUNNING.value, attempts=int(record.get("attempts", 0)) + 1)
+    runs.update(run_id, state=RunState.RUNNING, attempts=record.attempts + 1)
     runs.mirror(run_id)
     try:
-        report = _evaluate(runtime, run_id, record, delta_table or record.get("delta_table"), progress)
+        report = _evaluate(runtime, run_id, record, delta_table or record.delta_table, progress)
     except (InvalidInput, FailedPrecondition, NotFound) as exc:
-        runs.update(run_id, state=RunState.FAILED.value, error=str(exc))
+        runs.update(run_id, state=RunState.FAILED, error=str(exc))
         runs.mirror(run_id)
         raise
     summary = {arm: {k: m.get(k) for k in ("n", "bleu", "distinct_2")} for arm, m in report["reply_metrics"].items()}
-    runs.update(run_id, state=RunState.SUCCEEDED.value, report_prefix=report_prefix(run_id), metrics=summary)
+    runs.update(run_id, state=RunState.SUCCEEDED, report_prefix=report_prefix(run_id), metrics=summary)
     runs.mirror(run_id)
     return runs.get(run_id)
 
@@ -207,7 +218,7 @@ def report_prefix(run_id: str) -> str:
 
 
 def _load_arms(runtime: jobs.Runtime, arms: Sequence[str], work: Path) -> tuple[PreTrainedTokenizerBase, Any]:
-    manifests = [jobs.registered_model(runtime.store, arm) for arm in arms if arm != BASE]
+    manifests = [registered_model(runtime.store, arm) for arm in arms if arm != BASE]
     bases = {m["base_model"] for m in manifests}
     if len(bases) > 1:
         raise InvalidInput(f"the arms were trained on different base models ({sorted(bases)}); compare one base")
@@ -222,7 +233,7 @@ def _load_arms(runtime: jobs.Runtime, arms: Sequence[str], work: Path) -> tuple[
         model.to(torch.device("cuda"))  # type: ignore[arg-type]  # functools.wraps hides to()'s signature.
     peft: Any = model
     for manifest in manifests:
-        folder = jobs.download_adapter(runtime.store, manifest["version"], work / manifest["version"])
+        folder = download_adapter(runtime.store, manifest["version"], work / manifest["version"])
         if isinstance(peft, PeftModel):
             peft.load_adapter(str(folder), adapter_name=manifest["version"])
         else:
@@ -234,22 +245,24 @@ def _load_arms(runtime: jobs.Runtime, arms: Sequence[str], work: Path) -> tuple[
 def _evaluate(
     runtime: jobs.Runtime,
     run_id: str,
-    record: dict[str, Any],
-    delta_table: dict[str, Any] | None,
+    record: RunRecord,
+    delta_table: Mapping[str, Any] | None,
     progress: jobs.ProgressSink,
 ) -> dict[str, Any]:
+    if record.arms is None or record.max_examples is None:
+        raise FailedPrecondition(f"run {run_id} is a {record.kind} run, not an evaluation")
     options = runtime.settings.trainer
-    limit = int(record["max_examples"])
+    limit = record.max_examples
     sources = {
         "empathetic": empathetic_rows(options.empathetic_dialogues, limit),
-        "sessions": session_rows(runtime, record["session_ids"], limit),
+        "sessions": session_rows(runtime, record.session_ids or (), limit),
     }
     sources = {name: rows for name, rows in sources.items() if rows}
     if not sources:
         raise FailedPrecondition(
             "no evaluation contexts: set EMILI_TRAINER__EMPATHETIC_DIALOGUES or pass held-out session ids"
         )
-    arms: list[str] = record["arms"]
+    arms = list(record.arms)
     total = len(arms) * sum(len(rows) for rows in sources.values())
     done, started = 0, time.perf_counter()
     embed, lexicon = _scorers(runtime)
@@ -280,7 +293,7 @@ def _evaluate(
     report = build_report(
         {
             "title": f"EMILI evaluation {run_id}: {' vs '.join(arms)}",
-            "ratings": session_ratings(runtime, record.get("rating_session_ids")),
+            "ratings": session_ratings(runtime, record.rating_session_ids),
             "delta_table": delta_table,
             "reply_metrics": reply_results,
             "perplexity": perplexity,
@@ -303,7 +316,7 @@ def _mmlu(model: Any, tokenizer: Any, arms: Sequence[str], path: Path) -> dict[s
 
 
 def _scorers(runtime: jobs.Runtime) -> tuple[Any, Any]:
-    from emili_labeler.vad import SentenceTransformerEmbedder, load_lexicon
+    from emili_affect.vad import SentenceTransformerEmbedder, load_lexicon
 
     options = runtime.settings.trainer
     embed_dir = runtime.settings.artifact(options.embedding_model)
@@ -323,16 +336,23 @@ def _publish_report(runtime: jobs.Runtime, run_id: str, report: dict[str, Any]) 
         runtime.store.put_folder(Bucket.MODELS, prefix, folder)
 
 
-def load_report(runtime: jobs.Runtime, run_id: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Report:
+    markdown: str  # report.md
+    report: dict[str, Any]  # report.json
+    plot_keys: tuple[str, ...]  # The PNG plots (bucket models).
+
+
+def load_report(runtime: jobs.Runtime, run_id: str) -> Report:
     """report.md, report.json and the plot keys of a finished evaluation run."""
     record = runtime.runs.get(run_id)
-    if record.get("kind") != "eval":
-        raise InvalidInput(f"run {run_id} is a {record.get('kind')} run, not an evaluation")
-    if record["state"] != RunState.SUCCEEDED:
-        raise FailedPrecondition(f"evaluation {run_id} is {record['state']}; its report exists once it succeeds")
+    if record.kind != "eval":
+        raise InvalidInput(f"run {run_id} is a {record.kind} run, not an evaluation")
+    if record.state != RunState.SUCCEEDED:
+        raise FailedPrecondition(f"evaluation {run_id} is {record.state}; its report exists once it succeeds")
     prefix = report_prefix(run_id)
-    return {
-        "markdown": runtime.store.get_bytes(Bucket.MODELS, f"{prefix}/report.md").decode(),
-        "report": runtime.store.get_json(Bucket.MODELS, f"{prefix}/report.json"),
-        "plot_keys": [k for k in runtime.store.list_keys(Bucket.MODELS, f"{prefix}/plots/") if k.endswith(".png")],
-    }
+    return Report(
+        markdown=runtime.store.get_bytes(Bucket.MODELS, f"{prefix}/report.md").decode(),
+        report=dict(runtime.store.get_json(Bucket.MODELS, f"{prefix}/report.json")),
+        plot_keys=tuple(k for k in runtime.store.list_keys(Bucket.MODELS, f"{prefix}/plots/") if k.endswith(".png")),
+    )

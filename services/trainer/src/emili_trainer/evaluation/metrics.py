@@ -2,7 +2,7 @@
 
 Every metric is computed over rows of (context, reply, reference). A context is a plain string (one user
 message) or a list of ``{"role", "content"}`` chat messages. Words, wherever a metric counts them, are the
-labeler's raw tokens (:func:`emili_labeler.vad.raw_tokens`): NFKC, lowercased, runs of letters or digits
+VAD tokenizer's raw tokens (:func:`emili_affect.vad.raw_tokens`): NFKC, lowercased, runs of letters or digits
 with inner apostrophes or hyphens; punctuation and emoji are dropped. Undefined values (no rows, no words)
 are None rather than 0, so an empty run cannot look like a bad one.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import sacrebleu
 
-from emili_labeler.vad import DEFAULT_STOPWORDS, Lexicon, VADScorer, raw_tokens
+from emili_affect.vad import DEFAULT_STOPWORDS, Lexicon, VADScorer, raw_tokens
 from emili_trainer.evaluation.intensity import EmotionIntensity
 
 __all__ = [

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from emili_labeler.gold import bootstrap_ci
+from emili_affect.stats import bootstrap_ci
 
 __all__ = [
     "RATING_DIMENSIONS",

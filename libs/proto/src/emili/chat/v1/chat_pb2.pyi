@@ -225,6 +225,12 @@ Global___CreateSessionResponse: _TypeAlias = CreateSessionResponse  # noqa: Y015
 
 @_typing.final
 class Survey(_message.Message):
+    """Feelings come from the server's configured vocabularies (by default emili_session.surveys: CURRENT_FEELINGS,
+    DESIRED_FEELINGS), matched ignoring case and stored in the vocabulary's spelling, each once; any other word,
+    more than the configured count (12 by default) or a text over the limit (4000 characters by default) is
+    INVALID_ARGUMENT naming the allowed words or the limit.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CURRENT_FEELINGS_FIELD_NUMBER: _builtins.int
@@ -257,6 +263,11 @@ Global___Survey: _TypeAlias = Survey  # noqa: Y015
 
 @_typing.final
 class SubmitPreSurveyRequest(_message.Message):
+    """One pre-survey and one post-survey per session: submitting one again replaces it (the record keeps every
+    submission; readers take the last), at most 10 times each by default (then FAILED_PRECONDITION). Only while the
+    session is active: after EndSession, FAILED_PRECONDITION (its record is being persisted).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
@@ -333,7 +344,10 @@ Global___SubmitPostSurveyResponse: _TypeAlias = SubmitPostSurveyResponse  # noqa
 
 @_typing.final
 class SubmitRatingRequest(_message.Message):
-    """The paper's ratings, each on a 1-5 Likert scale."""
+    """The paper's ratings, each on a 1-5 Likert scale. One rating per session: submitting again replaces it (the
+    record keeps every submission; readers take the last), at most 10 times by default (then FAILED_PRECONDITION).
+    Only while the session is active: after EndSession, FAILED_PRECONDITION; submit it before EndSession.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -350,6 +364,7 @@ class SubmitRatingRequest(_message.Message):
     fluency: _builtins.int
     """Were they clear and easy to understand?"""
     comment: _builtins.str
+    """At most 2000 characters by default (INVALID_ARGUMENT over it)."""
     def __init__(
         self,
         *,
@@ -389,6 +404,7 @@ class UserMessage(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     CLIENT_TIME_MS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
+    """At most 4000 characters by default (INVALID_ARGUMENT over it)."""
     client_time_ms: _builtins.int
     def __init__(
         self,
@@ -479,6 +495,10 @@ Global___FerReading: _TypeAlias = FerReading  # noqa: Y015
 
 @_typing.final
 class ConverseRequest(_message.Message):
+    """Only on an active session: on an ended one (also when EndSession ends it while the stream is open) the stream
+    ends with FAILED_PRECONDITION, so nothing is acknowledged that the session record lacks.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
@@ -689,18 +709,32 @@ Global___EndSessionResponse: _TypeAlias = EndSessionResponse  # noqa: Y015
 
 @_typing.final
 class GetTranscriptRequest(_message.Message):
+    """The event log in pages, oldest first. Follow next_page_token until it is empty."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    page_size: _builtins.int
+    """Events per page: 0 = the server's default (500); more than its maximum (1000) is lowered to it. A page also
+    ends early before its events pass about 1 MiB, so a response stays far below the gRPC message limit.
+    """
+    page_token: _builtins.str
+    """Empty: from the first event. Otherwise a next_page_token from an earlier response (an event id): the page
+    starts after that event.
+    """
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -742,6 +776,9 @@ class GetTranscriptResponse(_message.Message):
 
     SESSION_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty when this page holds the last event."""
     @_builtins.property
     def session(self) -> Global___Session: ...
     @_builtins.property
@@ -751,11 +788,174 @@ class GetTranscriptResponse(_message.Message):
         *,
         session: Global___Session | None = ...,
         events: _abc.Iterable[Global___TranscriptEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTranscriptResponse: _TypeAlias = GetTranscriptResponse  # noqa: Y015
+
+@_typing.final
+class DeletedSession(_message.Message):
+    """What deleting one session removed. The session's id and the deletion time stay in a tombstone
+    (emili-sessions/tombstones/<session>.json), so a job queued before the deletion cannot write its data again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ALREADY_DELETED_FIELD_NUMBER: _builtins.int
+    REDIS_KEYS_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    RECORD_OBJECTS_FIELD_NUMBER: _builtins.int
+    FRAMES_FIELD_NUMBER: _builtins.int
+    TOMBSTONE_KEY_FIELD_NUMBER: _builtins.int
+    DELETED_MS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    already_deleted: _builtins.bool
+    """A tombstone was there: an earlier call deleted it (this one swept again)."""
+    events: _builtins.int
+    """Events in the removed stream."""
+    record_objects: _builtins.int
+    """Session-record objects removed (events.jsonl, fer.jsonl, session.json, fer/...)."""
+    frames: _builtins.int
+    """Objects removed from the frames bucket (face frames, uploaded videos)."""
+    tombstone_key: _builtins.str
+    deleted_ms: _builtins.int
+    @_builtins.property
+    def redis_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Redis keys removed (the session hash, its event stream)."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        already_deleted: _builtins.bool = ...,
+        redis_keys: _abc.Iterable[_builtins.str] | None = ...,
+        events: _builtins.int = ...,
+        record_objects: _builtins.int = ...,
+        frames: _builtins.int = ...,
+        tombstone_key: _builtins.str = ...,
+        deleted_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_deleted", b"already_deleted", "deleted_ms", b"deleted_ms", "events", b"events", "frames", b"frames", "record_objects", b"record_objects", "redis_keys", b"redis_keys", "session_id", b"session_id", "tombstone_key", b"tombstone_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeletedSession: _TypeAlias = DeletedSession  # noqa: Y015
+
+@_typing.final
+class DeleteSessionDataRequest(_message.Message):
+    """Delete one session's data: its Redis hash and event stream, its record and FER readings in object storage, and
+    every stored frame. The session's owner or an admin. Idempotent. Labels and datasets belong to the labeler
+    (labeler.forget_sessions).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    reason: _builtins.str
+    """A short reason for the audit log ("withdrawal", "user request"); no personal content."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSessionDataRequest: _TypeAlias = DeleteSessionDataRequest  # noqa: Y015
+
+@_typing.final
+class DeleteSessionDataResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    AUDIT_KEY_FIELD_NUMBER: _builtins.int
+    audit_key: _builtins.str
+    """The deletion's audit record (bucket sessions, audit/deletions/...)."""
+    @_builtins.property
+    def deleted(self) -> Global___DeletedSession: ...
+    def __init__(
+        self,
+        *,
+        deleted: Global___DeletedSession | None = ...,
+        audit_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_key", b"audit_key", "deleted", b"deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSessionDataResponse: _TypeAlias = DeleteSessionDataResponse  # noqa: Y015
+
+@_typing.final
+class DeleteUserDataRequest(_message.Message):
+    """Delete every session of a user (as DeleteSessionData does for one): those in chat's index of the user's
+    sessions, plus session_ids the caller knows of (e.g. the gateway's records). The user themself or an admin.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    SESSION_IDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The token subject the sessions were created with; empty = the caller."""
+    reason: _builtins.str
+    @_builtins.property
+    def session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Also these sessions; each must be the user's where a record of it is left."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        session_ids: _abc.Iterable[_builtins.str] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "session_ids", b"session_ids", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteUserDataRequest: _TypeAlias = DeleteUserDataRequest  # noqa: Y015
+
+@_typing.final
+class DeleteUserDataResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    AUDIT_KEY_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    audit_key: _builtins.str
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeletedSession]: ...
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        sessions: _abc.Iterable[Global___DeletedSession] | None = ...,
+        audit_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_key", b"audit_key", "sessions", b"sessions", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteUserDataResponse: _TypeAlias = DeleteUserDataResponse  # noqa: Y015

@@ -69,6 +69,16 @@ class ChatServiceStub:
                 request_serializer=emili_dot_chat_dot_v1_dot_chat__pb2.GetTranscriptRequest.SerializeToString,
                 response_deserializer=emili_dot_chat_dot_v1_dot_chat__pb2.GetTranscriptResponse.FromString,
                 _registered_method=True)
+        self.DeleteSessionData = channel.unary_unary(
+                '/emili.chat.v1.ChatService/DeleteSessionData',
+                request_serializer=emili_dot_chat_dot_v1_dot_chat__pb2.DeleteSessionDataRequest.SerializeToString,
+                response_deserializer=emili_dot_chat_dot_v1_dot_chat__pb2.DeleteSessionDataResponse.FromString,
+                _registered_method=True)
+        self.DeleteUserData = channel.unary_unary(
+                '/emili.chat.v1.ChatService/DeleteUserData',
+                request_serializer=emili_dot_chat_dot_v1_dot_chat__pb2.DeleteUserDataRequest.SerializeToString,
+                response_deserializer=emili_dot_chat_dot_v1_dot_chat__pb2.DeleteUserDataResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
@@ -116,6 +126,18 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteSessionData(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteUserData(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +175,16 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.GetTranscript,
                     request_deserializer=emili_dot_chat_dot_v1_dot_chat__pb2.GetTranscriptRequest.FromString,
                     response_serializer=emili_dot_chat_dot_v1_dot_chat__pb2.GetTranscriptResponse.SerializeToString,
+            ),
+            'DeleteSessionData': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSessionData,
+                    request_deserializer=emili_dot_chat_dot_v1_dot_chat__pb2.DeleteSessionDataRequest.FromString,
+                    response_serializer=emili_dot_chat_dot_v1_dot_chat__pb2.DeleteSessionDataResponse.SerializeToString,
+            ),
+            'DeleteUserData': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteUserData,
+                    request_deserializer=emili_dot_chat_dot_v1_dot_chat__pb2.DeleteUserDataRequest.FromString,
+                    response_serializer=emili_dot_chat_dot_v1_dot_chat__pb2.DeleteUserDataResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +376,60 @@ class ChatService:
             '/emili.chat.v1.ChatService/GetTranscript',
             emili_dot_chat_dot_v1_dot_chat__pb2.GetTranscriptRequest.SerializeToString,
             emili_dot_chat_dot_v1_dot_chat__pb2.GetTranscriptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSessionData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/emili.chat.v1.ChatService/DeleteSessionData',
+            emili_dot_chat_dot_v1_dot_chat__pb2.DeleteSessionDataRequest.SerializeToString,
+            emili_dot_chat_dot_v1_dot_chat__pb2.DeleteSessionDataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteUserData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/emili.chat.v1.ChatService/DeleteUserData',
+            emili_dot_chat_dot_v1_dot_chat__pb2.DeleteUserDataRequest.SerializeToString,
+            emili_dot_chat_dot_v1_dot_chat__pb2.DeleteUserDataResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,8 @@ class ChatServiceStub:
     SubmitRating: _grpc.UnaryUnaryMultiCallable[_chat_pb2.SubmitRatingRequest, _chat_pb2.SubmitRatingResponse]
     EndSession: _grpc.UnaryUnaryMultiCallable[_chat_pb2.EndSessionRequest, _chat_pb2.EndSessionResponse]
     GetTranscript: _grpc.UnaryUnaryMultiCallable[_chat_pb2.GetTranscriptRequest, _chat_pb2.GetTranscriptResponse]
+    DeleteSessionData: _grpc.UnaryUnaryMultiCallable[_chat_pb2.DeleteSessionDataRequest, _chat_pb2.DeleteSessionDataResponse]
+    DeleteUserData: _grpc.UnaryUnaryMultiCallable[_chat_pb2.DeleteUserDataRequest, _chat_pb2.DeleteUserDataResponse]
 
 @_typing.type_check_only
 class ChatServiceAsyncStub(ChatServiceStub):
@@ -49,6 +51,8 @@ class ChatServiceAsyncStub(ChatServiceStub):
     SubmitRating: _aio.UnaryUnaryMultiCallable[_chat_pb2.SubmitRatingRequest, _chat_pb2.SubmitRatingResponse]  # type: ignore[assignment]
     EndSession: _aio.UnaryUnaryMultiCallable[_chat_pb2.EndSessionRequest, _chat_pb2.EndSessionResponse]  # type: ignore[assignment]
     GetTranscript: _aio.UnaryUnaryMultiCallable[_chat_pb2.GetTranscriptRequest, _chat_pb2.GetTranscriptResponse]  # type: ignore[assignment]
+    DeleteSessionData: _aio.UnaryUnaryMultiCallable[_chat_pb2.DeleteSessionDataRequest, _chat_pb2.DeleteSessionDataResponse]  # type: ignore[assignment]
+    DeleteUserData: _aio.UnaryUnaryMultiCallable[_chat_pb2.DeleteUserDataRequest, _chat_pb2.DeleteUserDataResponse]  # type: ignore[assignment]
 
 class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -99,5 +103,19 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _chat_pb2.GetTranscriptRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_chat_pb2.GetTranscriptResponse, _abc.Awaitable[_chat_pb2.GetTranscriptResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteSessionData(
+        self,
+        request: _chat_pb2.DeleteSessionDataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.DeleteSessionDataResponse, _abc.Awaitable[_chat_pb2.DeleteSessionDataResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteUserData(
+        self,
+        request: _chat_pb2.DeleteUserDataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.DeleteUserDataResponse, _abc.Awaitable[_chat_pb2.DeleteUserDataResponse]]: ...
 
 def add_ChatServiceServicer_to_server(servicer: ChatServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -69,6 +69,11 @@ class TrainerServiceStub:
                 request_serializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetReportRequest.SerializeToString,
                 response_deserializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetReportResponse.FromString,
                 _registered_method=True)
+        self.GetRecipe = channel.unary_unary(
+                '/emili.trainer.v1.TrainerService/GetRecipe',
+                request_serializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetRecipeRequest.SerializeToString,
+                response_deserializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetRecipeResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -117,6 +122,13 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRecipe(self, request, context):
+        """A shipped recipe, so a client (the pipeline's config) can use its values without a copy of the trainer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +166,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.GetReport,
                     request_deserializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetReportRequest.FromString,
                     response_serializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetReportResponse.SerializeToString,
+            ),
+            'GetRecipe': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRecipe,
+                    request_deserializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetRecipeRequest.FromString,
+                    response_serializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetRecipeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -345,6 +362,33 @@ class TrainerService:
             '/emili.trainer.v1.TrainerService/GetReport',
             emili_dot_trainer_dot_v1_dot_trainer__pb2.GetReportRequest.SerializeToString,
             emili_dot_trainer_dot_v1_dot_trainer__pb2.GetReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRecipe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/emili.trainer.v1.TrainerService/GetRecipe',
+            emili_dot_trainer_dot_v1_dot_trainer__pb2.GetRecipeRequest.SerializeToString,
+            emili_dot_trainer_dot_v1_dot_trainer__pb2.GetRecipeResponse.FromString,
             options,
             channel_credentials,
             insecure,

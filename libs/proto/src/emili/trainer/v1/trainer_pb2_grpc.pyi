@@ -41,6 +41,8 @@ class TrainerServiceStub:
     CancelRun: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.CancelRunRequest, _trainer_pb2.CancelRunResponse]
     ListModels: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ListModelsRequest, _trainer_pb2.ListModelsResponse]
     GetReport: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetReportRequest, _trainer_pb2.GetReportResponse]
+    GetRecipe: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetRecipeRequest, _trainer_pb2.GetRecipeResponse]
+    """A shipped recipe, so a client (the pipeline's config) can use its values without a copy of the trainer."""
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -53,6 +55,8 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     CancelRun: _aio.UnaryUnaryMultiCallable[_trainer_pb2.CancelRunRequest, _trainer_pb2.CancelRunResponse]  # type: ignore[assignment]
     ListModels: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListModelsRequest, _trainer_pb2.ListModelsResponse]  # type: ignore[assignment]
     GetReport: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetReportRequest, _trainer_pb2.GetReportResponse]  # type: ignore[assignment]
+    GetRecipe: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetRecipeRequest, _trainer_pb2.GetRecipeResponse]  # type: ignore[assignment]
+    """A shipped recipe, so a client (the pipeline's config) can use its values without a copy of the trainer."""
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -104,5 +108,13 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _trainer_pb2.GetReportRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.GetReportResponse, _abc.Awaitable[_trainer_pb2.GetReportResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetRecipe(
+        self,
+        request: _trainer_pb2.GetRecipeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.GetRecipeResponse, _abc.Awaitable[_trainer_pb2.GetRecipeResponse]]:
+        """A shipped recipe, so a client (the pipeline's config) can use its values without a copy of the trainer."""
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

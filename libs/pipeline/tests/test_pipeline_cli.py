@@ -1,0 +1,63 @@
+"""``emili pipeline run`` resolves shipped recipes through the trainer's GetRecipe: here a stand-in trainer
+(the generated servicer base, no trainer code) answers, so the CLI's client and its error messages are tested."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from emili.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from emili_core.errors import InvalidInput
+from emili_pipeline import cli
+from emili_pipeline.config import PipelineConfig, resolve
+
+DPO = "name: smollm2-cpu-dpo\nkind: dpo\nmodel: {path: m.gguf}\ntrain: {epochs: 2}\ndpo: {beta: 0.1}\n"
+SFT = "name: smollm2-cpu-sft\nkind: sft\nmodel: {path: m.gguf}\n"
+
+
+class StandInTrainer(trainer_pb2_grpc.TrainerServiceServicer):
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str]] = []
+
+    def GetRecipe(self, request: trainer_pb2.GetRecipeRequest, context: grpc.ServicerContext) -> Any:
+        self.asked.append((request.name, dict(context.invocation_metadata()).get("authorization", "")))
+        shipped = {"smollm2-cpu-sft": SFT, "smollm2-cpu-dpo": DPO}
+        if request.name not in shipped:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no shipped recipe {request.name!r}; shipped: {sorted(shipped)}")
+        return trainer_pb2.GetRecipeResponse(name=request.name, yaml=shipped[request.name])
+
+
+@pytest.fixture
+def trainer(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandInTrainer]:
+    servicer = StandInTrainer()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.setattr(cli, "_service_target", lambda service, hint: f"127.0.0.1:{port}")
+    yield servicer
+    server.stop(None)
+
+
+def test_shipped_recipes_are_fetched_from_the_trainer(trainer: StandInTrainer, tmp_path: Path) -> None:
+    resolved = resolve(PipelineConfig(), tmp_path, shared=tmp_path, fetch_recipe=cli._fetch_recipe)
+    assert (resolved.recipes.sft, resolved.recipes.dpo, resolved.recipes.dpo_epochs) == (SFT, DPO, 2)
+    assert [name for name, _ in trainer.asked] == ["smollm2-cpu-sft", "smollm2-cpu-dpo"]
+    assert all(auth.startswith("Bearer ") for _, auth in trainer.asked)  # With a token for the trainer scope.
+
+
+def test_an_unknown_recipe_is_a_clear_error(trainer: StandInTrainer, tmp_path: Path) -> None:
+    config = PipelineConfig(recipes={"sft": "no-such-recipe"})  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match=r"recipe 'no-such-recipe': no shipped recipe .*smollm2-cpu-dpo"):
+        resolve(config, tmp_path, shared=tmp_path, fetch_recipe=cli._fetch_recipe)
+
+
+def test_an_unreachable_trainer_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(cli, "_service_target", lambda service, hint: "127.0.0.1:9")  # Nothing listens there.
+    with pytest.raises(InvalidInput, match=r"cannot fetch the shipped recipe 'smollm2-cpu-sft'.*make up"):
+        resolve(PipelineConfig(), tmp_path, shared=tmp_path, fetch_recipe=cli._fetch_recipe)

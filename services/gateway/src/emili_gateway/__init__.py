@@ -1,0 +1,1 @@
+"""EMILI gateway: browser participants and HTTP clients reach EMILI studies through the chat gRPC API."""

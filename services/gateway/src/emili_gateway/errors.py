@@ -1,0 +1,24 @@
+"""The gateway's refinements of the domain errors, for HTTP statuses gRPC has no code for.
+
+Each subclasses the emili_core error it refines, so code that catches the general error still catches it.
+"""
+
+from __future__ import annotations
+
+from emili_core.errors import FailedPrecondition, InvalidInput, Overloaded
+
+
+class Gone(FailedPrecondition):
+    """The thing existed but can no longer be used (an expired invite): HTTP 410."""
+
+
+class PayloadTooLarge(InvalidInput):
+    """A body, frame or message over its size limit: HTTP 413."""
+
+
+class RateLimited(Overloaded):
+    """Too many requests from one caller: HTTP 429 with Retry-After."""
+
+    def __init__(self, message: str, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds

@@ -1,0 +1,255 @@
+// The researchers' page: studies, their progress per arm, exports, and the latest evaluation report of their arms.
+// Plain JavaScript, no build step. The admin token is kept in sessionStorage (this tab only) and sent as a bearer
+// token; exports and plots are fetched with it and handed to the browser as blob URLs.
+"use strict";
+
+const API = "/api/v1";
+const TOKEN_KEY = "emili-researcher-token";
+const RATING_DIMENSIONS = ["empathy", "relevance", "fluency"];
+const VAD_DIMENSIONS = ["valence", "arousal", "dominance"];
+
+const $ = (id) => document.getElementById(id);
+let blobUrls = []; // Revoked on each refresh.
+
+function token() {
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+
+async function request(path) {
+  let response;
+  try {
+    response = await fetch(API + path, { headers: { Authorization: `Bearer ${token()}` } });
+  } catch (err) {
+    throw new Error("The gateway could not be reached. Check the connection and try again.");
+  }
+  if (!response.ok) {
+    const data = await response.json().catch(() => ({}));
+    const err = new Error(data.detail || `The gateway answered ${response.status}.`);
+    err.status = response.status;
+    throw err;
+  }
+  return response;
+}
+
+async function getJson(path) {
+  return (await request(path)).json();
+}
+
+async function blobUrl(path) {
+  const url = URL.createObjectURL(await (await request(path)).blob());
+  blobUrls.push(url);
+  return url;
+}
+
+function formatTime(ms) {
+  return ms ? new Date(ms).toLocaleString() : "time not recorded";
+}
+
+function number(value, digits) {
+  return typeof value === "number" && Number.isFinite(value) ? value.toFixed(digits) : "n/a";
+}
+
+function cell(stat, digits) {
+  if (!stat || typeof stat !== "object") return "n/a";
+  const [low, high] = Array.isArray(stat.ci95) ? stat.ci95 : [null, null];
+  return `${number(stat.mean, digits)} [${number(low, digits)}, ${number(high, digits)}]`;
+}
+
+function table(caption, header, rows, studyArms) {
+  const wrap = el("div", null, "table-wrap");
+  const node = el("table");
+  node.append(el("caption", caption));
+  const head = el("tr");
+  for (const name of header) {
+    const th = el("th", name);
+    th.scope = "col";
+    head.append(th);
+  }
+  const thead = el("thead");
+  thead.append(head);
+  node.append(thead);
+  const body = el("tbody");
+  for (const [arm, cells] of rows) {
+    const tr = el("tr", null, studyArms.includes(arm) ? "" : "other-arm");
+    const th = el("th", studyArms.includes(arm) ? arm : `${arm} (not in this study)`);
+    th.scope = "row";
+    tr.append(th);
+    for (const value of cells) tr.append(el("td", value));
+    body.append(tr);
+  }
+  node.append(body);
+  wrap.append(node);
+  return wrap;
+}
+
+function capitalise(word) {
+  return word.charAt(0).toUpperCase() + word.slice(1);
+}
+
+// --- one study --------------------------------------------------------------------------------------------
+
+async function showProgress(card, study) {
+  const body = card.querySelector(".progress-table tbody");
+  try {
+    const progress = await getJson(`/studies/${encodeURIComponent(study.study_id)}/progress`);
+    card.querySelector(".progress-summary").textContent =
+      `${progress.participants} participants, ${progress.sessions} sessions; ` +
+      `${progress.invites} invites used ${progress.invite_uses} times.`;
+    for (const arm of progress.arms) {
+      const tr = el("tr");
+      const th = el("th", arm.arm);
+      th.scope = "row";
+      tr.append(th);
+      for (const key of ["weight", "assigned", "active", "completed", "abandoned", "withdrawn"]) {
+        tr.append(el("td", arm[key]));
+      }
+      body.append(tr);
+    }
+  } catch (err) {
+    card.querySelector(".progress-error").textContent = err.message;
+  }
+}
+
+async function exportSessions(card, study, format, button) {
+  const error = card.querySelector(".export-error");
+  error.textContent = "";
+  button.disabled = true;
+  try {
+    const url = await blobUrl(`/studies/${encodeURIComponent(study.study_id)}/export?format=${format}`);
+    const link = el("a");
+    link.href = url;
+    link.download = `${study.study_id}-sessions.${format}`;
+    document.body.append(link);
+    link.click();
+    link.remove();
+  } catch (err) {
+    error.textContent = err.message;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function showReport(card, study) {
+  const status = card.querySelector(".report-status");
+  let report;
+  try {
+    report = await getJson(`/studies/${encodeURIComponent(study.study_id)}/report`);
+  } catch (err) {
+    status.textContent = err.status === 404 ? `No report yet: ${err.message}` : err.message;
+    status.classList.toggle("error", err.status !== 404);
+    return;
+  }
+  status.textContent = report.title;
+  status.classList.add("ok");
+  card.querySelector(".report-synthetic").hidden = report.synthetic !== true;
+  card.querySelector(".report-meta").textContent =
+    `Evaluation ${report.run_id} of ${report.arms.join(", ")}; last updated ${formatTime(report.updated_ms)}.`;
+
+  const tables = card.querySelector(".report-tables");
+  const ratings = Object.entries(report.ratings_table || {});
+  if (ratings.length) {
+    tables.append(table(
+      "Table 1: human ratings (Likert 1-5, mean [bootstrap 95% CI])",
+      ["Arm", "n", ...RATING_DIMENSIONS.map(capitalise)],
+      ratings.map(([arm, row]) => [arm, [row.n ?? "n/a", ...RATING_DIMENSIONS.map((d) => cell(row[d], 2))]]),
+      report.study_arms,
+    ));
+  } else {
+    tables.append(el("p", "Table 1: no ratings recorded.", "hint"));
+  }
+  const deltas = Object.entries((report.delta_table && report.delta_table.arms) || {});
+  if (deltas.length) {
+    tables.append(table(
+      "Table 2: change in VAD of the participants' texts, post-chat minus pre-chat (mean [bootstrap 95% CI])",
+      ["Arm", "n", ...VAD_DIMENSIONS.map((d) => `Δ ${d}`)],
+      deltas.map(([arm, row]) => [arm, [row.n ?? "n/a", ...VAD_DIMENSIONS.map((d) => cell(row[d], 3))]]),
+      report.study_arms,
+    ));
+    const lexicon = report.delta_table.lexicon;
+    tables.append(el("p", `Lexicon: ${lexicon || "n/a"}; sessions: ${report.delta_table.sessions ?? "n/a"}.`, "hint"));
+  } else {
+    tables.append(el("p", "Table 2: no labelled sessions with both surveys.", "hint"));
+  }
+
+  const plots = card.querySelector(".report-plots");
+  for (const plot of report.plots) {
+    const figure = el("figure");
+    const img = el("img");
+    img.alt = plot.title;
+    figure.append(img, el("figcaption", plot.title));
+    plots.append(figure);
+    blobUrl(plot.url.startsWith(API) ? plot.url.slice(API.length) : plot.url)
+      .then((url) => { img.src = url; })
+      .catch((err) => { figure.replaceChildren(el("p", `${plot.title}: ${err.message}`, "error")); });
+  }
+}
+
+function studyCard(study) {
+  const card = $("study-template").content.firstElementChild.cloneNode(true);
+  card.querySelector(".study-title").textContent = study.name;
+  const arms = study.arms.map((a) => `${a.arm} (weight ${a.weight})`).join(", ");
+  card.querySelector(".study-meta").textContent =
+    `${study.study_id} · created ${formatTime(study.created_ms)} by ${study.created_by} · arms: ${arms}`;
+  for (const button of card.querySelectorAll("button.export")) {
+    button.addEventListener("click", () => exportSessions(card, study, button.dataset.format, button));
+  }
+  showProgress(card, study);
+  showReport(card, study);
+  return card;
+}
+
+// --- the page ---------------------------------------------------------------------------------------------
+
+async function load() {
+  for (const url of blobUrls) URL.revokeObjectURL(url);
+  blobUrls = [];
+  $("studies").replaceChildren();
+  $("token-error").textContent = "";
+  $("studies-status").textContent = "Loading studies…";
+  try {
+    const { studies } = await getJson("/studies");
+    $("studies-status").textContent = studies.length
+      ? `${studies.length} ${studies.length === 1 ? "study" : "studies"}, newest first.`
+      : "No studies yet (create one with POST /api/v1/studies).";
+    for (const study of [...studies].reverse()) $("studies").append(studyCard(study));
+    $("refresh").hidden = false;
+    $("token-forget").hidden = false;
+  } catch (err) {
+    $("studies-status").textContent = "";
+    $("token-error").textContent = err.status === 401 || err.status === 403
+      ? `${err.message} (an admin token is needed)` : err.message;
+  }
+}
+
+function useToken(event) {
+  event.preventDefault();
+  const value = $("admin-token").value.trim();
+  if (!value && !token()) {
+    $("token-error").textContent = "Paste an admin token first.";
+    $("admin-token").focus();
+    return;
+  }
+  if (value) sessionStorage.setItem(TOKEN_KEY, value);
+  $("admin-token").value = "";
+  load();
+}
+
+function forget() {
+  sessionStorage.removeItem(TOKEN_KEY);
+  $("studies").replaceChildren();
+  $("studies-status").textContent = "The token is forgotten.";
+  $("refresh").hidden = true;
+  $("token-forget").hidden = true;
+}
+
+$("token-form").addEventListener("submit", useToken);
+$("refresh").addEventListener("click", load);
+$("token-forget").addEventListener("click", forget);
+if (token()) load();

@@ -1,0 +1,300 @@
+"""Gateway test set-up: real Redis and S3 (the repository's fixtures), a real chat gRPC server with a scripted
+model, and a FER stand-in, all in one background event loop, so the gateway's TestClient (which runs the app in
+its own thread) talks to them over real sockets.
+
+The FER stand-in answers Analyze and StreamAnalyze without a model: a face is "found" unless the frame's bytes
+contain ``NOFACE``. The real FER service needs its ONNX model and would only slow these tests down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from emili.fer.v1 import fer_pb2, fer_pb2_grpc
+from emili_chat.main import build_app as build_chat_app
+from emili_chat.settings import ChatSettings
+from emili_core.grpc_server import RunningServer, ServiceApp, start_server
+from emili_core.keys import model_registry_key
+from emili_core.objectstore import Bucket, ObjectStore
+from emili_core.settings import AuthSettings, CommonSettings, S3Settings, ServerSettings
+from emili_gateway.app import create_app
+from emili_gateway.settings import GatewaySettings
+from emili_testing.chat import ScriptedBackend
+from emili_testing.plugin import TEST_SECRET, Stack, free_port, token
+
+T = TypeVar("T")
+
+REPLY = "I hear you. What would make today a little better?"
+JPEG_FACE = b"\xff\xd8\xff\xe0" + b"a face " * 40
+JPEG_NO_FACE = b"\xff\xd8\xff\xe0" + b"NOFACE " * 40
+ADMIN = "researcher-1"
+FER_SERVICE = fer_pb2.DESCRIPTOR.services_by_name["FerService"].full_name
+
+
+def _reading(data: bytes) -> fer_pb2.Reading:
+    if b"NOFACE" in data:
+        return fer_pb2.Reading(face_found=False, face_count=0, model_id="stand-in")
+    probabilities = {"angry": 0.02, "disgust": 0.01, "fear": 0.02, "happy": 0.6, "sad": 0.05, "surprise": 0.1}
+    probabilities["neutral"] = 1.0 - sum(probabilities.values())
+    scores = [fer_pb2.EmotionScore(emotion=e, probability=p, salience=round(p * 100)) for e, p in probabilities.items()]
+    return fer_pb2.Reading(face_found=True, face_count=1, scores=scores, top_emotion="happy", model_id="stand-in")
+
+
+class FerStandIn(fer_pb2_grpc.FerServiceServicer):
+    def __init__(self) -> None:
+        self.analyzed = 0
+        self.streamed = 0
+
+    async def Analyze(self, request: fer_pb2.AnalyzeRequest, context: grpc.aio.ServicerContext) -> Any:
+        self.analyzed += 1
+        return fer_pb2.AnalyzeResponse(reading=_reading(request.frame.data))
+
+    async def StreamAnalyze(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for request in request_iterator:
+            self.streamed += 1
+            yield fer_pb2.StreamAnalyzeResponse(
+                session_id=request.session_id,
+                capture_time_ms=request.capture_time_ms,
+                sequence=request.sequence,
+                reading=_reading(request.frame.data),
+            )
+
+
+class BackgroundLoop:
+    """An event loop in a thread, for servers that must keep answering while a test blocks on TestClient."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="servers", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@dataclass
+class Servers:
+    chat_target: str
+    fer_target: str
+    fer: FerStandIn
+    backend: ScriptedBackend
+
+
+@pytest.fixture(scope="session")
+def servers(redis_url: str, s3_settings: S3Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    loop = BackgroundLoop()
+    fer = FerStandIn()
+    backend = ScriptedBackend(REPLY)
+    auth = AuthSettings(secret=TEST_SECRET)  # type: ignore[arg-type]
+    ObjectStore(s3_settings).ensure_buckets()
+
+    async def start() -> tuple[RunningServer, RunningServer]:
+        fer_app = ServiceApp(
+            name="fer",
+            service_names=[FER_SERVICE],
+            register=lambda server: fer_pb2_grpc.add_FerServiceServicer_to_server(fer, server),
+        )
+        fer_server = await start_server(fer_app, CommonSettings(auth=auth), ServerSettings(grpc_port=0, metrics_port=0))
+        chat_settings = ChatSettings(
+            env="test", redis_url=redis_url, s3=s3_settings, auth=auth, artifacts_dir=tmp_path_factory.mktemp("chat")
+        )
+        options = chat_settings.chat.model_copy(
+            update={
+                "server": chat_settings.chat.server.model_copy(update={"grpc_port": 0, "metrics_port": 0}),
+                "readout": chat_settings.chat.readout.model_copy(update={"post_response_reading_s": 0.0}),
+                "fer_target": f"127.0.0.1:{fer_server.port}",
+                # A study's own survey words must be in chat's vocabulary: test_api's study offers "Calm".
+                "surveys": chat_settings.chat.surveys.model_copy(
+                    update={"current_feelings": (*chat_settings.chat.surveys.current_feelings, "Calm")}
+                ),
+            }
+        )
+        chat_settings = chat_settings.model_copy(update={"chat": options})
+        chat_server = await start_server(build_chat_app(chat_settings, backend), chat_settings, options.server)
+        await asyncio.wait_for(asyncio.gather(fer_server.ready.wait(), chat_server.ready.wait()), 60)
+        return fer_server, chat_server
+
+    fer_server, chat_server = loop.run(start())
+    yield Servers(f"127.0.0.1:{chat_server.port}", f"127.0.0.1:{fer_server.port}", fer, backend)
+    loop.run(chat_server.stop())
+    loop.run(fer_server.stop())
+    loop.close()
+
+
+def gateway_settings(redis_url: str, s3: S3Settings, servers: Servers, **limits: Any) -> GatewaySettings:
+    settings = GatewaySettings(
+        env="test",
+        redis_url=redis_url,
+        s3=s3,
+        auth=AuthSettings(secret=TEST_SECRET),  # type: ignore[arg-type]
+    )
+    base = settings.gateway
+    # Generous limits by default: every test redeems from the same address; rate-limit tests set their own.
+    limit_values = {"redeem_per_minute": 100000, "requests_per_minute": 100000, "messages_per_minute": 1000}
+    limit_values |= {"admin_requests_per_minute": 100000}
+    limit_values |= {"camera_checks_per_minute": 100000, "frames_per_second": 30.0} | limits
+    options = base.model_copy(
+        update={
+            "chat_target": servers.chat_target,
+            "fer_target": servers.fer_target,
+            "drain_seconds": 5.0,
+            "server": base.server.model_copy(update={"metrics_port": 0}),
+            "limits": base.limits.model_copy(update=limit_values),
+        }
+    )
+    return settings.model_copy(update={"gateway": options})
+
+
+MakeClient = Callable[..., TestClient]
+
+
+@pytest.fixture
+def make_client(redis_url: str, s3_settings: S3Settings, servers: Servers) -> Iterator[MakeClient]:
+    """A started gateway app's TestClient; keyword arguments override limits, ``settings=`` replaces all."""
+    clients: list[TestClient] = []
+
+    def make(settings: GatewaySettings | None = None, **limits: Any) -> TestClient:
+        client = TestClient(create_app(settings or gateway_settings(redis_url, s3_settings, servers, **limits)))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: MakeClient) -> TestClient:
+    return make_client()
+
+
+def admin_headers(subject: str = ADMIN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(['admin'], subject)}"}
+
+
+def bearer(value: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {value}"}
+
+
+def study_spec(**changes: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "name": "Pilot",
+        "arms": [{"arm": "base", "weight": 1}],
+        "consent_text": "You will chat with an AI for ten minutes.\nYou may stop at any time.",
+        "max_turns": 3,
+    }
+    return spec | changes
+
+
+def create_study(client: TestClient, **changes: Any) -> dict[str, Any]:
+    response = client.post("/api/v1/studies", json=study_spec(**changes), headers=admin_headers())
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def create_invite(client: TestClient, study_id: str, **request: Any) -> str:
+    response = client.post(f"/api/v1/studies/{study_id}/invites", json=request, headers=admin_headers())
+    assert response.status_code == 201, response.text
+    return str(response.json()["invites"][0]["code"])
+
+
+@dataclass
+class Joined:
+    headers: dict[str, str]
+    token: str
+    participant_id: str
+    withdraw_code: str
+    study: dict[str, Any]
+
+
+def join(client: TestClient, study_id: str) -> Joined:
+    code = create_invite(client, study_id)
+    response = client.post(f"/api/v1/invites/{code}/redeem")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return Joined(bearer(body["token"]), body["token"], body["participant_id"], body["withdraw_code"], body["study"])
+
+
+def start_session(client: TestClient, joined: Joined, **consent: Any) -> str:
+    body = {"agree": True, "camera": True, "store_frames": False, "use_for_training": True} | consent
+    response = client.post("/api/v1/sessions", json={"consent": body}, headers=joined.headers)
+    assert response.status_code == 201, response.text
+    return str(response.json()["session_id"])
+
+
+def register_model_version(store: ObjectStore, version: str) -> None:
+    """A model version as the trainer registers it; the scripted model 'loads' its adapter without reading it."""
+    store.put_bytes(Bucket.MODELS, f"adapters/{version}/adapter_config.json", b"{}")
+    store.put_json(
+        Bucket.MODELS, model_registry_key(version), {"version": version, "adapter_prefix": f"adapters/{version}/"}
+    )
+
+
+@dataclass
+class GatewayProcess:
+    url: str
+    metrics_port: int
+    log: Path
+    process: subprocess.Popen[bytes]
+
+
+@pytest.fixture
+def gateway_process(stack: Stack, servers: Servers, tmp_path: Path) -> Iterator[GatewayProcess]:
+    """``emili-gateway-server`` as its own process (uvicorn, real sockets), ready when this returns."""
+    port, metrics_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        **stack.env(),
+        "EMILI_GATEWAY__SERVER__HTTP_PORT": str(port),
+        "EMILI_GATEWAY__SERVER__METRICS_PORT": str(metrics_port),
+        "EMILI_GATEWAY__CHAT_TARGET": servers.chat_target,
+        "EMILI_GATEWAY__FER_TARGET": servers.fer_target,
+        "EMILI_LOG_FORMAT": "json",
+    }
+    log = tmp_path / "gateway.log"
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "emili-gateway-server")],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        yield GatewayProcess(url, metrics_port, log, process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def unused_target() -> str:
+    return f"127.0.0.1:{free_port()}"

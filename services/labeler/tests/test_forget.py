@@ -1,0 +1,138 @@
+"""``labeler.forget_sessions`` against a real S3 server: labels gone, datasets built from the sessions marked
+withdrawn (data removed) and rebuilt without them, per-user weights without the user, an audit record; and no
+label or dataset is made for a deleted session afterwards."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from emili_core.deletion import write_tombstone
+from emili_core.errors import NotFound
+from emili_core.keys import DELETION_AUDIT_PREFIX, dataset_index_key, session_record_keys
+from emili_core.objectstore import Bucket, ObjectStore
+from emili_core.records import dataset_manifest, dataset_withdrawal
+from emili_core.settings import S3Settings
+from emili_labeler import jobs
+from emili_labeler.runtime import build_runtime
+from emili_labeler.settings import LabelerSettings
+from emili_session.events import Event, EventKind
+
+pytestmark = pytest.mark.integration
+T0 = 1_790_000_000_000
+HAPPY = {"angry": 0.0, "disgust": 0.0, "fear": 0.0, "happy": 0.9, "sad": 0.0, "surprise": 0.0, "neutral": 0.1}
+SAD = {"angry": 0.05, "disgust": 0.05, "fear": 0.0, "happy": 0.0, "sad": 0.8, "surprise": 0.0, "neutral": 0.1}
+NEUTRAL = {"angry": 0.0, "disgust": 0.0, "fear": 0.0, "happy": 0.1, "sad": 0.1, "surprise": 0.0, "neutral": 0.8}
+
+
+def store_session(store: ObjectStore, session_id: str, user: str, reply: str, reaction: dict[str, float]) -> None:
+    """A persisted session record (as chat writes it): one user message, one reply, the face after it."""
+    events: list[Event] = []
+
+    def add(kind: EventKind, at: int, **payload: Any) -> None:
+        events.append(Event(f"{at}-0", kind, at, payload))
+
+    def reading(at: int, probabilities: dict[str, float]) -> None:
+        add(
+            EventKind.FER_READING, at, capture_time_ms=at, face_found=True, probabilities=probabilities, source="client"
+        )
+
+    add(
+        EventKind.SESSION_CREATED, T0, model_arm="base", model_id="scripted", options={}, system_prompt="You are EMILI."
+    )
+    add(EventKind.PRE_SURVEY, T0 + 100, current_feelings=["Sad"], desired_feelings=[], text="I feel sad and tired.")
+    reading(T0 + 900, NEUTRAL)
+    add(EventKind.USER_MESSAGE, T0 + 1000, text="I failed my driving test today.")
+    add(EventKind.ASSISTANT_MESSAGE, T0 + 3000, text=reply, turn_id="t1", unprompted=False, model_id="scripted")
+    reading(T0 + 3500, reaction)
+    add(EventKind.POST_SURVEY, T0 + 20000, current_feelings=[], desired_feelings=[], text="I feel happy and calm.")
+    keys = session_record_keys(session_id)
+    lines = "".join(json.dumps(e.to_json()) + "\n" for e in events).encode()
+    store.put_bytes(Bucket.SESSIONS, keys["events.jsonl"], lines)
+    manifest = {
+        "session_id": session_id,
+        "user_id": user,
+        "model_arm": "base",
+        "use_for_training": True,
+        "synthetic": False,
+        "last_event_id": events[-1].event_id,
+    }
+    store.put_json(Bucket.SESSIONS, keys["session.json"], manifest)
+
+
+@pytest.fixture(scope="module")
+def runtime(s3_settings: S3Settings) -> jobs.Runtime:
+    settings = LabelerSettings(s3=s3_settings)
+    # No out-of-lexicon method: the lexicon alone, so no embedding model is loaded.
+    return build_runtime(
+        settings.model_copy(update={"labeler": settings.labeler.model_copy(update={"oov_method": "none"})})
+    )
+
+
+def test_forget_sessions(runtime: jobs.Runtime) -> None:
+    store = runtime.store
+    store_session(store, "fg-alice", "alice", "Oh no. How are you holding up?", HAPPY)
+    store_session(store, "fg-bob", "bob", "Driving tests are pointless anyway.", SAD)
+    store_session(store, "fg-carl", "carl", "That must sting. Want to talk it through?", HAPPY)
+    sessions = ["fg-alice", "fg-bob", "fg-carl"]
+    labels = {s: jobs.label_session(runtime, s) for s in sessions}
+    assert labels["fg-alice"]["turns"][0]["flagged"] is True and labels["fg-bob"]["turns"][0]["flagged"] is False
+    sft = jobs.build_sft_dataset(runtime, sessions)
+    assert sft["source_sessions"] == ["fg-alice", "fg-carl"]  # Bob's only reply was not flagged.
+    dpo = jobs.build_dpo_dataset(runtime, "feedback", sessions, seed=3)
+    assert set(dpo["source_sessions"]) == {"fg-alice", "fg-bob", "fg-carl"}
+    unrelated = jobs.build_sft_dataset(runtime, ["fg-carl"])
+    store.put_json(
+        Bucket.DATASETS,
+        "user_weights/test.json",
+        {"population": {}, "users": {"alice": {"n": 1}, "bob": {"n": 1}, "carl": {"n": 1}}},
+    )
+
+    result = jobs.forget_sessions(runtime, ["fg-alice"], ["alice"], requested_by="p-alice", reason="withdrawal")
+
+    assert result["labels"] == 1 and store.list_keys(Bucket.SESSIONS, "fg-alice/labels/") == []
+    assert result["datasets_withdrawn"] == 2 and result["user_weight_entries"] == 1
+    by_id = {d["id"]: d for d in result["datasets"]}
+    assert set(by_id) == {sft["id"], dpo["id"]} and unrelated["id"] not in by_id
+
+    # The SFT dataset: marked, its data removed, rebuilt without alice's session.
+    withdrawal = dataset_withdrawal(store, sft["id"])
+    assert withdrawal is not None and withdrawal["withdrawn_sessions"] == ["fg-alice"]
+    assert not store.exists(Bucket.DATASETS, sft["key"])
+    assert store.get_json(Bucket.DATASETS, dataset_index_key(sft["id"]))["withdrawn"].endswith("/withdrawn.json")
+    replacement = dataset_manifest(store, by_id[sft["id"]]["replacement"])
+    assert withdrawal["replacement"] == replacement["id"] and replacement["source_sessions"] == ["fg-carl"]
+    assert dataset_withdrawal(store, replacement["id"]) is None
+    assert "fg-alice" not in store.get_bytes(Bucket.DATASETS, replacement["key"]).decode()
+    # The feedback pairs: alice's reply was bob's pair's chosen side, so only carl's with bob's is left.
+    rebuilt_dpo = dataset_manifest(store, by_id[dpo["id"]]["replacement"])
+    assert set(rebuilt_dpo["source_sessions"]) == {"fg-bob", "fg-carl"}
+    assert rebuilt_dpo["created_from"] == {"seed": 3}
+    assert dataset_withdrawal(store, unrelated["id"]) is None and store.exists(Bucket.DATASETS, unrelated["key"])
+
+    weights = store.get_json(Bucket.DATASETS, "user_weights/test.json")
+    assert set(weights["users"]) == {"bob", "carl"} and weights["withdrawn_users"] == 1
+
+    audit = store.get_json(Bucket.SESSIONS, result["audit_key"])
+    assert result["audit_key"].startswith(DELETION_AUDIT_PREFIX)
+    assert audit["service"] == "labeler" and audit["session_ids"] == ["fg-alice"] and audit["requested_by"] == "p-alice"
+    assert audit["removed"]["labels"] == 1 and "driving" not in json.dumps(audit)
+
+    # Idempotent: nothing more to remove, the same replacements.
+    again = jobs.forget_sessions(runtime, ["fg-alice"], ["alice"])
+    assert again["labels"] == 0 and again["user_weight_entries"] == 0
+    assert {d["id"]: d["replacement"] for d in again["datasets"]} == {k: v["replacement"] for k, v in by_id.items()}
+
+
+def test_nothing_is_labelled_or_built_for_a_deleted_session(runtime: jobs.Runtime) -> None:
+    store = runtime.store
+    store_session(store, "fg-dora", "dora", "Oh no. How are you holding up?", HAPPY)
+    store_session(store, "fg-ed", "ed", "That must sting. Want to talk it through?", HAPPY)
+    write_tombstone(store, "fg-dora")  # Chat deleted it; its record is still here in this test.
+    with pytest.raises(NotFound, match="deleted"):
+        jobs.label_session(runtime, "fg-dora")
+    assert store.list_keys(Bucket.SESSIONS, "fg-dora/labels/") == []
+    built = jobs.build_sft_dataset(runtime, ["fg-dora", "fg-ed"])
+    assert built["source_sessions"] == ["fg-ed"]
