@@ -13,7 +13,7 @@ LOAD_ARGS ?= --users 20 --minutes 2
 IMAGES := fer chat gateway labeler trainer
 TAG ?= dev
 
-.PHONY: help images setup proto proto-check up down status test test-unit lint fmt typecheck demo load bench-fer bench-chat bench-labeler bench-trainer clean
+.PHONY: help images setup proto proto-check up down status test test-unit lint fmt typecheck demo load chaos bench-fer bench-chat bench-labeler bench-trainer clean
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ demo: up  ## The main job: simulated users, then label, SFT, DPO and evaluate on
 
 load: up  ## Load test: M sessions at 1 face input/s for T minutes (LOAD_ARGS="--users M --minutes T"); prints JSON.
 	$(EMILI) pipeline load $(LOAD_ARGS)
+
+chaos: up  ## Load test while faults are injected (FER restart, chat worker SIGKILL, S3 down 60 s, Redis SIGKILL); prints the zero-loss audit.
+	$(PY) scripts/chaos.py $(CHAOS_ARGS)
 
 bench-fer: setup  ## FER accuracy and gRPC throughput/latency; prints JSON (record it in BENCHMARKS.md).
 	$(PY) services/fer/bench/bench_fer.py $(BENCH_ARGS)

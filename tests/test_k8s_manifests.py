@@ -39,6 +39,9 @@ SECRET_KEYS = {
     "EMILI_S3__SECRET_KEY": "s3-secret-key",
 }
 GPU_TARGETS = {"fer": "EMILI_FER__DEVICE", "fer-worker": "EMILI_FER__DEVICE", "trainer-worker": "EMILI_TRAINER__DEVICE"}
+# The plaintext gRPC health-only port of every gRPC server (probes), and where the Secret `emili-tls` is mounted.
+HEALTH_PORT = 50060
+TLS_DIR = "/etc/emili/tls"
 KUSTOMIZATION_NAMES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
 
 Doc = dict[str, Any]
@@ -236,6 +239,12 @@ def test_configmap_has_non_secret_settings_only() -> None:
     assert data["EMILI_LOG_FORMAT"] == "json"
     assert data["EMILI_ARTIFACTS_DIR"] == "/opt/emili/artifacts"
     assert data["EMILI_S3__SECURE"] in ("true", "false")
+    # Production needs TLS on every gRPC hop (the settings refuse plaintext with EMILI_ENV=production).
+    assert data["EMILI_ENV"] != "production" or data["EMILI_TLS__ENABLED"] == "true"
+    for name in ("CERT_FILE", "KEY_FILE", "CA_FILE"):
+        assert data[f"EMILI_TLS__{name}"].startswith(TLS_DIR + "/"), name
+    # Metrics listen on the loopback unless configured; Prometheus scrapes the pod IP.
+    assert data["EMILI_METRICS_HOST"] == "0.0.0.0"
 
 
 # --------------------------------------------------------------------------- #
@@ -292,6 +301,13 @@ def test_deployment_hardened(name: str) -> None:
             assert ref == {"name": "emili-secrets", "key": key}, f"{where}: {var}"
 
 
+def _assert_tls_mounted(tmpl: Doc, c: Doc, svc: str) -> None:
+    volumes = {v["name"]: v for v in tmpl["spec"].get("volumes") or []}
+    mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts") or []}
+    assert TLS_DIR in mounts, f"{svc}: the TLS Secret must be mounted at {TLS_DIR}"
+    assert volumes[mounts[TLS_DIR]].get("secret", {}).get("secretName") == "emili-tls", f"{svc}: TLS volume"
+
+
 @pytest.mark.parametrize("svc", sorted(SERVICES))
 def test_server_deployment(svc: str) -> None:
     grpc_port, metrics_port = SERVICES[svc]
@@ -305,15 +321,18 @@ def test_server_deployment(svc: str) -> None:
     (c,) = tmpl["spec"]["containers"]
     assert "command" not in c, "servers use the image ENTRYPOINT (emili-<svc>-server)"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": grpc_port, "metrics": metrics_port}
+    assert ports == {"grpc": grpc_port, "metrics": metrics_port, "health": HEALTH_PORT}
     env = _env(c)
     prefix = f"EMILI_{svc.upper()}__SERVER__"
     # The settings default host is 127.0.0.1; a partial nested override fails validation.
     assert env[prefix + "HOST"]["value"] == "0.0.0.0"
     assert env[prefix + "GRPC_PORT"]["value"] == str(grpc_port)
     assert env[prefix + "METRICS_PORT"]["value"] == str(metrics_port)
+    # The gRPC port speaks TLS, which the kubelet's gRPC probe cannot: probes ask the plaintext health-only port.
+    assert env[prefix + "HEALTH_PORT"]["value"] == str(HEALTH_PORT)
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-        assert c[probe].get("grpc", {}).get("port") == ports["grpc"], f"{svc}: {probe} must be grpc on the grpc port"
+        assert c[probe].get("grpc", {}).get("port") == HEALTH_PORT, f"{svc}: {probe} must be grpc on the health port"
+    _assert_tls_mounted(tmpl, c, svc)
     startup = c["startupProbe"]
     budget = startup.get("failureThreshold", 3) * startup.get("periodSeconds", 10)
     assert budget >= 120, f"{svc}: startupProbe allows only {budget}s for model loading"
@@ -346,6 +365,7 @@ def test_http_server_deployment(svc: str) -> None:
         assert get.get("path") == path, f"{svc}: {probe} must GET {path}"
         assert get.get("port") in ("http", http_port), f"{svc}: {probe} must use the http port"
     assert c["startupProbe"].get("failureThreshold", 3) * c["startupProbe"].get("periodSeconds", 10) >= 60
+    _assert_tls_mounted(tmpl, c, svc)  # The gateway calls chat and FER over TLS: it needs the CA.
     assert tmpl["spec"].get("terminationGracePeriodSeconds", 30) >= 15
 
 
@@ -375,7 +395,8 @@ def test_worker_deployment(svc: str) -> None:
     assert tmpl["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"
     (c,) = tmpl["spec"]["containers"]
     assert c["command"] == [f"emili-{svc}-worker"]
-    assert c["livenessProbe"]["exec"]["command"] == [f"emili-{svc}-worker", "--check"]
+    assert c["livenessProbe"]["exec"]["command"] == [f"emili-{svc}-worker", "--live"]  # Waiting is not dead.
+    assert c["readinessProbe"]["exec"]["command"] == [f"emili-{svc}-worker", "--check"]
     assert {p["name"]: p["containerPort"] for p in c.get("ports") or []} == {"metrics": WORKER_METRICS[svc]}
     ann = tmpl["metadata"].get("annotations") or {}
     assert ann.get("prometheus.io/scrape") == "true"

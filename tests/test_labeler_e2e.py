@@ -42,8 +42,8 @@ async def record_session(redis_url: str, session_id: str, user: str, arm: str) -
     """A session as the chat service records it: neutral face, a reply the user smiles at, one they frown at."""
     client = aioredis.Redis.from_url(redis_url)
     store = SessionStore(client)
-    await store.create(
-        SessionRecord(session_id, user, arm, "scripted", False, True, {"cadence": "before_user_message"}, state="ended")
+    record = await store.create(
+        SessionRecord(session_id, user, arm, "scripted", False, True, {"cadence": "before_user_message"})
     )
 
     async def add(kind: str, at_ms: int, **payload: object) -> None:
@@ -81,6 +81,7 @@ async def record_session(redis_url: str, session_id: str, user: str, arm: str) -
     )
     await add("fer_reading", T0 + 12500, **reading(T0 + 12500, SAD))
     await add("post_survey", T0 + 20000, current_feelings=["Happy"], desired_feelings=[], text="I feel happy and calm.")
+    await store.end(record)  # Chat refuses events after EndSession, so the session ends last, as it does live.
     await client.aclose()
 
 

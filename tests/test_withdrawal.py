@@ -51,7 +51,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 HAPPY = {"angry": 0.0, "disgust": 0.0, "fear": 0.0, "happy": 0.9, "sad": 0.0, "surprise": 0.0, "neutral": 0.1}
 NEUTRAL = {"angry": 0.0, "disgust": 0.0, "fear": 0.0, "happy": 0.1, "sad": 0.1, "surprise": 0.0, "neutral": 0.8}
 SECRET_WORDS = "my hamster Biscuit ran away"  # Only in the withdrawing participant's conversation.
-ADMIN = {"Authorization": f"Bearer {token(['admin'], 'researcher-1')}"}
+
+
+def admin() -> dict[str, str]:
+    """Minted when used: tokens live ten minutes, and a full test run can reach this test later than that."""
+    return {"Authorization": f"Bearer {token(['admin'], 'researcher-1')}"}
 
 
 @pytest.fixture
@@ -181,8 +185,10 @@ async def test_a_withdrawn_participants_data_are_deleted_everywhere(
 
         # A participant joins a study and has a conversation with the camera on and frames kept.
         spec = {"name": "Withdrawal", "arms": [{"arm": "base", "weight": 1}], "consent_text": "Chat with an AI."}
-        study = (await http.post("/api/v1/studies", json=spec, headers=ADMIN)).json()
-        invite = await http.post(f"/api/v1/studies/{study['study_id']}/invites", json={}, headers=ADMIN)
+        created = await http.post("/api/v1/studies", json=spec, headers=admin())
+        assert created.status_code == 201, created.text
+        study = created.json()
+        invite = await http.post(f"/api/v1/studies/{study['study_id']}/invites", json={}, headers=admin())
         joined = (await http.post(f"/api/v1/invites/{invite.json()['invites'][0]['code']}/redeem")).json()
         participant = {"Authorization": f"Bearer {joined['token']}"}
         consent = {"agree": True, "camera": True, "store_frames": True, "use_for_training": True}
@@ -245,7 +251,7 @@ async def test_a_withdrawn_participants_data_are_deleted_everywhere(
         }
 
         # Progress still counts the withdrawn session, now that the gateway's record of it is gone too.
-        progress = (await http.get(f"/api/v1/studies/{study['study_id']}/progress", headers=ADMIN)).json()
+        progress = (await http.get(f"/api/v1/studies/{study['study_id']}/progress", headers=admin())).json()
         assert progress["arms"][0]["withdrawn"] == 1 and progress["sessions"] == 1
 
     # Nothing in Redis names the session, and no object but its tombstone; none of its words are anywhere.

@@ -161,3 +161,18 @@ def test_session_consent_from_the_record_then_redis(object_store: ObjectStore) -
     recorded = session_consent(object_store, "ret-consent-rec", FakeRedis({}))
     assert recorded is not None and not recorded.store_frames and recorded.use_for_training
     assert recorded.source == "session.json"
+
+
+@pytest.mark.integration
+def test_emili_retention_sweep_local(s3_settings: S3Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from emili_core.cli import app
+
+    monkeypatch.setenv("EMILI_S3__ENDPOINT", s3_settings.endpoint)
+    monkeypatch.setenv("EMILI_S3__ACCESS_KEY", s3_settings.access_key.get_secret_value())
+    monkeypatch.setenv("EMILI_S3__SECRET_KEY", s3_settings.secret_key.get_secret_value())
+    monkeypatch.setenv("EMILI_S3__BUCKET_PREFIX", s3_settings.bucket_prefix)
+    result = CliRunner().invoke(app, ["retention", "sweep", "--local"])
+    assert result.exit_code == 0, result.output
+    assert '"by_lifecycle": false' in result.output and '"fer_readings"' in result.output

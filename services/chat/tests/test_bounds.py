@@ -27,7 +27,7 @@ from emili_core.grpc_client import make_channel
 from emili_core.grpc_server import start_server
 from emili_core.keys import session_record_keys
 from emili_core.objectstore import Bucket, ObjectStore
-from emili_core.settings import AuthSettings, S3Settings
+from emili_core.settings import AuthSettings, S3Settings, load_settings
 from emili_session.events import PostSurvey, PreSurvey, Rating, UserMessage, payloads_of
 from emili_session.surveys import CURRENT_FEELINGS, DESIRED_FEELINGS
 from emili_testing.chat import ScriptedBackend
@@ -75,8 +75,16 @@ def test_limits_are_settings_with_sensible_defaults() -> None:
     assert surveys.current_feelings == CURRENT_FEELINGS and surveys.desired_feelings == DESIRED_FEELINGS
     assert (surveys.max_text_chars, surveys.max_comment_chars, surveys.max_submissions) == (4000, 2000, 10)
     assert pages.default_page_size <= pages.max_page_size and pages.max_page_bytes <= 4 * 1024 * 1024
-    with pytest.raises(ValueError, match="default_page_size"):
-        TranscriptSettings(default_page_size=2000, max_page_size=1000)
+
+
+def test_the_vocabulary_and_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMILI_CHAT__SURVEYS__CURRENT_FEELINGS", '["Calm", "Tense"]')
+    monkeypatch.setenv("EMILI_CHAT__SURVEYS__MAX_SUBMISSIONS", "3")
+    monkeypatch.setenv("EMILI_CHAT__TRANSCRIPT__MAX_PAGE_SIZE", "200")
+    settings = load_settings(ChatSettings)
+    assert settings.chat.surveys.current_feelings == ("Calm", "Tense")
+    assert settings.chat.surveys.desired_feelings == DESIRED_FEELINGS
+    assert settings.chat.surveys.max_submissions == 3 and settings.chat.transcript.max_page_size == 200
 
 
 # --- the engine -----------------------------------------------------------------------------------------------

@@ -73,7 +73,10 @@ async def test_a_session_never_ended_gets_the_idle_period(redis_url: str, object
     assert _ttls(sync, "ret-keep") == (-1, -1)  # 0 keeps it forever.
 
 
-async def test_the_sweeper_gives_an_expiry_only_where_it_is_safe(redis_url: str, object_store: ObjectStore) -> None:
+async def test_the_sweeper_gives_an_expiry_only_where_it_is_safe(
+    isolated_redis_url: str, object_store: ObjectStore
+) -> None:
+    redis_url = isolated_redis_url
     sync = redis.Redis.from_url(redis_url)
     await _session(redis_url, "ret-sw-persisted", ended=True)
     persist_session(sync, object_store, "ret-sw-persisted")  # Persisted before retention existed: no expiry.
@@ -81,8 +84,9 @@ async def test_the_sweeper_gives_an_expiry_only_where_it_is_safe(redis_url: str,
     await _session(redis_url, "ret-sw-live", ended=False)
     assert _ttls(sync, "ret-sw-persisted") == (-1, -1)
     settings = RetentionSettings(event_stream_days=2, idle_session_days=5)
+    sync.hset(session_key("ret-sw-stray"), mapping={"store_frames": "true"})  # Not a record chat wrote.
     counts = sweep_redis(sync, object_store, settings)
-    assert counts["sessions_given_expiry"] >= 2
+    assert counts["sessions_given_expiry"] == 2 and counts["malformed_skipped"] == 1
     assert DAY_S * 2 - 10 <= _ttls(sync, "ret-sw-persisted")[0] <= 2 * DAY_S
     assert _ttls(sync, "ret-sw-unpersisted") == (-1, -1)  # Its only copy: never expired.
     assert 5 * DAY_S - 10 <= _ttls(sync, "ret-sw-live")[1] <= 5 * DAY_S

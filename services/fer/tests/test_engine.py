@@ -182,3 +182,11 @@ async def test_analyze_many_refuses_a_request_over_the_budget_without_decoding(f
         await engine.analyze_many([FrameInput(face_jpeg)])
     with pytest.raises(InvalidInput, match="per-request budget"):
         await engine.analyze(FrameInput(face_jpeg))
+
+
+def test_pixel_budget_is_set_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from emili_core.settings import load_settings
+    from emili_fer.settings import FerSettings
+
+    monkeypatch.setenv("EMILI_FER__LIMITS__MAX_PIXELS_PER_REQUEST", str(8 * 1920 * 1080))
+    assert load_settings(FerSettings).fer.limits.max_pixels_per_request == 8 * 1920 * 1080

@@ -16,17 +16,15 @@ import os
 import time
 import uuid
 
-import redis
-
 from emili.labeler.v1 import labeler_pb2, labeler_pb2_grpc
-from emili_chat.persist import persist_session
-from emili_chat.store import SessionRecord, events_key, session_key
 from emili_core.cli import CliSettings, client_token
 from emili_core.grpc_client import make_channel
-from emili_core.objectstore import ObjectStore
+from emili_core.keys import session_record_keys
+from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import REPO_ROOT, load_settings
 from emili_core.tasks import create_celery_app
 from emili_labeler.settings import LabelerSettings
+from emili_session.events import Event, EventKind
 
 ED = REPO_ROOT.parent / "shared" / "data" / "empatheticdialogues" / "test.csv"
 FALLBACK = [
@@ -59,28 +57,56 @@ async def score_texts(target: str, token: str, texts: list[str], batch: int) -> 
         return time.perf_counter() - started
 
 
-def record_sessions(client: redis.Redis, store: ObjectStore, n: int) -> list[str]:
-    """Synthetic sessions in the chat service's record format (marked synthetic)."""
+def record_sessions(store: ObjectStore, n: int) -> list[str]:
+    """Synthetic session records in the format the chat worker stores (marked synthetic), written straight to
+    object storage: the labeler reads records, and a benchmark of it needs no chat service."""
     ids = []
     t0 = int(time.time() * 1000)
     texts = utterances(4 * n)
+    face = {"angry": 0.05, "disgust": 0.0, "fear": 0.05, "happy": 0.3, "sad": 0.1, "surprise": 0.0, "neutral": 0.5}
     for i in range(n):
         sid = f"bench-{uuid.uuid4().hex[:12]}"
-        record = SessionRecord(sid, f"user-{i % 50}", "base", "bench", False, True, {}, state="ended", synthetic=True)
-        client.hset(session_key(sid), mapping=record.to_redis())  # type: ignore[arg-type]
-        face = {"angry": 0.05, "disgust": 0.0, "fear": 0.05, "happy": 0.3, "sad": 0.1, "surprise": 0.0, "neutral": 0.5}
+        events: list[Event] = []
 
-        def add(kind: str, at: int, sid: str = sid, **payload: object) -> None:
-            client.xadd(events_key(sid), {"kind": kind, "time_ms": str(at), "payload": json.dumps(payload)})
+        def add(kind: EventKind, at: int, events: list[Event] = events, **payload: object) -> None:
+            events.append(Event(f"{at}-{len(events)}", kind, at, dict(payload)))
 
-        add("session_created", t0, model_arm="base", model_id="bench", options={}, system_prompt="You are EMILI.")
-        add("pre_survey", t0 + 10, current_feelings=[], desired_feelings=[], text=texts[4 * i])
-        add("fer_reading", t0 + 950, capture_time_ms=t0 + 950, face_found=True, probabilities=face, source="client")
-        add("user_message", t0 + 1000, text=texts[4 * i + 1])
-        add("assistant_message", t0 + 2000, text=texts[4 * i + 2], turn_id="t1", unprompted=False, model_id="bench")
-        add("fer_reading", t0 + 2500, capture_time_ms=t0 + 2500, face_found=True, probabilities=face, source="client")
-        add("post_survey", t0 + 9000, current_feelings=[], desired_feelings=[], text=texts[4 * i + 3])
-        persist_session(client, store, sid)
+        add(
+            EventKind.SESSION_CREATED,
+            t0,
+            model_arm="base",
+            model_id="bench",
+            options={},
+            system_prompt="You are EMILI.",
+        )
+        add(EventKind.PRE_SURVEY, t0 + 10, current_feelings=[], desired_feelings=[], text=texts[4 * i])
+        reading = {"face_found": True, "probabilities": face, "source": "client"}
+        add(EventKind.FER_READING, t0 + 950, capture_time_ms=t0 + 950, **reading)
+        add(EventKind.USER_MESSAGE, t0 + 1000, text=texts[4 * i + 1])
+        reply = {"turn_id": "t1", "unprompted": False, "model_id": "bench"}
+        add(EventKind.ASSISTANT_MESSAGE, t0 + 2000, text=texts[4 * i + 2], **reply)
+        add(EventKind.FER_READING, t0 + 2500, capture_time_ms=t0 + 2500, **reading)
+        add(EventKind.POST_SURVEY, t0 + 9000, current_feelings=[], desired_feelings=[], text=texts[4 * i + 3])
+        keys = session_record_keys(sid)
+        lines = [json.dumps(e.to_json()) + "\n" for e in events]
+        store.put_bytes(Bucket.SESSIONS, keys["events.jsonl"], "".join(lines).encode())
+        fer = [line for e, line in zip(events, lines, strict=True) if e.kind == EventKind.FER_READING]
+        store.put_bytes(Bucket.SESSIONS, keys["fer.jsonl"], "".join(fer).encode())
+        manifest = {
+            "session_id": sid,
+            "user_id": f"user-{i % 50}",
+            "model_arm": "base",
+            "model_id": "bench",
+            "store_frames": False,
+            "use_for_training": True,
+            "options": {},
+            "state": "ended",
+            "created_ms": t0,
+            "ended_ms": t0 + 9000,
+            "synthetic": True,
+            "last_event_id": events[-1].event_id,
+        }
+        store.put_json(Bucket.SESSIONS, keys["session.json"], manifest)
         ids.append(sid)
     return ids
 
@@ -110,10 +136,9 @@ def main() -> None:
         "warm_utterances_per_s": round(len(texts) / warm, 1),
         "note": "cold texts each carry one made-up word, so every batch embeds new out-of-lexicon words",
     }
-    client = redis.Redis.from_url(cli.redis_url)
     store = ObjectStore(cli.s3)
     started = time.perf_counter()
-    record_sessions(client, store, args.sessions)
+    record_sessions(store, args.sessions)
     recorded = time.perf_counter() - started
     app = create_celery_app("bench", cli)
     started = time.perf_counter()
@@ -121,7 +146,7 @@ def main() -> None:
     labelled = time.perf_counter() - started
     report["sessions_through_queue"] = {
         "sessions": args.sessions,
-        "record_and_persist_s": round(recorded, 1),
+        "record_s": round(recorded, 1),
         "label_all_unlabeled_s": round(labelled, 1),
         "sessions_per_s": round(result["labelled"] / labelled, 1),
         "result": {k: v for k, v in result.items() if k != "failed"} | {"failed": len(result["failed"])},

@@ -137,6 +137,18 @@ def s3_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Settings
     _stop(process)
 
 
+@pytest.fixture
+def isolated_redis_url(redis_url: str) -> Iterator[str]:
+    """An empty Redis database of the test server, for tests that scan every key (sweepers, reconcilers) and
+    must not see what other tests left in database 0."""
+    url = f"{redis_url.rsplit('/', 1)[0]}/9"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
 @pytest.fixture(scope="session")
 def stack(redis_url: str, s3_settings: S3Settings) -> Stack:
     return Stack(redis_url, s3_settings)

@@ -12,8 +12,10 @@ from emili_core.objectstore import Bucket, ObjectStore
 def redis_mentions(client: redis.Redis, needle: str) -> list[str]:
     """Every Redis key whose name or value holds ``needle``."""
     found, raw = [], needle.encode()
+    # A client made without decode_responses answers bytes; the redis stubs do not know that.
     for key in client.scan_iter(count=1000):
-        kind = client.type(key).decode()
+        answer: Any = client.type(key)
+        kind = answer.decode()
         if kind == "string":
             values: list[Any] = [client.get(key)]
         elif kind == "hash":
@@ -25,7 +27,8 @@ def redis_mentions(client: redis.Redis, needle: str) -> list[str]:
         elif kind == "zset":
             values = client.zrange(key, 0, -1)
         elif kind == "stream":
-            values = [x for _, fields in client.xrange(key) for pair in fields.items() for x in pair]
+            entries: Any = client.xrange(key)
+            values = [x for _, fields in entries for pair in fields.items() for x in pair]
         else:
             values = []
         if raw in key or any(raw in (v or b"") for v in values):

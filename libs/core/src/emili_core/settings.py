@@ -194,13 +194,15 @@ class CommonSettings(BaseSettings):
         return self
 
     def redelivery(self, queue: str) -> Redelivery:
-        """The visibility timeout and task time limit of ``queue``'s consumers."""
-        try:
-            known = Queue(queue)
-        except ValueError:
-            return Redelivery(self.visibility_timeout_seconds, self.task_time_limit_seconds)
-        if known in self.queues:
+        """The visibility timeout and task time limit of ``queue``'s consumers: ``queues[queue]`` if set, else the
+        two global numbers if either was set explicitly (``EMILI_VISIBILITY_TIMEOUT_SECONDS``, as before per-queue
+        numbers existed), else the catalogue's."""
+        known = Queue(queue) if queue in {q.value for q in Queue} else None
+        if known is not None and known in self.queues:
             return Redelivery(self.queues[known].visibility_timeout_s, self.queues[known].task_time_limit_s)
+        explicit = {"visibility_timeout_seconds", "task_time_limit_seconds"} & self.model_fields_set
+        if known is None or explicit:
+            return Redelivery(self.visibility_timeout_seconds, self.task_time_limit_seconds)
         return REDELIVERY[known]
 
     def server_settings(self) -> ServerSettings:

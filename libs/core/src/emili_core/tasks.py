@@ -169,7 +169,9 @@ class LeaseRenewal:
         self.index_key = unacked_keys(service)["unacked_index_key"]
         self.client = redis.Redis.from_url(redis_url, socket_timeout=5)
         self.interval = max(1.0, visibility_s / 3)
-        self.running: dict[str, str] = {}  # task id -> delivery tag
+        # task id -> delivery tags held, oldest first (a retry is a new message with the same task id, received
+        # before the run that sent it ends).
+        self.running: dict[str, list[str]] = {}
         signals.task_received.connect(self._received, weak=False)
         signals.task_postrun.connect(self._postrun, weak=False)
         threading.Thread(target=self._loop, name="lease-renewal", daemon=True).start()
@@ -177,13 +179,17 @@ class LeaseRenewal:
     def _received(self, request: Any, **_: Any) -> None:
         tag = getattr(getattr(request, "message", None), "delivery_tag", None)
         if tag:
-            self.running[str(request.id)] = str(tag)
+            self.running.setdefault(str(request.id), []).append(str(tag))
 
     def _postrun(self, task_id: str, **_: Any) -> None:
-        self.running.pop(task_id, None)
+        tags = self.running.get(task_id)
+        if tags:
+            tags.pop(0)  # The message of the run that ended (acknowledged now).
+        if not tags:
+            self.running.pop(task_id, None)
 
     def renew(self) -> int:
-        tags = list(self.running.values())
+        tags = [tag for held in list(self.running.values()) for tag in held]
         if not tags:
             return 0
         self.client.zadd(self.index_key, {tag: time.time() for tag in tags}, xx=True)
@@ -199,11 +205,11 @@ class LeaseRenewal:
 
 
 # What a worker waits out at start (instead of exiting): its broker or its object store being down.
-STARTUP_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, redis.RedisError, OSError)
+STARTUP_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, redis.RedisError)
 
 
 def wait_until_ready(
-    service: str, settings: CommonSettings, warm_up: Callable[[], object], *, max_delay_s: float = 30.0
+    service: str, settings: CommonSettings, warm_up: Callable[[], object], *, max_delay_s: float = 10.0
 ) -> None:
     """Reach the broker and run ``warm_up`` (object store, models), retrying with capped backoff while a
     dependency is down and logging what it waits for; errors that are not transient still stop the worker."""

@@ -93,7 +93,7 @@ async def run_load(
         else:
             result.persist_lag_s[session_id] = lag
 
-    async with make_channel(target, None, timeout=settings.rpc_timeout_s) as channel:
+    async with make_channel(target, None, tls=settings.tls, timeout=settings.rpc_timeout_s) as channel:
 
         async def slot(index: int) -> None:
             n = 0

@@ -83,6 +83,9 @@ class SessionCreated:
 
 @dataclass(frozen=True)
 class _Survey:
+    """A pre- or post-chat survey (feelings in the words of chat's configured vocabularies). One of each kind per
+    session: a resubmission is a new event that replaces it, so readers take the last."""
+
     current_feelings: tuple[str, ...] = ()
     desired_feelings: tuple[str, ...] = ()
     text: str = ""
@@ -195,6 +198,9 @@ class PostResponseReading:
 
 @dataclass(frozen=True)
 class Rating:
+    """A session's rating. A session has one: a resubmission is a new event that replaces it, so readers take the
+    last (``list(payloads_of(events, Rating))[-1]``); chat accepts none after ``session_ended``."""
+
     KIND: ClassVar[EventKind] = EventKind.RATING
     empathy: int  # Likert 1-5, like the other two.
     relevance: int

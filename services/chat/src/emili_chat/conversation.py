@@ -56,6 +56,8 @@ from emili_session.events import (
     FerReading,
     FerRestored,
     FerUnavailable,
+    FramesDropped,
+    FrameStored,
     Payload,
     PostResponseReading,
     ReadoutInjected,
@@ -224,7 +226,10 @@ class Conversation:
         if self.record.store_frames and self.engine.frames is not None:
             # Uploaded off this path (emili_chat.frames): an object-storage outage delays storing, never the talk.
             key = frame_key(self.record.session_id, capture)
-            self.engine.frames.submit(self.record.session_id, key, frame.jpeg, capture)
+            if self.engine.frames.submit(self.record.session_id, key, frame.jpeg, capture):
+                await self._record(FrameStored(key=key, capture_time_ms=capture))
+            else:  # The upload buffer is full (storage down for long): this frame is not kept.
+                await self._record(FramesDropped(1, capture, capture, "frame upload buffer full"))
         if self.engine.fer_channel is None:
             raise DependencyUnavailable("this chat service has no FER service configured; send FER readings instead")
         if self.fer is None:

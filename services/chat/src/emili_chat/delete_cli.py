@@ -22,7 +22,7 @@ from rich.markup import escape
 from emili.chat.v1 import chat_pb2, chat_pb2_grpc
 from emili_chat.settings import ChatSettings
 from emili_core.grpc_client import make_channel
-from emili_core.settings import load_settings
+from emili_core.settings import TLSSettings, load_settings
 
 console = Console()
 FORGET_TASK = "labeler.forget_sessions"
@@ -66,17 +66,19 @@ def _session_json(s: chat_pb2.DeletedSession) -> dict[str, Any]:
 
 
 async def _delete_user(
-    target: str, token: str, user_id: str, session_ids: list[str], reason: str
+    target: str, tls: TLSSettings, token: str, user_id: str, session_ids: list[str], reason: str
 ) -> chat_pb2.DeleteUserDataResponse:
-    async with make_channel(target, token, timeout=300) as channel:
+    async with make_channel(target, token, tls=tls, timeout=300) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         request = chat_pb2.DeleteUserDataRequest(user_id=user_id, session_ids=session_ids, reason=reason)
         reply: chat_pb2.DeleteUserDataResponse = await stub.DeleteUserData(request)
         return reply
 
 
-async def _delete_session(target: str, token: str, session_id: str, reason: str) -> chat_pb2.DeleteSessionDataResponse:
-    async with make_channel(target, token, timeout=300) as channel:
+async def _delete_session(
+    target: str, tls: TLSSettings, token: str, session_id: str, reason: str
+) -> chat_pb2.DeleteSessionDataResponse:
+    async with make_channel(target, token, tls=tls, timeout=300) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         request = chat_pb2.DeleteSessionDataRequest(session_id=session_id, reason=reason)
         reply: chat_pb2.DeleteSessionDataResponse = await stub.DeleteSessionData(request)
@@ -156,7 +158,9 @@ def delete_user(
 ) -> None:
     """Delete every session of USER_ID (admin): chat's data, then the labeler's."""
     settings = load_settings(ChatSettings)
-    reply = _run(_delete_user(target or settings.grpc_target(), _token(), user_id, list(session or []), reason))
+    reply = _run(
+        _delete_user(target or settings.grpc_target(), settings.tls, _token(), user_id, list(session or []), reason)
+    )
     chat = {"user_id": reply.user_id, "sessions": [_session_json(s) for s in reply.sessions]}
     chat["audit_key"] = reply.audit_key
     ids = [s["session_id"] for s in chat["sessions"]]
@@ -174,7 +178,7 @@ def delete_session(
 ) -> None:
     """Delete one session's data (its owner's token in EMILI_CLI__TOKEN, or admin): chat's, then the labeler's."""
     settings = load_settings(ChatSettings)
-    reply = _run(_delete_session(target or settings.grpc_target(), _token(), session_id, reason))
+    reply = _run(_delete_session(target or settings.grpc_target(), settings.tls, _token(), session_id, reason))
     chat = {"sessions": [_session_json(reply.deleted)], "audit_key": reply.audit_key}
     forgotten = _forget(settings, [session_id], [], reason, wait) if labels else None
     _report(chat, forgotten, as_json)

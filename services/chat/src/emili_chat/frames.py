@@ -1,12 +1,13 @@
 """Stored frames are uploaded off the conversation's path.
 
 A conversation whose user consented to storing frames hands each frame to the process's one
-:class:`FrameUploader` and carries on (the frame still goes to FER at once). The uploader keeps frames in a
-bounded in-memory buffer and uploads them with a few concurrent tasks; while object storage is down it retries
-with capped backoff, so an outage delays storage and never the conversation. Only after the upload succeeds is
-the ``frame_stored`` event recorded (its key is the frame's, so a retried upload rewrites the same object). A
-frame that would overflow the buffer is dropped: counted (``emili_chat_frames_dropped_total``) and recorded in
-its session as a ``frames_dropped`` event. A frame of a session deleted meanwhile is removed again.
+:class:`FrameUploader`, records its ``frame_stored`` event (the key it will have) and carries on (the frame
+still goes to FER at once). The uploader keeps frames in a bounded in-memory buffer and uploads them with a few
+concurrent tasks; while object storage is down it retries with capped backoff, so an outage delays storage and
+never the conversation (a session's record may so name a frame that arrives in storage later; its key is the
+frame's, so a retried upload rewrites the same object). A frame that would overflow the buffer is dropped:
+counted (``emili_chat_frames_dropped_total``), and the conversation records a ``frames_dropped`` event instead.
+A frame whose session was deleted meanwhile (its Redis hash is gone) is removed again after its upload.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge
 
-from emili_chat.store import SessionStore
-from emili_core.errors import DependencyUnavailable, NotFound
+from emili_chat.store import SessionStore, session_key
+from emili_core.errors import DependencyUnavailable
 from emili_core.metrics import metric_name
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.tasks import TRANSIENT_ERRORS
-from emili_session.events import FramesDropped, FrameStored
 
 log = logging.getLogger(__name__)
 RETRIED: tuple[type[BaseException], ...] = (DependencyUnavailable, *TRANSIENT_ERRORS)
@@ -76,7 +76,6 @@ class FrameUploader:
         self.metrics = frame_metrics()
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._drops: dict[str, list[int]] = {}  # session -> capture times of frames dropped, not yet recorded
         self._backoff = 0.0
 
     # --- the conversation's side ------------------------------------------------------------------------------
@@ -86,10 +85,7 @@ class FrameUploader:
         self._start()
         if self.bytes + len(jpeg) > self.max_bytes:
             self.metrics.dropped.inc()
-            first = session_id not in self._drops
-            self._drops.setdefault(session_id, []).append(capture_time_ms)
-            if first:
-                log.warning("frame buffer full (%d bytes): dropping frames of session %s", self.bytes, session_id)
+            log.warning("frame buffer full (%d bytes): dropping a frame of session %s", self.bytes, session_id)
             return False
         self.pending.append(PendingFrame(session_id, key, jpeg, capture_time_ms))
         self.bytes += len(jpeg)
@@ -111,7 +107,6 @@ class FrameUploader:
     async def _upload_loop(self) -> None:
         assert self._wake is not None
         while True:
-            await self._record_drops()
             if not self.pending:
                 self._wake.clear()
                 await self._wake.wait()
@@ -136,11 +131,9 @@ class FrameUploader:
         """True when the frame is stored and recorded (or its session is gone); False to try again later."""
         try:
             await asyncio.to_thread(self.objects.put_bytes, Bucket.FRAMES, frame.key, frame.jpeg, "image/jpeg")
-            try:
-                await self.store.record(
-                    frame.session_id, FrameStored(key=frame.key, capture_time_ms=frame.capture_time_ms)
-                )
-            except NotFound:  # The session's data were deleted meanwhile: keep none of its frames.
+            key = session_key(frame.session_id)
+            if not await self.store._call("check a session", lambda: self.store.redis.exists(key)):
+                # The session's data were deleted meanwhile: keep none of its frames.
                 await asyncio.to_thread(self.objects.delete, Bucket.FRAMES, frame.key)
         except RETRIED as exc:
             log.warning("frame %s not stored yet (%s); %d frames buffered", frame.key, exc, len(self.pending) + 1)
@@ -148,27 +141,12 @@ class FrameUploader:
         except Exception:
             log.exception("frame %s could not be stored; it is dropped", frame.key)
             self.metrics.dropped.inc()
-            self._drops.setdefault(frame.session_id, []).append(frame.capture_time_ms)
             return True
         self.metrics.uploaded.inc()
         return True
 
-    async def _record_drops(self) -> None:
-        for session_id in list(self._drops):
-            captures = self._drops.pop(session_id, [])
-            if not captures:
-                continue
-            payload = FramesDropped(len(captures), min(captures), max(captures), "frame upload buffer full")
-            try:
-                await self.store.record(session_id, payload)
-            except NotFound:
-                pass
-            except DependencyUnavailable:  # Redis is down too: keep the count for the next try.
-                self._drops.setdefault(session_id, []).extend(captures)
-                return
-
     def idle(self) -> bool:
-        return not self.pending and not self.in_flight and not self._drops
+        return not self.pending and not self.in_flight
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait (up to ``timeout_s``) until every buffered frame is stored; True when none is left."""

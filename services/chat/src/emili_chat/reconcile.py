@@ -12,6 +12,7 @@ storage once (a record written by the pipeline step, or before marks existed). I
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -24,7 +25,7 @@ from typing import Any
 import redis
 from prometheus_client import Counter, Gauge
 
-from emili_chat.store import ENDED, PREFIX, events_key, session_key
+from emili_chat.store import ENDED, PERSISTED_KEY, PREFIX, enqueued_key, events_key, session_key
 from emili_core.errors import DependencyUnavailable, NotFound
 from emili_core.keys import session_record_keys
 from emili_core.metrics import metric_name
@@ -32,12 +33,7 @@ from emili_core.objectstore import Bucket, ObjectStore
 
 log = logging.getLogger(__name__)
 
-PERSISTED_KEY = f"{PREFIX}:persisted"  # Hash: session id -> the last event id in its stored record.
 LOCK_KEY = f"{PREFIX}:reconciler:lock"
-
-
-def enqueued_key(session_id: str) -> str:
-    return f"{PREFIX}:reconciler:enqueued:{session_id}"
 
 
 def mark_persisted(client: redis.Redis, session_id: str, last_event_id: str) -> None:
@@ -77,6 +73,10 @@ def find_unpersisted(client: redis.Redis, store: ObjectStore | None) -> tuple[in
     keys = [_text(k) for k in client.scan_iter(match=session_key("*"), count=1000)]
     ended, found = 0, []
     storage_up = store is not None
+    # Marks of sessions whose hash is gone (deleted, or expired after retention) are dropped.
+    gone = {_text(k) for k in client.hkeys(PERSISTED_KEY)} - {k.rsplit(":", 1)[-1] for k in keys}
+    if gone:
+        client.hdel(PERSISTED_KEY, *gone)
     for start in range(0, len(keys), 500):
         batch = keys[start : start + 500]
         ids = [k.rsplit(":", 1)[-1] for k in batch]
@@ -150,6 +150,11 @@ class ReconcilerMetrics:
         )
 
 
+@functools.cache
+def reconciler_metrics() -> ReconcilerMetrics:
+    return ReconcilerMetrics()
+
+
 class Reconciler:
     """Runs :func:`reconcile` every ``interval_s`` in a daemon thread while this worker holds the Redis lock."""
 
@@ -165,7 +170,7 @@ class Reconciler:
         self.client, self.store, self.enqueue = client, store, enqueue
         self.interval_s, self.requeue_after_s = interval_s, requeue_after_s
         self.token = uuid.uuid4().hex
-        self.metrics = ReconcilerMetrics()
+        self.metrics = reconciler_metrics()
         self.stopped = threading.Event()
 
     def holds_lock(self) -> bool:
@@ -195,7 +200,11 @@ class Reconciler:
 
     def _loop(self) -> None:
         while not self.stopped.wait(self.interval_s):
-            self.run_once()
+            try:
+                self.run_once()
+            except Exception:  # Never let the thread die: the next pass tries again.
+                log.exception("reconciler pass failed")
+                self.metrics.passes.labels("error").inc()
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self._loop, name="chat-reconciler", daemon=True)

@@ -72,7 +72,7 @@ def sweep_redis(client: redis.Redis, store: ObjectStore, settings: RetentionSett
     """An active session's expiry is (re)set to the idle period from its last write; an ended one without an
     expiry whose record is persisted gets the event-stream period; an ended one not persisted yet is left for
     ``chat.persist_session`` (never expire the only copy)."""
-    scanned = expiring = 0
+    scanned = expiring = malformed = 0
     prefix = session_key("")
     for raw_key in client.scan_iter(match=f"{prefix}*", count=500):
         key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
@@ -82,12 +82,16 @@ def sweep_redis(client: redis.Redis, store: ObjectStore, settings: RetentionSett
             state = read_session(client, session_id).state
         except NotFound:
             continue
+        except (TypeError, ValueError) as exc:  # Not a record chat wrote: one bad hash must not stop the sweep.
+            log.warning("retention sweep: skipping %s, not a session record (%s)", key, exc)
+            malformed += 1
+            continue
         ttl: Any = client.ttl(key)
         if state == ENDED and (int(ttl) != -1 or not _persisted(store, session_id)):
             continue  # Expiring already, or its record is not in object storage yet.
         if apply_retention(client, session_id, settings) is not None:
             expiring += 1
-    return {"sessions_scanned": scanned, "sessions_given_expiry": expiring}
+    return {"sessions_scanned": scanned, "sessions_given_expiry": expiring, "malformed_skipped": malformed}
 
 
 def retention_sweep(client: redis.Redis, store: ObjectStore, settings: RetentionSettings) -> dict[str, Any]:

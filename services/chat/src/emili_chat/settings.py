@@ -81,15 +81,9 @@ class SurveySettings(BaseModel):
 class TranscriptSettings(BaseModel):
     """GetTranscript pages: events per response, so a response stays far below the gRPC message limit."""
 
-    default_page_size: int = Field(500, ge=1)
+    default_page_size: int = Field(500, ge=1)  # Lowered to max_page_size when over it.
     max_page_size: int = Field(1000, ge=1)
     max_page_bytes: int = Field(1024 * 1024, ge=64 * 1024)  # A page ends early when its events reach this size.
-
-    @model_validator(mode="after")
-    def _default_within_max(self) -> TranscriptSettings:
-        if self.default_page_size > self.max_page_size:
-            raise ValueError("transcript.default_page_size must not exceed transcript.max_page_size")
-        return self
 
 
 class ResilienceSettings(BaseModel):
@@ -133,6 +127,9 @@ class ReconcileSettings(BaseModel):
     interval_s: float = Field(30.0, gt=0)  # 0 < interval; one worker at a time runs it (a Redis lock).
     requeue_after_s: float = Field(120.0, gt=0)  # A session still unpersisted is enqueued again this often.
     enabled: bool = True
+    # chat.retention_sweep is enqueued once per this period across all workers (0 = never: run it by hand or
+    # from a CronJob with `emili retention sweep`).
+    retention_sweep_interval_s: float = Field(24 * 3600.0, ge=0)
 
 
 class ChatOptions(BaseModel):

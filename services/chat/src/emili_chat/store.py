@@ -46,6 +46,14 @@ def user_sessions_key(user_id: str) -> str:
     return f"{PREFIX}:user:{user_id}:sessions"
 
 
+# The reconciler's bookkeeping (emili_chat.reconcile) names sessions too, so deleting a session clears it.
+PERSISTED_KEY = f"{PREFIX}:persisted"  # Hash: session id -> the last event id in its stored record.
+
+
+def enqueued_key(session_id: str) -> str:
+    return f"{PREFIX}:reconciler:enqueued:{session_id}"
+
+
 @dataclass
 class SessionRecord:
     session_id: str
@@ -168,10 +176,11 @@ class SessionStore:
             try:
                 return await (call() if callable(call) else call)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if not callable(call) or time.monotonic() + delay > deadline:
+                remaining = deadline - time.monotonic()
+                if not callable(call) or remaining <= 0:
                     raise DependencyUnavailable(f"Redis unavailable while trying to {what}: {exc}") from exc
                 log.warning("Redis unavailable while trying to %s (%s); retrying in %.2f s", what, exc, delay)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(min(delay, remaining))
                 delay = min(delay * 2, 1.0)
 
     async def create(self, record: SessionRecord) -> SessionRecord:
@@ -277,11 +286,12 @@ class SessionStore:
         raw = await self._call("read a session", self.redis.hgetall(session_key(session_id)))
         if raw:
             user_id = SessionRecord.from_redis(raw).user_id
-        keys = (session_key(session_id), events_key(session_id))
+        keys = (session_key(session_id), events_key(session_id), enqueued_key(session_id))
         pipe = self.redis.pipeline(transaction=True)
         pipe.xlen(keys[1])
         for key in keys:
             pipe.delete(key)
+        pipe.hdel(PERSISTED_KEY, session_id)
         if user_id:
             pipe.srem(user_sessions_key(user_id), session_id)
         results = await self._call("delete a session", pipe.execute())

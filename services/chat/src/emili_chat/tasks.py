@@ -8,6 +8,7 @@ from typing import Any
 import redis
 
 from emili_chat.persist import persist_session
+from emili_chat.reconcile import mark_persisted
 from emili_chat.settings import ChatSettings
 from emili_core.objectstore import ObjectStore
 from emili_core.settings import RetentionSettings, load_settings
@@ -24,10 +25,16 @@ def runtime() -> tuple[redis.Redis, ObjectStore]:
     return redis.Redis.from_url(settings.redis_url), store
 
 
-@idempotent_task("chat.persist_session")
+# Retried for as long as storage is down (every 30 s at most: under the chat queue's visibility timeout, so a
+# retry waiting for its countdown in a live worker is never redelivered meanwhile). The reconciler
+# (emili_chat.reconcile) enqueues again any ended session whose record is still missing.
+@idempotent_task("chat.persist_session", max_retries=None, retry_backoff_max=30)
 def persist_session_task(self: Any, session_id: str) -> dict[str, Any]:
     client, store = runtime()
-    return persist_session(client, store, session_id, retention_settings())
+    result = persist_session(client, store, session_id, retention_settings())
+    if not result.get("deleted"):
+        mark_persisted(client, session_id, str(result.get("last_event_id", "")))
+    return result
 
 
 @functools.cache
@@ -35,7 +42,8 @@ def retention_settings() -> RetentionSettings:
     return load_settings(ChatSettings).retention
 
 
-@idempotent_task("chat.retention_sweep")
+# Sweeps and pipeline steps may run longer than the chat queue's time limit; the worker renews their leases.
+@idempotent_task("chat.retention_sweep", time_limit=PIPELINE_STEP_LIMIT_S)
 def retention_sweep_task(self: Any) -> dict[str, Any]:
     """Expire raw data past their retention period (frames, FER readings, Redis streams); ``emili retention
     sweep`` queues it, and a scheduler (cron, a Kubernetes CronJob) runs it daily."""
@@ -45,7 +53,7 @@ def retention_sweep_task(self: Any) -> dict[str, Any]:
     return retention_sweep(client, store, retention_settings())
 
 
-@idempotent_task("chat.pipeline_collect")
+@idempotent_task("chat.pipeline_collect", time_limit=PIPELINE_STEP_LIMIT_S)
 def pipeline_collect(self: Any, state: dict[str, Any]) -> dict[str, Any]:
     from emili_chat import pipeline_steps as steps
     from emili_pipeline.pipeline import run_step_task

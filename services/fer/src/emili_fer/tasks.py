@@ -30,7 +30,7 @@ def runtime() -> tuple[FerSettings, FerEngine, ObjectStore]:
 @functools.cache
 def consent_reader() -> HashReader:
     """Redis, where a live session's consent is (chat's session hash) before its record is persisted."""
-    return Redis.from_url(runtime()[0].redis_url)
+    return Redis.from_url(runtime()[0].redis_url, socket_timeout=5)
 
 
 @idempotent_task("fer.analyze_session_frames")

@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 
 from emili.chat.v1 import chat_pb2, chat_pb2_grpc
 from emili_core.grpc_client import make_channel
+from emili_core.settings import TLSSettings
 from emili_pipeline.simulator.faces import FaceModelSettings, FaceSet, load_face_set
 from emili_pipeline.simulator.personas import Persona
 from emili_pipeline.simulator.state import ReplyScorer, StateModelSettings, reply_quality
@@ -57,6 +58,8 @@ class SimulatorSettings(BaseModel):
     subject_prefix: str = Field("sim", pattern=r"^[A-Za-z0-9._-]{1,32}$")
     state: StateModelSettings = StateModelSettings()
     face: FaceModelSettings = FaceModelSettings()
+    # How to reach chat over TLS: the process's ``EMILI_TLS__*`` (PipelineSettings copies them here).
+    tls: TLSSettings | None = Field(None, exclude=True)
 
 
 @dataclass
@@ -258,7 +261,7 @@ async def run_user(
     """One simulated user's whole session. ``token`` is sent with every call (a channel given here may
     carry its own instead); ``faces`` defaults to ``settings.faces`` (None: FER readings are sent)."""
     if isinstance(channel_or_target, str):
-        async with make_channel(channel_or_target, None, timeout=settings.rpc_timeout_s) as channel:
+        async with make_channel(channel_or_target, None, tls=settings.tls, timeout=settings.rpc_timeout_s) as channel:
             return await run_user(channel, persona, settings, seed, token=token, faces=faces, scorer=scorer)
     if faces is None and settings.faces is not None:
         faces = await asyncio.to_thread(load_face_set, settings.faces, settings.face)
@@ -363,7 +366,7 @@ async def run_users(
     if not personas:
         raise ValueError("no personas to simulate")
     if isinstance(channel_or_target, str):
-        async with make_channel(channel_or_target, None, timeout=settings.rpc_timeout_s) as channel:
+        async with make_channel(channel_or_target, None, tls=settings.tls, timeout=settings.rpc_timeout_s) as channel:
             return await run_users(
                 n, concurrency, channel, personas, settings, seed, token_for=token_for, faces=faces, scorer=scorer
             )

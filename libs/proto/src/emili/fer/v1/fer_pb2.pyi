@@ -277,6 +277,11 @@ Global___AnalyzeResponse: _TypeAlias = AnalyzeResponse  # noqa: Y015
 
 @_typing.final
 class AnalyzeBatchRequest(_message.Message):
+    """At most 256 frames, and a per-request budget of decoded pixels (the sum of width x height read from the
+    frames' headers before anything is decoded; EMILI_FER__LIMITS__MAX_PIXELS_PER_REQUEST, by default 64 frames of
+    1280x720): a request over either is INVALID_ARGUMENT naming the limit. Analyze's one frame has the same budget.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FRAMES_FIELD_NUMBER: _builtins.int
