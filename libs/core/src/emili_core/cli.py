@@ -219,9 +219,14 @@ def stack_up(
     stack.up(settings)
     console.print(f"supervisord running; logs in {stack.LOG_DIR}")
     deadline = time.monotonic() + wait
+    workers_started = False
     while True:
         rows = collect_status(settings, list(stack.LOCAL_SERVICES))
         waiting = [r.name for r in rows if not r.ok]
+        if not workers_started and not [name for name in waiting if not name.endswith("-worker")]:
+            stack.start_workers()  # Every server has bound its port: workers may open connections now.
+            workers_started = True
+            continue
         if not waiting:
             print_status(rows, service_links(list(stack.LOCAL_SERVICES)))
             return

@@ -39,6 +39,8 @@ class Program:
     name: str
     command: str
     priority: int
+    # Workers start only once the servers have bound their ports (see start_workers).
+    autostart: bool = True
     stopwaitsecs: int = 30
     environment: dict[str, str] = field(default_factory=lambda: dict(PROGRAM_ENVIRONMENT))
 
@@ -97,7 +99,8 @@ def programs(
         env = environment(service)
         result.append(Program(f"{service}-server", _bin(f"emili-{service}-server"), priority=20, environment=env))
         if has_worker(service, classes):
-            result.append(Program(f"{service}-worker", _bin(f"emili-{service}-worker"), priority=30, environment=env))
+            worker = Program(f"{service}-worker", _bin(f"emili-{service}-worker"), 30, autostart=False, environment=env)
+            result.append(worker)
     return result
 
 
@@ -112,12 +115,22 @@ def render_config(progs: list[Program]) -> str:
     for p in progs:
         env = ",".join(f'{k}="{v}"' for k, v in sorted(p.environment.items()))
         sections.append(
-            f"[program:{p.name}]\ncommand={p.command}\npriority={p.priority}\nautostart=true\nautorestart=true\n"
+            f"[program:{p.name}]\ncommand={p.command}\npriority={p.priority}\nautostart={str(p.autostart).lower()}\n"
+            "autorestart=true\n"
             f"startsecs=2\nstopsignal=TERM\nstopwaitsecs={p.stopwaitsecs}\nstopasgroup=true\nkillasgroup=true\n"
             f"redirect_stderr=true\nstdout_logfile={LOG_DIR / p.name}.log\nstdout_logfile_maxbytes=20MB\n"
             f"stdout_logfile_backups=3\nenvironment={env}\n"
         )
     return "\n".join(sections)
+
+
+# The servers' fixed ports lie in the kernel's ephemeral range: a worker's Redis connection made before a slow
+# server (the trainer imports torch first) has bound could take that port as its source port, and the server then
+# never binds. So workers are not started by supervisord; `emili stack up` starts them once every server answers.
+def start_workers() -> None:
+    names = [p for p in program_states() if p.endswith("-worker")]
+    if names:
+        supervisorctl("start", *names)
 
 
 def supervisorctl(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
