@@ -26,6 +26,7 @@ from emili_core.grpc_client import make_channel
 from emili_core.keys import session_record_keys
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.queues import Queue
+from emili_core.tasks import TRANSIENT_ERRORS
 from emili_pipeline.simulator.faces import load_face_set
 from emili_pipeline.simulator.personas import Persona
 from emili_pipeline.simulator.run import SessionOutcome, SimulatorSettings, lost_events, run_user, user_seed
@@ -48,8 +49,10 @@ async def _sample_queues(redis_url: str, samples: dict[str, list[int]], stop: as
     client = aioredis.Redis.from_url(redis_url)
     try:
         while not stop.is_set():
-            for queue in Queue:
-                samples.setdefault(queue.value, []).append(int(await client.llen(queue.value)))
+            # The load test observes; under `make chaos` Redis is killed on purpose, and a missed sample is fine.
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                for queue in Queue:
+                    samples.setdefault(queue.value, []).append(int(await client.llen(queue.value)))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
     finally:
@@ -60,8 +63,11 @@ async def _await_record(store: ObjectStore, session_id: str, ended: float, timeo
     """Seconds from the session's end until its record is in object storage (None: not within the timeout)."""
     key = session_record_keys(session_id)["session.json"]
     while time.perf_counter() - ended < timeout_s:
-        if await asyncio.to_thread(store.exists, Bucket.SESSIONS, key):
-            return time.perf_counter() - ended
+        try:
+            if await asyncio.to_thread(store.exists, Bucket.SESSIONS, key):
+                return time.perf_counter() - ended
+        except TRANSIENT_ERRORS:  # S3 down (a chaos fault): keep waiting until the timeout.
+            pass
         await asyncio.sleep(0.25)
     return None
 
