@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -22,27 +21,11 @@ from emili_core.grpc_client import make_channel
 from emili_core.grpc_server import start_server
 from emili_session.surveys import CURRENT_FEELINGS, DESIRED_FEELINGS
 from emili_testing.chat import ScriptedBackend
+from emili_testing.loop import BackgroundLoop
 from emili_testing.plugin import token
 
 T = TypeVar("T")
 REPLY = "That sounds like a long day. What was the hardest part?"
-
-
-class BackgroundLoop:
-    """The chat server's event loop in a thread: the command runs its own loop (asyncio.run) in the test's."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="chat-server", daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture

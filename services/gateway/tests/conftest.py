@@ -12,9 +12,8 @@ import asyncio
 import os
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +33,7 @@ from emili_core.settings import AuthSettings, CommonSettings, S3Settings, Server
 from emili_gateway.app import create_app
 from emili_gateway.settings import GatewaySettings
 from emili_testing.chat import ScriptedBackend
+from emili_testing.loop import BackgroundLoop
 from emili_testing.plugin import TEST_SECRET, Stack, free_port, token
 
 T = TypeVar("T")
@@ -72,23 +72,6 @@ class FerStandIn(fer_pb2_grpc.FerServiceServicer):
                 sequence=request.sequence,
                 reading=_reading(request.frame.data),
             )
-
-
-class BackgroundLoop:
-    """An event loop in a thread, for servers that must keep answering while a test blocks on TestClient."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="servers", daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @dataclass
