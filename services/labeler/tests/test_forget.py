@@ -11,7 +11,7 @@ import pytest
 
 from emili_core.deletion import write_tombstone
 from emili_core.errors import NotFound
-from emili_core.keys import DELETION_AUDIT_PREFIX, dataset_index_key, session_record_keys
+from emili_core.keys import DELETION_AUDIT_PREFIX, dataset_index_key, model_registry_key, session_record_keys
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.records import dataset_manifest, dataset_withdrawal
 from emili_core.settings import S3Settings
@@ -19,6 +19,7 @@ from emili_labeler import jobs
 from emili_labeler.runtime import build_runtime
 from emili_labeler.settings import LabelerSettings
 from emili_session.events import Event, EventKind
+from emili_session.registry import model_withdrawal
 
 pytestmark = pytest.mark.integration
 T0 = 1_790_000_000_000
@@ -89,6 +90,10 @@ def test_forget_sessions(runtime: jobs.Runtime) -> None:
         "user_weights/test.json",
         {"population": {}, "users": {"alice": {"n": 1}, "bob": {"n": 1}, "carl": {"n": 1}}},
     )
+    # Versions the trainer registered from these sessions (lineage as it records it).
+    for version, learned in (("fg-v-alice", ["fg-alice", "fg-carl"]), ("fg-v-carl", ["fg-carl"])):
+        entry = {"version": version, "adapter_prefix": f"adapters/{version}/", "lineage": {"sessions": learned}}
+        store.put_json(Bucket.MODELS, model_registry_key(version), entry)
 
     result = jobs.forget_sessions(runtime, ["fg-alice"], ["alice"], requested_by="p-alice", reason="withdrawal")
 
@@ -96,6 +101,10 @@ def test_forget_sessions(runtime: jobs.Runtime) -> None:
     assert result["datasets_withdrawn"] == 2 and result["user_weight_entries"] == 1
     by_id = {d["id"]: d for d in result["datasets"]}
     assert set(by_id) == {sft["id"], dpo["id"]} and unrelated["id"] not in by_id
+    # The default policy marks the version that learned from alice's session and does not retire it.
+    assert result["models"] == ["fg-v-alice"] and result["models_marked"] == 1 and result["models_retired"] == 0
+    assert (model_withdrawal(store, "fg-v-alice") or {})["withdrawn_sessions"] == ["fg-alice"]
+    assert model_withdrawal(store, "fg-v-carl") is None
 
     # The SFT dataset: marked, its data removed, rebuilt without alice's session.
     withdrawal = dataset_withdrawal(store, sft["id"])

@@ -50,6 +50,15 @@ def model_registry_key(version: str) -> str:
     return f"{MODEL_REGISTRY_PREFIX}{version}.json"
 
 
+MODEL_WITHDRAWAL_PREFIX = "withdrawals/"
+
+
+def model_withdrawal_key(version: str) -> str:
+    """Bucket ``models``: which sessions a registered version learned from were withdrawn by their owners, when,
+    and whether the version was retired for it (kept apart from the registry entry, which the trainer writes)."""
+    return f"{MODEL_WITHDRAWAL_PREFIX}{version}.json"
+
+
 def adapter_prefix(version: str) -> str:
     """Bucket ``models``: the files of a registered version's LoRA adapter (and its tokenizer)."""
     return f"adapters/{version}/"

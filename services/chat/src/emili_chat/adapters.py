@@ -6,10 +6,10 @@ import asyncio
 import logging
 from pathlib import Path
 
-from emili_chat.llm import ChatBackend
-from emili_core.errors import InvalidInput, NotFound
+from emili_chat.llm import BackendError, ChatBackend
+from emili_core.errors import DependencyUnavailable, InvalidInput, NotFound
 from emili_core.objectstore import ObjectStore
-from emili_session.registry import check_version, download_adapter
+from emili_session.registry import check_servable, check_version, download_adapter
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,35 @@ class AdapterRegistry:
         except InvalidInput:
             raise InvalidInput(f"invalid model arm {arm!r}: letters, digits, '.', '_' or '-', at most 64") from None
         async with self._lock:
-            if arm in self.backend.adapters():
+            loaded = await self._served(arm)
+            if self.objects is not None:
+                await self._check_servable(arm, loaded)
+            if loaded:
                 return arm
             if self.objects is None:
                 raise NotFound(f"model arm {arm!r} is not loaded and no object store is configured")
             path = await asyncio.to_thread(download_adapter, self.objects, arm, self.cache_dir / arm)
-            await self.backend.add_adapter(arm, path)
+            try:
+                await self.backend.add_adapter(arm, path)
+            except BackendError as exc:
+                # Never fall back to the base model: the session asked for this arm.
+                raise DependencyUnavailable(f"model arm {arm!r} could not be loaded: {exc}") from exc
             log.info("loaded adapter %s from object storage", arm)
             return arm
+
+    async def _check_servable(self, arm: str, loaded: bool) -> None:
+        """A version retired after a withdrawal starts no new session. Asked at every session start, since a
+        withdrawal can come while the adapter is loaded; an outage of the store does not stop a loaded arm."""
+        assert self.objects is not None
+        try:
+            await asyncio.to_thread(check_servable, self.objects, arm)
+        except DependencyUnavailable:
+            if not loaded:
+                raise
+            log.warning("could not check whether model arm %s was retired (object store unavailable)", arm)
+
+    async def _served(self, arm: str) -> bool:
+        try:
+            return await self.backend.has_adapter(arm)
+        except BackendError as exc:
+            raise DependencyUnavailable(f"the model server cannot say whether it serves {arm!r}: {exc}") from exc

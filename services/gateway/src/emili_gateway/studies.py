@@ -42,7 +42,7 @@ from emili_gateway.models import (
     StudySpec,
 )
 from emili_gateway.settings import StudyStoreSettings
-from emili_session.registry import registered_model
+from emili_session.registry import check_servable, registered_model
 
 T = TypeVar("T")
 
@@ -182,6 +182,7 @@ class StudyEngine:
             if arm.arm != BASE_ARM:
                 try:
                     await self._s3(registered_model, self.objects, arm.arm)
+                    await self._s3(check_servable, self.objects, arm.arm)
                 except NotFound:
                     raise InvalidInput(
                         f"arm {arm.arm!r} is neither 'base' nor a registered model version; "

@@ -53,6 +53,7 @@ WEIGHTS: dict[str, tuple[WeightVector, str]] = {
     "emotion_tune": (EMOTION_TUNE_ORIGINAL, "window"),  # Reads the face in [t, t + 1 s].
     "variant_2025": (VARIANT_2025, "delayed"),  # Reads the face 5 s after the reply.
 }
+from emili_session.registry import mark_models_withdrawn
 
 
 LEARNED_WEIGHTS_KEY = "user_weights/latest.json"
@@ -491,4 +492,16 @@ def forget_sessions(
         reason=reason,
     )
     log.info("forgot %d sessions: %s", len(sessions), removed)
-    return {"session_ids": sessions, **removed, "datasets": datasets, "user_weights": weights, "audit_key": audit_key}
+    return {
+        "session_ids": sessions,
+        **removed,
+        "datasets": datasets,
+        "models": [m["version"] for m in models],
+        "user_weights": weights,
+        "audit_key": audit_key,
+    }
+    # The versions trained on these sessions keep their weights (they cannot unlearn) but carry the mark, and
+    # are retired when the policy says so.
+    models = mark_models_withdrawn(store, sessions, retire=runtime.settings.retention.withdrawn_models == "retire")
+        "models_marked": len(models),
+        "models_retired": sum(bool(m["retired"]) for m in models),

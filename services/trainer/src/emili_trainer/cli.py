@@ -24,6 +24,7 @@ from emili_trainer.evaluation.cli import eval_replies_command, show_report
 from emili_trainer.settings import TrainerSettings
 
 app = typer.Typer(help="Training runs, models and evaluation reports.", no_args_is_help=True)
+models_app = typer.Typer(help="Registered model versions and what they learned from.", no_args_is_help=True)
 commands = typer.Typer()  # Top-level commands (emili train, emili report, ...).
 commands.command("eval-replies")(eval_replies_command)
 console = Console()
@@ -201,6 +202,7 @@ def cancel(run_id: Annotated[str, typer.Argument(help="A run id.")]) -> None:
 
 
 @app.command("models")
+@models_app.command("list")
 def models() -> None:
     """The registered model versions (what chat sessions can use as model_arm)."""
 
@@ -208,11 +210,62 @@ def models() -> None:
         response: trainer_pb2.ListModelsResponse = await stub.ListModels(trainer_pb2.ListModelsRequest())
         return response
 
-    table = Table("version", "kind", "dataset", "from", "train loss")
+    table = Table("version", "kind", "dataset", "from", "sessions", "train loss", "withdrawals")
     for m in asyncio.run(_call(None, go)).models:
         loss = json.loads(m.metrics_json or "{}").get("train_loss")
-        table.add_row(m.version, m.kind, m.dataset_id[:12], m.init_version, f"{loss:.4f}" if loss else "")
+        table.add_row(
+            m.version,
+            m.kind,
+            m.dataset_id[:12],
+            m.init_version,
+            str(len(m.session_ids)),
+            f"{loss:.4f}" if loss else "",
+            _withdrawal_note(m),
+        )
     console.print(table)
+
+
+def _withdrawal_note(model: trainer_pb2.Model) -> str:
+    if not model.withdrawn_session_ids:
+        return ""
+    return f"{len(model.withdrawn_session_ids)} withdrawn" + (", retired" if model.retired else "")
+
+
+@models_app.command("lineage")
+def lineage(
+    version: Annotated[str, typer.Argument(help="A registered model version.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a summary.")] = False,
+) -> None:
+    """What VERSION learned from: datasets, recorded sessions, the versions it started from, and withdrawals."""
+
+    async def go(stub: trainer_pb2_grpc.TrainerServiceStub) -> trainer_pb2.GetModelResponse:
+        response: trainer_pb2.GetModelResponse = await stub.GetModel(trainer_pb2.GetModelRequest(version=version))
+        return response
+
+    m = asyncio.run(_call(None, go)).model
+    found = {
+        "version": m.version,
+        "kind": m.kind,
+        "base_model": m.base_model,
+        "datasets": list(m.dataset_ids),
+        "parent_versions": list(m.parent_versions),
+        "sessions": list(m.session_ids),
+        "withdrawn_sessions": list(m.withdrawn_session_ids),
+        "retired": m.retired,
+    }
+    if as_json:
+        print(json.dumps(found, indent=2))
+        return
+    console.print(f"[bold]{m.version}[/bold] ({m.kind}, base {m.base_model})")
+    console.print(f"datasets: {', '.join(m.dataset_ids) or '-'}")
+    console.print(f"started from: {' <- '.join(m.parent_versions) or 'the base model'}")
+    console.print(f"recorded sessions learned from: {len(m.session_ids)}")
+    for session_id in m.session_ids:
+        mark = " (withdrawn)" if session_id in m.withdrawn_session_ids else ""
+        console.print(f"  {session_id}{mark}")
+    if m.withdrawn_session_ids:
+        state = "retired: not served" if m.retired else "still served (policy: mark)"
+        console.print(f"[yellow]{len(m.withdrawn_session_ids)} of them were withdrawn; {state}[/yellow]")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -80,6 +80,11 @@ def model_to_pb(model: ModelVersion) -> trainer_pb2.Model:
         init_version=model.init_version or "",
         metrics_json=json.dumps(None if model.metrics is None else dict(model.metrics)),
         adapter_prefix=model.adapter_prefix,
+        dataset_ids=model.dataset_ids,
+        session_ids=model.session_ids,
+        parent_versions=model.parent_versions,
+        withdrawn_session_ids=model.withdrawn_session_ids,
+        retired=model.retired,
     )
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from emili_core.errors import InvalidInput
-from emili_session.registry import list_models
+from emili_session.registry import list_models, model_withdrawal, registered_model
 from emili_trainer import jobs
 from emili_trainer.evaluation import job as evaluation
 from emili_trainer.evaluation.job import Report
@@ -58,9 +58,16 @@ class ModelVersion:
     init_version: str | None
     metrics: Mapping[str, Any] | None
     adapter_prefix: str
+    dataset_ids: tuple[str, ...] = ()  # Lineage: every dataset it learned from, its parents' included.
+    session_ids: tuple[str, ...] = ()
+    parent_versions: tuple[str, ...] = ()
+    withdrawn_session_ids: tuple[str, ...] = ()  # From its withdrawal mark, when people it learned from withdrew.
+    retired: bool = False
 
     @classmethod
-    def from_manifest(cls, manifest: Mapping[str, Any]) -> ModelVersion:
+    def from_manifest(cls, manifest: Mapping[str, Any], withdrawal: Mapping[str, Any] | None = None) -> ModelVersion:
+        lineage = manifest.get("lineage") or {}
+        withdrawal = withdrawal or {}
         return cls(
             version=manifest["version"],
             kind=manifest.get("kind", ""),
@@ -69,6 +76,11 @@ class ModelVersion:
             init_version=manifest.get("init_version") or None,
             metrics=manifest.get("metrics", {}),
             adapter_prefix=manifest["adapter_prefix"],
+            dataset_ids=tuple(str(d["id"]) for d in lineage.get("datasets", [])),
+            session_ids=tuple(lineage.get("sessions", [])),
+            parent_versions=tuple(lineage.get("parents", [])),
+            withdrawn_session_ids=tuple(withdrawal.get("withdrawn_sessions", [])),
+            retired=bool(withdrawal.get("retired")),
         )
 
 
@@ -143,8 +155,18 @@ class TrainerEngine:
         return await asyncio.to_thread(jobs.cancel_run, self.runtime, run_id)
 
     async def list_models(self) -> list[ModelVersion]:
-        manifests = await asyncio.to_thread(list_models, self.runtime.store)
-        return [ModelVersion.from_manifest(m) for m in manifests]
+        return await asyncio.to_thread(self._models)
+
+    def _models(self) -> list[ModelVersion]:
+        store = self.runtime.store
+        return [ModelVersion.from_manifest(m, model_withdrawal(store, m["version"])) for m in list_models(store)]
+
+    async def get_model(self, version: str) -> ModelVersion:
+        if not version:
+            raise InvalidInput("version is required: a registered model version (see `emili models list`)")
+        store = self.runtime.store
+        manifest = await asyncio.to_thread(registered_model, store, version)
+        return ModelVersion.from_manifest(manifest, await asyncio.to_thread(model_withdrawal, store, version))
 
     async def get_report(self, run_id: str) -> Report:
         return await asyncio.to_thread(evaluation.load_report, self.runtime, run_id)

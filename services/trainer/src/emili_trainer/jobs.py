@@ -25,7 +25,7 @@ from emili_core.errors import FailedPrecondition, InvalidInput, NotFound
 from emili_core.keys import adapter_prefix, model_registry_key
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.records import dataset_manifest, dataset_withdrawal
-from emili_session.registry import download_adapter, registered_model
+from emili_session.registry import check_servable, download_adapter, lineage_sessions, registered_model
 from emili_trainer import distributed
 from emili_trainer.recipes import Recipe
 from emili_trainer.runs import RunLocked, RunRecord, RunState, RunStore
@@ -109,6 +109,7 @@ def start_training(
         if recipe.kind != "dpo":
             raise InvalidInput("only a dpo recipe can start from a trained adapter (init_version)")
         registered_model(runtime.store, init_version)
+        check_servable(runtime.store, init_version)  # A retired version is not built on.
     key = {"kind": recipe.kind, "recipe": recipe.digest, "dataset": dataset_id, "init_version": init_version}
     record = RunRecord(
         run_id=f"{recipe.kind}-{_digest(key)[:16]}",
@@ -120,6 +121,27 @@ def start_training(
         init_version=init_version,
     )
     return create_or_requeue(runtime, record)
+
+
+def lineage(store: ObjectStore, dataset_id: str | None, init_version: str | None) -> dict[str, Any]:
+    """What a new version learns from: its dataset and the recorded sessions behind it, plus everything the
+    version it starts from learned from. Corpus datasets (EmpatheticDialogues) name their corpus, not sessions."""
+    datasets: list[dict[str, Any]] = []
+    sessions: set[str] = set()
+    if dataset_id:
+        manifest = dataset_manifest(store, dataset_id)
+        kind = str(manifest.get("kind", ""))
+        datasets.append({"id": dataset_id, "kind": kind, "created_by": "labeler"})
+        if "empathetic" not in kind:
+            sessions.update(str(s) for s in manifest.get("source_sessions", []))
+    parents: list[str] = []
+    if init_version:
+        parent = registered_model(store, init_version)
+        inherited = parent.get("lineage") or {}
+        datasets.extend(inherited.get("datasets", []))
+        sessions |= lineage_sessions(parent)
+        parents = [init_version, *inherited.get("parents", [])]
+    return {"datasets": datasets, "sessions": sorted(sessions), "parents": parents}
 
 
 def check_not_withdrawn(store: ObjectStore, dataset_id: str) -> None:
@@ -239,6 +261,7 @@ def _execute_locked(runtime: Runtime, run_id: str, progress: ProgressSink) -> Ru
             "dataset_kind": record.dataset_kind,
             "init_version": record.init_version,
             "metrics": metrics,
+            "lineage": lineage(runtime.store, record.dataset_id, record.init_version),
         },
     )
     runs.update(run_id, state=RunState.SUCCEEDED, model_version=model["version"], metrics=metrics)

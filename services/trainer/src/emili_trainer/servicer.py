@@ -49,6 +49,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         models = await self.engine.list_models()
         return trainer_pb2.ListModelsResponse(models=[codec.model_to_pb(m) for m in models])
 
+    async def GetModel(
+        self, request: trainer_pb2.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.GetModelResponse:
+        return trainer_pb2.GetModelResponse(model=codec.model_to_pb(await self.engine.get_model(request.version)))
+
     async def GetReport(
         self, request: trainer_pb2.GetReportRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.GetReportResponse:

@@ -401,6 +401,11 @@ class Model(_message.Message):
     INIT_VERSION_FIELD_NUMBER: _builtins.int
     METRICS_JSON_FIELD_NUMBER: _builtins.int
     ADAPTER_PREFIX_FIELD_NUMBER: _builtins.int
+    DATASET_IDS_FIELD_NUMBER: _builtins.int
+    SESSION_IDS_FIELD_NUMBER: _builtins.int
+    PARENT_VERSIONS_FIELD_NUMBER: _builtins.int
+    WITHDRAWN_SESSION_IDS_FIELD_NUMBER: _builtins.int
+    RETIRED_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     kind: _builtins.str
     base_model: _builtins.str
@@ -408,6 +413,23 @@ class Model(_message.Message):
     init_version: _builtins.str
     metrics_json: _builtins.str
     adapter_prefix: _builtins.str
+    retired: _builtins.bool
+    @_builtins.property
+    def dataset_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Lineage: what this version learned from, its own dataset and those of the versions it started from."""
+
+    @_builtins.property
+    def session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Recorded sessions (corpus datasets such as EmpatheticDialogues name none)."""
+
+    @_builtins.property
+    def parent_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """init_version, then its init_version, ..."""
+
+    @_builtins.property
+    def withdrawn_session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Set when people it learned from withdrew: which of those sessions, and whether it was retired for it."""
+
     def __init__(
         self,
         *,
@@ -418,14 +440,58 @@ class Model(_message.Message):
         init_version: _builtins.str = ...,
         metrics_json: _builtins.str = ...,
         adapter_prefix: _builtins.str = ...,
+        dataset_ids: _abc.Iterable[_builtins.str] | None = ...,
+        session_ids: _abc.Iterable[_builtins.str] | None = ...,
+        parent_versions: _abc.Iterable[_builtins.str] | None = ...,
+        withdrawn_session_ids: _abc.Iterable[_builtins.str] | None = ...,
+        retired: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_prefix", b"adapter_prefix", "base_model", b"base_model", "dataset_id", b"dataset_id", "init_version", b"init_version", "kind", b"kind", "metrics_json", b"metrics_json", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_prefix", b"adapter_prefix", "base_model", b"base_model", "dataset_id", b"dataset_id", "dataset_ids", b"dataset_ids", "init_version", b"init_version", "kind", b"kind", "metrics_json", b"metrics_json", "parent_versions", b"parent_versions", "retired", b"retired", "session_ids", b"session_ids", "version", b"version", "withdrawn_session_ids", b"withdrawn_session_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Model: _TypeAlias = Model  # noqa: Y015
+
+@_typing.final
+class GetModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelRequest: _TypeAlias = GetModelRequest  # noqa: Y015
+
+@_typing.final
+class GetModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___Model: ...
+    def __init__(
+        self,
+        *,
+        model: Global___Model | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelResponse: _TypeAlias = GetModelResponse  # noqa: Y015
 
 @_typing.final
 class ListModelsResponse(_message.Message):

@@ -64,6 +64,11 @@ class TrainerServiceStub:
                 request_serializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/emili.trainer.v1.TrainerService/GetModel',
+                request_serializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetModelResponse.FromString,
+                _registered_method=True)
         self.GetReport = channel.unary_unary(
                 '/emili.trainer.v1.TrainerService/GetReport',
                 request_serializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetReportRequest.SerializeToString,
@@ -116,6 +121,13 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModel(self, request, context):
+        """One version with its lineage and withdrawal mark.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetReport(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -161,6 +173,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.ListModelsRequest.FromString,
                     response_serializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetModelRequest.FromString,
+                    response_serializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetModelResponse.SerializeToString,
             ),
             'GetReport': grpc.unary_unary_rpc_method_handler(
                     servicer.GetReport,
@@ -335,6 +352,33 @@ class TrainerService:
             '/emili.trainer.v1.TrainerService/ListModels',
             emili_dot_trainer_dot_v1_dot_trainer__pb2.ListModelsRequest.SerializeToString,
             emili_dot_trainer_dot_v1_dot_trainer__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/emili.trainer.v1.TrainerService/GetModel',
+            emili_dot_trainer_dot_v1_dot_trainer__pb2.GetModelRequest.SerializeToString,
+            emili_dot_trainer_dot_v1_dot_trainer__pb2.GetModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,8 @@ class TrainerServiceStub:
     """The run now and at each change, until it ends."""
     CancelRun: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.CancelRunRequest, _trainer_pb2.CancelRunResponse]
     ListModels: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ListModelsRequest, _trainer_pb2.ListModelsResponse]
+    GetModel: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetModelRequest, _trainer_pb2.GetModelResponse]
+    """One version with its lineage and withdrawal mark."""
     GetReport: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetReportRequest, _trainer_pb2.GetReportResponse]
     GetRecipe: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetRecipeRequest, _trainer_pb2.GetRecipeResponse]
     """A shipped recipe, so a client (the pipeline's config) can use its values without a copy of the trainer."""
@@ -54,6 +56,8 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """The run now and at each change, until it ends."""
     CancelRun: _aio.UnaryUnaryMultiCallable[_trainer_pb2.CancelRunRequest, _trainer_pb2.CancelRunResponse]  # type: ignore[assignment]
     ListModels: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListModelsRequest, _trainer_pb2.ListModelsResponse]  # type: ignore[assignment]
+    GetModel: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetModelRequest, _trainer_pb2.GetModelResponse]  # type: ignore[assignment]
+    """One version with its lineage and withdrawal mark."""
     GetReport: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetReportRequest, _trainer_pb2.GetReportResponse]  # type: ignore[assignment]
     GetRecipe: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetRecipeRequest, _trainer_pb2.GetRecipeResponse]  # type: ignore[assignment]
     """A shipped recipe, so a client (the pipeline's config) can use its values without a copy of the trainer."""
@@ -101,6 +105,14 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _trainer_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.ListModelsResponse, _abc.Awaitable[_trainer_pb2.ListModelsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetModel(
+        self,
+        request: _trainer_pb2.GetModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.GetModelResponse, _abc.Awaitable[_trainer_pb2.GetModelResponse]]:
+        """One version with its lineage and withdrawal mark."""
 
     @_abc_1.abstractmethod
     def GetReport(
