@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from emili_chat.frames import FrameUploader
+from emili_chat.frames import FrameSpill, FrameUploader
 from emili_chat.persist import persist_session
 from emili_chat.reconcile import PERSISTED_KEY, Reconciler, mark_persisted, reconcile
 from emili_chat.store import ENDED, SessionRecord, events_key, session_key
@@ -95,3 +96,26 @@ async def test_frames_wait_out_an_outage_and_overflow_is_dropped() -> None:
     assert await uploader.drain(5)
     assert sorted(objects.stored) == [f"s/frames/{i}.jpg" for i in range(3)]
     await uploader.close()
+
+
+async def test_frames_beyond_memory_spill_to_disk_and_a_new_process_uploads_them(tmp_path: Path) -> None:
+    objects = _Objects()
+    spill = FrameSpill(tmp_path / "spill", max_bytes=2 * 1100)
+    uploader = FrameUploader(objects, _Store(), max_bytes=1024, uploaders=2, retry_max_s=0.05, spill=spill)  # type: ignore[arg-type]
+    frames = {f"s/frames/{i}.jpg": bytes([i]) * 1024 for i in range(4)}
+    accepted = [uploader.submit("s", key, jpeg, i) for i, (key, jpeg) in enumerate(frames.items())]
+    assert accepted == [True, True, True, False]  # One in memory, two on disk, the fourth fits nowhere.
+    assert len(list((tmp_path / "spill").glob("*.frame"))) == 2
+    await asyncio.sleep(0.2)
+    await uploader.close()  # The process ends during the outage: the in-memory frame is lost, the spilled are not.
+
+    restarted = FrameUploader(  # type: ignore[arg-type]
+        objects, _Store(), max_bytes=1024, retry_max_s=0.05, spill=FrameSpill(tmp_path / "spill", max_bytes=2 * 1100)
+    )
+    assert restarted.spill is not None and len(restarted.spill) == 2
+    objects.up = True
+    restarted.start()
+    assert await restarted.drain(5)
+    assert objects.stored == {k: frames[k] for k in ("s/frames/1.jpg", "s/frames/2.jpg")}
+    assert list((tmp_path / "spill").iterdir()) == [] and restarted.spill.bytes == 0
+    await restarted.close()

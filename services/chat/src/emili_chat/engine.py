@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import grpc
 from emili_chat.adapters import AdapterRegistry
 from emili_chat.conversation import Conversation
 from emili_chat.deletion import DeletedSession, Deletion, persisted_owner, sweep_objects
-from emili_chat.frames import FrameUploader
+from emili_chat.frames import FrameSpill, FrameUploader
 from emili_chat.io_types import ConverseInput, ConverseOutput, SessionOptions
 from emili_chat.llm import ChatBackend
 from emili_chat.metrics import chat_metrics
@@ -27,6 +28,7 @@ from emili_core.keys import check_session_id
 from emili_core.objectstore import ObjectStore
 from emili_session.events import Event, PostSurvey, PreSurvey, Rating, SessionCreated, SessionEnded
 
+log = logging.getLogger(__name__)
 CADENCES = ("before_user_message", "fixed_interval", "on_change")
 LIKERT = range(1, 6)
 SURVEYS: dict[str, type[PreSurvey] | type[PostSurvey]] = {"pre": PreSurvey, "post": PostSurvey}
@@ -82,13 +84,23 @@ class ChatEngine:
         buffer = self.options.frame_buffer
         self.frames = (
             FrameUploader(
-                objects, store, max_bytes=buffer.max_bytes, uploaders=buffer.uploaders, retry_max_s=buffer.retry_max_s
+                objects,
+                store,
+                max_bytes=buffer.max_bytes,
+                uploaders=buffer.uploaders,
+                retry_max_s=buffer.retry_max_s,
+                spill=FrameSpill(settings.artifact(buffer.spill_dir), buffer.spill_max_bytes)
+                if buffer.spill_max_bytes
+                else None,
             )
             if objects is not None
             else None
         )
 
     async def start(self) -> None:
+        if self.frames is not None and self.frames.spill is not None and len(self.frames.spill):
+            log.info("uploading %d frames spilled by an earlier process", len(self.frames.spill))
+            self.frames.start()
         await self.backend.load()
 
     def _resolve_options(self, requested: SessionOptions) -> dict[str, Any]:
