@@ -29,7 +29,13 @@ from emili_chat.store import SessionStore
 from emili_core.errors import FailedPrecondition
 from emili_core.grpc_client import make_channel
 from emili_core.grpc_server import RunningServer, start_server
-from emili_core.keys import DELETION_AUDIT_PREFIX, frame_key, session_record_keys, session_tombstone_key
+from emili_core.keys import (
+    DELETION_AUDIT_PREFIX,
+    frame_key,
+    model_registry_key,
+    session_record_keys,
+    session_tombstone_key,
+)
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.records import dataset_manifest, dataset_withdrawal
 from emili_core.settings import CommonSettings
@@ -42,6 +48,7 @@ from emili_session.events import (
     PreSurvey,
     UserMessage,
 )
+from emili_session.registry import model_withdrawal
 from emili_testing.chat import ScriptedBackend
 from emili_testing.plugin import EntryPointProcess, Stack, free_port, token
 from emili_testing.traces import objects_naming, redis_mentions
@@ -226,6 +233,10 @@ async def test_a_withdrawn_participants_data_are_deleted_everywhere(
         weights = await asyncio.to_thread(run, "labeler.fit_user_weights", [session_id, other])
         assert weights["users"] == 2
         assert objects_containing(object_store, SECRET_WORDS)  # In the record and in the dataset.
+        # A version the trainer registered from that dataset (the lineage it records: the dataset's sessions).
+        lineage = {"datasets": [{"id": sft["id"], "kind": "sft"}], "sessions": sorted(sft["source_sessions"])}
+        entry = {"version": "wd-sft", "adapter_prefix": "adapters/wd-sft/", "lineage": lineage}
+        object_store.put_json(Bucket.MODELS, model_registry_key("wd-sft"), entry)
 
         # The participant withdraws; the page polls the status until the data are deleted.
         withdrawn = await http.post("/api/v1/withdraw", json={"withdraw_code": joined["withdraw_code"]})
@@ -247,6 +258,8 @@ async def test_a_withdrawn_participants_data_are_deleted_everywhere(
             "labels": 1,
             "datasets_withdrawn": 1,
             "datasets_rebuilt": 1,
+            "models_marked": 1,
+            "models_retired": 0,  # The default policy marks and keeps serving.
             "study_records": 1,
         }
 
@@ -268,6 +281,8 @@ async def test_a_withdrawn_participants_data_are_deleted_everywhere(
     with pytest.raises(FailedPrecondition, match="withdrawn"):
         check_not_withdrawn(object_store, sft["id"])
     check_not_withdrawn(object_store, withdrawal["replacement"])
+    model_mark = model_withdrawal(object_store, "wd-sft")
+    assert model_mark is not None and model_mark["withdrawn_sessions"] == [session_id] and not model_mark["retired"]
     assert set(object_store.get_json(Bucket.DATASETS, "user_weights/latest.json")["users"]) == {"bob"}
 
     # The audit log: one record from each of chat, the labeler and the gateway, naming the session.

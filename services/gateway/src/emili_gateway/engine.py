@@ -395,6 +395,8 @@ class GatewayEngine:
             labels=int(labeler.get("labels", 0)),
             datasets_withdrawn=int(labeler.get("datasets_withdrawn", 0)),
             datasets_rebuilt=int(labeler.get("datasets_rebuilt", 0)),
+            models_marked=int(labeler.get("models_marked", 0)),
+            models_retired=int(labeler.get("models_retired", 0)),
             study_records=int(gateway.get("session_records", 0)),
         )
         return WithdrawalStatus(

@@ -288,6 +288,8 @@ class DeletionSummary(BaseModel):
     labels: int = Field(description="Emotion labels computed from the sessions")
     datasets_withdrawn: int = Field(description="Training datasets that held the sessions, now withdrawn")
     datasets_rebuilt: int = Field(description="Of those, rebuilt without the sessions")
+    models_marked: int = Field(0, description="Model versions trained on the sessions, marked in their lineage")
+    models_retired: int = Field(0, description="Of those, retired: no longer used in conversations")
     study_records: int = Field(description="The gateway's own records of the sessions")
 
 

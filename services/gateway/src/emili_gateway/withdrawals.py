@@ -90,6 +90,8 @@ def labeler_summary(result: dict[str, Any]) -> dict[str, Any]:
         "datasets_rebuilt": int(result.get("datasets_rebuilt", 0)),
         "replacement_datasets": sorted(d["replacement"] for d in result.get("datasets", []) if d.get("replacement")),
         "user_weight_entries": int(result.get("user_weight_entries", 0)),
+        "models_marked": int(result.get("models_marked", 0)),
+        "models_retired": int(result.get("models_retired", 0)),
         "audit_key": str(result.get("audit_key", "")),
     }
 

@@ -629,6 +629,11 @@ function deletionText(removed) {
     text += ` ${plural(removed.datasets_withdrawn, "training dataset that held them was", "training datasets that held them were")}` +
       " withdrawn and will not be used to train models again.";
   }
+  if (removed.models_marked) {
+    text += ` ${plural(removed.models_marked, "model version had already learned", "model versions had already learned")}` +
+      " from them; this is recorded" +
+      (removed.models_retired ? `, and ${plural(removed.models_retired, "was", "were")} taken out of use.` : ".");
+  }
   return text;
 }
 
