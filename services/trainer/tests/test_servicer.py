@@ -125,3 +125,36 @@ async def test_get_recipe_returns_a_shipped_recipe_by_name(stub: Any) -> None:
             await client.GetRecipe(trainer_pb2.GetRecipeRequest(name=name))
         assert exc.value.code() == grpc.StatusCode.NOT_FOUND
         assert "smollm2-cpu-dpo" in (exc.value.details() or "")  # The message lists the shipped recipes.
+
+
+async def test_get_model_returns_lineage_and_the_withdrawal_mark(
+    stub: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from emili_core.keys import model_registry_key
+    from emili_session.registry import mark_models_withdrawn
+    from emili_trainer.cli import models_app
+
+    client, _, runtime, target = stub
+    lineage = {"datasets": [{"id": "d" * 64, "kind": "sft"}], "sessions": ["gm-ann", "gm-bo"], "parents": []}
+    entry = {"version": "gm-v1", "kind": "sft", "adapter_prefix": "adapters/gm-v1/", "lineage": lineage}
+    runtime.store.put_json(Bucket.MODELS, model_registry_key("gm-v1"), entry)
+    mark_models_withdrawn(runtime.store, ["gm-bo"], retire=True)
+
+    model = (await client.GetModel(trainer_pb2.GetModelRequest(version="gm-v1"))).model
+    assert list(model.session_ids) == ["gm-ann", "gm-bo"] and list(model.dataset_ids) == ["d" * 64]
+    assert list(model.withdrawn_session_ids) == ["gm-bo"] and model.retired
+    missing = trainer_pb2.GetModelRequest(version="gm-none")
+    assert await _code(lambda: client.GetModel(missing)) == grpc.StatusCode.NOT_FOUND
+    assert await _code(lambda: client.GetModel(trainer_pb2.GetModelRequest())) == grpc.StatusCode.INVALID_ARGUMENT
+
+    # The CLI, through the same server.
+    monkeypatch.setenv("EMILI_TRAINER__SERVER__GRPC_PORT", target.rsplit(":", 1)[1])
+    runner = CliRunner()
+    # The CLI runs its own event loop: on a thread, while this test's loop keeps serving.
+    shown = await asyncio.to_thread(runner.invoke, models_app, ["lineage", "gm-v1"])
+    assert shown.exit_code == 0, shown.output
+    assert "gm-bo (withdrawn)" in shown.output and "retired" in shown.output
+    used = await asyncio.to_thread(runner.invoke, models_app, ["trained-on", "gm-ann"])
+    assert used.exit_code == 0 and "gm-v1 (sft) 1 withdrawn, retired" in used.output

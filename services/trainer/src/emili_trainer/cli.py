@@ -231,6 +231,21 @@ def _withdrawal_note(model: trainer_pb2.Model) -> str:
     return f"{len(model.withdrawn_session_ids)} withdrawn" + (", retired" if model.retired else "")
 
 
+@models_app.command("trained-on")
+def trained_on(session_id: Annotated[str, typer.Argument(help="A recorded session's id.")]) -> None:
+    """The model versions that learned from SESSION_ID (through their datasets or the versions they started from)."""
+
+    async def go(stub: trainer_pb2_grpc.TrainerServiceStub) -> trainer_pb2.ListModelsResponse:
+        response: trainer_pb2.ListModelsResponse = await stub.ListModels(trainer_pb2.ListModelsRequest())
+        return response
+
+    found = [m for m in asyncio.run(_call(None, go)).models if session_id in m.session_ids]
+    if not found:
+        console.print(f"no registered model version learned from {session_id}")
+    for m in found:
+        console.print(f"{m.version} ({m.kind}) {_withdrawal_note(m)}".rstrip())
+
+
 @models_app.command("lineage")
 def lineage(
     version: Annotated[str, typer.Argument(help="A registered model version.")],
