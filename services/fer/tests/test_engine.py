@@ -190,3 +190,8 @@ def test_pixel_budget_is_set_from_the_environment(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setenv("EMILI_FER__LIMITS__MAX_PIXELS_PER_REQUEST", str(8 * 1920 * 1080))
     assert load_settings(FerSettings).fer.limits.max_pixels_per_request == 8 * 1920 * 1080
+
+
+def test_salience_is_floored_as_emili_shows_scores() -> None:
+    reading = Reading(True, 1, None, {"happy": 0.106, "sad": 0.29, "neutral": 0.604}, "m")
+    assert reading.salience == {"happy": 10, "sad": 29, "neutral": 60}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -63,8 +64,9 @@ class Reading:
 
     @property
     def salience(self) -> dict[str, int]:
-        """0-100 scores, as EMILI's readouts show them."""
-        return {label: round(p * 100) for label, p in self.probabilities.items()}
+        """0-100 scores, as EMILI's readouts show them: the integer part (the original floors; 0.106 is 10, not 11).
+        The tiny allowance keeps float error from costing a point (0.29 * 100 is 28.999...)."""
+        return {label: min(100, math.floor(p * 100 + 1e-9)) for label, p in self.probabilities.items()}
 
     def to_json(self) -> dict[str, object]:
         return {
