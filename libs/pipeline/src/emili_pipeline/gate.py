@@ -1,0 +1,165 @@
+"""The evaluation gate: what a candidate model must show against the production arm before anyone talks to it.
+
+The policy is data (the shipped one is ``emili_pipeline/data/gate.yaml``): each check names a metric of the
+evidence, which way is better, the kind of comparison and its margin, and the sample size below which it cannot
+pass. Evidence is per item: for offline metrics the same contexts answered by both arms (paired), for online ones
+the sessions of each arm (independent). Every comparison is a bootstrap confidence interval of the difference
+candidate - baseline:
+
+- ``non_inferior``: passes when the interval excludes a loss bigger than ``margin`` (in the metric's units);
+- ``superior``: passes when the interval excludes no gain (it lies wholly on the better side of 0);
+- ``within``: passes when the candidate's mean lies in [``low``, ``high``] (e.g. reply length).
+
+A check with fewer than ``min_n`` items fails ("not enough evidence"), never passes by default; the verdict
+passes only when every check does. The verdict keeps each check's estimate, interval and n, so a decision can be
+traced back to its numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SHIPPED = Path(__file__).resolve().parent / "data" / "gate.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GateCheck(_Strict):
+    name: str = Field(min_length=1)
+    metric: str = Field(min_length=1)  # A key of the evidence.
+    kind: Literal["non_inferior", "superior", "within"]
+    direction: Literal["higher", "lower"] = "higher"  # Which way is better (not used by "within").
+    margin: float = Field(0.0, ge=0)
+    low: float | None = None
+    high: float | None = None
+    min_n: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> GateCheck:
+        if self.kind == "within" and (self.low is None or self.high is None or self.low > self.high):
+            raise ValueError(f"check {self.name}: 'within' needs low <= high")
+        return self
+
+
+class GatePolicy(_Strict):
+    name: str = Field(min_length=1)
+    level: float = Field(0.95, gt=0.5, lt=1)  # Confidence level of every interval.
+    bootstrap_samples: int = Field(2000, ge=100, le=100_000)
+    seed: int = 0
+    checks: list[GateCheck] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> GatePolicy:
+        names = [c.name for c in self.checks]
+        if len(set(names)) != len(names):
+            raise ValueError("check names must be unique")
+        return self
+
+
+def load_policy(path: Path | str = SHIPPED) -> GatePolicy:
+    """Read a gate policy; a malformed one raises ValueError naming what is wrong."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read the gate policy {path}: {exc}") from exc
+    return GatePolicy.model_validate(raw.get("gate", raw) if isinstance(raw, dict) else raw)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One metric's items: ``paired`` when candidate[i] and baseline[i] answer the same context."""
+
+    candidate: Sequence[float]
+    baseline: Sequence[float] = ()
+    paired: bool = False
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    metric: str
+    kind: str
+    passed: bool
+    n: int
+    estimate: float | None  # candidate - baseline (or the candidate's mean for "within").
+    ci: tuple[float, float] | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    policy: str
+    passed: bool
+    checks: tuple[CheckResult, ...]
+    decided_ms: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "passed": self.passed,
+            "decided_ms": self.decided_ms,
+            "checks": [asdict(c) for c in self.checks],
+        }
+
+
+def _difference_ci(evidence: Evidence, policy: GatePolicy, rng: np.random.Generator) -> tuple[float, float, float]:
+    c = np.asarray(evidence.candidate, dtype=np.float64)
+    b = np.asarray(evidence.baseline, dtype=np.float64)
+    samples = policy.bootstrap_samples
+    if evidence.paired:
+        diff = c - b
+        means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
+        estimate = float(diff.mean())
+    else:
+        means = c[rng.integers(0, len(c), size=(samples, len(c)))].mean(axis=1) - b[
+            rng.integers(0, len(b), size=(samples, len(b)))
+        ].mean(axis=1)
+        estimate = float(c.mean() - b.mean())
+    tail = (1.0 - policy.level) / 2.0
+    return estimate, float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
+
+
+def _check(check: GateCheck, evidence: Evidence | None, policy: GatePolicy, rng: np.random.Generator) -> CheckResult:
+    def result(passed: bool, n: int, estimate: float | None, ci: tuple[float, float] | None, why: str) -> CheckResult:
+        return CheckResult(check.name, check.metric, check.kind, passed, n, estimate, ci, why)
+
+    if evidence is None:
+        return result(False, 0, None, None, f"no evidence for {check.metric}")
+    if evidence.paired and len(evidence.candidate) != len(evidence.baseline):
+        raise ValueError(f"{check.metric}: paired evidence needs as many baseline items as candidate items")
+    n = len(evidence.candidate) if check.kind == "within" else min(len(evidence.candidate), len(evidence.baseline))
+    if n < check.min_n:
+        return result(False, n, None, None, f"not enough evidence: {n} items, the policy needs {check.min_n}")
+    if check.kind == "within":
+        mean = float(np.mean(evidence.candidate))
+        assert check.low is not None and check.high is not None
+        inside = check.low <= mean <= check.high
+        where = "in" if inside else "outside"
+        return result(inside, n, mean, None, f"mean {mean:.3g} {where} [{check.low}, {check.high}]")
+    estimate, low, high = _difference_ci(evidence, policy, rng)
+    # Express the interval as "gain": positive is better, whichever way the metric points.
+    gain_low = low if check.direction == "higher" else -high
+    if check.kind == "non_inferior":
+        passed = gain_low > -check.margin
+        why = f"worst plausible loss {max(0.0, -gain_low):.3g} {'within' if passed else 'beyond'} margin {check.margin}"
+    else:
+        passed = gain_low > 0
+        why = "better beyond doubt" if passed else "no clear gain (the interval includes 0 or a loss)"
+    return result(passed, n, estimate, (low, high), why)
+
+
+def judge(policy: GatePolicy, evidence: Mapping[str, Evidence]) -> Verdict:
+    """Apply every check of ``policy`` to ``evidence``; the verdict passes only when all of them pass."""
+    rng = np.random.default_rng(policy.seed)
+    results = tuple(_check(c, evidence.get(c.metric), policy, rng) for c in policy.checks)
+    return Verdict(policy.name, all(r.passed for r in results), results, int(time.time() * 1000))

@@ -1,0 +1,89 @@
+"""The evaluation gate on constructed evidence: passes what is clearly fine, fails a real loss, a missing gain,
+too little evidence and out-of-bounds lengths, and reads its policy from YAML with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emili_pipeline.gate import Evidence, GateCheck, GatePolicy, judge, load_policy
+
+CONTEXTS = 200
+
+
+def policy(*checks: GateCheck) -> GatePolicy:
+    return GatePolicy(name="t", checks=list(checks), bootstrap_samples=1000)
+
+
+def paired(shift: float, noise: float = 0.1, n: int = CONTEXTS, seed: int = 7) -> Evidence:
+    rng = np.random.default_rng(seed)
+    base = rng.normal(1.0, 0.3, n)
+    return Evidence(candidate=list(base + shift + rng.normal(0, noise, n)), baseline=list(base), paired=True)
+
+
+def test_non_inferior_passes_a_tie_and_fails_a_loss_beyond_the_margin() -> None:
+    check = GateCheck(name="delta", metric="m", kind="non_inferior", direction="higher", margin=0.05)
+    tie = judge(policy(check), {"m": paired(0.0)})
+    assert tie.passed and tie.checks[0].ci is not None and tie.checks[0].ci[0] > -0.05
+    loss = judge(policy(check), {"m": paired(-0.2)})
+    assert not loss.passed and "beyond margin" in loss.checks[0].reason
+    assert loss.checks[0].estimate == pytest.approx(-0.2, abs=0.03)
+
+
+def test_direction_lower_means_a_fall_is_a_gain() -> None:
+    lower_better = GateCheck(name="dist", metric="d", kind="superior", direction="lower")
+    assert judge(policy(lower_better), {"d": paired(-0.2)}).passed
+    assert not judge(policy(lower_better), {"d": paired(+0.2)}).passed
+    assert not judge(policy(lower_better), {"d": paired(0.0)}).passed  # No clear gain.
+
+
+def test_pairing_matters() -> None:
+    # A small, consistent gain: clear on the same contexts, lost in the spread of contexts when unpaired.
+    evidence = paired(0.03, noise=0.01, n=60)
+    check = GateCheck(name="g", metric="m", kind="superior", direction="higher")
+    assert judge(policy(check), {"m": evidence}).passed
+    unpaired = Evidence(evidence.candidate, evidence.baseline, paired=False)
+    assert not judge(policy(check), {"m": unpaired}).passed
+
+
+def test_too_little_or_no_evidence_fails() -> None:
+    check = GateCheck(name="m", metric="m", kind="non_inferior", min_n=50)
+    small = judge(policy(check), {"m": paired(0.5, n=20)})
+    assert not small.passed and small.checks[0].reason.startswith("not enough evidence: 20 items")
+    missing = judge(policy(check), {})
+    assert not missing.passed and missing.checks[0].reason == "no evidence for m"
+
+
+def test_within_bounds_and_the_verdict_needs_every_check() -> None:
+    length = GateCheck(name="len", metric="words", kind="within", low=3, high=120, min_n=5)
+    fine = GateCheck(name="ok", metric="m", kind="non_inferior", margin=0.1)
+    words_ok = Evidence(candidate=[10, 20, 30, 25, 15])
+    words_long = Evidence(candidate=[300, 280, 310, 290, 305])
+    assert judge(policy(length, fine), {"words": words_ok, "m": paired(0.0)}).passed
+    verdict = judge(policy(length, fine), {"words": words_long, "m": paired(0.0)})
+    assert not verdict.passed and [c.passed for c in verdict.checks] == [False, True]
+    assert verdict.to_json()["checks"][0]["reason"].startswith("mean 297 outside")
+
+
+def test_paired_evidence_of_unequal_length_is_an_error() -> None:
+    check = GateCheck(name="m", metric="m", kind="non_inferior", min_n=1)
+    with pytest.raises(ValueError, match="paired evidence"):
+        judge(policy(check), {"m": Evidence([1.0, 2.0], [1.0], paired=True)})
+
+
+def test_policies_load_from_yaml(tmp_path: Path) -> None:
+    shipped = load_policy()
+    assert shipped.name == "default" and {c.metric for c in shipped.checks} >= {"diff_epitome_mean", "mmlu_correct"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("gate:\n  name: x\n  checks:\n    - {name: a, metric: m, kind: within}\n")
+    with pytest.raises(ValueError, match="'within' needs low <= high"):
+        load_policy(bad)
+    duplicate = tmp_path / "dup.yaml"
+    duplicate.write_text(
+        "gate:\n  name: x\n  checks:\n"
+        "    - {name: a, metric: m, kind: superior}\n    - {name: a, metric: n, kind: superior}\n"
+    )
+    with pytest.raises(ValueError, match="unique"):
+        load_policy(duplicate)
