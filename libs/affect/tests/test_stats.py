@@ -23,3 +23,31 @@ def test_bootstrap_interval_is_seeded_and_undefined_without_values() -> None:
     values = [0.1, 0.4, -0.2, 0.3, 0.0]
     assert bootstrap_ci(values, seed=7) == bootstrap_ci(values, seed=7)
     assert all(math.isnan(bound) for bound in bootstrap_ci([]))
+
+
+def test_msprt_finds_harm_and_stays_quiet_without_it() -> None:
+    from emili_affect.stats import msprt_compare
+
+    rng = np.random.default_rng(3)
+    worse = msprt_compare(rng.normal(3.0, 1.0, 150), rng.normal(4.0, 1.0, 150), tau=0.5)
+    assert worse.difference < -0.7 and worse.p_harm < 0.001 and worse.ci[1] < 0
+    better = msprt_compare(rng.normal(4.0, 1.0, 150), rng.normal(3.0, 1.0, 150), tau=0.5)
+    assert better.p_harm == 1.0 and better.p_two_sided < 0.001 and better.ci[0] > 0
+    few = msprt_compare([3.0], [4.0, 5.0], tau=0.5)
+    assert few.p_harm == 1.0 and few.ci == (float("-inf"), float("inf"))
+
+
+def test_msprt_false_alarms_stay_under_alpha_when_peeking_after_every_session() -> None:
+    """Arms that do not differ, looked at after every pair of sessions up to 200: the running minimum of the
+    always-valid p-value falls under 0.05 in at most ~5% of studies (a fixed-n test peeked at this often would
+    alarm in far more)."""
+    from emili_affect.stats import msprt_compare
+
+    rng = np.random.default_rng(11)
+    alarms = 0
+    studies = 200
+    for _ in range(studies):
+        a, b = rng.normal(0, 1, 200), rng.normal(0, 1, 200)
+        if any(msprt_compare(a[:n], b[:n], tau=0.5).p_two_sided < 0.05 for n in range(10, 201, 2)):
+            alarms += 1
+    assert alarms / studies <= 0.07
