@@ -150,8 +150,16 @@ def test_researcher_page_is_served(client: TestClient) -> None:
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     for element in ('id="admin-token"', 'id="token-use"', 'id="studies"', 'id="study-template"'):
         assert element in page.text
-    for part in ("progress-table", "report-synthetic", "report-tables", "report-plots", 'data-format="csv"'):
+    for part in (
+        "progress-table",
+        "canary-table",
+        "report-synthetic",
+        "report-tables",
+        "report-plots",
+        'data-format="csv"',
+    ):
         assert part in page.text
     script = client.get("/static/researcher.js")
     assert script.status_code == 200 and "sessionStorage" in script.text and "/report" in script.text
+    assert "/canary" in script.text
     assert client.get("/static/researcher.css").status_code == 200

@@ -38,6 +38,7 @@ class SequentialComparison:
     p_harm: float
     p_two_sided: float
     ci: tuple[float, float]
+    standard_error: float  # Of the difference, for a fixed-size analysis at a planned end.
 
 
 def msprt_compare(
@@ -54,7 +55,8 @@ def msprt_compare(
     c = np.asarray(candidate, dtype=np.float64)
     b = np.asarray(baseline, dtype=np.float64)
     if len(c) < 2 or len(b) < 2:
-        return SequentialComparison(len(c), len(b), float("nan"), 1.0, 1.0, (float("-inf"), float("inf")))
+        inf = float("inf")
+        return SequentialComparison(len(c), len(b), float("nan"), 1.0, 1.0, (-inf, inf), inf)
     difference = float(c.mean() - b.mean())
     # A variance floor: two arms of identical ratings would otherwise give V = 0 and an infinite statistic.
     variance = max(float(c.var(ddof=1)) / len(c) + float(b.var(ddof=1)) / len(b), 1e-12)
@@ -66,5 +68,11 @@ def msprt_compare(
         2 * variance * (variance + t2) / t2 * (math.log(1 / alpha) + 0.5 * math.log((variance + t2) / variance))
     )
     return SequentialComparison(
-        len(c), len(b), difference, p_harm, p_two_sided, (difference - half_width, difference + half_width)
+        len(c),
+        len(b),
+        difference,
+        p_harm,
+        p_two_sided,
+        (difference - half_width, difference + half_width),
+        math.sqrt(variance),
     )

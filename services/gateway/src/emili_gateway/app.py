@@ -33,6 +33,7 @@ from emili_core.auth import Principal, create_token
 from emili_core.grpc_client import ServiceToken
 from emili_core.objectstore import ObjectStore
 from emili_gateway import export
+from emili_gateway.canary import Canary, CanaryMonitor, CanaryRequest
 from emili_gateway.chat_client import ChatClient, FerClient
 from emili_gateway.converse import ClientGone, ConverseBridge
 from emili_gateway.engine import GatewayEngine
@@ -287,6 +288,22 @@ def build_routers() -> list[APIRouter]:
             return Response(export.to_csv(rows), media_type="text/csv; charset=utf-8", headers=disposition)
         return Response(export.to_jsonl(rows), media_type="application/x-ndjson", headers=disposition)
 
+    @researchers.post("/studies/{study_id}/canary", status_code=201, response_model=Canary)
+    async def start_canary(study_id: str, body: CanaryRequest, engine: Engine, who: Admin) -> Canary:
+        """Give a candidate model version a share of the production arm's new participants (blinded); the canary
+        monitor promotes it or rolls it back on their outcomes (ratings, completion) with a sequential test."""
+        return await engine.start_canary(who[0], study_id, body)
+
+    @researchers.get("/studies/{study_id}/canary", response_model=Canary)
+    async def get_canary(study_id: str, engine: Engine, who: Admin) -> Canary:
+        """The study's newest canary: running or decided, with the numbers of its last look and the reason."""
+        return await engine.canary(study_id)
+
+    @researchers.post("/studies/{study_id}/canary/rollback", response_model=Canary)
+    async def roll_back_canary(study_id: str, engine: Engine, who: Admin) -> Canary:
+        """Stop a running canary now: the candidate gets no new participant."""
+        return await engine.roll_back_canary(who[0], study_id)
+
     @researchers.get("/studies/{study_id}/report", response_model=StudyReport)
     async def study_report(study_id: str, engine: Engine, who: Admin) -> StudyReport:
         """The newest evaluation report covering all the study's arms: Tables 1 and 2, plot URLs; 404 if none."""
@@ -498,6 +515,9 @@ def create_app(settings: GatewaySettings, *, objects: ObjectStore | None = None)
 
             drainer = WithdrawalDrainer(options.withdrawals, client, app.state.engine.studies, chat, tasks, admin_token)
             app.state.engine.background(drainer.run())
+        if options.canary.monitor:
+            monitor = CanaryMonitor(options.canary, app.state.engine.studies, app.state.engine.metrics)
+            app.state.engine.background(monitor.run())
         try:
             yield
         finally:

@@ -21,6 +21,7 @@ from emili_core.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from emili_gateway.canary import Canary, CanaryRequest
 from emili_gateway.chat_client import ChatClient, FerClient
 from emili_gateway.errors import PayloadTooLarge
 from emili_gateway.export import export_row
@@ -152,6 +153,30 @@ class GatewayEngine:
 
     async def list_invites(self, study_id: str) -> list[Invite]:
         return await self.studies.list_invites(await self.studies.get_study(study_id))
+
+    async def start_canary(self, principal: Principal, study_id: str, request: CanaryRequest) -> Canary:
+        study = await self.studies.get_study(study_id)
+        production = request.production or await self.studies.serving_arm(study_id, study.arms[0].arm)
+        share = request.share or self.settings.gateway.canary.share
+        return await self.studies.start_canary(study, request.candidate, production, share, principal.subject)
+
+    async def canary(self, study_id: str) -> Canary:
+        await self.studies.get_study(study_id)
+        canary = await self.studies.canary(study_id)
+        if canary is None:
+            raise NotFound(f"study {study_id} has had no canary; start one with POST .../canary")
+        return canary
+
+    async def roll_back_canary(self, principal: Principal, study_id: str) -> Canary:
+        canary = await self.canary(study_id)
+        if canary.state != "running":
+            raise FailedPrecondition(f"the canary of {canary.candidate} was already {canary.state.replace('_', ' ')}")
+        stopped = canary.model_copy(
+            update={"state": "rolled_back", "reason": f"rolled back by {principal.subject}", "decided_ms": now_ms()}
+        )
+        await self.studies.save_canary(stopped)
+        self.metrics.canary_decisions.labels("rolled_back").inc()
+        return stopped
 
     async def progress(self, study_id: str) -> Progress:
         return await self.studies.progress(await self.studies.get_study(study_id))
@@ -289,7 +314,8 @@ class GatewayEngine:
             fluency=rating.fluency,
             comment=rating.comment,
         )
-        await self.studies.update_session(record, rated=True)
+        answers = {"empathy": rating.empathy, "relevance": rating.relevance, "fluency": rating.fluency}
+        await self.studies.update_session(record, rated=True, rating=answers)
 
     async def end_session(self, principal: Principal, token: str, session_id: str) -> SessionView:
         """Ends the session (chat then persists its record). Ending an ended session is not an error."""

@@ -46,6 +46,10 @@ class GatewayMetrics:
         self.frames_dropped = Counter(
             metric_name("gateway", "frames_dropped_total"), "Face frames not forwarded to chat, by reason", ["reason"]
         )
+        self.canary_decisions = Counter(
+            metric_name("gateway", "canary_decisions_total"), "Canaries decided, by outcome", ["outcome"]
+        )
+        self.canaries_running = Gauge(metric_name("gateway", "canaries_running"), "Canaries now running, all studies")
         self._studies: set[str] = set()
 
     def study_label(self, study_id: str) -> str:

@@ -192,6 +192,7 @@ class SessionRecord(BaseModel):
     pre_survey: bool = False
     post_survey: bool = False
     rated: bool = False
+    rating: dict[str, int] | None = None  # The participant's answers (a canary's outcome); replaced on resubmission.
     withdrawn: bool = False
 
 

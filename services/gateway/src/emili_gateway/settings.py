@@ -64,11 +64,26 @@ class WithdrawalSettings(BaseModel):
     max_retry_seconds: float = Field(300.0, gt=0)
 
 
+class CanarySettings(BaseModel):
+    """Canaries (``EMILI_GATEWAY__CANARY__*``): a candidate version's share of a study's new participants and the
+    sequential test that promotes or rolls it back (see ``emili_gateway.canary``)."""
+
+    share: float = Field(0.1, gt=0, le=0.5)  # Default share of the production arm's new participants.
+    max_sessions: int = Field(100, ge=5, le=100_000)  # Rated sessions per arm before promoting (if no harm).
+    alpha: float = Field(0.05, gt=0, lt=0.5)  # Shared by the outcomes (Bonferroni) for harm.
+    margin: float = Field(0.25, ge=0)  # Rating points the candidate may lose and still be promoted.
+    # The mixture scale per outcome: the size of difference the test is tuned to detect, in the outcome's units.
+    tau: dict[str, float] = {"rating": 0.5, "completed": 0.15}
+    interval_s: float = Field(30.0, gt=0)  # How often the monitor looks; only one gateway replica does.
+    monitor: bool = True
+
+
 class GatewayOptions(BaseModel):
     server: GatewayServerSettings = GatewayServerSettings()
     limits: LimitSettings = LimitSettings()
     studies: StudyStoreSettings = StudyStoreSettings()
     withdrawals: WithdrawalSettings = WithdrawalSettings()
+    canary: CanarySettings = CanarySettings()
     chat_target: str = "127.0.0.1:50052"
     fer_target: str = "127.0.0.1:50051"  # Camera checks (Analyze) only; chat streams frames to FER itself.
     chat_timeout_seconds: float = Field(10.0, gt=0)

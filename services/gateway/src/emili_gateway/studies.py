@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 
 from emili_core.errors import DependencyUnavailable, FailedPrecondition, InvalidInput, NotFound
 from emili_core.objectstore import Bucket, ObjectStore
+from emili_gateway.canary import Canary, draw_candidate
 from emili_gateway.errors import Gone
 from emili_gateway.models import (
     ArmProgress,
@@ -136,6 +137,7 @@ class StudyEngine:
         self.redis = client
         self.objects = objects
         self.p = options.redis_prefix
+        self.replica = secrets.token_hex(8)  # Names this process in locks shared with other gateway replicas.
         self._studies: dict[str, Study] = {}  # Studies never change after creation, so caching is safe.
         self._assign_arm = client.register_script(_ASSIGN_ARM)
         self._redeem = client.register_script(_REDEEM)
@@ -319,7 +321,16 @@ class StudyEngine:
         arm = await self._r(
             "assign an arm", self._assign_arm(keys=[self._key("study", study.study_id, "arm_counts")], args=args)
         )
-        participant.arm = _str(arm)
+        # Balance is kept over the study's own arms; a promoted candidate then serves in its arm's place, and a
+        # running canary takes a share of that arm's newcomers.
+        serving = await self.serving_arm(study.study_id, _str(arm))
+        canary = await self.canary(study.study_id)
+        participant.arm = draw_candidate(canary, serving)
+        if canary is not None and participant.arm != serving:
+            await self._r(
+                "count a canary participant",
+                self.redis.hincrby(self._key("study", study.study_id, "canary_counts"), str(canary.started_ms), 1),
+            )
         await self._r(
             "record the arm",
             self.redis.hset(self._key("participant", participant.participant_id), "arm", json.dumps(participant.arm)),
@@ -464,6 +475,97 @@ class StudyEngine:
             "read withdrawn counts", self.redis.hgetall(self._key("study", study_id, "withdrawn_sessions"))
         )
         return {_str(k): int(v) for k, v in raw.items()}
+
+    # --- canaries ---------------------------------------------------------------------------------------
+
+    def canary_object(self, canary: Canary) -> str:
+        return f"{self.options.prefix}/{canary.study_id}/canaries/{canary.started_ms}-{canary.candidate}.json"
+
+    async def canary(self, study_id: str) -> Canary | None:
+        """The study's newest canary (running or decided), or None."""
+        raw = await self._r("read the canary", self.redis.get(self._key("study", study_id, "canary")))
+        if not raw:
+            return None
+        canary = Canary.model_validate_json(raw)
+        counted = await self._r(
+            "count canary participants",
+            self.redis.hget(self._key("study", study_id, "canary_counts"), str(canary.started_ms)),
+        )
+        return canary.model_copy(update={"participants": int(counted or 0)})
+
+    async def serving_arm(self, study_id: str, arm: str) -> str:
+        """What serves ``arm`` now: the candidate promoted in its place, if any."""
+        mapped = await self._r("read promotions", self.redis.hget(self._key("study", study_id, "arm_map"), arm))
+        return _str(mapped) if mapped else arm
+
+    async def start_canary(self, study: Study, candidate: str, production: str, share: float, by: str) -> Canary:
+        if production not in {a.arm for a in study.arms} and production not in await self._promoted(study.study_id):
+            raise InvalidInput(
+                f"{production!r} serves no arm of study {study.study_id}; its arms: "
+                f"{', '.join(a.arm for a in study.arms)}"
+            )
+        current = await self.canary(study.study_id)
+        if current is not None and current.state == "running":
+            raise FailedPrecondition(
+                f"study {study.study_id} already runs a canary of {current.candidate}; wait for its decision or "
+                "roll it back first"
+            )
+        if candidate in (BASE_ARM, production):
+            raise InvalidInput("the candidate must be a registered model version other than the production arm")
+        try:
+            await self._s3(registered_model, self.objects, candidate)
+        except NotFound:
+            raise InvalidInput(f"{candidate!r} is not a registered model version") from None
+        await self._s3(check_servable, self.objects, candidate)
+        canary = Canary(
+            study_id=study.study_id,
+            candidate=candidate,
+            production=production,
+            share=share,
+            started_ms=now_ms(),
+            started_by=by,
+        )
+        await self.save_canary(canary)
+        return canary
+
+    async def _promoted(self, study_id: str) -> set[str]:
+        raw = await self._r("read promotions", self.redis.hgetall(self._key("study", study_id, "arm_map")))
+        return {_str(v) for v in raw.values()}
+
+    async def save_canary(self, canary: Canary) -> None:
+        """Record the canary (S3 first: the durable record) and, once promoted, map its arm to the candidate."""
+        await self._s3(self.objects.put_json, Bucket.SESSIONS, self.canary_object(canary), canary.model_dump())
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self._key("study", canary.study_id, "canary"), canary.model_dump_json())
+        if canary.state == "running":
+            pipe.sadd(self._key("canaries", "running"), canary.study_id)
+        else:
+            pipe.srem(self._key("canaries", "running"), canary.study_id)
+        if canary.state == "promoted":
+            arm_map = self._key("study", canary.study_id, "arm_map")
+            raw = await self._r("read promotions", self.redis.hgetall(arm_map))
+            # Every study arm that the production arm served is now served by the candidate.
+            for arm in {a.arm for a in (await self.get_study(canary.study_id)).arms}:
+                if (_str(raw[arm.encode()]) if arm.encode() in raw else arm) == canary.production:
+                    pipe.hset(arm_map, arm, canary.candidate)
+        await self._r("record the canary", pipe.execute())
+
+    async def running_canaries(self) -> list[Canary]:
+        ids = await self._r("list canaries", self.redis.smembers(self._key("canaries", "running")))
+        found = [await self.canary(_str(i)) for i in sorted(ids)]
+        return [c for c in found if c is not None and c.state == "running"]
+
+    async def take_lock(self, name: str, ttl_s: float) -> bool:
+        """True when this replica holds ``name`` for the next ``ttl_s`` (renewed by taking it again in time)."""
+        key = self._key("lock", name)
+        mine = await self._r("take a lock", self.redis.set(key, self.replica, nx=True, px=int(ttl_s * 1000)))
+        if mine:
+            return True
+        holder = await self._r("read a lock", self.redis.get(key))
+        if holder is not None and _str(holder) == self.replica:
+            await self._r("renew a lock", self.redis.pexpire(key, int(ttl_s * 1000)))
+            return True
+        return False
 
     # --- progress ---------------------------------------------------------------------------------------
 

@@ -117,6 +117,36 @@ async function showProgress(card, study) {
   }
 }
 
+const CANARY_STATES = { running: "running", promoted: "promoted", rolled_back: "rolled back" };
+
+async function showCanary(card, study) {
+  const status = card.querySelector(".canary-status");
+  let canary;
+  try {
+    canary = await getJson(`/studies/${encodeURIComponent(study.study_id)}/canary`);
+  } catch (err) {
+    status.textContent = err.status === 404 ? "No canary has run in this study." : err.message;
+    return;
+  }
+  const when = canary.decided_ms ? `, decided ${formatTime(canary.decided_ms)}` : "";
+  status.textContent =
+    `${canary.candidate} in place of ${canary.production} for ${Math.round(canary.share * 100)}% of new ` +
+    `participants: ${CANARY_STATES[canary.state]} (started ${formatTime(canary.started_ms)} by ` +
+    `${canary.started_by}${when}; ${canary.participants} participants so far).`;
+  card.querySelector(".canary-reason").textContent = canary.reason;
+  const table = card.querySelector(".canary-table");
+  const body = table.querySelector("tbody");
+  for (const look of canary.looks) {
+    const tr = el("tr");
+    const th = el("th", look.outcome);
+    th.scope = "row";
+    tr.append(th, el("td", `${look.n_candidate} / ${look.n_production}`), el("td", number(look.difference, 3)),
+      el("td", number(look.p_harm, 4)));
+    body.append(tr);
+  }
+  table.hidden = canary.looks.length === 0;
+}
+
 async function exportSessions(card, study, format, button) {
   const error = card.querySelector(".export-error");
   error.textContent = "";
@@ -201,6 +231,7 @@ function studyCard(study) {
     button.addEventListener("click", () => exportSessions(card, study, button.dataset.format, button));
   }
   showProgress(card, study);
+  showCanary(card, study);
   showReport(card, study);
   return card;
 }

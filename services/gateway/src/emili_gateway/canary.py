@@ -1,0 +1,193 @@
+"""Canaries: a candidate model version gets a small share of a study's new participants, blinded, and is then
+promoted or rolled back on what happened in its sessions.
+
+A canary stands in for one of the study's arms, its *production* arm. While it runs, a new participant whom
+allocation gives the production arm goes to the candidate instead with probability ``share`` (they never see
+which model they talk to). After every completed session the monitor compares the two arms' outcomes with an
+always-valid sequential test (mixture SPRT, :func:`emili_affect.stats.msprt_compare`), which may be looked at
+this often without inflating false alarms:
+
+- harm on any outcome (its running-minimum p-value under ``alpha`` / number of outcomes): **roll back** at once;
+- ``max_sessions`` rated in each arm with no harm: **promote** when the mean rating is shown not worse than
+  ``margin`` (a one-sided ``1 - alpha`` bound of the difference: this analysis happens once, at the planned
+  size, so it needs no sequential correction); otherwise **roll back**.
+
+Outcomes per session: ``rating`` (the mean of the participant's three 1-5 ratings, for rated sessions) and
+``completed`` (1 when the session ended with a rating, 0 when it was abandoned). A promoted candidate takes the
+production arm's place for every later participant of the study (the study itself never changes; the gateway
+maps the arm); a rolled back one gets no new participant. Each decision, with its numbers, is kept with the
+canary (``GET /api/v1/studies/{id}/canary``, the researcher page) and counted in metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from statistics import NormalDist
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from emili_affect.stats import msprt_compare
+from emili_gateway.models import SessionRecord
+from emili_gateway.settings import CanarySettings
+
+log = logging.getLogger(__name__)
+
+CanaryState = Literal["running", "promoted", "rolled_back"]
+OUTCOMES = ("rating", "completed")
+
+
+class Look(BaseModel):
+    """One comparison of the candidate with the production arm, on one outcome."""
+
+    outcome: str
+    n_candidate: int
+    n_production: int
+    difference: float | None  # mean(candidate) - mean(production)
+    p_harm: float  # Running minimum across looks (always valid).
+    ci: tuple[float, float] | None  # Always valid, at 1 - alpha.
+    lower_bound: float | None = None  # One-sided 1 - alpha bound of the difference, for the planned end.
+
+
+class CanaryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    candidate: str = Field(description="A registered model version that passed its evaluation gate")
+    production: str | None = Field(None, description="The arm it stands in for; default: the study's first arm")
+    share: float | None = Field(None, gt=0, le=0.5, description="Share of that arm's new participants it gets")
+
+
+class Canary(BaseModel):
+    study_id: str
+    candidate: str
+    production: str
+    share: float = Field(gt=0, le=0.5)
+    state: CanaryState = "running"
+    started_ms: int
+    started_by: str
+    decided_ms: int | None = None
+    reason: str = ""
+    looks: list[Look] = Field(default_factory=list)
+    participants: int = 0  # New participants the candidate got while it ran (filled in when read).
+
+
+def session_outcomes(
+    records: Sequence[SessionRecord], arm: str, since_ms: int, idle_before_ms: int
+) -> dict[str, list[float]]:
+    """The outcomes of ``arm``'s finished sessions begun since ``since_ms`` (the canary's start: earlier sessions
+    of the production arm met another time), withdrawn ones excluded."""
+    mine = [r for r in records if r.arm == arm and r.created_ms >= since_ms and not r.withdrawn]
+    rated = [r for r in mine if r.state == "ended" and r.rated and r.rating]
+    abandoned = [r for r in mine if not r.rated and max(r.last_activity_ms, r.created_ms) < idle_before_ms]
+    return {
+        "rating": [sum(r.rating.values()) / len(r.rating) for r in rated if r.rating],
+        "completed": [1.0] * len(rated) + [0.0] * len(abandoned),
+    }
+
+
+def decide(
+    options: CanarySettings, canary: Canary, candidate: dict[str, list[float]], production: dict[str, list[float]]
+) -> Canary:
+    """The canary after one more look: still running, or promoted or rolled back with the reason and numbers."""
+    previous = {look.outcome: look.p_harm for look in canary.looks}
+    looks = []
+    harmed = []
+    for outcome in OUTCOMES:
+        compared = msprt_compare(candidate[outcome], production[outcome], tau=options.tau[outcome], alpha=options.alpha)
+        p_harm = min(previous.get(outcome, 1.0), compared.p_harm)
+        finite = not math.isnan(compared.difference)
+        looks.append(
+            Look(
+                outcome=outcome,
+                n_candidate=compared.n_candidate,
+                n_production=compared.n_baseline,
+                difference=compared.difference if finite else None,
+                p_harm=p_harm,
+                ci=compared.ci if finite else None,
+                lower_bound=compared.difference - _z(options.alpha) * compared.standard_error if finite else None,
+            )
+        )
+        if p_harm < options.alpha / len(OUTCOMES):
+            harmed.append(f"{outcome} (difference {compared.difference:+.3f}, p = {p_harm:.4f})")
+    updated = canary.model_copy(update={"looks": looks})
+    if harmed:
+        return _decided(updated, "rolled_back", f"harm: the candidate did worse on {', '.join(harmed)}")
+    rating = looks[0]
+    if min(rating.n_candidate, rating.n_production) >= options.max_sessions:
+        if rating.lower_bound is not None and rating.lower_bound > -options.margin:
+            return _decided(
+                updated,
+                "promoted",
+                f"no harm after {rating.n_candidate} rated sessions; rating difference {rating.difference:+.3f}, "
+                f"worst plausible {rating.lower_bound:+.3f}, within the margin {options.margin}",
+            )
+        return _decided(updated, "rolled_back", f"not shown to be as good within {options.margin} rating points")
+    return updated
+
+
+def _z(alpha: float) -> float:
+    return float(NormalDist().inv_cdf(1 - alpha))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _decided(canary: Canary, state: CanaryState, reason: str) -> Canary:
+    return canary.model_copy(update={"state": state, "reason": reason, "decided_ms": _now_ms()})
+
+
+def draw_candidate(canary: Canary | None, arm: str, rng: random.Random | None = None) -> str:
+    """The arm a new participant gets once allocation chose ``arm``: the candidate for a ``share`` of the
+    production arm's participants while its canary runs."""
+    if canary is None or canary.state != "running" or arm != canary.production:
+        return arm
+    return canary.candidate if (rng or random).random() < canary.share else arm
+
+
+class CanaryMonitor:
+    """Looks at every running canary every ``interval_s`` and records its decision; one gateway replica at a time
+    (a Redis lock), so two replicas never decide the same canary twice."""
+
+    def __init__(self, options: CanarySettings, studies: Any, metrics: Any) -> None:
+        self.options, self.studies, self.metrics = options, studies, metrics
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # A Redis or S3 outage: the next tick tries again.
+                log.exception("canary monitor: a look failed")
+            await asyncio.sleep(self.options.interval_s)
+
+    async def tick(self) -> list[Canary]:
+        if not await self.studies.take_lock("canary-monitor", self.options.interval_s * 2):
+            return []
+        decided = []
+        running = await self.studies.running_canaries()
+        for canary in running:
+            looked = await self.look(canary)
+            if looked.state != "running":
+                decided.append(looked)
+        self.metrics.canaries_running.set(len(running) - len(decided))
+        return decided
+
+    async def look(self, canary: Canary) -> Canary:
+        records = await self.studies.study_sessions(canary.study_id)
+        idle_before = _now_ms() - self.studies.options.abandoned_after_seconds * 1000
+        looked = decide(
+            self.options,
+            canary,
+            session_outcomes(records, canary.candidate, canary.started_ms, idle_before),
+            session_outcomes(records, canary.production, canary.started_ms, idle_before),
+        )
+        await self.studies.save_canary(looked)
+        if looked.state != "running":
+            self.metrics.canary_decisions.labels(looked.state).inc()
+            log.info("canary %s in %s: %s (%s)", canary.candidate, canary.study_id, looked.state, looked.reason)
+        return looked

@@ -1,0 +1,229 @@
+"""Canaries: the decision rule on constructed outcomes, and a canary run through the gateway's API on real Redis,
+S3 and chat (scripted model): a share of new participants goes to the candidate, blinded; the monitor promotes a
+candidate as good as production (later participants get it) and rolls back a harmful one early."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from fastapi.testclient import TestClient
+
+from emili_core.objectstore import ObjectStore
+from emili_core.settings import S3Settings
+from emili_gateway.canary import Canary, CanaryMonitor, decide, draw_candidate, session_outcomes
+from emili_gateway.metrics import gateway_metrics
+from emili_gateway.models import SessionRecord
+from emili_gateway.settings import CanarySettings, GatewaySettings
+from emili_gateway.studies import StudyEngine
+
+from .conftest import (
+    MakeClient,
+    Servers,
+    admin_headers,
+    create_study,
+    gateway_settings,
+    join,
+    register_model_version,
+    start_session,
+)
+
+OPTIONS = CanarySettings(max_sessions=30, alpha=0.05, margin=0.25)
+NOW = int(time.time() * 1000)
+
+
+def canary(**changes: Any) -> Canary:
+    values: dict[str, Any] = dict(
+        study_id="st-000000000000",
+        candidate="cand",
+        production="base",
+        share=0.2,
+        started_ms=NOW - 60_000,
+        started_by="r",
+    )
+    return Canary(**(values | changes))
+
+
+def outcomes(mean_rating: float, n: int, completed: float = 1.0, seed: int = 0) -> dict[str, list[float]]:
+    rng = random.Random(seed)
+    ratings = [min(5.0, max(1.0, rng.gauss(mean_rating, 0.7))) for _ in range(n)]
+    return {"rating": ratings, "completed": [1.0 if rng.random() < completed else 0.0 for _ in range(n)]}
+
+
+def test_harm_rolls_back_early() -> None:
+    looked = decide(OPTIONS, canary(), outcomes(2.0, 12, seed=1), outcomes(4.2, 12, seed=2))
+    assert looked.state == "rolled_back" and looked.reason.startswith("harm: the candidate did worse on rating")
+    assert looked.looks[0].n_candidate == 12 < OPTIONS.max_sessions  # Before the planned size.
+    assert looked.looks[0].difference is not None and looked.looks[0].difference < -1.5
+
+
+def test_as_good_is_promoted_at_the_planned_size_and_not_before() -> None:
+    planned = OPTIONS.model_copy(update={"max_sessions": 80})
+    early = decide(planned, canary(), outcomes(4.0, 60, seed=3), outcomes(4.0, 60, seed=4))
+    assert early.state == "running" and early.reason == ""
+    done = decide(planned, early, outcomes(4.1, 80, seed=5), outcomes(4.0, 80, seed=6))
+    assert done.state == "promoted" and "within the margin" in done.reason and done.decided_ms
+
+
+def test_too_uncertain_at_the_planned_size_is_rolled_back() -> None:
+    wide = OPTIONS.model_copy(update={"margin": 0.0})  # Must show no loss at all: a tie cannot.
+    looked = decide(wide, canary(), outcomes(4.0, 30, seed=7), outcomes(4.0, 30, seed=8))
+    assert looked.state == "rolled_back" and looked.reason.startswith("not shown to be as good")
+
+
+def test_the_running_minimum_of_p_values_is_kept() -> None:
+    first = decide(OPTIONS, canary(), outcomes(3.6, 15, seed=9), outcomes(4.2, 15, seed=10))
+    p_first = first.looks[0].p_harm
+    # A later look with the arms level again cannot forget the evidence already seen.
+    second = decide(OPTIONS, first, outcomes(4.2, 20, seed=11), outcomes(4.2, 20, seed=12))
+    assert second.looks[0].p_harm <= p_first
+
+
+def test_draw_candidate_takes_a_share_of_the_production_arm_only() -> None:
+    rng = random.Random(0)
+    running = canary(share=0.2)
+    draws = [draw_candidate(running, "base", rng) for _ in range(5000)]
+    assert 0.17 < draws.count("cand") / len(draws) < 0.23
+    assert {draw_candidate(running, "other-arm", rng) for _ in range(100)} == {"other-arm"}
+    stopped = canary(state="rolled_back")
+    assert draw_candidate(stopped, "base", rng) == "base" and draw_candidate(None, "base", rng) == "base"
+
+
+def test_session_outcomes() -> None:
+    def record(i: int, **changes: Any) -> SessionRecord:
+        values: dict[str, Any] = dict(
+            session_id=f"s{i}",
+            study_id="st",
+            participant_id=f"p{i}",
+            arm="cand",
+            created_ms=NOW,
+            camera=True,
+            store_frames=False,
+            use_for_training=True,
+        )
+        return SessionRecord(**(values | changes))
+
+    records = [
+        record(1, state="ended", rated=True, rating={"empathy": 5, "relevance": 4, "fluency": 3}),
+        record(2, created_ms=NOW - 10_000, last_activity_ms=NOW - 10_000),  # Abandoned.
+        record(3, last_activity_ms=NOW),  # Still going.
+        record(4, state="ended", rated=True, rating={"empathy": 1, "relevance": 1, "fluency": 1}, withdrawn=True),
+        record(5, state="ended", rated=True, rating={"empathy": 2, "relevance": 2, "fluency": 2}, created_ms=1),
+        record(6, arm="base", state="ended", rated=True, rating={"empathy": 3, "relevance": 3, "fluency": 3}),
+    ]
+    found = session_outcomes(records, "cand", since_ms=NOW - 20_000, idle_before_ms=NOW - 5_000)
+    assert found == {"rating": [4.0], "completed": [1.0, 0.0]}
+
+
+# --- through the gateway ------------------------------------------------------------------------------------
+
+
+def _settings(redis_url: str, s3: S3Settings, servers: Servers) -> GatewaySettings:
+    settings = gateway_settings(redis_url, s3, servers)
+    options = settings.gateway.model_copy(update={"canary": OPTIONS.model_copy(update={"monitor": False})})
+    return settings.model_copy(update={"gateway": options})
+
+
+def _rated(study_id: str, arm: str, i: int, rating: int, started_ms: int) -> SessionRecord:
+    return SessionRecord(
+        session_id=f"{study_id}-{arm}-{i}",
+        study_id=study_id,
+        participant_id=f"{study_id}-{arm}-p{i}",
+        arm=arm,
+        created_ms=started_ms + 1 + i,
+        camera=True,
+        store_frames=False,
+        use_for_training=True,
+        state="ended",
+        rated=True,
+        rating={"empathy": rating, "relevance": rating, "fluency": rating},
+    )
+
+
+def _monitor(
+    redis_url: str,
+    object_store: ObjectStore,
+    settings: GatewaySettings,
+    sessions: list[SessionRecord],
+    replica: str = "test-monitor",
+) -> list[Canary]:
+    """Store ``sessions`` and take one look, in this test's own event loop (the app runs in another)."""
+
+    async def go() -> list[Canary]:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            studies = StudyEngine(settings.gateway.studies, client, object_store)
+            studies.replica = replica  # The same monitor each time: it still holds the lock it took.
+            for record in sessions:
+                await studies.save_session(record)
+            decided: list[Canary] = await CanaryMonitor(settings.gateway.canary, studies, gateway_metrics()).tick()
+            return decided
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.integration
+def test_a_canary_through_the_gateway(
+    make_client: MakeClient, redis_url: str, s3_settings: S3Settings, servers: Servers, object_store: ObjectStore
+) -> None:
+    settings = _settings(redis_url, s3_settings, servers)
+    client: TestClient = make_client(settings)
+    register_model_version(object_store, "canary-good")
+    register_model_version(object_store, "canary-bad")
+    study = create_study(client)
+    study_id = study["study_id"]
+    url = f"/api/v1/studies/{study_id}/canary"
+
+    assert client.get(url, headers=admin_headers()).status_code == 404  # None yet.
+    unknown = client.post(url, json={"candidate": "no-such-version"}, headers=admin_headers())
+    assert unknown.status_code == 400 and "not a registered model version" in unknown.json()["detail"]
+    started = client.post(url, json={"candidate": "canary-good", "share": 0.5}, headers=admin_headers())
+    assert started.status_code == 201, started.text
+    assert started.json()["production"] == "base" and started.json()["state"] == "running"
+    again = client.post(url, json={"candidate": "canary-bad"}, headers=admin_headers())
+    assert again.status_code == 409 and "already runs a canary of canary-good" in again.json()["detail"]
+
+    # New participants: about half of the production arm's go to the candidate, and nobody is told which.
+    arms = []
+    for _ in range(24):
+        joined = join(client, study_id)
+        session_id = start_session(client, joined)
+        assert "arm" not in client.get(f"/api/v1/sessions/{session_id}", headers=joined.headers).json()
+        arms.append(client.get(url, headers=admin_headers()).json()["participants"])
+    assert 4 <= arms[-1] <= 20 and arms == sorted(arms)
+
+    # As good as production over the planned size: promoted, and the next newcomers get the candidate.
+    running = Canary.model_validate(client.get(url, headers=admin_headers()).json())
+    sessions = [
+        _rated(study_id, arm, i, 4 + i % 2, running.started_ms) for arm in ("canary-good", "base") for i in range(30)
+    ]
+    decided = _monitor(redis_url, object_store, settings, sessions)
+    assert [c.state for c in decided] == ["promoted"]
+    shown = client.get(url, headers=admin_headers()).json()
+    assert shown["state"] == "promoted" and shown["looks"][0]["n_candidate"] >= 30
+    newcomer = join(client, study_id)
+    start_session(client, newcomer)
+    prefix = settings.gateway.studies.redis_prefix
+    arm = redis.Redis.from_url(redis_url).hget(f"{prefix}:participant:{newcomer.participant_id}", "arm")
+    assert arm == b'"canary-good"'
+    progress = client.get(f"/api/v1/studies/{study_id}/progress", headers=admin_headers()).json()
+    assert progress["arms"][0]["arm"] == "base"  # The study is unchanged; the gateway maps its arm.
+
+    # A harmful candidate against the new production arm: rolled back at the first look, long before 30.
+    bad = client.post(url, json={"candidate": "canary-bad", "share": 0.3}, headers=admin_headers())
+    assert bad.status_code == 201 and bad.json()["production"] == "canary-good"
+    started_ms = bad.json()["started_ms"]
+    assert _monitor(redis_url, object_store, settings, [], replica="another-gateway") == []  # Not its turn.
+    harmful = [_rated(study_id, "canary-bad", i, 1, started_ms) for i in range(8)]
+    harmful += [_rated(study_id, "canary-good", 100 + i, 5, started_ms) for i in range(8)]
+    decided = _monitor(redis_url, object_store, settings, harmful)
+    assert [c.state for c in decided] == ["rolled_back"] and decided[0].reason.startswith("harm")
+    manual = client.post(f"{url}/rollback", headers=admin_headers())
+    assert manual.status_code == 409 and "already rolled back" in manual.json()["detail"]
