@@ -1,0 +1,205 @@
+"""The loop that runs itself: new sessions -> candidate model -> evaluation gate -> canary -> promote or roll back.
+
+One :class:`Loop` instance acts at a time, whatever the number of processes running it: each tick first takes
+(or renews) a Redis lease, and a process without it does nothing. Its state is one object in storage
+(``loop/state.json``, bucket models), written before every action that starts something, so a restarted process
+carries on where the last one stopped and never starts a second candidate: a pipeline's id is a digest of its
+configuration and sessions, so starting it again finds the same pipeline.
+
+Phases, one step per tick:
+
+- ``idle``: when at least ``min_new_sessions`` eligible sessions (recorded, consented to training, not deleted,
+  not synthetic unless the policy allows, not used by an earlier candidate) exist, start a pipeline on every
+  eligible session -> ``training``;
+- ``training``: wait for the pipeline; its candidate is its last trained version (DPO, else SFT) -> ``gating``;
+  a failed pipeline goes back to ``idle`` (its sessions count as used, so a bad batch is not retried forever);
+- ``gating``: judge the candidate's evidence with the gate policy; the verdict is stored with the model
+  (``gates/<version>.json``); passed -> start a canary -> ``canary``; failed -> ``idle`` (never served);
+- ``canary``: wait for the gateway's decision (promoted or rolled back) -> ``idle`` (a canary that is missing,
+  because the process stopped before starting it, is started).
+
+Every transition is appended to the state's history with its numbers, so a decision can be traced back to the
+pipeline, its sessions and the verdict.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from emili_core.errors import NotFound
+from emili_core.objectstore import Bucket, ObjectStore
+from emili_pipeline.gate import SHIPPED as SHIPPED_GATE
+from emili_pipeline.gate import Evidence, GatePolicy, Verdict, judge, load_policy
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "loop/state.json"
+Phase = Literal["idle", "training", "gating", "canary"]
+
+
+def gate_key(version: str) -> str:
+    """Bucket ``models``: the gate's verdict on a candidate version, with its evidence."""
+    return f"gates/{version}.json"
+
+
+class LoopPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    interval_s: float = Field(300.0, gt=0)
+    min_new_sessions: int = Field(50, ge=1)
+    include_synthetic: bool = False  # Only simulation studies set it: real candidates learn from people.
+    study_id: str = ""  # Where the canary runs (the gateway's study); empty: candidates stop after the gate.
+    canary_share: float = Field(0.1, gt=0, le=0.5)
+    gate: Path = SHIPPED_GATE
+    pipeline: Path = Path("libs/pipeline/configs/loop.yaml")
+
+
+def load_loop_policy(path: Path | str) -> LoopPolicy:
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    return LoopPolicy.model_validate(raw.get("loop", raw))
+
+
+class LoopState(BaseModel):
+    phase: Phase = "idle"
+    pipeline_id: str | None = None
+    candidate: str | None = None
+    sessions: list[str] = Field(default_factory=list)  # Of the candidate in progress.
+    used_sessions: list[str] = Field(default_factory=list)  # Sessions some earlier candidate was built from.
+    history: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class Actions(Protocol):
+    """What the loop asks of the rest of the system (the pipeline, the gateway); faked in unit tests."""
+
+    def eligible_sessions(self, include_synthetic: bool) -> list[str]: ...
+
+    def start_pipeline(self, session_ids: Sequence[str]) -> str: ...
+
+    def pipeline_outcome(self, pipeline_id: str) -> tuple[str, str | None, dict[str, Evidence]]: ...
+
+    def start_canary(self, study_id: str, candidate: str, share: float) -> None: ...
+
+    def canary_outcome(self, study_id: str, candidate: str) -> str: ...
+
+
+class Lease(Protocol):
+    def take(self, owner: str, ttl_s: float) -> bool: ...
+
+
+class RedisLease:
+    """A lease in Redis: taken when free, renewed by its owner; it lapses ``ttl_s`` after the owner stops."""
+
+    def __init__(self, client: Any, key: str = "emili:loop:lease") -> None:
+        self.client, self.key = client, key
+
+    def take(self, owner: str, ttl_s: float) -> bool:
+        ttl_ms = int(ttl_s * 1000)
+        if self.client.set(self.key, owner, nx=True, px=ttl_ms):
+            return True
+        holder = self.client.get(self.key)
+        if holder is not None and (holder.decode() if isinstance(holder, bytes) else holder) == owner:
+            self.client.pexpire(self.key, ttl_ms)
+            return True
+        return False
+
+
+@dataclass
+class Loop:
+    policy: LoopPolicy
+    store: ObjectStore
+    lease: Lease
+    actions: Actions
+    owner: str = ""
+
+    def __post_init__(self) -> None:
+        self.owner = self.owner or secrets.token_hex(8)
+        self.gate_policy: GatePolicy = load_policy(self.policy.gate)
+
+    def state(self) -> LoopState:
+        try:
+            return LoopState.model_validate(self.store.get_json(Bucket.MODELS, STATE_KEY))
+        except NotFound:
+            return LoopState()
+
+    def _save(self, state: LoopState, event: str, **numbers: Any) -> LoopState:
+        state.history.append({"at_ms": int(time.time() * 1000), "event": event, "phase": state.phase, **numbers})
+        self.store.put_json(Bucket.MODELS, STATE_KEY, state.model_dump(mode="json"))
+        log.info("loop: %s (%s)", event, numbers)
+        return state
+
+    def tick(self) -> LoopState | None:
+        """One step of the loop; None when another instance holds the lease."""
+        if not self.lease.take(self.owner, self.policy.interval_s * 3):
+            return None
+        state = self.state()
+        step = {"idle": self._idle, "training": self._training, "gating": self._gating, "canary": self._canary}
+        return step[state.phase](state)
+
+    def _idle(self, state: LoopState) -> LoopState:
+        used = set(state.used_sessions)
+        eligible = self.actions.eligible_sessions(self.policy.include_synthetic)
+        new = [s for s in eligible if s not in used]
+        if len(new) < self.policy.min_new_sessions:
+            return state
+        state.phase, state.sessions = "training", sorted(eligible)
+        state.pipeline_id = None
+        # Saved before the pipeline starts: a restart sees "training" and never starts another candidate.
+        self._save(state, "enough new sessions", new_sessions=len(new), sessions=len(eligible))
+        state.pipeline_id = self.actions.start_pipeline(state.sessions)
+        return self._save(state, "pipeline started", pipeline_id=state.pipeline_id)
+
+    def _training(self, state: LoopState) -> LoopState:
+        if state.pipeline_id is None:  # Stopped between saving "training" and starting it: start it now.
+            state.pipeline_id = self.actions.start_pipeline(state.sessions)
+            return self._save(state, "pipeline started", pipeline_id=state.pipeline_id)
+        outcome, candidate, _ = self.actions.pipeline_outcome(state.pipeline_id)
+        if outcome == "running":
+            return state
+        state.used_sessions = sorted(set(state.used_sessions) | set(state.sessions))
+        if outcome != "done" or candidate is None:
+            state.phase = "idle"
+            return self._save(state, "pipeline failed", pipeline_id=state.pipeline_id, outcome=outcome)
+        state.phase, state.candidate = "gating", candidate
+        return self._save(state, "candidate trained", candidate=candidate, pipeline_id=state.pipeline_id)
+
+    def _gating(self, state: LoopState) -> LoopState:
+        assert state.candidate is not None and state.pipeline_id is not None
+        _, _, evidence = self.actions.pipeline_outcome(state.pipeline_id)
+        verdict: Verdict = judge(self.gate_policy, evidence)
+        record = {
+            **verdict.to_json(),
+            "version": state.candidate,
+            "pipeline_id": state.pipeline_id,
+            "sessions": len(state.sessions),
+        }
+        self.store.put_json(Bucket.MODELS, gate_key(state.candidate), record)
+        failed = [c.name for c in verdict.checks if not c.passed]
+        if not verdict.passed or not self.policy.study_id:
+            state.phase = "idle"
+            event = "gate failed" if not verdict.passed else "gate passed; no study to run a canary in"
+            return self._save(state, event, candidate=state.candidate, failed_checks=failed)
+        state.phase = "canary"
+        self._save(state, "gate passed", candidate=state.candidate)
+        self.actions.start_canary(self.policy.study_id, state.candidate, self.policy.canary_share)
+        return self._save(state, "canary started", candidate=state.candidate, study_id=self.policy.study_id)
+
+    def _canary(self, state: LoopState) -> LoopState:
+        assert state.candidate is not None
+        outcome = self.actions.canary_outcome(self.policy.study_id, state.candidate)
+        if outcome == "missing":  # Stopped between saving "canary" and starting it.
+            self.actions.start_canary(self.policy.study_id, state.candidate, self.policy.canary_share)
+            return self._save(state, "canary started", candidate=state.candidate, study_id=self.policy.study_id)
+        if outcome == "running":
+            return state
+        state.phase = "idle"
+        return self._save(state, f"canary {outcome.replace('_', ' ')}", candidate=state.candidate)

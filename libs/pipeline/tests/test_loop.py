@@ -1,0 +1,137 @@
+"""The loop's scheduler against real Redis (its lease) and S3 (its state), with the pipeline and the gateway
+faked: one instance acts at a time; a restart at any point carries on without starting a second candidate; a
+candidate that fails the gate is never given to a canary; a passed one is, and the decision closes the round."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from emili_core.objectstore import Bucket, ObjectStore
+from emili_pipeline.gate import Evidence
+from emili_pipeline.loop import STATE_KEY, Loop, LoopPolicy, RedisLease, gate_key
+
+pytestmark = pytest.mark.integration
+
+GOOD = {
+    "diff_epitome_mean": Evidence([0.5] * 40, [0.6] * 40, paired=True),
+    "mmlu_correct": Evidence([1.0, 0.0] * 60, [1.0, 0.0] * 60, paired=True),
+    "reply_words": Evidence([20.0] * 40),
+    "delta_v": Evidence([0.1, 0.2] * 10, [0.1, 0.2] * 10),
+    "negative_reaction": Evidence([0.0, 1.0, 0.0] * 400, [0.0, 1.0, 0.0] * 400),
+}
+BAD = {**GOOD, "mmlu_correct": Evidence([0.0] * 120, [1.0, 0.0] * 60, paired=True)}
+
+
+@dataclass
+class FakeSystem:
+    sessions: list[str]
+    evidence: dict[str, Evidence]
+    pipelines: list[tuple[str, ...]] = field(default_factory=list)
+    finished: bool = False
+    canaries: list[str] = field(default_factory=list)
+    decision: str = "running"
+
+    def eligible_sessions(self, include_synthetic: bool) -> list[str]:
+        return list(self.sessions)
+
+    def start_pipeline(self, session_ids: Sequence[str]) -> str:
+        self.pipelines.append(tuple(session_ids))
+        return f"pl-{len(set(self.pipelines))}"
+
+    def pipeline_outcome(self, pipeline_id: str) -> tuple[str, str | None, dict[str, Evidence]]:
+        return ("done", "cand-1", self.evidence) if self.finished else ("running", None, {})
+
+    def start_canary(self, study_id: str, candidate: str, share: float) -> None:
+        self.canaries.append(candidate)
+
+    def canary_outcome(self, study_id: str, candidate: str) -> str:
+        return self.decision if self.canaries else "missing"
+
+
+@pytest.fixture
+def store(object_store: ObjectStore) -> ObjectStore:
+    object_store.delete(Bucket.MODELS, STATE_KEY)
+    return object_store
+
+
+def make(store: ObjectStore, redis_url: str, system: FakeSystem, owner: str, **policy: object) -> Loop:
+    options = LoopPolicy(enabled=True, interval_s=5, min_new_sessions=3, study_id="st-0123456789ab", **policy)
+    return Loop(options, store, RedisLease(redis.Redis.from_url(redis_url)), system, owner)
+
+
+def test_one_round_restarts_and_a_second_instance(store: ObjectStore, isolated_redis_url: str) -> None:
+    system = FakeSystem(sessions=["s1", "s2"], evidence=GOOD)
+    second = make(store, isolated_redis_url, system, "second")
+    assert second.tick() is not None and second.state().phase == "idle"  # Two sessions: not enough.
+    # "second" holds the lease: another instance does nothing until it lapses.
+    assert make(store, isolated_redis_url, system, "first").tick() is None
+    system.sessions.append("s3")
+    assert (second.tick() or pytest.fail()).phase == "training"
+    assert system.pipelines == [("s1", "s2", "s3")]
+
+    # A restart (a new process, same owner name after a crash, or another one once the lease lapsed).
+    restarted = make(store, isolated_redis_url, system, "second")
+    for _ in range(3):
+        assert (restarted.tick() or pytest.fail()).phase == "training"
+    assert system.pipelines == [("s1", "s2", "s3")]  # Never a second candidate.
+
+    system.finished = True
+    assert (restarted.tick() or pytest.fail()).phase == "gating"
+    state = restarted.tick() or pytest.fail()
+    assert state.phase == "canary" and system.canaries == ["cand-1"]
+    verdict = store.get_json(Bucket.MODELS, gate_key("cand-1"))
+    assert verdict["passed"] and verdict["pipeline_id"] == "pl-1" and verdict["sessions"] == 3
+
+    system.decision = "promoted"
+    done = restarted.tick() or pytest.fail()
+    assert done.phase == "idle" and done.used_sessions == ["s1", "s2", "s3"]
+    assert [h["event"] for h in done.history] == [
+        "enough new sessions",
+        "pipeline started",
+        "candidate trained",
+        "gate passed",
+        "canary started",
+        "canary promoted",
+    ]
+    # The same sessions never make another candidate.
+    assert (restarted.tick() or pytest.fail()).phase == "idle" and len(system.pipelines) == 1
+
+
+def test_a_candidate_failing_the_gate_gets_no_canary(store: ObjectStore, isolated_redis_url: str) -> None:
+    system = FakeSystem(sessions=["a", "b", "c"], evidence=BAD, finished=True)
+    loop = make(store, isolated_redis_url, system, "only")
+    phases = [(loop.tick() or pytest.fail()).phase for _ in range(3)]
+    assert phases == ["training", "gating", "idle"] and system.canaries == []
+    verdict = store.get_json(Bucket.MODELS, gate_key("cand-1"))
+    assert not verdict["passed"]
+    failed = [c["name"] for c in verdict["checks"] if not c["passed"]]
+    assert failed == ["knowledge_kept"]
+    assert loop.state().history[-1]["failed_checks"] == ["knowledge_kept"]
+
+
+def test_a_stop_before_the_canary_started_starts_it_on_restart(store: ObjectStore, isolated_redis_url: str) -> None:
+    system = FakeSystem(sessions=["a", "b", "c"], evidence=GOOD, finished=True)
+    loop = make(store, isolated_redis_url, system, "only")
+    loop.tick()
+    assert (loop.tick() or pytest.fail()).phase == "gating" and system.canaries == []
+    # As if the process had died right after saving "gate passed": the canary never started.
+    state = loop.state()
+    state.phase = "canary"
+    store.put_json(Bucket.MODELS, STATE_KEY, state.model_dump(mode="json"))
+    assert (loop.tick() or pytest.fail()).history[-1]["event"] == "canary started" and system.canaries == ["cand-1"]
+
+
+def test_the_policy_file(tmp_path: Path) -> None:
+    from emili_pipeline.loop import load_loop_policy
+
+    path = tmp_path / "loop.yaml"
+    path.write_text("loop:\n  enabled: true\n  min_new_sessions: 20\n")
+    assert load_loop_policy(path).min_new_sessions == 20
+    path.write_text("loop:\n  min_new_sesions: 20\n")
+    with pytest.raises(ValueError, match="min_new_sesions"):
+        load_loop_policy(path)
