@@ -110,25 +110,16 @@ class RetentionSettings(BaseModel):
     event_stream_days: int = Field(7, ge=0)  # After chat.persist_session has stored the record.
     idle_session_days: int = Field(30, ge=0)  # A session never ended: after its last write.
     fer_readings_days: int = Field(90, ge=0)  # Offline FER readings (``<session>/fer/`` in the sessions bucket).
-
-
-@dataclass(frozen=True)
-class HealthCheck:
-    """How a service's server tells whether it is ready (``emili status``, ``emili stack up``).
-
     # What a withdrawal does to the model versions that learned from the withdrawn sessions: "mark" records it in
     # their lineage (they keep serving until a researcher retrains); "retire" also stops chat serving them and the
     # trainer building on them.
     withdrawn_models: Literal["mark", "retire"] = "mark"
 
 
-class MonitoringSettings(BaseModel):
-    """Prometheus and Flower of the local stack (``EMILI_MONITORING__*``). Fixed ports below the kernel's ephemeral
-    range (32768 and up), away from the defaults of a system-wide Prometheus (9090) that Debian's package starts."""
+@dataclass(frozen=True)
+class HealthCheck:
+    """How a service's server tells whether it is ready (``emili status``, ``emili stack up``).
 
-    prometheus_port: int = Field(9190, ge=1, le=65535)
-    flower_port: int = Field(5555, ge=1, le=65535)
-    prometheus_retention: str = Field("15d", pattern=r"^[0-9]+[smhdwy]$")
     ``grpc``: ``target`` is host:port, asked with the standard ``grpc.health.v1`` Check; ``http``: ``target`` is a
     URL that answers 200 when the server is ready (anything else, e.g. 503 naming what is down, is not ready).
     """

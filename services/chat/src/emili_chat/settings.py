@@ -119,16 +119,16 @@ class FrameBufferSettings(BaseModel):
     uploaders: int = Field(4, ge=1, le=64)  # Concurrent uploads.
     retry_max_s: float = Field(10.0, gt=0)  # The longest wait between tries while storage is down.
     drain_s: float = Field(10.0, ge=0)  # At shutdown, how long to keep uploading what is buffered.
+    # Beyond max_bytes, frames spill to files here (under EMILI_ARTIFACTS_DIR unless absolute; a volume that
+    # outlives the container in production) up to spill_max_bytes; 0 turns spilling off.
+    spill_dir: Path = Path("chat/frame-spill")
+    spill_max_bytes: int = Field(2 * 1024 * 1024 * 1024, ge=0)
 
 
 class ReconcileSettings(BaseModel):
     """The chat worker's reconciler: finds ended sessions with no current record and enqueues them again."""
 
     interval_s: float = Field(30.0, gt=0)  # 0 < interval; one worker at a time runs it (a Redis lock).
-    # Beyond max_bytes, frames spill to files here (under EMILI_ARTIFACTS_DIR unless absolute; a volume that
-    # outlives the container in production) up to spill_max_bytes; 0 turns spilling off.
-    spill_dir: Path = Path("chat/frame-spill")
-    spill_max_bytes: int = Field(2 * 1024 * 1024 * 1024, ge=0)
     requeue_after_s: float = Field(120.0, gt=0)  # A session still unpersisted is enqueued again this often.
     enabled: bool = True
     # chat.retention_sweep is enqueued once per this period across all workers (0 = never: run it by hand or

@@ -46,6 +46,7 @@ from emili_labeler.user_weights import (
 )
 from emili_session.conversation import system_prompt_of
 from emili_session.events import EventKind
+from emili_session.registry import mark_models_withdrawn
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -53,7 +54,6 @@ WEIGHTS: dict[str, tuple[WeightVector, str]] = {
     "emotion_tune": (EMOTION_TUNE_ORIGINAL, "window"),  # Reads the face in [t, t + 1 s].
     "variant_2025": (VARIANT_2025, "delayed"),  # Reads the face 5 s after the reply.
 }
-from emili_session.registry import mark_models_withdrawn
 
 
 LEARNED_WEIGHTS_KEY = "user_weights/latest.json"
@@ -476,11 +476,16 @@ def forget_sessions(
         if forget & set(manifest.get("source_sessions", []))
     ]
     weights = _forget_users_in_weights(store, users)
+    # The versions trained on these sessions keep their weights (they cannot unlearn) but carry the mark, and
+    # are retired when the policy says so.
+    models = mark_models_withdrawn(store, sessions, retire=runtime.settings.retention.withdrawn_models == "retire")
     removed = {
         "labels": labels,
         "datasets_withdrawn": len(datasets),
         "datasets_rebuilt": sum(d["replacement"] is not None for d in datasets),
         "user_weight_entries": weights["entries_removed"],
+        "models_marked": len(models),
+        "models_retired": sum(bool(m["retired"]) for m in models),
     }
     audit_key = audit_deletion(
         store,
@@ -500,8 +505,3 @@ def forget_sessions(
         "user_weights": weights,
         "audit_key": audit_key,
     }
-    # The versions trained on these sessions keep their weights (they cannot unlearn) but carry the mark, and
-    # are retired when the policy says so.
-    models = mark_models_withdrawn(store, sessions, retire=runtime.settings.retention.withdrawn_models == "retire")
-        "models_marked": len(models),
-        "models_retired": sum(bool(m["retired"]) for m in models),
