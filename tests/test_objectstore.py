@@ -20,6 +20,32 @@ def test_buckets_are_created_once_and_idempotently(object_store: ObjectStore) ->
     assert {object_store.bucket(b) for b in Bucket} <= names
 
 
+def test_services_creating_the_buckets_at_once_all_succeed(object_store: ObjectStore) -> None:
+    """Workers start together on an empty store: each checks, finds no bucket and creates it. The losers' 409
+    (which rclone's server sends as text/xml, unparseable for minio) must not crash them."""
+    import threading
+    import uuid
+
+    settings = object_store.settings.model_copy(update={"bucket_prefix": f"race{uuid.uuid4().hex[:8]}-"})
+    stores = [ObjectStore(settings) for _ in range(6)]
+    start, errors = threading.Barrier(len(stores)), []
+
+    def create(store: ObjectStore) -> None:
+        start.wait()
+        try:
+            store.ensure_buckets()
+        except Exception as exc:  # The test reports whatever escaped.
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create, args=(s,)) for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert {stores[0].bucket(b) for b in Bucket} <= {b.name for b in object_store.client.list_buckets()}
+
+
 def test_put_and_read_back(object_store: ObjectStore) -> None:
     digest = object_store.put_bytes(Bucket.SESSIONS, "s-1/events.jsonl", b'{"a":1}\n')
     assert digest == hashlib.sha256(b'{"a":1}\n').hexdigest()

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import urllib3
 from minio import Minio
-from minio.error import MinioException, S3Error, ServerError
+from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 
 from emili_core.errors import DependencyUnavailable, NotFound
 from emili_core.settings import S3Settings
@@ -115,9 +115,13 @@ class ObjectStore:
             if not self._retry(f"check bucket {name}", functools.partial(self.client.bucket_exists, name)):
                 try:
                     self._retry(f"create bucket {name}", functools.partial(self.client.make_bucket, name))
-                except S3Error as exc:
-                    # Another service created it between the check and the create.
-                    if exc.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                except (S3Error, InvalidResponseError) as exc:
+                    # Another service created it between the check and the create. Some servers (rclone's)
+                    # answer that 409 as text/xml, which minio cannot parse into an error code: look again.
+                    code = getattr(exc, "code", None)
+                    if code in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                        continue
+                    if not self._retry(f"check bucket {name}", functools.partial(self.client.bucket_exists, name)):
                         raise
 
     def ping(self) -> None:
