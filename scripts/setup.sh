@@ -13,10 +13,12 @@ if [ -z "$python" ]; then
 fi
 [ -n "$python" ] || { echo "setup: Python 3.11+ is required (set PYTHON=...)" >&2; exit 1; }
 
-# System packages: Redis for the local stack and tests, Chromium and its driver for the participant app's
-# browser tests. Each is installed with apt only when its command is missing.
+# System packages: Redis for the local stack and tests, Prometheus for the local stack's monitoring (its promtool
+# checks and unit-tests the alerting rules), Chromium and its driver for the participant app's browser tests. Each is
+# installed with apt only when its command is missing.
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v promtool >/dev/null || missing+=(prometheus)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -24,8 +26,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # Debian starts a system-wide Redis on 6379; the local stack runs its own.
+  # Debian starts a system-wide Redis on 6379 and Prometheus on 9090; the local stack runs its own.
   ($sudo_cmd service redis-server stop >/dev/null 2>&1 || true)
+  ($sudo_cmd service prometheus stop >/dev/null 2>&1 || true)
 fi
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv

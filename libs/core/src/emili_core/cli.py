@@ -163,6 +163,25 @@ def collect_status(settings: CliSettings, services: list[str]) -> list[Component
     return rows
 
 
+def monitoring_status(settings: CliSettings) -> list[ComponentStatus]:
+    """Prometheus and Flower of the local stack: OK, down, or not installed (none of which makes the stack
+    unhealthy: they watch it)."""
+    rows = []
+    for tool in stack.monitoring_tools(settings):
+        if not tool.installed:
+            rows.append(ComponentStatus(tool.name, "NOT INSTALLED", tool.install_hint))
+            continue
+        state, _ = _http_health(tool.health_url)
+        rows.append(ComponentStatus(tool.name, "OK" if state == "SERVING" else state, tool.url))
+    return rows
+
+
+def monitoring_links(settings: CliSettings, rows: list[ComponentStatus]) -> dict[str, str]:
+    """The address of each monitoring tool that answers (Prometheus, Flower)."""
+    answering = {row.name for row in rows if row.ok}
+    return {tool.title: tool.url for tool in stack.monitoring_tools(settings) if tool.name in answering}
+
+
 def _worker_hostnames(settings: CliSettings) -> list[str]:
     from emili_core.tasks import create_celery_app
 
@@ -200,13 +219,16 @@ def print_status(rows: list[ComponentStatus], links: dict[str, str] | None = Non
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Health of Redis, the S3 server, and each local service's gRPC server and worker."""
+    """Health of Redis, the S3 server, each local service's gRPC server and worker; Prometheus and Flower."""
     settings = load_settings(CliSettings)
     rows = collect_status(settings, list(stack.LOCAL_SERVICES))
+    monitoring = monitoring_status(settings)
     if as_json:
-        print(json.dumps([{"name": r.name, "state": r.state, "detail": r.detail} for r in rows], indent=2))
+        listed = rows + monitoring
+        print(json.dumps([{"name": r.name, "state": r.state, "detail": r.detail} for r in listed], indent=2))
     else:
-        print_status(rows, service_links(list(stack.LOCAL_SERVICES)))
+        links = service_links(list(stack.LOCAL_SERVICES)) | monitoring_links(settings, monitoring)
+        print_status(rows + monitoring, links)
     raise typer.Exit(0 if all(r.ok for r in rows) else 1)
 
 
@@ -228,7 +250,9 @@ def stack_up(
             workers_started = True
             continue
         if not waiting:
-            print_status(rows, service_links(list(stack.LOCAL_SERVICES)))
+            monitoring = monitoring_status(settings)
+            links = service_links(list(stack.LOCAL_SERVICES)) | monitoring_links(settings, monitoring)
+            print_status(rows + monitoring, links)
             return
         if time.monotonic() > deadline:
             print_status(rows)

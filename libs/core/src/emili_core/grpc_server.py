@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from emili_core import errors
 from emili_core.auth import principal_from_metadata, set_current_principal
-from emili_core.metrics import rpc_metrics, start_metrics_server
+from emili_core.metrics import grpc_type, rpc_metrics, split_method, start_metrics_server
 from emili_core.settings import CommonSettings, ServerSettings, TLSSettings
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,8 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, wrap: Wrap) -> grpc.RpcMethodH
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps exceptions to status codes and records per-method metrics. Servicers never set codes."""
 
-    def __init__(self, service: str) -> None:
-        self.metrics = rpc_metrics(service)
+    def __init__(self) -> None:
+        self.metrics = rpc_metrics()
 
     async def intercept_service(
         self,
@@ -93,48 +93,54 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method
+        labels = (
+            *split_method(handler_call_details.method),
+            grpc_type(handler.request_streaming, handler.response_streaming),
+        )
         metrics = self.metrics
+
+        def start() -> float:
+            metrics.started.labels(*labels).inc()
+            return time.perf_counter()
+
+        def handled(code: grpc.StatusCode, started: float) -> None:
+            metrics.handled.labels(*labels, code.name).inc()
+            metrics.handling.labels(*labels).observe(time.perf_counter() - started)
 
         async def fail(exc: BaseException, context: grpc.aio.ServicerContext, started: float) -> None:
             code = status_for(exc)
-            metrics.requests.labels(method, code.name).inc()
-            metrics.latency.labels(method).observe(time.perf_counter() - started)
+            handled(code, started)
             await context.abort(code, public_message(exc))
-
-        def succeed(started: float) -> None:
-            metrics.requests.labels(method, "OK").inc()
-            metrics.latency.labels(method).observe(time.perf_counter() - started)
 
         def wrap(behavior: Behavior, response_streaming: bool) -> Behavior:
             if response_streaming:
 
                 async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                    started = time.perf_counter()
+                    started = start()
                     try:
                         async for response in _as_async_iter(behavior(request, context)):
                             yield response
                     except (asyncio.CancelledError, grpc.aio.AbortError):
-                        metrics.requests.labels(method, "CANCELLED").inc()
+                        handled(grpc.StatusCode.CANCELLED, started)
                         raise
                     except Exception as exc:
                         await fail(exc, context, started)
                     else:
-                        succeed(started)
+                        handled(grpc.StatusCode.OK, started)
 
                 return stream
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started = time.perf_counter()
+                started = start()
                 try:
                     response = await behavior(request, context)
                 except (asyncio.CancelledError, grpc.aio.AbortError):
-                    metrics.requests.labels(method, "CANCELLED").inc()
+                    handled(grpc.StatusCode.CANCELLED, started)
                     raise
                 except Exception as exc:
                     await fail(exc, context, started)
                 else:
-                    succeed(started)
+                    handled(grpc.StatusCode.OK, started)
                     return response
 
             return unary
@@ -253,7 +259,7 @@ async def start_server(app: ServiceApp, settings: CommonSettings, server_setting
     scope_for_method = app.scope_for_method or (lambda _method: app.name)
     server = grpc.aio.server(
         interceptors=[
-            ErrorInterceptor(app.name),
+            ErrorInterceptor(),
             AuthInterceptor(settings.auth.secret.get_secret_value(), settings.auth.issuer, scope_for_method),
         ],
         options=options,

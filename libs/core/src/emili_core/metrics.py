@@ -1,4 +1,9 @@
-"""Prometheus metrics: one registry per process, names prefixed ``emili_<service>_``."""
+"""Prometheus metrics: one registry per process; EMILI's own names are prefixed ``emili_<service>_``.
+
+gRPC servers use the conventional names of go-grpc-prometheus / py-grpc-prometheus (``grpc_server_handled_total``
+and friends, labelled by full proto service name and method), so the usual gRPC dashboards and alerts work as they
+are. Every label takes a bounded set of values: ids (runs, sessions, users) go to logs and records, never labels.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,14 @@ import functools
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# The ``grpc_type`` label: how many messages each side sends.
+GRPC_TYPES = {
+    (False, False): "unary",
+    (True, False): "client_stream",
+    (False, True): "server_stream",
+    (True, True): "bidi_stream",
+}
 
 
 def metric_name(service: str, name: str) -> str:
@@ -22,24 +35,34 @@ def start_metrics_server(port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=REGISTRY)
 
 
-class RpcMetrics:
-    """Per-RPC counters and latency, recorded once by the error-mapping interceptor."""
+def grpc_type(request_streaming: bool, response_streaming: bool) -> str:
+    return GRPC_TYPES[(request_streaming, response_streaming)]
 
-    def __init__(self, service: str) -> None:
-        self.requests = Counter(
-            metric_name(service, "grpc_requests_total"),
-            "gRPC calls handled, by method and status code",
-            ["method", "code"],
+
+def split_method(full_method: str) -> tuple[str, str]:
+    """``/emili.fer.v1.FerService/Analyze`` -> (``emili.fer.v1.FerService``, ``Analyze``)."""
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    return service or "unknown", method or "unknown"
+
+
+class RpcMetrics:
+    """Started and handled calls and their duration, recorded once per call by the error-mapping interceptor."""
+
+    def __init__(self) -> None:
+        labels = ["grpc_service", "grpc_method", "grpc_type"]
+        self.started = Counter("grpc_server_started_total", "RPCs started on the server", labels)
+        self.handled = Counter(
+            "grpc_server_handled_total", "RPCs completed on the server, by status code", [*labels, "grpc_code"]
         )
-        self.latency = Histogram(
-            metric_name(service, "grpc_request_duration_seconds"),
-            "gRPC call duration (for streams: the whole stream)",
-            ["method"],
+        self.handling = Histogram(
+            "grpc_server_handling_seconds",
+            "Time from the start of an RPC to its end (for streams: the whole stream)",
+            labels,
             buckets=LATENCY_BUCKETS,
         )
 
 
 @functools.cache
-def rpc_metrics(service: str) -> RpcMetrics:
-    # Cached: a process may start a service's server more than once (tests) but may register a name once.
-    return RpcMetrics(service)
+def rpc_metrics() -> RpcMetrics:
+    # Cached: a process may start several servers (tests) but may register a name once.
+    return RpcMetrics()

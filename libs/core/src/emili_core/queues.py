@@ -90,6 +90,19 @@ def unacked_keys(queue: str) -> dict[str, str]:
     }
 
 
+# Kombu's Redis transport keeps a queue as Redis lists: ``<queue>`` for messages without a priority (all of EMILI's)
+# and ``<queue>\x06\x16<step>`` for the other priority steps. Publishers push on the left, consumers pop from the
+# right, so a list's last element is its oldest message. Messages being run are not in the lists (they are in the
+# ``unacked`` keys).
+PRIORITY_SEPARATOR = "\x06\x16"
+PRIORITY_STEPS = (3, 6, 9)
+
+
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists that hold ``queue``'s waiting messages."""
+    return [queue, *(f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS)]
+
+
 def queue_for(task_name: str) -> Queue:
     try:
         return TASK_ROUTES[task_name]

@@ -96,6 +96,12 @@ class WorkerSettings(BaseModel):
     concurrency: int = Field(2, ge=1)
     prefetch_multiplier: int = Field(1, ge=1)
     metrics_port: int = Field(..., ge=0, le=65535)
+    # Liveness: the worker rewrites this file every ``heartbeat_interval_s`` while its consumer loop runs and no
+    # task overran its time limit; ``--live`` fails when the file is older than ``liveness_max_age_s``. Default:
+    # ``<temp dir>/emili-<service>-worker.heartbeat`` (in the pod, /tmp is the container's own).
+    heartbeat_file: Path | None = None
+    heartbeat_interval_s: float = Field(10.0, gt=0)
+    liveness_max_age_s: float = Field(120.0, gt=0)
 
 
 class RetentionSettings(BaseModel):
@@ -114,6 +120,15 @@ class RetentionSettings(BaseModel):
     # their lineage (they keep serving until a researcher retrains); "retire" also stops chat serving them and the
     # trainer building on them.
     withdrawn_models: Literal["mark", "retire"] = "mark"
+
+
+class MonitoringSettings(BaseModel):
+    """Prometheus and Flower of the local stack (``EMILI_MONITORING__*``). Fixed ports below the kernel's ephemeral
+    range (32768 and up), away from the defaults of a system-wide Prometheus (9090) that Debian's package starts."""
+
+    prometheus_port: int = Field(9190, ge=1, le=65535)
+    flower_port: int = Field(5555, ge=1, le=65535)
+    prometheus_retention: str = Field("15d", pattern=r"^[0-9]+[smhdwy]$")
 
 
 @dataclass(frozen=True)
@@ -152,6 +167,7 @@ class CommonSettings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     retention: RetentionSettings = RetentionSettings()
     tls: TLSSettings = TLSSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()  # The local stack only.
     # Where /metrics listens: the loopback unless configured (the k8s ConfigMap sets 0.0.0.0 so that Prometheus
     # scrapes the pod); the endpoint has no authentication.
     metrics_host: str = "127.0.0.1"

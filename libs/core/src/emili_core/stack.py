@@ -1,11 +1,12 @@
-"""The local stack: Redis, the S3 server and each service's server and worker under supervisord.
+"""The local stack: Redis, the S3 server, each service's server and worker, Prometheus and Flower under supervisord.
 
-Everything lives in ``var/`` (git-ignored): data in ``var/redis`` and ``var/s3``, logs in
-``var/log``, the generated supervisord config and socket in ``var/run``.
+Everything lives in ``var/`` (git-ignored): data in ``var/redis``, ``var/s3`` and ``var/prometheus``, logs in
+``var/log``, the generated supervisord and Prometheus configs and the socket in ``var/run``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -21,6 +22,10 @@ VAR = REPO_ROOT / "var"
 RUN_DIR, LOG_DIR = VAR / "run", VAR / "log"
 CONFIG = RUN_DIR / "supervisord.conf"
 SOCKET = RUN_DIR / "supervisor.sock"
+PROMETHEUS_CONFIG = RUN_DIR / "prometheus.yml"
+PROMETHEUS_DATA = VAR / "prometheus"
+# The rules Kubernetes loads too (deploy/k8s/components/monitoring wraps the same file).
+RULES_FILE = REPO_ROOT / "deploy" / "monitoring" / "rules" / "emili.rules.yaml"
 
 # Services started by `make up`, in start order. A service joins this list when its code lands. Each runs its
 # server and, when its settings class says it has one (``has_worker``), its Celery worker.
@@ -30,8 +35,21 @@ LOCAL_SERVICES: tuple[str, ...] = ("fer", "chat", "labeler", "trainer", "gateway
 # 8.3 with passive ones.
 PROGRAM_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 # Development data beside the checkout (never committed): when it is there and nothing else is configured, the
-# labeler builds EmPO pairs from it (the pipeline's DPO fallback when the users' reactions give no pairs).
-SHARED_EMPATHETIC_DIALOGUES = REPO_ROOT.parent / "shared" / "data" / "empatheticdialogues"
+# labeler builds EmPO pairs from it (the pipeline's DPO fallback when the users' reactions give no pairs) and the
+# trainer's evaluation computes the reply metrics as EmPO does (ED counts for NIDF, the NRC lexicons).
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SHARED_EMPATHETIC_DIALOGUES = SHARED_DATA / "empatheticdialogues"
+SHARED_INPUTS: dict[str, dict[str, Path]] = {
+    "labeler": {"EMILI_LABELER__EMPATHETIC_DIALOGUES": SHARED_EMPATHETIC_DIALOGUES},
+    "trainer": {
+        "EMILI_TRAINER__ED_COUNTS": SHARED_EMPATHETIC_DIALOGUES / "ed_train_val_counts.json",
+        "EMILI_TRAINER__DISTANCE_LEXICON": SHARED_DATA / "nrc-vad-v1" / "NRC-VAD-Lexicon.txt",
+        "EMILI_TRAINER__EMPATHETIC_DIALOGUES": SHARED_EMPATHETIC_DIALOGUES,
+        "EMILI_TRAINER__INTENSITY_LEXICON": SHARED_DATA
+        / "nrc-emotion-intensity"
+        / "NRC-Emotion-Intensity-Lexicon-v1.txt",
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -58,9 +76,10 @@ def _configured(variable: str) -> bool:
 def environment(service: str) -> dict[str, str]:
     """Extra environment of a service's processes in the local stack."""
     env = dict(PROGRAM_ENVIRONMENT)
-    ed = "EMILI_LABELER__EMPATHETIC_DIALOGUES"
-    if service == "labeler" and (SHARED_EMPATHETIC_DIALOGUES / "valid.csv").is_file() and not _configured(ed):
-        env[ed] = str(SHARED_EMPATHETIC_DIALOGUES)
+    for variable, path in SHARED_INPUTS.get(service, {}).items():
+        present = (path / "valid.csv").is_file() if path == SHARED_EMPATHETIC_DIALOGUES else path.is_file()
+        if present and not _configured(variable):
+            env[variable] = str(path)
     return env
 
 
@@ -101,6 +120,126 @@ def programs(
         if has_worker(service, classes):
             worker = Program(f"{service}-worker", _bin(f"emili-{service}-worker"), 30, autostart=False, environment=env)
             result.append(worker)
+    return result
+
+
+@dataclass(frozen=True)
+class ScrapeTarget:
+    """One process's /metrics, with the labels the rules and dashboards group by (as in Kubernetes)."""
+
+    address: str
+    service: str
+    component: str  # "server" or "worker"
+
+
+def _local_host(host: str) -> str:
+    return "127.0.0.1" if host in {"0.0.0.0", "::", ""} else host
+
+
+def scrape_targets(
+    settings: CommonSettings,
+    services: tuple[str, ...] = LOCAL_SERVICES,
+    classes: dict[str, type[CommonSettings]] | None = None,
+) -> list[ScrapeTarget]:
+    """Every server's and worker's metrics endpoint in the local stack (a port of 0 serves none)."""
+    classes = service_settings_classes() if classes is None else classes
+    host = _local_host(settings.metrics_host)
+    targets = []
+    for service in services:
+        if service not in classes:
+            continue
+        options = getattr(classes[service](), service, None)
+        server_port = getattr(getattr(options, "server", None), "metrics_port", 0)
+        if server_port:
+            targets.append(ScrapeTarget(f"{host}:{server_port}", service, "server"))
+        worker_port = getattr(getattr(options, "worker", None), "metrics_port", 0)
+        if classes[service].has_worker and worker_port:
+            targets.append(ScrapeTarget(f"{host}:{worker_port}", service, "worker"))
+    return targets
+
+
+def prometheus_config(settings: CommonSettings, targets: list[ScrapeTarget], rules: Path = RULES_FILE) -> str:
+    """The local Prometheus's configuration (JSON, which is YAML): every process as job "emili" and the rules
+    Kubernetes loads."""
+    static_configs = [
+        {"targets": [t.address], "labels": {"service": t.service, "component": t.component}} for t in targets
+    ]
+    monitoring = settings.monitoring
+    config = {
+        "global": {"scrape_interval": "15s", "evaluation_interval": "15s"},
+        "rule_files": [str(rules)] if rules.is_file() else [],
+        "scrape_configs": [
+            {"job_name": "emili", "static_configs": static_configs},
+            # Flower's own metrics (Celery events as Flower sees them).
+            {"job_name": "flower", "static_configs": [{"targets": [f"127.0.0.1:{monitoring.flower_port}"]}]},
+            {"job_name": "prometheus", "static_configs": [{"targets": [f"127.0.0.1:{monitoring.prometheus_port}"]}]},
+        ],
+    }
+    return json.dumps(config, indent=2) + "\n"
+
+
+@dataclass(frozen=True)
+class MonitoringTool:
+    """Prometheus or Flower in the local stack: where people open it, and whether it is installed."""
+
+    name: str
+    title: str
+    url: str
+    health_url: str
+    installed: bool
+    install_hint: str
+
+
+def monitoring_tools(settings: CommonSettings) -> list[MonitoringTool]:
+    ports = settings.monitoring
+    prometheus_url, flower_url = f"http://127.0.0.1:{ports.prometheus_port}", f"http://127.0.0.1:{ports.flower_port}"
+    return [
+        MonitoringTool(
+            "prometheus",
+            "Prometheus",
+            prometheus_url,
+            f"{prometheus_url}/-/ready",
+            shutil.which("prometheus") is not None,
+            "Prometheus is not installed (apt-get install prometheus; scripts/setup.sh does it)",
+        ),
+        MonitoringTool(
+            "flower",
+            "Flower",
+            flower_url,
+            f"{flower_url}/healthcheck",
+            (Path(sys.executable).parent / "celery").exists() or shutil.which("celery") is not None,
+            "Flower is not installed (make setup)",
+        ),
+    ]
+
+
+def monitoring_programs(settings: CommonSettings) -> list[Program]:
+    """Prometheus (when its binary is installed) and Flower; started after the services (higher priority)."""
+    installed = {tool.name for tool in monitoring_tools(settings) if tool.installed}
+    ports = settings.monitoring
+    result = []
+    if "prometheus" in installed:
+        result.append(
+            Program(
+                "prometheus",
+                f"{shutil.which('prometheus')} --config.file={PROMETHEUS_CONFIG} --storage.tsdb.path={PROMETHEUS_DATA} "
+                f"--storage.tsdb.retention.time={ports.prometheus_retention} "
+                f"--web.listen-address=127.0.0.1:{ports.prometheus_port}",
+                priority=40,
+            )
+        )
+    if "flower" in installed:
+        # The broker URL goes by environment (CELERY_BROKER_URL), not the command line that `ps` shows. Flower
+        # turns the workers' task events on itself (its --enable_events, every few seconds), so the workers need
+        # no -E.
+        result.append(
+            Program(
+                "flower",
+                f"{_bin('celery')} flower --address=127.0.0.1 --port={ports.flower_port} --purge_offline_workers=300",
+                priority=40,
+                environment={**PROGRAM_ENVIRONMENT, "CELERY_BROKER_URL": settings.redis_url},
+            )
+        )
     return result
 
 
@@ -164,13 +303,15 @@ def ensure_dev_certificates(settings: CommonSettings) -> bool:
 
 
 def up(settings: CommonSettings) -> None:
-    for folder in (RUN_DIR, LOG_DIR, VAR / "redis", VAR / "s3"):
+    for folder in (RUN_DIR, LOG_DIR, VAR / "redis", VAR / "s3", PROMETHEUS_DATA):
         folder.mkdir(parents=True, exist_ok=True)
     ensure_dev_certificates(settings)
-    CONFIG.write_text(render_config(programs(settings)))
+    PROMETHEUS_CONFIG.write_text(prometheus_config(settings, scrape_targets(settings)))
+    CONFIG.write_text(render_config(programs(settings) + monitoring_programs(settings)))
     if is_running():
         supervisorctl("update", check=True)
         supervisorctl("start", "all")
+        supervisorctl("signal", "HUP", "prometheus")  # Reloads its configuration and rules (if it runs).
         return
     subprocess.run([_bin("supervisord"), "-c", str(CONFIG)], check=True, env=os.environ.copy())
 

@@ -6,23 +6,31 @@ function that holds the logic, and return a small JSON result.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
+import socket
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import redis
-from celery import Celery, shared_task, signals
+from celery import Celery, bootsteps, shared_task, signals
 from kombu.entity import Queue as KombuQueue
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from emili_core.errors import DependencyUnavailable
 from emili_core.metrics import LATENCY_BUCKETS, metric_name
-from emili_core.queues import TASK_ROUTES, Queue, queue_for, unacked_keys
-from emili_core.settings import CommonSettings, SettingsT
+from emili_core.queues import TASK_ROUTES, Queue, queue_for, queue_keys, unacked_keys
+from emili_core.settings import CommonSettings, SettingsT, WorkerSettings
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -71,6 +79,9 @@ def create_celery_app(service: str, settings: CommonSettings) -> Celery:
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         task_track_started=True,
+        # Task events for Flower (make up runs it): sent on the broker, cheap, and it need not switch them on.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
         result_extended=True,
         result_expires=7 * 24 * 3600,
         task_time_limit=redelivery.task_time_limit_s,
@@ -121,18 +132,14 @@ def idempotent_task(
 
 
 class TaskMetrics:
-    """Duration and outcome of every task, and queue depth, recorded here instead of in task bodies."""
+    """Duration and outcome of every task, recorded here instead of in task bodies (queue depth and age are
+    :class:`QueueMetrics`, exported by one process, not by every worker)."""
 
-    def __init__(self, service: str, redis_url: str) -> None:
+    def __init__(self, service: str) -> None:
         self.outcomes = Counter(metric_name(service, "tasks_total"), "Tasks finished, by outcome", ["task", "outcome"])
         self.duration = Histogram(
             metric_name(service, "task_duration_seconds"), "Task run time", ["task"], buckets=LATENCY_BUCKETS
         )
-        depth = Gauge(
-            metric_name(service, "task_queue_messages"), "Task messages waiting in the service's queue", ["queue"]
-        )
-        client = redis.Redis.from_url(redis_url, socket_timeout=2)
-        depth.labels(service).set_function(lambda: float(client.llen(service)))
         self._started: dict[str, float] = {}
         signals.task_prerun.connect(self._prerun, weak=False)
         signals.task_postrun.connect(self._postrun, weak=False)
@@ -149,6 +156,267 @@ class TaskMetrics:
 
     def _retry(self, request: Any, reason: Any, **_: Any) -> None:
         log.warning("task %s retrying: %s", getattr(request, "task", "?"), reason)
+
+
+# --- queue depth and age: exported once ----------------------------------------------------------------------
+
+# The time a message was published, stamped into its headers by every EMILI process (Celery's messages carry no
+# send time); the oldest waiting message's stamp gives the queue's oldest task age without any extra Redis writes.
+ENQUEUED_AT_HEADER = "emili_enqueued_at"
+
+
+def _stamp_enqueue_time(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    if headers is not None:
+        headers[ENQUEUED_AT_HEADER] = time.time()  # A retry is a new message: it waits from its own publication.
+
+
+signals.before_task_publish.connect(_stamp_enqueue_time, weak=False)
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    depth: int
+    oldest_age_s: float | None  # None: the queue is empty, or its oldest message has no enqueue time.
+
+
+def read_queue_stats(client: redis.Redis, queue: str, now: float) -> QueueStats:
+    """Messages waiting in ``queue`` and the age of the oldest, in one round trip."""
+    keys = queue_keys(queue)
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.llen(key)
+        pipe.lindex(key, -1)
+    replies = pipe.execute()
+    depth, stamps = 0, []
+    for length, oldest in zip(replies[::2], replies[1::2], strict=True):
+        depth += int(length)
+        stamp = _enqueue_time(oldest) if oldest else None
+        if stamp is not None:
+            stamps.append(stamp)
+    return QueueStats(depth, max(0.0, now - min(stamps)) if stamps else None)
+
+
+def _enqueue_time(raw: bytes) -> float | None:
+    try:
+        stamp = json.loads(raw)["headers"][ENQUEUED_AT_HEADER]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return float(stamp) if isinstance(stamp, int | float) else None
+
+
+# Compare-and-extend or take: the holder renews its lease, anyone takes a free (expired) one.
+_LEAD = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+_RESIGN = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
+class QueueMetrics(Collector):
+    """``emili_queue_depth{queue}`` and ``emili_queue_oldest_task_age_seconds{queue}``, from one process only.
+
+    Every worker installs it, and at each scrape the worker holding a Redis lease (renewed by the scrape, expiring
+    ``lease_s`` after the last one) reads the queues; the others export no samples. So the figures are there as
+    long as one worker is, and a sum over pods counts each queue once. Redis being down gives no samples, not a
+    failed scrape."""
+
+    LEASE_KEY = "emili:metrics:queue-exporter"
+
+    def __init__(
+        self,
+        redis_url: str,
+        holder: str,
+        *,
+        lease_s: float = 60.0,
+        queues: tuple[str, ...] = tuple(Queue),
+        registry: CollectorRegistry | None = REGISTRY,
+    ) -> None:
+        self.client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self.holder = holder
+        self.lease_ms = int(lease_s * 1000)
+        self.queues = queues
+        if registry is not None:
+            registry.register(self)
+
+    def lead(self) -> bool:
+        return bool(self.client.eval(_LEAD, 1, self.LEASE_KEY, self.holder, self.lease_ms))
+
+    def resign(self) -> None:
+        self.client.eval(_RESIGN, 1, self.LEASE_KEY, self.holder)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        depth = GaugeMetricFamily("emili_queue_depth", "Task messages waiting in the queue", labels=["queue"])
+        age = GaugeMetricFamily(
+            "emili_queue_oldest_task_age_seconds",
+            "How long the oldest waiting message has waited (0 when the queue is empty)",
+            labels=["queue"],
+        )
+        return depth, age
+
+    def describe(self) -> Iterator[Metric]:
+        # Without it, registering would collect (and so take the lease) at once.
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        depth, age = self._families()
+        try:
+            if self.lead():
+                now = time.time()
+                for queue in self.queues:
+                    stats = read_queue_stats(self.client, queue, now)
+                    depth.add_metric([queue], stats.depth)
+                    if stats.oldest_age_s is not None or stats.depth == 0:
+                        age.add_metric([queue], stats.oldest_age_s or 0.0)
+        except redis.RedisError as exc:
+            log.debug("queue metrics not read: %s", exc)
+        yield depth
+        yield age
+
+
+# --- liveness: a heartbeat the worker writes while it works ----------------------------------------------------
+
+
+@functools.cache
+def heartbeat_gauge() -> Gauge:
+    return Gauge(
+        "emili_worker_heartbeat_timestamp_seconds",
+        "When the worker last found its consumer loop alive and no task past its time limit (Unix time)",
+        ["service"],
+    )
+
+
+def heartbeat_path(service: str, worker: WorkerSettings) -> Path:
+    return worker.heartbeat_file or Path(tempfile.gettempdir()) / f"emili-{service}-worker.heartbeat"
+
+
+class Heartbeat:
+    """Rewrites the heartbeat file (and the heartbeat gauge) every ``interval_s`` while the worker is alive.
+
+    Alive means: its Celery consumer loop has ticked within a few intervals (a timer on the loop itself records the
+    ticks, so a blocked loop stops them), and no task has run past its hard time limit (the thread pool cannot stop
+    one: a hung task holds a slot, and its message's lease, for ever). Outside the loop (starting, reconnecting to
+    the broker, draining at shutdown) the worker counts as alive: Celery is retrying the broker, and restarting the
+    pod would not bring Redis back. The liveness probe reads only the file (:func:`worker_live`)."""
+
+    def __init__(
+        self, service: str, path: Path, interval_s: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.service = service
+        self.path = path
+        self.interval_s = interval_s
+        self.stale_after_s = 3 * interval_s
+        self.clock = clock
+        self.loop_ticked_at: float | None = None  # None: outside the consumer loop.
+        self.running: dict[str, tuple[float, float]] = {}  # Task id -> (started, hard time limit in s).
+        self._stop = threading.Event()
+        self._complaint: str | None = None
+
+    def loop_tick(self) -> None:
+        self.loop_ticked_at = self.clock()
+
+    def loop_left(self) -> None:
+        self.loop_ticked_at = None
+
+    def task_started(self, task_id: str, time_limit_s: float | None) -> None:
+        if time_limit_s:
+            self.running[task_id] = (self.clock(), float(time_limit_s))
+
+    def task_ended(self, task_id: str) -> None:
+        self.running.pop(task_id, None)
+
+    def trouble(self) -> str | None:
+        """Why the worker is not alive now, or None."""
+        now = self.clock()
+        ticked = self.loop_ticked_at
+        if ticked is not None and now - ticked > self.stale_after_s:
+            return f"the consumer loop has not run for {now - ticked:.0f} s"
+        for task_id, (started, limit) in list(self.running.items()):
+            if now - started > limit + self.interval_s:
+                return f"task {task_id} has run {now - started:.0f} s, past its {limit:.0f} s time limit"
+        return None
+
+    def beat(self) -> bool:
+        trouble = self.trouble()
+        if trouble is not None:
+            if trouble != self._complaint:
+                log.error(
+                    "%s worker is stuck (%s): heartbeat stopped, the liveness probe will fail", self.service, trouble
+                )
+            self._complaint = trouble
+            return False
+        self._complaint = None
+        now = time.time()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        partial.write_text(f"{now:.3f}\n")
+        os.replace(partial, self.path)  # Atomic: the probe never reads half a timestamp.
+        heartbeat_gauge().labels(self.service).set(now)
+        return True
+
+    def start(self) -> Heartbeat:
+        self.beat()
+        threading.Thread(target=self._run, name="heartbeat", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.beat()
+            except OSError as exc:
+                log.warning("could not write the heartbeat file %s: %s", self.path, exc)
+
+    def install(self, app: Celery) -> None:
+        """Tick from ``app``'s consumer loop and follow its tasks' run times."""
+        heartbeat = self
+
+        class ConsumerHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
+            requires = ("celery.worker.consumer.tasks:Tasks",)
+
+            def register_with_event_loop(self, c: Any, hub: Any) -> None:
+                # Registered on each (re)connection; Celery cancels the timer when the connection is lost.
+                heartbeat.loop_tick()
+                hub.call_repeatedly(heartbeat.interval_s, heartbeat.loop_tick)
+
+            def stop(self, c: Any) -> None:
+                heartbeat.loop_left()
+
+            def shutdown(self, c: Any) -> None:
+                heartbeat.loop_left()
+
+        app.steps["consumer"].add(ConsumerHeartbeat)
+
+        conf = app.conf
+
+        def prerun(task_id: str, task: Any, **_: Any) -> None:
+            if getattr(task, "app", None) is app:
+                limits = getattr(task.request, "timelimit", None) or (None, None)
+                self.task_started(task_id, limits[0] or task.time_limit or conf.task_time_limit)
+
+        def postrun(task_id: str, **_: Any) -> None:
+            self.task_ended(task_id)
+
+        signals.task_prerun.connect(prerun, weak=False)
+        signals.task_postrun.connect(postrun, weak=False)
+
+
+def heartbeat_age(path: Path, now: float | None = None) -> float | None:
+    """Seconds since the heartbeat written at ``path``; None when there is none (or it is unreadable)."""
+    try:
+        written = float(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return (time.time() if now is None else now) - written
+
+
+def worker_live(path: Path, max_age_s: float) -> bool:
+    """The liveness probe: the worker's own heartbeat is recent. Reads one local file: no broker, no models."""
+    age = heartbeat_age(path)
+    return age is not None and age <= max_age_s
 
 
 def task_progress(task: Any) -> Callable[[int, int], None]:
@@ -246,27 +514,30 @@ def worker_main(
     The service's task module must be imported by the caller (importing it registers its tasks). While the
     broker or object store is down at start the worker waits (reporting not ready) instead of exiting.
     ``background`` starts the service's own periodic work (e.g. chat's reconciler) once the worker is ready.
+    ``--live`` and ``--check`` are the probes (:func:`worker_probe`).
     """
     from emili_core.logs import configure_logging
     from emili_core.settings import load_settings
 
     settings = load_settings(settings_cls)
-    configure_logging(f"{service}-worker", settings.log_level, settings.log_format)
-    app = create_celery_app(service, settings)
     worker = settings.worker_settings()
     argv = sys.argv[1:]
     if "--check" in argv or "--live" in argv:
-        raise SystemExit(0 if worker_check(service, settings, worker.metrics_port, ready="--check" in argv) else 1)
+        raise SystemExit(worker_probe(service, settings, worker, ready="--check" in argv))
+    configure_logging(f"{service}-worker", settings.log_level, settings.log_format)
+    app = create_celery_app(service, settings)
+    # Beats from the start: waiting for the broker or loading models is not being stuck.
+    heartbeat = Heartbeat(service, heartbeat_path(service, worker), worker.heartbeat_interval_s).start()
     from emili_core.metrics import start_metrics_server
 
-    start_metrics_server(worker.metrics_port)
+    start_metrics_server(worker.metrics_port, settings.metrics_host)
     ready = worker_ready_gauge(service)
     ready.set(0)
     wait_until_ready(service, settings, warm_up)
     if background is not None:
         background(app, settings)
     ready.set(1)
-    run_worker(app, service, settings, worker.concurrency, worker.metrics_port, argv, metrics_started=True)
+    run_worker(app, service, settings, worker.concurrency, heartbeat)
 
 
 def worker_ready_gauge(service: str) -> Gauge:
@@ -280,13 +551,29 @@ def broker_reachable(settings: CommonSettings) -> bool:
         return False
 
 
-def worker_check(service: str, settings: CommonSettings, metrics_port: int, *, ready: bool) -> bool:
-    """``--live``: the broker answers. ``--check`` (readiness): also the worker's own ``worker_ready`` gauge is 1
-    (read from its metrics endpoint, which is how a probe in the worker's container reaches it); without a
-    metrics port only the broker is checked."""
+def worker_probe(service: str, settings: CommonSettings, worker: WorkerSettings, *, ready: bool) -> int:
+    """The exit status of ``--live`` (liveness) or ``--check`` (readiness); 0 is healthy.
+
+    ``--live`` reads only the worker's heartbeat file, so a hung worker fails it and a Redis outage does not (a
+    restart would not bring Redis back), and it loads no models. ``--check`` asks whether the worker can take work
+    now: the broker answers and the worker's ``worker_ready`` gauge is 1 (read from its metrics endpoint, which is
+    how a probe in the worker's container reaches it; without a metrics port only the broker is checked)."""
+    if not ready:
+        path = heartbeat_path(service, worker)
+        age = heartbeat_age(path)
+        if age is None or age > worker.liveness_max_age_s:
+            found = "no heartbeat" if age is None else f"the last heartbeat is {age:.0f} s old"
+            print(f"{service} worker not live: {found} ({path}; limit {worker.liveness_max_age_s:.0f} s)")
+            return 1
+        return 0
+    return 0 if worker_check(service, settings, worker.metrics_port) else 1
+
+
+def worker_check(service: str, settings: CommonSettings, metrics_port: int) -> bool:
+    """Readiness: the broker answers and the worker says it is ready (see :func:`worker_probe`)."""
     if not broker_reachable(settings):
         return False
-    if not ready or not metrics_port:
+    if not metrics_port:
         return True
     import urllib.request
 
@@ -299,25 +586,20 @@ def worker_check(service: str, settings: CommonSettings, metrics_port: int, *, r
     return any(line.split()[-1] in {"1", "1.0"} for line in body.splitlines() if line.startswith(name + " "))
 
 
-def run_worker(
-    app: Celery,
-    service: str,
-    settings: CommonSettings,
-    concurrency: int,
-    metrics_port: int,
-    argv: list[str],
-    *,
-    metrics_started: bool = False,
-) -> None:
-    """Entry point body of ``emili-<service>-worker``; ``--check`` only tests the broker (liveness probe)."""
-    from emili_core.metrics import start_metrics_server
+def _quietly(action: Callable[[], object]) -> None:
+    try:
+        action()
+    except redis.RedisError as exc:
+        log.debug("ignored at shutdown: %s", exc)
 
-    if "--check" in argv:
-        raise SystemExit(0 if broker_reachable(settings) else 1)
-    if not metrics_started:
-        start_metrics_server(metrics_port)
-    TaskMetrics(service, settings.redis_url)
+
+def run_worker(app: Celery, service: str, settings: CommonSettings, concurrency: int, heartbeat: Heartbeat) -> None:
+    """Run the Celery worker of ``service`` until it is stopped, with the metrics, leases and heartbeat of tasks."""
+    TaskMetrics(service)
+    queue_metrics = QueueMetrics(settings.redis_url, f"{service}-{socket.gethostname()}-{os.getpid()}")
+    signals.worker_shutdown.connect(lambda **_: _quietly(queue_metrics.resign), weak=False)  # Hand over at once.
     LeaseRenewal(service, settings.redis_url, settings.redelivery(service).visibility_timeout_s)
+    heartbeat.install(app)
     # Threads, not prefork: the model is loaded once and shared, and SIGKILL takes the whole worker down
     # (no orphaned children finishing a task whose message is redelivered).
     app.worker_main(

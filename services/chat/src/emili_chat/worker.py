@@ -12,7 +12,6 @@ from typing import Any
 
 import redis
 
-from emili_chat import tasks
 from emili_chat.reconcile import Reconciler
 from emili_chat.settings import ChatSettings
 from emili_core.tasks import worker_main
@@ -22,6 +21,8 @@ def start_reconciler(app: Any, settings: ChatSettings) -> None:
     options = settings.chat.reconcile
     if not options.enabled:
         return
+    from emili_chat import tasks
+
     client, store = tasks.runtime()
 
     def enqueue(session_id: str) -> None:
@@ -61,5 +62,11 @@ def _schedule_retention(app: Any, client: redis.Redis, period_s: float, check_ev
             log.exception("could not schedule the retention sweep")
 
 
+def warm_up() -> None:
+    from emili_chat import tasks  # Imported here: the probes (``--live``, ``--check``) need none of it.
+
+    tasks.runtime()
+
+
 def main() -> None:
-    worker_main("chat", ChatSettings, tasks.runtime, start_reconciler)
+    worker_main("chat", ChatSettings, warm_up, start_reconciler)

@@ -32,6 +32,7 @@ import redis
 from emili_core.errors import FailedPrecondition, NotFound
 from emili_core.keys import run_prefix
 from emili_core.objectstore import Bucket, ObjectStore
+from emili_trainer.metrics import TRAINING
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,11 @@ class RunStore:
             raise ValueError(f"run records have no field {', '.join(sorted(unknown))}")
         values = {name: _plain(value) for name, value in changes.items()}
         self.redis.hset(_key("run", run_id), mapping=_encode({**values, "updated_ms": _now_ms()}))
+        state = changes.get("state")
+        if state == RunState.RUNNING:
+            TRAINING.started(run_id)
+        elif state in FINAL_STATES:
+            TRAINING.ended(run_id, str(state))
 
     def mirror(self, run_id: str) -> None:
         self.objects.put_json(Bucket.MODELS, f"{run_prefix(run_id)}/run.json", self.get(run_id).to_json())
@@ -269,6 +275,7 @@ class RunStore:
         finally:
             stop.set()
             thread.join()
+            TRAINING.left(run_id)  # Also when the run stays "running" to be retried: it is no longer in hand here.
             self.redis.eval(_RELEASE, 1, key, token)
 
     # --- checkpoints ---------------------------------------------------------------------------------------

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from emili_core.tasks import worker_main
-from emili_trainer import tasks
 from emili_trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
 
 
 def warm_up() -> None:
+    # Imported here, not at the top: the probes (``--live``, ``--check``) must not load torch every minute.
+    import torch
+
+    from emili_trainer import tasks
+
     rt = tasks.runtime()
     if rt.settings.trainer.torch_threads:
         torch.set_num_threads(rt.settings.trainer.torch_threads)
