@@ -47,13 +47,16 @@ test: setup  ## Every test: unit and integration (fixtures start real Redis and 
 test-unit: setup  ## Unit tests only.
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-lint: setup  ## ruff (lint and format check), mypy, stale generated code, import layering, declared dependencies.
+lint: setup  ## ruff (lint and format check), mypy, stale generated code, import layering, declared dependencies, k8s schemas, monitoring rules and dashboards.
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy libs/core/src libs/session/src libs/affect/src libs/llm/src testing/src services/fer/src services/chat/src services/gateway/src services/labeler/src services/trainer/src libs/pipeline/src
 	$(PY) scripts/gen_protos.py --check
+	$(PY) deploy/monitoring/build.py --check
+	promtool check rules deploy/monitoring/rules/emili.rules.yaml
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 	bash scripts/check_deps.sh
+	$(PY) deploy/k8s/validate.py
 
 fmt: setup  ## Apply ruff's fixes and formatting.
 	$(VENV)/bin/ruff check --fix .
@@ -84,4 +87,4 @@ images:  ## Build every service's image from the one Dockerfile (TAG=dev; IMAGES
 	for svc in $(IMAGES); do docker build --build-arg SERVICE=$$svc --build-arg VARIANT=$${VARIANT:-cpu} -t emili-$$svc:$(TAG) . || exit 1; done
 
 clean: down  ## Remove the local stack's data and logs (keeps .venv and artefacts).
-	rm -rf var/redis var/s3 var/log var/run
+	rm -rf var/redis var/s3 var/log var/run var/prometheus

@@ -7,6 +7,9 @@ are skipped otherwise.
 
 from __future__ import annotations
 
+import copy
+import functools
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -16,6 +19,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from emili_core.queues import Queue
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
@@ -33,12 +38,26 @@ WORKER_METRICS = {"fer": 9111, "chat": 9112, "labeler": 9113, "trainer": 9114}
 HTTP_SERVICES: dict[str, tuple[int, int]] = {"gateway": (8080, 9105)}
 SERVERS = sorted(SERVICES.keys() | HTTP_SERVICES.keys())
 DEPLOYMENTS = sorted([*SERVERS, *(f"{s}-worker" for s in SERVICES)])
+# Deployments of third-party servers (components/vllm), not of an EMILI image.
+THIRD_PARTY_DEPLOYMENTS = {"vllm"}
+# Every EMILI container reads these from the Secret `emili-secrets`.
 SECRET_KEYS = {
     "EMILI_AUTH__SECRET": "auth-secret",
     "EMILI_S3__ACCESS_KEY": "s3-access-key",
     "EMILI_S3__SECRET_KEY": "s3-secret-key",
+    "EMILI_REDIS_URL": "redis-url",
 }
-GPU_TARGETS = {"fer": "EMILI_FER__DEVICE", "fer-worker": "EMILI_FER__DEVICE", "trainer-worker": "EMILI_TRAINER__DEVICE"}
+# Every key of `emili-secrets` that some manifest reads (base/secret.example.yaml documents exactly these).
+ALL_SECRET_KEYS = {*SECRET_KEYS.values(), "redis-address", "redis-password", "llm-api-key"}
+# components/gpu: deployment -> (device setting, GPU resource): FER shares one time-sliced GPU, the trainer a whole one.
+GPU_TARGETS = {
+    "fer": ("EMILI_FER__DEVICE", "nvidia.com/gpu.shared"),
+    "fer-worker": ("EMILI_FER__DEVICE", "nvidia.com/gpu.shared"),
+    "trainer-worker": ("EMILI_TRAINER__DEVICE", "nvidia.com/gpu"),
+}
+# The pods meant to have a GPU (or a slice of one) in production, and which resource.
+PROD_GPU_PODS = {**{name: resource for name, (_, resource) in GPU_TARGETS.items()}, "vllm": "nvidia.com/gpu"}
+GPU_RESOURCES = ("nvidia.com/gpu", "nvidia.com/gpu.shared")
 # The plaintext gRPC health-only port of every gRPC server (probes), and where the Secret `emili-tls` is mounted.
 HEALTH_PORT = 50060
 TLS_DIR = "/etc/emili/tls"
@@ -128,7 +147,12 @@ def _all_resource_docs() -> list[tuple[Path, Doc]]:
 
 
 def _deployments() -> dict[str, Doc]:
-    return {d["metadata"]["name"]: d for _, d in _all_resource_docs() if d["kind"] == "Deployment"}
+    """EMILI's own Deployments, from every manifest file."""
+    return {
+        d["metadata"]["name"]: d
+        for _, d in _all_resource_docs()
+        if d["kind"] == "Deployment" and d["metadata"]["name"] not in THIRD_PARTY_DEPLOYMENTS
+    }
 
 
 def _by_kind(docs: list[Doc], kind: str) -> dict[str, Doc]:
@@ -187,8 +211,11 @@ def test_expected_layout() -> None:
     assert not any("local-deps" in r or "gpu" in r for r in base_refs), "base must not pull components"
     (dev,) = _load(K8S / "overlays" / "dev" / "kustomization.yaml")
     (prod,) = _load(K8S / "overlays" / "prod" / "kustomization.yaml")
-    assert dev["components"] == ["../../components/local-deps"]
-    assert prod["components"] == ["../../components/gpu"]
+    assert "../../components/local-deps" in dev["components"]
+    assert not {"../../components/gpu", "../../components/vllm"} & set(dev["components"]), "dev is CPU-only"
+    assert "../../components/local-deps" not in prod["components"]
+    for component in ("gpu", "vllm", "ingress", "autoscaling"):
+        assert f"../../components/{component}" in prod["components"], component
 
 
 def test_every_yaml_file_is_used() -> None:
@@ -196,7 +223,9 @@ def test_every_yaml_file_is_used() -> None:
     for kfile in _kustomization_files():
         used.add(kfile.resolve())
         used.update(_resolved(kfile, ref) for _, ref in _refs(kfile))
-    orphans = [p.relative_to(K8S) for p in _yaml_files() if p.resolve() not in used and p.name != "secret.example.yaml"]
+    # Applied by hand, not by an overlay: the example Secret, and cluster-wide add-on configuration (cluster/).
+    unlisted = [p for p in _yaml_files() if p.name == "secret.example.yaml" or p.parent == K8S / "cluster"]
+    orphans = [p.relative_to(K8S) for p in _yaml_files() if p.resolve() not in used and p not in unlisted]
     assert not orphans, f"YAML files not referenced by any kustomization: {orphans}"
 
 
@@ -207,7 +236,9 @@ def test_secret_only_as_example() -> None:
     assert "kubectl" in text and "NOT" in text, "example must explain how to create the real Secret"
     (secret,) = _load(example)
     assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "emili-secrets"
-    assert set(secret["stringData"]) == set(SECRET_KEYS.values())
+    assert set(secret["stringData"]) == ALL_SECRET_KEYS
+    for key in ALL_SECRET_KEYS:
+        assert f"# {key}:" in text, f"secret.example.yaml must explain {key}"
     for kfile in _kustomization_files():
         for _, ref in _refs(kfile):
             assert _resolved(kfile, ref) != example.resolve(), f"{kfile} references the example Secret"
@@ -223,7 +254,6 @@ def test_configmap_has_non_secret_settings_only() -> None:
     data = cm["data"]
     for key in (
         "EMILI_ENV",
-        "EMILI_REDIS_URL",
         "EMILI_S3__ENDPOINT",
         "EMILI_S3__REGION",
         "EMILI_S3__SECURE",
@@ -235,7 +265,7 @@ def test_configmap_has_non_secret_settings_only() -> None:
         assert key in data, key
     assert all(k.startswith("EMILI_") for k in data)
     assert all(isinstance(v, str) for v in data.values()), "ConfigMap values must be strings"
-    assert not set(data) & set(SECRET_KEYS)
+    assert not set(data) & set(SECRET_KEYS), "the Redis URL carries a password: Secret key redis-url"
     assert data["EMILI_LOG_FORMAT"] == "json"
     assert data["EMILI_ARTIFACTS_DIR"] == "/opt/emili/artifacts"
     assert data["EMILI_S3__SECURE"] in ("true", "false")
@@ -470,19 +500,20 @@ def test_local_deps_component() -> None:
 def test_gpu_component_patches() -> None:
     comp = K8S / "components" / "gpu"
     patches = {}
-    for _, ref in _refs(comp / "kustomization.yaml"):
+    for field, ref in _refs(comp / "kustomization.yaml"):
         for d in _load(comp / ref):
-            patches[d["metadata"]["name"]] = d
+            if field == "patches":
+                patches[d["metadata"]["name"]] = d
     assert set(patches) == set(GPU_TARGETS)
     deps = _deployments()
-    for name, var in GPU_TARGETS.items():
+    for name, (var, resource) in GPU_TARGETS.items():
         pod = patches[name]["spec"]["template"]["spec"]
         assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
         (c,) = pod["containers"]
         (base_c,) = deps[name]["spec"]["template"]["spec"]["containers"]
         assert c["name"] == base_c["name"], f"{name}: patch must target container {base_c['name']!r}"
-        assert str(c["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+        assert {k: str(v) for k, v in c["resources"]["limits"].items() if k in GPU_RESOURCES} == {resource: "1"}
         assert _env(c)[var]["value"] == "cuda"
         assert c["image"] == f"emili-{_svc_of(name)}-gpu"
 
@@ -519,6 +550,11 @@ def _render(rel: str) -> list[Doc]:
     cmd = _renderer()
     if cmd is None:
         pytest.skip("neither kustomize nor kubectl is installed")
+    return copy.deepcopy(_rendered(tuple(cmd), rel))
+
+
+@functools.cache
+def _rendered(cmd: tuple[str, ...], rel: str) -> list[Doc]:
     proc = subprocess.run([*cmd, str(K8S / rel)], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
@@ -544,16 +580,17 @@ def test_render(rel: str) -> None:
             tmpl_labels = d["spec"]["template"]["metadata"]["labels"]
             assert tmpl_labels.get("app.kubernetes.io/part-of") == "emili"
     assert not _by_kind(docs, "Secret")
-    assert sorted(_by_kind(docs, "Deployment")) == DEPLOYMENTS
+    assert sorted(set(_by_kind(docs, "Deployment")) - THIRD_PARTY_DEPLOYMENTS) == DEPLOYMENTS
 
 
 def test_render_dev() -> None:
     docs = _render("overlays/dev")
     assert set(_by_kind(docs, "StatefulSet")) == {"redis", "minio"}
     assert _by_kind(docs, "ConfigMap")["emili-config"]["data"]["EMILI_ENV"] == "development"
+    assert not THIRD_PARTY_DEPLOYMENTS & set(_by_kind(docs, "Deployment")), "dev runs the LLM in-process, on CPU"
     for name in _by_kind(docs, "Deployment"):
         c = _container(docs, name)
-        assert "nvidia.com/gpu" not in c["resources"]["limits"]
+        assert not GPU_RESOURCES & c["resources"]["limits"].keys()
         assert not c["image"].endswith("-gpu")
 
 
@@ -565,19 +602,386 @@ def test_render_prod() -> None:
     assert deps["fer"]["spec"]["replicas"] == 2
     assert deps["chat"]["spec"]["replicas"] == 2
     assert deps["trainer-worker"]["spec"]["replicas"] == 1
-    for name in deps:
+    for name in set(deps) - THIRD_PARTY_DEPLOYMENTS:
         c = _container(docs, name)
         repo, _, tag = c["image"].rpartition(":")
         assert repo, f"{name}: image {c['image']!r} has no tag"
         assert repo.endswith(f"emili-{_svc_of(name)}"), f"{name}: {c['image']}"
         if name in GPU_TARGETS:
+            var, resource = GPU_TARGETS[name]
             assert tag.endswith("-gpu"), f"{name}: {c['image']}"
-            assert str(c["resources"]["limits"]["nvidia.com/gpu"]) == "1"
-            assert _env(c)[GPU_TARGETS[name]]["value"] == "cuda"
+            assert str(c["resources"]["limits"][resource]) == "1"
+            assert _env(c)[var]["value"] == "cuda"
             assert deps[name]["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
         else:
             assert not tag.endswith("-gpu"), f"{name}: {c['image']}"
-            assert "nvidia.com/gpu" not in c["resources"]["limits"]
+            assert not GPU_RESOURCES & c["resources"]["limits"].keys()
         # the GPU patch must not have dropped the base hardening
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
         assert "memory" in c["resources"]["limits"]
+
+
+# --------------------------------------------------------------------------- #
+# schemas: every rendered object against the Kubernetes API (deploy/k8s/validate.py, also run by `make lint`)
+
+
+def _validator() -> Any:
+    spec = importlib.util.spec_from_file_location("emili_k8s_validate", K8S / "validate.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+VALIDATOR = _validator()
+OVERLAYS = ["overlays/dev", "overlays/prod"]
+
+
+@pytest.mark.parametrize("version", VALIDATOR.KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("rel", OVERLAYS)
+def test_overlay_validates_strictly_against_kubernetes_schemas(rel: str, version: str) -> None:
+    assert VALIDATOR.problems(_render(rel), version) == []
+
+
+def test_cluster_files_validate_and_the_validator_catches_mistakes() -> None:
+    for path in VALIDATOR.CLUSTER_FILES:
+        assert VALIDATOR.problems(_load(path), VALIDATOR.KUBERNETES_VERSIONS[-1]) == [], path
+    version = VALIDATOR.KUBERNETES_VERSIONS[0]
+    typo = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}, "spec": {"port": [80]}}
+    assert VALIDATOR.problems([typo], version), "strict: unknown fields are errors"
+    unknown = {"apiVersion": "cert-manager.io/v1", "kind": "Certificate", "metadata": {"name": "x"}}
+    assert VALIDATOR.problems([unknown], version), "a kind without a schema must be listed as a CRD kind"
+
+
+@pytest.mark.parametrize("rel", OVERLAYS)
+def test_custom_resources_are_only_the_listed_crd_kinds(rel: str) -> None:
+    docs = _render(rel)
+    deployments = _by_kind(docs, "Deployment")
+    for d in docs:
+        if "." in d["apiVersion"].split("/")[0] and not d["apiVersion"].split("/")[0].endswith(".k8s.io"):
+            assert (d["apiVersion"], d["kind"]) in VALIDATOR.CRD_KINDS, f"{d['kind']}/{d['metadata']['name']}"
+    auths = _by_kind(docs, "TriggerAuthentication")
+    for name, scaled in _by_kind(docs, "ScaledObject").items():
+        target = scaled["spec"]["scaleTargetRef"]["name"]
+        assert name == target and target in deployments and target.endswith("-worker"), name
+        assert target != "trainer-worker", "a queue-length scaler would stop a running training run"
+        (trigger,) = scaled["spec"]["triggers"]
+        assert trigger["type"] == "redis"
+        assert trigger["metadata"]["listName"] == Queue(_svc_of(target)).value  # Celery's list is the queue name.
+        assert int(trigger["metadata"]["listLength"]) >= 1
+        assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+        auth = auths[trigger["authenticationRef"]["name"]]
+        refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+        assert refs == {"address": ("emili-secrets", "redis-address"), "password": ("emili-secrets", "redis-password")}
+    hpas = _by_kind(docs, "HorizontalPodAutoscaler")
+    for name, hpa in hpas.items():
+        target = hpa["spec"]["scaleTargetRef"]
+        assert (target["kind"], target["name"]) == ("Deployment", name) and name in SERVERS, name
+        assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"], name
+    if rel.endswith("prod"):
+        assert set(hpas) == set(SERVERS), "every server scales on load"
+        assert set(_by_kind(docs, "ScaledObject")) == {f"{s}-worker" for s in SERVICES} - {"trainer-worker"}
+
+
+# --------------------------------------------------------------------------- #
+# policies over the rendered objects
+
+
+def _pods(docs: list[Doc]) -> dict[str, Doc]:
+    """Pod templates of every workload, by ``Kind/name``."""
+    return {
+        f"{d['kind']}/{d['metadata']['name']}": d["spec"]["template"]["spec"]
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")
+    }
+
+
+@pytest.mark.parametrize("rel", OVERLAYS)
+def test_every_pod_is_hardened_and_sized(rel: str) -> None:
+    pods = _pods(_render(rel))
+    assert pods
+    for name, pod in pods.items():
+        pod_sc = pod.get("securityContext") or {}
+        assert pod.get("automountServiceAccountToken") is False, name
+        assert (pod_sc.get("seccompProfile") or {}).get("type") == "RuntimeDefault", name
+        for c in [*pod.get("initContainers", []), *pod["containers"]]:
+            where = f"{name}/{c['name']}"
+            sc = c.get("securityContext") or {}
+            assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, f"{where}: runAsNonRoot"
+            assert sc.get("runAsUser", pod_sc.get("runAsUser", 0)) != 0, f"{where}: runs as root"
+            assert sc.get("readOnlyRootFilesystem") is True, f"{where}: readOnlyRootFilesystem"
+            assert sc.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation"
+            assert (sc.get("capabilities") or {}).get("drop") == ["ALL"], f"{where}: capabilities"
+            resources = c.get("resources") or {}
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= (resources.get(kind) or {}).keys(), f"{where}: resources.{kind}"
+
+
+def _secret_refs(docs: list[Doc]) -> set[tuple[str, str]]:
+    """(Secret, key) of every secretKeyRef, and of KEDA's secretTargetRefs."""
+    refs: set[tuple[str, str]] = set()
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            ref = node.get("secretKeyRef")
+            if isinstance(ref, dict):
+                refs.add((ref["name"], ref["key"]))
+            for item in node.get("secretTargetRef") or []:
+                refs.add((item["name"], item["key"]))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(docs)
+    return refs
+
+
+@pytest.mark.parametrize("rel", OVERLAYS)
+def test_every_secret_key_referenced_is_documented(rel: str) -> None:
+    (example,) = _load(K8S / "base" / "secret.example.yaml")
+    refs = _secret_refs(_render(rel))
+    assert {name for name, _ in refs} == {"emili-secrets"}, "one Secret, created out of band"
+    assert {key for _, key in refs} <= set(example["stringData"])
+    if rel.endswith("prod"):
+        assert {key for _, key in refs} == ALL_SECRET_KEYS, "every documented key is used in production"
+
+
+SECRET_NAME = re.compile(r"(?i)(password|secret|token|api_?key|access_?key|private_?key|credential)")
+CREDENTIAL_IN_URL = re.compile(r"://[^/\s:@]+:[^/\s@]+@|://:[^/\s@]+@")
+
+
+@pytest.mark.parametrize("rel", OVERLAYS)
+def test_nothing_secret_in_config_maps(rel: str) -> None:
+    docs = _render(rel)
+    for name, cm in _by_kind(docs, "ConfigMap").items():
+        for key, value in (cm.get("data") or {}).items():
+            assert not SECRET_NAME.search(key), f"ConfigMap/{name}: {key} looks like a credential"
+            assert not CREDENTIAL_IN_URL.search(value), f"ConfigMap/{name}: {key} has a URL with a password"
+    for name, pod in _pods(docs).items():
+        for c in pod["containers"]:
+            for var in c.get("env") or []:
+                if SECRET_NAME.search(var["name"]):
+                    assert "valueFrom" in var, f"{name}: {var['name']} must come from a Secret"
+
+
+@pytest.mark.parametrize("rel", OVERLAYS)
+def test_gpu_requests_only_where_meant(rel: str) -> None:
+    docs = _render(rel)
+    found = {}
+    for name, pod in _pods(docs).items():
+        for c in pod["containers"]:
+            limits = (c.get("resources") or {}).get("limits") or {}
+            requests = (c.get("resources") or {}).get("requests") or {}
+            gpu = {k for k in (*limits, *requests) if k.startswith("nvidia.com/")}
+            if gpu:
+                (resource,) = gpu
+                found[name.split("/", 1)[1]] = resource
+                assert str(limits[resource]) == "1", f"{name}: one GPU (or slice) per pod"
+    assert found == (PROD_GPU_PODS if rel.endswith("prod") else {})
+
+
+# --------------------------------------------------------------------------- #
+# vLLM: the chat model on a GPU, adapters by name through a shared volume
+
+
+def _mounts(pod: Doc, container: Doc) -> dict[str, str]:
+    """mountPath -> PVC claim name, for the container's PVC mounts."""
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
+    }
+    return {m["mountPath"]: claims[m["name"]] for m in container.get("volumeMounts") or [] if m["name"] in claims}
+
+
+def test_prod_chat_uses_vllm_by_adapter_name_and_is_cpu_only() -> None:
+    from emili_chat.settings import LLMSettings
+
+    docs = _render("overlays/prod")
+    deps = _by_kind(docs, "Deployment")
+    vllm_pod = deps["vllm"]["spec"]["template"]["spec"]
+    (vllm,) = vllm_pod["containers"]
+    args = dict(a.removeprefix("--").partition("=")[::2] for a in vllm["args"])
+    env = _env(vllm)
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]["value"] == "true"
+    assert "enable-lora" in args
+    assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "emili-secrets", "key": "llm-api-key"}
+    vllm_mounts = _mounts(vllm_pod, vllm)
+    weights = next(path for path, claim in vllm_mounts.items() if claim == "emili-models")
+    assert args["model"].startswith(weights + "/"), "base weights come from the volume, not the image"
+    assert all(p["name"] != "http" or p["containerPort"] == 8000 for p in vllm["ports"])
+
+    chat_pod = deps["chat"]["spec"]["template"]["spec"]
+    chat = _container(docs, "chat")
+    chat_env = {k: str(v.get("value")) for k, v in _env(chat).items()}
+    assert chat_env["EMILI_CHAT__LLM__BACKEND"] == "openai"
+    assert chat_env["EMILI_CHAT__LLM__BASE_URL"] == "http://vllm:8000/v1"
+    assert _by_kind(docs, "Service")["vllm"]["spec"]["ports"][0]["port"] == 8000
+    assert chat_env["EMILI_CHAT__LLM__MODEL"] == args["served-model-name"]
+    assert _env(chat)["EMILI_CHAT__LLM__API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "llm-api-key"
+    # The chat server downloads adapters into the shared volume; vLLM sees the same folder as LORA_DIR.
+    chat_mounts = _mounts(chat_pod, chat)
+    assert chat_mounts[chat_env["EMILI_CHAT__ADAPTER_CACHE"]] == "emili-adapters"
+    assert vllm_mounts[chat_env["EMILI_CHAT__LLM__LORA_DIR"]] == "emili-adapters"
+    pvcs = _by_kind(docs, "PersistentVolumeClaim")
+    assert "ReadWriteMany" in pvcs["emili-adapters"]["spec"]["accessModes"], "chat servers on several nodes write"
+    llm_vars = [name for name in chat_env if name.startswith("EMILI_CHAT__LLM__")]
+    assert {n.removeprefix("EMILI_CHAT__LLM__").lower() for n in llm_vars} <= LLMSettings.model_fields.keys()
+    # CPU-only, and small: the model is not in the process any more.
+    assert not GPU_RESOURCES & chat["resources"]["limits"].keys()
+    assert "nodeSelector" not in chat_pod
+    assert chat["resources"]["limits"]["memory"] in ("512Mi", "1Gi")
+
+
+def test_prod_trainer_reads_7b_base_weights_from_the_volume() -> None:
+    docs = _render("overlays/prod")
+    pod = _by_kind(docs, "Deployment")["trainer-worker"]["spec"]["template"]["spec"]
+    c = _container(docs, "trainer-worker")
+    recipe = yaml.safe_load((REPO / "services/trainer/src/emili_trainer/recipes/empo-7b-sft.yaml").read_text())
+    artifacts = _by_kind(docs, "ConfigMap")["emili-config"]["data"]["EMILI_ARTIFACTS_DIR"]
+    model_dir = f"{artifacts}/{recipe['model']['path']}"
+    mounts = _mounts(pod, c)
+    assert any(model_dir.startswith(path + "/") and claim == "emili-models" for path, claim in mounts.items())
+    assert float(c["resources"]["limits"]["memory"].removesuffix("Gi")) >= 32, "7B weights pass through host memory"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+# --------------------------------------------------------------------------- #
+# reaching the cluster: Ingress with TLS; NetworkPolicies allow exactly the architecture's paths
+
+
+def test_prod_ingress_with_tls_for_gateway_and_chat_grpc() -> None:
+    docs = _render("overlays/prod")
+    ingresses = _by_kind(docs, "Ingress")
+    backends = {}
+    for name, ing in ingresses.items():
+        hosts_with_tls = {h for t in ing["spec"]["tls"] for h in t["hosts"]}
+        for rule in ing["spec"]["rules"]:
+            assert rule["host"] in hosts_with_tls, f"{name}: {rule['host']} without TLS"
+            for path in rule["http"]["paths"]:
+                service = path["backend"]["service"]
+                backends[service["name"]] = (service["port"]["name"], ing["metadata"].get("annotations") or {})
+    assert backends["gateway"][0] == "http"
+    assert int(backends["gateway"][1]["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 600, "WebSockets"
+    assert backends["chat"][0] == "grpc"
+    assert backends["chat"][1]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPCS"
+    gateway_env = _env(_container(docs, "gateway"))
+    assert gateway_env["EMILI_GATEWAY__SERVER__PUBLIC_BASE_URL"]["value"].startswith("https://")
+
+
+def _selects(selector: Doc, labels: dict[str, str]) -> bool:
+    if not selector:
+        return True
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        value = labels.get(expr["key"])
+        if expr["operator"] == "In" and value not in expr["values"]:
+            return False
+        if expr["operator"] == "NotIn" and value in expr["values"]:
+            return False
+        if expr["operator"] == "Exists" and value is None:
+            return False
+    return True
+
+
+def _port_matches(rule_ports: list[Doc] | None, port: int, named: dict[str, int]) -> bool:
+    """Whether a rule's ports take ``port``; a named port is looked up in the destination pod's ``named``."""
+    names = {n for n, number in named.items() if number == port}
+    return not rule_ports or any(p.get("port") == port or p.get("port") in names for p in rule_ports)
+
+
+def _peer_matches(peers: list[Doc] | None, labels: dict[str, str] | None, namespace: str) -> bool:
+    """Whether a rule's peers take a pod with ``labels`` in ``namespace``; ``labels`` None: a pod of another
+    namespace whose labels are unknown (the ingress controller, Prometheus), which only a bare namespaceSelector
+    takes."""
+    if not peers:
+        return True
+    for peer in peers:
+        ns_selector, pod_selector = peer.get("namespaceSelector"), peer.get("podSelector")
+        if ns_selector is None:
+            ns_ok = namespace == "emili"
+        else:
+            ns_ok = _selects(ns_selector, {"kubernetes.io/metadata.name": namespace})
+        if ns_ok and (pod_selector is None or _selects(pod_selector, labels or {})):
+            return True
+    return False
+
+
+class Network:
+    """Evaluates the rendered NetworkPolicies for one connection (the workloads in namespace `emili`)."""
+
+    def __init__(self, docs: list[Doc]) -> None:
+        self.policies = list(_by_kind(docs, "NetworkPolicy").values())
+        self.pods: dict[str, tuple[dict[str, str], dict[str, int]]] = {}
+        for kind in ("Deployment", "StatefulSet"):
+            for name, d in _by_kind(docs, kind).items():
+                tmpl = d["spec"]["template"]
+                containers = tmpl["spec"]["containers"]
+                named = {p["name"]: p["containerPort"] for c in containers for p in c.get("ports") or []}
+                self.pods[name] = (tmpl["metadata"]["labels"], named)
+
+    def _allowed(self, direction: str, pod: str, peer: dict[str, str] | None, ns: str, port: int, dst: str) -> bool:
+        labels = self.pods[pod][0]
+        selecting = [
+            p
+            for p in self.policies
+            if _selects(p["spec"]["podSelector"], labels) and direction.capitalize() in p["spec"]["policyTypes"]
+        ]
+        key = "from" if direction == "ingress" else "to"
+        return not selecting or any(
+            _peer_matches(rule.get(key), peer, ns) and _port_matches(rule.get("ports"), port, self.pods[dst][1])
+            for p in selecting
+            for rule in p["spec"].get(direction) or []
+        )
+
+    def can(self, src: str | None, dst: str, port: int, src_ns: str = "emili") -> bool:
+        """Can workload ``src`` (None: a pod of namespace ``src_ns``) reach workload ``dst`` on ``port``?"""
+        src_labels = self.pods[src][0] if src else None
+        egress_ok = src is None or self._allowed("egress", src, self.pods[dst][0], "emili", port, dst)
+        return egress_ok and self._allowed("ingress", dst, src_labels, src_ns, port, dst)
+
+
+def test_network_policies_deny_by_default_and_allow_the_architecture() -> None:
+    docs = _render("overlays/prod")
+    deny = _by_kind(docs, "NetworkPolicy")["default-deny"]["spec"]
+    assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"}
+    assert not deny.get("ingress") and not deny.get("egress")
+    net = Network(docs)
+    allowed = [
+        ("gateway", "chat", 50052),
+        ("gateway", "fer", 50051),
+        ("chat", "fer", 50051),
+        ("chat", "vllm", 8000),
+    ]
+    for src, dst, port in allowed:
+        assert net.can(src, dst, port), f"{src} -> {dst}:{port} must be allowed"
+    denied = [
+        ("fer", "chat", 50052),
+        ("gateway", "vllm", 8000),
+        ("chat-worker", "vllm", 8000),
+        ("labeler", "vllm", 8000),
+        ("trainer-worker", "chat", 50052),
+        ("vllm", "chat", 50052),
+        ("fer", "gateway", 8080),
+    ]
+    for src, dst, port in denied:
+        assert not net.can(src, dst, port), f"{src} -> {dst}:{port} must be denied"
+    assert net.can(None, "gateway", 8080, src_ns="ingress-nginx")
+    assert net.can(None, "chat", 50052, src_ns="ingress-nginx")
+    assert not net.can(None, "fer", 50051, src_ns="ingress-nginx")
+    assert not net.can(None, "gateway", 8080, src_ns="default")
+    for name in DEPLOYMENTS:
+        metrics = net.pods[name][1]["metrics"]
+        assert net.can(None, name, metrics, src_ns="monitoring"), f"prometheus -> {name}:{metrics}"
+        assert not net.can(None, name, metrics, src_ns="default")
+    assert net.can(None, "vllm", 8000, src_ns="monitoring")
+
+
+def test_dev_network_policies_let_services_reach_redis_and_minio_only() -> None:
+    net = Network(_render("overlays/dev"))
+    for name in DEPLOYMENTS:
+        assert net.can(name, "redis", 6379), name
+        assert net.can(name, "minio", 9000), name
+    assert not net.can(None, "redis", 6379, src_ns="default")
+    assert not net.can(None, "minio", 9000, src_ns="default")

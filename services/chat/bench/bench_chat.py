@@ -1,13 +1,14 @@
 """Chat benchmark: emotion-injection overhead per turn, the default model's speed on CPU, concurrent sessions.
 
-    python services/chat/bench/bench_chat.py [--turns 300] [--sessions 4]
+    python services/chat/bench/bench_chat.py [--turns 300] [--sessions 10] [--skip-overhead]
 
 1. Injection overhead: the real engine and a real Redis server (started here), with a model that
    answers instantly, so the time from a user message to the first token is everything EMILI adds
    per turn (aggregate, readout text, recording the events, building the context). The FER round
    trip is measured separately: frames are analysed as they arrive, off the turn's path.
 2. The default model (SmolLM2-135M-Instruct, local, CPU): time to first token and tokens/s.
-3. N concurrent sessions on that model through the engine: time to first token p50/p99.
+3. N concurrent sessions on that model through the engine, all starting at once, each sending its next message
+   when the reply to the last one is done: time to first token p50/p99, aggregate tokens/s.
 Prints one JSON object.
 """
 
@@ -25,6 +26,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 import redis.asyncio as aioredis
+import torch
 
 from emili_chat.engine import ChatEngine
 from emili_chat.io_types import AssistantReply, ClientReading, Delta, SessionOptions, UserText
@@ -62,7 +64,9 @@ def pct(values: list[float], q: float) -> float:
     return round(float(np.percentile(np.array(values) * 1e3, q)), 3)
 
 
-async def first_token_times(engine: ChatEngine, turns: int, readings: bool) -> list[float]:
+async def first_token_times(
+    engine: ChatEngine, turns: int, readings: bool, replies: list[str] | None = None
+) -> list[float]:
     session = await engine.create_session(
         USER,
         store_frames=False,
@@ -89,6 +93,8 @@ async def first_token_times(engine: ChatEngine, turns: int, readings: bool) -> l
         if isinstance(output, Delta) and len(latencies) < len(sent):
             latencies.append(time.perf_counter() - sent[len(latencies)])
         elif isinstance(output, AssistantReply):
+            if replies is not None:
+                replies.append(output.text)
             answered.set()
     return latencies
 
@@ -140,35 +146,52 @@ async def model_speed(settings: ChatSettings, prompts: int) -> tuple[ChatBackend
         "ttft_ms_p99": pct(ttfts, 99),
         "tokens_per_s_mean": round(float(np.mean(rates)), 1) if rates else None,
         "reply_tokens_mean": round(float(np.mean(lengths)), 1),
+        "prompt_tokens": backend.count_tokens(messages),
     }
 
 
 async def concurrent_sessions(
     settings: ChatSettings, backend: ChatBackend, redis_url: str, sessions: int, turns: int
 ) -> dict[str, object]:
+    """``sessions`` people typing at once, each waiting for the reply before the next message."""
     client = aioredis.Redis.from_url(redis_url)
     engine = ChatEngine(settings, backend, SessionStore(client))
+    replies: list[str] = []
     started = time.perf_counter()
-    results = await asyncio.gather(*(first_token_times(engine, turns, True) for _ in range(sessions)))
+    results = await asyncio.gather(*(first_token_times(engine, turns, True, replies) for _ in range(sessions)))
     elapsed = time.perf_counter() - started
     await client.aclose()
     ttfts = [t for r in results for t in r]
+    tokens = sum(backend.count_tokens([Message("assistant", text)]) for text in replies)
     return {
         "sessions": sessions,
         "turns_per_session": turns,
+        "max_new_tokens": settings.chat.llm.max_new_tokens,
         "ttft_ms_p50": pct(ttfts, 50),
         "ttft_ms_p99": pct(ttfts, 99),
         "turns_per_minute": round(60 * len(ttfts) / elapsed, 1),
-        "note": "one model instance; generations are serialised, so time to first token grows with queued sessions",
+        "reply_tokens_mean": round(tokens / max(len(replies), 1), 1),
+        "aggregate_tokens_per_s": round(tokens / elapsed, 1),
+        "elapsed_s": round(elapsed, 1),
+        **batching_stats(backend),
     }
+
+
+def batching_stats(backend: ChatBackend) -> dict[str, object]:
+    """The local backend's batch sizes and prompt tokens actually prefilled (the rest came from kept prefixes)."""
+    batcher = getattr(backend, "batcher", None)
+    if batcher is None:
+        return {}
+    return {"largest_batch": batcher.largest_batch, "prefilled_tokens": batcher.prefilled_tokens}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=300)
     parser.add_argument("--prompts", type=int, default=10)
-    parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--session-turns", type=int, default=3)
+    parser.add_argument("--skip-overhead", action="store_true", help="only the model parts (2 and 3)")
     args = parser.parse_args()
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,13 +202,17 @@ def main() -> None:
         time.sleep(0.5)
         redis_url = f"redis://127.0.0.1:{port}/0"
         os.environ["EMILI_REDIS_URL"] = redis_url
+        # Queued sessions may wait long for their first token; measure that wait rather than time it out.
+        os.environ.setdefault("EMILI_CHAT__LLM__FIRST_TOKEN_TIMEOUT_S", "900")
         settings = ChatSettings()
         try:
             report: dict[str, object] = {"machine": {"cpus": os.cpu_count()}}
-            report["injection_overhead"] = asyncio.run(injection_overhead(settings, redis_url, args.turns))
+            if not args.skip_overhead:
+                report["injection_overhead"] = asyncio.run(injection_overhead(settings, redis_url, args.turns))
 
             async def model_parts() -> None:
                 backend, speed = await model_speed(settings, args.prompts)
+                report["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
                 report["default_model"] = speed
                 report["concurrent_sessions"] = await concurrent_sessions(
                     settings, backend, redis_url, args.sessions, args.session_turns

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,12 +186,161 @@ async def test_cancelling_the_consumer_stops_generation(backend: LocalHFBackend)
     assert counter.calls == stopped_at < 100
 
 
-async def test_generations_are_serialised(backend: LocalHFBackend) -> None:
+async def test_one_forward_pass_at_a_time(backend: LocalHFBackend) -> None:
     alone = await collect(backend)
     counter = ForwardCounter(backend.model)
     together = await asyncio.gather(*(collect(backend) for _ in range(3)))
     assert counter.most_at_once == 1
     assert all(result == alone for result in together)
+
+
+# --- several sessions at once (continuous batching) ------------------------------------------------------------
+
+# Prompts of different lengths, so that batched KV caches are padded, and different reply limits, so that
+# sequences leave the batch at different steps while others go on.
+SESSIONS = [
+    (CONVERSATION, 12),
+    ([Message("user", "Hello there.")], 30),
+    ([Message("system", "Be brief."), Message("user", "What should I cook tonight? Something warm, please.")], 20),
+    (CONVERSATION[:2], 25),
+]
+
+
+@contextlib.contextmanager
+def model_thread_held(backend: LocalHFBackend) -> Iterator[threading.Event]:
+    """Keeps the model thread busy until the event is set (or the block ends), so that requests made meanwhile
+    all wait and then join the batch together."""
+    release = threading.Event()
+    backend._executor.submit(release.wait)
+    try:
+        yield release
+    finally:
+        release.set()
+
+
+async def until_waiting(backend: LocalHFBackend, count: int) -> None:
+    while backend.batcher.waiting < count:  # noqa: ASYNC110 - requests are counted by the batcher, no event.
+        await asyncio.sleep(0.001)
+
+
+async def test_concurrent_streams_give_the_text_each_gives_alone(backend: LocalHFBackend) -> None:
+    alone = [
+        "".join(await collect(backend, GenerationParams(temperature=0.0, max_new_tokens=n), messages=m))
+        for m, n in SESSIONS
+    ]
+    counter = ForwardCounter(backend.model)
+    with model_thread_held(backend) as release:
+        streams = [
+            asyncio.create_task(collect(backend, GenerationParams(temperature=0.0, max_new_tokens=n), messages=m))
+            for m, n in SESSIONS
+        ]
+        await until_waiting(backend, len(SESSIONS))
+        release.set()
+        together = ["".join(deltas) for deltas in await asyncio.gather(*streams)]
+    assert together == alone
+    assert backend.batcher.largest_batch == len(SESSIONS)
+    # One prefill each, then one step for all: the longest reply's steps, not the sum of all replies'.
+    limits = [n for _, n in SESSIONS]
+    assert counter.calls == len(SESSIONS) + max(limits) - 1 < sum(limits)
+    assert backend.batcher.active == 0
+
+
+async def test_seeded_sampling_in_a_batch_is_as_alone(backend: LocalHFBackend) -> None:
+    params = [GenerationParams(temperature=1.0, max_new_tokens=15, seed=seed) for seed in (1, 2, 3)]
+    alone = ["".join(await collect(backend, p)) for p in params]
+    assert len(set(alone)) == 3
+    with model_thread_held(backend) as release:
+        streams = [asyncio.create_task(collect(backend, p)) for p in params]
+        await until_waiting(backend, len(params))
+        release.set()
+        together = ["".join(deltas) for deltas in await asyncio.gather(*streams)]
+    assert together == alone
+
+
+async def test_a_cancelled_stream_leaves_the_others_undisturbed(backend: LocalHFBackend) -> None:
+    long = GenerationParams(temperature=0.0, max_new_tokens=30)
+    alone = "".join(await collect(backend, long))
+    cancelled_deltas: list[str] = []
+
+    async def cancelled() -> None:
+        stream = backend.stream(CONVERSATION, GenerationParams(temperature=0.0, max_new_tokens=800))
+        while len(cancelled_deltas) < 3:
+            cancelled_deltas.append(await anext(stream))
+        await stream.aclose()  # type: ignore[attr-defined]
+
+    with model_thread_held(backend) as release:
+        others = [asyncio.create_task(collect(backend, long)) for _ in range(2)]
+        leaver = asyncio.create_task(cancelled())
+        await until_waiting(backend, 3)
+        release.set()
+        await leaver
+        assert len(cancelled_deltas) == 3
+        together = ["".join(deltas) for deltas in await asyncio.gather(*others)]
+    assert together == [alone, alone]
+    assert backend.batcher.active == 0
+
+
+async def test_a_stream_closed_while_waiting_never_runs(backend: LocalHFBackend) -> None:
+    counter = ForwardCounter(backend.model)
+    with model_thread_held(backend):
+        stream = backend.stream(CONVERSATION, GREEDY)
+        first = asyncio.create_task(anext(stream))
+        await until_waiting(backend, 1)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert backend.batcher.waiting == 0
+    assert await collect(backend)
+    assert counter.calls == GREEDY.max_new_tokens  # Only the second stream's passes.
+
+
+@pytest.mark.filterwarnings("error::UserWarning")
+async def test_adapters_in_one_batch_each_give_their_own_output(
+    backend: LocalHFBackend, tiny_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    await backend.add_adapter("calm", adapter_dirs["calm"])
+    await backend.add_adapter("warm", adapter_dirs["warm"])
+    arms: list[str | None] = [None, "calm", "warm", "calm", None]
+    alone = {arm: "".join(await collect(backend, adapter=arm)) for arm in set(arms)}
+    assert len(set(alone.values())) == 3
+    assert alone["warm"] == reference(tiny_dir, CONVERSATION, GREEDY.max_new_tokens, adapter_dirs["warm"])
+    with model_thread_held(backend) as release:
+        streams = [asyncio.create_task(collect(backend, adapter=arm)) for arm in arms]
+        await until_waiting(backend, len(arms))
+        release.set()
+        together = ["".join(deltas) for deltas in await asyncio.gather(*streams)]
+    assert together == [alone[arm] for arm in arms]
+    assert backend.batcher.largest_batch == len(arms)
+
+
+async def test_kept_prompts_save_prefill_and_change_nothing(tiny_dir: Path) -> None:
+    first_turn, next_turn = CONVERSATION[:2], CONVERSATION  # The next prompt begins with the first one.
+    replies, prefilled = [], []
+    for keep in (4096, 0):
+        backend = LocalHFBackend(tiny_dir, context_window=4096, prefix_cache_tokens=keep)
+        await backend.load()
+        first, full = backend.count_tokens(first_turn), backend.count_tokens(next_turn)
+        replies.append(["".join(await collect(backend, messages=m)) for m in (first_turn, next_turn)])
+        prefilled.append(backend.batcher.prefilled_tokens)
+        await backend.aclose()
+    assert replies[0] == replies[1]
+    assert prefilled[1] == first + full
+    # Only what follows the first prompt (give or take a token merged across the join) is run again.
+    assert 0 < prefilled[0] - first <= full - first + 2 < full
+
+
+async def test_max_batch_bounds_the_batch(tiny_dir: Path) -> None:
+    backend = LocalHFBackend(tiny_dir, context_window=4096, max_batch=2)
+    await backend.load()
+    alone = "".join(await collect(backend))
+    with model_thread_held(backend) as release:
+        streams = [asyncio.create_task(collect(backend)) for _ in range(5)]
+        await until_waiting(backend, 5)
+        release.set()
+        together = ["".join(deltas) for deltas in await asyncio.gather(*streams)]
+    assert together == [alone] * 5
+    assert backend.batcher.largest_batch == 2
+    await backend.aclose()
 
 
 async def test_mid_conversation_system_message_is_rendered_as_is(
@@ -333,3 +484,26 @@ async def test_real_smollm2_gguf_streams_a_reply(tmp_path: Path) -> None:
     )
     await from_gguf.aclose()
     await from_cache.aclose()
+
+
+async def test_the_first_word_is_sent_without_waiting_for_the_next() -> None:
+    from emili_chat.llm.local_hf import _FirstTokenStreamer
+
+    vocabulary = {1: "Hello", 2: " there", 3: " friend", 4: "\n", 5: "\ufffd"}
+
+    class Words:
+        def decode(self, ids: list[int], **kwargs: object) -> str:
+            return "".join(vocabulary[i] for i in ids)
+
+    streamer = _FirstTokenStreamer(Words(), skip_prompt=False)
+    for token in (1, 2, 3):
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    sent = [text async for text in streamer]
+    assert sent[0] == "Hello" and "".join(sent) == "Hello there friend"  # Then word by word, as before.
+    # Blank text or half a character is held until the first real text; a line break flushes as before.
+    held = _FirstTokenStreamer(Words(), skip_prompt=False)
+    for token in (4, 5, 1):
+        held.put(torch.tensor([token]))
+    held.end()
+    assert [text async for text in held if text] == ["\n", "\ufffdHello"]

@@ -36,6 +36,8 @@ def make_backend(settings: ChatSettings) -> ChatBackend:
             cache_dir=settings.artifact(llm.local_cache) if is_gguf else None,
             context_window=llm.context_window,
             threads=llm.local_threads or None,
+            max_batch=llm.local_max_batch,
+            prefix_cache_tokens=llm.local_prefix_cache_tokens,
         )
     return build_backend(
         llm.backend,
@@ -43,6 +45,7 @@ def make_backend(settings: ChatSettings) -> ChatBackend:
         api_key=llm.api_key.get_secret_value(),
         model=llm.model,
         context_window=llm.context_window,
+        **({"lora_dir": llm.lora_dir} if llm.backend == "openai" else {}),
     )
 
 

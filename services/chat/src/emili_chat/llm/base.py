@@ -74,6 +74,10 @@ class ChatBackend(abc.ABC):
         """Ids of the adapters that are loaded."""
         return []
 
+    async def has_adapter(self, adapter_id: str) -> bool:
+        """Whether ``adapter_id`` can be asked for now; a remote server may have it without :meth:`add_adapter`."""
+        return adapter_id in self.adapters()
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook, deliberately not abstract.
         """Release connections or threads the backend owns."""
 
