@@ -87,7 +87,7 @@ async def test_sigkill_mid_reply_loses_no_acknowledged_event(stack: Stack, tmp_p
                         chat.kill()  # Mid-reply, after the message was acknowledged.
             assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
             assert accepted is not None
-            assert readout == "Right now, user looks ECSTATIC (100)"  # Frames went to the FER process.
+            assert readout == "Right now, user looks ECSTATIC (99)"  # Frames went to the FER process.
 
         chat = Server("chat", env, tmp_path / "chat-2.log")
         await wait_serving(target, chat)

@@ -149,8 +149,11 @@ async def test_label_and_datasets_through_the_worker_and_grpc(
         t["delta"] is not None for t in relabel["turns"]
     )
     table = await asyncio.to_thread(jobs.delta_table, runtime, ["lab-1"])
-    assert table["arms"]["base"]["n"] == 1
-    assert table["arms"]["base"]["valence"]["mean"] == pytest.approx(gold["delta"]["valence"])
+    row = table["arms"]["base · real"]  # A session made through the chat API by a person's client.
+    assert row["n"] == 1 and (table["real_sessions"], table["synthetic_sessions"]) == (1, 0)
+    assert row["valence"]["mean"] == pytest.approx(gold["delta"]["valence"])
+    pooled = await asyncio.to_thread(jobs.delta_table, runtime, ["lab-1"], True)
+    assert set(pooled["arms"]) == {"base"} and pooled["pooled_synthetic"]
 
     settings = LabelerSettings()
     settings = settings.model_copy(

@@ -238,7 +238,9 @@ async def test_pipeline_survives_a_killed_trainer_worker(
     arms = outputs(final, "arm_sessions")["arms"]
     assert set(arms) == {"base", "sft", "dpo"} and all(len(ids) == 1 for ids in arms.values())
     table = outputs(final, "delta_table")["table"]
-    assert set(table["arms"]) == {"base", sft["model_version"], dpo["model_version"]}
+    # Every session came from the simulator: synthetic rows only, none pooled with people's.
+    assert set(table["arms"]) == {f"{a} · synthetic" for a in ("base", sft["model_version"], dpo["model_version"])}
+    assert (table["real_sessions"], table["synthetic_sessions"]) == (0, table["sessions"])
     markdown, plots = download_report(object_store, outputs(final, "evaluate")["run_id"], tmp_path / "report")
     assert "Table 1" in markdown and "Table 2" in markdown and plots
     recorded = {k.split("/")[0] for k in object_store.list_keys(Bucket.SESSIONS, "") if k.endswith("/session.json")}

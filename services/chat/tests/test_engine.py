@@ -109,12 +109,15 @@ async def test_not_visible_without_readings_and_short_message_reminder(
     outputs = await collect(engine.converse(ALICE, session.session_id, script(UserText("hey"))))
     assert isinstance(outputs[0], Readout) and outputs[0].text == "User is not visible right now."
     roles = [m.role for m in backend.calls[0][0]]
-    assert roles == ["system", "system", "system", "user"]  # Prompt, readout, short-message reminder, message.
-    assert "act out" in backend.calls[0][0][2].content
+    assert roles == ["system", "system", "user", "system"]  # Prompt, readout, message, short-message reminder.
+    assert "act out" in backend.calls[0][0][3].content
 
 
 async def test_large_change_uses_the_three_line_form(redis_url: str, redis_client: aioredis.Redis) -> None:
-    engine = make_engine(make_settings(redis_url, post_response_reading_s=0.0, speak_on_change=False), redis_client)
+    settings = make_settings(
+        redis_url, post_response_reading_s=0.0, speak_on_change=False, change_block_before_user_message=True
+    )
+    engine = make_engine(settings, redis_client)
     session = await engine.create_session(
         ALICE, store_frames=False, use_for_training=False, arm="", options=SessionOptions()
     )

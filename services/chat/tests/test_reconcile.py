@@ -119,3 +119,14 @@ async def test_frames_beyond_memory_spill_to_disk_and_a_new_process_uploads_them
     assert objects.stored == {k: frames[k] for k in ("s/frames/1.jpg", "s/frames/2.jpg")}
     assert list((tmp_path / "spill").iterdir()) == [] and restarted.spill.bytes == 0
     await restarted.close()
+
+
+def test_a_spill_folder_that_cannot_be_made_turns_spilling_off(tmp_path: Path) -> None:
+    from emili_chat.engine import _frame_spill
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    assert _frame_spill(blocked / "spill", 1024) is None
+    assert _frame_spill(tmp_path / "spill", 0) is None
+    spill = _frame_spill(tmp_path / "spill", 1024)
+    assert spill is not None and spill.folder.is_dir()

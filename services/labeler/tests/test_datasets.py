@@ -10,6 +10,9 @@ from typing import Any
 
 import pytest
 
+from emili_core.errors import NotFound
+from emili_core.objectstore import Bucket
+from emili_labeler import jobs, pipeline_steps
 from emili_labeler.datasets import (
     DatasetManifest,
     SessionInput,
@@ -21,6 +24,9 @@ from emili_labeler.datasets import (
     sft_examples,
     write_jsonl,
 )
+from emili_labeler.runtime import build_runtime
+from emili_labeler.settings import LabelerSettings
+from emili_pipeline.config import PipelineConfig
 from emili_session.conversation import conversation_messages
 
 SYSTEM = "You are EMILI, an Emotionally Intelligent Listener."
@@ -276,3 +282,48 @@ def test_manifests_count_and_identify_content(tmp_path: Path) -> None:
     assert dpo.source_sessions == ["n0", "n1", "p0", "p1"]
     with pytest.raises(ValueError):
         DatasetManifest.build("rlhf", pairs, {})  # type: ignore[arg-type]
+
+
+# --- EmPO's SFT stage: EmpatheticDialogues as an SFT dataset (object storage, integration) -----------------------
+
+ED_HEADER = "conv_id,utterance_idx,context,prompt,speaker_idx,utterance,selfeval,tags\n"
+
+
+def _write_ed(path: Path, prefix: str, emotions: tuple[str, ...] = ("afraid", "angry", "sad", "joyful")) -> None:
+    rows = [
+        f"{prefix}:{i},{turn},{emotion},situation {i},{turn % 2},{'story' if turn % 2 else 'reply'} {i} {turn},,"
+        for i, emotion in enumerate(emotions * 2)
+        for turn in (1, 2, 3, 4)
+    ]
+    path.write_text(ED_HEADER + "\n".join(rows) + "\n", encoding="utf-8")
+
+
+@pytest.mark.integration
+def test_empathetic_sft_dataset_and_its_split(s3_settings: Any, tmp_path: Path) -> None:
+    _write_ed(tmp_path / "valid.csv", "v")
+    settings = LabelerSettings(s3=s3_settings)
+    options = settings.labeler.model_copy(update={"oov_method": "none", "empathetic_dialogues": tmp_path})
+    runtime = build_runtime(settings.model_copy(update={"labeler": options}))
+
+    valid_only = jobs.build_sft_dataset(runtime, source="empathetic")
+    assert valid_only["kind"] == "sft" and valid_only["counts"]["examples"] == 8
+    assert valid_only["counts"]["flagged_turns"] == 16  # Both listener turns of each dialogue are trained.
+    assert valid_only["label_settings"] == {
+        "source": "empathetic",
+        "split": "valid",
+        "split_requested": "auto",
+        "train_split_available": False,
+    }
+    assert valid_only["source_sessions"] == []  # A corpus: no one's session, nothing to withdraw or trace.
+    records = [json.loads(line) for line in runtime.store.get_bytes(Bucket.DATASETS, valid_only["key"]).splitlines()]
+    assert all(m.get("weight") == (1 if m["role"] == "assistant" else None) for r in records for m in r["messages"])
+
+    _write_ed(tmp_path / "train.csv", "t")  # Once the folder holds a train split, it is the one trained on.
+    config = PipelineConfig(sft_source="empathetic", dpo_source="empathetic", recipes={"dpo_epochs": 2})
+    state = {"config": config.model_dump(), "train_sessions": [], "steps": {}}
+    result = pipeline_steps.datasets(runtime, state)  # type: ignore[arg-type]
+    assert result["sft"]["source"] == "empathetic" and result["sft"]["split"] == "train"
+    assert result["dpo"]["source"] == "empathetic" and result["dpo"]["split"] == "train"
+    assert result["dpo"]["counts"]["pairs"] == 16  # 8 dialogues, a rejected draw for each of 2 epochs.
+    with pytest.raises(NotFound, match="no test split"):
+        jobs.build_sft_dataset(runtime, source="empathetic", split="test")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from emili_labeler.empathetic import (
     ASYMMETRIC_OPPOSITES,
     OPPOSITE_EMOTION,
     build_empo_pairs,
+    empathetic_sft_examples,
     empo_pairs,
     format_system_prompt,
 )
@@ -151,3 +153,54 @@ def test_real_valid_split_pairs() -> None:
     result = build_empo_pairs(valid, epoch=0, seed=0, split="valid")
     assert len(result.pairs) == 2_769 and result.skipped == 0
     assert all(p["chosen"] != p["rejected"] for p in result.pairs)
+
+
+def test_empo_rejected_draw_is_balanced_across_the_opposite_emotions_dialogues() -> None:
+    """EmPO deals the opposite emotion's dialogues out in turn: with 10 afraid dialogues and 4 angry ones, each
+    angry reply is rejected for 2 or 3 afraid dialogues in every epoch (independent draws would often use one 5
+    times and another never)."""
+    afraid = [dialogue(f"a{i:02d}", "afraid", f"afraid reply {i}") for i in range(10)]
+    angry = [dialogue(f"b{i:02d}", "angry", f"angry reply {i}") for i in range(4)]
+    deals = []
+    for epoch in range(6):
+        pairs = [p for p in empo_pairs(afraid + angry, epoch, 7, split="train") if p["emotion"] == "afraid"]
+        uses = Counter(p["rejected_conv_id"] for p in pairs)
+        assert len(pairs) == 10 and set(uses) == {d.conv_id for d in angry}
+        assert sorted(uses.values()) == [2, 2, 3, 3]
+        deals.append([p["rejected_conv_id"] for p in pairs])
+    assert len({tuple(deal) for deal in deals}) > 1  # Shuffled afresh per epoch.
+    # The smaller side each gets a distinct rejected reply: 4 angry dialogues, 4 of the 10 afraid ones.
+    angry_pairs = [p for p in empo_pairs(afraid + angry, 0, 7, split="train") if p["emotion"] == "angry"]
+    assert len({p["rejected_conv_id"] for p in angry_pairs}) == 4
+
+
+def test_empathetic_sft_trains_listener_turns_only() -> None:
+    long = Dialogue(
+        "c1", "sad", "lost a pet", ("My cat died.", "I'm so sorry.", "She was 15.", "That's a long life."), "train"
+    )
+    records = empathetic_sft_examples([long, *crowd(1)], split="train", system_prompt="The speaker feels {emotion}.")
+    assert [r["conv_id"] for r in records] == ["a00", "b00", "c1"]
+    messages = records[-1]["messages"]
+    assert messages[0] == {"role": "system", "content": "The speaker feels sad."}
+    assert [(m["role"], m.get("weight")) for m in messages[1:]] == [
+        ("user", None),
+        ("assistant", 1),
+        ("user", None),
+        ("assistant", 1),
+    ]
+    assert [m["content"] for m in messages[1:]] == list(long.turns)
+    assert records[-1]["id"] == content_id({"source": "empathetic", "conv_id": "c1", "messages": messages})
+    with pytest.raises(ValueError, match="test split"):
+        empathetic_sft_examples(crowd(1, split="test"), split="test")
+
+
+@pytest.mark.skipif(not (SHARED_ED / "valid.csv").exists(), reason="EmpatheticDialogues files not present")
+def test_real_valid_split_sft_and_balance() -> None:
+    valid, _ = load_dialogues(SHARED_ED / "valid.csv")
+    records = empathetic_sft_examples(valid, split="valid")
+    assert len(records) == len(valid)
+    assert all(m.get("weight") == 1 for r in records for m in r["messages"] if m["role"] == "assistant")
+    pairs = empo_pairs(valid, 0, 0, split="valid")
+    for emotion in {d.emotion for d in valid}:
+        uses = Counter(p["rejected_conv_id"] for p in pairs if p["emotion"] == emotion)
+        assert max(uses.values()) - min(uses.values()) <= 1  # Every opposite dialogue dealt about equally often.

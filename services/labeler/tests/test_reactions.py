@@ -12,7 +12,7 @@ from emili_labeler.reactions import (
     EMOTION_TUNE_ORIGINAL,
     POPULATION_MEAN_2025,
     VARIANT_2025,
-    VARIANT_2025_UNSCALED,
+    VARIANT_2025_ZSCORED,
     TurnReaction,
     WeightVector,
     WindowSettings,
@@ -107,9 +107,11 @@ def test_builtin_weight_vectors_match_the_reference() -> None:
     assert not EMOTION_TUNE_ORIGINAL.zscored
     assert VARIANT_2025.weights == (-1.5, -5.0, -1.0, 1.0, -1.0, 0.0, 0.3)
     assert (VARIANT_2025.scale, VARIANT_2025.threshold) == ("unit", 0.1)
-    assert VARIANT_2025.zscore_mean == (0.128, 0.022, 0.061, 0.028, 0.147, 0.006, 0.608)
-    assert VARIANT_2025.zscore_std == (0.068, 0.035, 0.041, 0.08, 0.078, 0.019, 0.174)
-    assert VARIANT_2025_UNSCALED.weights == VARIANT_2025.weights and not VARIANT_2025_UNSCALED.zscored
+    assert not VARIANT_2025.zscored  # The 2025 code flagged on plain normalised scores.
+    assert VARIANT_2025_ZSCORED.weights == VARIANT_2025.weights
+    assert (VARIANT_2025_ZSCORED.scale, VARIANT_2025_ZSCORED.threshold) == ("unit", 0.1)
+    assert VARIANT_2025_ZSCORED.zscore_mean == (0.128, 0.022, 0.061, 0.028, 0.147, 0.006, 0.608)
+    assert VARIANT_2025_ZSCORED.zscore_std == (0.068, 0.035, 0.041, 0.08, 0.078, 0.019, 0.174)
 
 
 def test_original_weights_hand_computed() -> None:
@@ -150,30 +152,30 @@ def test_original_threshold_is_inclusive(post: dict[str, float], flagged: bool, 
     assert (r.flagged, r.reason) == (flagged, reason)
 
 
-def test_variant_2025_zscores_before_weighting() -> None:
+def test_variant_2025_zscored_zscores_before_weighting() -> None:
     mean = dict(zip(EMOTIONS, POPULATION_MEAN_2025, strict=True))
     after = {**mean, "happy": 0.028 + 0.08, "neutral": 0.608 - 0.08}  # One happy std up, 0.08 taken from neutral.
     events = session(user(T0), reading(T0, mean), assistant(A), reading(A + 200, after))
 
-    r = only(flag_turns(events, VARIANT_2025))
+    r = only(flag_turns(events, VARIANT_2025_ZSCORED))
     assert r.pre_scores == pytest.approx(mean)  # Reported in the vector's 0-1 scale, before z-scoring.
     assert r.pre_reaction == pytest.approx(0.0, abs=1e-12)  # The population mean z-scores to 0.
     # z_happy = +1 (weight 1.0), z_neutral = -0.08 / 0.174 (weight 0.3).
     assert r.post_reaction == pytest.approx(1.0 - 0.3 * 0.08 / 0.174)
     assert r.delta == pytest.approx(0.862069, abs=1e-6)
-    assert r.flagged and r.weight_name == "variant_2025" and r.scale == "unit"
+    assert r.flagged and r.weight_name == "variant_2025_zscored" and r.scale == "unit"
 
-    plain = only(flag_turns(events, VARIANT_2025_UNSCALED))
+    plain = only(flag_turns(events, VARIANT_2025))
     expected_pre = -1.5 * 0.128 - 5.0 * 0.022 - 1.0 * 0.061 + 0.028 - 0.147 + 0.3 * 0.608
     assert plain.pre_reaction == pytest.approx(expected_pre)
     assert plain.delta == pytest.approx(0.08 - 0.3 * 0.08)  # 0.056 < 0.1 on plain 0-1 scores.
-    assert (plain.flagged, plain.reason) == (False, "below_threshold")
+    assert (plain.flagged, plain.reason, plain.weight_name) == (False, "below_threshold", "variant_2025")
 
 
 def test_variant_threshold_boundary() -> None:
     # Unscaled: a happy rise of exactly 0.1 gives delta 0.1 = the threshold.
     events = session(user(T0), fer(T0, neutral=0.0, sad=0.5), assistant(A), fer(A, happy=0.1, sad=0.5))
-    r = only(flag_turns(events, VARIANT_2025_UNSCALED))
+    r = only(flag_turns(events, VARIANT_2025))
     assert r.delta == pytest.approx(0.1)
     assert r.flagged
 
@@ -321,11 +323,11 @@ def test_delayed_mode_falls_back_to_readings_around_t_plus_5s() -> None:
     assert (nothing.reason, nothing.post_source) == ("no_post_readings", None)
 
 
-def test_delayed_mode_with_the_2025_variant() -> None:
+def test_delayed_mode_with_the_zscored_2025_variant() -> None:
     mean = dict(zip(EMOTIONS, POPULATION_MEAN_2025, strict=True))
     later = {"angry": 13, "disgust": 2, "fear": 6, "happy": 11, "sad": 15, "surprise": 1, "neutral": 52}
     events = session(user(T0), reading(T0, mean), assistant(A), post_reading("t1", later))
-    r = only(flag_turns(events, VARIANT_2025, post="delayed"))
+    r = only(flag_turns(events, VARIANT_2025_ZSCORED, post="delayed"))
     # Scores 0-100 become 0-1, then z = (after - mean) / std; the pre reading is the mean (z = 0).
     expected = (
         -1.5 * (0.13 - 0.128) / 0.068
@@ -379,7 +381,7 @@ def test_weight_vector_validation_and_scoring() -> None:
         WeightVector.from_mapping("bad", {"joy": 1.0})
     with pytest.raises(ValueError, match="post must be"):
         flag_turns([], EMOTION_TUNE_ORIGINAL, post="later")  # type: ignore[arg-type]
-    assert VARIANT_2025.score(np.array(POPULATION_MEAN_2025)) == pytest.approx(0.0, abs=1e-12)
+    assert VARIANT_2025_ZSCORED.score(np.array(POPULATION_MEAN_2025)) == pytest.approx(0.0, abs=1e-12)
     assert EMOTION_TUNE_ORIGINAL.score(np.array([0, 0, 0, 0.5, 0, 0, 0.5])) == pytest.approx(300.0)
 
 

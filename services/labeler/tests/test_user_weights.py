@@ -9,7 +9,14 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from emili_labeler.reactions import POPULATION_MEAN_2025, POPULATION_STD_2025, flag_turns
+from emili_labeler.reactions import (
+    POPULATION_MEAN_2025,
+    POPULATION_STD_2025,
+    VARIANT_2025,
+    VARIANT_2025_ZSCORED,
+    WeightVector,
+    flag_turns,
+)
 from emili_labeler.user_weights import (
     REFERENCE_POPULATION_BASELINE,
     Baseline,
@@ -324,6 +331,58 @@ def test_fitted_weights_become_a_reaction_weight_vector() -> None:
     assert reaction.delta == pytest.approx(expected)
     assert reaction.flagged is (expected >= 0.25)
     assert reaction.weight_name == "user:ivy"
+
+
+def one_turn(pre: dict[str, float], post: dict[str, float]) -> list[dict[str, Any]]:
+    return [
+        user_message("m1", T0),
+        reading(T0, pre),
+        {"kind": "assistant_message", "event_id": "a1", "time_ms": T0 + 3_000, "text": "!", "turn_id": "t1"},
+        reading(T0 + 3_500, post),
+    ]
+
+
+# Two constructed face changes on which the 2025 flag (plain 0-1 scores) and its z-scored extension disagree.
+# Smile: happy +0.12 taken from neutral. Plain: 0.12 - 0.3 * 0.12 = 0.084 < 0.1. Z-scored: 0.12 / 0.08 -
+# 0.3 * 0.12 / 0.174 = 1.293 >= 0.1 (happy's small population std magnifies the smile).
+SMILE = ({"happy": 0.10, "neutral": 0.90}, {"happy": 0.22, "neutral": 0.78}, 0.084, 1.5 - 0.036 / 0.174)
+# Calming with a trace of fear: neutral +0.6 and fear +0.06, taken from surprise (weight 0). Plain: 0.18 -
+# 0.06 = 0.12 >= 0.1. Z-scored: 0.18 / 0.174 - 0.06 / 0.041 = -0.429 < 0.1 (fear's small std dominates).
+CALMING = (
+    {"surprise": 0.70, "neutral": 0.30},
+    {"fear": 0.06, "surprise": 0.04, "neutral": 0.90},
+    0.12,
+    0.18 / 0.174 - 0.06 / 0.041,
+)
+
+
+@pytest.mark.parametrize(("pre", "post", "plain_delta", "zscored_delta"), [SMILE, CALMING], ids=["smile", "calming"])
+def test_variant_2025_flags_plain_scores_and_the_zscored_variant_differs(
+    pre: dict[str, float], post: dict[str, float], plain_delta: float, zscored_delta: float
+) -> None:
+    (plain,) = flag_turns(one_turn(pre, post), VARIANT_2025)
+    (zscored,) = flag_turns(one_turn(pre, post), VARIANT_2025_ZSCORED)
+    assert (plain.weight_name, zscored.weight_name) == ("variant_2025", "variant_2025_zscored")
+    assert plain.delta == pytest.approx(plain_delta)
+    assert zscored.delta == pytest.approx(zscored_delta)
+    assert plain.flagged is (plain_delta >= 0.1)
+    assert zscored.flagged is (zscored_delta >= 0.1)
+    assert plain.flagged is not zscored.flagged
+
+
+def test_learned_weights_on_the_reference_baseline_are_the_zscored_variant_not_the_2025_one() -> None:
+    # Learned weights are z-scored (an EMILI extension); with the 2025 weights on the reference population
+    # baseline they reproduce the z-scored variant's flags, which is why that one keeps its own name.
+    population = PopulationWeights(VARIANT_2025.weights, 0.0, 0, 0, None, None, 1.0, REFERENCE_POPULATION_BASELINE)
+    learned = to_weight_vector(population, threshold=0.1)
+    for pre, post, plain_delta, zscored_delta in (SMILE, CALMING):
+        (reaction,) = flag_turns(one_turn(pre, post), learned)
+        assert reaction.delta == pytest.approx(zscored_delta)
+        assert reaction.delta != pytest.approx(plain_delta)
+    assert learned.zscored and not VARIANT_2025.zscored
+    unscaled = WeightVector("plain", learned.weights, "unit", 0.1)
+    (reaction,) = flag_turns(one_turn(SMILE[0], SMILE[1]), unscaled)
+    assert reaction.delta == pytest.approx(SMILE[2])
 
 
 def test_invalid_input_is_rejected() -> None:

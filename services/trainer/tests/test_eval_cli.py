@@ -62,6 +62,38 @@ def test_eval_replies_prints_one_json_object(tmp_path: Path) -> None:
     assert data["vad_distance"]["pairs_scored"] == 2
 
 
+def test_eval_replies_prints_the_empo_metrics(tmp_path: Path) -> None:
+    replies = _write_jsonl(tmp_path / "replies.jsonl", _good_lines())
+    lexicon = tmp_path / "warriner.csv"
+    lexicon.write_text(WARRINER, encoding="utf-8")
+    counts = tmp_path / "counts.json"
+    counts.write_text(json.dumps({"word_counts": {"That": 100, "sounds": 10, "hard": 1, ".": 100}}), encoding="utf-8")
+    intensity = tmp_path / "intensity.txt"
+    intensity.write_text("sad\tsadness\t0.8\nhard\tsadness\t0.3\nhappy\tjoy\t0.7\n", encoding="utf-8")
+    args = ["eval-replies", "--replies", str(replies), "--lexicon", str(lexicon), "--no-embeddings"]
+    args += ["--ed-counts", str(counts), "--intensity", str(intensity), "--epitome", str(tmp_path / "none")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["nidf_corpus"] == "given"
+    # "That sounds hard." -> {That 0, sounds 0.5, hard 1, . 0} = 0.375; "So happy for you!" -> 5 unseen tokens = 1.
+    assert data["nidf"] == pytest.approx((0.375 + 1.0) / 2)
+    # sad 0.8 vs hard 0.3; happy 0.7 vs happy 0.7 (the context is the last user turn, not the system prompt).
+    assert data["intensity_distance"] == pytest.approx((0.5 + 0.0) / 2)
+    # Openings "that sounds hard" and "so happy for you" share nothing: 8 nodes for 8 words (roots included).
+    assert data["response_tries"]["compression"] == pytest.approx(1.0)
+    assert data["bertscore_f1"] is None
+    assert data["diff_epitome"]["status"] == "unavailable"
+    assert data["diff_epitome"]["train_command"].startswith("emili eval train-epitome")
+
+
+def test_train_epitome_names_the_missing_split(tmp_path: Path) -> None:
+    (tmp_path / "train.csv").write_text("seeker_post,response_post\n", encoding="utf-8")
+    result = runner.invoke(app, ["train-epitome", "--data", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "val.csv, test.csv" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("bad_line", "message"),
     [

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from emili_affect.vad import Lexicon
+from emili_core.settings import REPO_ROOT
 from emili_testing.plugin import tiny_llama
 from emili_trainer.evaluation.intensity import load_emotion_intensity
 from emili_trainer.evaluation.metrics import (
@@ -25,13 +26,19 @@ from emili_trainer.evaluation.metrics import (
     context_text,
     distinct_n,
     diversity,
+    ed_tokens,
+    last_user_utterance,
+    load_corpus_counts,
     mean_lengths,
+    memoised,
     nidf,
     nidf_scores,
     reference_perplexity,
     reply_metrics,
+    response_tries,
     semantic_similarity,
     vad_distance,
+    word_counts,
 )
 
 CHAT_TEMPLATE = (
@@ -79,16 +86,57 @@ def test_mean_lengths_in_characters_and_words() -> None:
 
 
 def test_nidf_by_hand() -> None:
-    counts = Counter({"rare": 1, "mid": 10, "common": 100})
+    counts = Counter({"Rare": 1, "mid": 10, "common": 100})
     table = nidf_scores(counts)
     # (log 100 - log c) / (log 100 - log 1): 1 for the rarest word, 0 for the most frequent.
-    assert table == pytest.approx({"rare": 1.0, "mid": 0.5, "common": 0.0})
-    # Reply 1: unique seen words {rare, mid} -> 0.75 (the repeat and the unseen word do not count);
-    # reply 2 -> 0; reply 3 has no seen word and is left out.
-    score, scored = nidf(["Rare mid unseen mid", "common", "unseen"], counts)
-    assert scored == 2
-    assert score == pytest.approx((0.75 + 0.0) / 2)
+    assert table == pytest.approx({"Rare": 1.0, "mid": 0.5, "common": 0.0})
+    # As in EmPO: distinct tokens per reply, an unseen token scores 1, case is kept.
+    # Reply 1: {Rare 1, mid 0.5, unseen 1} -> 2.5 / 3; reply 2: {common 0, "." 1} -> 0.5; reply 3: {unseen 1}.
+    score, scored = nidf(["Rare mid unseen mid", "common.", "unseen"], counts)
+    assert scored == 3
+    assert score == pytest.approx((2.5 / 3 + 0.5 + 1.0) / 3)
+    assert nidf(["rare"], counts) == (pytest.approx(1.0), 1)  # "rare" is not "Rare": unseen.
+    assert nidf(["   "], counts) == (None, 0)
     assert nidf(["a"], Counter({"a": 3, "b": 3})) == (None, 0)  # Equal counts: NIDF is undefined.
+
+
+def test_ed_tokens_follow_nltk_word_tokenize() -> None:
+    # Treebank rules per sentence: contractions split, punctuation kept, sentence-final periods split off.
+    assert ed_tokens("I'm sad. You aren't, ok?") == ["I", "'m", "sad", ".", "You", "are", "n't", ",", "ok", "?"]
+    # Document frequency: a token counts once per text.
+    assert word_counts(["so so sad", "so"]) == Counter({"so": 2, "sad": 1})
+
+
+def test_load_corpus_counts(tmp_path: Path) -> None:
+    path = tmp_path / "counts.json"
+    path.write_text(json.dumps({"word_counts": {"the": 9, "Zebra": 1}, "num_sents": {"the": 9, "Zebra": 1}}))
+    assert load_corpus_counts(path) == {"the": 9, "Zebra": 1}
+    path.write_text(json.dumps({"num_sents": {}}))
+    with pytest.raises(ValueError, match="word_counts"):
+        load_corpus_counts(path)
+
+
+ED_COUNTS = REPO_ROOT.parent / "shared" / "data" / "empatheticdialogues" / "ed_train_val_counts.json"
+
+
+def test_nidf_on_the_ed_counts() -> None:
+    if not ED_COUNTS.is_file():
+        pytest.skip(f"development data absent: {ED_COUNTS}")
+    counts = load_corpus_counts(ED_COUNTS)
+    table = nidf_scores(counts)
+    # The most frequent ED token scores 0; a generic reply is less specific than one with rare words.
+    assert min(table.values()) == 0.0 and max(table.values()) == 1.0
+    generic, _ = nidf(["I am sorry to hear that."], counts)
+    specific, _ = nidf(["Did the veterinarian prescribe antibiotics for the parakeet?"], counts)
+    assert generic is not None and specific is not None and generic < specific
+
+
+def test_response_tries_compression_by_hand() -> None:
+    # Trie: root, i, am, sad, happy, oh, no = 7 nodes; unfolded: root + 3 + 3 + 2 words = 9 nodes.
+    result = response_tries(["I am sad", "i am happy!", "Oh no"])
+    assert result == {"trie_nodes": 7, "unfolded_nodes": 9, "compression": pytest.approx(7 / 9)}
+    assert response_tries(["a b", "c d"])["compression"] == pytest.approx(1.0)  # Nothing shared.
+    assert response_tries(["!!!"])["compression"] is None
 
 
 def test_diversity_counts() -> None:
@@ -124,17 +172,20 @@ def _lexicon() -> Lexicon:
     return Lexicon(name="test-vad", source="test", sha256="0" * 64, terms=terms, values=values)
 
 
-def test_vad_distance_skips_unknown_words_and_pairs() -> None:
-    contexts = ["I am happy zzyzx", "qwerty only", "so furious", "calm"]
-    replies = ["happy", "happy", "blorp", "sad and calm"]
+def test_vad_distance_is_the_max_over_words_and_skips_unknown_pairs() -> None:
+    contexts = ["I am happy zzyzx", "qwerty only", "so furious", "calm", "happy but sad"]
+    replies = ["happy", "happy", "blorp", "sad and calm", "furious"]
     result = vad_distance(contexts, replies, _lexicon())
-    # Pair 1: the unknown word is ignored, so both sides are exactly "happy": distance 0, not |0.9/2 - 0.9|.
-    # Pair 2: the context has no known word; pair 3: the reply has none. Both are skipped.
-    # Pair 4: calm (0.7, 0.1) vs mean(sad, calm) = (0.4, 0.2).
-    assert result["pairs_scored"] == 2
-    assert result["pairs_skipped"] == 2
-    assert result["valence"] == pytest.approx((0.0 + 0.3) / 2)
-    assert result["arousal"] == pytest.approx((0.0 + 0.1) / 2)
+    # Pair 1: happy vs happy (the unknown word is ignored): 0. Pairs 2 and 3: one side has no known word: skipped.
+    # Pair 4: calm (0.7, 0.1, 0.6) vs max(sad, calm) = (0.7, 0.3, 0.6). The mean would give (0.4, 0.2, 0.4).
+    # Pair 5: max(happy, sad) = (0.9, 0.6, 0.7) vs furious (0.05, 0.95, 0.5).
+    assert (result["pairs_scored"], result["pairs_skipped"]) == (3, 2)
+    assert result["aggregate"] == "max"
+    assert result["valence"] == pytest.approx((0.0 + 0.0 + 0.85) / 3)
+    assert result["arousal"] == pytest.approx((0.0 + 0.2 + 0.35) / 3)
+    assert result["dominance"] == pytest.approx((0.0 + 0.0 + 0.2) / 3)
+    # EmPO's signed difference, context - reply.
+    assert result["signed"]["arousal"] == pytest.approx((0.0 - 0.2 - 0.35) / 3)
     assert result["intensity"] is None
     assert result["lexicon"] == "test-vad"
 
@@ -156,8 +207,9 @@ def test_emotion_intensity_loader_and_distance(tmp_path: Path) -> None:
     assert lexicon.intensity("Furious") == pytest.approx(0.9)  # The strongest emotion, case-insensitive.
     assert lexicon.intensity("table") is None
     result = vad_distance(["I am furious and sad", "nothing"], ["some hope", "hope"], intensity=lexicon)
-    # Context mean(0.9, 0.6) = 0.75 vs reply 0.5; the second pair has no rated context word.
-    assert result["intensity"] == pytest.approx(0.25)
+    # Context max(0.9, 0.6) = 0.9 vs reply 0.5; the second pair has no rated context word.
+    assert result["intensity"] == pytest.approx(0.4)
+    assert result["signed"]["intensity"] == pytest.approx(0.4)
     assert (result["intensity_pairs_scored"], result["intensity_pairs_skipped"]) == (1, 1)
 
     bad = tmp_path / "bad.txt"
@@ -174,6 +226,31 @@ def test_context_text_leaves_out_system_messages() -> None:
     ]
     assert context_text(context) == "I got the job\nCongratulations"
     assert context_text("plain") == "plain"
+
+
+def test_last_user_utterance_is_the_distance_context() -> None:
+    context = [
+        {"role": "user", "content": "I lost my job"},
+        {"role": "assistant", "content": "Oh no"},
+        {"role": "user", "content": "I am furious"},
+        {"role": "assistant", "content": "I see"},
+    ]
+    assert last_user_utterance(context) == "I am furious"
+    assert last_user_utterance("plain") == "plain"
+    assert last_user_utterance([{"role": "system", "content": "be kind"}]) == ""
+
+
+def test_memoised_embeds_each_text_once() -> None:
+    calls: list[list[str]] = []
+
+    def embed(texts: Sequence[str]) -> np.ndarray[Any, Any]:
+        calls.append(list(texts))
+        return np.array([[float(len(t))] for t in texts])
+
+    cached = memoised(embed)
+    assert cached(["a", "bb", "a"]).tolist() == [[1.0], [2.0], [1.0]]
+    assert cached(["bb", "ccc"]).tolist() == [[2.0], [3.0]]
+    assert calls == [["a", "bb"], ["ccc"]]
 
 
 def test_reply_metrics_is_json_serialisable_and_complete() -> None:
@@ -197,13 +274,20 @@ def test_reply_metrics_is_json_serialisable_and_complete() -> None:
         "nidf",
         "semantic_similarity",
         "vad_distance",
+        "intensity_distance",
+        "response_tries",
+        "bertscore_f1",
+        "diff_epitome",
     ):
         assert key in result
     assert result["n"] == 3
     assert result["semantic_similarity"] is None  # No embedder given.
+    assert result["bertscore_f1"] is None and result["intensity_distance"] is None
+    assert result["diff_epitome"]["status"] == "unavailable"
+    assert "train-epitome" in result["diff_epitome"]["train_command"]
     assert result["nidf_corpus"] == "given"
     assert set(result["vad_distance"]) >= {"valence", "arousal", "intensity", "pairs_scored", "pairs_skipped"}
-    # Row 1's reply and row 2's (empty) context have no lexicon word; row 3 is calm vs calm.
+    # Row 1's reply and row 2's (empty) context have no lexicon word; row 3 is calm (its user turn) vs calm.
     assert (result["vad_distance"]["pairs_scored"], result["vad_distance"]["pairs_skipped"]) == (1, 2)
     assert result["vad_distance"]["valence"] == pytest.approx(0.0)
 
@@ -298,3 +382,13 @@ def test_reference_perplexity_accepts_message_contexts(
     )
     with pytest.raises(ValueError, match="no reference token"):
         reference_perplexity(tiny_model, tiny_tokenizer, [])
+
+
+def test_without_ed_counts_the_specificity_is_not_called_nidf() -> None:
+    rows = [{"context": "I failed my test.", "reply": "That sounds hard.", "reference": "Oh no, that is hard."}]
+    rows += [{"context": "We won!", "reply": "So happy for you!", "reference": "Congratulations!"}]
+    result = reply_metrics(rows)
+    assert result["nidf"] is None and result["nidf_corpus"] == "rows"
+    assert result["nidf_rows"] is not None and 0.0 <= result["nidf_rows"] <= 1.0
+    given = reply_metrics(rows, corpus_counts=Counter({"hard": 1, "happy": 5, "that": 9}))
+    assert given["nidf"] is not None and given["nidf_rows"] is None

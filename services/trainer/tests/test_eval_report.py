@@ -70,14 +70,14 @@ def _full_results() -> dict[str, Any]:
 
 def test_ratings_table_by_hand() -> None:
     table = ratings_table(RATINGS, samples=500)
-    assert list(table) == ["adapter:sft-1", "base"]
-    base = table["base"]
-    assert base["n"] == 2
+    assert list(table) == ["adapter:sft-1 · real", "base · real"]
+    base = table["base · real"]
+    assert (base["n"], base["arm"], base["origin"], base["real"], base["synthetic"]) == (2, "base", "real", 2, 0)
     assert base["empathy"]["mean"] == pytest.approx(4.0)
     low, high = base["empathy"]["ci95"]
     assert 3.0 <= low <= 4.0 <= high <= 5.0
     assert base["fluency"]["ci95"] == pytest.approx([5.0, 5.0])  # No spread, no interval.
-    assert table["adapter:sft-1"]["relevance"]["mean"] == pytest.approx(5.0)
+    assert table["adapter:sft-1 · real"]["relevance"]["mean"] == pytest.approx(5.0)
 
 
 @pytest.mark.parametrize(
@@ -87,6 +87,7 @@ def test_ratings_table_by_hand() -> None:
         ({"model_arm": "base", "empathy": 3, "relevance": True, "fluency": 5}, "rating 1: relevance"),
         ({"model_arm": "base", "empathy": 3, "relevance": 4}, "rating 1: fluency"),
         ({"empathy": 3, "relevance": 4, "fluency": 5}, "rating 1: model_arm"),
+        ({"model_arm": "base", "empathy": 3, "relevance": 4, "fluency": 5, "synthetic": "yes"}, "rating 1: synthetic"),
     ],
 )
 def test_ratings_table_rejects_bad_records(record: dict[str, Any], message: str) -> None:
@@ -107,9 +108,11 @@ def test_markdown_of_a_full_report() -> None:
     json.dumps(report, allow_nan=False)
     markdown = render_markdown(report)
     assert markdown.startswith("# Run 7")
-    assert "| base | 2 | 4.00 [" in markdown  # Table 1 row: n and mean empathy with its CI.
-    assert "| adapter:sft-1 | 1 | 4.00 [4.00, 4.00] | 5.00 [5.00, 5.00] |" in markdown
-    assert "Lexicon: warriner-2013; sessions: 3." in markdown
+    assert "## Table 1: human ratings (Likert" in markdown  # Every rated session was real.
+    assert "| base | real | 2 | 4.00 [" in markdown  # Table 1 row: origin, n and mean empathy with its CI.
+    assert "| adapter:sft-1 | real | 1 | 4.00 [4.00, 4.00] | 5.00 [5.00, 5.00] |" in markdown
+    assert "Rated sessions: 3 real, 0 synthetic (simulated users)." in markdown
+    assert "Lexicon: warriner-2013; sessions: 3 (synthetic/real split not recorded)." in markdown
     assert "| adapter:sft-1 | 1 | 0.400 [0.400, 0.400] | 0.000 [0.000, 0.000] |" in markdown
     assert "| Metric | base | adapter:sft-1 |" in markdown  # Reply metrics side by side.
     assert "| Reference perplexity | 12.50 | 9.25 |" in markdown
@@ -125,11 +128,17 @@ def test_a_bare_arm_table_is_accepted_as_table_2() -> None:
 
 
 def test_markdown_of_mmlu_per_arm() -> None:
-    mmlu = {"base": {"acc": 0.5881, "acc_stderr": 0.004, "n_subjects": 57}, "adapter:sft-1": {"skipped": "no GPU"}}
+    mmlu = {
+        "base": {"acc": 0.5881, "acc_stderr": 0.004, "n_subjects": 57, "n_questions": 14042, "wall_seconds": 61.4},
+        "adapter:sft-1": {"skipped": "no GPU"},
+    }
     markdown = render_markdown(build_report({"mmlu": mmlu}))
-    assert "| base | 0.588 | 0.004 | 57 |" in markdown
-    assert "| adapter:sft-1 | skipped: no GPU | n/a | n/a |" in markdown
+    assert "| base | 0.588 | 0.004 | 57 | 14042 | 61 |" in markdown
+    assert "| adapter:sft-1 | skipped: no GPU | n/a | n/a | n/a | n/a |" in markdown
+    assert "A subset of MMLU" not in markdown
     assert NO_RATINGS in markdown
+    subset = {"base": {"acc": 0.25, "acc_stderr": 0.02, "n_subjects": 3, "n_questions": 300}}
+    assert "A subset of MMLU's 57 subjects" in render_markdown(build_report({"mmlu": subset}))
 
 
 def test_plots_are_png_files(tmp_path: Path) -> None:
@@ -143,3 +152,81 @@ def test_plots_skip_missing_parts(tmp_path: Path) -> None:
     assert render_plots(build_report({}), tmp_path) == []
     written = render_plots(build_report({"ratings": RATINGS[:1]}), tmp_path)
     assert [p.name for p in written] == ["table1.png"]
+
+
+SYNTHETIC_RATINGS = [
+    {"model_arm": "base", "empathy": 1, "relevance": 1, "fluency": 1, "synthetic": True},
+    {"model_arm": "base", "empathy": 2, "relevance": 2, "fluency": 2, "synthetic": True},
+]
+
+
+def test_synthetic_and_real_ratings_are_never_pooled_unless_asked() -> None:
+    table = ratings_table([*RATINGS, *SYNTHETIC_RATINGS], samples=200)
+    assert set(table) == {"adapter:sft-1 · real", "base · real", "base · synthetic"}
+    assert table["base · real"]["empathy"]["mean"] == pytest.approx(4.0)  # (3 + 5) / 2: no simulated rating.
+    assert table["base · synthetic"]["empathy"]["mean"] == pytest.approx(1.5)
+    assert (table["base · synthetic"]["real"], table["base · synthetic"]["synthetic"]) == (0, 2)
+    pooled = ratings_table([*RATINGS, *SYNTHETIC_RATINGS], samples=200, pool_synthetic=True)
+    assert set(pooled) == {"adapter:sft-1", "base"}
+    base = pooled["base"]
+    assert (base["origin"], base["n"], base["real"], base["synthetic"]) == ("pooled", 4, 2, 2)
+    assert base["empathy"]["mean"] == pytest.approx((3 + 5 + 1 + 2) / 4)
+
+
+def test_a_simulator_only_report_never_says_human() -> None:
+    report = build_report({"ratings": SYNTHETIC_RATINGS})
+    assert report["sessions"]["ratings"] == {"real": 0, "synthetic": 2}
+    assert (report["synthetic_sessions"], report["real_sessions"], report["pooled_synthetic"]) == (2, 0, False)
+    markdown = render_markdown(report)
+    assert "human" not in markdown.lower()
+    assert "simulated-user ratings, synthetic sessions only (no person rated)" in markdown
+    assert "| base | synthetic | 2 | 1.50 [" in markdown
+    assert "Rated sessions: 0 real, 2 synthetic (simulated users)." in markdown
+    assert json.loads(json.dumps(report))["synthetic_sessions"] == 2
+
+
+def test_mixed_report_states_counts_and_pooling() -> None:
+    mixed = [*RATINGS, *SYNTHETIC_RATINGS]
+    apart = render_markdown(build_report({"ratings": mixed}))
+    assert "ratings from human and simulated users, in separate rows" in apart
+    assert (
+        "Rated sessions: 3 real, 2 synthetic (simulated users). Synthetic and real sessions are never pooled" in apart
+    )
+    pooled_report = build_report({"ratings": mixed, "pool_synthetic": True})
+    assert pooled_report["pooled_synthetic"] is True
+    pooled = render_markdown(pooled_report)
+    assert "pooled as asked" in pooled and "| base | pooled | 4 |" in pooled
+    assert build_report(pooled_report) == pooled_report
+
+
+def test_delta_table_and_context_counts_are_shown() -> None:
+    delta = {**_delta_table(), "synthetic_sessions": 3, "real_sessions": 0}
+    report = build_report({**_full_results(), "delta_table": delta, "context_sessions": {"real": 1, "synthetic": 4}})
+    assert report["sessions"]["delta_table"] == {"real": 0, "synthetic": 3}
+    assert report["sessions"]["contexts"] == {"real": 1, "synthetic": 4}
+    assert report["synthetic_sessions"] == 4  # The most of any part.
+    markdown = render_markdown(report)
+    assert "sessions: 3 (0 real, 3 synthetic (simulated users))." in markdown
+    assert "Contexts from recorded sessions: 1 real, 4 synthetic (simulated users)." in markdown
+
+
+def test_paired_section() -> None:
+    paired = {
+        "empathetic": {
+            "seeds": [0, 1],
+            "n_contexts": 40,
+            "samples": 200,
+            "method": "paired bootstrap over contexts",
+            "metrics": {
+                "bleu": {
+                    "label": "BLEU",
+                    "arms": {"base": {"mean": 1.0, "sd": 0.5}, "sft": {"mean": 2.5, "sd": 0.25}},
+                    "vs_base": {"sft": {"diff": 1.5, "ci95": [0.5, 2.5], "p_value": 0.01}},
+                }
+            },
+        }
+    }
+    markdown = render_markdown(build_report({"paired": paired}))
+    assert "### Contexts: empathetic" in markdown
+    assert "Contexts: 40; seeds: 0, 1;" in markdown
+    assert "| BLEU | 1.000 ± 0.500 | 2.500 ± 0.250; diff 1.500 [0.500, 2.500], p=0.010 |" in markdown

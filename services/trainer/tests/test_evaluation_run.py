@@ -1,5 +1,6 @@
 """The evaluation run end to end on a tiny model with real Redis and S3: base vs a trained adapter on the
-contexts of a held-out recorded session, Table 1 from its rating, the report and its plots in S3."""
+contexts of held-out recorded sessions (one real, one made by the simulator: kept apart), two sampling seeds
+with the paired comparison, Table 1 from the ratings, the report and its plots in S3."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from emili_trainer.training import train_sft
 pytestmark = pytest.mark.integration
 
 
-def record_session(runtime: jobs.Runtime, session_id: str, arm: str) -> None:
+def record_session(runtime: jobs.Runtime, session_id: str, arm: str, synthetic: bool = False) -> None:
     events: list[dict[str, Any]] = []
 
     def add(kind: str, **payload: Any) -> None:
@@ -38,7 +39,8 @@ def record_session(runtime: jobs.Runtime, session_id: str, arm: str) -> None:
     keys = session_record_keys(session_id)
     lines = "".join(json.dumps(e) + "\n" for e in events).encode()
     runtime.store.put_bytes(Bucket.SESSIONS, keys["events.jsonl"], lines)
-    runtime.store.put_json(Bucket.SESSIONS, keys["session.json"], {"session_id": session_id, "model_arm": arm})
+    manifest = {"session_id": session_id, "model_arm": arm, **({"synthetic": True} if synthetic else {})}
+    runtime.store.put_json(Bucket.SESSIONS, keys["session.json"], manifest)
 
 
 def test_base_vs_adapter_report(
@@ -63,31 +65,54 @@ def test_base_vs_adapter_report(
         {"kind": "sft", "base_model": recipe.model.path, "recipe": recipe.to_dict()},
     )
     record_session(runtime, "eval-held-out", arm=version)
+    record_session(runtime, "eval-simulated", arm=version, synthetic=True)
+    held_out = ["eval-held-out", "eval-simulated"]
 
     with pytest.raises(Exception, match="not registered"):
         evaluation.start_evaluation(runtime, ["never-trained"])
+    with pytest.raises(Exception, match="seeds must differ"):
+        evaluation.start_evaluation(runtime, [version], session_ids=held_out, seeds=[1, 1])
     record, enqueue = evaluation.start_evaluation(
-        runtime, [version], session_ids=["eval-held-out"], rating_session_ids=["eval-held-out"]
+        runtime, [version], session_ids=held_out, rating_session_ids=held_out, seeds=[0, 1]
     )
     assert enqueue and record.arms == ("base", version)
+    assert evaluation.eval_options_of(record) == {"seeds": [0, 1], "empathetic_full": False, "pool_synthetic": False}
     done = evaluation.execute_evaluation(runtime, record.run_id)
     assert done.state == RunState.SUCCEEDED, done
 
     report = evaluation.load_report(runtime, record.run_id)
     data = report.report
-    assert set(data["reply_metrics"]) == {"base", version}
+    # Contexts of real and simulated sessions are never pooled: one source each.
+    assert data["contexts"] == {"real sessions": 2, "synthetic sessions": 2}
+    assert data["sessions"]["contexts"] == {"real": 1, "synthetic": 1}
+    assert set(data["reply_metrics"]) == {
+        f"{arm} · {source}" for arm in ("base", version) for source in ("real sessions", "synthetic sessions")
+    }
     for metrics in data["reply_metrics"].values():
         assert metrics["n"] == 2  # Both prompted turns of the held-out session, for each arm.
         assert metrics["bleu"] is not None and "distinct_1" in metrics  # A random model's words may be empty.
     assert all(p > 1 for p in data["perplexity"].values())
-    assert data["ratings_table"][version]["n"] == 1 and data["ratings_table"][version]["empathy"]["mean"] == 4
+    real_row, simulated_row = (
+        data["ratings_table"][f"{version} · real"],
+        data["ratings_table"][f"{version} · synthetic"],
+    )
+    assert real_row["n"] == 1 and real_row["empathy"]["mean"] == 4 and simulated_row["synthetic"] == 1
+    assert (data["synthetic_sessions"], data["real_sessions"]) == (1, 1)
+    paired = data["paired"]["real sessions"]
+    assert paired["seeds"] == [0, 1] and paired["n_contexts"] == 2
+    bleu = paired["metrics"]["bleu"]
+    assert len(bleu["arms"]["base"]["per_seed"]) == 2 and set(bleu["vs_base"]) == {version}
+    assert 0.0 < bleu["vs_base"][version]["p_value"] <= 1.0
     assert "skipped" in data["mmlu"]  # No local MMLU copy here: said so, not faked.
-    assert "Table 1" in report.markdown and version in report.markdown
+    assert "Table 1: ratings from human and simulated users, in separate rows" in report.markdown
+    assert "Paired differences from the base model" in report.markdown and version in report.markdown
     assert report.plot_keys and all(k.endswith(".png") for k in report.plot_keys)
     again, enqueue_again = evaluation.start_evaluation(
-        runtime, [version], session_ids=["eval-held-out"], rating_session_ids=["eval-held-out"]
+        runtime, [version], session_ids=held_out, rating_session_ids=held_out, seeds=[0, 1]
     )
     assert not enqueue_again and again.run_id == record.run_id
+    greedy, _ = evaluation.start_evaluation(runtime, [version], session_ids=held_out, rating_session_ids=held_out)
+    assert greedy.run_id != record.run_id  # Options that differ from the defaults are part of the run's id.
 
 
 SHARED_ED = Path(__file__).resolve().parents[4] / "shared" / "data" / "empatheticdialogues"
@@ -101,3 +126,5 @@ def test_empathetic_test_contexts() -> None:
         assert isinstance(row.context, list) and row.context[-1]["role"] == "user"  # The reply answers the speaker.
         assert row.reply.strip() and "_comma_" not in row.reply  # The gold last listener reply, cleaned.
     assert evaluation.empathetic_rows(None, 5) == []
+    everything = evaluation.empathetic_rows(SHARED_ED, None)  # The full-size option.
+    assert len(everything) > 2000 and everything[:5] == rows

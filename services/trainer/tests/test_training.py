@@ -46,11 +46,14 @@ def test_sft_dataset_labels_only_weighted_tokens(
     tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, Any]]
 ) -> None:
     dataset, stats = sft_dataset(tokenizer, _sft_records(conversation, 2), 512)
-    assert stats["examples"] == 2 and stats["loss_tokens"] > 0
-    row = dataset[0]
-    trained = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label >= 0])
-    assert "exhausting" in trained and "Anytime" in trained
-    assert "Whatever" not in trained and "rough day" not in trained and "SAD" not in trained
+    assert stats["examples"] == 4 and stats["loss_tokens"] > 0  # One example per weight-1 reply.
+    first, second = (
+        tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label >= 0])
+        for row in (dataset[0], dataset[1])
+    )
+    assert "exhausting" in first and "Anytime" in second and "Anytime" not in first and "exhausting" not in second
+    for trained in (first, second):
+        assert "Whatever" not in trained and "rough day" not in trained and "SAD" not in trained
 
 
 def test_sft_changes_the_adapter_and_learns(

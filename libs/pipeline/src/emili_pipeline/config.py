@@ -79,6 +79,9 @@ class PipelineConfig(BaseModel):
     # feedback: pairs from the users' reactions; empathetic: EmPO pairs (needs the labeler's
     # EMILI_LABELER__EMPATHETIC_DIALOGUES); auto: feedback, else EmPO, else DPO is skipped (the reason is kept).
     dpo_source: Literal["auto", "feedback", "empathetic"] = "auto"
+    # sessions: SFT on the flagged replies of the collected sessions; empathetic: EmPO's SFT stage, every listener
+    # turn of EmpatheticDialogues (its train split when the labeler's folder has one, else valid), before DPO.
+    sft_source: Literal["sessions", "empathetic"] = "sessions"
     evaluation: Evaluation = Evaluation()
 
     def simulator_settings(self, base: SimulatorSettings | None = None) -> SimulatorSettings:

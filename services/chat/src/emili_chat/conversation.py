@@ -1,8 +1,8 @@
 """One open Converse stream: reads inputs, keeps the face aggregate, injects readouts, generates replies.
 
 Three tasks run per conversation: a reader (frames go to FER ``StreamAnalyze`` over one stream per
-conversation; client readings are validated), a turn loop (one user message at a time: readout, optional
-short-message reminder, the user message, generation), and a ticker (the decayed aggregate, the
+conversation; client readings are validated), a turn loop (one user message at a time: readout, the user
+message, an optional short-message reminder, generation), and a ticker (the decayed aggregate, the
 fixed-interval cadence, the change trigger that makes EMILI speak unprompted). Every event is recorded
 before the client hears of it, and the model's context is rebuilt from the recorded events.
 
@@ -30,6 +30,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from emili_chat.adapters import BASE_ARM
 from emili_chat.fer_client import FaceReading, FerStream
 from emili_chat.history import condense, messages_from_events
 from emili_chat.io_types import (
@@ -44,6 +45,7 @@ from emili_chat.io_types import (
     UserText,
 )
 from emili_chat.llm import BackendError, GenerationParams, stream_with_retries
+from emili_chat.metrics import reply_tokens
 from emili_chat.readout import Aggregator, ChangeTrigger, change_is_large, readout_message, short_message_reminder
 from emili_chat.store import SessionRecord, now_ms
 from emili_core.errors import DependencyUnavailable, InvalidInput, Overloaded
@@ -290,11 +292,17 @@ class Conversation:
     async def _inject_readout(
         self, cadence: str, aggregate: dict[str, int] | None, previous: dict[str, int] | None = None
     ) -> None:
-        """Record and send a readout; ``previous`` defaults to what the last readout showed."""
+        """Record and send a readout; ``previous`` defaults to what the last readout showed.
+
+        Before a user message the readout is one line unless ``change_block_before_user_message`` is set:
+        the original sends the three-line change block only when its change trigger fires.
+        """
         started = time.perf_counter()
         previous = previous if previous is not None else self.last_readout_scores
+        block_allowed = cadence != "before_user_message" or self.settings.readout.change_block_before_user_message
         changed = (
-            previous is not None
+            block_allowed
+            and previous is not None
             and aggregate is not None
             and change_is_large(previous, aggregate, self.settings.readout.trigger_start_threshold)
         )
@@ -309,10 +317,11 @@ class Conversation:
         async with self.generating:
             if self.cadence == "before_user_message":
                 await self._inject_readout("before_user_message", self._aggregate(time.time()))
+            event = await self._record(UserMessage(text=message.text, client_time_ms=message.client_time_ms))
+            # After the message, where the original puts it: the model reads it as a comment on that message.
             reminder = short_message_reminder(message.text) if self.settings.readout.short_message_reminder else None
             if reminder:
                 await self._record(Reminder(text=reminder))
-            event = await self._record(UserMessage(text=message.text, client_time_ms=message.client_time_ms))
             await self.out.put(Accepted(event.event_id, event.time_ms))
             await self._generate(unprompted=False)
 
@@ -335,6 +344,8 @@ class Conversation:
             self.settings.keep_last_messages,
         )
         turn_id = uuid.uuid4().hex[:16]
+        arm = self.adapter or BASE_ARM
+        self.engine.metrics.tokens.labels("in", arm).inc(backend.count_tokens(messages))
         started, first, parts = time.perf_counter(), None, []
         try:
             async for delta in stream_with_retries(
@@ -348,7 +359,7 @@ class Conversation:
             ):
                 if first is None:
                     first = time.perf_counter()
-                    self.engine.metrics.ttft.observe(first - started)
+                    self.engine.metrics.ttft.labels(arm).observe(first - started)
                 parts.append(delta)
                 await self.out.put(Delta(turn_id, delta))
         except BackendError as exc:
@@ -357,6 +368,7 @@ class Conversation:
         self.engine.metrics.generation.observe(time.perf_counter() - started)
         self.engine.metrics.turns.labels("unprompted" if unprompted else "reply").inc()
         text = "".join(parts).strip()
+        self.engine.metrics.tokens.labels("out", arm).inc(reply_tokens(backend.count_tokens, text))
         model_id = backend.model_id(self.adapter)
         event = await self._record(
             AssistantMessage(

@@ -8,6 +8,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,6 +30,20 @@ from emili_core.objectstore import ObjectStore
 from emili_session.events import Event, PostSurvey, PreSurvey, Rating, SessionCreated, SessionEnded
 
 log = logging.getLogger(__name__)
+
+
+def _frame_spill(folder: Path, max_bytes: int) -> FrameSpill | None:
+    """The spill folder, or None (frames beyond memory are dropped) when it is turned off or cannot be made: a
+    read-only disk must not stop conversations."""
+    if not max_bytes:
+        return None
+    try:
+        return FrameSpill(folder, max_bytes)
+    except OSError as exc:
+        log.warning("frames will not spill to %s (%s): beyond the memory buffer they are dropped", folder, exc)
+        return None
+
+
 CADENCES = ("before_user_message", "fixed_interval", "on_change")
 LIKERT = range(1, 6)
 SURVEYS: dict[str, type[PreSurvey] | type[PostSurvey]] = {"pre": PreSurvey, "post": PostSurvey}
@@ -89,9 +104,7 @@ class ChatEngine:
                 max_bytes=buffer.max_bytes,
                 uploaders=buffer.uploaders,
                 retry_max_s=buffer.retry_max_s,
-                spill=FrameSpill(settings.artifact(buffer.spill_dir), buffer.spill_max_bytes)
-                if buffer.spill_max_bytes
-                else None,
+                spill=_frame_spill(settings.artifact(buffer.spill_dir), buffer.spill_max_bytes),
             )
             if objects is not None
             else None

@@ -29,10 +29,15 @@ def condense(
     head, body = messages[:1], messages[1:]
     old, recent = body[: max(0, len(body) - keep_last)], body[max(0, len(body) - keep_last) :]
     kept: list[Message] = []
-    for i, message in enumerate(old):
-        answers_user = message.role == "assistant" and i > 0 and old[i - 1].role == "user"
+    # A system note between a message and its reply (the short-message reminder, which follows the message,
+    # or a fixed-interval readout) must not make the reply look unprompted and be dropped.
+    last_spoken: str | None = None
+    for message in old:
+        answers_user = message.role == "assistant" and last_spoken == "user"
         if message.role == "user" or answers_user:
             kept.append(message)
+        if message.role != "system":
+            last_spoken = message.role
     while kept and count_tokens(head + kept + recent) > budget:
         kept = kept[2:] if len(kept) >= 2 and kept[1].role == "assistant" else kept[1:]
     return head + kept + recent

@@ -2,13 +2,12 @@
 
 Pure functions and two small stateful helpers, no I/O:
 
-* scores: FER softmax x 100 as integers 0-100 (:func:`to_scores`);
+* scores: FER softmax x 100 as integers 0-100, truncated as the original does (:func:`to_scores`);
 * salience: per-emotion thresholds map a score to a level 0-5 and a word (:data:`SALIENCE_TABLE`);
-* the readout line and the system message sent before each user message (:func:`format_line`,
-  :func:`readout_message`);
+* the readout line and the readout system message (:func:`format_line`, :func:`readout_message`);
 * the 500 ms exponentially decayed aggregate of frame scores (:class:`Aggregator`);
 * the emotion-change trigger that lets EMILI speak unprompted (:class:`ChangeTrigger`, :func:`change_is_large`);
-* the reminder added to very short user messages (:func:`short_message_reminder`).
+* the reminder added right after a very short user message (:func:`short_message_reminder`).
 """
 
 from __future__ import annotations
@@ -52,14 +51,14 @@ _NO_SALIENT_NOW: Final = "Right now, user shows no salient emotion."
 _NO_SALIENT_BEFORE: Final = "Previously, user showed no salient emotion."
 
 SHORT_MESSAGE_CHARS: Final = 10
-_SHORT_MESSAGE_REMINDER: Final = (
-    "The user's message is very short. If it suits the moment, you may playfully ask the user to act out "
-    "an emotion with their face (for example, to show you how surprised or happy they are), so that you can "
-    "see it in the readout."
-)
+# The original's meaning, in the project's words: a bare nudge that EMILI may ask for an emotion to be acted out.
+_SHORT_MESSAGE_REMINDER: Final = "Reminder: you can ask the user to act out a particular emotion!"
 
 # Tolerance on timestamps so that float error never moves a frame or a tick across a 500 ms boundary.
 _TIME_TOL_S: Final = 1e-6
+# Tolerance on 0-100 scores before truncating, so that float error (0.29 * 100 = 28.999999999999996) does
+# not cost a point the value really has; far below anything a FER model resolves.
+_SCORE_TOL: Final = 1e-6
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +87,13 @@ SALIENCE_TABLE: Final[Mapping[str, Salience]] = MappingProxyType(
 )
 
 
-def _round_half_up(value: float) -> int:
-    # Python's round() is banker's rounding (46.5 -> 46); half-up is what a reader of "x 100, rounded" expects.
-    return math.floor(value + 0.5)
+def _truncate(value: float) -> int:
+    """A 0-100 score as the original shows it: the integer part (it divides and floors), clamped to 0-100.
+
+    Truncating, not rounding, matters at the salience thresholds: 10.6 happy is 10, which does not exceed
+    happy's first threshold (10), so the original leaves it out where rounding would show ``Contented (11)``.
+    """
+    return min(100, max(0, math.floor(value + _SCORE_TOL)))
 
 
 def _check_emotion(emotion: str) -> None:
@@ -145,7 +148,10 @@ def readout_message(
     previous: Mapping[str, int] | None = None,
     change_detected: bool = False,
 ) -> str:
-    """The system message sent before a user message.
+    """A readout system message.
+
+    Before a user message the original always sends the one-line form (it asks for the three-line form only
+    when the change trigger fires); the caller decides by passing ``change_detected``.
 
     * ``current`` None (no face recently): ``User is not visible right now.`` - whatever ``previous`` is,
       since the reference has no wording for "changed to not visible".
@@ -165,7 +171,7 @@ def readout_message(
 
 
 def to_scores(probabilities: Mapping[str, float]) -> dict[str, int]:
-    """FER softmax probabilities (0-1) as integer salience scores 0-100, all seven emotions in FER order.
+    """FER softmax probabilities (0-1) as integer salience scores 0-100 (truncated), all seven in FER order.
 
     A missing emotion scores 0. Probabilities a hair outside [0, 1] (float error) are clamped; anything
     further out means the caller passed something other than a softmax and is rejected.
@@ -173,7 +179,7 @@ def to_scores(probabilities: Mapping[str, float]) -> dict[str, int]:
     vec = _vector(probabilities)
     if np.any(vec < -1e-6) or np.any(vec > 1.0 + 1e-6):
         raise ValueError(f"probabilities must lie in [0, 1], got {dict(probabilities)!r}")
-    return {e: min(100, max(0, _round_half_up(float(p) * 100.0))) for e, p in zip(EMOTIONS, vec, strict=True)}
+    return {e: _truncate(float(p) * 100.0) for e, p in zip(EMOTIONS, vec, strict=True)}
 
 
 def l2_distance(a: Mapping[str, float], b: Mapping[str, float]) -> float:
@@ -188,7 +194,8 @@ class Aggregator:
     half_life_seconds)`` and then adds the frames stamped since the previous tick with weight 1 each. Ticks
     lie on a grid anchored at the first :meth:`tick` call; a late call applies every elapsed grid tick in
     turn (each frame joins at the tick it belongs to), so the result depends on time, not on how often or how
-    punctually ``tick`` is called. A call before the next grid tick changes nothing.
+    punctually ``tick`` is called. A call before the next grid tick changes nothing. The aggregate's scores are
+    the decayed means truncated to integers, as the original shows them.
     """
 
     def __init__(
@@ -307,7 +314,7 @@ class Aggregator:
             self._current = None
         else:
             mean = self._sum / self._weight
-            self._current = {e: min(100, max(0, _round_half_up(float(v)))) for e, v in zip(EMOTIONS, mean, strict=True)}
+            self._current = {e: _truncate(float(v)) for e, v in zip(EMOTIONS, mean, strict=True)}
         return self.current()
 
 
@@ -386,7 +393,8 @@ def change_is_large(previous: Mapping[str, int], current: Mapping[str, int], sta
 def short_message_reminder(text: str) -> str | None:
     """A system reminder for user messages under :data:`SHORT_MESSAGE_CHARS` characters, else None.
 
-    Length is counted after stripping surrounding whitespace, so padding does not hide a one-word reply.
+    The caller sends it right after the user message, where the original puts it. Length is counted after
+    stripping surrounding whitespace, so padding does not hide a one-word reply.
     """
     if len(text.strip()) < SHORT_MESSAGE_CHARS:
         return _SHORT_MESSAGE_REMINDER

@@ -28,9 +28,15 @@ class LLMSettings(BaseModel):
     local_model: Path = Path("chat/SmolLM2-135M-Instruct.Q4_1.gguf")
     local_cache: Path = Path("chat/SmolLM2-135M-Instruct-dequantised")
     local_threads: int = Field(0, ge=0)  # torch threads; 0 = torch's default.
+    local_max_batch: int = Field(16, ge=1, le=256)  # Replies the local model generates together (1 = one at a time).
+    # Prompt KV caches kept for reuse, in tokens (SmolLM2-135M, float32: 46 KB a token); 0 = none.
+    local_prefix_cache_tokens: int = Field(4096, ge=0)
     base_url: str = ""  # OpenAI-compatible or Anthropic endpoint.
     api_key: SecretStr = SecretStr("")
-    model: str = ""  # Remote model name.
+    model: str = ""  # Remote model name (with vLLM: the base model's served name).
+    # vLLM runtime LoRA loading: the folder in which the server sees adapter_cache's adapter folders (a volume both
+    # mount). Empty: adapters only when the server already lists them (preloaded with --lora-modules).
+    lora_dir: str = ""
     context_window: int = Field(8192, ge=256)
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # EMILI used 1.0.
     max_new_tokens: int = Field(160, ge=1, le=4096)  # EMILI's reply limit.
@@ -59,7 +65,10 @@ class ReadoutSettings(BaseModel):
     trigger_start_threshold: float = Field(41.0, gt=0)
     trigger_decay_per_second: float = Field(0.05, ge=0, lt=1)
     trigger_refractory_s: float = Field(5.0, ge=0)
-    short_message_reminder: bool = True
+    short_message_reminder: bool = True  # Sent right after a user message under 10 characters, as EMILI did.
+    # The original always sends the one-line readout before a user message; the three-line change block only
+    # when the change trigger fires. True: a before_user_message readout may be the change block too.
+    change_block_before_user_message: bool = False
 
 
 class SurveySettings(BaseModel):

@@ -33,7 +33,7 @@ EVAL_RUNS = "runs/eval-"  # Evaluation run ids start with "eval-"; training runs
 RUN_ID = re.compile(r"^eval-[A-Za-z0-9_-]{1,64}$")
 PLOT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\.png$")
 PLOT_TITLES = {
-    "table1.png": "Table 1: human ratings (mean, 95% CI)",
+    "table1.png": "Table 1: ratings per arm, real and synthetic (simulated) sessions apart (mean, 95% CI)",
     "table2.png": "Table 2: change in valence, arousal and dominance, post-chat minus pre-chat (mean, 95% CI)",
     "reply_metrics.png": "Reply metrics per arm",
 }
@@ -70,7 +70,7 @@ def arms_named_by(report: Mapping[str, Any]) -> set[str]:
             arms |= {str(name).split(" · ")[0] for name in table}
     delta = report.get("delta_table")
     if isinstance(delta, Mapping) and isinstance(delta.get("arms"), Mapping):
-        arms |= {str(name) for name in delta["arms"]}
+        arms |= {str(name).split(" · ")[0] for name in delta["arms"]}
     return arms
 
 

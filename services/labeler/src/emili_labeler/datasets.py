@@ -8,11 +8,14 @@ What the functions decide, so the data can be interpreted:
 * **Conversation.** What the model saw, as :func:`emili_session.conversation.conversation` rebuilds it (the
   chat service builds its context with the same function): the system prompt, then readouts and reminders
   as ``system`` messages where they occurred, user and assistant messages (the latter carrying ``turn_id``).
-* **SFT** (:func:`sft_examples`): ONE example per session, the whole conversation, with ``weight`` 1 on
+* **SFT** (:func:`sft_examples`): ONE record per session, the whole conversation, with ``weight`` 1 on
   assistant messages whose turn is flagged True and 0 on every other assistant message; user and system
-  messages carry no weight (never trained on). One example per session, rather than one per flagged
-  turn, keeps each reply's real context without duplicating the prefix N times; the trainer masks the
-  loss to weight-1 assistant messages. Sessions without a weight-1 turn produce nothing. Empty replies
+  messages carry no weight (never trained on). One record per session keeps the file free of N copies of
+  the same prefix; the trainer turns it into one training example per weight-1 reply (the system prompt,
+  as much recent context as its ``max_length`` allows, that reply), so late replies are never cut off.
+  EmpatheticDialogues SFT records (:func:`emili_labeler.empathetic.empathetic_sft_examples`) have the same
+  form, with ``"source": "empathetic"`` and a ``conv_id`` in place of the session. Sessions without a
+  weight-1 turn produce nothing. Empty replies
   are never weighted 1. With ``include_readouts=False`` readouts and reminders (which refer to the
   readout) are dropped, and unprompted replies get weight 0: what triggered them was a readout.
 * **Feedback pairs** (:func:`feedback_pairs`): only replies that answer a user message are paired (the
@@ -330,7 +333,9 @@ def feedback_pairs(
 
 def _record_sessions(kind: DatasetKind, record: Mapping[str, Any]) -> list[str]:
     if kind == "sft":
-        return [str(record["session_id"])]
+        # EmpatheticDialogues SFT records come from a corpus, not from anyone's session: no session to withdraw or
+        # to trace a model's lineage to (the manifest's label_settings name the corpus split instead).
+        return [] if record.get("source") == "empathetic" else [str(record["session_id"])]
     if kind == "dpo_feedback":
         return [str(s) for s in record["sessions"]]
     # EmpatheticDialogues pairs: the conversations whose replies they use.
@@ -362,7 +367,7 @@ class DatasetManifest:
     kind: DatasetKind
     content_hash: str  # sha256 (hex) of the JSONL bytes.
     counts: dict[str, int]
-    source_sessions: list[str]  # Sorted, unique; EmpatheticDialogues conv_ids for "dpo_empathetic".
+    source_sessions: list[str]  # Sorted, unique; EmpatheticDialogues conv_ids for "dpo_empathetic", none for its SFT.
     label_settings: dict[str, Any]
     created_from: dict[str, Any] = field(default_factory=dict)
 

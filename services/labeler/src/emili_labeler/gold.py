@@ -1,15 +1,20 @@
-"""Session gold labels (paper section 2.3): VAD of the pre- and post-chat texts, and per-arm tables.
+"""Session gold labels (paper section 2.3): VAD of the pre- and post-chat surveys, and per-arm tables.
 
-v_x comes from the user's pre-chat survey text, v_y from the post-chat text, and Delta v = v_y - v_x;
-a positive valence change means the chat helped. The per-arm table with bootstrap 95% confidence
-intervals is the paper's Table 2.
+v_x comes from the user's pre-chat survey, v_y from the post-chat survey, and Delta v = v_y - v_x; a positive
+valence change means the chat helped. What is scored (``gold_text_source``): the survey's free text
+(``free_text``), the feelings the user ticked (``feelings``), or both together (``both``, the default, as the
+research group's own pre-processing did): a participant who only ticks feelings still gets v_x and v_y. The
+feelings are the survey's ``current_feelings`` (how the user feels at that moment); ``desired_feelings`` are a
+wish, not a state, and are not scored. A survey with nothing to score leaves its side missing (``missing``), and
+the labelling jobs count and list such sessions. The per-arm table with bootstrap 95% confidence intervals is the
+paper's Table 2.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -18,6 +23,8 @@ from emili_affect.vad import VAD, TextVAD
 from emili_session.events import EventKind
 
 DIMENSIONS = ("valence", "arousal", "dominance")
+GoldTextSource = Literal["free_text", "feelings", "both"]
+GOLD_TEXT_SOURCES: tuple[GoldTextSource, ...] = ("free_text", "feelings", "both")
 
 
 class Scorer(Protocol):
@@ -56,22 +63,40 @@ class GoldLabel:
             "pre_coverage": self.pre_coverage,
             "post_coverage": self.post_coverage,
             "lexicon": self.lexicon,
+            "missing": self.missing,
         }
 
+    @property
+    def missing(self) -> list[str]:
+        """The sides ("pre", "post") without a VAD: no survey, nothing to score in it, or no word scored."""
+        return [side for side, vad in (("pre", self.pre), ("post", self.post)) if vad is None]
 
-def survey_texts(events: Sequence[Mapping[str, Any]]) -> tuple[str | None, str | None]:
-    """The last pre-chat and post-chat survey texts of a session (a resubmitted survey replaces the first)."""
+
+def _survey_text(event: Mapping[str, Any], source: GoldTextSource) -> str | None:
+    """What is scored of one survey: its ticked feelings (in lower case, as a list of words), its free text, or
+    both; None when that is empty."""
+    feelings = ", ".join(str(f).strip().lower() for f in event.get("current_feelings") or () if str(f).strip())
+    text = str(event.get("text", "")).strip()
+    parts = {"free_text": [text], "feelings": [feelings], "both": [feelings, text]}[source]
+    return ". ".join(p for p in parts if p) or None
+
+
+def survey_texts(events: Sequence[Mapping[str, Any]], source: GoldTextSource = "both") -> tuple[str | None, str | None]:
+    """What is scored of the last pre-chat and post-chat surveys of a session (a resubmitted survey replaces the
+    first)."""
+    if source not in GOLD_TEXT_SOURCES:
+        raise ValueError(f"unknown gold text source {source!r}: one of {', '.join(GOLD_TEXT_SOURCES)}")
     pre = post = None
     for event in events:
         if event["kind"] == EventKind.PRE_SURVEY:
-            pre = str(event.get("text", "")) or None
+            pre = _survey_text(event, source)
         elif event["kind"] == EventKind.POST_SURVEY:
-            post = str(event.get("text", "")) or None
+            post = _survey_text(event, source)
     return pre, post
 
 
-def gold_label(events: Sequence[Mapping[str, Any]], scorer: Scorer) -> GoldLabel:
-    pre_text, post_text = survey_texts(events)
+def gold_label(events: Sequence[Mapping[str, Any]], scorer: Scorer, source: GoldTextSource = "both") -> GoldLabel:
+    pre_text, post_text = survey_texts(events, source)
     texts = [t for t in (pre_text, post_text) if t is not None]
     scored = iter(scorer.score_batch(texts)) if texts else iter(())
     pre = next(scored) if pre_text is not None else None

@@ -21,17 +21,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emili_affect.empathetic import load_dialogues
+from emili_affect.empathetic import Dialogue, load_dialogues
 from emili_affect.vad import VADScorer
 from emili_core.deletion import audit_deletion, check_not_deleted, guard_written, now_ms, session_deleted
 from emili_core.errors import FailedPrecondition, InvalidInput, NotFound
-from emili_core.keys import check_session_id, dataset_index_key, dataset_withdrawal_key
+from emili_core.keys import check_session_id, dataset_index_key, dataset_withdrawal_key, session_record_keys
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.records import load_session, recorded_sessions, session_consent
 from emili_labeler.datasets import DatasetManifest, SessionInput, feedback_pairs, jsonl_bytes, sft_examples
-from emili_labeler.empathetic import empo_pairs
+from emili_labeler.empathetic import empathetic_sft_examples, empo_pairs
 from emili_labeler.gold import GoldLabel, arm_table, gold_label
-from emili_labeler.reactions import EMOTION_TUNE_ORIGINAL, VARIANT_2025, TurnReaction, WeightVector, flag_turns
+from emili_labeler.reactions import (
+    EMOTION_TUNE_ORIGINAL,
+    VARIANT_2025,
+    VARIANT_2025_ZSCORED,
+    TurnReaction,
+    WeightVector,
+    flag_turns,
+)
 from emili_labeler.settings import LabelerSettings
 from emili_labeler.user_weights import (
     Baseline,
@@ -53,6 +60,7 @@ Progress = Callable[[int, int], None]
 WEIGHTS: dict[str, tuple[WeightVector, str]] = {
     "emotion_tune": (EMOTION_TUNE_ORIGINAL, "window"),  # Reads the face in [t, t + 1 s].
     "variant_2025": (VARIANT_2025, "delayed"),  # Reads the face 5 s after the reply.
+    "variant_2025_zscored": (VARIANT_2025_ZSCORED, "delayed"),  # EMILI's extension: population z-scores.
 }
 
 
@@ -77,6 +85,10 @@ class Runtime:
             "top_k": o.top_k,
             "ridge_alpha": o.ridge_alpha,
             "weights": o.weights,
+            "gold_text_source": o.gold_text_source,
+            # What the named vector is, not only its name: "variant_2025" once meant z-scored scores, and a label
+            # computed then must not be reused now.
+            "weight_vector": _vector_definition(WEIGHTS[o.weights][0]) if o.weights in WEIGHTS else None,
             # Learned weights change what a flag means: their digest is part of the label's key.
             "learned_weights_sha256": self._learned_digest() if o.weights == "learned" else None,
         }
@@ -90,6 +102,16 @@ class Runtime:
     @property
     def settings_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.label_settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _vector_definition(vector: WeightVector) -> dict[str, Any]:
+    return {
+        "weights": list(vector.weights),
+        "scale": vector.scale,
+        "threshold": vector.threshold,
+        "zscore_mean": None if vector.zscore_mean is None else list(vector.zscore_mean),
+        "zscore_std": None if vector.zscore_std is None else list(vector.zscore_std),
+    }
 
 
 def label_key(session_id: str, settings_hash: str) -> str:
@@ -140,7 +162,7 @@ def label_session(runtime: Runtime, session_id: str) -> dict[str, Any]:
     if runtime.store.exists(Bucket.SESSIONS, key):
         return {**runtime.store.get_json(Bucket.SESSIONS, key), "reused": True}
     manifest, events = load_session(runtime.store, session_id)
-    gold = gold_label(events, runtime.scorer)
+    gold = gold_label(events, runtime.scorer, runtime.settings.labeler.gold_text_source)
     turns = turn_reactions(runtime, events, str(manifest.get("user_id", "")))
     label = {
         "session_id": session_id,
@@ -174,21 +196,31 @@ def label_all_unlabeled(runtime: Runtime, progress: Progress = lambda done, tota
     todo = [s for s in sessions if not runtime.store.exists(Bucket.SESSIONS, label_key(s, runtime.settings_hash))]
     failed: dict[str, str] = {}
     skipped: list[str] = []
+    missing_gold: dict[str, list[str]] = {}
     for i, session_id in enumerate(todo, 1):
         try:
-            label_session(runtime, session_id)
+            label = label_session(runtime, session_id)
         except FailedPrecondition:
             skipped.append(session_id)  # No consent to training: no label.
         except (InvalidInput, NotFound, ValueError) as exc:  # One bad record must not stop the rest.
             failed[session_id] = str(exc)
+        else:
+            if missing := GoldLabel.from_json(label["gold"]).missing:
+                missing_gold[session_id] = missing
         progress(i, len(todo))
     if skipped:
         log.info("%d sessions without training consent skipped", len(skipped))
+    if missing_gold:
+        log.info("%d sessions have no pre- or post-chat VAD (nothing scorable in a survey)", len(missing_gold))
     return {
         "sessions": len(sessions),
         "labelled": len(todo) - len(failed) - len(skipped),
         "failed": failed,
         "skipped_no_training_consent": len(skipped),
+        # Sessions whose pre- or post-chat survey had nothing to score (no survey, no feelings and no text, or no
+        # scorable word): no Delta v. Listed with the missing sides, never silently dropped.
+        "missing_gold": len(missing_gold),
+        "missing_gold_sessions": missing_gold,
         "settings_hash": runtime.settings_hash,
     }
 
@@ -232,7 +264,38 @@ def _publish(runtime: Runtime, manifest: DatasetManifest, records: Sequence[dict
     return out
 
 
-def build_sft_dataset(runtime: Runtime, session_ids: Sequence[str] | None = None) -> dict[str, Any]:
+def empathetic_split(runtime: Runtime, split: str | None = None) -> tuple[list[Dialogue], dict[str, Any]]:
+    """The dialogues of the configured EmpatheticDialogues split, and what a manifest records of it. Without a
+    ``split``: the train split when the folder holds one, else valid (the shared development copy has only valid
+    and test); the manifest says which was used and whether a train split was there."""
+    folder = runtime.settings.labeler.empathetic_dialogues
+    if folder is None:
+        raise InvalidInput("EmpatheticDialogues is not configured (EMILI_LABELER__EMPATHETIC_DIALOGUES)")
+    has_train = (Path(folder) / "train.csv").is_file()
+    used = split or ("train" if has_train else "valid")
+    path = Path(folder) / f"{used}.csv"
+    if not path.is_file():
+        raise NotFound(f"EmpatheticDialogues has no {used} split: {path} does not exist")
+    dialogues, _ = load_dialogues(path, split=used)
+    if used != "train":
+        log.info("EmpatheticDialogues: training on the %s split (%s has no train.csv)", used, folder)
+    return dialogues, {"split": used, "split_requested": split or "auto", "train_split_available": has_train}
+
+
+def build_sft_dataset(
+    runtime: Runtime, session_ids: Sequence[str] | None = None, source: str = "sessions", split: str | None = None
+) -> dict[str, Any]:
+    """SFT data: the flagged turns of the consenting recorded sessions (``source="sessions"``), or EmPO's first
+    stage, EmpatheticDialogues with every listener turn trained (``"empathetic"``; see :func:`empathetic_split`)."""
+    if source == "empathetic":
+        dialogues, split_info = empathetic_split(runtime, split)
+        ed_records = empathetic_sft_examples(dialogues, split=split_info["split"])
+        if not ed_records:
+            raise NotFound(f"no EmpatheticDialogues dialogue in the {split_info['split']} split")
+        manifest = DatasetManifest.build("sft", ed_records, {"source": "empathetic", **split_info})
+        return {**_publish(runtime, manifest, ed_records), "source": "empathetic", "skipped_no_training_consent": 0}
+    if source != "sessions":
+        raise InvalidInput(f"unknown SFT source {source!r}: sessions or empathetic")
     inputs, skipped = _training_inputs(runtime, session_ids)
     records = [r for s in inputs for r in sft_examples(s.session_id, s.system_prompt, s.events, s.labels)]
     if not records:
@@ -250,11 +313,12 @@ def build_dpo_dataset(
     session_ids: Sequence[str] | None = None,
     epoch: int = 0,
     seed: int = 0,
-    split: str = "valid",
+    split: str | None = None,
     epochs: int = 1,
 ) -> dict[str, Any]:
-    """Preference pairs; for EmpatheticDialogues, one fresh rejected draw for each of ``epochs`` epochs
-    (epoch, epoch+1, ...) in one dataset version, so the trainer can give each epoch its own draw."""
+    """Preference pairs; for EmpatheticDialogues (the split as :func:`empathetic_split` picks it), one fresh
+    rejected draw for each of ``epochs`` epochs (epoch, epoch+1, ...) in one dataset version, so the trainer can
+    give each epoch its own draw."""
     if epochs < 1:
         raise InvalidInput(f"epochs must be at least 1, not {epochs}")
     skipped = 0
@@ -264,13 +328,12 @@ def build_dpo_dataset(
         kind = "dpo_feedback"
         settings = runtime.label_settings
     elif source == "empathetic":
-        folder = runtime.settings.labeler.empathetic_dialogues
-        if folder is None:
-            raise InvalidInput("EmpatheticDialogues is not configured (EMILI_LABELER__EMPATHETIC_DIALOGUES)")
-        dialogues, _ = load_dialogues(Path(folder) / f"{split}.csv", split=split)
-        records = [r for e in range(epoch, epoch + epochs) for r in empo_pairs(dialogues, e, seed, split=split)]
+        dialogues, split_info = empathetic_split(runtime, split)
+        used = split_info["split"]
+        records = [r for e in range(epoch, epoch + epochs) for r in empo_pairs(dialogues, e, seed, split=used)]
         kind = "dpo_empathetic"
-        settings = {"split": split, "epoch": epoch, "epochs": epochs, "seed": seed}
+        # "balanced": the rejected draw deals the opposite emotion's dialogues out evenly, as EmPO does.
+        settings = {**split_info, "epoch": epoch, "epochs": epochs, "seed": seed, "rejected_draw": "balanced"}
     else:
         raise InvalidInput(f"unknown DPO source {source!r}: feedback or empathetic")
     if not records:
@@ -326,20 +389,48 @@ def fit_user_weights(runtime: Runtime, session_ids: Sequence[str] | None = None)
     }
 
 
-def delta_table(runtime: Runtime, session_ids: Sequence[str] | None = None) -> dict[str, Any]:
-    """The paper's Table 2 over the recorded sessions: mean Delta V/A/D per model arm with bootstrap 95% CIs."""
+ORIGIN_SEPARATOR = " · "  # Table rows "<arm> · real" and "<arm> · synthetic", as the evaluation report's.
+
+
+def _synthetic(store: ObjectStore, session_id: str) -> bool:
+    try:
+        return bool(store.get_json(Bucket.SESSIONS, session_record_keys(session_id)["session.json"]).get("synthetic"))
+    except NotFound:
+        return False
+
+
+def delta_table(
+    runtime: Runtime, session_ids: Sequence[str] | None = None, pool_synthetic: bool = False
+) -> dict[str, Any]:
+    """The paper's Table 2 over the recorded sessions: mean Delta V/A/D per model arm with bootstrap 95% CIs.
+
+    Sessions of simulated users (``synthetic`` in their record) and of people are rows of their own
+    (``<arm> · synthetic``, ``<arm> · real``) unless ``pool_synthetic``; the counts of each are returned."""
     labels = []
     skipped = 0
+    origins = {"real": 0, "synthetic": 0}
+    missing_gold: dict[str, list[str]] = {}
     for session_id in session_ids if session_ids is not None else recorded_sessions(runtime.store):
         if not training_consent(runtime.store, session_id):
             skipped += 1  # Labels are computed only for sessions whose users consented.
             continue
         label = label_session(runtime, session_id)
-        labels.append((label["model_arm"], GoldLabel.from_json(label["gold"])))
+        gold = GoldLabel.from_json(label["gold"])
+        origin = "synthetic" if _synthetic(runtime.store, session_id) else "real"
+        origins[origin] += 1
+        row = label["model_arm"] if pool_synthetic else f"{label['model_arm']}{ORIGIN_SEPARATOR}{origin}"
+        labels.append((row, gold))
+        if gold.missing:
+            missing_gold[session_id] = gold.missing  # Not in the table (no Delta v): counted and listed here.
     return {
         "lexicon": runtime.scorer.lexicon.name,
         "sessions": len(labels),
+        "real_sessions": origins["real"],
+        "synthetic_sessions": origins["synthetic"],
+        "pooled_synthetic": pool_synthetic,
         "skipped_no_training_consent": skipped,
+        "missing_gold": len(missing_gold),
+        "missing_gold_sessions": missing_gold,
         "arms": arm_table(labels, runtime.settings.labeler.bootstrap_samples),
     }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from emili_core.errors import FailedPrecondition, InvalidInput, NotFound
+from emili_labeler.gold import GoldLabel
 from emili_labeler.jobs import Runtime, build_dpo_dataset, build_sft_dataset, label_session
 from emili_labeler.jobs import delta_table as table_of
 from emili_pipeline.pipeline import State, config_of, outputs
@@ -18,6 +19,7 @@ from emili_pipeline.pipeline import State, config_of, outputs
 def label(runtime: Runtime, state: State) -> dict[str, Any]:
     flagged = turns = labelled = 0
     failed: dict[str, str] = {}
+    missing_gold: dict[str, list[str]] = {}
     skipped = 0
     for session_id in state["sessions"]:
         try:
@@ -29,15 +31,22 @@ def label(runtime: Runtime, state: State) -> dict[str, Any]:
             failed[session_id] = str(exc)
             continue
         labelled += 1
+        if missing := GoldLabel.from_json(result["gold"]).missing:
+            missing_gold[session_id] = missing
         turns += len(result["turns"])
         flagged += sum(1 for t in result["turns"] if t["flagged"])
+    notes = [f"{skipped} sessions without training consent skipped"] if skipped else []
+    if missing_gold:
+        notes.append(f"{len(missing_gold)} sessions have no pre- or post-chat VAD (nothing scorable in a survey)")
     return {
         "labelled": labelled,
         "failed": failed,
         "assistant_turns": turns,
         "flagged_turns": flagged,
         "skipped_no_training_consent": skipped,
-        "notes": [f"{skipped} sessions without training consent skipped"] if skipped else [],
+        "missing_gold": len(missing_gold),
+        "missing_gold_sessions": missing_gold,
+        "notes": notes,
         "settings_hash": runtime.settings_hash,
     }
 
@@ -48,20 +57,25 @@ def _dataset_summary(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def datasets(runtime: Runtime, state: State) -> dict[str, Any]:
-    """The SFT dataset from the training share's flagged turns, and one DPO dataset (``dpo_source``): feedback
-    pairs from the same sessions, or EmPO pairs from EmpatheticDialogues; what could not be built says why."""
+    """The SFT dataset (``sft_source``): the training share's flagged turns, or EmPO's first stage on
+    EmpatheticDialogues; and one DPO dataset (``dpo_source``): feedback pairs from the same sessions, or EmPO pairs
+    from EmpatheticDialogues; what could not be built says why."""
     config = config_of(state)
     train = state["train_sessions"]
     result: dict[str, Any] = {"notes": []}
+    ed_configured = runtime.settings.labeler.empathetic_dialogues is not None
     try:
-        sft = build_sft_dataset(runtime, train)
-        result["sft"] = _dataset_summary(sft)
+        if config.sft_source == "empathetic" and not ed_configured:
+            raise NotFound("sft_source is empathetic and EMILI_LABELER__EMPATHETIC_DIALOGUES is not set")
+        sft = build_sft_dataset(runtime, train, source=config.sft_source)
+        result["sft"] = {**_dataset_summary(sft), "source": config.sft_source}
+        if "split" in sft.get("label_settings", {}):
+            result["sft"]["split"] = sft["label_settings"]["split"]  # Which EmpatheticDialogues split was used.
         if sft.get("skipped_no_training_consent"):
             result["notes"].append(f"{sft['skipped_no_training_consent']} sessions without training consent skipped")
     except NotFound as exc:
         result["sft"] = None
         result["notes"].append(f"no SFT dataset: {exc}; DPO starts from the base model")
-    ed_configured = runtime.settings.labeler.empathetic_dialogues is not None
     sources = {"feedback": ["feedback"], "empathetic": ["empathetic"], "auto": ["feedback", "empathetic"]}
     result["dpo"] = None
     for source in sources[config.dpo_source]:
@@ -78,6 +92,8 @@ def datasets(runtime: Runtime, state: State) -> dict[str, Any]:
             result["notes"].append(f"no {source} DPO pairs: {exc}")
             continue
         result["dpo"] = {**_dataset_summary(manifest), "source": source}
+        if "split" in manifest.get("label_settings", {}):
+            result["dpo"]["split"] = manifest["label_settings"]["split"]
         break
     if result["dpo"] is None:
         result["notes"].append("DPO is skipped")

@@ -23,11 +23,12 @@ Choices made here (the reference leaves them open), so flags can be interpreted:
   included by default: their pre window is the ``unprompted_before_s`` (1 s, as wide as the user window)
   just before the message, ``[t - 1 s, t)``, open at ``t`` so the reading at ``t`` counts only as "post".
   A prompted reply with no earlier user message is unflaggable (``reason="no_user_message"``).
-* :data:`VARIANT_2025` z-scores before weighting: the reference gives the population means and stds in
-  0-1 units (they sum to 1), which is why that variant normalises scores to 0-1; its 0.1 threshold then
-  applies to ``w . (z_post - z_pre) = sum_i w_i (post_i - pre_i) / std_i`` (the means cancel in the delta).
-  :data:`VARIANT_2025_UNSCALED` is the other reading of the reference: the same weights and threshold on
-  plain 0-1 scores. The variant was described with the +5 s reading: use it with ``post="delayed"``.
+* :data:`VARIANT_2025` is the 2025 code's flag: its weights and 0.1 threshold on plain normalised 0-1 scores,
+  ``w . (post - pre)``, no z-scores. That code had population means and stds too, but only to describe the
+  face to the model in its prompt. :data:`VARIANT_2025_ZSCORED` is an EMILI extension, not the 2025 code:
+  the same weights and threshold on scores z-scored against those population statistics, so the threshold
+  applies to ``sum_i w_i (post_i - pre_i) / std_i`` (the means cancel in the delta). The variant was
+  described with the +5 s reading: use either with ``post="delayed"``.
 * ``flagged`` is ``delta >= threshold`` with a 1e-9 allowance for floating-point rounding.
 * FER gaps. Between a ``fer_unavailable`` event (from its ``since_ms``) and the next ``fer_restored`` (its
   ``restored_ms``; the end of time when none follows) the FER service was down: the face is unknown, which is
@@ -60,7 +61,7 @@ __all__ = [
     "POPULATION_MEAN_2025",
     "POPULATION_STD_2025",
     "VARIANT_2025",
-    "VARIANT_2025_UNSCALED",
+    "VARIANT_2025_ZSCORED",
     "PostMode",
     "ReadingIndex",
     "Reason",
@@ -186,15 +187,17 @@ EMOTION_TUNE_ORIGINAL: Final = WeightVector.from_mapping(
 # The reference's population statistics of 0-1 FER scores, in EMOTIONS order.
 POPULATION_MEAN_2025: Final = (0.128, 0.022, 0.061, 0.028, 0.147, 0.006, 0.608)
 POPULATION_STD_2025: Final = (0.068, 0.035, 0.041, 0.08, 0.078, 0.019, 0.174)
-VARIANT_2025: Final = WeightVector(
-    "variant_2025",
-    (-1.5, -5.0, -1.0, 1.0, -1.0, 0.0, 0.3),
+# The 2025 code's flag: plain normalised scores (each emotion over their sum, 0-1), no z-scores.
+VARIANT_2025: Final = WeightVector("variant_2025", (-1.5, -5.0, -1.0, 1.0, -1.0, 0.0, 0.3), "unit", 0.1)
+# EMILI's extension (not the 2025 code): the same weights and threshold on population z-scores.
+VARIANT_2025_ZSCORED: Final = WeightVector(
+    "variant_2025_zscored",
+    VARIANT_2025.weights,
     scale="unit",
-    threshold=0.1,
+    threshold=VARIANT_2025.threshold,
     zscore_mean=POPULATION_MEAN_2025,
     zscore_std=POPULATION_STD_2025,
 )
-VARIANT_2025_UNSCALED: Final = WeightVector("variant_2025_unscaled", VARIANT_2025.weights, "unit", 0.1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,9 +40,12 @@ class LabelerOptions(BaseModel):
     ridge_alpha: float = Field(1.0, gt=0)
     max_text_chars: int = Field(100_000, ge=1)
     max_batch_texts: int = Field(10_000, ge=1)
-    # "learned": each user's fitted weights (labeler.fit_user_weights), else the population's.
-    weights: Literal["emotion_tune", "variant_2025", "learned"] = "emotion_tune"
+    # "learned": each user's fitted weights (labeler.fit_user_weights), else the population's. "variant_2025" is
+    # the 2025 code's flag on plain 0-1 scores; "variant_2025_zscored" is EMILI's z-scored extension of it.
+    weights: Literal["emotion_tune", "variant_2025", "variant_2025_zscored", "learned"] = "emotion_tune"
     bootstrap_samples: int = Field(2000, ge=100)
+    # What of a survey the gold labels score: its free text, its ticked (current) feelings, or both together.
+    gold_text_source: Literal["free_text", "feelings", "both"] = "both"
     empathetic_dialogues: Path | None = None  # EmpatheticDialogues CSV folder; development data lives in ../shared.
 
 

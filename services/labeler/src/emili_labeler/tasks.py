@@ -32,8 +32,10 @@ def label_all_unlabeled(self: Any) -> dict[str, Any]:
 
 
 @idempotent_task("labeler.build_sft_dataset")
-def build_sft_dataset(self: Any, session_ids: list[str] | None = None) -> dict[str, Any]:
-    return jobs.build_sft_dataset(runtime(), session_ids)
+def build_sft_dataset(
+    self: Any, session_ids: list[str] | None = None, source: str = "sessions", split: str | None = None
+) -> dict[str, Any]:
+    return jobs.build_sft_dataset(runtime(), session_ids, source, split)
 
 
 @idempotent_task("labeler.build_dpo_dataset")
@@ -43,7 +45,7 @@ def build_dpo_dataset(
     session_ids: list[str] | None = None,
     epoch: int = 0,
     seed: int = 0,
-    split: str = "valid",
+    split: str | None = None,  # EmpatheticDialogues: train when the folder has it, else valid (the manifest says).
     epochs: int = 1,
 ) -> dict[str, Any]:
     return jobs.build_dpo_dataset(runtime(), source, session_ids, epoch, seed, split, epochs)
@@ -55,8 +57,8 @@ def fit_user_weights(self: Any, session_ids: list[str] | None = None) -> dict[st
 
 
 @idempotent_task("labeler.delta_table")
-def delta_table(self: Any, session_ids: list[str] | None = None) -> dict[str, Any]:
-    return jobs.delta_table(runtime(), session_ids)
+def delta_table(self: Any, session_ids: list[str] | None = None, pool_synthetic: bool = False) -> dict[str, Any]:
+    return jobs.delta_table(runtime(), session_ids, pool_synthetic)
 
 
 @idempotent_task("labeler.forget_sessions")

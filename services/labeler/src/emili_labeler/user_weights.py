@@ -4,6 +4,11 @@ Users show the same feeling with different faces, so each user gets weights ``w`
 ``target ~ b + w . z``, where ``z`` are the user's FER scores z-scored against their own neutral baseline.
 The fitted weights become a :class:`~emili_labeler.reactions.WeightVector` for :func:`flag_turns`.
 
+Z-scoring is this project's extension, not the research group's code: their 2025 variant flagged turns on
+plain normalised scores (:data:`~emili_labeler.reactions.VARIANT_2025`) and used its population means and stds
+only to describe the face in the model's prompt. Learned weights with :data:`REFERENCE_POPULATION_BASELINE`
+therefore flag like :data:`~emili_labeler.reactions.VARIANT_2025_ZSCORED`, not like the 2025 variant.
+
 Choices made here, so the weights can be interpreted:
 
 * A :class:`Sample` is ``(user_id, scores, target)``: 0-1 FER scores in :data:`EMOTIONS` order (percent
@@ -14,7 +19,7 @@ Choices made here, so the weights can be interpreted:
   data, or those before the user's first message (:class:`BaselineWindow`), pooled over the user's
   sessions. ``z = (x - mean) / std`` with the sample std (ddof 1) floored at ``min_std`` (0.01, one point
   out of 100). With fewer than ``min_readings`` readings, the population baseline is used instead: by
-  default the reference's population means/stds (:data:`REFERENCE_POPULATION_BASELINE`).
+  default the 2025 code's population means/stds (:data:`REFERENCE_POPULATION_BASELINE`).
 * Population weights are fitted first on all users' pooled, per-user z-scored samples (ridge toward 0 with
   a small ``ridge_lambda`` for stability). A user's weights minimise
   ``||y - b - Z w||^2 + lambda ||w - w_pop||^2``; the intercept ``b`` is not penalised (the data are

@@ -38,8 +38,29 @@ class TrainerOptions(BaseModel):
     empathetic_dialogues: Path | None = None
     mmlu_path: Path | None = None
     eval_max_new_tokens: int = Field(60, ge=1, le=1024)
+    # Defaults of every evaluation run (a run may override them): all EmpatheticDialogues test dialogues (2,547)
+    # instead of max_examples; sampling seeds (empty: one greedy pass), with the paired bootstrap's resamples;
+    # pooling synthetic (simulated) with real sessions, which reports otherwise keep apart.
+    eval_empathetic_full: bool = False
+    eval_seeds: list[int] = Field(default_factory=list)
+    eval_temperature: float = Field(0.7, gt=0.0)
+    eval_top_p: float = Field(0.9, gt=0.0, le=1.0)
+    eval_bootstrap_samples: int = Field(1000, ge=100)
+    eval_pool_synthetic: bool = False
+    # A subset of MMLU subjects (demo runs; None: all 57). Its accuracy is not MMLU's full figure.
+    mmlu_subjects: list[str] | None = None
     embedding_model: Path = Path("labeler/all-MiniLM-L6-v2")
     vad_lexicon: Path = Path("labeler/NoVAD_v2013.csv")
+    # Reply metrics as EmPO computes them; relative paths are under the artefacts folder. The NRC lexicons and
+    # the EmpatheticDialogues counts may not be redistributed, so they are read where the user keeps them.
+    # EmPO's ED train+valid document counts for NIDF (JSON with "word_counts"); unset: counts over the rows scored.
+    ed_counts: Path | None = None
+    # VAD lexicon of the word-choice distances (EmPO: NRC VAD v1); unset: vad_lexicon.
+    distance_lexicon: Path | None = None
+    intensity_lexicon: Path | None = None  # NRC Emotion Intensity Lexicon (TSV); unset: no intensity distance.
+    epitome_dir: Path = Path("trainer/epitome")  # Written by `emili eval train-epitome`.
+    bertscore: bool = True  # With the embedding model's encoder (not comparable with published BERTScore).
+    bertscore_layers: int = Field(6, ge=1)
 
 
 class TrainerSettings(CommonSettings):

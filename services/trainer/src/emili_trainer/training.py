@@ -26,7 +26,7 @@ from trl.trainer.sft_trainer import SFTTrainer
 
 from emili_core.errors import FailedPrecondition, InvalidInput
 from emili_llm.causal_lm import ModelSource, load_causal_lm, torch_dtype
-from emili_trainer.masking import MaskingError, tokenise_weighted
+from emili_trainer.masking import MaskingError, tokenise_turns
 from emili_trainer.recipes import Recipe
 
 log = logging.getLogger(__name__)
@@ -132,25 +132,37 @@ def lora_config(recipe: Recipe) -> LoraConfig:
 def sft_dataset(
     tokenizer: PreTrainedTokenizerBase, records: Sequence[Mapping[str, Any]], max_length: int
 ) -> tuple[Dataset, dict[str, int]]:
-    """Pre-tokenised rows with labels masked to weight-1 assistant tokens, and counts of what was dropped."""
+    """Pre-tokenised rows, one per weight-1 assistant reply (its labels masked to that reply, its context cut to
+    ``max_length``; see :mod:`emili_trainer.masking`), and counts of what had to be left out."""
     rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
-    stats = {"examples": 0, "truncated": 0, "no_loss_tokens": 0, "loss_tokens": 0}
+    stats = dict.fromkeys(
+        ("records", "replies", "examples", "loss_tokens", "context_trimmed", "prompt_cut", "reply_cut", "unfit"), 0
+    )
     for record in records:
         messages = record.get("messages")
         if not isinstance(messages, list) or not messages:
             raise InvalidInput(f"SFT record {record.get('id')!r} has no messages")
         try:
-            example = tokenise_weighted(tokenizer, messages, max_length)
+            turns = tokenise_turns(tokenizer, messages, max_length)
         except MaskingError as exc:
             raise FailedPrecondition(f"cannot tokenise SFT record {record.get('id')!r}: {exc}") from exc
-        stats["truncated"] += example.truncated
-        if example.loss_tokens == 0:
-            stats["no_loss_tokens"] += 1  # Its weight-1 replies were cut off by max_length.
-            continue
-        stats["examples"] += 1
-        stats["loss_tokens"] += example.loss_tokens
-        rows["input_ids"].append(example.input_ids)
-        rows["labels"].append(example.labels)
+        stats["records"] += 1
+        for counter in ("replies", "context_trimmed", "prompt_cut", "reply_cut", "unfit"):
+            stats[counter] += getattr(turns, counter)
+        for example in turns.examples:
+            stats["examples"] += 1
+            stats["loss_tokens"] += example.loss_tokens
+            rows["input_ids"].append(example.input_ids)
+            rows["labels"].append(example.labels)
+    if stats["prompt_cut"] or stats["reply_cut"] or stats["unfit"]:
+        log.warning(
+            "max_length %d is shorter than the system prompt plus a reply: %d examples lost the start of their "
+            "system prompt, %d replies were cut, %d replies had no token left to learn",
+            max_length,
+            stats["prompt_cut"],
+            stats["reply_cut"],
+            stats["unfit"],
+        )
     if not rows["input_ids"]:
         raise FailedPrecondition("no SFT example has a weight-1 assistant reply within max_length")
     return Dataset.from_dict(rows), stats

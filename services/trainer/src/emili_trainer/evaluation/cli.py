@@ -1,4 +1,4 @@
-"""Evaluation commands: reply metrics of a JSONL file of replies, and a run's report.
+"""Evaluation commands: reply metrics of a JSONL file of replies, EPITOME training, and a run's report.
 
 ``app`` is meant to be mounted under the ``emili`` command; the functions work without Typer too.
 """
@@ -13,8 +13,9 @@ from typing import Annotated, Any
 
 import typer
 
-from emili_trainer.evaluation.metrics import Embed, ReplyRow, reply_metrics
+from emili_trainer.evaluation.metrics import ReplyRow, reply_metrics
 from emili_trainer.evaluation.report import build_report, render_markdown, render_plots
+from emili_trainer.settings import TrainerOptions
 
 __all__ = [
     "DEFAULT_EMBEDDINGS",
@@ -25,6 +26,7 @@ __all__ = [
     "load_report",
     "read_reply_rows",
     "show_report",
+    "train_epitome_classifiers",
 ]
 
 # Under the artifacts folder (EMILI_ARTIFACTS_DIR), where the labeler keeps them.
@@ -76,11 +78,12 @@ def read_reply_rows(path: Path) -> list[ReplyRow]:
     return rows
 
 
-def _artifacts_dir() -> Path:
+def _settings() -> tuple[TrainerOptions, Path]:
     from emili_core.settings import load_settings
     from emili_trainer.settings import TrainerSettings
 
-    return load_settings(TrainerSettings).artifacts_dir
+    settings = load_settings(TrainerSettings)
+    return settings.trainer, settings.artifacts_dir
 
 
 def eval_replies(
@@ -89,26 +92,32 @@ def eval_replies(
     intensity: Path | None = None,
     embeddings: bool = True,
     artifacts_dir: Path | None = None,
+    *,
+    ed_counts: Path | None = None,
+    epitome_dir: Path | None = None,
+    bertscore: bool = True,
 ) -> dict[str, Any]:
-    """reply_metrics of a replies file, with the Warriner norms and MiniLM from the artifacts folder when present."""
-    from emili_affect.vad import SentenceTransformerEmbedder, load_lexicon
-    from emili_trainer.evaluation.intensity import load_emotion_intensity
+    """reply_metrics of a replies file, with the resources the trainer's settings name (see ``build_scorers``).
+
+    Arguments override the settings. With ``artifacts_dir`` the settings are not read: the defaults apply under
+    that folder (the Warriner norms and MiniLM, when present).
+    """
+    from emili_trainer.evaluation.scorers import build_scorers
 
     rows = read_reply_rows(replies)
-    if artifacts_dir is None and (lexicon is None or embeddings):
-        artifacts_dir = _artifacts_dir()
-    if lexicon is None and artifacts_dir is not None and (artifacts_dir / DEFAULT_LEXICON).is_file():
-        lexicon = artifacts_dir / DEFAULT_LEXICON
-    embed: Embed | None = None
-    if embeddings and artifacts_dir is not None and (artifacts_dir / DEFAULT_EMBEDDINGS / "config.json").is_file():
-        embed = SentenceTransformerEmbedder(artifacts_dir / DEFAULT_EMBEDDINGS).embed
-    result = reply_metrics(
-        rows,
-        embed=embed,
-        vad_lexicon=load_lexicon(lexicon) if lexicon is not None else None,
-        intensity=load_emotion_intensity(intensity) if intensity is not None else None,
-    )
-    result["embeddings"] = embed is not None
+    options, artifacts = (TrainerOptions(), artifacts_dir) if artifacts_dir is not None else _settings()
+    overrides: dict[str, Any] = {"bertscore": options.bertscore and bertscore}
+    for key, value in (
+        ("distance_lexicon", lexicon),
+        ("intensity_lexicon", intensity),
+        ("ed_counts", ed_counts),
+        ("epitome_dir", epitome_dir),
+    ):
+        if value is not None:
+            overrides[key] = value.absolute()
+    scorers = build_scorers(options.model_copy(update=overrides), artifacts, embeddings=embeddings)
+    result = reply_metrics(rows, **scorers.kwargs())
+    result["embeddings"] = scorers.embed is not None
     return result
 
 
@@ -119,20 +128,70 @@ def eval_replies_command(
     ],
     lexicon: Annotated[
         Path | None,
-        typer.Option(exists=True, dir_okay=False, help="VAD lexicon (Warriner, NRC-VAD v1/v2.1); default: Warriner."),
+        typer.Option(
+            exists=True, dir_okay=False, help="VAD lexicon of the distances (Warriner, NRC-VAD v1/v2.1; EmPO: v1)."
+        ),
     ] = None,
     intensity: Annotated[
         Path | None, typer.Option(exists=True, dir_okay=False, help="NRC Emotion Intensity Lexicon (TSV).")
     ] = None,
-    embeddings: Annotated[bool, typer.Option(help="Semantic similarity with MiniLM, when its folder exists.")] = True,
+    ed_counts: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="EmpatheticDialogues train+valid counts JSON for NIDF."),
+    ] = None,
+    epitome: Annotated[
+        Path | None, typer.Option(file_okay=False, help="Folder of the EPITOME classifiers (train-epitome).")
+    ] = None,
+    embeddings: Annotated[bool, typer.Option(help="MiniLM: semantic similarity, BERTScore, DIFF-EPITOME.")] = True,
+    bertscore: Annotated[bool, typer.Option(help="BERTScore with the local MiniLM encoder.")] = True,
 ) -> None:
-    """Reply metrics of a replies file, printed as one JSON object."""
+    """Reply metrics of a replies file, printed as one JSON object. Unset options come from the trainer's settings."""
     try:
-        result = eval_replies(replies, lexicon, intensity, embeddings)
-    except (ReplyFileError, ValueError) as exc:
+        result = eval_replies(
+            replies, lexicon, intensity, embeddings, ed_counts=ed_counts, epitome_dir=epitome, bertscore=bertscore
+        )
+    except (ReplyFileError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(2) from None
     print(json.dumps(result))
+
+
+def train_epitome_classifiers(data: Path, out: Path | None = None) -> dict[str, Any]:
+    """Train the EPITOME classifiers on ``data`` (train/val/test CSVs) with MiniLM; save them in ``out``
+    (default: the configured epitome_dir). Returns the manifest (per-dimension test macro-F1)."""
+    from emili_affect.vad import SentenceTransformerEmbedder
+    from emili_trainer.evaluation.epitome import train_epitome
+
+    missing = [name for name in ("train.csv", "val.csv", "test.csv") if not (data / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{data} lacks the EPITOME split(s) {', '.join(missing)}")
+    options, artifacts = _settings()
+    encoder = artifacts / options.embedding_model
+    if not (encoder / "config.json").is_file():
+        raise FileNotFoundError(f"the embedding model is missing at {encoder}: run `make artifacts`")
+    embedder = SentenceTransformerEmbedder(encoder)
+    classifiers = train_epitome(data, embedder.embed, embedder.model_id)
+    folder = out if out is not None else artifacts / options.epitome_dir
+    classifiers.save(folder)
+    return dict(classifiers.manifest) | {"saved_to": str(folder)}
+
+
+@app.command("train-epitome")
+def train_epitome_command(
+    data: Annotated[
+        Path, typer.Option(exists=True, file_okay=False, help="EPITOME folder: train.csv, val.csv, test.csv.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(file_okay=False, help="Where to save; default: the artefacts' trainer/epitome.")
+    ] = None,
+) -> None:
+    """Train the project's EPITOME classifiers (for DIFF-EPITOME) and print their manifest."""
+    try:
+        manifest = train_epitome_classifiers(data, out)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    print(json.dumps(manifest, indent=2))
 
 
 def load_report(path: Path) -> dict[str, Any] | str:

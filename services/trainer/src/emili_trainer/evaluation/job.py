@@ -1,11 +1,15 @@
 """The evaluation run: base model vs fine-tuned adapters on the same held-out prompts, and the report.
 
 Contexts come from EmpatheticDialogues' test split (when configured; the last listener reply is the
-reference, as in EmPO) and from held-out recorded sessions (each assistant turn's context, with the reply
-that was given as the reference). Every arm answers the same contexts greedily, so differences come from
-the adapters, not from sampling. Table 1 is computed from the ratings users gave through the chat API;
-Table 2 is the labeler's Delta-VAD table, passed in by the pipeline. The report (report.json, report.md
-and PNG plots) goes to ``emili-models/runs/<run_id>/report/``.
+reference, as in EmPO; the first ``max_examples`` dialogues, or all 2,547 with ``empathetic_full``) and from
+held-out recorded sessions (each assistant turn's context, with the reply that was given as the reference).
+Every arm answers the same contexts: greedily by default, so differences come from the adapters, not from
+sampling; with ``seeds``, once per seed with sampling, and the report gives each metric's mean ± sd over seeds
+and the paired bootstrap difference of each arm from the base over the same contexts (:mod:`.paired`).
+Table 1 is computed from the ratings given through the chat API; sessions made by the user simulator are
+marked synthetic and are never pooled with real ones unless ``pool_synthetic`` asks for it (contexts from
+recorded sessions are split the same way). Table 2 is the labeler's Delta-VAD table, passed in by the
+pipeline. The report (report.json, report.md and PNG plots) goes to ``emili-models/runs/<run_id>/report/``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ from emili_session.registry import download_adapter, registered_model
 from emili_trainer import jobs
 from emili_trainer.evaluation.metrics import ReplyRow, reference_perplexity, reply_metrics, word_counts
 from emili_trainer.evaluation.mmlu import run_mmlu
+from emili_trainer.evaluation.paired import paired_report
 from emili_trainer.evaluation.report import build_report, render_markdown, render_plots
+from emili_trainer.evaluation.scorers import ReplyScorers, build_scorers
 from emili_trainer.recipes import load_recipe
 from emili_trainer.runs import RunLocked, RunRecord, RunState
 from emili_trainer.training import Progress, load_base_model
@@ -46,6 +52,7 @@ BASE = "base"
 DEFAULT_MAX_EXAMPLES = 32
 DEFAULT_BASE_RECIPE = "smollm2-cpu-sft"  # Names the base model when only "base" is evaluated.
 GENERATION_BATCH = 8
+EVAL_DEFAULTS: dict[str, Any] = {"seeds": [], "empathetic_full": False, "pool_synthetic": False}
 
 
 def _digest(obj: Any) -> str:
@@ -60,19 +67,39 @@ def start_evaluation(
     session_ids: Sequence[str] = (),
     rating_session_ids: Sequence[str] | None = None,
     delta_table: dict[str, Any] | None = None,
+    seeds: Sequence[int] | None = None,
+    empathetic_full: bool | None = None,
+    pool_synthetic: bool | None = None,
 ) -> tuple[RunRecord, bool]:
+    """Queue (or find) the evaluation of ``versions`` against the base model.
+
+    ``seeds`` (sampled generation, one pass per seed), ``empathetic_full`` (every EmpatheticDialogues test
+    dialogue) and ``pool_synthetic`` (pool synthetic and real sessions) default to the trainer's settings.
+    """
     arms = [BASE, *sorted({v for v in versions if v and v != BASE})]
     for arm in arms[1:]:
         registered_model(runtime.store, arm)  # NotFound names the version.
     limit = max_examples or DEFAULT_MAX_EXAMPLES
     if limit < 1:
         raise InvalidInput(f"max_examples must be positive, not {limit}")
+    options = runtime.settings.trainer
+    chosen_seeds = [int(s) for s in (seeds if seeds is not None else options.eval_seeds)]
+    if len(set(chosen_seeds)) != len(chosen_seeds):
+        raise InvalidInput(f"seeds must differ, got {chosen_seeds}")
+    eval_options: dict[str, Any] = {
+        "seeds": chosen_seeds,
+        "empathetic_full": bool(options.eval_empathetic_full if empathetic_full is None else empathetic_full),
+        "pool_synthetic": bool(options.eval_pool_synthetic if pool_synthetic is None else pool_synthetic),
+    }
+    # Only options that differ from the defaults enter the id: runs requested before they existed keep theirs.
+    changed = {k: v for k, v in eval_options.items() if v != EVAL_DEFAULTS[k]}
     request = {
         "arms": arms,
         "max_examples": limit,
         "session_ids": sorted(session_ids),
         "rating_session_ids": sorted(rating_session_ids) if rating_session_ids is not None else None,
         "delta_table": delta_table,
+        **({"eval_options": changed} if changed else {}),
     }
     record = RunRecord(
         run_id=f"eval-{_digest(request)[:16]}",  # The request dict's digest: ids of earlier runs stay the same.
@@ -82,15 +109,23 @@ def start_evaluation(
         session_ids=tuple(sorted(session_ids)),
         rating_session_ids=tuple(sorted(rating_session_ids)) if rating_session_ids is not None else None,
         delta_table=delta_table,
+        extra={"eval_options": eval_options},  # RunRecord keeps keys it does not know, so they are stored.
     )
     return jobs.create_or_requeue(runtime, record)
+
+
+def eval_options_of(record: RunRecord) -> dict[str, Any]:
+    """The run's evaluation options; a run stored before they existed gets the defaults."""
+    stored = record.extra.get("eval_options")
+    return {**EVAL_DEFAULTS, **(stored if isinstance(stored, dict) else {})}
 
 
 # --- contexts ------------------------------------------------------------------------------------------------
 
 
-def empathetic_rows(folder: Path | None, limit: int) -> list[ReplyRow]:
-    """The first ``limit`` test dialogues (by conv_id): context before the last listener reply, and that reply."""
+def empathetic_rows(folder: Path | None, limit: int | None) -> list[ReplyRow]:
+    """The first ``limit`` test dialogues (by conv_id; None: all of them): context before the last listener
+    reply, and that reply."""
     if folder is None:
         return []
     from emili_affect.empathetic import load_dialogues
@@ -118,9 +153,29 @@ def session_rows(runtime: jobs.Runtime, session_ids: Sequence[str], limit: int) 
     return rows
 
 
+def session_synthetic(runtime: jobs.Runtime, session_id: str) -> bool:
+    """Whether the session was made by the user simulator (its manifest's ``synthetic`` flag)."""
+    manifest, _ = load_session(runtime.store, session_id)
+    return bool(manifest.get("synthetic", False))
+
+
+def sessions_by_origin(
+    runtime: jobs.Runtime, session_ids: Sequence[str], pool: bool
+) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """The held-out sessions grouped as contexts sources ("sessions", or "real sessions" and "synthetic
+    sessions" apart), and how many were real and synthetic."""
+    groups: dict[str, list[str]] = {}
+    counts = {"real": 0, "synthetic": 0}
+    for session_id in session_ids:
+        origin = "synthetic" if session_synthetic(runtime, session_id) else "real"
+        counts[origin] += 1
+        groups.setdefault("sessions" if pool else f"{origin} sessions", []).append(session_id)
+    return groups, counts
+
+
 def session_ratings(runtime: jobs.Runtime, session_ids: Sequence[str] | None) -> list[dict[str, Any]]:
-    """The rating of each session (the last one submitted: a resubmission replaces it), with its arm (Table 1's
-    input)."""
+    """The rating of each session (the last one submitted: a resubmission replaces it), with its arm and whether
+    the session was synthetic (Table 1's input)."""
     ratings = []
     for session_id in session_ids if session_ids is not None else recorded_sessions(runtime.store):
         try:
@@ -132,7 +187,13 @@ def session_ratings(runtime: jobs.Runtime, session_ids: Sequence[str] | None) ->
         if submitted:
             rating = submitted[-1]
             ratings.append(
-                {"model_arm": arm, "empathy": rating.empathy, "relevance": rating.relevance, "fluency": rating.fluency}
+                {
+                    "model_arm": arm,
+                    "empathy": rating.empathy,
+                    "relevance": rating.relevance,
+                    "fluency": rating.fluency,
+                    "synthetic": bool(manifest.get("synthetic", False)),
+                }
             )
     return ratings
 
@@ -155,18 +216,29 @@ def _arm(model: PeftModel | PreTrainedModel, arm: str) -> Iterator[PreTrainedMod
 
 
 def generate_replies(
-    model: Any, tokenizer: PreTrainedTokenizerBase, contexts: Sequence[Any], max_new_tokens: int
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    contexts: Sequence[Any],
+    max_new_tokens: int,
+    seed: int | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
 ) -> list[str]:
-    """Greedy replies, in batches with left padding (the prompt ends where generation starts)."""
+    """Replies in batches with left padding (the prompt ends where generation starts): greedy without a seed,
+    sampled (``temperature``, ``top_p``) from that seed with one."""
     replies: list[str] = []
     tokenizer.padding_side = "left"
+    sampling: dict[str, Any] = {"do_sample": False}
+    if seed is not None:
+        torch.manual_seed(seed)  # The same seed and contexts give the same replies, whatever ran before.
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
     for start in range(0, len(contexts), GENERATION_BATCH):
         batch = contexts[start : start + GENERATION_BATCH]
         texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in batch]
         inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.inference_mode():
             output = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                **inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
             )
         new = output[:, inputs["input_ids"].shape[1] :]
         replies += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
@@ -253,9 +325,13 @@ def _evaluate(
         raise FailedPrecondition(f"run {run_id} is a {record.kind} run, not an evaluation")
     options = runtime.settings.trainer
     limit = record.max_examples
+    eval_options = eval_options_of(record)
+    session_groups, context_sessions = sessions_by_origin(
+        runtime, record.session_ids or (), eval_options["pool_synthetic"]
+    )
     sources = {
-        "empathetic": empathetic_rows(options.empathetic_dialogues, limit),
-        "sessions": session_rows(runtime, record.session_ids or (), limit),
+        "empathetic": empathetic_rows(options.empathetic_dialogues, None if eval_options["empathetic_full"] else limit),
+        **{group: session_rows(runtime, ids, limit) for group, ids in sorted(session_groups.items())},
     }
     sources = {name: rows for name, rows in sources.items() if rows}
     if not sources:
@@ -263,33 +339,61 @@ def _evaluate(
             "no evaluation contexts: set EMILI_TRAINER__EMPATHETIC_DIALOGUES or pass held-out session ids"
         )
     arms = list(record.arms)
-    total = len(arms) * sum(len(rows) for rows in sources.values())
+    seeds: list[int | None] = list(eval_options["seeds"]) or [None]  # None: one greedy pass.
+    total = len(arms) * len(seeds) * sum(len(rows) for rows in sources.values())
     done, started = 0, time.perf_counter()
-    embed, lexicon = _scorers(runtime)
+    scorers = _scorers(runtime)
     with tempfile.TemporaryDirectory(prefix="emili-eval-") as tmp:
         tokenizer, model = _load_arms(runtime, arms, Path(tmp))
         reply_results: dict[str, Any] = {}
         perplexity: dict[str, Any] = {}
         samples: dict[str, Any] = {}
+        # source -> arm -> one list of replies per seed, for the paired comparison.
+        by_seed: dict[str, dict[str, list[list[str]]]] = {source: {} for source in sources}
         for arm in arms:
             with _arm(model, arm) as active:
                 for source, rows in sources.items():
                     name = f"{arm} · {source}" if len(sources) > 1 else arm
-                    replies = generate_replies(
-                        active, tokenizer, [r.context for r in rows], options.eval_max_new_tokens
-                    )
+                    runs = []
+                    for seed in seeds:
+                        runs.append(
+                            generate_replies(
+                                active,
+                                tokenizer,
+                                [r.context for r in rows],
+                                options.eval_max_new_tokens,
+                                seed=seed,
+                                temperature=options.eval_temperature,
+                                top_p=options.eval_top_p,
+                            )
+                        )
+                        done += len(rows)
+                        progress(Progress(done, total, 0.0, tokens_per_second=None))
+                        runtime.runs.update(run_id, step=done, total=total)
+                    by_seed[source][arm] = runs
+                    replies = runs[0]  # The reply metrics below are the first seed's; paired covers all seeds.
                     scored = [ReplyRow(r.context, reply, r.reply) for r, reply in zip(rows, replies, strict=True)]
-                    counts = word_counts([r.reference for r in scored])
-                    reply_results[name] = reply_metrics(scored, embed=embed, vad_lexicon=lexicon, corpus_counts=counts)
+                    # Without EmPO's ED train+valid counts, NIDF is relative to this source's references.
+                    counts = scorers.corpus_counts or word_counts([r.reference for r in scored])
+                    reply_results[name] = reply_metrics(scored, **(scorers.kwargs() | {"corpus_counts": counts}))
                     perplexity[name] = reference_perplexity(active, tokenizer, scored)
                     samples[name] = [{"reply": s.reply, "reference": s.reference} for s in scored[:5]]
-                    done += len(rows)
-                    progress(Progress(done, total, 0.0, tokens_per_second=None))
-                    runtime.runs.update(run_id, step=done, total=total)
         if options.mmlu_path is None:
             mmlu = run_mmlu(model, tokenizer, mmlu_path=None)  # Says why it was skipped.
         else:
-            mmlu = _mmlu(model, tokenizer, arms, options.mmlu_path)
+            mmlu = _mmlu(model, tokenizer, arms, options.mmlu_path, options.mmlu_subjects)
+    paired = {
+        source: paired_report(
+            by_seed[source],
+            [r.reply for r in rows],
+            seeds,
+            base=BASE,
+            embed=scorers.embed,
+            samples=options.eval_bootstrap_samples,
+        )
+        for source, rows in sources.items()
+        if len(arms) > 1
+    }
     report = build_report(
         {
             "title": f"EMILI evaluation {run_id}: {' vs '.join(arms)}",
@@ -298,8 +402,12 @@ def _evaluate(
             "reply_metrics": reply_results,
             "perplexity": perplexity,
             "mmlu": mmlu,
+            "paired": paired,
+            "context_sessions": context_sessions if record.session_ids else None,
+            "pool_synthetic": eval_options["pool_synthetic"],
         }
     )
+    report["eval_options"] = eval_options
     report["samples"] = samples
     report["contexts"] = {name: len(rows) for name, rows in sources.items()}
     report["wall_seconds"] = time.perf_counter() - started
@@ -307,23 +415,18 @@ def _evaluate(
     return report
 
 
-def _mmlu(model: Any, tokenizer: Any, arms: Sequence[str], path: Path) -> dict[str, Any]:
+def _mmlu(
+    model: Any, tokenizer: Any, arms: Sequence[str], path: Path, subjects: Sequence[str] | None = None
+) -> dict[str, Any]:
     results = {}
     for arm in arms:
         with _arm(model, arm) as active:
-            results[arm] = run_mmlu(active, tokenizer, mmlu_path=path)
+            results[arm] = run_mmlu(active, tokenizer, mmlu_path=path, subjects=subjects)
     return results
 
 
-def _scorers(runtime: jobs.Runtime) -> tuple[Any, Any]:
-    from emili_affect.vad import SentenceTransformerEmbedder, load_lexicon
-
-    options = runtime.settings.trainer
-    embed_dir = runtime.settings.artifact(options.embedding_model)
-    lexicon_path = runtime.settings.artifact(options.vad_lexicon)
-    embed = SentenceTransformerEmbedder(embed_dir).embed if (embed_dir / "config.json").is_file() else None
-    lexicon = load_lexicon(lexicon_path) if lexicon_path.is_file() else None
-    return embed, lexicon
+def _scorers(runtime: jobs.Runtime) -> ReplyScorers:
+    return build_scorers(runtime.settings.trainer, runtime.settings.artifacts_dir)
 
 
 def _publish_report(runtime: jobs.Runtime, run_id: str, report: dict[str, Any]) -> None:

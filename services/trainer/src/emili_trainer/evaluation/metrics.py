@@ -3,22 +3,29 @@
 Every metric is computed over rows of (context, reply, reference). A context is a plain string (one user
 message) or a list of ``{"role", "content"}`` chat messages. Words, wherever a metric counts them, are the
 VAD tokenizer's raw tokens (:func:`emili_affect.vad.raw_tokens`): NFKC, lowercased, runs of letters or digits
-with inner apostrophes or hyphens; punctuation and emoji are dropped. Undefined values (no rows, no words)
-are None rather than 0, so an empty run cannot look like a bad one.
+with inner apostrophes or hyphens; punctuation and emoji are dropped. NIDF is the exception: it uses the
+tokens its corpus counts were made with (:func:`ed_tokens`). Undefined values (no rows, no words) are None
+rather than 0, so an empty run cannot look like a bad one. The metrics EmPO reports (NIDF, word-choice
+distances, DIFF-EPITOME) follow its definitions; where EMILI departs from them the function's docstring says so.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 import sacrebleu
 
-from emili_affect.vad import DEFAULT_STOPWORDS, Lexicon, VADScorer, raw_tokens
+from emili_affect.vad import DEFAULT_STOPWORDS, Lexicon, LexiconTokenizer, raw_tokens
+from emili_trainer.evaluation.bertscore import BertScorer
+from emili_trainer.evaluation.epitome import EpitomeClassifiers, diff_epitome, unavailable
 from emili_trainer.evaluation.intensity import EmotionIntensity
 
 __all__ = [
@@ -31,11 +38,16 @@ __all__ = [
     "context_text",
     "distinct_n",
     "diversity",
+    "ed_tokens",
+    "last_user_utterance",
+    "load_corpus_counts",
     "mean_lengths",
+    "memoised",
     "nidf",
     "nidf_scores",
     "reference_perplexity",
     "reply_metrics",
+    "response_tries",
     "semantic_similarity",
     "template_of",
     "vad_distance",
@@ -45,6 +57,7 @@ __all__ = [
 Context = str | Sequence[Mapping[str, str]]
 Embed = Callable[[Sequence[str]], npt.NDArray[Any]]
 TEMPLATE_TOKENS = 3
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 class ReplyRow(NamedTuple):
@@ -73,12 +86,34 @@ def context_text(context: Context) -> str:
     return "\n".join(m["content"] for m in context_messages(context) if m["role"] != "system")
 
 
+def ed_tokens(text: str) -> list[str]:
+    """EmPO's NIDF tokens: nltk's ``word_tokenize`` as the ED counts were made (case kept, punctuation tokens).
+
+    ``word_tokenize`` needs the punkt model, which is not installed (nothing is downloaded at run time), so
+    sentences are split at ``.``/``!``/``?`` followed by whitespace and each is tokenised with nltk's Treebank
+    tokenizer, the second half of ``word_tokenize``; punkt also knows abbreviations ("Mr."), which this does not.
+    """
+    from nltk.tokenize import NLTKWordTokenizer
+
+    tokenizer = NLTKWordTokenizer()
+    return [token for sentence in _SENTENCE_END.split(text.strip()) for token in tokenizer.tokenize(sentence)]
+
+
 def word_counts(texts: Iterable[str]) -> Counter[str]:
-    """Word frequencies over texts (e.g. every EmpatheticDialogues utterance), the corpus NIDF is relative to."""
+    """Document frequencies of :func:`ed_tokens` over texts (each token counted once per text), as EmPO counts."""
     counts: Counter[str] = Counter()
     for text in texts:
-        counts.update(raw_tokens(text))
+        counts.update(set(ed_tokens(text)))
     return counts
+
+
+def load_corpus_counts(path: str | Path) -> dict[str, int]:
+    """The ``word_counts`` map of an EmPO counts file (``{"word_counts": {token: n}, ...}``, e.g. ED train+valid)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    counts = data.get("word_counts") if isinstance(data, Mapping) else None
+    if not isinstance(counts, Mapping) or not counts:
+        raise ValueError(f"{path}: expected a JSON object with a non-empty word_counts map")
+    return {str(token): int(n) for token, n in counts.items()}
 
 
 def bleu(replies: Sequence[str], references: Sequence[str]) -> float | None:
@@ -139,19 +174,46 @@ def nidf_scores(counts: Mapping[str, int]) -> dict[str, float]:
 
 
 def nidf(replies: Sequence[str], counts: Mapping[str, int]) -> tuple[float | None, int]:
-    """EmPO's specificity: per reply, the mean NIDF over its unique words; then the mean over replies.
+    """EmPO's specificity: per reply, the mean NIDF over its distinct :func:`ed_tokens`; then the mean over replies.
 
-    Words the corpus has never seen are skipped (they have no count, and an unseen word is not evidence of
-    specificity: it may be a typo); a reply with no seen word is left out. Returns the mean and how many
-    replies were scored.
+    As in EmPO (Lee et al.'s ``specificity.py``), a token the corpus has never seen scores 1 (rarer than the
+    rarest counted word). A reply without a token is left out. Returns the mean and how many replies were scored;
+    None when no reply was scored or the counts cannot define NIDF (fewer than two distinct counts).
     """
     table = nidf_scores(counts)
+    if not table:
+        return None, 0
     per_reply = []
     for reply in replies:
-        values = [table[w] for w in set(raw_tokens(reply)) if w in table]
-        if values:
-            per_reply.append(float(np.mean(values)))
+        tokens = set(ed_tokens(reply))
+        if tokens:
+            per_reply.append(float(np.mean([table.get(t, 1.0) for t in tokens])))
     return (float(np.mean(per_reply)) if per_reply else None), len(per_reply)
+
+
+def response_tries(replies: Sequence[str]) -> dict[str, Any]:
+    """Lee et al.'s response tries: the replies' words in a prefix trie, compared with one chain per reply.
+
+    ``compression`` = trie nodes / unfolded nodes, both counting the root (as in Lee et al.'s ``tree.py``).
+    Replies that open the same way share their prefix nodes, so a model repeating a few openings gets a low
+    ratio; 1 means no two replies share a first word. Words are the raw tokens (lowercased); None without words.
+    """
+    root: dict[str, Any] = {}
+    trie_nodes = 1
+    words = 0
+    for reply in replies:
+        node = root
+        for token in raw_tokens(reply):
+            words += 1
+            if token not in node:
+                node[token] = {}
+                trie_nodes += 1
+            node = node[token]
+    return {
+        "trie_nodes": trie_nodes,
+        "unfolded_nodes": words + 1,
+        "compression": trie_nodes / (words + 1) if words else None,
+    }
 
 
 def template_of(reply: str) -> tuple[str, ...]:
@@ -175,14 +237,26 @@ def diversity(replies: Sequence[str]) -> dict[str, int]:
     return {"unique_replies": len(folded), "unique_start_words": len(starts), "unique_templates": len(templates)}
 
 
-def _intensity_of(text: str, lexicon: EmotionIntensity) -> float | None:
-    """Mean intensity over the text's rated words (every occurrence counts); None when none is rated."""
+def last_user_utterance(context: Context) -> str:
+    """The context's last user message (EmPO's "prevs": what the reply answers); "" when there is none."""
+    users = [m["content"] for m in context_messages(context) if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
+def _max_vad(text: str, tokenizer: LexiconTokenizer) -> npt.NDArray[np.float64] | None:
+    """Per dimension, the maximum over the text's lexicon terms; None when no term is in the lexicon."""
+    rows = [row for row in tokenizer.tokenize(text).rows if row >= 0]
+    return tokenizer.lexicon.values[rows].max(axis=0) if rows else None
+
+
+def _max_intensity(text: str, lexicon: EmotionIntensity) -> float | None:
+    """The strongest intensity among the text's rated words (stopwords skipped); None when none is rated."""
     values = [
         score
         for word in raw_tokens(text)
         if word not in DEFAULT_STOPWORDS and (score := lexicon.intensity(word)) is not None
     ]
-    return float(np.mean(values)) if values else None
+    return max(values) if values else None
 
 
 def vad_distance(
@@ -191,50 +265,70 @@ def vad_distance(
     vad_lexicon: Lexicon | None = None,
     intensity: EmotionIntensity | None = None,
 ) -> dict[str, Any]:
-    """EmPO's word-choice distance: mean |score(context) - score(reply)| per dimension, lower = closer tone.
+    """EmPO's word-choice distances: per pair, |max(context) - max(reply)| per dimension, averaged over pairs.
 
-    A text's valence and arousal are the mean over its words found in the VAD lexicon (the labeler's
-    tokeniser: stopwords skipped, multi-word expressions matched); its intensity is the mean of its words'
-    strongest NRC emotion intensity. Unknown words are left out, never scored as 0, and a pair is skipped
-    when either side has no known word: ``pairs_scored``/``pairs_skipped`` count VAD pairs,
-    ``intensity_pairs_scored``/``intensity_pairs_skipped`` intensity pairs. Values are None without the
-    lexicon or without a scored pair.
+    As in EmPO (Lee et al.'s ``vad.py``) a text's valence, arousal and dominance are each the maximum over its
+    words, not the mean, and the context is the last user utterance (the caller passes it). Words are the
+    labeler's lexicon terms (stopwords skipped, multi-word expressions matched); a text's intensity is the
+    strongest NRC emotion intensity among its words. Lower = closer tone. EmPO scores an unknown word 0 and
+    averages the signed difference; here unknown words are left out, a pair is skipped when either side has
+    no known word, and ``signed`` holds the mean of context - reply for comparison with EmPO's tables.
+    ``pairs_scored``/``pairs_skipped`` count VAD pairs, ``intensity_pairs_*`` intensity pairs. Values are
+    None without the lexicon or without a scored pair.
     """
     out: dict[str, Any] = {
         "lexicon": vad_lexicon.name if vad_lexicon is not None else None,
+        "aggregate": "max",
         "valence": None,
         "arousal": None,
+        "dominance": None,
         "pairs_scored": 0,
         "pairs_skipped": 0,
         "intensity_lexicon": intensity.name if intensity is not None else None,
         "intensity": None,
         "intensity_pairs_scored": 0,
         "intensity_pairs_skipped": 0,
+        "signed": {"valence": None, "arousal": None, "dominance": None, "intensity": None},
     }
     if vad_lexicon is not None:
-        scorer = VADScorer(vad_lexicon, None, oov=None)
-        scored = scorer.score_batch([*contexts, *replies])
-        pairs = [
-            (c.vad, r.vad)
-            for c, r in zip(scored[: len(contexts)], scored[len(contexts) :], strict=True)
-            if c.vad is not None and r.vad is not None
-        ]
-        out["pairs_scored"] = len(pairs)
-        out["pairs_skipped"] = len(contexts) - len(pairs)
-        if pairs:
-            out["valence"] = float(np.mean([abs(c.valence - r.valence) for c, r in pairs]))
-            out["arousal"] = float(np.mean([abs(c.arousal - r.arousal) for c, r in pairs]))
+        tokenizer = LexiconTokenizer(vad_lexicon)
+        diffs = []
+        for context, reply in zip(contexts, replies, strict=True):
+            a, b = _max_vad(context, tokenizer), _max_vad(reply, tokenizer)
+            if a is not None and b is not None:
+                diffs.append(a - b)
+        out["pairs_scored"] = len(diffs)
+        out["pairs_skipped"] = len(contexts) - len(diffs)
+        if diffs:
+            matrix = np.asarray(diffs)
+            for i, dimension in enumerate(("valence", "arousal", "dominance")):
+                out[dimension] = float(np.abs(matrix[:, i]).mean())
+                out["signed"][dimension] = float(matrix[:, i].mean())
     if intensity is not None:
         gaps = []
         for context, reply in zip(contexts, replies, strict=True):
-            a, b = _intensity_of(context, intensity), _intensity_of(reply, intensity)
-            if a is not None and b is not None:
-                gaps.append(abs(a - b))
+            c, r = _max_intensity(context, intensity), _max_intensity(reply, intensity)
+            if c is not None and r is not None:
+                gaps.append(c - r)
         out["intensity_pairs_scored"] = len(gaps)
         out["intensity_pairs_skipped"] = len(contexts) - len(gaps)
         if gaps:
-            out["intensity"] = float(np.mean(gaps))
+            out["intensity"] = float(np.abs(gaps).mean())
+            out["signed"]["intensity"] = float(np.mean(gaps))
     return out
+
+
+def memoised(embed: Embed) -> Embed:
+    """``embed`` computing each distinct text once: the metrics embed the same replies, references and contexts."""
+    cache: dict[str, npt.NDArray[Any]] = {}
+
+    def cached(texts: Sequence[str]) -> npt.NDArray[Any]:
+        missing = list(dict.fromkeys(t for t in texts if t not in cache))
+        if missing:
+            cache.update(zip(missing, np.asarray(embed(missing)), strict=True))
+        return np.stack([cache[t] for t in texts]) if texts else np.zeros((0, 0))
+
+    return cached
 
 
 def reply_metrics(
@@ -244,34 +338,57 @@ def reply_metrics(
     vad_lexicon: Lexicon | None = None,
     intensity: EmotionIntensity | None = None,
     corpus_counts: Mapping[str, int] | None = None,
+    bert_scorer: BertScorer | None = None,
+    epitome: EpitomeClassifiers | None = None,
 ) -> dict[str, Any]:
     """All reply metrics of one model arm as a JSON-serialisable dict.
 
-    Keys: n, bleu, semantic_similarity (None without ``embed``), distinct_1, distinct_2, mean_length_chars,
-    mean_length_words, unique_replies, unique_start_words, unique_templates, nidf, nidf_replies_scored,
-    nidf_corpus ("given" or "rows": without ``corpus_counts`` NIDF is relative to the rows' own references
-    and contexts), vad_distance (see :func:`vad_distance`).
+    Keys: n, bleu, semantic_similarity (None without ``embed``), bertscore_f1 and bertscore (None without
+    ``bert_scorer``), distinct_1, distinct_2, mean_length_chars, mean_length_words, unique_replies,
+    unique_start_words, unique_templates, response_tries (see :func:`response_tries`), nidf (EmPO's
+    definition: only with ``corpus_counts``, e.g. ED train+valid; else None), nidf_rows (without
+    ``corpus_counts``: the same formula over the rows' own references and contexts, which is not EmPO's NIDF and
+    is named apart), nidf_replies_scored, nidf_corpus ("given" or "rows"), vad_distance (see :func:`vad_distance`; the
+    context is the last user utterance), intensity_distance (its intensity, repeated at the top level), and
+    diff_epitome (see :func:`~emili_trainer.evaluation.epitome.diff_epitome`; "unavailable" with the command
+    that trains the classifiers when ``epitome`` or ``embed`` is missing).
     """
     parsed = [as_row(r) for r in rows]
     replies = [r.reply for r in parsed]
     references = [r.reference for r in parsed]
     contexts = [context_text(r.context) for r in parsed]
+    last_turns = [last_user_utterance(r.context) for r in parsed]
+    embed = memoised(embed) if embed is not None else None
     chars, words = mean_lengths(replies)
     counts = corpus_counts if corpus_counts is not None else word_counts([*references, *contexts])
     specificity, nidf_scored = nidf(replies, counts)
+    distances = vad_distance(last_turns, replies, vad_lexicon, intensity)
+    bertscore = bert_scorer.score(replies, references) if bert_scorer is not None else None
+    if epitome is None:
+        empathy = unavailable("no EPITOME classifiers found")
+    elif embed is None:
+        empathy = unavailable("the classifiers need the MiniLM embedder, which was not found")
+    else:
+        empathy = diff_epitome(last_turns, replies, references, epitome, embed)
     return {
         "n": len(parsed),
         "bleu": bleu(replies, references),
         "semantic_similarity": semantic_similarity(replies, references, embed) if embed is not None else None,
+        "bertscore_f1": bertscore["f1"] if bertscore is not None else None,
+        "bertscore": bertscore,
         "distinct_1": distinct_n(replies, 1),
         "distinct_2": distinct_n(replies, 2),
         "mean_length_chars": chars,
         "mean_length_words": words,
         **diversity(replies),
-        "nidf": specificity,
+        "response_tries": response_tries(replies),
+        "nidf": specificity if corpus_counts is not None else None,
+        "nidf_rows": specificity if corpus_counts is None else None,
         "nidf_replies_scored": nidf_scored,
         "nidf_corpus": "given" if corpus_counts is not None else "rows",
-        "vad_distance": vad_distance(contexts, replies, vad_lexicon, intensity),
+        "vad_distance": distances,
+        "intensity_distance": distances["intensity"],
+        "diff_epitome": empathy,
     }
 
 
