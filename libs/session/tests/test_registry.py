@@ -56,3 +56,9 @@ def test_versions_that_could_leave_their_prefix_are_invalid(version: str) -> Non
 def test_valid_versions() -> None:
     for version in ("sft-0123456789abcdef", "v1.2", "base_2"):
         check_version(version)
+
+
+def test_an_entry_without_its_version_is_listed_under_its_key(object_store: ObjectStore) -> None:
+    version = f"bare-{uuid.uuid4().hex[:8]}"
+    object_store.put_json(Bucket.MODELS, model_registry_key(version), {"adapter_prefix": adapter_prefix(version)})
+    assert any(m["version"] == version for m in list_models(object_store))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -125,7 +126,10 @@ def test_session_outcomes() -> None:
 
 def _settings(redis_url: str, s3: S3Settings, servers: Servers) -> GatewaySettings:
     settings = gateway_settings(redis_url, s3, servers)
-    options = settings.gateway.model_copy(update={"canary": OPTIONS.model_copy(update={"monitor": False})})
+    # Keys of its own in the shared Redis: other tests' gateways run canary monitors that take the same lock.
+    studies = settings.gateway.studies.model_copy(update={"redis_prefix": f"canary-test-{uuid.uuid4().hex[:8]}"})
+    canary = OPTIONS.model_copy(update={"monitor": False})
+    options = settings.gateway.model_copy(update={"canary": canary, "studies": studies})
     return settings.model_copy(update={"gateway": options})
 
 

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.integration
 def test_gateway_process(gateway_process: GatewayProcess) -> None:
     base, process, log = gateway_process.url, gateway_process.process, gateway_process.log
     with httpx.Client(base_url=base, timeout=10) as http:
-        study = http.post("/api/v1/studies", json=study_spec(), headers=admin_headers()).json()
+        created = http.post("/api/v1/studies", json=study_spec(), headers=admin_headers())
+        assert created.status_code == 201, created.text
+        study = created.json()
         invites = http.post(f"/api/v1/studies/{study['study_id']}/invites", json={}, headers=admin_headers())
         assert invites.json()["invites"][0]["url"].startswith(f"{base}/join/")
         redeemed = http.post(f"/api/v1/invites/{invites.json()['invites'][0]['code']}/redeem").json()

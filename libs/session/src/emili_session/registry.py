@@ -53,12 +53,14 @@ def registered_model(store: ObjectStore, version: str) -> dict[str, Any]:
 
 
 def list_models(store: ObjectStore) -> list[dict[str, Any]]:
-    """Every registry entry, in key order."""
-    return [
-        dict(store.get_json(Bucket.MODELS, key))
-        for key in store.list_keys(Bucket.MODELS, MODEL_REGISTRY_PREFIX)
-        if key.endswith(".json")
-    ]
+    """Every registry entry, in key order; an entry without its ``version`` gets the one its key names."""
+    entries = []
+    for key in store.list_keys(Bucket.MODELS, MODEL_REGISTRY_PREFIX):
+        if key.endswith(".json"):
+            entry = dict(store.get_json(Bucket.MODELS, key))
+            entry.setdefault("version", key.removeprefix(MODEL_REGISTRY_PREFIX).removesuffix(".json"))
+            entries.append(entry)
+    return entries
 
 
 def download_adapter(store: ObjectStore, version: str, target: Path) -> Path:
