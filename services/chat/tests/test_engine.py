@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -26,33 +25,14 @@ from emili_chat.store import SessionStore
 from emili_core.auth import Principal
 from emili_core.errors import FailedPrecondition, InvalidInput, NotFound, PermissionDenied
 from emili_core.objectstore import Bucket, ObjectStore
-from emili_session.emotions import EMOTIONS
 from emili_testing.chat import ScriptedBackend
 
-from .conftest import make_engine, make_settings
+from .conftest import collect, make_engine, make_settings, reading, script
 
 pytestmark = pytest.mark.integration
 
 ALICE = Principal("alice", frozenset({"chat"}))
 BOB = Principal("bob", frozenset({"chat"}))
-
-
-def reading(**scores: float) -> ClientReading:
-    probabilities = {e: 0.0 for e in EMOTIONS} | {e: v / 100.0 for e, v in scores.items()}
-    return ClientReading(True, probabilities, int(time.time() * 1000))
-
-
-async def script(*steps: ConverseInput | float) -> AsyncIterator[ConverseInput]:
-    """Inputs in order; a number means: wait that many seconds."""
-    for step in steps:
-        if isinstance(step, float | int):
-            await asyncio.sleep(step)
-        else:
-            yield step
-
-
-async def collect(outputs: AsyncIterator[ConverseOutput]) -> list[ConverseOutput]:
-    return [o async for o in outputs]
 
 
 def kinds(outputs: Sequence[ConverseOutput]) -> list[str]:

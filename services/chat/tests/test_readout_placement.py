@@ -8,43 +8,22 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import redis.asyncio as aioredis
 
 from emili_chat.history import condense
-from emili_chat.io_types import ClientReading, ConverseInput, ConverseOutput, Readout, SessionOptions, UserText
+from emili_chat.io_types import Readout, SessionOptions, UserText
 from emili_chat.llm import Message
 from emili_chat.readout import short_message_reminder
 from emili_chat.settings import ReadoutSettings
 from emili_core.auth import Principal
-from emili_session.emotions import EMOTIONS
 from emili_testing.chat import ScriptedBackend
 
-from .conftest import make_engine, make_settings
+from .conftest import collect, make_engine, make_settings, reading, script
 
 ALICE = Principal("alice", frozenset({"chat"}))
-
-
-def reading(**scores: float) -> ClientReading:
-    probabilities = {e: 0.0 for e in EMOTIONS} | {e: v / 100.0 for e, v in scores.items()}
-    return ClientReading(True, probabilities, int(time.time() * 1000))
-
-
-async def script(*steps: ConverseInput | float) -> AsyncIterator[ConverseInput]:
-    """Inputs in order; a number means: wait that many seconds."""
-    for step in steps:
-        if isinstance(step, float | int):
-            await asyncio.sleep(step)
-        else:
-            yield step
-
-
-async def collect(outputs: AsyncIterator[ConverseOutput]) -> list[ConverseOutput]:
-    return [o async for o in outputs]
 
 
 def test_condensing_keeps_the_reply_to_a_short_message_past_its_reminder() -> None:
