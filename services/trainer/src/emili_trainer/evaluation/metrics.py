@@ -259,6 +259,16 @@ def _max_intensity(text: str, lexicon: EmotionIntensity) -> float | None:
     return max(values) if values else None
 
 
+def _pair_differences(contexts: Sequence[str], replies: Sequence[str], score: Callable[[str], Any]) -> list[Any]:
+    """score(context) - score(reply) for each pair in which both texts have a score (skipped pairs are absent)."""
+    diffs = []
+    for context, reply in zip(contexts, replies, strict=True):
+        a, b = score(context), score(reply)
+        if a is not None and b is not None:
+            diffs.append(a - b)
+    return diffs
+
+
 def vad_distance(
     contexts: Sequence[str],
     replies: Sequence[str],
@@ -292,11 +302,7 @@ def vad_distance(
     }
     if vad_lexicon is not None:
         tokenizer = LexiconTokenizer(vad_lexicon)
-        diffs = []
-        for context, reply in zip(contexts, replies, strict=True):
-            a, b = _max_vad(context, tokenizer), _max_vad(reply, tokenizer)
-            if a is not None and b is not None:
-                diffs.append(a - b)
+        diffs = _pair_differences(contexts, replies, lambda text: _max_vad(text, tokenizer))
         out["pairs_scored"] = len(diffs)
         out["pairs_skipped"] = len(contexts) - len(diffs)
         if diffs:
@@ -305,11 +311,7 @@ def vad_distance(
                 out[dimension] = float(np.abs(matrix[:, i]).mean())
                 out["signed"][dimension] = float(matrix[:, i].mean())
     if intensity is not None:
-        gaps = []
-        for context, reply in zip(contexts, replies, strict=True):
-            c, r = _max_intensity(context, intensity), _max_intensity(reply, intensity)
-            if c is not None and r is not None:
-                gaps.append(c - r)
+        gaps = _pair_differences(contexts, replies, lambda text: _max_intensity(text, intensity))
         out["intensity_pairs_scored"] = len(gaps)
         out["intensity_pairs_skipped"] = len(contexts) - len(gaps)
         if gaps:
