@@ -455,18 +455,19 @@ def run_in_progress_exposition() -> str:
 @pytest.mark.slow
 def test_every_metric_a_dashboard_or_rule_queries_is_exported(stack_processes: dict[str, int]) -> None:
     wanted = {name: places for name, places in queried_names().items() if name not in NOT_EXPORTED_BY_EMILI}
-    # Processes register some families only once ready (workers) or once elected (the queue exporter): scrape until
-    # nothing is missing or the processes had their time to start.
+    # Processes register some families only once ready (workers) or once elected (the queue exporter), and each opens
+    # its metrics port only after loading its models: scrape until every process answers and nothing is missing, or
+    # the processes had their time to start.
     while_training = exported_names(run_in_progress_exposition())
     deadline = time.monotonic() + 180
     while True:
         pages = {name: scrape(port) for name, port in stack_processes.items()}
         exported = while_training.union(*(exported_names(page) for page in pages.values() if page))
         missing = sorted(set(wanted) - exported)
-        if not missing or time.monotonic() > deadline:
+        silent = sorted(name for name, page in pages.items() if page is None)
+        if (not missing and not silent) or time.monotonic() > deadline:
             break
         time.sleep(2)
-    silent = sorted(name for name, page in pages.items() if page is None)
     assert silent == [], f"no /metrics from {silent}"
     report = "\n".join(f"  {name}: queried by {', '.join(sorted(wanted[name]))}" for name in missing)
     assert missing == [], f"queried but exported by no process of the stack:\n{report}"
