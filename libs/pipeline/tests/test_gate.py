@@ -87,3 +87,15 @@ def test_policies_load_from_yaml(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="unique"):
         load_policy(duplicate)
+
+
+def test_evidence_round_trips_through_json_and_malformed_entries_name_their_metric() -> None:
+    from emili_pipeline.gate import evidence_from_json, evidence_to_json
+
+    evidence = {"delta_v": Evidence([0.1, 0.2], [0.0], paired=False), "mmlu_correct": Evidence([1, 0], [1, 1], True)}
+    assert evidence_from_json(evidence_to_json(evidence)) == {
+        "delta_v": Evidence([0.1, 0.2], [0.0], False),
+        "mmlu_correct": Evidence([1.0, 0.0], [1.0, 1.0], True),
+    }
+    with pytest.raises(ValueError, match="reply_words"):
+        evidence_from_json({"reply_words": {"baseline": [1.0]}})

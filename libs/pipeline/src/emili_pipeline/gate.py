@@ -84,6 +84,29 @@ class Evidence:
     paired: bool = False
 
 
+def evidence_from_json(data: Mapping[str, Any]) -> dict[str, Evidence]:
+    """Evidence as the evaluation step stores it (``gate_evidence`` of its outputs): ``{metric: {"candidate":
+    [...], "baseline": [...], "paired": bool}}``; a malformed entry raises ValueError naming the metric."""
+    evidence: dict[str, Evidence] = {}
+    for metric, item in data.items():
+        try:
+            evidence[metric] = Evidence(
+                candidate=[float(v) for v in item["candidate"]],
+                baseline=[float(v) for v in item.get("baseline", ())],
+                paired=bool(item.get("paired", False)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"gate evidence for {metric!r} is malformed: {exc}") from None
+    return evidence
+
+
+def evidence_to_json(evidence: Mapping[str, Evidence]) -> dict[str, Any]:
+    return {
+        metric: {"candidate": list(e.candidate), "baseline": list(e.baseline), "paired": e.paired}
+        for metric, e in evidence.items()
+    }
+
+
 @dataclass(frozen=True)
 class CheckResult:
     name: str
