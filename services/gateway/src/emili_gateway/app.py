@@ -38,6 +38,7 @@ from emili_gateway.chat_client import ChatClient, FerClient
 from emili_gateway.converse import ClientGone, ConverseBridge
 from emili_gateway.engine import GatewayEngine
 from emili_gateway.errors import Gone, PayloadTooLarge, RateLimited
+from emili_gateway.loop_view import LoopCandidateDetail, LoopPipeline, LoopReader, LoopView
 from emili_gateway.metrics import gateway_metrics
 from emili_gateway.models import (
     CameraCheck,
@@ -222,6 +223,11 @@ async def admin(engine: Engine, who: Caller) -> tuple[Principal, str]:
 Admin = Annotated[tuple[Principal, str], Depends(admin)]
 
 
+def loop_reader(engine: GatewayEngine) -> LoopReader:
+    """The automatic loop's records (object storage) and canaries, for researchers."""
+    return LoopReader(engine.studies.objects, engine.studies)
+
+
 def client_address(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
 
@@ -318,6 +324,27 @@ def build_routers() -> list[APIRouter]:
         """A plot of an evaluation report of the study's arms (the URLs the report lists)."""
         chunks = await engine.report_plot(study_id, run_id, plot)
         return StreamingResponse(chunks, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+    @researchers.get("/loop", response_model=LoopView)
+    async def loop_view(
+        engine: Engine,
+        who: Admin,
+        limit: Annotated[int, Query(ge=1, le=1000, description="How many of the newest decisions to list")] = 100,
+    ) -> LoopView:
+        """The automatic loop: its phase and candidate, its decisions (newest first) with their numbers, and the
+        gate's verdict on each candidate they name; ``ran`` is false (and the rest empty) until the loop first ran."""
+        return await loop_reader(engine).view(limit)
+
+    @researchers.get("/loop/candidates/{version}", response_model=LoopCandidateDetail)
+    async def loop_candidate(version: str, engine: Engine, who: Admin) -> LoopCandidateDetail:
+        """What is behind a candidate: the gate's verdict (each check's estimate, interval, n, reason), its
+        pipeline's training and held-out sessions, its lineage in the model registry, its canary and decisions."""
+        return await loop_reader(engine).candidate(version)
+
+    @researchers.get("/loop/pipelines/{pipeline_id}", response_model=LoopPipeline)
+    async def loop_pipeline(pipeline_id: str, engine: Engine, who: Admin) -> LoopPipeline:
+        """A pipeline the loop started: its sessions, split into training and held-out ones, and its steps."""
+        return await loop_reader(engine).pipeline(pipeline_id)
 
     @public.post("/invites/{code}/redeem", response_model=Redeemed)
     async def redeem(code: str, request: Request, engine: Engine) -> Redeemed:

@@ -1,4 +1,5 @@
-// The researchers' page: studies, their progress per arm, exports, and the latest evaluation report of their arms.
+// The researchers' page: the automatic loop's decisions (traced to the gate's numbers, pipelines and sessions), then
+// studies, their progress per arm, canaries, exports, and the latest evaluation report of their arms.
 // Plain JavaScript, no build step. The admin token is kept in sessionStorage (this tab only) and sent as a bearer
 // token; exports and plots are fetched with it and handed to the browser as blob URLs.
 "use strict";
@@ -223,6 +224,8 @@ async function showReport(card, study) {
 
 function studyCard(study) {
   const card = $("study-template").content.firstElementChild.cloneNode(true);
+  card.id = anchorId("study", study.study_id);
+  card.querySelector(".canary-title").id = anchorId("canary", study.study_id);
   card.querySelector(".study-title").textContent = study.name;
   const arms = study.arms.map((a) => `${a.arm} (weight ${a.weight})`).join(", ");
   card.querySelector(".study-meta").textContent =
@@ -236,6 +239,245 @@ function studyCard(study) {
   return card;
 }
 
+// --- the automatic loop -------------------------------------------------------------------------------------
+
+const PHASES = {
+  idle: "idle (waiting for enough new sessions)",
+  training: "training a candidate",
+  gating: "judging a candidate at the evaluation gate",
+  canary: "running a canary",
+};
+
+function anchorId(prefix, name) {
+  return `${prefix}-${String(name).replace(/[^A-Za-z0-9_-]/g, "_")}`;
+}
+
+function numbersText(numbers) {
+  const parts = Object.entries(numbers || {}).map(([key, value]) => {
+    const shown = Array.isArray(value) ? value.join(", ") || "none" : value;
+    return `${key.replaceAll("_", " ")}: ${typeof shown === "object" ? JSON.stringify(shown) : shown}`;
+  });
+  return parts.join("; ");
+}
+
+// An expandable list of session ids (they can be many).
+function sessionList(title, ids) {
+  const details = el("details", null, "session-list");
+  details.append(el("summary", `${title} (${ids.length})`));
+  if (ids.length) {
+    const list = el("ol", null, "session-ids");
+    for (const id of ids) {
+      const item = el("li");
+      item.append(el("code", id));
+      list.append(item);
+    }
+    details.append(list);
+  } else {
+    details.append(el("p", "None recorded.", "hint"));
+  }
+  return details;
+}
+
+function pipelineTrace(pipeline) {
+  const box = el("div", null, "pipeline-trace");
+  const models = Object.entries(pipeline.models || {}).map(([step, version]) => `${step}: ${version}`).join(", ");
+  const steps = Object.entries(pipeline.steps || {}).map(([step, state]) => `${step} ${state}`).join(", ");
+  box.append(el("p",
+    `Pipeline ${pipeline.pipeline_id}, compared with ${pipeline.baseline || "base"}; started ` +
+    `${formatTime(pipeline.created_ms)}, last updated ${formatTime(pipeline.updated_ms)}. ` +
+    `Trained: ${models || "nothing yet"}.`, "hint"));
+  if (steps) box.append(el("p", `Steps: ${steps}.`, "hint"));
+  box.append(
+    sessionList("Training sessions", pipeline.train_sessions || []),
+    sessionList("Held-out sessions (evaluation only)", pipeline.heldout_sessions || []),
+  );
+  return box;
+}
+
+// Loaded when first opened: the details element's body is filled by ``fill(body)``.
+function lazyDetails(summary, className, fill) {
+  const details = el("details", null, className);
+  details.append(el("summary", summary));
+  const body = el("div", null, "trace");
+  details.append(body);
+  let loaded = false;
+  details.addEventListener("toggle", async () => {
+    if (!details.open || loaded) return;
+    loaded = true;
+    body.replaceChildren(el("p", "Loading…", "status"));
+    try {
+      body.replaceChildren(...await fill());
+    } catch (err) {
+      loaded = false;
+      body.replaceChildren(el("p", err.message, "error"));
+    }
+  });
+  return details;
+}
+
+function pipelineDetails(pipelineId) {
+  return lazyDetails(pipelineId, "loop-pipeline", async () => {
+    const pipeline = await getJson(`/loop/pipelines/${encodeURIComponent(pipelineId)}`);
+    return [pipelineTrace(pipeline)];
+  });
+}
+
+function verdictTable(verdict) {
+  const wrap = el("div", null, "table-wrap");
+  const node = el("table", null, "verdict-table");
+  node.append(el("caption",
+    `Gate "${verdict.policy}": ${verdict.passed ? "passed" : "failed"} (${formatTime(verdict.decided_ms)}, ` +
+    `${verdict.sessions ?? "n/a"} sessions)`));
+  const head = el("tr");
+  for (const name of ["Check", "Metric", "Kind", "n", "Estimate", "Interval", "Result", "Reason"]) {
+    const th = el("th", name);
+    th.scope = "col";
+    head.append(th);
+  }
+  const thead = el("thead");
+  thead.append(head);
+  const body = el("tbody");
+  for (const check of verdict.checks) {
+    const tr = el("tr", null, check.passed ? "passed" : "failed");
+    const th = el("th", check.name);
+    th.scope = "row";
+    const interval = Array.isArray(check.ci) ? `[${number(check.ci[0], 3)}, ${number(check.ci[1], 3)}]` : "n/a";
+    tr.append(th, el("td", check.metric), el("td", check.kind.replaceAll("_", " ")), el("td", check.n),
+      el("td", number(check.estimate, 3)), el("td", interval), el("td", check.passed ? "passed" : "failed"),
+      el("td", check.reason, "reason"));
+    body.append(tr);
+  }
+  node.append(thead, body);
+  wrap.append(node);
+  return wrap;
+}
+
+function canaryTrace(detail) {
+  const box = el("p", null, "canary-trace");
+  if (!detail.study_id) {
+    box.textContent = "No canary: the loop gave this candidate no share of a study.";
+    return box;
+  }
+  const canary = detail.canary;
+  box.append(canary
+    ? `Canary in study ${detail.study_id}: ${CANARY_STATES[canary.state]}` +
+      `${canary.reason ? ` (${canary.reason})` : ""}; ${canary.participants} participants. `
+    : `Canary in study ${detail.study_id}: no longer the study's newest canary. `);
+  const link = el("a", "See the study's canary");
+  link.href = `#${anchorId("canary", detail.study_id)}`;
+  box.append(link);
+  return box;
+}
+
+function candidateTrace(detail) {
+  const parts = [];
+  if (detail.pipeline) {
+    parts.push(pipelineTrace(detail.pipeline));
+  } else {
+    parts.push(el("p", "Its pipeline's record was not found.", "hint"));
+  }
+  if (detail.registered) {
+    const datasets = detail.lineage_datasets.map((d) => `${d.id}${d.kind ? ` (${d.kind})` : ""}`).join(", ");
+    parts.push(el("p",
+      `Registered; learned from datasets ${datasets || "none recorded"}` +
+      `${detail.lineage_parents.length ? `, starting from ${detail.lineage_parents.join(" ← ")}` : ""}.`, "hint"));
+    parts.push(sessionList("Sessions it learned from (model registry lineage)", detail.lineage_sessions));
+  } else {
+    parts.push(el("p", "Not in the model registry.", "hint"));
+  }
+  parts.push(canaryTrace(detail));
+  return parts;
+}
+
+function candidateCard(candidate) {
+  const verdict = candidate.verdict;
+  const gate = verdict ? `gate ${verdict.passed ? "passed" : "failed"}` : "not judged by the gate yet";
+  const latest = candidate.latest_event ? `; latest: ${candidate.latest_event} (${formatTime(candidate.latest_ms)})` : "";
+  const details = lazyDetails(`${candidate.version}: ${gate}${latest}`, "loop-candidate", async () => {
+    const detail = await getJson(`/loop/candidates/${encodeURIComponent(candidate.version)}`);
+    return candidateTrace(detail);
+  });
+  details.id = anchorId("loop-candidate", candidate.version);
+  details.classList.add(verdict ? (verdict.passed ? "passed" : "failed") : "pending");
+  // The verdict is in the loop's view already: shown before the trace that is loaded on opening.
+  details.insertBefore(verdict ? verdictTable(verdict) : el("p", "No verdict yet.", "hint"), details.lastChild);
+  return details;
+}
+
+function openCandidate(version) {
+  const card = document.getElementById(anchorId("loop-candidate", version));
+  if (!card) return;
+  card.open = true;
+  card.scrollIntoView({ block: "start" });
+}
+
+function historyRow(event, listed) {
+  const tr = el("tr");
+  const th = el("th", formatTime(event.at_ms));
+  th.scope = "row";
+  const candidate = el("td");
+  if (event.candidate) {
+    if (listed.has(event.candidate)) {
+      const link = el("a", event.candidate);
+      link.href = `#${anchorId("loop-candidate", event.candidate)}`;
+      link.addEventListener("click", (e) => { e.preventDefault(); openCandidate(event.candidate); });
+      candidate.append(link);
+    } else {
+      candidate.textContent = event.candidate;
+    }
+  }
+  const pipeline = el("td", null, "trace-cell");
+  if (event.pipeline_id) pipeline.append(pipelineDetails(event.pipeline_id));
+  const numbers = el("td", numbersText(event.numbers), "numbers");
+  if (event.study_id) {
+    const link = el("a", `canary in ${event.study_id}`);
+    link.href = `#${anchorId("canary", event.study_id)}`;
+    numbers.append(numbers.textContent ? "; " : "", link);
+  }
+  tr.append(th, el("td", event.event), el("td", event.phase || ""), candidate, pipeline, numbers);
+  return tr;
+}
+
+async function showLoop() {
+  $("loop").hidden = false;
+  $("loop-error").textContent = "";
+  $("loop-body").hidden = true;
+  $("loop-history").querySelector("tbody").replaceChildren();
+  $("loop-candidates").replaceChildren();
+  $("loop-status").textContent = "Loading the loop…";
+  let view;
+  try {
+    view = await getJson("/loop");
+  } catch (err) {
+    $("loop-status").textContent = "";
+    $("loop-error").textContent = err.message;
+    return;
+  }
+  if (!view.ran) {
+    $("loop-status").textContent = "The automatic loop has not run yet: no decisions to show.";
+    return;
+  }
+  const candidate = view.candidate ? `; candidate ${view.candidate}` : "";
+  const pipeline = view.pipeline_id ? ` (pipeline ${view.pipeline_id})` : "";
+  const shown = view.events > view.history.length ? `; the newest ${view.history.length} are listed` : "";
+  $("loop-status").textContent =
+    `Phase: ${PHASES[view.phase] || view.phase}${candidate}${pipeline}. Production: ` +
+    `${view.production || "the study's own arm (nothing promoted yet)"}. ${view.events} decisions${shown}; ` +
+    `${view.used_sessions} sessions used by candidates so far.`;
+  const listed = new Set(view.candidates.map((c) => c.version));
+  const body = $("loop-history").querySelector("tbody");
+  for (const event of view.history) body.append(historyRow(event, listed));
+  for (const c of view.candidates) $("loop-candidates").append(candidateCard(c));
+  if (!view.candidates.length) $("loop-candidates").append(el("p", "No candidate yet.", "hint"));
+  $("loop-body").hidden = false;
+}
+
+function hideLoop() {
+  $("loop").hidden = true;
+  $("loop-history").querySelector("tbody").replaceChildren();
+  $("loop-candidates").replaceChildren();
+}
+
 // --- the page ---------------------------------------------------------------------------------------------
 
 async function load() {
@@ -244,6 +486,7 @@ async function load() {
   $("studies").replaceChildren();
   $("token-error").textContent = "";
   $("studies-status").textContent = "Loading studies…";
+  const loop = showLoop();
   try {
     const { studies } = await getJson("/studies");
     $("studies-status").textContent = studies.length
@@ -256,7 +499,9 @@ async function load() {
     $("studies-status").textContent = "";
     $("token-error").textContent = err.status === 401 || err.status === 403
       ? `${err.message} (an admin token is needed)` : err.message;
+    hideLoop();
   }
+  await loop;
 }
 
 function useToken(event) {
@@ -275,6 +520,7 @@ function useToken(event) {
 function forget() {
   sessionStorage.removeItem(TOKEN_KEY);
   $("studies").replaceChildren();
+  hideLoop();
   $("studies-status").textContent = "The token is forgotten.";
   $("refresh").hidden = true;
   $("token-forget").hidden = true;
