@@ -6,7 +6,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
 from emili_chat.metrics import chat_metrics
-from emili_core.metrics import rpc_metrics
+from emili_core.metrics import objectstore_errors, rpc_metrics, serving_gauge
 from emili_core.tasks import heartbeat_gauge
 from emili_fer.metrics import fer_metrics
 from emili_gateway.metrics import gateway_metrics
@@ -16,6 +16,7 @@ from emili_trainer.metrics import TRAINING
 BOUNDED = {
     "grpc_service", "grpc_method", "grpc_type", "grpc_code", "service", "queue", "task", "outcome", "kind",
     "direction", "arm", "cadence", "source", "stage", "route", "method", "status", "type", "study", "reason", "bucket",
+    "operation",
 }  # fmt: skip
 
 
@@ -31,11 +32,13 @@ def label_names() -> set[tuple[str, str]]:
 
 
 def test_no_metric_is_labelled_by_an_id() -> None:
-    chat_metrics(), fer_metrics(), gateway_metrics(), rpc_metrics(), heartbeat_gauge()
+    chat_metrics(), fer_metrics(), gateway_metrics(), rpc_metrics(), heartbeat_gauge(), serving_gauge()
+    objectstore_errors()
     TRAINING.started("sft-0123456789abcdef")  # So that the run gauges are collected too.
     try:
         labels = label_names()
     finally:
         TRAINING.left("sft-0123456789abcdef")
     assert ("grpc_server_handled", "grpc_code") in labels  # Counters are registered without ``_total``.
+    assert {("emili_objectstore_errors", "operation"), ("emili_server_serving", "service")} <= labels
     assert not {(name, label) for name, label in labels if label not in BOUNDED}

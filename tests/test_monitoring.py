@@ -164,6 +164,9 @@ def test_the_alerts_the_issues_ask_for_exist() -> None:
         "EmiliQueueGrowing": "emili_queue_depth",
         "EmiliTrainingRunFailed": "emili_trainer_runs_total",
         "EmiliTrainingRunStalled": "emili_trainer_run_progress_ratio",
+        "EmiliServiceNotServing": "emili_server_serving",
+        "EmiliObjectStoreFailing": "emili_objectstore_errors_total",
+        "EmiliCanaryRolledBack": "emili_gateway_canary_decisions_total",
     }
     for alert, metric in wanted.items():
         assert alert in by_name and metric in metric_names(by_name[alert]), alert
@@ -217,6 +220,57 @@ def test_every_panel_queries_prometheus_through_the_datasource_variable() -> Non
             assert p["targets"] and all(t["expr"] for t in p["targets"]), (path.name, p["title"])
             assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
             assert p["gridPos"]["x"] + p["gridPos"]["w"] <= 24
+
+
+# --- The gateway's serving gauge -------------------------------------------------------------------------------
+
+
+async def test_the_gateway_exports_what_readyz_answers_and_asks_itself_when_nobody_does() -> None:
+    import asyncio
+
+    import httpx
+    from prometheus_client import REGISTRY
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from emili_gateway.serving import ReadinessGauge
+
+    ready = {"now": False, "asked": 0}
+
+    async def readyz(request: Any) -> JSONResponse:
+        ready["asked"] += 1
+        return JSONResponse({}, status_code=200 if ready["now"] else 503)
+
+    def serving() -> float | None:
+        return REGISTRY.get_sample_value("emili_server_serving", {"service": "gatewaytest"})
+
+    wrapped = ReadinessGauge(Starlette(routes=[Route("/readyz", readyz)]), service="gatewaytest", interval_s=0.05)
+    assert serving() == 0.0
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=wrapped), base_url="http://gw") as client:
+        ready["now"] = True
+        assert (await client.get("/readyz")).status_code == 200
+        assert serving() == 1.0
+        ready["now"] = False
+        await client.get("/readyz")
+        assert serving() == 0.0
+
+    # The lifespan, as uvicorn drives it: after startup the gauge follows readiness with no outside prober;
+    # from shutdown on it reads 0.
+    to_app: asyncio.Queue[Any] = asyncio.Queue()
+    from_app: asyncio.Queue[Any] = asyncio.Queue()
+    lifespan = asyncio.create_task(wrapped({"type": "lifespan", "asgi": {"version": "3.0"}}, to_app.get, from_app.put))
+    await to_app.put({"type": "lifespan.startup"})
+    assert (await asyncio.wait_for(from_app.get(), 5))["type"] == "lifespan.startup.complete"
+    ready["now"] = True
+    asked = ready["asked"]
+    await asyncio.sleep(0.5)  # Ten intervals.
+    assert ready["asked"] > asked
+    assert serving() == 1.0
+    await to_app.put({"type": "lifespan.shutdown"})
+    assert (await asyncio.wait_for(from_app.get(), 5))["type"] == "lifespan.shutdown.complete"
+    await lifespan
+    assert serving() == 0.0
 
 
 # --- Kubernetes -----------------------------------------------------------------------------------------------
@@ -471,6 +525,28 @@ def test_every_metric_a_dashboard_or_rule_queries_is_exported(stack_processes: d
     assert silent == [], f"no /metrics from {silent}"
     report = "\n".join(f"  {name}: queried by {', '.join(sorted(wanted[name]))}" for name in missing)
     assert missing == [], f"queried but exported by no process of the stack:\n{report}"
+
+
+def serving_values(page: str) -> list[float]:
+    return [float(v) for v in re.findall(r"^emili_server_serving\{[^}]*\} (\S+)$", page, flags=re.MULTILINE)]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_every_server_reports_serving_once_started(stack_processes: dict[str, int]) -> None:
+    """The gRPC servers from their health servicer, the gateway from /readyz (which it asks itself when no
+    prober does): each server exports emili_server_serving, 1 once ready; workers export none."""
+    servers = {name: port for name, port in stack_processes.items() if name.endswith("-server")}
+    deadline = time.monotonic() + 180
+    while True:
+        values = {name: serving_values(scrape(port) or "") for name, port in servers.items()}
+        if all(v == [1.0] for v in values.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert values == {name: [1.0] for name in servers}
+    for name, port in stack_processes.items():
+        if name.endswith("-worker"):
+            assert serving_values(scrape(port) or "") == [], name
 
 
 def get_json(url: str) -> Any:

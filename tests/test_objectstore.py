@@ -7,9 +7,14 @@ import os
 from pathlib import Path
 
 import pytest
+from minio.error import S3Error
+from prometheus_client import REGISTRY
+from pydantic import SecretStr
 
-from emili_core.errors import NotFound
+from emili_core.errors import DependencyUnavailable, NotFound
 from emili_core.objectstore import Bucket, ObjectStore, content_key
+from emili_core.settings import S3Settings
+from emili_testing.plugin import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -82,3 +87,36 @@ def test_missing_object_is_not_found(object_store: ObjectStore) -> None:
     assert not object_store.exists(Bucket.SESSIONS, "nope/never.json")
     with pytest.raises(NotFound):
         object_store.get_bytes(Bucket.SESSIONS, "nope/never.json")
+
+
+def _errors(operation: str, kind: str) -> float:
+    return REGISTRY.get_sample_value("emili_objectstore_errors_total", {"operation": operation, "kind": kind}) or 0.0
+
+
+def test_an_unreachable_store_counts_each_failed_attempt(
+    s3_settings: S3Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("emili_core.objectstore.time.sleep", lambda seconds: None)  # The backoff, not the failure.
+    dead = ObjectStore(s3_settings.model_copy(update={"endpoint": f"127.0.0.1:{free_port()}", "max_attempts": 3}))
+    before = _errors("upload", "transient"), _errors("upload", "final")
+    with pytest.raises(DependencyUnavailable):
+        dead.put_bytes(Bucket.SESSIONS, "s-1/events.jsonl", b"{}\n")
+    assert (_errors("upload", "transient"), _errors("upload", "final")) == (before[0] + 2, before[1] + 1)
+    pings = _errors("ping", "final")
+    with pytest.raises(DependencyUnavailable):
+        dead.ping()
+    assert _errors("ping", "final") == pings + 1
+
+
+def test_a_store_refusing_the_credentials_counts_one_final_error(
+    object_store: ObjectStore, s3_settings: S3Settings
+) -> None:
+    refused = ObjectStore(s3_settings.model_copy(update={"secret_key": SecretStr("not-the-secret")}))
+    before = _errors("download", "transient"), _errors("download", "final")
+    with pytest.raises(S3Error):  # Not transient: no retry would help.
+        refused.get_bytes(Bucket.SESSIONS, "s-1/events.jsonl")
+    assert (_errors("download", "transient"), _errors("download", "final")) == (before[0], before[1] + 1)
+    # The same call with the right credentials: "not found" is an answer, not an error.
+    with pytest.raises(NotFound):
+        object_store.get_bytes(Bucket.SESSIONS, "never/written.json")
+    assert _errors("download", "final") == before[1] + 1

@@ -168,6 +168,21 @@ def process_panels(service: str) -> list[Panel]:
             unit="bytes",
         ),
         panel("Targets up", q(f"sum by (component) (up{{{selector}}})", "{{component}}"), kind="stat"),
+        panel(
+            "Server SERVING",
+            q(f"min(emili_server_serving{{{selector}}})"),
+            kind="stat",
+            description="1: every replica's health says SERVING. 0 for 10 minutes pages (EmiliServiceNotServing).",
+        ),
+        panel(
+            "Object storage errors/s by operation and kind",
+            q(
+                f"sum by (operation, kind) (rate(emili_objectstore_errors_total{{{selector}}}[5m]))",
+                "{{operation}} {{kind}}",
+            ),
+            description="Failed S3 attempts: transient ones are retried; final ones reach the caller "
+            "(EmiliObjectStoreFailing).",
+        ),
     ]
 
 
@@ -180,6 +195,12 @@ def overview() -> Dashboard:
             panel("Participant WebSockets", q("sum(emili_gateway_websocket_connections)"), kind="stat"),
             panel("Replies/s", q("sum(rate(emili_chat_turns_total[5m]))"), unit="ops", kind="stat"),
             panel("Targets down", q(f"count(up{{{JOB}}} == 0) or vector(0)"), kind="stat"),
+            panel(
+                "Servers not SERVING",
+                q(f"count(emili_server_serving{{{JOB}}} == 0) or vector(0)"),
+                kind="stat",
+                description="Up and scraped, but their health says NOT_SERVING (starting, or a dependency down).",
+            ),
         )
         .row(
             "Chat",
@@ -260,6 +281,11 @@ def overview() -> Dashboard:
                 "Object storage trouble",
                 q("sum(rate(emili_chat_frame_upload_retries_total[5m]))", "frame upload retries/s"),
                 q("sum(rate(emili_chat_frames_dropped_total[5m]))", "frames dropped/s"),
+            ),
+            panel(
+                "Object storage errors/s by service and kind",
+                q("sum by (service, kind) (rate(emili_objectstore_errors_total[5m]))", "{{service}} {{kind}}"),
+                description="Failed S3 attempts of every process: transient ones are retried, final ones are not.",
             ),
         )
         .row(
@@ -445,6 +471,15 @@ def gateway() -> Dashboard:
             panel(
                 "Face frames not forwarded/s",
                 q("sum by (reason) (rate(emili_gateway_frames_dropped_total[5m]))", "{{reason}}"),
+            ),
+        )
+        .row(
+            "Canaries",
+            panel("Canaries running", q("sum(emili_gateway_canaries_running)"), kind="stat"),
+            panel(
+                "Canary decisions (1 d) by outcome",
+                q("sum by (outcome) (increase(emili_gateway_canary_decisions_total[1d]))", "{{outcome}}"),
+                description="A rollback raises EmiliCanaryRolledBack for an hour.",
             ),
         )
         .row("Processes", *process_panels("gateway"))

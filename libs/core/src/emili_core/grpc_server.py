@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from emili_core import errors
 from emili_core.auth import principal_from_metadata, set_current_principal
-from emili_core.metrics import grpc_type, rpc_metrics, split_method, start_metrics_server
+from emili_core.metrics import grpc_type, rpc_metrics, serving_gauge, split_method, start_metrics_server
 from emili_core.settings import CommonSettings, ServerSettings, TLSSettings
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,27 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return _wrap_handler(handler, wrap)
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """grpc.health.v1 that also exports the overall status (service "") as ``emili_server_serving{service}``, on
+    every change, including the drain, so that a live server stuck NOT_SERVING shows (``up`` cannot tell)."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self._serving = serving_gauge().labels(service)
+        self._serving.set(0)
+        self._draining = False
+
+    async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        await super().set(service, status)
+        if service == "" and not self._draining:  # Once draining, the base class ignores changes too.
+            self._serving.set(1 if status == health_pb2.HealthCheckResponse.SERVING else 0)
+
+    async def enter_graceful_shutdown(self) -> None:
+        self._draining = True
+        self._serving.set(0)
+        await super().enter_graceful_shutdown()
+
+
 @dataclass
 class ServiceApp:
     """What a service plugs into the runner."""
@@ -264,7 +285,7 @@ async def start_server(app: ServiceApp, settings: CommonSettings, server_setting
         ],
         options=options,
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer(app.name)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     app.register(server)
     reflection.enable_server_reflection([*app.service_names, HEALTH_SERVICE, reflection.SERVICE_NAME], server)

@@ -8,8 +8,9 @@ are. Every label takes a bounded set of values: ids (runs, sessions, users) go t
 from __future__ import annotations
 
 import functools
+from typing import Literal, get_args
 
-from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -66,3 +67,34 @@ class RpcMetrics:
 def rpc_metrics() -> RpcMetrics:
     # Cached: a process may start several servers (tests) but may register a name once.
     return RpcMetrics()
+
+
+@functools.cache
+def serving_gauge() -> Gauge:
+    """1 while the server's health says SERVING (gRPC health; the gateway: /readyz), else 0.
+
+    ``up`` only says that the metrics port answers; a server stuck loading its models or cut off from a dependency
+    answers scrapes all the same, so it reports its serving status here too (alert: EmiliServiceNotServing)."""
+    return Gauge("emili_server_serving", "1 while the server reports SERVING (ready for requests), else 0", ["service"])
+
+
+# Bounded label values of ``emili_objectstore_errors_total``: what was asked of the store, never a key or bucket.
+ObjectStoreOperation = Literal["bucket", "stat", "upload", "download", "list", "delete", "ping"]
+OBJECTSTORE_OPERATIONS: tuple[str, ...] = get_args(ObjectStoreOperation)
+# ``transient``: a failed attempt that is retried; ``final``: a failure the caller gets (retries spent, or an error
+# that retrying cannot fix, such as refused credentials).
+OBJECTSTORE_ERROR_KINDS = ("transient", "final")
+
+
+@functools.cache
+def objectstore_errors() -> Counter:
+    counter = Counter(
+        "emili_objectstore_errors_total",
+        "Failed object storage (S3) calls, one per failed attempt, by operation and kind (transient or final)",
+        ["operation", "kind"],
+    )
+    # Every series exists from the start at 0, so that rate() and increase() see the first failure.
+    for operation in OBJECTSTORE_OPERATIONS:
+        for kind in OBJECTSTORE_ERROR_KINDS:
+            counter.labels(operation, kind)
+    return counter

@@ -25,6 +25,7 @@ from minio import Minio
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 
 from emili_core.errors import DependencyUnavailable, NotFound
+from emili_core.metrics import ObjectStoreOperation, objectstore_errors
 from emili_core.settings import S3Settings
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,15 @@ class Bucket(enum.StrEnum):
 
 
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
+# Another process made the bucket first (ensure_buckets): an answer, not the store failing.
+_CREATED_ALREADY_CODES = {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}
+
+
+def _is_store_error(exc: BaseException) -> bool:
+    """The store or the way to it failed, as opposed to the caller (a ValueError of our own) or a bug."""
+    if isinstance(exc, S3Error) and exc.code in _CREATED_ALREADY_CODES:
+        return False
+    return isinstance(exc, MinioException | urllib3.exceptions.HTTPError | ConnectionError | TimeoutError)
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -89,16 +99,21 @@ class ObjectStore:
     def bucket(self, bucket: Bucket) -> str:
         return f"{self.settings.bucket_prefix}{bucket.value}"
 
-    def _retry(self, what: str, fn: Callable[[], T]) -> T:
-        """Retry transient failures with jittered exponential backoff; others go straight up."""
+    def _retry(self, operation: ObjectStoreOperation, what: str, fn: Callable[[], T]) -> T:
+        """Retry transient failures with jittered exponential backoff; others go straight up. Every failed attempt
+        counts in emili_objectstore_errors_total; "not found" is an answer, not a failure."""
         attempts = self.settings.max_attempts
+        errors = objectstore_errors()
         for attempt in range(1, attempts + 1):
             try:
                 return fn()
             except Exception as exc:
                 if isinstance(exc, S3Error) and exc.code in _NOT_FOUND_CODES:
                     raise NotFound(f"{what}: not found") from exc
-                if not _is_transient(exc):
+                transient = _is_transient(exc)
+                if _is_store_error(exc):
+                    errors.labels(operation, "transient" if transient and attempt < attempts else "final").inc()
+                if not transient:
                     raise
                 if attempt == attempts:
                     raise DependencyUnavailable(
@@ -112,27 +127,30 @@ class ObjectStore:
     def ensure_buckets(self) -> None:
         for bucket in Bucket:
             name = self.bucket(bucket)
-            if not self._retry(f"check bucket {name}", functools.partial(self.client.bucket_exists, name)):
+            if not self._retry("bucket", f"check bucket {name}", functools.partial(self.client.bucket_exists, name)):
                 try:
-                    self._retry(f"create bucket {name}", functools.partial(self.client.make_bucket, name))
+                    self._retry("bucket", f"create bucket {name}", functools.partial(self.client.make_bucket, name))
                 except (S3Error, InvalidResponseError) as exc:
                     # Another service created it between the check and the create. Some servers (rclone's)
                     # answer that 409 as text/xml, which minio cannot parse into an error code: look again.
                     code = getattr(exc, "code", None)
-                    if code in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                    if code in _CREATED_ALREADY_CODES:
                         continue
-                    if not self._retry(f"check bucket {name}", functools.partial(self.client.bucket_exists, name)):
+                    if not self._retry(
+                        "bucket", f"check bucket {name}", functools.partial(self.client.bucket_exists, name)
+                    ):
                         raise
 
     def ping(self) -> None:
         try:
             self.client.list_buckets()
         except Exception as exc:
+            objectstore_errors().labels("ping", "final").inc()
             raise DependencyUnavailable(f"object store at {self.settings.endpoint} unreachable: {exc}") from exc
 
     def exists(self, bucket: Bucket, key: str) -> bool:
         try:
-            self._retry(f"stat {key}", functools.partial(self.client.stat_object, self.bucket(bucket), key))
+            self._retry("stat", f"stat {key}", functools.partial(self.client.stat_object, self.bucket(bucket), key))
         except NotFound:
             return False
         return True
@@ -141,6 +159,7 @@ class ObjectStore:
         """Upload a file in parts (never whole in memory); returns its sha256, stored as metadata too."""
         digest = sha256_file(path)
         self._retry(
+            "upload",
             f"upload {key}",
             functools.partial(
                 self.client.fput_object,
@@ -168,7 +187,7 @@ class ObjectStore:
                 metadata={"sha256": digest},
             )
 
-        self._retry(f"upload {key}", upload)
+        self._retry("upload", f"upload {key}", upload)
         return digest
 
     def put_content_addressed(self, bucket: Bucket, prefix: str, data: bytes, suffix: str = "") -> str:
@@ -196,7 +215,7 @@ class ObjectStore:
                 response.close()
                 response.release_conn()
 
-        return self._retry(f"download {key}", download)
+        return self._retry("download", f"download {key}", download)
 
     def get_json(self, bucket: Bucket, key: str) -> Any:
         return json.loads(self.get_bytes(bucket, key))
@@ -204,11 +223,17 @@ class ObjectStore:
     def get_file(self, bucket: Bucket, key: str, path: Path) -> Path:
         """Stream an object to a file (the SDK writes a part file and renames it when complete)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._retry(f"download {key}", functools.partial(self.client.fget_object, self.bucket(bucket), key, str(path)))
+        self._retry(
+            "download",
+            f"download {key}",
+            functools.partial(self.client.fget_object, self.bucket(bucket), key, str(path)),
+        )
         return path
 
     def iter_chunks(self, bucket: Bucket, key: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-        response = self._retry(f"open {key}", functools.partial(self.client.get_object, self.bucket(bucket), key))
+        response = self._retry(
+            "download", f"open {key}", functools.partial(self.client.get_object, self.bucket(bucket), key)
+        )
         try:
             yield from response.stream(chunk_bytes)
         finally:
@@ -219,12 +244,13 @@ class ObjectStore:
         return [key for key, _ in self.list_entries(bucket, prefix)]
 
     def metadata(self, bucket: Bucket, key: str) -> dict[str, str]:
-        stat = self._retry(f"stat {key}", functools.partial(self.client.stat_object, self.bucket(bucket), key))
+        stat = self._retry("stat", f"stat {key}", functools.partial(self.client.stat_object, self.bucket(bucket), key))
         return {k.lower().removeprefix("x-amz-meta-"): v for k, v in (stat.metadata or {}).items()}
 
     def list_entries(self, bucket: Bucket, prefix: str) -> list[tuple[str, str]]:
         """(key, etag) of every object under ``prefix``, sorted by key."""
         objects = self._retry(
+            "list",
             f"list {prefix}",
             lambda: list(self.client.list_objects(self.bucket(bucket), prefix=prefix, recursive=True)),
         )
@@ -233,6 +259,7 @@ class ObjectStore:
     def list_modified(self, bucket: Bucket, prefix: str) -> list[tuple[str, datetime.datetime | None]]:
         """(key, last modified) of every object under ``prefix``, sorted by key (for retention sweeps)."""
         objects = self._retry(
+            "list",
             f"list {prefix}",
             lambda: list(self.client.list_objects(self.bucket(bucket), prefix=prefix, recursive=True)),
         )
@@ -256,7 +283,7 @@ class ObjectStore:
 
     def delete(self, bucket: Bucket, key: str) -> None:
         """Remove one object; removing a missing one is not an error (so retries are safe)."""
-        self._retry(f"delete {key}", functools.partial(self.client.remove_object, self.bucket(bucket), key))
+        self._retry("delete", f"delete {key}", functools.partial(self.client.remove_object, self.bucket(bucket), key))
 
     def put_folder(self, bucket: Bucket, prefix: str, folder: Path) -> list[str]:
         """Upload every file under ``folder`` to ``prefix`` + its relative path; returns the keys, sorted."""

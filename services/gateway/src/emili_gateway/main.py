@@ -11,6 +11,7 @@ from emili_core.logs import configure_logging
 from emili_core.metrics import start_metrics_server
 from emili_core.settings import load_settings
 from emili_gateway.app import create_app
+from emili_gateway.serving import ReadinessGauge
 from emili_gateway.settings import GatewaySettings
 
 _TOKEN_IN_URL = re.compile(r"(token=)[^&\s\"']+")
@@ -34,7 +35,7 @@ def serve() -> None:
     server = settings.gateway.server
     start_metrics_server(server.metrics_port, settings.metrics_host)
     uvicorn.run(
-        create_app(settings),
+        ReadinessGauge(create_app(settings)),  # /readyz's answers as emili_server_serving{service="gateway"}.
         host=server.host,
         port=server.http_port,
         # Our own logging set-up (JSON in production); access lines would print invite codes and tokens in URLs.

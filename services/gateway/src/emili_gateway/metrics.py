@@ -49,6 +49,8 @@ class GatewayMetrics:
         self.canary_decisions = Counter(
             metric_name("gateway", "canary_decisions_total"), "Canaries decided, by outcome", ["outcome"]
         )
+        for outcome in ("promoted", "rolled_back"):  # Made at 0, so that increase() sees the first decision.
+            self.canary_decisions.labels(outcome)
         self.canaries_running = Gauge(metric_name("gateway", "canaries_running"), "Canaries now running, all studies")
         self._studies: set[str] = set()
 
