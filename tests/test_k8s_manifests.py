@@ -40,6 +40,8 @@ SERVERS = sorted(SERVICES.keys() | HTTP_SERVICES.keys())
 DEPLOYMENTS = sorted([*SERVERS, *(f"{s}-worker" for s in SERVICES)])
 # Deployments of third-party servers (components/vllm), not of an EMILI image.
 THIRD_PARTY_DEPLOYMENTS = {"vllm"}
+# components/loop: `emili loop run`, one pod of a service's image (the labeler's holds emili-pipeline).
+LOOP, LOOP_IMAGE = "loop", "emili-labeler"
 # Every EMILI container reads these from the Secret `emili-secrets`.
 SECRET_KEYS = {
     "EMILI_AUTH__SECRET": "auth-secret",
@@ -147,11 +149,11 @@ def _all_resource_docs() -> list[tuple[Path, Doc]]:
 
 
 def _deployments() -> dict[str, Doc]:
-    """EMILI's own Deployments, from every manifest file."""
+    """EMILI's own services' Deployments, from every manifest file (the loop's is tested on its own)."""
     return {
         d["metadata"]["name"]: d
         for _, d in _all_resource_docs()
-        if d["kind"] == "Deployment" and d["metadata"]["name"] not in THIRD_PARTY_DEPLOYMENTS
+        if d["kind"] == "Deployment" and d["metadata"]["name"] not in THIRD_PARTY_DEPLOYMENTS | {LOOP}
     }
 
 
@@ -580,7 +582,8 @@ def test_render(rel: str) -> None:
             tmpl_labels = d["spec"]["template"]["metadata"]["labels"]
             assert tmpl_labels.get("app.kubernetes.io/part-of") == "emili"
     assert not _by_kind(docs, "Secret")
-    assert sorted(set(_by_kind(docs, "Deployment")) - THIRD_PARTY_DEPLOYMENTS) == DEPLOYMENTS
+    assert sorted(set(_by_kind(docs, "Deployment")) - THIRD_PARTY_DEPLOYMENTS - {LOOP}) == DEPLOYMENTS
+    assert (LOOP in _by_kind(docs, "Deployment")) == (rel != "base"), "the overlays run the loop"
 
 
 def test_render_dev() -> None:
@@ -606,7 +609,7 @@ def test_render_prod() -> None:
         c = _container(docs, name)
         repo, _, tag = c["image"].rpartition(":")
         assert repo, f"{name}: image {c['image']!r} has no tag"
-        assert repo.endswith(f"emili-{_svc_of(name)}"), f"{name}: {c['image']}"
+        assert repo.endswith(LOOP_IMAGE if name == LOOP else f"emili-{_svc_of(name)}"), f"{name}: {c['image']}"
         if name in GPU_TARGETS:
             var, resource = GPU_TARGETS[name]
             assert tag.endswith("-gpu"), f"{name}: {c['image']}"
@@ -953,6 +956,8 @@ def test_network_policies_deny_by_default_and_allow_the_architecture() -> None:
         ("gateway", "fer", 50051),
         ("chat", "fer", 50051),
         ("chat", "vllm", 8000),
+        ("loop", "gateway", 8080),
+        ("loop", "trainer", 50054),
     ]
     for src, dst, port in allowed:
         assert net.can(src, dst, port), f"{src} -> {dst}:{port} must be allowed"
@@ -964,6 +969,9 @@ def test_network_policies_deny_by_default_and_allow_the_architecture() -> None:
         ("trainer-worker", "chat", 50052),
         ("vllm", "chat", 50052),
         ("fer", "gateway", 8080),
+        ("loop", "chat", 50052),
+        ("loop", "labeler", 50053),
+        ("chat", "trainer", 50054),
     ]
     for src, dst, port in denied:
         assert not net.can(src, dst, port), f"{src} -> {dst}:{port} must be denied"
@@ -980,8 +988,37 @@ def test_network_policies_deny_by_default_and_allow_the_architecture() -> None:
 
 def test_dev_network_policies_let_services_reach_redis_and_minio_only() -> None:
     net = Network(_render("overlays/dev"))
-    for name in DEPLOYMENTS:
+    for name in [*DEPLOYMENTS, LOOP]:
         assert net.can(name, "redis", 6379), name
         assert net.can(name, "minio", 9000), name
     assert not net.can(None, "redis", 6379, src_ns="default")
     assert not net.can(None, "minio", 9000, src_ns="default")
+
+
+@pytest.mark.parametrize("rel", OVERLAYS)
+def test_the_loop_runs_once_with_its_policy_and_secrets_from_the_secret(rel: str) -> None:
+    docs = _render(rel)
+    dep = _by_kind(docs, "Deployment")[LOOP]
+    # One pod, and the old one gone before a new one starts; the Redis lease covers what Kubernetes cannot.
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    pod = dep["spec"]["template"]["spec"]
+    c = _container(docs, LOOP)
+    assert c["command"] == ["emili", "loop", "run"] and c["image"].rpartition(":")[0].endswith(LOOP_IMAGE)
+    assert c["livenessProbe"]["exec"]["command"] == ["emili", "loop", "live"]
+    assert not c.get("ports"), "nothing connects to the loop"
+    env = _env(c)
+    for var, key in SECRET_KEYS.items():
+        assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "emili-secrets", "key": key}, var
+    assert env["EMILI_LOOP_GATEWAY_URL"]["value"] == f"http://gateway:{HTTP_SERVICES['gateway'][0]}"
+    assert env["EMILI_LOOP_TRAINER_TARGET"]["value"] == f"trainer:{SERVICES['trainer'][0]}"
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    policy = Path(env["EMILI_LOOP_POLICY"]["value"])
+    config = volumes[mounts[str(policy.parent)]]["configMap"]["name"]
+    data = _by_kind(docs, "ConfigMap")[config]["data"]
+    from emili_pipeline.config import PipelineConfig
+    from emili_pipeline.loop import LoopPolicy
+
+    loaded = LoopPolicy.model_validate(yaml.safe_load(data[policy.name])["loop"])  # Both files are valid.
+    assert loaded.enabled and PipelineConfig.model_validate(yaml.safe_load(data[str(loaded.pipeline)]))
+    assert volumes[mounts[TLS_DIR]]["secret"]["secretName"] == "emili-tls"

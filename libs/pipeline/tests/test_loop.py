@@ -32,6 +32,7 @@ class FakeSystem:
     sessions: list[str]
     evidence: dict[str, Evidence]
     pipelines: list[tuple[str, ...]] = field(default_factory=list)
+    baselines: list[str] = field(default_factory=list)
     finished: bool = False
     canaries: list[str] = field(default_factory=list)
     decision: str = "running"
@@ -39,8 +40,9 @@ class FakeSystem:
     def eligible_sessions(self, include_synthetic: bool) -> list[str]:
         return list(self.sessions)
 
-    def start_pipeline(self, session_ids: Sequence[str]) -> str:
+    def start_pipeline(self, session_ids: Sequence[str], baseline: str) -> str:
         self.pipelines.append(tuple(session_ids))
+        self.baselines.append(baseline)
         return f"pl-{len(set(self.pipelines))}"
 
     def pipeline_outcome(self, pipeline_id: str) -> tuple[str, str | None, dict[str, Evidence]]:
@@ -100,6 +102,23 @@ def test_one_round_restarts_and_a_second_instance(store: ObjectStore, isolated_r
     ]
     # The same sessions never make another candidate.
     assert (restarted.tick() or pytest.fail()).phase == "idle" and len(system.pipelines) == 1
+    assert done.production == "cand-1" and system.baselines == ["base"]
+
+    # The next candidate is compared with the promoted version, not with the base model.
+    system.sessions += ["s4", "s5", "s6"]
+    system.finished = False
+    assert (restarted.tick() or pytest.fail()).phase == "training"
+    assert system.baselines == ["base", "cand-1"] and restarted.state().history[-1]["baseline"] == "cand-1"
+
+
+def test_a_stopped_instance_hands_the_lease_over(store: ObjectStore, isolated_redis_url: str) -> None:
+    system = FakeSystem(sessions=["a"], evidence=GOOD)
+    first, second = (make(store, isolated_redis_url, system, name) for name in ("first", "second"))
+    assert first.tick() is not None and second.tick() is None
+    second.release()  # Not the holder: nothing changes.
+    assert second.tick() is None
+    first.release()
+    assert second.tick() is not None and first.tick() is None
 
 
 def test_a_candidate_failing_the_gate_gets_no_canary(store: ObjectStore, isolated_redis_url: str) -> None:

@@ -16,6 +16,8 @@ from emili_pipeline.pipeline import (
     FAILED,
     STEPS,
     Superseded,
+    candidate_version,
+    config_of,
     first_unfinished,
     heldout_split,
     is_finished,
@@ -203,3 +205,37 @@ def test_model_arms_follow_the_training_steps() -> None:
     state["steps"]["sft"] = {"state": DONE, "outputs": {"model_version": "sft-1"}}
     state["steps"]["dpo"] = {"state": DONE, "outputs": {"skipped": "no DPO dataset"}}
     assert model_arms(state) == {"base": "base", "sft": "sft-1"}
+
+
+def test_the_baseline_arm_is_evaluated_and_the_candidate_is_the_last_version_trained() -> None:
+    state = new_state(PipelineConfig(baseline="prod-7"), SESSIONS)
+    assert model_arms(state) == {"base": "base", "baseline": "prod-7"} and candidate_version(state) is None
+    state["steps"]["sft"] = {"state": DONE, "outputs": {"model_version": "sft-1"}}
+    assert model_arms(state) == {"base": "base", "baseline": "prod-7", "sft": "sft-1"}
+    assert candidate_version(state) == "sft-1"
+    state["steps"]["dpo"] = {"state": DONE, "outputs": {"model_version": "dpo-1"}}
+    assert candidate_version(state) == "dpo-1" and config_of(state).baseline == "prod-7"
+    # A baseline that is one of the pipeline's own versions is not evaluated twice.
+    same = new_state(PipelineConfig(baseline="sft-1"), SESSIONS)
+    same["steps"]["sft"] = {"state": DONE, "outputs": {"model_version": "sft-1"}}
+    assert model_arms(same) == {"base": "base", "sft": "sft-1"}
+
+
+def test_the_default_baseline_keeps_existing_pipeline_ids(tmp_path: Path) -> None:
+    config = PipelineConfig(users=4)
+    assert config.baseline == "base" and "baseline" not in config.model_dump(mode="json")
+    # A state written before the field existed reads back with the default.
+    state = new_state(config, SESSIONS)
+    assert "baseline" not in state["config"] and config_of(state).baseline == "base"
+    other = PipelineConfig(users=4, baseline="prod-7")
+    assert other.model_dump(mode="json")["baseline"] == "prod-7"
+    assert pipeline_id(other, SESSIONS) != pipeline_id(config, SESSIONS)
+    assert resolve(other, tmp_path, shared=tmp_path, fetch_recipe=SHIPPED.__getitem__).baseline == "prod-7"
+
+
+@pytest.mark.parametrize("baseline", ["", "..", "a/b", "x" * 65, "prod 7"])
+def test_a_baseline_that_names_no_arm_is_refused(tmp_path: Path, baseline: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"baseline: {baseline!r}\n")
+    with pytest.raises(InvalidInput, match="baseline"):
+        load_config(bad)

@@ -98,6 +98,11 @@ def test_builders_and_pipeline_steps_skip_and_count_sessions_without_consent(run
     for session_id in ("tc-no-1", "tc-no-2"):
         assert store.list_keys(Bucket.SESSIONS, f"{session_id}/labels/") == []
 
+    step = pipeline_steps.delta_table(runtime, {"sessions": sessions, "steps": {}})
+    assert step["table"]["sessions"] == 1 and list(step["gate_items"]) == ["base"]
+    real = step["gate_items"]["base"]["real"]
+    assert real["sessions"] == 1 and len(real["delta_v"]) == 1 and real["delta_v"][0] > 0  # Sad, then happy.
+
     labelled = pipeline_steps.label(runtime, {"sessions": sessions})
     assert labelled["labelled"] == 1 and labelled["failed"] == {}
     assert labelled["skipped_no_training_consent"] == 2

@@ -52,8 +52,11 @@ def test_diff_epitome_by_hand() -> None:
     assert result["mean"] == pytest.approx(1.0)
     assert result["reply_levels"]["er"] == pytest.approx(1.0)
     assert result["reference_levels"]["ex"] == pytest.approx(2 / 3)
+    # Per row, the mean over the three dimensions (the gate's paired items); their mean is the metric's.
+    assert result["per_row"] == [pytest.approx(2.0), 0.0, pytest.approx(1.0)]
     same = diff_epitome(contexts, references, references, _classifiers(), embed)
-    assert same["mean"] == 0.0
+    assert same["mean"] == 0.0 and same["per_row"] == [0.0, 0.0, 0.0]
+    assert diff_epitome([], [], [], _classifiers(), embed)["per_row"] == []
 
 
 def test_reply_metrics_reports_diff_epitome_with_classifiers() -> None:

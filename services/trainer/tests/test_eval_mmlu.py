@@ -127,6 +127,9 @@ def test_runs_on_a_fabricated_local_copy(tmp_path: Path) -> None:
     assert result["acc"] is not None and (result["acc"] * 4).is_integer()
     assert result["acc"] == pytest.approx(result["subjects"]["anatomy"])
     assert result["layout"] == "parquet" and result["n_questions"] == 4 and result["questions"] == {"anatomy": 4}
+    # Per question, 0 or 1 (the gate pairs two models question by question); their mean is the accuracy.
+    correct = result["correct"]["anatomy"]
+    assert len(correct) == 4 and set(correct) <= {0, 1} and sum(correct) / 4 == pytest.approx(result["acc"])
     assert result["wall_seconds"] > 0
 
 

@@ -72,8 +72,17 @@ def test_base_vs_adapter_report(
         evaluation.start_evaluation(runtime, ["never-trained"])
     with pytest.raises(Exception, match="seeds must differ"):
         evaluation.start_evaluation(runtime, [version], session_ids=held_out, seeds=[1, 1])
+    # The pipeline asks for the gate's evidence: the candidate against the production arm (here the base model),
+    # with the online items of the arms' labelled sessions.
+    online = {
+        version: {"synthetic": {"sessions": 1, "delta_v": [0.25], "negative_reaction": [0.0, 1.0]}},
+        "base": {"synthetic": {"sessions": 1, "delta_v": [0.0], "negative_reaction": [1.0]}},
+    }
+    gate = {"candidate": version, "baseline": "base", "online": online}
+    with pytest.raises(Exception, match="evaluate both"):
+        evaluation.start_evaluation(runtime, [version], session_ids=held_out, gate={**gate, "baseline": "prod"})
     record, enqueue = evaluation.start_evaluation(
-        runtime, [version], session_ids=held_out, rating_session_ids=held_out, seeds=[0, 1]
+        runtime, [version], session_ids=held_out, rating_session_ids=held_out, seeds=[0, 1], gate=gate
     )
     assert enqueue and record.arms == ("base", version)
     assert evaluation.eval_options_of(record) == {"seeds": [0, 1], "empathetic_full": False, "pool_synthetic": False}
@@ -104,11 +113,28 @@ def test_base_vs_adapter_report(
     assert len(bleu["arms"]["base"]["per_seed"]) == 2 and set(bleu["vs_base"]) == {version}
     assert 0.0 < bleu["vs_base"][version]["p_value"] <= 1.0
     assert "skipped" in data["mmlu"]  # No local MMLU copy here: said so, not faked.
+    evidence = data["gate"]["evidence"]
+    assert data["gate"]["candidate"] == version and data["gate"]["baseline"] == "base"
+    # Four contexts (two sources of two turns), the same for both arms; the first seed's replies.
+    assert len(evidence["reply_words"]["candidate"]) == len(evidence["reply_words"]["baseline"]) == 4
+    assert evidence["reply_words"]["paired"] and evidence["delta_v"] == {
+        "candidate": [0.25],
+        "baseline": [0.0],
+        "paired": False,
+    }
+    assert data["gate"]["origins"]["negative_reaction"] == "synthetic"
+    assert "skipped" in data["gate"]["missing"]["mmlu_correct"]
+    # DIFF-EPITOME needs the project's classifiers: per context when they are there, else said why.
+    assert ("diff_epitome_mean" in evidence) != ("diff_epitome_mean" in data["gate"]["missing"])
+    assert all("per_row" not in m["diff_epitome"] for m in data["reply_metrics"].values())
+    assert (
+        "## Evaluation gate evidence" in report.markdown and "synthetic sessions (simulated users)" in report.markdown
+    )
     assert "Table 1: ratings from human and simulated users, in separate rows" in report.markdown
     assert "Paired differences from the base model" in report.markdown and version in report.markdown
     assert report.plot_keys and all(k.endswith(".png") for k in report.plot_keys)
     again, enqueue_again = evaluation.start_evaluation(
-        runtime, [version], session_ids=held_out, rating_session_ids=held_out, seeds=[0, 1]
+        runtime, [version], session_ids=held_out, rating_session_ids=held_out, seeds=[0, 1], gate=gate
     )
     assert not enqueue_again and again.run_id == record.run_id
     greedy, _ = evaluation.start_evaluation(runtime, [version], session_ids=held_out, rating_session_ids=held_out)

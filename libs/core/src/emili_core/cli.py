@@ -99,7 +99,7 @@ class ComponentStatus:
 
     @property
     def ok(self) -> bool:
-        return self.state in {"SERVING", "OK"}
+        return self.state in {"SERVING", "OK", "DISABLED"}  # A disabled process is as configured, not down.
 
 
 async def _grpc_health(target: str, tls: TLSSettings | None = None) -> tuple[str, str]:
@@ -176,6 +176,18 @@ def monitoring_status(settings: CliSettings) -> list[ComponentStatus]:
     return rows
 
 
+def extension_status(settings: CliSettings) -> list[ComponentStatus]:
+    """The rows of the processes other packages add to the local stack (``emili.status`` entry points: a function
+    of the settings returning (name, state, detail) rows; the pipeline's loop)."""
+    rows: list[ComponentStatus] = []
+    for ep in entry_points(group="emili.status"):
+        try:
+            rows.extend(ComponentStatus(name, state, detail) for name, state, detail in ep.load()(settings))
+        except Exception as exc:  # One package's broken status must not hide the rest of the stack's.
+            rows.append(ComponentStatus(ep.name, "ERROR", f"{type(exc).__name__}: {exc}"[:120]))
+    return rows
+
+
 def monitoring_links(settings: CliSettings, rows: list[ComponentStatus]) -> dict[str, str]:
     """The address of each monitoring tool that answers (Prometheus, Flower)."""
     answering = {row.name for row in rows if row.ok}
@@ -219,9 +231,10 @@ def print_status(rows: list[ComponentStatus], links: dict[str, str] | None = Non
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Health of Redis, the S3 server, each local service's gRPC server and worker; Prometheus and Flower."""
+    """Health of Redis, the S3 server, each local service's gRPC server and worker, the loop; Prometheus and
+    Flower."""
     settings = load_settings(CliSettings)
-    rows = collect_status(settings, list(stack.LOCAL_SERVICES))
+    rows = collect_status(settings, list(stack.LOCAL_SERVICES)) + extension_status(settings)
     monitoring = monitoring_status(settings)
     if as_json:
         listed = rows + monitoring
@@ -252,7 +265,7 @@ def stack_up(
         if not waiting:
             monitoring = monitoring_status(settings)
             links = service_links(list(stack.LOCAL_SERVICES)) | monitoring_links(settings, monitoring)
-            print_status(rows + monitoring, links)
+            print_status(rows + extension_status(settings) + monitoring, links)
             return
         if time.monotonic() > deadline:
             print_status(rows)

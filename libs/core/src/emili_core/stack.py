@@ -1,4 +1,5 @@
-"""The local stack: Redis, the S3 server, each service's server and worker, Prometheus and Flower under supervisord.
+"""The local stack: Redis, the S3 server, each service's server and worker, Prometheus and Flower under supervisord,
+and the processes other packages add (``emili.stack`` entry points: the pipeline's loop when its policy is enabled).
 
 Everything lives in ``var/`` (git-ignored): data in ``var/redis``, ``var/s3`` and ``var/prometheus``, logs in
 ``var/log``, the generated supervisord and Prometheus configs and the socket in ``var/run``.
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -66,6 +68,11 @@ class Program:
 def _bin(name: str) -> str:
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else (shutil.which(name) or name)
+
+
+def emili_command() -> str:
+    """The ``emili`` command of this environment (for programs that run one of its sub-commands)."""
+    return _bin("emili")
 
 
 def _configured(variable: str) -> bool:
@@ -243,6 +250,15 @@ def monitoring_programs(settings: CommonSettings) -> list[Program]:
     return result
 
 
+def extension_programs(settings: CommonSettings) -> list[Program]:
+    """Processes other packages add to the local stack: each ``emili.stack`` entry point is a function of the
+    settings returning its programs (the pipeline's loop, only when its policy is enabled)."""
+    result: list[Program] = []
+    for ep in entry_points(group="emili.stack"):
+        result.extend(ep.load()(settings))
+    return result
+
+
 def render_config(progs: list[Program]) -> str:
     sections = [
         f"[unix_http_server]\nfile={SOCKET}\n",
@@ -307,7 +323,7 @@ def up(settings: CommonSettings) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     ensure_dev_certificates(settings)
     PROMETHEUS_CONFIG.write_text(prometheus_config(settings, scrape_targets(settings)))
-    CONFIG.write_text(render_config(programs(settings) + monitoring_programs(settings)))
+    CONFIG.write_text(render_config(programs(settings) + monitoring_programs(settings) + extension_programs(settings)))
     if is_running():
         supervisorctl("update", check=True)
         supervisorctl("start", "all")

@@ -38,8 +38,9 @@ def _chat_target() -> str:
     return _service_target("chat", "pass --target HOST:PORT")
 
 
-def _fetch_recipe(name: str) -> str:
-    """A shipped recipe's YAML text, from the trainer's ``GetRecipe`` (the trainer owns its recipes)."""
+def _fetch_recipe(name: str, trainer_target: str = "") -> str:
+    """A shipped recipe's YAML text, from the trainer's ``GetRecipe`` (the trainer owns its recipes) at
+    ``trainer_target`` (default: the address in the installed trainer's settings)."""
     import grpc
 
     from emili.trainer.v1 import trainer_pb2, trainer_pb2_grpc
@@ -47,7 +48,9 @@ def _fetch_recipe(name: str) -> str:
     from emili_core.errors import InvalidInput
     from emili_core.grpc_client import make_channel
 
-    target = _service_target("trainer", "name recipe files in the pipeline config instead of shipped recipes")
+    target = trainer_target or _service_target(
+        "trainer", "name recipe files in the pipeline config instead of shipped recipes"
+    )
     cli_settings = load_settings(CliSettings)
     token = client_token(cli_settings, "trainer", "emili-pipeline")
 

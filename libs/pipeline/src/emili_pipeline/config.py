@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 from emili_core.errors import InvalidInput
 from emili_core.settings import REPO_ROOT
@@ -27,6 +35,7 @@ SHARED_FACES = SHARED_DATA / "fer2013-publictest" / "fer2013_publictest_48x48.np
 AUTO = "auto"
 
 _STRICT = ConfigDict(extra="forbid")
+BASE_ARM = "base"
 
 
 # A shipped recipe's name -> its YAML text (the CLI asks the trainer's GetRecipe; tests look it up in a dict).
@@ -53,8 +62,9 @@ class Evaluation(BaseModel):
     model_config = _STRICT
     # Contexts per source (held-out sessions, EmpatheticDialogues test) each arm answers.
     max_examples: int = Field(16, ge=1, le=10_000)
-    # Simulated users per arm (base, SFT, SFT+DPO) after training: Tables 1 and 2 compare their ratings and
-    # survey changes. 0 skips them (the tables then hold the collected sessions' arm only).
+    # Simulated users per arm (base, the baseline when it is another version, SFT, SFT+DPO) after training:
+    # Tables 1 and 2 and the gate's online evidence compare their ratings, survey changes and reactions. 0 skips
+    # them (the tables then hold the collected sessions' arm only).
     users_per_arm: int = Field(4, ge=0, le=10_000)
     concurrency: int = Field(3, ge=1, le=256)
 
@@ -83,6 +93,25 @@ class PipelineConfig(BaseModel):
     # turn of EmpatheticDialogues (its train split when the labeler's folder has one, else valid), before DPO.
     sft_source: Literal["sessions", "empathetic"] = "sessions"
     evaluation: Evaluation = Evaluation()
+    # The production arm the candidate (the last version trained: DPO, else SFT) is compared with by the
+    # evaluation gate: "base" or a registered model version. Every evaluation step talks to it too.
+    baseline: str = Field(BASE_ARM, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+
+    @field_validator("baseline")
+    @classmethod
+    def _baseline_names_an_arm(cls, value: str) -> str:
+        if value.strip(".") == "":
+            raise ValueError(f"baseline {value!r} is not a model version")  # As the model registry refuses it.
+        return value
+
+    @model_serializer(mode="wrap")
+    def _without_default_baseline(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A config written before the field existed dumps as it did, so its pipeline id (a digest of the dump)
+        # and the states stored under it stay the same.
+        data: dict[str, Any] = handler(self)
+        if data.get("baseline") == BASE_ARM:
+            data.pop("baseline")
+        return data
 
     def simulator_settings(self, base: SimulatorSettings | None = None) -> SimulatorSettings:
         """The simulator's settings: ``base`` (the environment's) with this file's overrides and inputs."""

@@ -18,6 +18,9 @@ Phases, one step per tick:
 - ``canary``: wait for the gateway's decision (promoted or rolled back) -> ``idle`` (a canary that is missing,
   because the process stopped before starting it, is started).
 
+The production arm: candidates are compared with ``policy.production`` (``base``) until the loop promotes one;
+from then on with the promoted version (``LoopState.production``), which the next pipeline gets as its baseline.
+
 Every transition is appended to the state's history with its numbers, so a decision can be traced back to the
 pipeline, its sessions and the verdict.
 """
@@ -60,6 +63,8 @@ class LoopPolicy(BaseModel):
     include_synthetic: bool = False  # Only simulation studies set it: real candidates learn from people.
     study_id: str = ""  # Where the canary runs (the gateway's study); empty: candidates stop after the gate.
     canary_share: float = Field(0.1, gt=0, le=0.5)
+    # What serves the study's production arm before the loop has promoted anything: the first baseline.
+    production: str = Field("base", min_length=1)
     gate: Path = SHIPPED_GATE
     pipeline: Path = Path("libs/pipeline/configs/loop.yaml")
 
@@ -73,6 +78,7 @@ class LoopState(BaseModel):
     phase: Phase = "idle"
     pipeline_id: str | None = None
     candidate: str | None = None
+    production: str | None = None  # The version the loop promoted last; None: the policy's production arm.
     sessions: list[str] = Field(default_factory=list)  # Of the candidate in progress.
     used_sessions: list[str] = Field(default_factory=list)  # Sessions some earlier candidate was built from.
     history: list[dict[str, Any]] = Field(default_factory=list)
@@ -83,7 +89,7 @@ class Actions(Protocol):
 
     def eligible_sessions(self, include_synthetic: bool) -> list[str]: ...
 
-    def start_pipeline(self, session_ids: Sequence[str]) -> str: ...
+    def start_pipeline(self, session_ids: Sequence[str], baseline: str) -> str: ...
 
     def pipeline_outcome(self, pipeline_id: str) -> tuple[str, str | None, dict[str, Evidence]]: ...
 
@@ -94,6 +100,8 @@ class Actions(Protocol):
 
 class Lease(Protocol):
     def take(self, owner: str, ttl_s: float) -> bool: ...
+
+    def release(self, owner: str) -> None: ...
 
 
 class RedisLease:
@@ -111,6 +119,14 @@ class RedisLease:
             self.client.pexpire(self.key, ttl_ms)
             return True
         return False
+
+    def release(self, owner: str) -> None:
+        """Give the lease up if ``owner`` holds it, so a successor acts at once instead of after the TTL."""
+        self.client.eval(_RELEASE, 1, self.key, owner)
+
+
+# Delete the lease only when its holder is the caller, atomically (a lapsed lease may have a new holder).
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 @dataclass
@@ -137,6 +153,14 @@ class Loop:
         log.info("loop: %s (%s)", event, numbers)
         return state
 
+    def release(self) -> None:
+        """Stop acting: the lease goes to the next instance that ticks."""
+        self.lease.release(self.owner)
+
+    def baseline(self, state: LoopState) -> str:
+        """What the next candidate is compared with: the version promoted last, else the policy's production arm."""
+        return state.production or self.policy.production
+
     def tick(self) -> LoopState | None:
         """One step of the loop; None when another instance holds the lease."""
         if not self.lease.take(self.owner, self.policy.interval_s * 3):
@@ -155,13 +179,16 @@ class Loop:
         state.pipeline_id = None
         # Saved before the pipeline starts: a restart sees "training" and never starts another candidate.
         self._save(state, "enough new sessions", new_sessions=len(new), sessions=len(eligible))
-        state.pipeline_id = self.actions.start_pipeline(state.sessions)
-        return self._save(state, "pipeline started", pipeline_id=state.pipeline_id)
+        return self._start_pipeline(state)
+
+    def _start_pipeline(self, state: LoopState) -> LoopState:
+        baseline = self.baseline(state)
+        state.pipeline_id = self.actions.start_pipeline(state.sessions, baseline)
+        return self._save(state, "pipeline started", pipeline_id=state.pipeline_id, baseline=baseline)
 
     def _training(self, state: LoopState) -> LoopState:
         if state.pipeline_id is None:  # Stopped between saving "training" and starting it: start it now.
-            state.pipeline_id = self.actions.start_pipeline(state.sessions)
-            return self._save(state, "pipeline started", pipeline_id=state.pipeline_id)
+            return self._start_pipeline(state)
         outcome, candidate, _ = self.actions.pipeline_outcome(state.pipeline_id)
         if outcome == "running":
             return state
@@ -202,4 +229,6 @@ class Loop:
         if outcome == "running":
             return state
         state.phase = "idle"
+        if outcome == "promoted":
+            state.production = state.candidate  # The gateway serves it now: the next candidate must beat it.
         return self._save(state, f"canary {outcome.replace('_', ' ')}", candidate=state.candidate)

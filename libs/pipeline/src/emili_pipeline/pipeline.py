@@ -107,13 +107,21 @@ def outputs(state: State, step: str) -> dict[str, Any]:
 
 
 def model_arms(state: State) -> dict[str, str]:
-    """Label -> chat model arm of every model the pipeline has: base, and the SFT and DPO versions it trained."""
+    """Label -> chat model arm of every model the pipeline has: base, the production arm the candidate is
+    compared with (``baseline``, when it is not the base model), and the SFT and DPO versions it trained."""
     arms = {"base": "base"}
-    for step in ("sft", "dpo"):
-        version = outputs(state, step).get("model_version")
-        if version:
-            arms[step] = str(version)
-    return arms
+    trained = {step: str(v) for step in ("sft", "dpo") if (v := outputs(state, step).get("model_version"))}
+    # Read from the stored config (validated when the state was made); a config without it compares with base.
+    baseline = str((state.get("config") or {}).get("baseline") or "base")
+    if baseline not in ("base", *trained.values()):
+        arms["baseline"] = baseline
+    return arms | trained
+
+
+def candidate_version(state: State) -> str | None:
+    """The version the pipeline offers to the gate: the last one it trained (DPO, else SFT); None if none."""
+    arms = model_arms(state)
+    return arms.get("dpo") or arms.get("sft")
 
 
 def first_unfinished(state: State) -> str | None:

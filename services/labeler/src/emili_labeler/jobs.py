@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from emili_labeler.reactions import (
     TurnReaction,
     WeightVector,
     flag_turns,
+    negative_reaction,
 )
 from emili_labeler.settings import LabelerSettings
 from emili_labeler.user_weights import (
@@ -433,6 +434,52 @@ def delta_table(
         "missing_gold_sessions": missing_gold,
         "arms": arm_table(labels, runtime.settings.labeler.bootstrap_samples),
     }
+
+
+def label_threshold(label: Mapping[str, Any]) -> float:
+    """The flag threshold a label's turns were judged with: its named weight vector's; learned weights flag
+    at 0 (:func:`learned_weights` builds them with the default threshold)."""
+    vector = (label.get("settings") or {}).get("weight_vector")
+    return float(vector.get("threshold", 0.0)) if isinstance(vector, Mapping) else 0.0
+
+
+def session_gate_items(label: Mapping[str, Any]) -> dict[str, list[float]]:
+    """One labelled session's items for the evaluation gate: ``delta_v`` (its Delta valence, none when a survey
+    is missing) and ``negative_reaction`` (1.0 or 0.0 per assistant reply whose reaction was read; see
+    :func:`~emili_labeler.reactions.negative_reaction`)."""
+    delta = GoldLabel.from_json(label["gold"]).delta
+    threshold = label_threshold(label)
+    negative = [negative_reaction(t.get("delta"), threshold) for t in label.get("turns") or ()]
+    return {
+        "delta_v": [] if delta is None else [float(delta.valence)],
+        "negative_reaction": [float(n) for n in negative if n is not None],
+    }
+
+
+def arm_gate_items(labels: Sequence[tuple[Mapping[str, Any], bool]]) -> dict[str, Any]:
+    """Per model arm and origin ("real", "synthetic"), the gate's per-session and per-reply items of
+    (label, synthetic) pairs: ``{arm: {origin: {"sessions": n, "delta_v": [...], "negative_reaction": [...]}}}``.
+    Origins are never pooled: the gate compares sessions of one kind."""
+    items: dict[str, Any] = {}
+    for label, synthetic in labels:
+        arm = str(label.get("model_arm") or "base")
+        origin = "synthetic" if synthetic else "real"
+        entry = items.setdefault(arm, {}).setdefault(origin, {"sessions": 0, "delta_v": [], "negative_reaction": []})
+        entry["sessions"] += 1
+        for metric, values in session_gate_items(label).items():
+            entry[metric] += values
+    return items
+
+
+def gate_items(runtime: Runtime, session_ids: Sequence[str]) -> dict[str, Any]:
+    """:func:`arm_gate_items` of the consenting sessions among ``session_ids`` (as :func:`delta_table` counts
+    them; their labels are computed once and reused)."""
+    labels = [
+        (label_session(runtime, s), _synthetic(runtime.store, s))
+        for s in session_ids
+        if training_consent(runtime.store, s)
+    ]
+    return arm_gate_items(labels)
 
 
 # --- forgetting sessions (a person withdrew) ----------------------------------------------------------------

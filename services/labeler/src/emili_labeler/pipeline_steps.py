@@ -11,7 +11,7 @@ from typing import Any
 
 from emili_core.errors import FailedPrecondition, InvalidInput, NotFound
 from emili_labeler.gold import GoldLabel
-from emili_labeler.jobs import Runtime, build_dpo_dataset, build_sft_dataset, label_session
+from emili_labeler.jobs import Runtime, build_dpo_dataset, build_sft_dataset, gate_items, label_session
 from emili_labeler.jobs import delta_table as table_of
 from emili_pipeline.pipeline import State, config_of, outputs
 
@@ -101,7 +101,8 @@ def datasets(runtime: Runtime, state: State) -> dict[str, Any]:
 
 
 def delta_table(runtime: Runtime, state: State) -> dict[str, Any]:
-    """Table 2 over the sessions of the arms (or, without them, the collected sessions)."""
+    """Table 2 over the sessions of the arms (or, without them, the collected sessions), and the same sessions'
+    per-session Delta v and per-reply negative reactions by arm, the evaluation gate's online evidence."""
     arms = outputs(state, "arm_sessions").get("arms") or {}
     sessions = [s for ids in arms.values() for s in ids] or state["sessions"]
-    return {"table": table_of(runtime, sessions), "sessions": sessions}
+    return {"table": table_of(runtime, sessions), "sessions": sessions, "gate_items": gate_items(runtime, sessions)}

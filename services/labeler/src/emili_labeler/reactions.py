@@ -30,6 +30,10 @@ Choices made here (the reference leaves them open), so flags can be interpreted:
   applies to ``sum_i w_i (post_i - pre_i) / std_i`` (the means cancel in the delta). The variant was
   described with the +5 s reading: use either with ``post="delayed"``.
 * ``flagged`` is ``delta >= threshold`` with a 1e-9 allowance for floating-point rounding.
+* A negative reaction (:func:`negative_reaction`, the evaluation gate's ``negative_reaction``) is the flag's
+  mirror image on the same delta: the face's score fell by at least the threshold, ``delta <= -threshold``, and
+  strictly fell (``delta < 0``), so with a threshold of 0 an unchanged face is neither. It is not stored in the
+  label: it is read from the stored delta and the weight vector's threshold.
 * FER gaps. Between a ``fer_unavailable`` event (from its ``since_ms``) and the next ``fer_restored`` (its
   ``restored_ms``; the end of time when none follows) the FER service was down: the face is unknown, which is
   not "no face". A turn whose pre or post window overlaps such a gap is unflaggable (``reason=
@@ -71,6 +75,7 @@ __all__ = [
     "WindowSettings",
     "fer_gaps",
     "flag_turns",
+    "negative_reaction",
     "seconds_to_ms",
 ]
 
@@ -399,6 +404,14 @@ class TurnReaction:
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def negative_reaction(delta: float | None, threshold: float) -> bool | None:
+    """Whether the user's reaction to a reply was negative (see the module's notes); None when the delta is
+    unknown (an unflaggable turn: no reaction was read)."""
+    if delta is None:
+        return None
+    return delta < 0.0 and delta <= -threshold + _FLAG_TOLERANCE
 
 
 def _scores_dict(weights: WeightVector, unit: FloatArray | None) -> dict[str, float] | None:

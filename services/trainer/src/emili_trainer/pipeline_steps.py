@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from emili_core.errors import FailedPrecondition, InvalidInput
-from emili_pipeline.pipeline import State, config_of, model_arms, outputs
+from emili_pipeline.pipeline import State, candidate_version, config_of, model_arms, outputs
 from emili_trainer.jobs import ProgressSink, Runtime, execute_run, start_training
 from emili_trainer.recipes import Recipe, load_recipe, parse_recipe
 from emili_trainer.runs import RunRecord, RunState
@@ -71,17 +71,44 @@ def train(runtime: Runtime, state: State, kind: str, progress: Callable[[str], P
     }
 
 
+def gate_outputs(report: dict[str, Any] | None, candidate: str | None, baseline: str) -> dict[str, Any]:
+    """The evaluate step's part for the loop's gate: ``gate_evidence`` (``emili_pipeline.gate``'s JSON form),
+    ``gate_evidence_missing`` ({metric: why}), ``candidate`` and ``baseline``. A report without a gate part
+    (a run from before it existed) gives no evidence, and says so."""
+    from emili_trainer.evaluation.gate_evidence import OFFLINE_METRICS, ONLINE_METRICS
+
+    gate = (report or {}).get("gate")
+    if not isinstance(gate, dict):
+        why = "the evaluation report holds no gate evidence (run before the pipeline asked for it)"
+        missing = dict.fromkeys((*OFFLINE_METRICS, *ONLINE_METRICS), why)
+        return {"gate_evidence": {}, "gate_evidence_missing": missing, "candidate": candidate, "baseline": baseline}
+    return {
+        "gate_evidence": dict(gate.get("evidence") or {}),
+        "gate_evidence_missing": dict(gate.get("missing") or {}),
+        "gate_evidence_origins": dict(gate.get("origins") or {}),
+        "candidate": gate.get("candidate"),
+        "baseline": gate.get("baseline"),
+    }
+
+
 def evaluate(runtime: Runtime, state: State, progress: Callable[[str], ProgressSink]) -> dict[str, Any]:
-    """Base vs SFT vs SFT+DPO on the held-out sessions' contexts, with Tables 1 and 2; the report is published
-    under the evaluation run."""
+    """Base vs SFT vs SFT+DPO (and the production baseline) on the held-out sessions' contexts, with Tables 1
+    and 2 and the gate's evidence for the candidate against the baseline; the report is published under the
+    evaluation run."""
     # The evaluation stack (lm-eval, sacrebleu, plots) loads only in the step that uses it.
-    from emili_trainer.evaluation.job import execute_evaluation, report_prefix, start_evaluation
+    from emili_trainer.evaluation.job import execute_evaluation, load_report, report_prefix, start_evaluation
 
     config = config_of(state)
     versions = [v for label, v in model_arms(state).items() if label != "base"]
     arms = outputs(state, "arm_sessions").get("arms") or {}
     rated = [s for ids in arms.values() for s in ids] or state["sessions"]
     table = outputs(state, "delta_table").get("table")
+    candidate = candidate_version(state)
+    gate = {
+        "candidate": candidate,
+        "baseline": config.baseline,
+        "online": outputs(state, "delta_table").get("gate_items"),
+    }
     record, _ = start_evaluation(
         runtime,
         versions,
@@ -89,6 +116,7 @@ def evaluate(runtime: Runtime, state: State, progress: Callable[[str], ProgressS
         session_ids=state["heldout_sessions"] or state["sessions"],
         rating_session_ids=rated,
         delta_table=table,
+        gate=gate,
     )
     run_id = record.run_id
     final = _until_final(lambda: execute_evaluation(runtime, run_id, table, progress(run_id)))
@@ -99,4 +127,5 @@ def evaluate(runtime: Runtime, state: State, progress: Callable[[str], ProgressS
         "report_prefix": report_prefix(run_id),
         "arms": model_arms(state),
         "metrics": None if final.metrics is None else dict(final.metrics),
+        **gate_outputs(load_report(runtime, run_id).report, candidate, config.baseline),
     }

@@ -204,18 +204,22 @@ def diff_epitome(
 ) -> dict[str, Any]:
     """Per dimension the mean |level(context, reply) - level(context, reference)| (0-2; lower = closer to the
     reference's empathy), and ``mean`` over the three; with the mean levels of replies and references.
+    ``per_row`` holds each row's mean over the three dimensions (``mean`` is their mean), for comparisons paired
+    by context such as the evaluation gate's.
 
     EmPO's code squares each difference; with levels 0-2 that weighs a 0-vs-2 miss 4 instead of 2.
     """
     out: dict[str, Any] = {"status": "ok", "classifiers": NOTE, "encoder": classifiers.encoder, "n": len(replies)}
     if not replies:
-        return out | {d: None for d in (*DIMENSIONS, "mean")}
+        return out | {d: None for d in (*DIMENSIONS, "mean")} | {"per_row": []}
     context_vectors = embed(list(contexts))
     reply_levels = classifiers.predict(features(context_vectors, embed(list(replies))))
     reference_levels = classifiers.predict(features(context_vectors, embed(list(references))))
-    for dimension in DIMENSIONS:
-        out[dimension] = float(np.abs(reply_levels[dimension] - reference_levels[dimension]).mean())
+    gaps = np.stack([np.abs(reply_levels[d] - reference_levels[d]) for d in DIMENSIONS]).astype(np.float64)
+    for i, dimension in enumerate(DIMENSIONS):
+        out[dimension] = float(gaps[i].mean())
     out["mean"] = float(np.mean([out[d] for d in DIMENSIONS]))
+    out["per_row"] = [float(v) for v in gaps.mean(axis=0)]
     out["reply_levels"] = {d: float(reply_levels[d].mean()) for d in DIMENSIONS}
     out["reference_levels"] = {d: float(reference_levels[d].mean()) for d in DIMENSIONS}
     return out

@@ -9,7 +9,9 @@ and the paired bootstrap difference of each arm from the base over the same cont
 Table 1 is computed from the ratings given through the chat API; sessions made by the user simulator are
 marked synthetic and are never pooled with real ones unless ``pool_synthetic`` asks for it (contexts from
 recorded sessions are split the same way). Table 2 is the labeler's Delta-VAD table, passed in by the
-pipeline. The report (report.json, report.md and PNG plots) goes to ``emili-models/runs/<run_id>/report/``.
+pipeline. With ``gate`` (the pipeline's candidate, its production baseline and the labeled sessions' online
+items) the report also holds the evaluation gate's evidence for the candidate (:mod:`.gate_evidence`). The
+report (report.json, report.md and PNG plots) goes to ``emili-models/runs/<run_id>/report/``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from emili_session.conversation import conversation_messages, system_prompt_of
 from emili_session.events import Rating, payloads_of
 from emili_session.registry import download_adapter, registered_model
 from emili_trainer import jobs
+from emili_trainer.evaluation.gate_evidence import ArmItems, gate_evidence
 from emili_trainer.evaluation.metrics import ReplyRow, reference_perplexity, reply_metrics, word_counts
 from emili_trainer.evaluation.mmlu import run_mmlu
 from emili_trainer.evaluation.paired import paired_report
@@ -70,15 +73,22 @@ def start_evaluation(
     seeds: Sequence[int] | None = None,
     empathetic_full: bool | None = None,
     pool_synthetic: bool | None = None,
+    gate: Mapping[str, Any] | None = None,
 ) -> tuple[RunRecord, bool]:
     """Queue (or find) the evaluation of ``versions`` against the base model.
 
     ``seeds`` (sampled generation, one pass per seed), ``empathetic_full`` (every EmpatheticDialogues test
     dialogue) and ``pool_synthetic`` (pool synthetic and real sessions) default to the trainer's settings.
+    ``gate`` (``{"candidate": version | None, "baseline": arm, "online": the labeler's gate_items | None}``) asks
+    for the evaluation gate's evidence; the baseline must be among the evaluated arms.
     """
     arms = [BASE, *sorted({v for v in versions if v and v != BASE})]
     for arm in arms[1:]:
         registered_model(runtime.store, arm)  # NotFound names the version.
+    if gate is not None:
+        gate = {"candidate": gate.get("candidate"), "baseline": str(gate["baseline"]), "online": gate.get("online")}
+        if gate["baseline"] not in arms or (gate["candidate"] is not None and gate["candidate"] not in arms):
+            raise InvalidInput(f"the gate compares {gate['candidate']} with {gate['baseline']}: evaluate both ({arms})")
     limit = max_examples or DEFAULT_MAX_EXAMPLES
     if limit < 1:
         raise InvalidInput(f"max_examples must be positive, not {limit}")
@@ -100,6 +110,7 @@ def start_evaluation(
         "rating_session_ids": sorted(rating_session_ids) if rating_session_ids is not None else None,
         "delta_table": delta_table,
         **({"eval_options": changed} if changed else {}),
+        **({"gate": gate} if gate is not None else {}),  # Absent: the ids of runs without a gate stay the same.
     }
     record = RunRecord(
         run_id=f"eval-{_digest(request)[:16]}",  # The request dict's digest: ids of earlier runs stay the same.
@@ -109,7 +120,8 @@ def start_evaluation(
         session_ids=tuple(sorted(session_ids)),
         rating_session_ids=tuple(sorted(rating_session_ids)) if rating_session_ids is not None else None,
         delta_table=delta_table,
-        extra={"eval_options": eval_options},  # RunRecord keeps keys it does not know, so they are stored.
+        # RunRecord keeps keys it does not know, so they are stored.
+        extra={"eval_options": eval_options, **({"gate": gate} if gate is not None else {})},
     )
     return jobs.create_or_requeue(runtime, record)
 
@@ -348,6 +360,7 @@ def _evaluate(
         reply_results: dict[str, Any] = {}
         perplexity: dict[str, Any] = {}
         samples: dict[str, Any] = {}
+        items = {arm: ArmItems() for arm in arms}  # The gate's offline items, per arm over every source.
         # source -> arm -> one list of replies per seed, for the paired comparison.
         by_seed: dict[str, dict[str, list[list[str]]]] = {source: {} for source in sources}
         for arm in arms:
@@ -376,6 +389,10 @@ def _evaluate(
                     # Without EmPO's ED train+valid counts, NIDF is relative to this source's references.
                     counts = scorers.corpus_counts or word_counts([r.reference for r in scored])
                     reply_results[name] = reply_metrics(scored, **(scorers.kwargs() | {"corpus_counts": counts}))
+                    # Per-row values are gate evidence, not a reply metric: they leave the metrics table.
+                    epitome = dict(reply_results[name]["diff_epitome"])
+                    reply_results[name]["diff_epitome"] = {k: v for k, v in epitome.items() if k != "per_row"}
+                    items[arm].add(replies, epitome)
                     perplexity[name] = reference_perplexity(active, tokenizer, scored)
                     samples[name] = [{"reply": s.reply, "reference": s.reference} for s in scored[:5]]
         if options.mmlu_path is None:
@@ -394,6 +411,7 @@ def _evaluate(
         for source, rows in sources.items()
         if len(arms) > 1
     }
+    gate = record.extra.get("gate")
     report = build_report(
         {
             "title": f"EMILI evaluation {run_id}: {' vs '.join(arms)}",
@@ -405,6 +423,7 @@ def _evaluate(
             "paired": paired,
             "context_sessions": context_sessions if record.session_ids else None,
             "pool_synthetic": eval_options["pool_synthetic"],
+            "gate": None if not isinstance(gate, Mapping) else _gate(gate, items, mmlu, list(sources)),
         }
     )
     report["eval_options"] = eval_options
@@ -413,6 +432,11 @@ def _evaluate(
     report["wall_seconds"] = time.perf_counter() - started
     _publish_report(runtime, run_id, report)
     return report
+
+
+def _gate(gate: Mapping[str, Any], items: Mapping[str, ArmItems], mmlu: Any, sources: list[str]) -> dict[str, Any]:
+    found = gate_evidence(gate.get("candidate"), str(gate["baseline"]), items, mmlu, gate.get("online"))
+    return {**found.to_json(), "context_sources": sources}
 
 
 def _mmlu(

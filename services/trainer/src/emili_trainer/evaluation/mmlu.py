@@ -201,7 +201,9 @@ def run_mmlu(
 
     Returns ``{"skipped": SKIP_MESSAGE}`` when ``mmlu_path`` is None; otherwise ``{"task": "mmlu",
     "num_fewshot", "acc", "acc_stderr", "subjects": {subject: acc}, "n_subjects", "n_questions",
-    "questions": {subject: n}, "limit", "source", "layout", "wall_seconds", "lm_eval_version"}``.
+    "questions": {subject: n}, "correct": {subject: [0 or 1 per question, by position in its test split]},
+    "limit", "source", "layout", "wall_seconds", "lm_eval_version"}``. ``correct`` lets two models be compared
+    question by question (the evaluation gate's paired ``mmlu_correct``).
     ``subjects`` picks a subset (a demo run; its accuracy is over those subjects only, not MMLU's).
     ``limit`` (questions per subject) is for smoke runs only: its accuracy is not MMLU's either.
     """
@@ -235,7 +237,7 @@ def run_mmlu(
             num_fewshot=num_fewshot,
             limit=limit,
             task_manager=manager,
-            log_samples=False,
+            log_samples=True,  # Per-question correctness; each sample is reduced to 0/1 below.
         )
     if results is None:  # Only non-zero ranks of a distributed run get None; EMILI runs one process.
         raise RuntimeError("lm-eval returned no results")
@@ -252,6 +254,11 @@ def run_mmlu(
         for name in scores
         if name != GROUP and name.startswith("mmlu_")
     }
+    correct = {
+        name.removeprefix("mmlu_"): [int(bool(x["acc"])) for x in sorted(logged, key=lambda x: int(x["doc_id"]))]
+        for name, logged in (results.get("samples") or {}).items()
+        if name != GROUP and name.startswith("mmlu_")
+    }
     return {
         "task": "mmlu",
         "num_fewshot": num_fewshot,
@@ -261,6 +268,7 @@ def run_mmlu(
         "n_subjects": len(per_subject),
         "questions": questions,
         "n_questions": sum(questions.values()),
+        "correct": correct,
         "limit": limit,
         "source": str(Path(mmlu_path)),
         "layout": layout,

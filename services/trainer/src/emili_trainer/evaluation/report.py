@@ -14,6 +14,7 @@ A report is a JSON-serialisable dict built by :func:`build_report` from a run's 
       "paired": {source: paired.paired_report(...)} | None,
       "sessions": {"ratings"|"contexts"|"delta_table": {"real": int, "synthetic": int} | None},
       "synthetic_sessions": int | None, "real_sessions": int | None, "pooled_synthetic": bool,
+      "gate": {"candidate", "baseline", "evidence", "missing", "origins", "context_sources"} | None,
     }
 
 Table 1 holds the ratings the chat API collects (Likert 1-5, per model arm, bootstrap 95% CIs); Table 2 is the
@@ -21,7 +22,9 @@ labeler's ``delta_table`` (mean Delta valence/arousal/dominance of the users' pr
 A session made by the user simulator is marked ``synthetic`` (the session manifest's flag): its ratings are not
 human ratings. Table 1 therefore keeps synthetic and real sessions in separate rows (``<arm> · synthetic``,
 ``<arm> · real``) unless pooling was asked for (``pool_synthetic``), and every table, plot and the JSON state how
-many sessions were synthetic and real. Every part may be missing: the renderers say so instead of failing.
+many sessions were synthetic and real. The evaluation gate's evidence (when the pipeline asked for it) is listed
+per metric with the origin of its items, so evidence from simulated users is never read as people's.
+Every part may be missing: the renderers say so instead of failing.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from emili_affect.stats import bootstrap_ci
+from emili_trainer.evaluation.gate_evidence import summarize as summarize_gate
 
 __all__ = [
     "RATING_DIMENSIONS",
@@ -188,8 +192,8 @@ def build_report(
     ``ratings_table``, ``delta_table`` (the labeler's, or a bare ``arm_table``; its ``synthetic_sessions`` and
     ``real_sessions`` are shown when present), ``reply_metrics`` ({arm: metrics}), ``perplexity`` ({arm:
     float}), ``mmlu``, ``paired`` ({source: :func:`~emili_trainer.evaluation.paired.paired_report`}),
-    ``context_sessions`` (real and synthetic counts of the recorded sessions whose turns were evaluated) and
-    ``pool_synthetic``; a report is
+    ``context_sessions`` (real and synthetic counts of the recorded sessions whose turns were evaluated),
+    ``pool_synthetic`` and ``gate`` (the evaluation gate's evidence); a report is
     accepted too (building is idempotent). ``pool_synthetic`` (default: the results', else False) pools
     synthetic and real ratings into one row per arm.
     """
@@ -220,6 +224,7 @@ def build_report(
         "synthetic_sessions": max((c["synthetic"] for c in known), default=None),
         "real_sessions": max((c["real"] for c in known), default=None),
         "pooled_synthetic": pool,
+        "gate": results.get("gate") or None,
     }
 
 
@@ -330,6 +335,57 @@ def _paired_lines(paired: Mapping[str, Any]) -> list[str]:
     return lines + _table(["Metric", *arms], rows)
 
 
+def _gate_items(row: Mapping[str, Any], sources: Sequence[str]) -> str:
+    """Where a metric's items come from, in words: synthetic sessions are named as such."""
+    pairing = "paired" if row.get("paired") else "independent"
+    origin = row.get("origin")
+    if origin == "contexts":
+        return f"{pairing}, contexts ({', '.join(sources) or NA})"
+    if origin == "questions":
+        return f"{pairing}, MMLU questions"
+    if origin == "synthetic":
+        return f"{pairing}, synthetic sessions (simulated users)"
+    return f"{pairing}, {origin or 'origin not recorded'} sessions"
+
+
+def _gate_lines(gate: Mapping[str, Any]) -> list[str]:
+    sources = [str(s) for s in gate.get("context_sources") or []]
+    lines = [
+        f"Candidate {gate.get('candidate') or NA} against the production arm {gate.get('baseline') or NA}: the items "
+        "the gate judges (its verdict is the loop's, not this report's). A metric without items fails its check.",
+        "",
+    ]
+    rows, missing = [], []
+    for row in summarize_gate(gate):
+        if "missing" in row:
+            missing.append(f"- {row['metric']}: not computed: {row['missing']}")
+            continue
+        rows.append(
+            [
+                str(row["metric"]),
+                _gate_items(row, sources),
+                str(row["n_candidate"]),
+                str(row["n_baseline"]),
+                _fmt(row["mean_candidate"], 3),
+                _fmt(row["mean_baseline"], 3),
+            ]
+        )
+    if rows:
+        lines += _table(["Metric", "Items", "n candidate", "n baseline", "Mean candidate", "Mean baseline"], rows)
+    else:
+        lines.append("No gate evidence.")
+    if missing:
+        lines += ["", *missing]
+    origins = (gate.get("origins") or {}).values()
+    if "synthetic" in origins:
+        lines += ["", "Evidence from synthetic sessions comes from simulated users: it holds no person's reaction."]
+    if "synthetic sessions" in sources:
+        lines += ["", "Contexts of the synthetic sessions are conversations of simulated users."]
+    if "sessions" in sources:
+        lines += ["", "Contexts of recorded sessions pool real and synthetic ones (pool_synthetic)."]
+    return lines
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The report as Markdown: Table 1, Table 2, reply metrics side by side per arm, MMLU."""
     lines = [f"# {report.get('title') or 'EMILI evaluation'}", ""]
@@ -430,6 +486,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     else:
         lines.append(NO_MMLU)
     lines.append("")
+
+    gate = report.get("gate")
+    if isinstance(gate, Mapping) and gate:
+        lines += ["## Evaluation gate evidence", "", *_gate_lines(gate), ""]
     return "\n".join(lines)
 
 

@@ -1,0 +1,215 @@
+"""What the loop (:mod:`emili_pipeline.loop`) does to the rest of the system: the real :class:`~emili_pipeline.loop.
+Actions`.
+
+- **Eligible sessions** are read from object storage alone: a session record (``session.json``, written by chat's
+  persist) of a session that has *ended*, whose user consented to training (``use_for_training``), that has no
+  deletion tombstone (a withdrawal deletes the participant's sessions, which writes one first) and that is not
+  synthetic unless the policy allows it. Labelling is not a condition: it is the pipeline's own first step after
+  collection, so a recorded, ended session is enough (the label step skips one without consent again, in case
+  consent changed in between).
+- **A pipeline** is the policy's pipeline config (``policy.pipeline``) with the production arm as its ``baseline``,
+  over exactly the given recorded sessions (nothing is simulated before training; the collect step only makes
+  sure their records are stored). Its id is a digest of config and sessions, so asking again for the same one
+  finds it instead of starting a second.
+- **The outcome** comes from the pipeline's stored state (it outlives the Celery results): done when every step
+  is, failed when one failed, else running; a :class:`~emili_pipeline.orchestrate.Watcher` kept per pipeline
+  resubmits a step whose worker died. The candidate is the evaluation's ``candidate`` (else the last version
+  trained: DPO, else SFT), the evidence its ``gate_evidence``.
+- **Canaries** go through the gateway's HTTP API with an admin token (never its code): ``POST`` and ``GET
+  /api/v1/studies/{id}/canary``; the gateway decides promotion or rollback itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from emili_core.deletion import session_deleted
+from emili_core.errors import InvalidInput, NotFound
+from emili_core.keys import session_record_keys
+from emili_core.objectstore import Bucket, ObjectStore
+from emili_core.records import recorded_sessions
+from emili_pipeline.config import PipelineConfig, RecipeFetcher, load_config, resolve
+from emili_pipeline.gate import Evidence, evidence_from_json
+from emili_pipeline.pipeline import FAILED, State, is_finished, load_state, new_state, outputs
+
+log = logging.getLogger(__name__)
+
+API = "/api/v1"
+ENDED = "ended"  # chat's state of a session that has ended (its record then holds every event).
+RUNNING, DONE = "running", "done"
+CANARY_STATES = {"running": "running", "promoted": "promoted", "rolled_back": "rolled_back"}
+
+
+class GatewayError(Exception):
+    """The gateway refused or could not be reached; the message says which call and why."""
+
+
+def eligible_session_ids(store: ObjectStore, include_synthetic: bool) -> list[str]:
+    """Ids of recorded, ended sessions consented to training, not deleted, not synthetic unless allowed; sorted."""
+    eligible = []
+    for session_id in recorded_sessions(store):
+        try:
+            manifest = store.get_json(Bucket.SESSIONS, session_record_keys(session_id)["session.json"])
+        except (NotFound, InvalidInput):
+            continue  # Deleted since the listing, or a key that names no session.
+        if not isinstance(manifest, dict) or manifest.get("state") != ENDED:
+            continue
+        if not manifest.get("use_for_training") or (manifest.get("synthetic") and not include_synthetic):
+            continue
+        if session_deleted(store, session_id):
+            continue
+        eligible.append(session_id)
+    return eligible
+
+
+def candidate_of(state: State) -> str | None:
+    """The version the pipeline offers the gate: the evaluation's ``candidate``, else DPO's, else SFT's version."""
+    named = outputs(state, "evaluate").get("candidate")
+    if named:
+        return str(named)
+    for step in ("dpo", "sft"):
+        version = outputs(state, step).get("model_version")
+        if version:
+            return str(version)
+    return None
+
+
+def evidence_of(state: State) -> dict[str, Evidence]:
+    """The evaluation's gate evidence; malformed evidence is logged and counts as none (the gate then fails)."""
+    try:
+        return evidence_from_json(outputs(state, "evaluate").get("gate_evidence") or {})
+    except ValueError as exc:
+        log.error("pipeline %s: %s; the gate sees no evidence", state.get("pipeline_id"), exc)
+        return {}
+
+
+def with_baseline(config: PipelineConfig, baseline: str) -> PipelineConfig:
+    """The config comparing its candidate with ``baseline`` (validated, so a bad version name fails here)."""
+    if "baseline" not in PipelineConfig.model_fields:  # An older pipeline config has no production arm.
+        if baseline != "base":
+            raise InvalidInput(f"this pipeline config cannot compare with {baseline!r}: it has no baseline field")
+        return config
+    return PipelineConfig.model_validate({**config.model_dump(), "baseline": baseline})
+
+
+@dataclass
+class SystemActions:
+    """The loop's actions against object storage, the Celery broker and the gateway.
+
+    ``celery`` is the producer app (tasks are sent by name); ``gateway`` makes an HTTP client for the gateway's
+    root URL with a fresh admin token (None: no gateway, and a canary cannot start); ``fetch_recipe`` fetches a
+    shipped recipe named in the pipeline config (None: the config must name recipe files)."""
+
+    store: ObjectStore
+    celery: Any
+    pipeline_config: Path
+    gateway: Callable[[], httpx.Client] | None = None
+    fetch_recipe: RecipeFetcher | None = None
+    _watchers: dict[str, Any] = field(default_factory=dict)
+
+    # --- sessions and pipelines -----------------------------------------------------------------------------------
+
+    def eligible_sessions(self, include_synthetic: bool) -> list[str]:
+        return eligible_session_ids(self.store, include_synthetic)
+
+    def pipeline_state(self, session_ids: Sequence[str], baseline: str) -> State:
+        """The pipeline's initial state (not stored): the resolved config with ``baseline`` over the sessions."""
+        path = self.pipeline_config
+        config = resolve(load_config(path), path.resolve().parent, fetch_recipe=self.fetch_recipe)
+        collected = {"source": "recorded sessions", "ok": len(session_ids), "failed": 0}
+        return new_state(with_baseline(config, baseline), session_ids, collected)
+
+    def start_pipeline(self, session_ids: Sequence[str], baseline: str) -> str:
+        from emili_pipeline.orchestrate import submit
+
+        state = self.pipeline_state(session_ids, baseline)
+        pipeline_id = str(state["pipeline_id"])
+        try:
+            stored = load_state(self.store, pipeline_id)
+        except NotFound:
+            stored = None
+        if stored is not None and int(stored.get("attempt", 0)) > 0:
+            log.info("pipeline %s exists already (attempt %s): not started again", pipeline_id, stored["attempt"])
+            return pipeline_id
+        submit(self.celery, self.store, stored or state)  # Saves the state first, then sends the chain.
+        log.info("pipeline %s submitted: %d sessions, baseline %s", pipeline_id, len(session_ids), baseline)
+        return pipeline_id
+
+    def pipeline_outcome(self, pipeline_id: str) -> tuple[str, str | None, dict[str, Evidence]]:
+        try:
+            state = load_state(self.store, pipeline_id)
+        except NotFound:
+            log.error("pipeline %s has no stored state", pipeline_id)
+            return FAILED, None, {}
+        if is_finished(state):
+            self._watchers.pop(pipeline_id, None)
+            return DONE, candidate_of(state), evidence_of(state)
+        if any(step.get("state") == FAILED for step in state["steps"].values()):
+            self._watchers.pop(pipeline_id, None)
+            return FAILED, None, {}
+        if self._follow(pipeline_id, state) == "failed":
+            return FAILED, None, {}
+        return RUNNING, None, {}
+
+    def _follow(self, pipeline_id: str, state: State) -> str:
+        """The Celery side of a running pipeline; its watcher resubmits a step whose worker died."""
+        from emili_pipeline.orchestrate import Watcher
+
+        watcher = self._watchers.get(pipeline_id)
+        # A new watcher for a resubmission made elsewhere (`emili pipeline resume`): its tasks have new ids.
+        if watcher is None or int(watcher.state.get("attempt", 0)) < int(state.get("attempt", 0)):
+            watcher = self._watchers[pipeline_id] = Watcher(self.celery, self.store, state)
+        try:
+            _, status = watcher.poll()
+        except Exception as exc:  # The broker or result backend is down: no news, not a failure.
+            log.warning("pipeline %s: cannot follow its tasks (%s)", pipeline_id, exc)
+            return RUNNING
+        return str(status)
+
+    # --- canaries -------------------------------------------------------------------------------------------------
+
+    def _gateway_call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        if self.gateway is None:
+            raise GatewayError("no gateway is configured: a canary cannot start or be followed")
+        try:
+            with self.gateway() as http:
+                return http.request(method, f"{API}{path}", **kwargs)
+        except httpx.HTTPError as exc:
+            raise GatewayError(f"{method} {path}: the gateway cannot be reached ({exc})") from None
+
+    def start_canary(self, study_id: str, candidate: str, share: float) -> None:
+        response = self._gateway_call(
+            "POST", f"/studies/{study_id}/canary", json={"candidate": candidate, "share": share}
+        )
+        if response.status_code != 201:
+            raise GatewayError(
+                f"the canary of {candidate} in study {study_id}: HTTP {response.status_code} {_detail(response)}"
+            )
+        log.info("canary of %s started in study %s (share %.2f)", candidate, study_id, share)
+
+    def canary_outcome(self, study_id: str, candidate: str) -> str:
+        response = self._gateway_call("GET", f"/studies/{study_id}/canary")
+        if response.status_code == 404 and "has had no canary" in _detail(response):
+            return "missing"  # An unknown study is a 404 too, and an error: only this one means "not started".
+        if response.status_code != 200:
+            raise GatewayError(f"the canary of study {study_id}: HTTP {response.status_code} {_detail(response)}")
+        canary = response.json()
+        if canary.get("candidate") != candidate:
+            return "missing"  # The study's newest canary is another version's: ours never started.
+        state = CANARY_STATES.get(str(canary.get("state")))
+        if state is None:
+            raise GatewayError(f"the canary of study {study_id} is in an unknown state {canary.get('state')!r}")
+        return state
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("detail", ""))[:300]
+    except ValueError:
+        return response.text[:300]

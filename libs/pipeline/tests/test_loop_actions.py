@@ -1,0 +1,202 @@
+"""The loop's real actions against real S3 and a real Redis broker: which recorded sessions a candidate may learn
+from, a pipeline started once however often it is asked for, its outcome read from its stored state, and the
+gateway's canary API (its HTTP contract, answered by a stand-in transport: this library never imports the
+gateway)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from emili_core.deletion import write_tombstone
+from emili_core.keys import session_record_keys
+from emili_core.objectstore import Bucket, ObjectStore
+from emili_core.settings import CommonSettings, S3Settings
+from emili_core.tasks import create_celery_app
+from emili_pipeline.loop_actions import GatewayError, SystemActions, eligible_session_ids
+from emili_pipeline.pipeline import DONE, FAILED, load_state, save_state
+
+pytestmark = pytest.mark.integration
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def record(store: ObjectStore, session_id: str, **fields: Any) -> None:
+    manifest = {"session_id": session_id, "state": "ended", "use_for_training": True, "synthetic": False, **fields}
+    keys = session_record_keys(session_id)
+    store.put_bytes(Bucket.SESSIONS, keys["events.jsonl"], b"")
+    store.put_json(Bucket.SESSIONS, keys["session.json"], manifest)
+
+
+@pytest.fixture
+def own_s3(s3_settings: S3Settings) -> S3Settings:
+    """Buckets of these tests' own (the test server's others hold other tests' sessions)."""
+    return s3_settings.model_copy(update={"bucket_prefix": "loop-actions-"})
+
+
+@pytest.fixture
+def store(own_s3: S3Settings) -> ObjectStore:
+    store = ObjectStore(own_s3)
+    store.ensure_buckets()
+    return store
+
+
+@pytest.fixture
+def actions(store: ObjectStore, own_s3: S3Settings, isolated_redis_url: str) -> SystemActions:
+    settings = CommonSettings(redis_url=isolated_redis_url, s3=own_s3)
+    return SystemActions(store, create_celery_app("pipeline", settings), CONFIGS / "loop.yaml")
+
+
+def test_eligible_sessions(store: ObjectStore) -> None:
+    record(store, "ok-1")
+    record(store, "ok-2")
+    record(store, "live", state="active")  # Not ended: its record may still grow.
+    record(store, "no-consent", use_for_training=False)
+    record(store, "simulated", synthetic=True)
+    record(store, "withdrawn")
+    write_tombstone(store, "withdrawn")  # A withdrawal's deletion writes the tombstone first.
+    assert eligible_session_ids(store, include_synthetic=False) == ["ok-1", "ok-2"]
+    assert eligible_session_ids(store, include_synthetic=True) == ["ok-1", "ok-2", "simulated"]
+
+
+def test_a_pipeline_starts_once(actions: SystemActions, store: ObjectStore, isolated_redis_url: str) -> None:
+    broker = redis.Redis.from_url(isolated_redis_url)
+    first = actions.start_pipeline(["b", "a", "c"], "base")
+    # Asked again (a restart): the same id, and no second chain on the collect step's queue.
+    assert actions.start_pipeline(["a", "b", "c"], "base") == first
+    assert broker.llen("chat") == 1
+    state = load_state(store, first)
+    assert state["sessions"] == ["a", "b", "c"] and state["attempt"] == 1
+    assert state["collected"]["source"] == "recorded sessions"
+    assert actions.pipeline_outcome(first) == ("running", None, {})
+
+    # After a promotion the next candidate is compared with the promoted version: another pipeline.
+    other = actions.start_pipeline(["a", "b", "c"], "v-promoted")
+    assert other != first and load_state(store, other)["config"]["baseline"] == "v-promoted"
+    assert broker.llen("chat") == 2
+
+
+def test_a_saved_but_unsent_pipeline_is_sent(
+    actions: SystemActions, store: ObjectStore, isolated_redis_url: str
+) -> None:
+    state = actions.pipeline_state(["x", "y"], "base")
+    save_state(store, state)  # As if the process had died before submitting it.
+    assert actions.start_pipeline(["x", "y"], "base") == state["pipeline_id"]
+    assert redis.Redis.from_url(isolated_redis_url).llen("chat") == 1
+
+
+def finished(actions: SystemActions, store: ObjectStore, evaluate: dict[str, Any], failed: str = "") -> str:
+    state = actions.pipeline_state(["p", "q"], "base")
+    for name, step in state["steps"].items():
+        step["state"] = FAILED if name == failed else DONE
+    state["steps"]["sft"]["outputs"] = {"model_version": "v-sft"}
+    state["steps"]["dpo"]["outputs"] = {"model_version": "v-dpo"}
+    state["steps"]["evaluate"]["outputs"] = evaluate
+    save_state(store, state)
+    return str(state["pipeline_id"])
+
+
+def test_pipeline_outcomes(actions: SystemActions, store: ObjectStore) -> None:
+    evidence = {"delta_v": {"candidate": [0.1, 0.2], "baseline": [0.0, 0.1], "paired": False}}
+    outcome, candidate, found = actions.pipeline_outcome(finished(actions, store, {"gate_evidence": evidence}))
+    assert (outcome, candidate) == ("done", "v-dpo")
+    assert list(found["delta_v"].candidate) == [0.1, 0.2] and not found["delta_v"].paired
+    named = {"candidate": "v-named", "gate_evidence": evidence}
+    assert actions.pipeline_outcome(finished(actions, store, named))[1] == "v-named"
+    # Malformed evidence is no evidence: the gate then fails the candidate for want of it.
+    malformed = {"gate_evidence": {"delta_v": {"baseline": [1]}}}
+    assert actions.pipeline_outcome(finished(actions, store, malformed)) == ("done", "v-dpo", {})
+    assert actions.pipeline_outcome(finished(actions, store, {}, failed="sft"))[0] == "failed"
+    assert actions.pipeline_outcome("pl-0000000000000000")[0] == "failed"
+
+
+class FakeGateway:
+    """The gateway's canary API as its OpenAPI describes it (status codes and bodies), one study."""
+
+    def __init__(self) -> None:
+        self.canary: dict[str, Any] | None = None
+        self.requests: list[tuple[str, str, Any]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        self.requests.append((request.method, request.url.path, body))
+        assert request.headers["Authorization"].startswith("Bearer ")
+        if request.url.path != "/api/v1/studies/st-0123456789ab/canary":
+            return httpx.Response(404, json={"error": "not_found", "detail": "study st-x does not exist"})
+        if request.method == "POST":
+            if self.canary is not None and self.canary["state"] == "running":
+                return httpx.Response(412, json={"error": "failed_precondition", "detail": "already runs a canary"})
+            self.canary = {"candidate": body["candidate"], "state": "running", "share": body["share"]}
+            return httpx.Response(201, json=self.canary)
+        if self.canary is None:
+            detail = "study st-0123456789ab has had no canary; start one with POST .../canary"
+            return httpx.Response(404, json={"error": "not_found", "detail": detail})
+        return httpx.Response(200, json=self.canary)
+
+
+def test_canaries_through_the_gateway_api(actions: SystemActions) -> None:
+    gateway = FakeGateway()
+    actions.gateway = lambda: httpx.Client(
+        base_url="http://gateway", transport=httpx.MockTransport(gateway), headers={"Authorization": "Bearer t"}
+    )
+    study = "st-0123456789ab"
+    assert actions.canary_outcome(study, "v2") == "missing"
+    actions.start_canary(study, "v2", 0.2)
+    assert gateway.requests[-1] == ("POST", f"/api/v1/studies/{study}/canary", {"candidate": "v2", "share": 0.2})
+    assert actions.canary_outcome(study, "v2") == "running"
+    assert actions.canary_outcome(study, "v3") == "missing"  # The newest canary is another version's.
+    with pytest.raises(GatewayError, match="HTTP 412"):
+        actions.start_canary(study, "v3", 0.2)
+    for state in ("promoted", "rolled_back"):
+        assert gateway.canary is not None
+        gateway.canary["state"] = state
+        assert actions.canary_outcome(study, "v2") == state
+    with pytest.raises(GatewayError, match="does not exist"):
+        actions.canary_outcome("st-ffffffffffff", "v2")  # An unknown study is an error, not a missing canary.
+    actions.gateway = None
+    with pytest.raises(GatewayError, match="no gateway"):
+        actions.start_canary(study, "v2", 0.2)
+
+
+def test_the_commands(
+    stack_env: dict[str, str],
+    own_s3: S3Settings,
+    isolated_redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from emili_pipeline.loop_cli import app, stack_programs, status_rows
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"loop:\n  enabled: false\n  min_new_sessions: 5\n  pipeline: {CONFIGS / 'loop.yaml'}\n")
+    monkeypatch.setenv("EMILI_REDIS_URL", isolated_redis_url)
+    monkeypatch.setenv("EMILI_S3__BUCKET_PREFIX", own_s3.bucket_prefix)
+    monkeypatch.setenv("EMILI_LOOP_POLICY", str(policy))
+    runner = CliRunner()
+    disabled = runner.invoke(app, ["run"])
+    assert disabled.exit_code == 1 and "disabled" in disabled.output
+    assert stack_programs(CommonSettings()) == [] and status_rows(CommonSettings())[0][1] == "DISABLED"
+
+    ticked = runner.invoke(app, ["tick"])
+    assert ticked.exit_code == 0, ticked.output
+    assert json.loads(ticked.stdout)["phase"] == "idle"
+    shown = runner.invoke(app, ["status"])
+    assert shown.exit_code == 0 and "phase" in shown.output and "idle" in shown.output
+
+    policy.write_text(policy.read_text().replace("enabled: false", "enabled: true"))
+    (program,) = stack_programs(CommonSettings())
+    assert program.name == "loop" and program.command.endswith(f"emili loop run --policy {policy}")
+    # Through the local stack's entry points, as `make up` and `make status` find it.
+    from emili_core import cli, stack
+
+    assert [p.name for p in stack.extension_programs(CommonSettings())] == ["loop"]
+    assert "[program:loop]" in stack.render_config(stack.extension_programs(CommonSettings()))
+    (row,) = cli.extension_status(cli.CliSettings())
+    assert row.name == "loop" and row.state == "NOT RUNNING" and "no state yet" in row.detail and not row.ok

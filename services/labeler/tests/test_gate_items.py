@@ -1,0 +1,70 @@
+"""The evaluation gate's online items from session labels: Delta v per session and negative reactions per reply
+(the flag's mirror image on the same delta), per arm, real and synthetic sessions apart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from emili_labeler.jobs import arm_gate_items, label_threshold, session_gate_items
+from emili_labeler.reactions import negative_reaction
+
+
+def _label(
+    arm: str, pre_v: float | None, post_v: float | None, deltas: list[float | None], threshold: Any = 0.0
+) -> dict[str, Any]:
+    def vad(v: float | None) -> dict[str, float] | None:
+        return None if v is None else {"valence": v, "arousal": 0.5, "dominance": 0.5}
+
+    vector = None if threshold is None else {"weights": [1.0] * 7, "threshold": threshold}
+    return {
+        "model_arm": arm,
+        "gold": {"pre": vad(pre_v), "post": vad(post_v), "pre_coverage": 1.0, "post_coverage": 1.0, "lexicon": "x"},
+        "turns": [{"turn_id": f"t{i}", "delta": d, "flagged": d is not None and d >= 0} for i, d in enumerate(deltas)],
+        "settings": {"weights": "learned" if vector is None else "emotion_tune", "weight_vector": vector},
+    }
+
+
+@pytest.mark.parametrize(
+    ("delta", "threshold", "negative"),
+    [
+        (None, 0.0, None),  # No reaction was read: not an item.
+        (0.0, 0.0, False),  # An unchanged face is neither positive nor negative.
+        (-0.01, 0.0, True),
+        (5.0, 0.0, False),
+        (-0.05, 0.1, False),  # A fall smaller than the flag's threshold is not a negative reaction.
+        (-0.1, 0.1, True),
+        (-0.3, 0.1, True),
+    ],
+)
+def test_negative_reaction_mirrors_the_flag(delta: float | None, threshold: float, negative: bool | None) -> None:
+    assert negative_reaction(delta, threshold) is negative
+
+
+def test_session_items_read_the_label() -> None:
+    label = _label("sft-1", 0.4, 0.7, [1.0, -2.0, None, -0.05], threshold=0.1)
+    assert label_threshold(label) == 0.1
+    items = session_gate_items(label)
+    assert items["delta_v"] == [pytest.approx(0.3)]
+    assert items["negative_reaction"] == [0.0, 1.0, 0.0]  # The unread turn is left out.
+    assert label_threshold(_label("a", 0.1, 0.2, [], threshold=None)) == 0.0  # Learned weights flag at 0.
+    # A session without both surveys has no Delta v, but its replies still count.
+    assert session_gate_items(_label("a", None, 0.2, [-1.0])) == {"delta_v": [], "negative_reaction": [1.0]}
+
+
+def test_items_are_grouped_by_arm_and_origin_never_pooled() -> None:
+    labels = [
+        (_label("base", 0.5, 0.6, [-1.0, 1.0]), True),
+        (_label("base", 0.5, 0.4, [2.0]), True),
+        (_label("sft-1", 0.2, 0.5, [-3.0]), True),
+        (_label("sft-1", 0.3, 0.3, []), False),
+        ({**_label("", 0.1, 0.2, []), "model_arm": ""}, False),  # No arm recorded: the base model.
+    ]
+    items = arm_gate_items(labels)
+    assert set(items) == {"base", "sft-1"}
+    synthetic = items["base"]["synthetic"]
+    assert synthetic["sessions"] == 2 and synthetic["delta_v"] == [pytest.approx(0.1), pytest.approx(-0.1)]
+    assert synthetic["negative_reaction"] == [1.0, 0.0, 0.0]
+    assert items["base"]["real"] == {"sessions": 1, "delta_v": [pytest.approx(0.1)], "negative_reaction": []}
+    assert items["sft-1"]["real"]["delta_v"] == [0.0] and items["sft-1"]["synthetic"]["negative_reaction"] == [1.0]
