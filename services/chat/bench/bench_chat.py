@@ -60,6 +60,12 @@ class InstantBackend(ChatBackend):
         yield "ok"
 
 
+def reply_tokens(backend: ChatBackend, text: str) -> int:
+    """The reply's own tokens: an assistant message's count less the chat template's wrapping (31 tokens for
+    SmolLM2, whose template also adds its default system prompt), which earlier runs counted as generated."""
+    return backend.count_tokens([Message("assistant", text)]) - backend.count_tokens([Message("assistant", "")])
+
+
 def pct(values: list[float], q: float) -> float:
     return round(float(np.percentile(np.array(values) * 1e3, q)), 3)
 
@@ -133,7 +139,7 @@ async def model_speed(settings: ChatSettings, prompts: int) -> tuple[ChatBackend
             first = first or time.perf_counter()
             pieces.append(delta)
         end = time.perf_counter()
-        tokens = backend.count_tokens([Message("assistant", "".join(pieces))])
+        tokens = reply_tokens(backend, "".join(pieces))
         ttfts.append((first or end) - t0)
         if first and end > first:
             rates.append(tokens / (end - t0))
@@ -162,7 +168,7 @@ async def concurrent_sessions(
     elapsed = time.perf_counter() - started
     await client.aclose()
     ttfts = [t for r in results for t in r]
-    tokens = sum(backend.count_tokens([Message("assistant", text)]) for text in replies)
+    tokens = sum(reply_tokens(backend, text) for text in replies)
     return {
         "sessions": sessions,
         "turns_per_session": turns,

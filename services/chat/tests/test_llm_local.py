@@ -16,6 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from emili_chat.llm import BackendError, GenerationParams, LocalHFBackend, Message, build_backend, fold_system_messages
+from emili_chat.llm.batching import Request, Sampling
 from emili_testing.plugin import tiny_llama
 
 ARTIFACTS = Path(__file__).resolve().parents[3] / "var" / "artifacts" / "chat"
@@ -327,6 +328,32 @@ async def test_kept_prompts_save_prefill_and_change_nothing(tiny_dir: Path) -> N
     assert prefilled[1] == first + full
     # Only what follows the first prompt (give or take a token merged across the join) is run again.
     assert 0 < prefilled[0] - first <= full - first + 2 < full
+
+
+async def test_a_finished_reply_is_kept_for_the_session_s_next_prompt(tiny_dir: Path) -> None:
+    """Token ids, not text, so that the test does not depend on the reply's text encoding back to its tokens."""
+
+    def generate(backend: LocalHFBackend, ids: list[int]) -> list[int]:
+        emitted: list[int] = []
+        request = Request(torch.tensor([ids]), 12, None, Sampling(), emit=emitted.append)
+        backend.batcher.submit(request)
+        request.done.result(timeout=120)
+        return emitted
+
+    replies, prefilled = [], []
+    for keep in (4096, 0):
+        backend = LocalHFBackend(tiny_dir, context_window=4096, prefix_cache_tokens=keep)
+        await backend.load()
+        prompt = list(range(100, 140))
+        reply = generate(backend, prompt)
+        before = backend.batcher.prefilled_tokens
+        replies.append([reply, generate(backend, [*prompt, *reply, 150, 151, 152])])
+        prefilled.append(backend.batcher.prefilled_tokens - before)
+        await backend.aclose()
+    assert replies[0] == replies[1] and len(replies[0][0]) == 12
+    # Kept: the prompt and all but the reply's last token (never run through the model), so the next prompt
+    # runs from that token on. Not kept: all of it again.
+    assert prefilled == [1 + 3, len(prompt) + 12 + 3]
 
 
 async def test_max_batch_bounds_the_batch(tiny_dir: Path) -> None:

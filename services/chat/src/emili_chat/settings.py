@@ -29,8 +29,9 @@ class LLMSettings(BaseModel):
     local_cache: Path = Path("chat/SmolLM2-135M-Instruct-dequantised")
     local_threads: int = Field(0, ge=0)  # torch threads; 0 = torch's default.
     local_max_batch: int = Field(16, ge=1, le=256)  # Replies the local model generates together (1 = one at a time).
-    # Prompt KV caches kept for reuse, in tokens (SmolLM2-135M, float32: 46 KB a token); 0 = none.
-    local_prefix_cache_tokens: int = Field(4096, ge=0)
+    # KV caches of recent prompts and replies kept for reuse, in tokens; 0 = none. SmolLM2-135M, float32: 46 KB a
+    # token, so 12288 tokens (about ten sessions of a dozen turns) take 550 MB, within the chat pod's 3 GiB.
+    local_prefix_cache_tokens: int = Field(12288, ge=0)
     base_url: str = ""  # OpenAI-compatible or Anthropic endpoint.
     api_key: SecretStr = SecretStr("")
     model: str = ""  # Remote model name (with vLLM: the base model's served name).

@@ -12,10 +12,10 @@ The caches keep their keys and values in buffers with room to grow (:class:`Grow
 writes its one new position in place. transformers' ``DynamicLayer`` concatenates instead, copying the whole
 cache of every layer at every step, which cost a quarter of a 10-row step on the 2-core machine.
 
-Prompts mostly begin the same way (the system prompt), and a session's next prompt begins with its last one, so
-the KV caches of recent prompts are kept (up to a token budget, per adapter) and a new prompt is prefilled only
-from where it stops matching one of them: a session's first token then costs its new message, not the whole
-conversation again.
+Prompts mostly begin the same way (the system prompt), and a session's next prompt begins with its last prompt and
+the reply to it, so the KV caches of recent prompts, and of finished replies with their prompts, are kept (up to
+a token budget, per adapter) and a new prompt is prefilled only from where it stops matching one of them: a
+session's first token then costs its new message, not the whole conversation again.
 
 Sequences with different LoRA adapters share a step through PEFT's mixed-adapter batches (``adapter_names``):
 the base layers run once for the whole batch and each adapter's low-rank update only for its own rows.
@@ -340,7 +340,7 @@ class Batcher:
         self.prefilled_tokens += length - start
         cache = output.past_key_values
         if self._mergeable:
-            self._keep_prefix(request.adapter, input_ids[0], cache)
+            self._keep_prefix(request.adapter, input_ids[0], [_kv(layer) for layer in cache.layers])
         token = self._choose([sequence], output.logits[:, -1, :])[0]
         if self._advance(sequence, token):
             return None
@@ -374,10 +374,12 @@ class Batcher:
             cache.update(keys[:, :, :best_length], values[:, :, :best_length], layer)
         return cache, best_length
 
-    def _keep_prefix(self, adapter: str | None, ids: torch.Tensor, cache: Cache) -> None:
+    def _keep_prefix(
+        self, adapter: str | None, ids: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        """Keep the keys and values (per layer, [1, heads, len(ids), head size]) of ``ids`` for later prompts."""
         if len(ids) > self.prefix_cache_tokens:
             return
-        layers = [_kv(layer) for layer in cache.layers]
         kept = _Prefix(adapter, ids, [keys for keys, _ in layers], [values for _, values in layers])
         # A kept prompt that this one begins with (the same session's last turn) is no longer needed.
         self._prefixes = [
@@ -436,7 +438,23 @@ class Batcher:
         ]
         self._last = torch.tensor(tokens, dtype=torch.long, device=self._device)
         if len(keep) < len(self._rows):
+            for index in sorted(set(range(len(self._rows))) - set(keep)):
+                self._keep_reply(index)
             self._keep(keep)
+
+    def _keep_reply(self, index: int) -> None:
+        """Keep a finished row's prompt and reply: the session's next prompt begins with them."""
+        row = self._rows[index]
+        if not self._mergeable or row.request.stop.is_set():
+            return
+        # The cache holds every token but the last one chosen (never fed), right-aligned in the row.
+        length = int(self._mask[index].sum())
+        assert self._cache is not None
+        layers = [
+            (keys[index : index + 1, :, -length:, :].clone(), values[index : index + 1, :, -length:, :].clone())
+            for keys, values in (_kv(layer) for layer in self._cache.layers)
+        ]
+        self._keep_prefix(row.request.adapter, row.ids[0, :length], layers)
 
     def _forward(self, adapters: list[str | None], **inputs: Any) -> Any:
         model = self._model()
