@@ -91,10 +91,6 @@ def evidence_of(state: State) -> dict[str, Evidence]:
 
 def with_baseline(config: PipelineConfig, baseline: str) -> PipelineConfig:
     """The config comparing its candidate with ``baseline`` (validated, so a bad version name fails here)."""
-    if "baseline" not in PipelineConfig.model_fields:  # An older pipeline config has no production arm.
-        if baseline != "base":
-            raise InvalidInput(f"this pipeline config cannot compare with {baseline!r}: it has no baseline field")
-        return config
     return PipelineConfig.model_validate({**config.model_dump(), "baseline": baseline})
 
 
