@@ -635,4 +635,8 @@ def test_flower_sees_the_stack_s_workers(stack_processes: dict[str, int], stack:
         wait_for(workers, expected.issubset, "every worker listed", process)
     finally:
         process.terminate()
-        process.wait(30)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:  # Flower's SIGTERM handler can be lost in a weakref callback.
+            process.kill()
+            process.wait(30)
