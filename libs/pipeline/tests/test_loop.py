@@ -21,7 +21,7 @@ GOOD = {
     "diff_epitome_mean": Evidence([0.5] * 40, [0.6] * 40, paired=True),
     "mmlu_correct": Evidence([1.0, 0.0] * 60, [1.0, 0.0] * 60, paired=True),
     "reply_words": Evidence([20.0] * 40),
-    "delta_v": Evidence([0.1, 0.2] * 10, [0.1, 0.2] * 10),
+    "delta_v": Evidence([0.3, 0.4] * 10, [0.1, 0.2] * 10),  # A clear gain: the gate requires one.
     "negative_reaction": Evidence([0.0, 1.0, 0.0] * 400, [0.0, 1.0, 0.0] * 400),
 }
 BAD = {**GOOD, "mmlu_correct": Evidence([0.0] * 120, [1.0, 0.0] * 60, paired=True)}
