@@ -34,7 +34,7 @@ from emili_core.settings import TLSSettings
 from emili_pipeline.simulator.faces import FaceModelSettings, FaceSet, load_face_set
 from emili_pipeline.simulator.personas import Persona
 from emili_pipeline.simulator.state import ReplyScorer, StateModelSettings, reply_quality
-from emili_pipeline.simulator.user import SimulatedUser
+from emili_pipeline.simulator.user import Feedback, SimulatedUser
 from emili_session.events import EventKind
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class SimulatorSettings(BaseModel):
     store_frames: bool = False  # Consent: keep the frames in object storage.
     use_for_training: bool = True  # Consent: the session may be labelled and used for training.
     linger_s: float = Field(0.0, ge=0)  # Face input kept on after the last reply (post-response readings).
+    # What the face shows: the user's state ("state"), or noise unrelated to the replies (simulation studies).
+    feedback: Feedback = "state"
     rpc_timeout_s: float = Field(30.0, gt=0)
     reply_timeout_s: float = Field(300.0, gt=0)  # A complete reply, from sending the message.
     subject_prefix: str = Field("sim", pattern=r"^[A-Za-z0-9._-]{1,32}$")
@@ -266,7 +268,9 @@ async def run_user(
     if faces is None and settings.faces is not None:
         faces = await asyncio.to_thread(load_face_set, settings.faces, settings.face)
     started = time.perf_counter()
-    user = SimulatedUser(persona, seed, state_model=settings.state, face_model=settings.face, scorer=scorer)
+    user = SimulatedUser(
+        persona, seed, state_model=settings.state, face_model=settings.face, scorer=scorer, feedback=settings.feedback
+    )
     outcome = SessionOutcome(persona_id=persona.persona_id, seed=seed, start_state=_state(user, "start"))
     stub = chat_pb2_grpc.ChatServiceStub(channel_or_target)
     metadata, timeout = _metadata(token), settings.rpc_timeout_s

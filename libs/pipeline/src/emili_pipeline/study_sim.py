@@ -1,0 +1,661 @@
+"""The loop simulation study (``emili study simulate``): does the loop do what it claims, with SIMULATED users?
+
+Simulated users have known preferences: their hidden valence moves with a known reply-quality function
+(:mod:`emili_pipeline.simulator.state`), and their face shows that state. Per condition and iteration:
+
+1. simulated users talk to the production arm; their sessions are recorded as synthetic ones;
+2. the real :class:`~emili_pipeline.loop.Loop` with the real :class:`~emili_pipeline.loop_actions.SystemActions`
+   (``include_synthetic``, the simulation pipeline and gate) trains a candidate on every session the condition
+   recorded so far, gates it and, when it passes, runs the canary;
+3. simulated users talk to the base arm and to the candidate; their hidden valence change (Δv, the known
+   preference's effect), ratings and reply quality are compared with bootstrap confidence intervals.
+
+Conditions: ``feedback`` (faces show the user's state) and ``noise`` (faces show a decoy state moved by random
+"qualities", so reaction flags and DPO pairs carry no information; surveys, ratings and Δv still follow the real
+state). A loop that works improves Δv under feedback and never promotes under noise.
+
+The canary runs offline: the gateway's canary needs participants in its web app, which simulated users do not
+drive. Its phase is the comparison of step 3 against the production arm: promoted only when the candidate's Δv
+gain over production is above 0 with 95% confidence and the rating shows no clear loss, else rolled back. Reports
+say so next to every canary outcome.
+
+The pure parts (intervals, decisions, the report) are at the top; what needs the local stack is below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import numpy as np
+import yaml
+
+from emili_affect.stats import bootstrap_ci
+from emili_core.settings import REPO_ROOT
+
+log = logging.getLogger(__name__)
+
+Condition = Literal["feedback", "noise"]
+CONDITIONS: tuple[Condition, ...] = ("feedback", "noise")
+FEEDBACK: dict[Condition, Literal["state", "noise"]] = {"feedback": "state", "noise": "noise"}
+CONFIGS = REPO_ROOT / "libs" / "pipeline" / "configs"
+SIMULATION_PIPELINE = CONFIGS / "loop-simulation.yaml"
+SIMULATION_GATE = CONFIGS / "gate-simulation.yaml"
+OFFLINE_STUDY = "offline-simulation"  # The loop's study id: its canary is :class:`OfflineCanary`, not the gateway.
+# Per simulated session: the hidden valence change, the mean of the three ratings, each rating, reply quality.
+METRICS = ("delta_v", "rating", "empathy", "relevance", "fluency", "reply_quality")
+PRIMARY = "delta_v"
+LEVEL = 0.95
+SAMPLES = 2000
+NOTE = (
+    "SIMULATED users (emili_pipeline.simulator): preferences are the simulator's known reply-quality function. "
+    "These numbers say whether the loop's machinery works as designed; they say nothing about people."
+)
+CANARY_NOTE = (
+    "Canary run OFFLINE: simulated users per arm (candidate vs production), not the gateway's canary (which "
+    "needs people in its web app); promoted only on a Δv gain (95% interval above 0) with no clear rating loss."
+)
+
+
+# --- pure: items, intervals, decisions --------------------------------------------------------------------------
+
+
+def session_items(outcomes: Iterable[Any]) -> dict[str, list[float]]:
+    """Per metric, one value per completed simulated session (``SessionOutcome``-like: ``ok``, ``start_state``,
+    ``end_state``, ``ratings``, ``turns`` with ``quality``). Failed sessions are left out."""
+    items: dict[str, list[float]] = {m: [] for m in METRICS}
+    for outcome in outcomes:
+        if not outcome.ok:
+            continue
+        items["delta_v"].append(float(outcome.end_state["valence"] - outcome.start_state["valence"]))
+        ratings = outcome.ratings or {}
+        if all(k in ratings for k in ("empathy", "relevance", "fluency")):
+            for k in ("empathy", "relevance", "fluency"):
+                items[k].append(float(ratings[k]))
+            items["rating"].append(float(np.mean([ratings[k] for k in ("empathy", "relevance", "fluency")])))
+        qualities = [t.quality for t in outcome.turns if t.quality is not None]
+        if qualities:
+            items["reply_quality"].append(float(np.mean(qualities)))
+    return items
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 4)
+
+
+def interval(values: Sequence[float], seed: int = 0) -> dict[str, Any]:
+    """n, mean and the 95% percentile-bootstrap interval of the mean (None when there are no values)."""
+    if not values:
+        return {"n": 0, "mean": None, "ci95": None}
+    low, high = bootstrap_ci(values, samples=SAMPLES, seed=seed, level=LEVEL)
+    return {"n": len(values), "mean": round(float(np.mean(values)), 4), "ci95": [_finite(low), _finite(high)]}
+
+
+def difference(candidate: Sequence[float], baseline: Sequence[float], seed: int = 0) -> dict[str, Any]:
+    """mean(candidate) - mean(baseline), arms independent, with a 95% bootstrap interval (each arm resampled)."""
+    if not candidate or not baseline:
+        return {"n_candidate": len(candidate), "n_baseline": len(baseline), "difference": None, "ci95": None}
+    c, b = np.asarray(candidate, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = c[rng.integers(0, len(c), size=(SAMPLES, len(c)))].mean(axis=1)
+    means -= b[rng.integers(0, len(b), size=(SAMPLES, len(b)))].mean(axis=1)
+    tail = (1.0 - LEVEL) / 2.0
+    return {
+        "n_candidate": len(c),
+        "n_baseline": len(b),
+        "difference": round(float(c.mean() - b.mean()), 4),
+        "ci95": [round(float(np.quantile(means, tail)), 4), round(float(np.quantile(means, 1.0 - tail)), 4)],
+    }
+
+
+def compare_arms(
+    candidate: Mapping[str, Sequence[float]], baseline: Mapping[str, Sequence[float]], seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """Per metric: each arm's interval and the difference candidate - baseline."""
+    return {
+        m: {
+            "candidate": interval(candidate.get(m, []), seed),
+            "baseline": interval(baseline.get(m, []), seed),
+            "difference": difference(candidate.get(m, []), baseline.get(m, []), seed),
+        }
+        for m in METRICS
+    }
+
+
+def canary_decision(
+    candidate: Mapping[str, Sequence[float]], production: Mapping[str, Sequence[float]], seed: int = 0
+) -> dict[str, Any]:
+    """The offline canary: ``promoted`` when Δv's gain over production is above 0 with 95% confidence and the
+    mean rating's interval does not lie wholly below 0; else ``rolled_back``. Too few sessions: rolled back."""
+    gain = difference(candidate.get(PRIMARY, []), production.get(PRIMARY, []), seed)
+    rating = difference(candidate.get("rating", []), production.get("rating", []), seed)
+    if gain["ci95"] is None or min(gain["n_candidate"], gain["n_baseline"]) < 2:
+        return {"outcome": "rolled_back", "reason": "too few simulated sessions to compare", PRIMARY: gain}
+    if rating["ci95"] is not None and rating["ci95"][1] < 0:
+        reason = f"rating clearly lower ({rating['difference']:+.3f}, 95% CI {rating['ci95']})"
+        return {"outcome": "rolled_back", "reason": reason, PRIMARY: gain, "rating": rating}
+    if gain["ci95"][0] > 0:
+        reason = f"Δv gain {gain['difference']:+.3f}, 95% CI {gain['ci95']} above 0"
+        return {"outcome": "promoted", "reason": reason, PRIMARY: gain, "rating": rating}
+    reason = f"no clear Δv gain ({gain['difference']:+.3f}, 95% CI {gain['ci95']} includes 0 or a loss)"
+    return {"outcome": "rolled_back", "reason": reason, PRIMARY: gain, "rating": rating}
+
+
+def decision_summary(iterations: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One condition's iterations in numbers: candidates, gate passes, canary outcomes, promotions, sessions."""
+    gate = [it.get("gate") or {} for it in iterations]
+    canary = [(it.get("canary") or {}).get("outcome") for it in iterations]
+    return {
+        "iterations": len(iterations),
+        "candidates": sum(1 for it in iterations if it.get("candidate")),
+        "gate_passed": sum(1 for g in gate if g.get("passed")),
+        "gate_failed": sum(1 for g in gate if g and not g.get("passed")),
+        "promoted": canary.count("promoted"),
+        "rolled_back": canary.count("rolled_back"),
+        "sessions_collected": sum(int((it.get("collected") or {}).get("ok", 0)) for it in iterations),
+        "sessions_used_last": max((int(it.get("sessions_used") or 0) for it in iterations), default=0),
+        "final_production": iterations[-1].get("production_after") if iterations else None,
+        "promoted_versions": [it.get("candidate") for it, c in zip(iterations, canary, strict=True) if c == "promoted"],
+    }
+
+
+def build_report(
+    options: Mapping[str, Any], conditions: Mapping[str, Sequence[Mapping[str, Any]]], wall_s: float
+) -> dict[str, Any]:
+    """The study's JSON report: its options, every iteration of every condition, and the decisions per condition."""
+    summary = {name: decision_summary(its) for name, its in conditions.items()}
+    noise = summary.get("noise")
+    return {
+        "title": "Loop simulation study (SYNTHETIC: simulated users)",
+        "synthetic": True,
+        "note": NOTE,
+        "canary_note": CANARY_NOTE,
+        "options": dict(options),
+        "wall_s": round(wall_s, 1),
+        "conditions": {name: list(its) for name, its in conditions.items()},
+        "decisions": summary,
+        # None until the noise condition has finished an iteration: "promoted nothing" needs something tried.
+        "noise_promoted": None if noise is None or not noise["iterations"] else noise["promoted"] > 0,
+    }
+
+
+# --- pure: the Markdown report -----------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.3f}" if isinstance(value, float | int) else str(value)
+
+
+def _ci(ci: Sequence[float | None] | None) -> str:
+    if not ci or ci[0] is None or ci[1] is None:
+        return "–"
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def _mean(cell: Mapping[str, Any]) -> str:
+    return "–" if cell.get("mean") is None else f"{cell['mean']:.3f}"
+
+
+def _decisions_table(report: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "### Decisions per iteration (SYNTHETIC: simulated users)",
+        "",
+        "| condition | iteration | sessions used (new) | candidate | gate | failed checks | canary (offline) | "
+        "production after | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, iterations in report["conditions"].items():
+        for it in iterations:
+            gate = it.get("gate") or {}
+            verdict = "–" if not gate else ("passed" if gate.get("passed") else "failed")
+            failed = ", ".join(c["name"] for c in gate.get("checks", []) if not c.get("passed")) or "–"
+            canary = (it.get("canary") or {}).get("outcome") or "not run"
+            used = f"{it.get('sessions_used') or 0} ({it.get('new_sessions') or 0})"
+            lines.append(
+                f"| {name} | {it['iteration']} | {used} | {it.get('candidate') or '–'} ({it.get('loop_outcome')}) | "
+                f"{verdict} | {failed} | {canary} | {it.get('production_after')} | {it.get('wall_s', 0):.0f} |"
+            )
+    return lines
+
+
+def _arms_table(report: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "### Candidate vs base (and vs production), simulated users per arm (SYNTHETIC: simulated users)",
+        "",
+        "Δv: the hidden valence change over a session (end - start); rating: mean of the 1-5 empathy, relevance and "
+        "fluency ratings; quality: the simulator's reply-quality score, mean per session. 95% bootstrap intervals; "
+        "the difference is candidate - base, arms resampled independently.",
+        "",
+        "| condition | iteration | compared with | metric | n other | other mean [95% CI] | n cand. | "
+        "candidate mean [95% CI] | difference [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, iterations in report["conditions"].items():
+        for it in iterations:
+            evaluation = it.get("evaluation") or {}
+            for other in ("base", "production"):
+                compared = evaluation.get(f"candidate_vs_{other}") or {}
+                for metric in ("delta_v", "rating", "reply_quality"):
+                    row = compared.get(metric)
+                    if not row:
+                        continue
+                    b, c, d = row["baseline"], row["candidate"], row["difference"]
+                    arm = other if other == "base" else f"production ({it.get('production_before')})"
+                    lines.append(
+                        f"| {name} | {it['iteration']} | {arm} | {metric} | {b['n']} | {_mean(b)} {_ci(b['ci95'])} | "
+                        f"{c['n']} | {_mean(c)} {_ci(c['ci95'])} | {_fmt(d['difference'])} {_ci(d['ci95'])} |"
+                    )
+    return lines
+
+
+def _gate_table(report: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "### Gate checks (evidence from the pipeline's simulated users per arm; SYNTHETIC)",
+        "",
+        "| condition | iteration | check | kind | n | estimate | 95% CI | passed | why |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, iterations in report["conditions"].items():
+        for it in iterations:
+            for check in (it.get("gate") or {}).get("checks", []):
+                lines.append(
+                    f"| {name} | {it['iteration']} | {check['name']} | {check['kind']} | {check['n']} | "
+                    f"{_fmt(check.get('estimate'))} | {_ci(check.get('ci'))} | {'yes' if check['passed'] else 'no'} | "
+                    f"{check.get('reason', '')} |"
+                )
+    return lines
+
+
+def _summary_table(report: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "### Decisions per condition (SYNTHETIC: simulated users)",
+        "",
+        "| condition | iterations | candidates | gate passed | promoted | rolled back | sessions collected | "
+        "final production |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in report["decisions"].items():
+        lines.append(
+            f"| {name} | {s['iterations']} | {s['candidates']} | {s['gate_passed']} | {s['promoted']} | "
+            f"{s['rolled_back']} | {s['sessions_collected']} | {s['final_production']} |"
+        )
+    return lines
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """The report for people: what was simulated, decisions, Δv and ratings with intervals, gate checks."""
+    options = report.get("options") or {}
+    noise = report.get("noise_promoted")
+    verdict = (
+        "not run"
+        if noise is None
+        else ("PROMOTED a candidate (the loop failed this check)" if noise else "promoted nothing (as required)")
+    )
+    lines = [
+        f"# {report['title']}",
+        "",
+        f"**{report['note']}**",
+        "",
+        f"{report['canary_note']}",
+        "",
+        f"Options: {', '.join(f'{k}={v}' for k, v in options.items())}. Wall time {report['wall_s']:.0f} s.",
+        "",
+        f"Noise condition: the loop {verdict}.",
+        "",
+        *_summary_table(report),
+        "",
+        *_decisions_table(report),
+        "",
+        *_arms_table(report),
+        "",
+        *_gate_table(report),
+        "",
+    ]
+    errors = [
+        (n, it["iteration"], e) for n, its in report["conditions"].items() for it in its for e in it.get("errors", [])
+    ]
+    if errors:
+        lines += ["### Errors", "", *(f"- {n} iteration {i}: {e}" for n, i, e in errors), ""]
+    return "\n".join(lines)
+
+
+def write_report(report: Mapping[str, Any], out: Path) -> tuple[Path, Path]:
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "study.json", out / "study.md"
+    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    md_path.write_text(render_markdown(report))
+    return json_path, md_path
+
+
+# --- the pipeline config of one condition ------------------------------------------------------------------------
+
+
+def condition_pipeline(base: Path, condition: Condition, out: Path) -> Path:
+    """``base`` with the condition's face feedback, its recipe files as absolute paths, written under ``out``."""
+    data = yaml.safe_load(base.read_text()) or {}
+    data["name"] = f"{data.get('name', 'loop-simulation')}-{condition}"[:64]
+    data["simulator"] = {**(data.get("simulator") or {}), "feedback": FEEDBACK[condition]}
+    recipes = dict(data.get("recipes") or {})
+    for kind, value in recipes.items():
+        if isinstance(value, str) and value.endswith((".yaml", ".yml")) and not Path(value).is_absolute():
+            recipes[kind] = str((base.resolve().parent / value).resolve())
+    data["recipes"] = recipes
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"pipeline-{condition}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# --- the loop's surroundings for a study (need the stack at run time, not to build) ------------------------------
+
+
+class StudyLease:
+    """The study's loop is its own and alone: no Redis lease (a real loop's lease is never taken or blocked)."""
+
+    def take(self, owner: str, ttl_s: float) -> bool:
+        return True
+
+    def release(self, owner: str) -> None:
+        return None
+
+
+class ScopedStateStore:
+    """The object store, with the loop's state kept under the study's own key, so a study never touches (or is
+    touched by) the real loop's ``loop/state.json``; every other object is the store's."""
+
+    def __init__(self, store: Any, state_key: str) -> None:
+        from emili_pipeline.loop import STATE_KEY
+
+        self._store, self._from, self._to = store, STATE_KEY, state_key
+
+    def _key(self, key: str) -> str:
+        return self._to if key == self._from else key
+
+    def get_json(self, bucket: Any, key: str) -> Any:
+        return self._store.get_json(bucket, self._key(key))
+
+    def put_json(self, bucket: Any, key: str, value: Any) -> str:
+        return str(self._store.put_json(bucket, self._key(key), value))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+@dataclass
+class OfflineCanary:
+    """The canary phase without the gateway: ``compare(candidate)`` runs simulated users on the candidate and the
+    production arm and returns :func:`canary_decision`'s dict; the outcome is kept until the next candidate."""
+
+    compare: Callable[[str], dict[str, Any]]
+    decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def start(self, candidate: str) -> None:
+        self.decisions[candidate] = self.compare(candidate)
+
+    def outcome(self, candidate: str) -> str:
+        decision = self.decisions.get(candidate)
+        return "missing" if decision is None else str(decision["outcome"])
+
+
+@dataclass
+class StudyActions:
+    """The real system actions, limited to the sessions this condition recorded (other conditions', the
+    pipeline's own evaluation users' and anyone else's sessions stay out), with the canary run offline."""
+
+    system: Any  # emili_pipeline.loop_actions.SystemActions
+    canary: OfflineCanary
+    allowed: set[str] = field(default_factory=set)
+
+    def eligible_sessions(self, include_synthetic: bool) -> list[str]:
+        return [s for s in self.system.eligible_sessions(include_synthetic) if s in self.allowed]
+
+    def start_pipeline(self, session_ids: Sequence[str], baseline: str) -> str:
+        return str(self.system.start_pipeline(session_ids, baseline))
+
+    def pipeline_outcome(self, pipeline_id: str) -> Any:
+        return self.system.pipeline_outcome(pipeline_id)
+
+    def start_canary(self, study_id: str, candidate: str, share: float) -> None:
+        self.canary.start(candidate)
+
+    def canary_outcome(self, study_id: str, candidate: str) -> str:
+        return self.canary.outcome(candidate)
+
+
+# --- running the study against the local stack --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    iterations: int = 2
+    sessions: int = 8  # Simulated sessions recorded per iteration (talking to the production arm).
+    eval_users: int = 8  # Simulated users per arm after each candidate (base, candidate, production).
+    seed: int = 0
+    conditions: tuple[Condition, ...] = CONDITIONS
+    out: Path = Path("var/reports/study-simulate")
+    pipeline: Path = SIMULATION_PIPELINE
+    gate: Path = SIMULATION_GATE
+    concurrency: int = 2
+    poll_s: float = 5.0
+    iteration_timeout_s: float = 3600.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "iterations": self.iterations,
+            "sessions_per_iteration": self.sessions,
+            "eval_users_per_arm": self.eval_users,
+            "seed": self.seed,
+            "conditions": "+".join(self.conditions),
+            "pipeline": str(self.pipeline),
+            "gate": str(self.gate),
+        }
+
+
+@dataclass
+class Stack:
+    """What the study talks to: object storage, the Celery producer, chat's address and a token per subject."""
+
+    store: Any
+    celery: Any
+    chat_target: str
+    token_for: Callable[[str], str]
+    fetch_recipe: Callable[[str], str] | None = None
+    base_simulator: Any = None  # SimulatorSettings of the environment (TLS and the like).
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] % (2**31))
+
+
+class ConditionRun:
+    """One condition's loop over its iterations: collect, the loop's tick until it settles, the arms compared."""
+
+    def __init__(self, stack: Stack, options: StudyOptions, condition: Condition, run_id: str) -> None:
+        from emili_pipeline.config import load_config
+        from emili_pipeline.loop import Loop, LoopPolicy
+        from emili_pipeline.loop_actions import SystemActions
+        from emili_pipeline.simulator import load_personas
+
+        self.stack, self.options, self.condition = stack, options, condition
+        folder = options.out / condition
+        self.pipeline_path = condition_pipeline(options.pipeline, condition, folder)
+        config = load_config(self.pipeline_path)
+        self.simulator = config.simulator_settings(stack.base_simulator)
+        self.personas = load_personas(config.personas, config.persona_limit)
+        self.iteration = 0
+        self.arm_items: dict[tuple[int, str], dict[str, list[float]]] = {}
+        self.arm_errors: list[str] = []
+        self.canary = OfflineCanary(self._canary_compare)
+        system = SystemActions(stack.store, stack.celery, self.pipeline_path, fetch_recipe=stack.fetch_recipe)
+        self.actions = StudyActions(system, self.canary)
+        policy = LoopPolicy(
+            enabled=True,
+            interval_s=max(options.poll_s, 1.0),
+            min_new_sessions=1,
+            include_synthetic=True,
+            study_id=OFFLINE_STUDY,
+            production="base",
+            gate=options.gate,
+            pipeline=self.pipeline_path,
+        )
+        store = ScopedStateStore(stack.store, f"studies/{run_id}/{condition}/loop-state.json")
+        self.loop = Loop(policy, cast(Any, store), StudyLease(), self.actions, owner=f"study-{condition}")
+
+    # Simulated users ---------------------------------------------------------------------------------------------
+
+    def _users(self, n: int, arm: str, role: str, seed: int) -> list[Any]:
+        from emili_pipeline.simulator import run_users
+
+        settings = self.simulator.model_copy(
+            update={"model_arm": arm, "subject_prefix": f"sim-{self.condition[:5]}-{self.iteration}-{role}"[:32]}
+        )
+        return asyncio.run(
+            run_users(
+                n,
+                self.options.concurrency,
+                self.stack.chat_target,
+                self.personas,
+                settings,
+                seed,
+                token_for=self.stack.token_for,
+            )
+        )
+
+    def arm(self, arm: str) -> dict[str, list[float]]:
+        """This iteration's simulated users on ``arm`` (once per arm and iteration): the same seeds on every arm, so
+        arms meet the same users."""
+        key = (self.iteration, arm)
+        if key not in self.arm_items:
+            role = "base" if arm == "base" else hashlib.sha256(arm.encode()).hexdigest()[:6]
+            outcomes = self._users(self.options.eval_users, arm, role, _seed(self.options.seed, self.iteration, 2))
+            self.arm_errors += [f"arm {arm}: {e}" for o in outcomes for e in o.errors][:10]
+            self.arm_items[key] = session_items(outcomes)
+        return self.arm_items[key]
+
+    def _canary_compare(self, candidate: str) -> dict[str, Any]:
+        production = self.loop.baseline(self.loop.state())
+        decision = canary_decision(self.arm(candidate), self.arm(production), seed=self.options.seed)
+        return {**decision, "production": production, "mode": "offline (simulated users per arm)"}
+
+    def _wait_recorded(self, session_ids: Sequence[str], timeout_s: float = 180.0) -> list[str]:
+        """The sessions chat has persisted (ended, recorded): they become eligible a moment after they end."""
+        from emili_pipeline.loop_actions import eligible_session_ids
+
+        wanted, deadline = set(session_ids), time.monotonic() + timeout_s
+        while True:
+            recorded = wanted & set(eligible_session_ids(self.stack.store, include_synthetic=True))
+            if recorded == wanted or time.monotonic() > deadline:
+                return sorted(recorded)
+            time.sleep(2.0)
+
+    # One iteration ---------------------------------------------------------------------------------------------------
+
+    def run_iteration(self) -> dict[str, Any]:
+        from emili_core.errors import NotFound
+        from emili_core.objectstore import Bucket
+        from emili_pipeline.loop import gate_key
+        from emili_pipeline.simulator import summarize
+
+        self.iteration += 1
+        started = time.perf_counter()
+        production = self.loop.baseline(self.loop.state())
+        record: dict[str, Any] = {"iteration": self.iteration, "production_before": production, "errors": []}
+        outcomes = self._users(
+            self.options.sessions, production, "collect", _seed(self.options.seed, self.iteration, 1)
+        )
+        summary = summarize(outcomes, time.perf_counter() - started)
+        record["collected"] = {k: summary[k] for k in ("ok", "failed", "wall_s", "mean_valence_change")}
+        record["errors"] += summary["errors"][:10]
+        recorded = self._wait_recorded([o.session_id for o in outcomes if o.ok])
+        self.actions.allowed |= set(recorded)
+        history_from = len(self.loop.state().history)
+        deadline = time.monotonic() + self.options.iteration_timeout_s
+        settled = {"gate failed", "gate passed; no study to run a canary in", "pipeline failed"}
+        settled |= {"canary promoted", "canary rolled back"}
+        events: list[dict[str, Any]] = []
+        while True:
+            state = self.loop.tick()
+            assert state is not None  # The study's lease is always taken.
+            events = state.history[history_from:]
+            if state.phase == "idle" and (any(e["event"] in settled for e in events) or not events):
+                break
+            if time.monotonic() > deadline:
+                record["errors"].append(f"the loop did not settle within {self.options.iteration_timeout_s:.0f} s")
+                break
+            time.sleep(self.options.poll_s)
+        state = self.loop.state()
+        started_event = next((e for e in events if e["event"] == "enough new sessions"), {})
+        record["sessions_used"] = started_event.get("sessions", 0)
+        record["new_sessions"] = started_event.get("new_sessions", 0)
+        record["loop_events"] = [e["event"] for e in events]
+        record["loop_outcome"] = events[-1]["event"] if events else "not enough new sessions"
+        record["pipeline_id"] = state.pipeline_id if events else None
+        candidate = state.candidate if any(e["event"] == "candidate trained" for e in events) else None
+        record["candidate"] = candidate
+        if candidate is not None:
+            try:
+                gate = self.loop.store.get_json(Bucket.MODELS, gate_key(candidate))
+                record["gate"] = {"passed": gate.get("passed"), "policy": gate.get("policy"), "checks": gate["checks"]}
+            except NotFound:
+                record["gate"] = {}
+            decision = self.canary.decisions.get(candidate)
+            record["canary"] = decision or {"outcome": None, "reason": "not run: the gate did not pass"}
+            base, cand = self.arm("base"), self.arm(candidate)
+            record["evaluation"] = {
+                "arms": {"base": arm_intervals(base), "candidate": arm_intervals(cand)},
+                "candidate_vs_base": compare_arms(cand, base, seed=self.options.seed),
+            }
+            if production != "base":
+                record["evaluation"]["candidate_vs_production"] = compare_arms(
+                    cand, self.arm(production), seed=self.options.seed
+                )
+        record["errors"] += self.arm_errors
+        self.arm_errors = []
+        record["production_after"] = self.loop.baseline(state)
+        record["wall_s"] = round(time.perf_counter() - started, 1)
+        return record
+
+
+def arm_intervals(items: Mapping[str, Sequence[float]]) -> dict[str, dict[str, Any]]:
+    """One arm's interval per metric."""
+    return {m: interval(items.get(m, [])) for m in METRICS}
+
+
+def run_study(
+    stack: Stack,
+    options: StudyOptions,
+    on_iteration: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Every condition's iterations, interleaved (iteration 1 of each condition, then 2, ...) so a study stopped
+    early has the same number of iterations per condition; the report is rewritten after each iteration."""
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    started = time.perf_counter()
+    runs = {c: ConditionRun(stack, options, c, run_id) for c in options.conditions}
+    results: dict[str, list[dict[str, Any]]] = {c: [] for c in options.conditions}
+    report = build_report({**options.to_json(), "run_id": run_id}, results, 0.0)
+    for _ in range(options.iterations):
+        for condition, run in runs.items():
+            log.info("study %s: %s iteration %d", run_id, condition, run.iteration + 1)
+            try:
+                record = run.run_iteration()
+            except Exception as exc:  # One broken iteration is reported, the others still run.
+                log.exception("study %s: %s iteration failed", run_id, condition)
+                record = {"iteration": run.iteration, "errors": [f"{type(exc).__name__}: {exc}"], "wall_s": 0.0}
+            record["condition"] = condition
+            results[condition].append(record)
+            report = build_report({**options.to_json(), "run_id": run_id}, results, time.perf_counter() - started)
+            write_report(report, options.out)
+            if on_iteration is not None:
+                on_iteration(record)
+    return report

@@ -1,0 +1,402 @@
+"""The loop simulation study's pure parts: feedback noise, intervals, decisions, the report, the CLI group."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from emili_pipeline.gate import Evidence, judge, load_policy
+from emili_pipeline.simulator import SimulatedUser
+from emili_pipeline.simulator.personas import builtin_personas
+from emili_pipeline.simulator.run import SimulatorSettings
+from emili_pipeline.simulator.user import noise_quality
+from emili_pipeline.study_sim import (
+    SIMULATION_GATE,
+    SIMULATION_PIPELINE,
+    OfflineCanary,
+    ScopedStateStore,
+    StudyActions,
+    build_report,
+    canary_decision,
+    compare_arms,
+    condition_pipeline,
+    decision_summary,
+    difference,
+    interval,
+    render_markdown,
+    session_items,
+    write_report,
+)
+
+GOOD = "That sounds so hard, I'm sorry. It makes sense you feel that way. How are you feeling now?"
+BAD = "Calm down, whatever, it's not a big deal. As an AI I don't care. You should just get over it."
+
+
+def _persona() -> Any:
+    return next(p for p in builtin_personas() if p.emotion == "sad")
+
+
+def _hear(user: SimulatedUser, reply: str, turns: int = 4) -> SimulatedUser:
+    for turn in range(turns):
+        user.message(turn)
+        user.hear(reply)
+    return user
+
+
+# --- feedback noise ---------------------------------------------------------------------------------------------
+
+
+def test_state_feedback_is_unchanged_by_the_noise_option() -> None:
+    plain, explicit = SimulatedUser(_persona(), 7), SimulatedUser(_persona(), 7, feedback="state")
+    _hear(plain, GOOD), _hear(explicit, GOOD)
+    assert plain.state.current == explicit.state.current
+    assert plain.shown == plain.state.current and plain.decoy is None
+    assert plain.reading() == explicit.reading()
+
+
+def test_noise_face_ignores_the_replies_while_the_real_state_follows_them() -> None:
+    good, bad = SimulatedUser(_persona(), 3, feedback="noise"), SimulatedUser(_persona(), 3, feedback="noise")
+    _hear(good, GOOD), _hear(bad, BAD)
+    # The face (decoy) moves the same whatever was said: it depends on the seed alone.
+    assert good.shown == bad.shown
+    assert good.reading() == bad.reading()
+    # The real state, which surveys, ratings and the study's delta-v read, still follows reply quality.
+    assert good.state.valence_change > bad.state.valence_change
+    assert good.shown != good.state.current
+
+
+def test_noise_face_starts_where_the_user_starts() -> None:
+    user = SimulatedUser(_persona(), 11, feedback="noise")
+    assert user.shown == user.state.start
+
+
+def test_noise_qualities_span_the_range_and_do_not_depend_on_anything_but_the_generator() -> None:
+    scores = [noise_quality(np.random.default_rng(0)).score for _ in range(3)]
+    assert len(set(scores)) == 1
+    rng = np.random.default_rng(1)
+    draws = np.array([noise_quality(rng).score for _ in range(2000)])
+    assert draws.min() >= -1 and draws.max() <= 1
+    assert abs(draws.mean()) < 0.05 and draws.min() < -0.9 and draws.max() > 0.9
+
+
+def test_simulator_settings_carry_the_feedback_mode() -> None:
+    assert SimulatorSettings().feedback == "state"
+    assert SimulatorSettings.model_validate({"feedback": "noise"}).feedback == "noise"
+    with pytest.raises(ValueError):
+        SimulatorSettings.model_validate({"feedback": "other"})
+
+
+# --- items, intervals, decisions ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Turn:
+    quality: float | None
+
+
+@dataclass
+class _Outcome:
+    start: float
+    end: float
+    ratings: dict[str, int] = field(default_factory=dict)
+    qualities: tuple[float, ...] = ()
+    ok: bool = True
+
+    @property
+    def start_state(self) -> dict[str, float]:
+        return {"valence": self.start}
+
+    @property
+    def end_state(self) -> dict[str, float]:
+        return {"valence": self.end}
+
+    @property
+    def turns(self) -> list[_Turn]:
+        return [_Turn(q) for q in self.qualities]
+
+
+def test_session_items_read_the_hidden_valence_change_ratings_and_quality() -> None:
+    items = session_items(
+        [
+            _Outcome(-0.5, -0.2, {"empathy": 4, "relevance": 3, "fluency": 5}, (0.2, 0.4)),
+            _Outcome(-0.5, -0.6, {}, ()),
+            _Outcome(0.0, 1.0, {"empathy": 1, "relevance": 1, "fluency": 1}, (1.0,), ok=False),
+        ]
+    )
+    assert items["delta_v"] == pytest.approx([0.3, -0.1])
+    assert items["rating"] == [4.0] and items["empathy"] == [4.0]
+    assert items["reply_quality"] == pytest.approx([0.3])
+
+
+def test_interval_and_difference() -> None:
+    assert interval([]) == {"n": 0, "mean": None, "ci95": None}
+    one = interval([0.1, 0.2, 0.3, 0.4])
+    assert one["n"] == 4 and one["mean"] == pytest.approx(0.25)
+    assert one["ci95"][0] <= 0.25 <= one["ci95"][1]
+    d = difference([1.0, 1.1, 0.9, 1.0], [0.0, 0.1, -0.1, 0.0])
+    assert d["difference"] == pytest.approx(1.0) and d["ci95"][0] > 0.8
+    assert difference([], [1.0])["ci95"] is None
+
+
+def test_compare_arms_has_every_metric() -> None:
+    compared = compare_arms({"delta_v": [0.2, 0.3]}, {"delta_v": [0.0, 0.1]})
+    assert compared["delta_v"]["difference"]["difference"] == pytest.approx(0.2)
+    assert compared["rating"]["candidate"]["n"] == 0
+
+
+def test_canary_promotes_only_on_a_clear_gain() -> None:
+    better = {"delta_v": [0.5, 0.6, 0.55, 0.52, 0.58], "rating": [4.0, 4.0, 4.5, 4.0, 4.0]}
+    same = {"delta_v": [0.0, 0.1, -0.1, 0.05, -0.05], "rating": [4.0, 4.0, 4.5, 4.0, 4.0]}
+    assert canary_decision(better, same)["outcome"] == "promoted"
+    # Merely "not worse" (noise): rolled back.
+    assert canary_decision(same, same)["outcome"] == "rolled_back"
+    worse_rating = {**better, "rating": [1.0, 1.0, 1.5, 1.0, 1.0]}
+    decision = canary_decision(worse_rating, same)
+    assert decision["outcome"] == "rolled_back" and "rating" in decision["reason"]
+    assert canary_decision({"delta_v": [1.0]}, same)["outcome"] == "rolled_back"
+
+
+def _iteration(n: int, *, passed: bool | None, canary: str | None, production: str = "base") -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "iteration": n,
+        "collected": {"ok": 4},
+        "sessions_used": 4 * n,
+        "new_sessions": 4,
+        "loop_outcome": "gate failed",
+        "production_after": production,
+        "wall_s": 12.0,
+        "errors": [],
+    }
+    if passed is not None:
+        record["candidate"] = f"v{n}"
+        record["gate"] = {
+            "passed": passed,
+            "checks": [
+                {
+                    "name": "delta_v_gain",
+                    "kind": "superior",
+                    "n": 4,
+                    "estimate": 0.1,
+                    "ci": [-0.1, 0.3],
+                    "passed": passed,
+                    "reason": "why",
+                },
+            ],
+        }
+        record["canary"] = {"outcome": canary}
+        record["evaluation"] = {"candidate_vs_base": compare_arms({"delta_v": [0.2, 0.3]}, {"delta_v": [0.0, 0.1]})}
+    return record
+
+
+def test_decision_summary_counts_gates_canaries_and_sessions() -> None:
+    summary = decision_summary(
+        [
+            _iteration(1, passed=False, canary=None),
+            _iteration(2, passed=True, canary="promoted", production="v2"),
+            _iteration(3, passed=None, canary=None, production="v2"),
+        ]
+    )
+    assert summary["iterations"] == 3 and summary["candidates"] == 2
+    assert summary["gate_passed"] == 1 and summary["gate_failed"] == 1
+    assert summary["promoted"] == 1 and summary["rolled_back"] == 0
+    assert summary["sessions_collected"] == 12 and summary["sessions_used_last"] == 12
+    assert summary["final_production"] == "v2" and summary["promoted_versions"] == ["v2"]
+    assert decision_summary([])["final_production"] is None
+
+
+def test_report_says_synthetic_everywhere_and_flags_a_noise_promotion(tmp_path: Path) -> None:
+    conditions = {
+        "feedback": [_iteration(1, passed=True, canary="promoted", production="v1")],
+        "noise": [_iteration(1, passed=False, canary=None)],
+    }
+    report = build_report({"iterations": 1}, conditions, 90.0)
+    assert report["synthetic"] is True and report["noise_promoted"] is False
+    text = render_markdown(report)
+    titles = [line for line in text.splitlines() if line.startswith("#")]
+    assert titles and all("SYNTHETIC" in t or "simulated" in t.lower() for t in titles)
+    assert "human" not in text.lower() and "participant" not in text.lower()
+    assert "OFFLINE" in text and "promoted nothing" in text
+    json_path, md_path = write_report(report, tmp_path / "out")
+    assert json.loads(json_path.read_text())["decisions"]["feedback"]["promoted"] == 1
+    assert md_path.read_text() == text
+    noisy = build_report({}, {"noise": [_iteration(1, passed=True, canary="promoted")]}, 1.0)
+    assert noisy["noise_promoted"] is True and "failed this check" in render_markdown(noisy)
+    assert build_report({}, {"feedback": [], "noise": []}, 1.0)["noise_promoted"] is None
+
+
+# --- the simulation gate requires a gain ------------------------------------------------------------------------------
+
+
+def _evidence(gain: float) -> dict[str, Evidence]:
+    rng = np.random.default_rng(0)
+    base = list(rng.normal(0.0, 0.05, 12))
+    return {
+        "delta_v": Evidence([v + gain for v in base], base),
+        "diff_epitome_mean": Evidence([0.3] * 8, [0.3] * 8, paired=True),
+        "reply_words": Evidence([20.0] * 8, [20.0] * 8, paired=True),
+        "negative_reaction": Evidence([0.0] * 16, [0.0] * 16),
+    }
+
+
+def test_simulation_gate_fails_a_candidate_that_is_only_not_worse() -> None:
+    policy = load_policy(SIMULATION_GATE)
+    assert judge(policy, _evidence(0.3)).passed
+    verdict = judge(policy, _evidence(0.0))
+    assert not verdict.passed
+    assert [c.name for c in verdict.checks if not c.passed] == ["delta_v_gain"]
+
+
+# --- the loop's surroundings ----------------------------------------------------------------------------------------
+
+
+def test_condition_pipeline_sets_the_feedback_and_absolute_recipes(tmp_path: Path) -> None:
+    from emili_pipeline.config import load_config
+
+    path = condition_pipeline(SIMULATION_PIPELINE, "noise", tmp_path)
+    data = yaml.safe_load(path.read_text())
+    assert data["simulator"]["feedback"] == "noise" and data["name"].endswith("-noise")
+    assert all(Path(v).is_absolute() and Path(v).is_file() for v in data["recipes"].values())
+    assert load_config(path).simulator_settings().feedback == "noise"
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.objects: dict[tuple[Any, str], Any] = {}
+
+    def get_json(self, bucket: Any, key: str) -> Any:
+        return self.objects[(bucket, key)]
+
+    def put_json(self, bucket: Any, key: str, value: Any) -> str:
+        self.objects[(bucket, key)] = value
+        return key
+
+    def exists(self, bucket: Any, key: str) -> bool:
+        return (bucket, key) in self.objects
+
+
+def test_scoped_store_keeps_the_study_loop_state_apart() -> None:
+    store = _Store()
+    scoped = ScopedStateStore(store, "studies/x/noise/loop-state.json")
+    scoped.put_json("models", "loop/state.json", {"phase": "idle"})
+    scoped.put_json("models", "gates/v1.json", {"passed": False})
+    assert ("models", "loop/state.json") not in store.objects
+    assert store.objects[("models", "studies/x/noise/loop-state.json")] == {"phase": "idle"}
+    assert scoped.get_json("models", "loop/state.json") == {"phase": "idle"}
+    assert scoped.exists("models", "gates/v1.json")
+
+
+class _System:
+    def eligible_sessions(self, include_synthetic: bool) -> list[str]:
+        return ["a", "b", "other"]
+
+
+def test_study_actions_see_only_the_condition_sessions_and_run_the_canary_offline() -> None:
+    compared: list[str] = []
+
+    def compare(candidate: str) -> dict[str, Any]:
+        compared.append(candidate)
+        return {"outcome": "rolled_back", "reason": "no clear gain"}
+
+    actions = StudyActions(_System(), OfflineCanary(compare), {"a", "b", "c"})
+    assert actions.eligible_sessions(True) == ["a", "b"]
+    assert actions.canary_outcome("s", "v1") == "missing"
+    actions.start_canary("s", "v1", 0.1)
+    assert actions.canary_outcome("s", "v1") == "rolled_back" and compared == ["v1"]
+
+
+def test_emili_study_has_simulate_and_keeps_the_gateway_commands() -> None:
+    import typer
+
+    from emili_pipeline.study_cli import commands
+
+    group = typer.main.get_command(commands)
+    study = group.commands["study"]  # type: ignore[attr-defined]
+    assert "simulate" in study.commands
+    if list(entry_points(group="emili.cli", name="study")):  # The gateway is installed: its commands stay.
+        assert {"create", "invite", "export"} <= set(study.commands)
+
+
+# --- the study's driver around the real Loop, with fake users, pipelines and storage ---------------------------------
+
+
+class _NotFoundStore(_Store):
+    def get_json(self, bucket: Any, key: str) -> Any:
+        from emili_core.errors import NotFound
+
+        if (bucket, key) not in self.objects:
+            raise NotFound(key)
+        return self.objects[(bucket, key)]
+
+
+def test_run_study_promotes_a_real_gain_and_nothing_under_noise(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import emili_pipeline.loop_actions as loop_actions
+    import emili_pipeline.simulator as simulator
+    from emili_pipeline.simulator.run import SessionOutcome, TurnResult
+    from emili_pipeline.study_sim import Stack, StudyOptions, run_study
+
+    recorded: list[str] = []
+
+    async def users(n: int, concurrency: int, target: str, personas: Any, settings: Any, seed: int, **_: Any) -> Any:
+        # Trained versions of the feedback condition lift valence by 0.3; everything else changes nothing.
+        gain = 0.3 if settings.model_arm.startswith("v") and settings.feedback == "state" else 0.0
+        rng = np.random.default_rng(seed)
+        outcomes = []
+        for _ in range(n):
+            outcome = SessionOutcome("p", seed, session_id=f"s{len(recorded)}")
+            recorded.append(outcome.session_id)
+            outcome.start_state = {"valence": -0.5}
+            outcome.end_state = {"valence": -0.5 + gain + float(rng.normal(0.0, 0.05))}
+            outcome.ratings = {"empathy": 4, "relevance": 3, "fluency": 4}
+            outcome.turns = [TurnResult("hi", quality=0.3)]
+            outcomes.append(outcome)
+        return outcomes
+
+    class System:
+        def __init__(self, store: Any, celery: Any, path: Path, fetch_recipe: Any = None) -> None:
+            self.noise = "noise" in path.name
+            self.started = 0
+
+        def eligible_sessions(self, include_synthetic: bool) -> list[str]:
+            return list(recorded)
+
+        def start_pipeline(self, session_ids: Any, baseline: str) -> str:
+            self.started += 1
+            return f"pl-{self.started}"
+
+        def pipeline_outcome(self, pipeline_id: str) -> Any:
+            base = [0.0, 0.05, -0.05, 0.02, -0.02]
+            gain = 0.0 if self.noise else 0.3
+            evidence = {
+                "delta_v": Evidence([v + gain for v in base], base),
+                "diff_epitome_mean": Evidence([0.3] * 5, [0.3] * 5, paired=True),
+                "reply_words": Evidence([20.0] * 5, [20.0] * 5, paired=True),
+                "negative_reaction": Evidence([0.0] * 10, [0.0] * 10),
+            }
+            return "done", f"v{self.started}{'n' if self.noise else 'f'}", evidence
+
+    monkeypatch.setattr(simulator, "run_users", users)
+    monkeypatch.setattr(loop_actions, "SystemActions", System)
+    monkeypatch.setattr(loop_actions, "eligible_session_ids", lambda store, include_synthetic: list(recorded))
+    stack = Stack(store=_NotFoundStore(), celery=None, chat_target="chat", token_for=lambda subject: "token")
+    options = StudyOptions(iterations=2, sessions=3, eval_users=5, out=tmp_path, poll_s=0.0)
+    report = run_study(stack, options)
+
+    feedback, noise = report["decisions"]["feedback"], report["decisions"]["noise"]
+    # Iteration 2's candidate is no better than the promoted v1f: its canary rolls it back.
+    assert feedback["promoted_versions"] == ["v1f"] and feedback["rolled_back"] == 1
+    assert noise["promoted"] == 0 and noise["gate_failed"] == 2 and noise["final_production"] == "base"
+    assert report["noise_promoted"] is False
+    first = report["conditions"]["feedback"][0]
+    assert first["sessions_used"] == 3 and first["canary"]["mode"].startswith("offline")
+    assert first["evaluation"]["candidate_vs_base"]["delta_v"]["difference"]["ci95"][0] > 0
+    assert report["conditions"]["feedback"][1]["sessions_used"] == 6  # The loop trains on every session so far.
+    assert (tmp_path / "study.json").is_file() and "SYNTHETIC" in (tmp_path / "study.md").read_text()
