@@ -154,13 +154,16 @@ def test_compare_arms_has_every_metric() -> None:
 def test_canary_promotes_only_on_a_clear_gain() -> None:
     better = {"delta_v": [0.5, 0.6, 0.55, 0.52, 0.58], "rating": [4.0, 4.0, 4.5, 4.0, 4.0]}
     same = {"delta_v": [0.0, 0.1, -0.1, 0.05, -0.05], "rating": [4.0, 4.0, 4.5, 4.0, 4.0]}
-    assert canary_decision(better, same)["outcome"] == "promoted"
+    assert canary_decision(better, same, min_sessions=5)["outcome"] == "promoted"
+    # Five sessions an arm are too few by default, however clear the interval looks.
+    too_few = canary_decision(better, same)
+    assert too_few["outcome"] == "rolled_back" and "too few" in too_few["reason"]
     # Merely "not worse" (noise): rolled back.
-    assert canary_decision(same, same)["outcome"] == "rolled_back"
+    assert canary_decision(same, same, min_sessions=5)["outcome"] == "rolled_back"
     worse_rating = {**better, "rating": [1.0, 1.0, 1.5, 1.0, 1.0]}
-    decision = canary_decision(worse_rating, same)
+    decision = canary_decision(worse_rating, same, min_sessions=5)
     assert decision["outcome"] == "rolled_back" and "rating" in decision["reason"]
-    assert canary_decision({"delta_v": [1.0]}, same)["outcome"] == "rolled_back"
+    assert canary_decision({"delta_v": [1.0]}, same, min_sessions=1)["outcome"] == "rolled_back"
 
 
 def _iteration(n: int, *, passed: bool | None, canary: str | None, production: str = "base") -> dict[str, Any]:
@@ -387,7 +390,7 @@ def test_run_study_promotes_a_real_gain_and_nothing_under_noise(
     monkeypatch.setattr(loop_actions, "SystemActions", System)
     monkeypatch.setattr(loop_actions, "eligible_session_ids", lambda store, include_synthetic: list(recorded))
     stack = Stack(store=_NotFoundStore(), celery=None, chat_target="chat", token_for=lambda subject: "token")
-    options = StudyOptions(iterations=2, sessions=3, eval_users=5, out=tmp_path, poll_s=0.0)
+    options = StudyOptions(iterations=2, sessions=3, eval_users=5, canary_min_sessions=5, out=tmp_path, poll_s=0.0)
     report = run_study(stack, options)
 
     feedback, noise = report["decisions"]["feedback"], report["decisions"]["noise"]

@@ -18,7 +18,13 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from emili_pipeline.study_sim import CONDITIONS, SIMULATION_GATE, SIMULATION_PIPELINE, Condition
+from emili_pipeline.study_sim import (
+    CONDITIONS,
+    MIN_CANARY_SESSIONS,
+    SIMULATION_GATE,
+    SIMULATION_PIPELINE,
+    Condition,
+)
 
 console = Console(stderr=True, highlight=False)
 GROUP = "study"
@@ -69,6 +75,9 @@ def simulate(
     iterations: Annotated[int, typer.Option(min=1, help="Loop iterations per condition.")] = 2,
     sessions: Annotated[int, typer.Option(min=1, help="Simulated sessions recorded per iteration.")] = 8,
     eval_users: Annotated[int, typer.Option(min=2, help="Simulated users per arm after each candidate.")] = 8,
+    canary_min_sessions: Annotated[
+        int, typer.Option(min=2, help="Sessions per arm below which the offline canary never promotes.")
+    ] = MIN_CANARY_SESSIONS,
     seed: Annotated[int, typer.Option(help="The study's seed (users, personas, arms).")] = 0,
     condition: Annotated[str, typer.Option(help="feedback, noise or both.")] = "both",
     out: Annotated[Path, typer.Option(help="Folder for study.json and study.md.")] = Path("var/reports/study-simulate"),
@@ -102,6 +111,7 @@ def simulate(
         iterations=iterations,
         sessions=sessions,
         eval_users=eval_users,
+        canary_min_sessions=canary_min_sessions,
         seed=seed,
         conditions=_conditions(condition),
         out=out,

@@ -129,15 +129,25 @@ def compare_arms(
     }
 
 
+# Percentile bootstrap intervals on a handful of sessions are far too narrow (the first run saw a noise-trained
+# candidate "gain" on 6 users per arm): below this many sessions per arm the offline canary never promotes.
+MIN_CANARY_SESSIONS = 20
+
+
 def canary_decision(
-    candidate: Mapping[str, Sequence[float]], production: Mapping[str, Sequence[float]], seed: int = 0
+    candidate: Mapping[str, Sequence[float]],
+    production: Mapping[str, Sequence[float]],
+    seed: int = 0,
+    min_sessions: int = MIN_CANARY_SESSIONS,
 ) -> dict[str, Any]:
     """The offline canary: ``promoted`` when Δv's gain over production is above 0 with 95% confidence and the
-    mean rating's interval does not lie wholly below 0; else ``rolled_back``. Too few sessions: rolled back."""
+    mean rating's interval does not lie wholly below 0; else ``rolled_back``. Fewer than ``min_sessions``
+    sessions on either arm: rolled back."""
     gain = difference(candidate.get(PRIMARY, []), production.get(PRIMARY, []), seed)
     rating = difference(candidate.get("rating", []), production.get("rating", []), seed)
-    if gain["ci95"] is None or min(gain["n_candidate"], gain["n_baseline"]) < 2:
-        return {"outcome": "rolled_back", "reason": "too few simulated sessions to compare", PRIMARY: gain}
+    if gain["ci95"] is None or min(gain["n_candidate"], gain["n_baseline"]) < max(2, min_sessions):
+        reason = f"too few simulated sessions to decide (fewer than {min_sessions} on an arm)"
+        return {"outcome": "rolled_back", "reason": reason, PRIMARY: gain}
     if rating["ci95"] is not None and rating["ci95"][1] < 0:
         reason = f"rating clearly lower ({rating['difference']:+.3f}, 95% CI {rating['ci95']})"
         return {"outcome": "rolled_back", "reason": reason, PRIMARY: gain, "rating": rating}
@@ -441,6 +451,7 @@ class StudyOptions:
     iterations: int = 2
     sessions: int = 8  # Simulated sessions recorded per iteration (talking to the production arm).
     eval_users: int = 8  # Simulated users per arm after each candidate (base, candidate, production).
+    canary_min_sessions: int = MIN_CANARY_SESSIONS  # Fewer per arm: the offline canary never promotes.
     seed: int = 0
     conditions: tuple[Condition, ...] = CONDITIONS
     out: Path = Path("var/reports/study-simulate")
@@ -455,6 +466,7 @@ class StudyOptions:
             "iterations": self.iterations,
             "sessions_per_iteration": self.sessions,
             "eval_users_per_arm": self.eval_users,
+            "canary_min_sessions": self.canary_min_sessions,
             "seed": self.seed,
             "conditions": "+".join(self.conditions),
             "pipeline": str(self.pipeline),
@@ -545,7 +557,12 @@ class ConditionRun:
 
     def _canary_compare(self, candidate: str) -> dict[str, Any]:
         production = self.loop.baseline(self.loop.state())
-        decision = canary_decision(self.arm(candidate), self.arm(production), seed=self.options.seed)
+        decision = canary_decision(
+            self.arm(candidate),
+            self.arm(production),
+            seed=self.options.seed,
+            min_sessions=self.options.canary_min_sessions,
+        )
         return {**decision, "production": production, "mode": "offline (simulated users per arm)"}
 
     def _wait_recorded(self, session_ids: Sequence[str], timeout_s: float = 180.0) -> list[str]:
