@@ -13,7 +13,8 @@ import redis
 
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_pipeline.gate import Evidence
-from emili_pipeline.loop import STATE_KEY, Loop, LoopPolicy, RedisLease, gate_key
+from emili_pipeline.loop import STATE_KEY, Loop, LoopPolicy, RedisLease
+from emili_session.loop_records import gate_key
 
 pytestmark = pytest.mark.integration
 

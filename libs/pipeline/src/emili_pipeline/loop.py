@@ -42,16 +42,12 @@ from emili_core.errors import NotFound
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_pipeline.gate import SHIPPED as SHIPPED_GATE
 from emili_pipeline.gate import Evidence, GatePolicy, Verdict, judge, load_policy
+from emili_session.loop_records import LOOP_STATE_KEY, gate_key
 
 log = logging.getLogger(__name__)
 
-STATE_KEY = "loop/state.json"
+STATE_KEY = LOOP_STATE_KEY  # Where the loop's records live is defined once, with their readers (the gateway's).
 Phase = Literal["idle", "training", "gating", "canary"]
-
-
-def gate_key(version: str) -> str:
-    """Bucket ``models``: the gate's verdict on a candidate version, with its evidence."""
-    return f"gates/{version}.json"
 
 
 class LoopPolicy(BaseModel):

@@ -581,8 +581,8 @@ class ConditionRun:
     def run_iteration(self) -> dict[str, Any]:
         from emili_core.errors import NotFound
         from emili_core.objectstore import Bucket
-        from emili_pipeline.loop import gate_key
         from emili_pipeline.simulator import summarize
+        from emili_session.loop_records import gate_key
 
         self.iteration += 1
         started = time.perf_counter()
