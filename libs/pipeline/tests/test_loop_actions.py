@@ -1,11 +1,12 @@
 """The loop's real actions against real S3 and a real Redis broker: which recorded sessions a candidate may learn
-from, a pipeline started once however often it is asked for, its outcome read from its stored state, and the
-gateway's canary API (its HTTP contract, answered by a stand-in transport: this library never imports the
-gateway)."""
+from, a pipeline started once however often it is asked for, its outcome read from its stored state, and how the
+canary client reads the gateway's answers (a stand-in transport: this library never imports the gateway;
+tests/test_loop_canary_gateway.py runs the canary calls against the real one)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,49 +116,46 @@ def test_pipeline_outcomes(actions: SystemActions, store: ObjectStore) -> None:
     assert actions.pipeline_outcome("pl-0000000000000000")[0] == "failed"
 
 
-class FakeGateway:
-    """The gateway's canary API as its OpenAPI describes it (status codes and bodies), one study."""
+def answering(*answers: httpx.Response) -> Callable[[], httpx.Client]:
+    """A gateway client whose calls get ``answers`` in turn (a stand-in transport: this library never imports the
+    gateway; tests/test_loop_canary_gateway.py runs the same calls against the real one)."""
+    queue = list(answers)
 
-    def __init__(self) -> None:
-        self.canary: dict[str, Any] | None = None
-        self.requests: list[tuple[str, str, Any]] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content) if request.content else None
-        self.requests.append((request.method, request.url.path, body))
+    def answer(request: httpx.Request) -> httpx.Response:
         assert request.headers["Authorization"].startswith("Bearer ")
-        if request.url.path != "/api/v1/studies/st-0123456789ab/canary":
-            return httpx.Response(404, json={"error": "not_found", "detail": "study st-x does not exist"})
-        if request.method == "POST":
-            if self.canary is not None and self.canary["state"] == "running":
-                return httpx.Response(412, json={"error": "failed_precondition", "detail": "already runs a canary"})
-            self.canary = {"candidate": body["candidate"], "state": "running", "share": body["share"]}
-            return httpx.Response(201, json=self.canary)
-        if self.canary is None:
-            detail = "study st-0123456789ab has had no canary; start one with POST .../canary"
-            return httpx.Response(404, json={"error": "not_found", "detail": detail})
-        return httpx.Response(200, json=self.canary)
+        return queue.pop(0)
 
-
-def test_canaries_through_the_gateway_api(actions: SystemActions) -> None:
-    gateway = FakeGateway()
-    actions.gateway = lambda: httpx.Client(
-        base_url="http://gateway", transport=httpx.MockTransport(gateway), headers={"Authorization": "Bearer t"}
+    return lambda: httpx.Client(
+        base_url="http://gateway", transport=httpx.MockTransport(answer), headers={"Authorization": "Bearer t"}
     )
+
+
+def test_canary_answers_the_real_gateway_seldom_gives(actions: SystemActions) -> None:
+    """What the real gateway gives only after a monitor's decision, a version skew or an outage."""
     study = "st-0123456789ab"
-    assert actions.canary_outcome(study, "v2") == "missing"
-    actions.start_canary(study, "v2", 0.2)
-    assert gateway.requests[-1] == ("POST", f"/api/v1/studies/{study}/canary", {"candidate": "v2", "share": 0.2})
-    assert actions.canary_outcome(study, "v2") == "running"
-    assert actions.canary_outcome(study, "v3") == "missing"  # The newest canary is another version's.
-    with pytest.raises(GatewayError, match="HTTP 412"):
-        actions.start_canary(study, "v3", 0.2)
-    for state in ("promoted", "rolled_back"):
-        assert gateway.canary is not None
-        gateway.canary["state"] = state
+    for state in ("running", "promoted", "rolled_back"):
+        actions.gateway = answering(httpx.Response(200, json={"candidate": "v2", "state": state}))
         assert actions.canary_outcome(study, "v2") == state
-    with pytest.raises(GatewayError, match="does not exist"):
-        actions.canary_outcome("st-ffffffffffff", "v2")  # An unknown study is an error, not a missing canary.
+    actions.gateway = answering(httpx.Response(200, json={"candidate": "v2", "state": "paused"}))
+    with pytest.raises(GatewayError, match="unknown state 'paused'"):
+        actions.canary_outcome(study, "v2")
+    # Only the code means "never started": not the message, and not a proxy's 404 page.
+    no_canary = "study st-0123456789ab has had no canary; start one with POST .../canary"
+    actions.gateway = answering(httpx.Response(404, json={"error": "canary_not_found", "detail": no_canary}))
+    assert actions.canary_outcome(study, "v2") == "missing"
+    actions.gateway = answering(httpx.Response(404, json={"error": "not_found", "detail": no_canary}))
+    with pytest.raises(GatewayError, match="HTTP 404"):
+        actions.canary_outcome(study, "v2")
+    actions.gateway = answering(httpx.Response(404, text="<html>Not Found</html>"))
+    with pytest.raises(GatewayError, match="HTTP 404 <html>Not Found"):
+        actions.canary_outcome(study, "v2")
+
+    def unreachable(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    actions.gateway = lambda: httpx.Client(base_url="http://gateway", transport=httpx.MockTransport(unreachable))
+    with pytest.raises(GatewayError, match="cannot be reached"):
+        actions.start_canary(study, "v2", 0.2)
     actions.gateway = None
     with pytest.raises(GatewayError, match="no gateway"):
         actions.start_canary(study, "v2", 0.2)

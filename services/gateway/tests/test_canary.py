@@ -185,7 +185,10 @@ def test_a_canary_through_the_gateway(
     study_id = study["study_id"]
     url = f"/api/v1/studies/{study_id}/canary"
 
-    assert client.get(url, headers=admin_headers()).status_code == 404  # None yet.
+    none_yet = client.get(url, headers=admin_headers())
+    assert none_yet.status_code == 404 and none_yet.json()["error"] == "canary_not_found"
+    unknown_study = client.get("/api/v1/studies/st-000000000000/canary", headers=admin_headers())
+    assert unknown_study.status_code == 404 and unknown_study.json()["error"] == "not_found"
     unknown = client.post(url, json={"candidate": "no-such-version"}, headers=admin_headers())
     assert unknown.status_code == 400 and "not a registered model version" in unknown.json()["detail"]
     started = client.post(url, json={"candidate": "canary-good", "share": 0.5}, headers=admin_headers())

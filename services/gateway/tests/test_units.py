@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from emili_core import errors
 from emili_gateway.app import error_body
 from emili_gateway.chat_client import ChatEvent
-from emili_gateway.errors import Gone, PayloadTooLarge, RateLimited
+from emili_gateway.errors import CanaryNotFound, Gone, PayloadTooLarge, RateLimited
 from emili_gateway.export import CSV_COLUMNS, export_row, to_csv, to_jsonl
 from emili_gateway.models import DEFAULT_DESIRED_FEELINGS, SessionRecord, Study, StudyPublic, StudySpec
 from emili_gateway.ratelimit import TokenBucket
@@ -27,6 +27,7 @@ from emili_gateway.studies import check_feelings, new_withdraw_code, withdraw_ha
         (errors.Unauthenticated("x"), 401, "unauthenticated"),
         (errors.PermissionDenied("x"), 403, "permission_denied"),
         (errors.NotFound("x"), 404, "not_found"),
+        (CanaryNotFound("x"), 404, "canary_not_found"),
         (errors.FailedPrecondition("x"), 409, "conflict"),
         (Gone("x"), 410, "gone"),
         (errors.Overloaded("x"), 429, "overloaded"),

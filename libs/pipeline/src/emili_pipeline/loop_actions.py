@@ -16,7 +16,9 @@ Actions`.
   resubmits a step whose worker died. The candidate is the evaluation's ``candidate`` (else the last version
   trained: DPO, else SFT), the evidence its ``gate_evidence``.
 - **Canaries** go through the gateway's HTTP API with an admin token (never its code): ``POST`` and ``GET
-  /api/v1/studies/{id}/canary``; the gateway decides promotion or rollback itself.
+  /api/v1/studies/{id}/canary``; the gateway decides promotion or rollback itself. A canary that never started
+  is told from an unknown study by the error body's code (``canary_not_found`` against ``not_found``), never by
+  its message.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ API = "/api/v1"
 ENDED = "ended"  # chat's state of a session that has ended (its record then holds every event).
 RUNNING, DONE = "running", "done"
 CANARY_STATES = {"running": "running", "promoted": "promoted", "rolled_back": "rolled_back"}
+# The gateway's error code (``{"error": code, ...}``) for a study that has had no canary.
+CANARY_NOT_FOUND = "canary_not_found"
 
 
 class GatewayError(Exception):
@@ -191,8 +195,8 @@ class SystemActions:
 
     def canary_outcome(self, study_id: str, candidate: str) -> str:
         response = self._gateway_call("GET", f"/studies/{study_id}/canary")
-        if response.status_code == 404 and "has had no canary" in _detail(response):
-            return "missing"  # An unknown study is a 404 too, and an error: only this one means "not started".
+        if response.status_code == 404 and _error_code(response) == CANARY_NOT_FOUND:
+            return "missing"  # An unknown study is a 404 too (``not_found``), and an error.
         if response.status_code != 200:
             raise GatewayError(f"the canary of study {study_id}: HTTP {response.status_code} {_detail(response)}")
         canary = response.json()
@@ -204,8 +208,19 @@ class SystemActions:
         return state
 
 
-def _detail(response: httpx.Response) -> str:
+def _body(response: httpx.Response) -> dict[str, Any]:
     try:
-        return str(response.json().get("detail", ""))[:300]
+        body = response.json()
     except ValueError:
-        return response.text[:300]
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _error_code(response: httpx.Response) -> str:
+    """The gateway's machine-readable error code, "" when the body has none (a proxy's error page)."""
+    return str(_body(response).get("error", ""))
+
+
+def _detail(response: httpx.Response) -> str:
+    body = _body(response)
+    return str(body.get("detail", ""))[:300] if body else response.text[:300]

@@ -37,7 +37,7 @@ from emili_gateway.canary import Canary, CanaryMonitor, CanaryRequest
 from emili_gateway.chat_client import ChatClient, FerClient
 from emili_gateway.converse import ClientGone, ConverseBridge
 from emili_gateway.engine import GatewayEngine
-from emili_gateway.errors import Gone, PayloadTooLarge, RateLimited
+from emili_gateway.errors import CanaryNotFound, Gone, PayloadTooLarge, RateLimited
 from emili_gateway.loop_view import LoopCandidateDetail, LoopPipeline, LoopReader, LoopView
 from emili_gateway.metrics import gateway_metrics
 from emili_gateway.models import (
@@ -75,6 +75,7 @@ API = "/api/v1"
 
 # The one table from domain errors to HTTP; looked up along the exception's MRO, most specific first.
 HTTP_FOR_ERROR: dict[type[errors.EmiliError], tuple[int, str]] = {
+    CanaryNotFound: (404, "canary_not_found"),
     Gone: (410, "gone"),
     PayloadTooLarge: (413, "payload_too_large"),
     RateLimited: (429, "rate_limited"),

@@ -23,7 +23,7 @@ from emili_core.errors import (
 )
 from emili_gateway.canary import Canary, CanaryRequest
 from emili_gateway.chat_client import ChatClient, FerClient
-from emili_gateway.errors import PayloadTooLarge
+from emili_gateway.errors import CanaryNotFound, PayloadTooLarge
 from emili_gateway.export import export_row
 from emili_gateway.metrics import GatewayMetrics
 from emili_gateway.models import (
@@ -164,7 +164,7 @@ class GatewayEngine:
         await self.studies.get_study(study_id)
         canary = await self.studies.canary(study_id)
         if canary is None:
-            raise NotFound(f"study {study_id} has had no canary; start one with POST .../canary")
+            raise CanaryNotFound(f"study {study_id} has had no canary; start one with POST .../canary")
         return canary
 
     async def roll_back_canary(self, principal: Principal, study_id: str) -> Canary:

@@ -1,11 +1,16 @@
-"""The gateway's refinements of the domain errors, for HTTP statuses gRPC has no code for.
+"""The gateway's refinements of the domain errors, for HTTP statuses or error codes gRPC has no code for.
 
 Each subclasses the emili_core error it refines, so code that catches the general error still catches it.
 """
 
 from __future__ import annotations
 
-from emili_core.errors import FailedPrecondition, InvalidInput, Overloaded
+from emili_core.errors import FailedPrecondition, InvalidInput, NotFound, Overloaded
+
+
+class CanaryNotFound(NotFound):
+    """The study exists but has had no canary: HTTP 404 with its own code, so a client (the loop) tells it from an
+    unknown study without reading the message."""
 
 
 class Gone(FailedPrecondition):

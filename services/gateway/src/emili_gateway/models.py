@@ -356,5 +356,5 @@ class StudyReport(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    error: str = Field(description="A stable machine-readable code, e.g. invalid_input, invite_expired")
+    error: str = Field(description="A stable machine-readable code, e.g. invalid_input, canary_not_found")
     detail: str = Field(description="What went wrong and what to do about it, for a person")

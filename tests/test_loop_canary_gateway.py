@@ -1,0 +1,124 @@
+"""The loop's canary client (``emili_pipeline.loop_actions.SystemActions``) against the real gateway app.
+
+The library may not import the gateway (import-linter), so the two meet only here: the gateway's app, on real Redis
+and S3, served by uvicorn on a real socket, and the loop's actions calling it over HTTP with an admin token, as
+``emili loop run`` does. Chat and FER are not running: canaries never call them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from emili_core.keys import model_registry_key
+from emili_core.objectstore import Bucket, ObjectStore
+from emili_core.settings import AuthSettings, S3Settings
+from emili_gateway.app import create_app
+from emili_gateway.settings import GatewaySettings
+from emili_pipeline.loop_actions import GatewayError, SystemActions
+from emili_testing.plugin import TEST_SECRET, free_port, token
+
+pytestmark = pytest.mark.integration
+
+LOOP_CONFIG = Path(__file__).resolve().parents[1] / "libs" / "pipeline" / "configs" / "loop.yaml"
+UNKNOWN_STUDY = "st-ffffffffffff"
+
+
+def _settings(redis_url: str, s3: S3Settings) -> GatewaySettings:
+    auth = AuthSettings(secret=TEST_SECRET)  # type: ignore[arg-type]
+    settings = GatewaySettings(env="test", redis_url=redis_url, s3=s3, auth=auth)
+    base = settings.gateway
+    unused = f"127.0.0.1:{free_port()}"
+    options = base.model_copy(
+        update={
+            "chat_target": unused,
+            "fer_target": unused,
+            "server": base.server.model_copy(update={"metrics_port": 0}),
+            # Keys of its own in the shared Redis; no monitor, so a running canary stays running while we look.
+            "studies": base.studies.model_copy(update={"redis_prefix": f"loop-canary-{uuid.uuid4().hex[:8]}"}),
+            "canary": base.canary.model_copy(update={"monitor": False}),
+            "withdrawals": base.withdrawals.model_copy(update={"drain": False}),
+        }
+    )
+    return settings.model_copy(update={"gateway": options})
+
+
+@pytest.fixture
+def gateway_url(redis_url: str, s3_settings: S3Settings) -> Iterator[str]:
+    """The gateway app under uvicorn in a thread of this process; its URL once it accepts connections."""
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(_settings(redis_url, s3_settings)), host="127.0.0.1", port=port, log_config=None, access_log=False
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def register_model_version(store: ObjectStore, version: str) -> None:
+    """A model version as the trainer registers it (the gateway only checks that it is registered and servable)."""
+    store.put_bytes(Bucket.MODELS, f"adapters/{version}/adapter_config.json", b"{}")
+    store.put_json(
+        Bucket.MODELS, model_registry_key(version), {"version": version, "adapter_prefix": f"adapters/{version}/"}
+    )
+
+
+def admin_client(url: str) -> Callable[[], httpx.Client]:
+    def make() -> httpx.Client:
+        # As the loop's own factory: a fresh admin token for every call.
+        return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token(['admin'], 'loop')}"}, timeout=10)
+
+    return make
+
+
+def test_the_loop_s_canary_calls_against_the_real_gateway(gateway_url: str, object_store: ObjectStore) -> None:
+    gateway = admin_client(gateway_url)
+    candidate, other = f"v-canary-{uuid.uuid4().hex[:6]}", f"v-other-{uuid.uuid4().hex[:6]}"
+    register_model_version(object_store, candidate)
+    register_model_version(object_store, other)
+    with gateway() as http:
+        spec = {"name": "Loop canary", "arms": [{"arm": "base"}], "consent_text": "You may stop at any time."}
+        created = http.post("/api/v1/studies", json=spec)
+    assert created.status_code == 201, created.text
+    study = created.json()["study_id"]
+    actions = SystemActions(object_store, celery=None, pipeline_config=LOOP_CONFIG, gateway=gateway)
+
+    # No canary yet: "missing" (the gateway's canary_not_found code), so the loop may start one.
+    assert actions.canary_outcome(study, candidate) == "missing"
+    # An unknown study is a 404 too, but not_found: an error, never a canary to start.
+    with pytest.raises(GatewayError, match=f"HTTP 404 study {UNKNOWN_STUDY} does not exist"):
+        actions.canary_outcome(UNKNOWN_STUDY, candidate)
+    with pytest.raises(GatewayError, match="HTTP 404"):
+        actions.start_canary(UNKNOWN_STUDY, candidate, 0.2)
+    with pytest.raises(GatewayError, match=r"HTTP 400 .*not a registered model version"):
+        actions.start_canary(study, "v-never-registered", 0.2)
+
+    actions.start_canary(study, candidate, 0.2)
+    with gateway() as http:
+        shown = http.get(f"/api/v1/studies/{study}/canary").json()
+    assert (shown["candidate"], shown["production"], shown["share"]) == (candidate, "base", 0.2)
+    assert actions.canary_outcome(study, candidate) == "running"
+    # The study's newest canary is another version's: ours (other) never started.
+    assert actions.canary_outcome(study, other) == "missing"
+    with pytest.raises(GatewayError, match=rf"HTTP 409 .*already runs a canary of {candidate}"):
+        actions.start_canary(study, other, 0.2)
+
+    with gateway() as http:
+        assert http.post(f"/api/v1/studies/{study}/canary/rollback").status_code == 200
+    assert actions.canary_outcome(study, candidate) == "rolled_back"
