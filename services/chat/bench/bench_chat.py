@@ -163,6 +163,7 @@ async def concurrent_sessions(
     client = aioredis.Redis.from_url(redis_url)
     engine = ChatEngine(settings, backend, SessionStore(client))
     replies: list[str] = []
+    before = batcher_counts(backend)
     started = time.perf_counter()
     results = await asyncio.gather(*(first_token_times(engine, turns, True, replies) for _ in range(sessions)))
     elapsed = time.perf_counter() - started
@@ -179,16 +180,31 @@ async def concurrent_sessions(
         "reply_tokens_mean": round(tokens / max(len(replies), 1), 1),
         "aggregate_tokens_per_s": round(tokens / elapsed, 1),
         "elapsed_s": round(elapsed, 1),
-        **batching_stats(backend),
+        **batching_stats(backend, before),
     }
 
 
-def batching_stats(backend: ChatBackend) -> dict[str, object]:
-    """The local backend's batch sizes and prompt tokens actually prefilled (the rest came from kept prefixes)."""
+def batching_stats(backend: ChatBackend, before: dict[str, int] | None = None) -> dict[str, object]:
+    """The local backend's batching since ``before`` (a :func:`batcher_counts`): largest and mean batch, decoding
+    steps, and prompt tokens actually prefilled (the rest came from kept prefixes)."""
+    counts = batcher_counts(backend)
+    if not counts:
+        return {}
+    since = {key: value - (before or {}).get(key, 0) for key, value in counts.items()}
+    return {
+        "largest_batch": counts["largest_batch"],
+        "mean_batch": round(since["stepped_sequences"] / max(since["decoding_steps"], 1), 2),
+        "decoding_steps": since["decoding_steps"],
+        "prefilled_tokens": since["prefilled_tokens"],
+    }
+
+
+def batcher_counts(backend: ChatBackend) -> dict[str, int]:
     batcher = getattr(backend, "batcher", None)
     if batcher is None:
         return {}
-    return {"largest_batch": batcher.largest_batch, "prefilled_tokens": batcher.prefilled_tokens}
+    names = ("largest_batch", "decoding_steps", "stepped_sequences", "prefilled_tokens")
+    return {name: int(getattr(batcher, name)) for name in names}
 
 
 def main() -> None:

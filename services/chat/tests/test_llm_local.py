@@ -314,6 +314,26 @@ async def test_adapters_in_one_batch_each_give_their_own_output(
     assert backend.batcher.largest_batch == len(arms)
 
 
+async def test_adapters_on_packed_weights_in_one_batch_each_give_their_own_output(
+    tiny_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    backend = LocalHFBackend(tiny_dir, context_window=4096, weights="float16")
+    await backend.load()
+    assert backend.load_info is not None and backend.load_info.packed_layers == 2 * 7 + 1
+    await backend.add_adapter("calm", adapter_dirs["calm"])
+    await backend.add_adapter("warm", adapter_dirs["warm"])
+    arms: list[str | None] = [None, "calm", "warm", "calm"]
+    alone = {arm: "".join(await collect(backend, adapter=arm)) for arm in set(arms)}
+    assert len(set(alone.values())) == 3
+    with model_thread_held(backend) as release:
+        streams = [asyncio.create_task(collect(backend, adapter=arm)) for arm in arms]
+        await until_waiting(backend, len(arms))
+        release.set()
+        together = ["".join(deltas) for deltas in await asyncio.gather(*streams)]
+    assert together == [alone[arm] for arm in arms]
+    await backend.aclose()
+
+
 async def test_kept_prompts_save_prefill_and_change_nothing(tiny_dir: Path) -> None:
     first_turn, next_turn = CONVERSATION[:2], CONVERSATION  # The next prompt begins with the first one.
     replies, prefilled = [], []
@@ -499,6 +519,11 @@ async def test_real_smollm2_gguf_streams_a_reply(tmp_path: Path) -> None:
     text = "".join(deltas)
     assert text.strip()
     assert text == "".join(await collect(from_gguf, params))  # The cache holds the same model.
+    packed = LocalHFBackend(ARTIFACTS, gguf_file=GGUF, cache_dir=cache, weights="float16")
+    await packed.load()
+    assert packed.load_info is not None and packed.load_info.packed_layers == 30 * 7 + 1  # Every layer, LM head.
+    assert "".join(await collect(packed, params)).strip()
+    await packed.aclose()
 
     tokens = len(AutoTokenizer.from_pretrained(cache)(text)["input_ids"])
     print(

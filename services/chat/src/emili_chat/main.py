@@ -38,6 +38,7 @@ def make_backend(settings: ChatSettings) -> ChatBackend:
             threads=llm.local_threads or None,
             max_batch=llm.local_max_batch,
             prefix_cache_tokens=llm.local_prefix_cache_tokens,
+            weights=llm.local_weights,
         )
     return build_backend(
         llm.backend,

@@ -32,6 +32,9 @@ class LLMSettings(BaseModel):
     # KV caches of recent prompts and replies kept for reuse, in tokens; 0 = none. SmolLM2-135M, float32: 46 KB a
     # token, so 12288 tokens (about ten sessions of a dozen turns) take 550 MB, within the chat pod's 3 GiB.
     local_prefix_cache_tokens: int = Field(12288, ge=0)
+    # float16: the local model's linear layers on packed float16 weights (float32 models on the CPU only; adapters
+    # stay float32): half the bytes read per step, 10-session steps 1.8x faster (BENCHMARKS.md). as_loaded: as is.
+    local_weights: Literal["as_loaded", "float16"] = "float16"
     base_url: str = ""  # OpenAI-compatible or Anthropic endpoint.
     api_key: SecretStr = SecretStr("")
     model: str = ""  # Remote model name (with vLLM: the base model's served name).

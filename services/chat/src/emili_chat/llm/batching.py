@@ -228,6 +228,8 @@ class Batcher:
         self._last = torch.zeros(0, dtype=torch.long, device=device)  # Each row's newest token, not yet fed.
         self._mergeable: bool | None = None  # Whether caches can be padded and stacked (full attention only).
         self.largest_batch = 0  # The most sequences stepped together so far, for benchmarks and logs.
+        self.decoding_steps = 0  # Steps so far, and the sequences they stepped (their mean is the mean batch).
+        self.stepped_sequences = 0
 
     @property
     def active(self) -> int:
@@ -419,6 +421,8 @@ class Batcher:
 
     def _step(self) -> None:
         self.largest_batch = max(self.largest_batch, len(self._rows))
+        self.decoding_steps += 1
+        self.stepped_sequences += len(self._rows)
         assert self._cache is not None
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
         with torch.inference_mode():

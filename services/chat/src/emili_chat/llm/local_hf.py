@@ -35,6 +35,7 @@ from transformers import (
 
 from emili_chat.llm.base import BackendError, ChatBackend, GenerationParams, Message, fold_system_messages
 from emili_chat.llm.batching import Batcher, Request, Sampling
+from emili_chat.llm.packed_weights import pack_linear_layers
 from emili_llm.causal_lm import LoadSource, ModelLoadError, ModelSource, load_causal_lm, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class LoadInfo:
     source: LoadSource  # "gguf": dequantised from the GGUF file; "cache": the folder saved after that.
     load_s: float  # Reading the tokenizer and weights (and saving the cache, when it was written).
     warmup_s: float
+    packed_layers: int = 0  # Linear layers on packed float16 weights (0: all as loaded).
 
 
 class LocalHFBackend(ChatBackend):
@@ -106,7 +108,8 @@ class LocalHFBackend(ChatBackend):
     ``threads`` sets torch's thread count, a process-wide setting. ``max_batch`` replies are generated
     together at most; more wait for a place. The KV caches of recent prompts, up to ``prefix_cache_tokens``
     tokens in all (0: none), are kept so that a prompt beginning like one of them is prefilled only from where
-    they differ.
+    they differ. ``weights="float16"`` runs the linear layers of a float32 model on the CPU on packed float16
+    weights (:mod:`emili_chat.llm.packed_weights`; LoRA adapters stay float32), as the chat service does.
     """
 
     name = "local"
@@ -122,6 +125,7 @@ class LocalHFBackend(ChatBackend):
         threads: int | None = None,
         max_batch: int = 16,
         prefix_cache_tokens: int = 4096,
+        weights: Literal["as_loaded", "float16"] = "as_loaded",
     ) -> None:
         model_path = Path(model_path)
         if gguf_file is None and model_path.suffix == ".gguf":
@@ -142,6 +146,7 @@ class LocalHFBackend(ChatBackend):
         self._adapters: dict[str, Path] = {}
         self.max_batch = max_batch
         self.prefix_cache_tokens = prefix_cache_tokens
+        self.weights = weights
         self._batcher: Batcher | None = None
 
     # --- the ChatBackend interface ---------------------------------------------------------------------------
@@ -237,6 +242,7 @@ class LocalHFBackend(ChatBackend):
         if tokenizer.chat_template is None:
             raise BackendError(f"{self.model_path} has no chat template")
         model.to(self.device).eval()  # type: ignore[arg-type]  # functools.wraps hides to()'s signature.
+        packed_layers = pack_linear_layers(model) if self.weights == "float16" else 0
         self._to_conversation = _conversation_style(tokenizer)
         limit = getattr(model.config, "max_position_embeddings", None)
         if isinstance(limit, int) and limit < self.context_window:
@@ -248,8 +254,15 @@ class LocalHFBackend(ChatBackend):
         )
         start = time.perf_counter()
         self._generate_sync(dict(tokenizer("Hello", return_tensors="pt")), max_new_tokens=2)
-        self.load_info = LoadInfo(source, load_s, time.perf_counter() - start)
-        log.info("loaded %s from %s in %.1f s, warm-up %.2f s", self._base_id, source, load_s, self.load_info.warmup_s)
+        self.load_info = LoadInfo(source, load_s, time.perf_counter() - start, packed_layers)
+        log.info(
+            "loaded %s from %s in %.1f s (%d linear layers on packed float16 weights), warm-up %.2f s",
+            self._base_id,
+            source,
+            load_s,
+            packed_layers,
+            self.load_info.warmup_s,
+        )
 
     def _read_weights(self) -> tuple[LoadSource, PreTrainedTokenizerBase, PreTrainedModel]:
         try:
