@@ -8,7 +8,8 @@
    trip is measured separately: frames are analysed as they arrive, off the turn's path.
 2. The default model (SmolLM2-135M-Instruct, local, CPU): time to first token and tokens/s.
 3. N concurrent sessions on that model through the engine, all starting at once, each sending its next message
-   when the reply to the last one is done: time to first token p50/p99, aggregate tokens/s.
+   when the reply to the last one is done: time to first token p50/p99, aggregate tokens/s, pooled over
+   ``--session-rounds`` rounds (one round's aggregate moves with the reply lengths the model happens to draw).
 Prints one JSON object.
 """
 
@@ -157,30 +158,55 @@ async def model_speed(settings: ChatSettings, prompts: int) -> tuple[ChatBackend
 
 
 async def concurrent_sessions(
-    settings: ChatSettings, backend: ChatBackend, redis_url: str, sessions: int, turns: int
+    settings: ChatSettings, backend: ChatBackend, redis_url: str, sessions: int, turns: int, rounds: int
 ) -> dict[str, object]:
-    """``sessions`` people typing at once, each waiting for the reply before the next message."""
+    """``sessions`` people typing at once, each waiting for the reply before the next message; ``rounds`` times.
+
+    Reply lengths are drawn by the model, and one round's aggregate tokens/s moves with them (the batch thins out
+    while the last long replies finish): the figures pool every round (all tokens over all the time), and each
+    round is listed too."""
     client = aioredis.Redis.from_url(redis_url)
     engine = ChatEngine(settings, backend, SessionStore(client))
-    replies: list[str] = []
-    before = batcher_counts(backend)
-    started = time.perf_counter()
-    results = await asyncio.gather(*(first_token_times(engine, turns, True, replies) for _ in range(sessions)))
-    elapsed = time.perf_counter() - started
+    ttfts: list[float] = []
+    per_round: list[dict[str, object]] = []
+    total_tokens = total_replies = 0
+    total_elapsed = 0.0
+    first = batcher_counts(backend)
+    for _ in range(rounds):
+        replies: list[str] = []
+        before = batcher_counts(backend)
+        started = time.perf_counter()
+        results = await asyncio.gather(*(first_token_times(engine, turns, True, replies) for _ in range(sessions)))
+        elapsed = time.perf_counter() - started
+        ttfts += [t for r in results for t in r]
+        tokens = sum(reply_tokens(backend, text) for text in replies)
+        total_tokens, total_replies, total_elapsed = (
+            total_tokens + tokens,
+            total_replies + len(replies),
+            total_elapsed + elapsed,
+        )
+        per_round.append(
+            {
+                "aggregate_tokens_per_s": round(tokens / elapsed, 1),
+                "reply_tokens_mean": round(tokens / max(len(replies), 1), 1),
+                "elapsed_s": round(elapsed, 1),
+                **batching_stats(backend, before),
+            }
+        )
     await client.aclose()
-    ttfts = [t for r in results for t in r]
-    tokens = sum(reply_tokens(backend, text) for text in replies)
     return {
         "sessions": sessions,
         "turns_per_session": turns,
+        "rounds": rounds,
         "max_new_tokens": settings.chat.llm.max_new_tokens,
         "ttft_ms_p50": pct(ttfts, 50),
         "ttft_ms_p99": pct(ttfts, 99),
-        "turns_per_minute": round(60 * len(ttfts) / elapsed, 1),
-        "reply_tokens_mean": round(tokens / max(len(replies), 1), 1),
-        "aggregate_tokens_per_s": round(tokens / elapsed, 1),
-        "elapsed_s": round(elapsed, 1),
-        **batching_stats(backend, before),
+        "turns_per_minute": round(60 * len(ttfts) / total_elapsed, 1),
+        "reply_tokens_mean": round(total_tokens / max(total_replies, 1), 1),
+        "aggregate_tokens_per_s": round(total_tokens / total_elapsed, 1),
+        "elapsed_s": round(total_elapsed, 1),
+        **batching_stats(backend, first),
+        "per_round": per_round,
     }
 
 
@@ -213,6 +239,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--session-turns", type=int, default=3)
+    parser.add_argument("--session-rounds", type=int, default=3, help="the concurrent sessions, this many times")
     parser.add_argument("--skip-overhead", action="store_true", help="only the model parts (2 and 3)")
     args = parser.parse_args()
     port = free_port()
@@ -237,7 +264,7 @@ def main() -> None:
                 report["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
                 report["default_model"] = speed
                 report["concurrent_sessions"] = await concurrent_sessions(
-                    settings, backend, redis_url, args.sessions, args.session_turns
+                    settings, backend, redis_url, args.sessions, args.session_turns, args.session_rounds
                 )
 
             asyncio.run(model_parts())
