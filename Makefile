@@ -13,7 +13,7 @@ LOAD_ARGS ?= --users 20 --minutes 2
 IMAGES := fer chat gateway labeler trainer
 TAG ?= dev
 
-.PHONY: help images setup proto proto-check up down status test test-unit lint fmt typecheck demo load chaos bench-fer bench-chat bench-labeler bench-trainer clean
+.PHONY: help images setup proto proto-check up down status test test-unit lint fmt typecheck demo loop-demo load chaos bench-fer bench-chat bench-labeler bench-trainer clean
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -64,6 +64,15 @@ fmt: setup  ## Apply ruff's fixes and formatting.
 
 demo: up  ## The main job: simulated users, then label, SFT, DPO and evaluate on the local stack; prints the report.
 	$(EMILI) pipeline run $(DEMO_CONFIG)
+
+# The gateway reads its canary sizes when it starts: the demo restarts the stack with them (data in var/ is kept).
+LOOP_DEMO_ENV := EMILI_LOOP_POLICY=$(CURDIR)/var/run/loop-demo-policy.yaml EMILI_GATEWAY__CANARY__MAX_SESSIONS=5 \
+	EMILI_GATEWAY__CANARY__INTERVAL_S=10
+
+loop-demo: setup  ## The automatic loop from base to a decision, driven by SIMULATED participants through the gateway (~30 min; LOOP_DEMO_ARGS).
+	@if [ -x $(EMILI) ]; then $(EMILI) stack down; fi
+	$(LOOP_DEMO_ENV) $(EMILI) stack up
+	$(LOOP_DEMO_ENV) $(EMILI) loop demo $(LOOP_DEMO_ARGS)
 
 load: up  ## Load test: M sessions at 1 face input/s for T minutes (LOAD_ARGS="--users M --minutes T"); prints JSON.
 	$(EMILI) pipeline load $(LOAD_ARGS)

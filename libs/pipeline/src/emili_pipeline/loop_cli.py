@@ -74,17 +74,23 @@ def load_policy(path: Path) -> LoopPolicy:
     )
 
 
+def gateway_url(settings: LoopSettings) -> str:
+    """``EMILI_LOOP_GATEWAY_URL``, else the installed gateway's own address; empty when neither is known."""
+    from emili_core.settings import service_settings_classes
+
+    if settings.loop_gateway_url:
+        return settings.loop_gateway_url
+    classes = service_settings_classes()
+    return (classes["gateway"]().http_url() or "") if "gateway" in classes else ""
+
+
 def _gateway_factory(settings: LoopSettings) -> Callable[[], httpx.Client] | None:
     """An HTTP client for the gateway with an admin token minted per call (the loop runs for weeks)."""
     import httpx
 
     from emili_core.auth import create_token
-    from emili_core.settings import service_settings_classes
 
-    url = settings.loop_gateway_url
-    if not url:
-        classes = service_settings_classes()
-        url = (classes["gateway"]().http_url() or "") if "gateway" in classes else ""
+    url = gateway_url(settings)
     if not url:
         return None
     secret, issuer = settings.auth.secret.get_secret_value(), settings.auth.issuer
@@ -278,6 +284,152 @@ def status(
     out = Console()
     for table in _state_table(state, loop.policy, _holder(settings), last):
         out.print(table)
+
+
+# --- ``emili loop demo`` (``make loop-demo``) ------------------------------------------------------------------
+
+DEMO_POLICY = REPO_ROOT / "libs" / "pipeline" / "configs" / "loop-demo-policy.yaml"
+# The copy the loop process runs, with the demo study's id; `make loop-demo` points EMILI_LOOP_POLICY at it.
+DEMO_RUNTIME_POLICY = REPO_ROOT / "var" / "run" / "loop-demo-policy.yaml"
+
+
+def _restart_loop_process(settings: LoopSettings) -> None:
+    """The stack updated with the demo's policy copy: the loop process added (or restarted, to read it again)."""
+    from emili_core import stack
+
+    if not stack.is_running():
+        console.print("the local stack is not running: start it with `make loop-demo` (or make up)")
+        raise typer.Exit(1)
+    stack.up(settings)
+    stack.supervisorctl("restart", "loop")
+
+
+@app.command()
+def demo(
+    policy: Annotated[
+        Path,
+        typer.Option("--policy", exists=True, dir_okay=False, help="The demo's loop policy (study_id is filled in)."),
+    ] = DEMO_POLICY,
+    at_once: Annotated[
+        int, typer.Option(min=1, max=8, help="Simulated participants at a time (1 while training).")
+    ] = 2,
+    minutes: Annotated[float, typer.Option(min=1, help="Give up after this long without a decision.")] = 40.0,
+    seed: Annotated[int, typer.Option(help="Seeds the participants (personas, states, faces).")] = 0,
+    faces: Annotated[
+        str, typer.Option(help="Face images for the camera (class folders or NPZ), auto (../shared if there) or none.")
+    ] = "auto",
+) -> None:
+    """SIMULATED participants take part in a demo study through the gateway, as people do, while the loop (run by
+    the stack with the demo policy) trains, gates and canaries a candidate; prints progress until the loop decides
+    on it, then the decision and where to see it. Run by `make loop-demo`; the numbers are a demo's, not a study's."""
+    import asyncio
+
+    import httpx
+
+    from emili_core.auth import create_token
+    from emili_core.logs import configure_logging
+    from emili_core.objectstore import ObjectStore
+    from emili_pipeline.config import SHARED_FACES
+    from emili_pipeline.loop_demo import DemoError, DemoRun, ensure_demo_study, read_state, write_runtime_policy
+    from emili_pipeline.simulator.faces import load_face_set
+    from emili_pipeline.simulator.personas import load_personas
+    from emili_pipeline.simulator.run import SimulatorSettings
+
+    settings = load_settings(LoopSettings)
+    configure_logging("loop-demo", "WARNING", settings.log_format)  # The demo's own lines, not every session's.
+    if settings.loop_policy.resolve() != DEMO_RUNTIME_POLICY:
+        console.print(
+            f"EMILI_LOOP_POLICY must be {DEMO_RUNTIME_POLICY} (the copy the demo writes and the stack's loop runs); "
+            "use `make loop-demo`"
+        )
+        raise typer.Exit(1)
+    demo_policy = load_policy(policy)
+    if not demo_policy.enabled:
+        raise typer.BadParameter(f"{policy} is disabled (enabled: false)")
+    url = gateway_url(settings)
+    if not url:
+        console.print("no gateway address: set EMILI_LOOP_GATEWAY_URL or install the gateway")
+        raise typer.Exit(1)
+    face_path = SHARED_FACES if faces == "auto" and SHARED_FACES.is_file() else None
+    face_path = Path(faces) if faces not in ("auto", "none") else face_path
+    simulator = SimulatorSettings(turns=2, seconds_between_turns=1.0, frames_per_second=1.0, linger_s=2.0)
+    face_set = load_face_set(face_path, simulator.face) if face_path is not None else None
+    secret, issuer = settings.auth.secret.get_secret_value(), settings.auth.issuer
+    store = ObjectStore(settings.s3)
+    token = create_token(secret, "emili-loop-demo", ["admin"], ttl_seconds=int(minutes * 60) + 3600, issuer=issuer)
+    out = Console(highlight=False)
+    started = time.monotonic()
+
+    async def main() -> int:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30.0) as admin:
+            study = await ensure_demo_study(admin, demo_policy.production)
+            if study is None:
+                out.print(
+                    "[yellow]the gateway cannot record a study's sessions as synthetic, so NO simulated participant "
+                    "takes part (they would pass for people); the loop runs without a study (no canary) on the "
+                    "sessions already recorded[/yellow]"
+                )
+            else:
+                out.print(
+                    f"demo study {study.study_id} ({'reused' if study.reused else 'created'}), SIMULATED participants"
+                )
+            path = write_runtime_policy(demo_policy, study.study_id if study else "", settings.loop_policy)
+            _restart_loop_process(settings)
+            out.print(
+                f"loop policy {path}: a tick every {demo_policy.interval_s:g} s, {demo_policy.min_new_sessions} new "
+                f"sessions start a candidate; "
+                + (
+                    f"{at_once} participant(s) at a time, faces {face_set.source if face_set else 'none (camera off)'}"
+                    if study
+                    else "no participants"
+                )
+            )
+            run = DemoRun(
+                gateway_url=url,
+                admin=admin,
+                loop_state=lambda: read_state(store),
+                personas=load_personas(),
+                simulator=simulator,
+                faces=face_set,
+                at_once=at_once,
+                seed=seed,
+                say=out.print,
+            )
+            decision, state = await run.run(study, minutes * 60)
+            tally = run.tally
+            out.print(
+                f"simulated participants: {tally.started} started, {tally.ok} sessions completed, {tally.failed} failed"
+                + (f" (first errors: {'; '.join(tally.errors[:3])})" if tally.errors else "")
+            )
+            if decision is None:
+                out.print(
+                    f"[red]no decision after {minutes:g} minutes[/red]: loop phase {state.phase}, candidate "
+                    f"{state.candidate or '-'}, pipeline {state.pipeline_id or '-'} (emili loop status)"
+                )
+                return 2
+            numbers = {k: v for k, v in decision.items() if k not in ("at_ms", "event", "phase")}
+            out.print(f"[bold]decision: {decision['event']}[/bold] {json.dumps(numbers)}")
+            if study is not None:
+                out.print(await run.canary_line(study.study_id))
+            candidate = decision.get("candidate") or state.candidate or ""
+            anchor = "".join(c if c.isalnum() or c in "_-" else "_" for c in candidate)
+            out.print(
+                f"took {(time.monotonic() - started) / 60:.1f} minutes; pipeline {state.pipeline_id}, "
+                f"{len(state.sessions)} sessions in its round"
+            )
+            out.print(
+                f"researcher page: {url}/researcher#loop-candidate-{anchor} (sign in with `emili token create "
+                "--subject me --scope admin`); the candidate's card traces the gate, pipeline and sessions"
+            )
+            return 0
+
+    try:
+        code = asyncio.run(main())
+    except DemoError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
 
 
 # --- the local stack (``emili.stack`` and ``emili.status`` entry points of emili_core) ------------------------
