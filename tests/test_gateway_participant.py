@@ -31,7 +31,6 @@ from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import AuthSettings, CommonSettings, S3Settings, ServerSettings
 from emili_gateway.app import create_app
 from emili_gateway.settings import GatewaySettings
-from emili_pipeline.simulator import gateway_participant
 from emili_pipeline.simulator.faces import FaceModelSettings, FaceSet
 from emili_pipeline.simulator.gateway_participant import NotSynthetic, run_participant, websocket_url
 from emili_pipeline.simulator.personas import load_personas
@@ -175,16 +174,8 @@ async def test_a_study_not_recording_synthetic_sessions_is_refused_before_any_se
     assert _admin(gateway, "GET", f"/studies/{study_id}/progress")["sessions"] == 0
 
 
-@pytest.fixture
-def synthetic_study_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The gateway cannot yet mark a study synthetic (its StudySpec has no such field): the protocol is checked
-    with the participant's check stood in for, in this throwaway store only."""
-    monkeypatch.setattr(gateway_participant, "require_synthetic", lambda study: None)
-
-
-@pytest.mark.usefixtures("synthetic_study_stand_in")
 async def test_a_participant_takes_part_as_the_web_app_does(gateway: Gateway) -> None:
-    study_id, invite = _study(gateway)
+    study_id, invite = _study(gateway, synthetic=True)
     outcome = await _participant(gateway, invite, 1, faces=_faces())
     assert outcome.ok, outcome.errors
     assert [t.reply for t in outcome.turns] == [REPLY, REPLY]
@@ -196,7 +187,6 @@ async def test_a_participant_takes_part_as_the_web_app_does(gateway: Gateway) ->
     assert (arm["arm"], arm["assigned"], arm["completed"], arm["active"]) == ("base", 1, 1, 0), arm
 
 
-@pytest.mark.usefixtures("synthetic_study_stand_in")
 async def test_the_canary_allocates_simulated_participants(gateway: Gateway, s3_settings: S3Settings) -> None:
     version = "sft-gwparticipant01"
     store = ObjectStore(s3_settings)
@@ -204,7 +194,7 @@ async def test_the_canary_allocates_simulated_participants(gateway: Gateway, s3_
     store.put_json(
         Bucket.MODELS, model_registry_key(version), {"version": version, "adapter_prefix": f"adapters/{version}/"}
     )
-    study_id, invite = _study(gateway)
+    study_id, invite = _study(gateway, synthetic=True)
     _admin(gateway, "POST", f"/studies/{study_id}/canary", json={"candidate": version, "share": 0.5})
     random.seed(7)  # The canary's draw uses the process's random generator; seeded, 8 participants split.
     outcomes = [await _participant(gateway, invite, seed) for seed in range(8)]
@@ -218,7 +208,6 @@ async def test_the_canary_allocates_simulated_participants(gateway: Gateway, s3_
     assert arms["base"]["completed"] + canary["participants"] == 8, (arms, canary)
 
 
-@pytest.mark.xfail(strict=True, reason="the gateway cannot mark a study synthetic yet (requested: StudySpec.synthetic)")
 async def test_a_synthetic_study_records_synthetic_sessions(gateway: Gateway) -> None:
     _, invite = _study(gateway, synthetic=True)
     outcome = await _participant(gateway, invite, 2)
@@ -236,19 +225,17 @@ async def test_the_demo_study_is_made_only_where_sessions_are_recorded_synthetic
 
     async with httpx.AsyncClient(base_url=gateway.url, headers=ADMIN, timeout=30) as admin:
         study = await ensure_demo_study(admin, "base")
-        if study is None:
-            pytest.xfail("the gateway cannot mark a study synthetic yet: `emili loop demo` runs no participant")
+        assert study is not None
         again = await ensure_demo_study(admin, "base")
     assert again is not None and again.reused and again.study_id == study.study_id
     assert again.invite_code == study.invite_code
 
 
-@pytest.mark.usefixtures("synthetic_study_stand_in")
 async def test_the_demo_sends_participants_until_the_loop_decides(gateway: Gateway) -> None:
     from emili_pipeline.loop import LoopState
     from emili_pipeline.loop_demo import DemoRun, DemoStudy
 
-    study_id, invite = _study(gateway)
+    study_id, invite = _study(gateway, synthetic=True)
     lines: list[str] = []
     runs: list[DemoRun] = []
 

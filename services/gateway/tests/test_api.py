@@ -477,6 +477,7 @@ def test_progress_and_export(client: TestClient) -> None:
     rows = {r["session_id"]: r for r in map(json.loads, jsonl.text.splitlines())}
     row = rows[done_session]
     assert row["arm"] == "base" and row["model_ids"] == ["scripted"] and row["participant_id"] == done.participant_id
+    assert row["synthetic"] is False
     assert row["consent"] == {"camera": True, "store_frames": True, "use_for_training": True}
     assert row["pre_survey"]["current_feelings"] == ["Sad"] and row["post_survey"]["text"] == "Good."
     assert row["rating"]["empathy"] == 5 and row["turns"] == 1
@@ -490,6 +491,22 @@ def test_progress_and_export(client: TestClient) -> None:
     assert json.loads(table[done_session]["transcript_json"])[1]["text"] == "Hello EMILI"
     assert error_of(client.get(f"/api/v1/studies/{study_id}/export?format=xml", headers=admin_headers()), 400)
     assert error_of(client.get(f"/api/v1/studies/{study_id}/export", headers=done.headers), 403)
+
+
+def test_a_synthetic_study_says_so_and_marks_its_sessions(client: TestClient) -> None:
+    """Simulated participants' studies: participants are told, and every session is recorded as synthetic (chat
+    is asked for it: tests/test_gateway_participant.py checks chat's record)."""
+    study = create_study(client, synthetic=True)
+    assert study["synthetic"] is True
+    assert create_study(client)["synthetic"] is False
+    joined = join(client, study["study_id"])
+    assert joined.study["synthetic"] is True
+    session_id = start_session(client, joined)
+    exported = client.get(f"/api/v1/studies/{study['study_id']}/export", headers=admin_headers())
+    assert [json.loads(line)["synthetic"] for line in exported.text.splitlines()] == [True]
+    table = client.get(f"/api/v1/studies/{study['study_id']}/export?format=csv", headers=admin_headers())
+    rows = [r for r in csv.DictReader(io.StringIO(table.text)) if r["session_id"] == session_id]
+    assert [r["synthetic"] for r in rows] == ["True"]
 
 
 def test_withdrawal(client: TestClient, object_store: ObjectStore) -> None:

@@ -247,11 +247,13 @@ class ChatClient:
         use_for_training: bool,
         cadence: Cadence,
         speak_on_change: bool,
+        synthetic: bool = False,
     ) -> ChatSession:
         request = chat_pb2.CreateSessionRequest(
             consent=chat_pb2.Consent(store_frames=store_frames, use_for_training=use_for_training),
             model_arm=arm,
             options=chat_pb2.SessionOptions(cadence=_CADENCE_TO_PB[cadence], speak_on_change=speak_on_change),
+            synthetic=synthetic,
         )
         reply = await _call(self.stub.CreateSession(request, metadata=_metadata(token)), "chat")
         return _session(reply.session)

@@ -264,6 +264,7 @@ class GatewayEngine:
                 use_for_training=consent.use_for_training,
                 cadence=study.readout_cadence,
                 speak_on_change=study.speak_on_change,
+                synthetic=study.synthetic,
             )
         except BaseException:
             await self.studies.cancel_session_start(participant)
@@ -278,6 +279,7 @@ class GatewayEngine:
             store_frames=consent.store_frames,
             use_for_training=consent.use_for_training,
             last_activity_ms=now_ms(),
+            synthetic=study.synthetic,
         )
         await self.studies.save_session(record)
         self.metrics.sessions_created.labels(self.metrics.study_label(study.study_id), arm).inc()

@@ -17,6 +17,7 @@ CSV_COLUMNS = (
     "session_id",
     "participant_id",
     "arm",
+    "synthetic",
     "model_ids",
     "state",
     "created_ms",
@@ -66,6 +67,7 @@ def export_row(study: Study, record: SessionRecord, events: list[ChatEvent]) -> 
         "session_id": record.session_id,
         "participant_id": record.participant_id,
         "arm": record.arm,
+        "synthetic": record.synthetic,  # A simulated participant's session: never to be read as a person's.
         "model_ids": sorted(m for m in model_ids if m),
         "state": record.state,
         "created_ms": record.created_ms,
@@ -113,6 +115,7 @@ def to_csv(rows: Iterable[dict[str, Any]]) -> str:
         writer.writerow(
             {
                 **{k: row[k] for k in ("study_id", "session_id", "participant_id", "arm", "state", "turns")},
+                "synthetic": row["synthetic"],
                 "model_ids": ";".join(row["model_ids"]),
                 "created_ms": row["created_ms"],
                 "ended_ms": row["ended_ms"],

@@ -61,6 +61,12 @@ class StudySpec(_Strict):
     without_camera: Literal["continue", "stop"] = Field(
         "continue", description="A participant without a camera (or declining it) chats without face, or stops"
     )
+    synthetic: bool = Field(
+        False,
+        description="A study for SIMULATED participants (demos, simulation studies): every session of it is recorded "
+        "as synthetic, so it is never counted or exported as people's data. Set when the study is created; "
+        "participants see it.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> StudySpec:
@@ -95,6 +101,7 @@ class StudyPublic(BaseModel):
     time_limit_seconds: int | None
     show_readouts: bool
     without_camera: Literal["continue", "stop"]
+    synthetic: bool = Field(description="Sessions are recorded as made by a simulator, not a person")
     rating_questions: list[RatingQuestion]
     likert_labels: dict[int, str]
 
@@ -110,6 +117,7 @@ class StudyPublic(BaseModel):
             time_limit_seconds=study.time_limit_seconds,
             show_readouts=study.show_readouts,
             without_camera=study.without_camera,
+            synthetic=study.synthetic,
             rating_questions=[RatingQuestion(name=k, question=v) for k, v in RATING_QUESTIONS.items()],
             likert_labels=LIKERT_LABELS,
         )
@@ -194,6 +202,7 @@ class SessionRecord(BaseModel):
     rated: bool = False
     rating: dict[str, int] | None = None  # The participant's answers (a canary's outcome); replaced on resubmission.
     withdrawn: bool = False
+    synthetic: bool = False  # The study's participants are simulated: chat records the session as synthetic too.
 
 
 class SessionView(BaseModel):

@@ -227,6 +227,7 @@ function studyCard(study) {
   card.id = anchorId("study", study.study_id);
   card.querySelector(".canary-title").id = anchorId("canary", study.study_id);
   card.querySelector(".study-title").textContent = study.name;
+  card.querySelector(".study-synthetic").hidden = study.synthetic !== true;
   const arms = study.arms.map((a) => `${a.arm} (weight ${a.weight})`).join(", ");
   card.querySelector(".study-meta").textContent =
     `${study.study_id} · created ${formatTime(study.created_ms)} by ${study.created_by} · arms: ${arms}`;
