@@ -6,6 +6,7 @@ tests/test_loop_canary_gateway.py runs the canary calls against the real one).""
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,11 @@ import pytest
 import redis
 
 from emili_core.deletion import write_tombstone
-from emili_core.keys import session_record_keys
+from emili_core.keys import pipeline_prefix, session_record_keys
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import CommonSettings, S3Settings
 from emili_core.tasks import create_celery_app
+from emili_pipeline.loop import LoopPolicy, load_loop_policy
 from emili_pipeline.loop_actions import GatewayError, SystemActions, eligible_session_ids
 from emili_pipeline.pipeline import DONE, FAILED, load_state, save_state
 
@@ -48,6 +50,14 @@ def store(own_s3: S3Settings) -> ObjectStore:
 
 
 @pytest.fixture
+def empty_store(s3_settings: S3Settings) -> ObjectStore:
+    """Buckets of one test's own, for checks that count every session stored."""
+    store = ObjectStore(s3_settings.model_copy(update={"bucket_prefix": f"loop-{secrets.token_hex(4)}-"}))
+    store.ensure_buckets()
+    return store
+
+
+@pytest.fixture
 def actions(store: ObjectStore, own_s3: S3Settings, isolated_redis_url: str) -> SystemActions:
     settings = CommonSettings(redis_url=isolated_redis_url, s3=own_s3)
     return SystemActions(store, create_celery_app("pipeline", settings), CONFIGS / "loop.yaml")
@@ -63,6 +73,45 @@ def test_eligible_sessions(store: ObjectStore) -> None:
     write_tombstone(store, "withdrawn")  # A withdrawal's deletion writes the tombstone first.
     assert eligible_session_ids(store, include_synthetic=False) == ["ok-1", "ok-2"]
     assert eligible_session_ids(store, include_synthetic=True) == ["ok-1", "ok-2", "simulated"]
+
+
+def test_a_pipelines_own_simulated_users_are_never_eligible(empty_store: ObjectStore) -> None:
+    record(empty_store, "person")
+    record(empty_store, "participant", synthetic=True)  # A simulation study's participant: eligible when allowed.
+    record(empty_store, "eval-base", synthetic=True)
+    record(empty_store, "eval-sft", synthetic=True)
+    kept = {"arms": {"base": ["eval-base"], "sft": ["eval-sft"]}, "versions": {"base": "base", "sft": "v-1"}}
+    empty_store.put_json(Bucket.MODELS, f"{pipeline_prefix('pl-1234abcd')}arm_sessions.json", kept)
+    empty_store.put_json(Bucket.MODELS, f"{pipeline_prefix('pl-empty')}arm_sessions.json", {"arms": {}})
+    assert eligible_session_ids(empty_store, include_synthetic=True) == ["participant", "person"]
+    assert eligible_session_ids(empty_store, include_synthetic=False) == ["person"]
+
+
+def test_eligible_sessions_of_one_study(empty_store: ObjectStore) -> None:
+    for session_id in ("mine-1", "mine-2", "other", "loose", "mine-eval"):
+        record(empty_store, session_id, synthetic=True)
+    for study_id, session_id in [("st-mine", "mine-1"), ("st-mine", "mine-2"), ("st-other", "other")]:
+        empty_store.put_json(Bucket.SESSIONS, f"studies/{study_id}/sessions/{session_id}.json", {"study_id": study_id})
+    empty_store.put_json(Bucket.SESSIONS, "studies/st-mine/sessions/mine-eval.json", {"study_id": "st-mine"})
+    empty_store.put_json(
+        Bucket.MODELS, f"{pipeline_prefix('pl-x')}arm_sessions.json", {"arms": {"base": ["mine-eval"]}}
+    )
+    assert eligible_session_ids(empty_store, True, "st-mine") == ["mine-1", "mine-2"]
+    assert eligible_session_ids(empty_store, True, "st-none") == []
+    assert eligible_session_ids(empty_store, True, "") == []  # `sessions_from: study` with no study yet: nothing.
+    assert eligible_session_ids(empty_store, True) == ["loose", "mine-1", "mine-2", "other"]
+
+
+def test_the_policy_names_the_study_sessions_come_from(empty_store: ObjectStore) -> None:
+    assert LoopPolicy(study_id="st-mine").sessions_study() is None  # Today's behaviour: every session.
+    assert LoopPolicy(study_id="st-mine", sessions_from="study").sessions_study() == "st-mine"
+    assert load_loop_policy(CONFIGS / "loop-policy.yaml").sessions_from == "all"
+    assert load_loop_policy(CONFIGS / "loop-demo-policy.yaml").sessions_from == "study"
+    actions = SystemActions(empty_store, None, CONFIGS / "loop.yaml", study_id="st-mine")
+    record(empty_store, "mine", synthetic=True)
+    record(empty_store, "other", synthetic=True)
+    empty_store.put_json(Bucket.SESSIONS, "studies/st-mine/sessions/mine.json", {"study_id": "st-mine"})
+    assert actions.eligible_sessions(include_synthetic=True) == ["mine"]
 
 
 def test_a_pipeline_starts_once(actions: SystemActions, store: ObjectStore, isolated_redis_url: str) -> None:

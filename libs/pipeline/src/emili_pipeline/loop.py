@@ -9,7 +9,8 @@ configuration and sessions, so starting it again finds the same pipeline.
 Phases, one step per tick:
 
 - ``idle``: when at least ``min_new_sessions`` eligible sessions (recorded, consented to training, not deleted,
-  not synthetic unless the policy allows, not used by an earlier candidate) exist, start a pipeline on every
+  not synthetic unless the policy allows, never a pipeline evaluation's simulated users, of the policy's study
+  only when ``sessions_from: study``, not used by an earlier candidate) exist, start a pipeline on every
   eligible session -> ``training``;
 - ``training``: wait for the pipeline; its candidate is its last trained version (DPO, else SFT) -> ``gating``;
   a failed pipeline goes back to ``idle`` (its sessions count as used, so a bad batch is not retried forever);
@@ -58,11 +59,18 @@ class LoopPolicy(BaseModel):
     min_new_sessions: int = Field(50, ge=1)
     include_synthetic: bool = False  # Only simulation studies set it: real candidates learn from people.
     study_id: str = ""  # Where the canary runs (the gateway's study); empty: candidates stop after the gate.
+    # Which sessions candidates learn from: "all" recorded ones, or only those of ``study_id`` ("study"), so that
+    # a simulation study's loop does not take other runs' synthetic sessions (with no study_id: none).
+    sessions_from: Literal["all", "study"] = "all"
     canary_share: float = Field(0.1, gt=0, le=0.5)
     # What serves the study's production arm before the loop has promoted anything: the first baseline.
     production: str = Field("base", min_length=1)
     gate: Path = SHIPPED_GATE
     pipeline: Path = Path("libs/pipeline/configs/loop.yaml")
+
+    def sessions_study(self) -> str | None:
+        """The study eligible sessions must belong to; None: any session, of a study or not."""
+        return self.study_id if self.sessions_from == "study" else None
 
 
 def load_loop_policy(path: Path | str) -> LoopPolicy:

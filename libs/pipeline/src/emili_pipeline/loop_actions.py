@@ -4,9 +4,14 @@ Actions`.
 - **Eligible sessions** are read from object storage alone: a session record (``session.json``, written by chat's
   persist) of a session that has *ended*, whose user consented to training (``use_for_training``), that has no
   deletion tombstone (a withdrawal deletes the participant's sessions, which writes one first) and that is not
-  synthetic unless the policy allows it. Labelling is not a condition: it is the pipeline's own first step after
-  collection, so a recorded, ended session is enough (the label step skips one without consent again, in case
-  consent changed in between).
+  synthetic unless the policy allows it, and not made by a pipeline's own evaluation: the simulated users of the
+  ``arm_sessions`` step (synthetic sessions the loop would otherwise take for new data and train the next candidate
+  on) are never eligible; they are known by the list each pipeline keeps of them
+  (``pipelines/<id>/arm_sessions.json``, bucket models). A policy with ``sessions_from: study`` further keeps only
+  the sessions the gateway recorded under its study (``studies/<study_id>/sessions/<session_id>.json``, bucket
+  sessions); the chat session record itself does not know its study. Labelling is not a condition: it is the
+  pipeline's own first step after collection, so a recorded, ended session is enough (the label step skips one
+  without consent again, in case consent changed in between).
 - **A pipeline** is the policy's pipeline config (``policy.pipeline``) with the production arm as its ``baseline``,
   over exactly the given recorded sessions (nothing is simulated before training; the collect step only makes
   sure their records are stored). Its id is a digest of config and sessions, so asking again for the same one
@@ -54,10 +59,50 @@ class GatewayError(Exception):
     """The gateway refused or could not be reached; the message says which call and why."""
 
 
-def eligible_session_ids(store: ObjectStore, include_synthetic: bool) -> list[str]:
-    """Ids of recorded, ended sessions consented to training, not deleted, not synthetic unless allowed; sorted."""
+# Where chat's ``arm_sessions`` step keeps the session ids of a pipeline's simulated users, per arm (bucket models,
+# under :func:`emili_core.keys.pipeline_prefix`): ``{"arms": {label: [session_id, ...]}, ...}``.
+ARM_SESSIONS = "arm_sessions.json"
+# Where the gateway keeps one record per study session (bucket sessions; its ``studies.prefix`` setting).
+GATEWAY_STUDIES_PREFIX = "studies"
+
+
+def pipeline_simulated_sessions(store: ObjectStore) -> set[str]:
+    """Ids of the sessions any pipeline's evaluation simulated (every pipeline's ``arm_sessions.json``).
+
+    The list is written once the step's users have all finished: the ended sessions of a step still running, or
+    of one that died midway, are not in it yet (``sessions_from: study`` excludes them, being in no study)."""
+    simulated: set[str] = set()
+    for key in store.list_keys(Bucket.MODELS, "pipelines/"):
+        if not key.endswith(f"/{ARM_SESSIONS}"):
+            continue
+        try:
+            kept = store.get_json(Bucket.MODELS, key)
+        except NotFound:
+            continue
+        arms = kept.get("arms") if isinstance(kept, dict) else None
+        for ids in (arms or {}).values():
+            simulated.update(str(s) for s in ids or ())
+    return simulated
+
+
+def study_session_ids(store: ObjectStore, study_id: str) -> set[str]:
+    """Ids of the sessions the gateway recorded under ``study_id`` (none for an empty id)."""
+    if not study_id or "/" in study_id:
+        return set()
+    prefix = f"{GATEWAY_STUDIES_PREFIX}/{study_id}/sessions/"
+    return {key.removeprefix(prefix).removesuffix(".json") for key in store.list_keys(Bucket.SESSIONS, prefix)}
+
+
+def eligible_session_ids(store: ObjectStore, include_synthetic: bool, study_id: str | None = None) -> list[str]:
+    """Ids of recorded, ended sessions consented to training, not deleted, not synthetic unless allowed, not
+    simulated by a pipeline's evaluation and, when ``study_id`` is given, recorded under that gateway study;
+    sorted."""
+    simulated = pipeline_simulated_sessions(store)
+    members = study_session_ids(store, study_id) if study_id is not None else None
     eligible = []
     for session_id in recorded_sessions(store):
+        if session_id in simulated or (members is not None and session_id not in members):
+            continue
         try:
             manifest = store.get_json(Bucket.SESSIONS, session_record_keys(session_id)["session.json"])
         except (NotFound, InvalidInput):
@@ -104,19 +149,22 @@ class SystemActions:
 
     ``celery`` is the producer app (tasks are sent by name); ``gateway`` makes an HTTP client for the gateway's
     root URL with a fresh admin token (None: no gateway, and a canary cannot start); ``fetch_recipe`` fetches a
-    shipped recipe named in the pipeline config (None: the config must name recipe files)."""
+    shipped recipe named in the pipeline config (None: the config must name recipe files); ``study_id`` restricts
+    eligible sessions to that study's (:meth:`~emili_pipeline.loop.LoopPolicy.sessions_study`)."""
 
     store: ObjectStore
     celery: Any
     pipeline_config: Path
     gateway: Callable[[], httpx.Client] | None = None
     fetch_recipe: RecipeFetcher | None = None
+    # Set (``sessions_from: study``): only the sessions of this gateway study are eligible ("" matches none).
+    study_id: str | None = None
     _watchers: dict[str, Any] = field(default_factory=dict)
 
     # --- sessions and pipelines -----------------------------------------------------------------------------------
 
     def eligible_sessions(self, include_synthetic: bool) -> list[str]:
-        return eligible_session_ids(self.store, include_synthetic)
+        return eligible_session_ids(self.store, include_synthetic, self.study_id)
 
     def pipeline_state(self, session_ids: Sequence[str], baseline: str) -> State:
         """The pipeline's initial state (not stored): the resolved config with ``baseline`` over the sessions."""

@@ -121,6 +121,7 @@ def build_loop(policy_path: Path | None) -> tuple[Loop, LoopSettings]:
         gateway=_gateway_factory(settings),
         # The trainer's GetRecipe, as `emili pipeline run` does; only called for recipes named, not given as files.
         fetch_recipe=lambda name: fetch_recipe(name, settings.loop_trainer_target),
+        study_id=policy.sessions_study(),
     )
     lease = RedisLease(redis.Redis.from_url(settings.redis_url), LEASE_KEY)
     # Host and pid name the acting instance (`emili loop status`); the suffix tells a restart on the same pid apart.
@@ -250,6 +251,7 @@ def _state_table(state: LoopState, policy: LoopPolicy, holder: str, last: int) -
         "production (baseline)": state.production or policy.production,
         "sessions (this round / used)": f"{len(state.sessions)} / {len(state.used_sessions)}",
         "study (canary)": policy.study_id or "(none: candidates stop after the gate)",
+        "sessions from": policy.sessions_from,
         "acting instance": holder or "(none)",
     }
     for what, value in rows.items():
