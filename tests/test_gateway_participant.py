@@ -43,7 +43,13 @@ pytestmark = pytest.mark.integration
 
 REPLY = "I hear you. What would make today a little better?"
 FER_SERVICE = fer_pb2.DESCRIPTOR.services_by_name["FerService"].full_name
-ADMIN = {"Authorization": f"Bearer {token(['admin'], 'researcher-1')}"}
+
+
+def _admin_headers() -> dict[str, str]:
+    """A fresh admin token per use: a module-level one expires before a long test run reaches this module."""
+    return {"Authorization": f"Bearer {token(['admin'], 'researcher-1')}"}
+
+
 SETTINGS = SimulatorSettings(turns=2, seconds_between_turns=0.0, frames_per_second=2.0, linger_s=0.0)
 
 
@@ -139,7 +145,7 @@ def gateway(redis_url: str, s3_settings: S3Settings, tmp_path_factory: pytest.Te
 
 
 def _admin(gateway: Gateway, method: str, path: str, **kwargs: Any) -> Any:
-    response = httpx.request(method, f"{gateway.url}/api/v1{path}", headers=ADMIN, timeout=30, **kwargs)
+    response = httpx.request(method, f"{gateway.url}/api/v1{path}", headers=_admin_headers(), timeout=30, **kwargs)
     assert response.is_success, response.text
     return response.json()
 
@@ -223,7 +229,7 @@ async def test_a_synthetic_study_records_synthetic_sessions(gateway: Gateway) ->
 async def test_the_demo_study_is_made_only_where_sessions_are_recorded_synthetic(gateway: Gateway) -> None:
     from emili_pipeline.loop_demo import ensure_demo_study
 
-    async with httpx.AsyncClient(base_url=gateway.url, headers=ADMIN, timeout=30) as admin:
+    async with httpx.AsyncClient(base_url=gateway.url, headers=_admin_headers(), timeout=30) as admin:
         study = await ensure_demo_study(admin, "base")
         assert study is not None
         again = await ensure_demo_study(admin, "base")
@@ -246,7 +252,7 @@ async def test_the_demo_sends_participants_until_the_loop_decides(gateway: Gatew
             state.history.append({"at_ms": int(time.time() * 1000), "event": "canary promoted", "candidate": "v1"})
         return state
 
-    async with httpx.AsyncClient(base_url=gateway.url, headers=ADMIN, timeout=30) as admin:
+    async with httpx.AsyncClient(base_url=gateway.url, headers=_admin_headers(), timeout=30) as admin:
         run = DemoRun(gateway.url, admin, loop_state, load_personas(), SETTINGS, None, report_every_s=0.5, poll_s=0.1)
         run.say = lines.append
         runs.append(run)
