@@ -114,6 +114,24 @@ def test_the_policy_names_the_study_sessions_come_from(empty_store: ObjectStore)
     assert actions.eligible_sessions(include_synthetic=True) == ["mine"]
 
 
+def test_study_sessions_follow_the_gateways_studies_prefix(
+    empty_store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from emili_pipeline.loop_cli import LoopSettings, gateway_studies_prefix
+
+    record(empty_store, "mine", synthetic=True)
+    empty_store.put_json(Bucket.SESSIONS, "trial-2/st-mine/sessions/mine.json", {"study_id": "st-mine"})
+    moved = SystemActions(empty_store, None, CONFIGS / "loop.yaml", study_id="st-mine", studies_prefix="trial-2")
+    assert moved.eligible_sessions(include_synthetic=True) == ["mine"]
+    default = SystemActions(empty_store, None, CONFIGS / "loop.yaml", study_id="st-mine")
+    assert default.eligible_sessions(include_synthetic=True) == []
+    # The loop takes the gateway's own setting (installed here), unless told otherwise.
+    monkeypatch.setenv("EMILI_GATEWAY__STUDIES__PREFIX", "trial-2")
+    assert gateway_studies_prefix(LoopSettings()) == "trial-2"
+    monkeypatch.setenv("EMILI_LOOP_GATEWAY_STUDIES_PREFIX", "trial-3")
+    assert gateway_studies_prefix(LoopSettings()) == "trial-3"
+
+
 def test_a_pipeline_starts_once(actions: SystemActions, store: ObjectStore, isolated_redis_url: str) -> None:
     broker = redis.Redis.from_url(isolated_redis_url)
     first = actions.start_pipeline(["b", "a", "c"], "base")

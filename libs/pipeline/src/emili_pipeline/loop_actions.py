@@ -44,6 +44,7 @@ from emili_core.records import recorded_sessions
 from emili_pipeline.config import PipelineConfig, RecipeFetcher, load_config, resolve
 from emili_pipeline.gate import Evidence, evidence_from_json
 from emili_pipeline.pipeline import FAILED, State, is_finished, load_state, new_state, outputs
+from emili_session.loop_records import STUDIES_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,6 @@ class GatewayError(Exception):
 # Where chat's ``arm_sessions`` step keeps the session ids of a pipeline's simulated users, per arm (bucket models,
 # under :func:`emili_core.keys.pipeline_prefix`): ``{"arms": {label: [session_id, ...]}, ...}``.
 ARM_SESSIONS = "arm_sessions.json"
-# Where the gateway keeps one record per study session (bucket sessions; its ``studies.prefix`` setting).
-GATEWAY_STUDIES_PREFIX = "studies"
 
 
 def pipeline_simulated_sessions(store: ObjectStore) -> set[str]:
@@ -85,20 +84,23 @@ def pipeline_simulated_sessions(store: ObjectStore) -> set[str]:
     return simulated
 
 
-def study_session_ids(store: ObjectStore, study_id: str) -> set[str]:
-    """Ids of the sessions the gateway recorded under ``study_id`` (none for an empty id)."""
+def study_session_ids(store: ObjectStore, study_id: str, studies_prefix: str = STUDIES_PREFIX) -> set[str]:
+    """Ids of the sessions the gateway recorded under ``study_id`` (none for an empty id); ``studies_prefix`` is the
+    gateway's ``studies.prefix`` setting."""
     if not study_id or "/" in study_id:
         return set()
-    prefix = f"{GATEWAY_STUDIES_PREFIX}/{study_id}/sessions/"
+    prefix = f"{studies_prefix}/{study_id}/sessions/"
     return {key.removeprefix(prefix).removesuffix(".json") for key in store.list_keys(Bucket.SESSIONS, prefix)}
 
 
-def eligible_session_ids(store: ObjectStore, include_synthetic: bool, study_id: str | None = None) -> list[str]:
+def eligible_session_ids(
+    store: ObjectStore, include_synthetic: bool, study_id: str | None = None, studies_prefix: str = STUDIES_PREFIX
+) -> list[str]:
     """Ids of recorded, ended sessions consented to training, not deleted, not synthetic unless allowed, not
     simulated by a pipeline's evaluation and, when ``study_id`` is given, recorded under that gateway study;
     sorted."""
     simulated = pipeline_simulated_sessions(store)
-    members = study_session_ids(store, study_id) if study_id is not None else None
+    members = study_session_ids(store, study_id, studies_prefix) if study_id is not None else None
     eligible = []
     for session_id in recorded_sessions(store):
         if session_id in simulated or (members is not None and session_id not in members):
@@ -159,12 +161,13 @@ class SystemActions:
     fetch_recipe: RecipeFetcher | None = None
     # Set (``sessions_from: study``): only the sessions of this gateway study are eligible ("" matches none).
     study_id: str | None = None
+    studies_prefix: str = STUDIES_PREFIX  # The gateway's ``studies.prefix`` setting.
     _watchers: dict[str, Any] = field(default_factory=dict)
 
     # --- sessions and pipelines -----------------------------------------------------------------------------------
 
     def eligible_sessions(self, include_synthetic: bool) -> list[str]:
-        return eligible_session_ids(self.store, include_synthetic, self.study_id)
+        return eligible_session_ids(self.store, include_synthetic, self.study_id, self.studies_prefix)
 
     def pipeline_state(self, session_ids: Sequence[str], baseline: str) -> State:
         """The pipeline's initial state (not stored): the resolved config with ``baseline`` over the sessions."""

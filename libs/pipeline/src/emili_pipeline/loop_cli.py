@@ -50,6 +50,9 @@ class LoopSettings(CommonSettings):
     # The trainer's gRPC address, for shipped recipes the pipeline config names; empty: from the trainer's own
     # settings when it is installed (the local stack).
     loop_trainer_target: str = ""
+    # The gateway's ``studies.prefix`` (where it keeps each study's sessions); empty: from the gateway's own settings
+    # when it is installed (the local stack), else the gateway's default.
+    loop_gateway_studies_prefix: str = ""
     # Rewritten after every tick, failed or not; `emili loop live` (the liveness probe) reads its age.
     loop_heartbeat_file: Path = Path(tempfile.gettempdir()) / "emili-loop.heartbeat"
 
@@ -82,6 +85,17 @@ def gateway_url(settings: LoopSettings) -> str:
         return settings.loop_gateway_url
     classes = service_settings_classes()
     return (classes["gateway"]().http_url() or "") if "gateway" in classes else ""
+
+
+def gateway_studies_prefix(settings: LoopSettings) -> str:
+    """``EMILI_LOOP_GATEWAY_STUDIES_PREFIX``, else the installed gateway's ``studies.prefix``, else its default."""
+    from emili_core.settings import service_settings_classes
+    from emili_session.loop_records import STUDIES_PREFIX
+
+    if settings.loop_gateway_studies_prefix:
+        return settings.loop_gateway_studies_prefix
+    classes = service_settings_classes()
+    return str(classes["gateway"]().studies_prefix()) if "gateway" in classes else STUDIES_PREFIX
 
 
 def _gateway_factory(settings: LoopSettings) -> Callable[[], httpx.Client] | None:
@@ -122,6 +136,7 @@ def build_loop(policy_path: Path | None) -> tuple[Loop, LoopSettings]:
         # The trainer's GetRecipe, as `emili pipeline run` does; only called for recipes named, not given as files.
         fetch_recipe=lambda name: fetch_recipe(name, settings.loop_trainer_target),
         study_id=policy.sessions_study(),
+        studies_prefix=gateway_studies_prefix(settings),
     )
     lease = RedisLease(redis.Redis.from_url(settings.redis_url), LEASE_KEY)
     # Host and pid name the acting instance (`emili loop status`); the suffix tells a restart on the same pid apart.

@@ -28,6 +28,7 @@ from emili_session.registry import check_version
 __all__ = [
     "GATE_PREFIX",
     "LOOP_STATE_KEY",
+    "STUDIES_PREFIX",
     "check_pipeline_id",
     "gate_key",
     "gate_verdict",
@@ -37,6 +38,10 @@ __all__ = [
 
 LOOP_STATE_KEY = "loop/state.json"
 GATE_PREFIX = "gates/"
+# Bucket ``sessions``: the gateway keeps its studies under this prefix (its ``studies.prefix`` setting, whose default
+# this is), one record per study session at ``<prefix>/<study>/sessions/<session>.json``; the loop reads them to take
+# one study's sessions only.
+STUDIES_PREFIX = "studies"
 _PIPELINE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 

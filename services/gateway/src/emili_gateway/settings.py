@@ -7,6 +7,7 @@ from typing import ClassVar
 from pydantic import BaseModel, Field
 
 from emili_core.settings import CommonSettings, HealthCheck
+from emili_session.loop_records import STUDIES_PREFIX
 
 
 class GatewayServerSettings(BaseModel):
@@ -42,7 +43,7 @@ class LimitSettings(BaseModel):
 class StudyStoreSettings(BaseModel):
     """Studies live in object storage (bucket ``sessions``, under ``prefix``); invites and counters in Redis."""
 
-    prefix: str = Field("studies", pattern=r"^[a-z0-9][a-z0-9_-]{0,40}$")
+    prefix: str = Field(STUDIES_PREFIX, pattern=r"^[a-z0-9][a-z0-9_-]{0,40}$")
     redis_prefix: str = Field("emili:gateway", pattern=r"^[a-z0-9:_-]{1,40}$")
     participant_token_ttl_seconds: int = Field(7 * 24 * 3600, ge=60)
     max_sessions_per_participant: int = Field(1, ge=1, le=100)
@@ -101,6 +102,10 @@ class GatewaySettings(CommonSettings):
         server = self.gateway.server
         host = "127.0.0.1" if server.host in {"0.0.0.0", "::", ""} else server.host
         return f"http://[{host}]:{server.http_port}" if ":" in host else f"http://{host}:{server.http_port}"
+
+    def studies_prefix(self) -> str:
+        """Where studies and their sessions are kept in bucket ``sessions`` (the loop reads a study's sessions)."""
+        return self.gateway.studies.prefix
 
     def public_url(self) -> str:
         """Where participants reach it: ``server.public_base_url`` when set, else :meth:`http_url`."""
