@@ -7,11 +7,10 @@ repository's fixtures. Here, not in libs/pipeline/tests: the pipeline library mu
 
 from __future__ import annotations
 
-import asyncio
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +21,9 @@ import pytest
 import uvicorn
 
 from emili.chat.v1 import chat_pb2, chat_pb2_grpc
-from emili.fer.v1 import fer_pb2, fer_pb2_grpc
-from emili_chat.main import build_app as build_chat_app
-from emili_chat.settings import ChatSettings
-from emili_core.grpc_server import ServiceApp, start_server
 from emili_core.keys import model_registry_key
 from emili_core.objectstore import Bucket, ObjectStore
-from emili_core.settings import AuthSettings, CommonSettings, S3Settings, ServerSettings
+from emili_core.settings import AuthSettings, S3Settings
 from emili_gateway.app import create_app
 from emili_gateway.settings import GatewaySettings
 from emili_pipeline.simulator.faces import FaceModelSettings, FaceSet
@@ -36,13 +31,12 @@ from emili_pipeline.simulator.gateway_participant import NotSynthetic, run_parti
 from emili_pipeline.simulator.personas import load_personas
 from emili_pipeline.simulator.run import SimulatorSettings
 from emili_testing.chat import ScriptedBackend
-from emili_testing.loop import BackgroundLoop
 from emili_testing.plugin import TEST_SECRET, free_port, token
+from emili_testing.servers import chat_and_fer
 
 pytestmark = pytest.mark.integration
 
 REPLY = "I hear you. What would make today a little better?"
-FER_SERVICE = fer_pb2.DESCRIPTOR.services_by_name["FerService"].full_name
 
 
 def _admin_headers() -> dict[str, str]:
@@ -53,28 +47,6 @@ def _admin_headers() -> dict[str, str]:
 SETTINGS = SimulatorSettings(turns=2, seconds_between_turns=0.0, frames_per_second=2.0, linger_s=0.0)
 
 
-class FerStandIn(fer_pb2_grpc.FerServiceServicer):
-    """A face in every frame, happy; no model."""
-
-    @staticmethod
-    def _reading() -> fer_pb2.Reading:
-        scores = [fer_pb2.EmotionScore(emotion="happy", probability=0.7, salience=70)]
-        scores.append(fer_pb2.EmotionScore(emotion="neutral", probability=0.3, salience=30))
-        return fer_pb2.Reading(face_found=True, face_count=1, scores=scores, top_emotion="happy", model_id="stand-in")
-
-    async def Analyze(self, request: Any, context: Any) -> Any:
-        return fer_pb2.AnalyzeResponse(reading=self._reading())
-
-    async def StreamAnalyze(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
-        async for request in request_iterator:
-            yield fer_pb2.StreamAnalyzeResponse(
-                session_id=request.session_id,
-                capture_time_ms=request.capture_time_ms,
-                sequence=request.sequence,
-                reading=self._reading(),
-            )
-
-
 @dataclass
 class Gateway:
     url: str
@@ -83,65 +55,39 @@ class Gateway:
 
 @pytest.fixture(scope="module")
 def gateway(redis_url: str, s3_settings: S3Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    loop = BackgroundLoop()
-    auth = AuthSettings(secret=TEST_SECRET)  # type: ignore[arg-type]
-    ObjectStore(s3_settings).ensure_buckets()
-
-    async def start() -> tuple[Any, Any]:
-        fer_app = ServiceApp(
-            name="fer",
-            service_names=[FER_SERVICE],
-            register=lambda server: fer_pb2_grpc.add_FerServiceServicer_to_server(FerStandIn(), server),
-        )
-        fer = await start_server(fer_app, CommonSettings(auth=auth), ServerSettings(grpc_port=0, metrics_port=0))
-        chat_settings = ChatSettings(
-            env="test", redis_url=redis_url, s3=s3_settings, auth=auth, artifacts_dir=tmp_path_factory.mktemp("chat")
-        )
-        options = chat_settings.chat.model_copy(
+    artifacts = tmp_path_factory.mktemp("chat")
+    with chat_and_fer(redis_url, s3_settings, artifacts, ScriptedBackend(REPLY)) as servers:
+        settings = GatewaySettings(
+            env="test", redis_url=redis_url, s3=s3_settings, auth=AuthSettings(secret=TEST_SECRET)
+        )  # type: ignore[arg-type]
+        base = settings.gateway
+        options = base.model_copy(
             update={
-                "server": chat_settings.chat.server.model_copy(update={"grpc_port": 0, "metrics_port": 0}),
-                "readout": chat_settings.chat.readout.model_copy(update={"post_response_reading_s": 0.0}),
-                "fer_target": f"127.0.0.1:{fer.port}",
+                "chat_target": servers.chat_target,
+                "fer_target": servers.fer_target,
+                "server": base.server.model_copy(update={"metrics_port": 0}),
+                # Every participant redeems from 127.0.0.1; the canary's monitor is not needed to count participants.
+                "limits": base.limits.model_copy(update={"redeem_per_minute": 100000, "requests_per_minute": 100000}),
+                "canary": base.canary.model_copy(update={"monitor": False}),
             }
         )
-        chat_settings = chat_settings.model_copy(update={"chat": options})
-        chat = await start_server(build_chat_app(chat_settings, ScriptedBackend(REPLY)), chat_settings, options.server)
-        await asyncio.wait_for(asyncio.gather(fer.ready.wait(), chat.ready.wait()), 60)
-        return fer, chat
-
-    fer, chat = loop.run(start())
-    settings = GatewaySettings(env="test", redis_url=redis_url, s3=s3_settings, auth=auth)
-    base = settings.gateway
-    options = base.model_copy(
-        update={
-            "chat_target": f"127.0.0.1:{chat.port}",
-            "fer_target": f"127.0.0.1:{fer.port}",
-            "server": base.server.model_copy(update={"metrics_port": 0}),
-            # Every participant redeems from 127.0.0.1; the canary's monitor is not needed to count participants.
-            "limits": base.limits.model_copy(update={"redeem_per_minute": 100000, "requests_per_minute": 100000}),
-            "canary": base.canary.model_copy(update={"monitor": False}),
-        }
-    )
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings.model_copy(update={"gateway": options})),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
-        time.sleep(0.05)
-    yield Gateway(f"http://127.0.0.1:{port}", f"127.0.0.1:{chat.port}")
-    server.should_exit = True
-    thread.join(30)
-    loop.run(chat.stop())
-    loop.run(fer.stop())
-    loop.close()
+        port = free_port()
+        config = uvicorn.Config(
+            create_app(settings.model_copy(update={"gateway": options})),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
+            time.sleep(0.05)
+        yield Gateway(f"http://127.0.0.1:{port}", servers.chat_target)
+        server.should_exit = True
+        thread.join(30)
 
 
 def _admin(gateway: Gateway, method: str, path: str, **kwargs: Any) -> Any:

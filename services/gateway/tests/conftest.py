@@ -2,39 +2,32 @@
 model, and a FER stand-in, all in one background event loop, so the gateway's TestClient (which runs the app in
 its own thread) talks to them over real sockets.
 
-The FER stand-in answers Analyze and StreamAnalyze without a model: a face is "found" unless the frame's bytes
-contain ``NOFACE``. The real FER service needs its ONNX model and would only slow these tests down.
+The FER stand-in (:mod:`emili_testing.servers`) finds a face unless the frame's bytes contain ``NOFACE``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from emili.fer.v1 import fer_pb2, fer_pb2_grpc
-from emili_chat.main import build_app as build_chat_app
-from emili_chat.settings import ChatSettings
-from emili_core.grpc_server import RunningServer, ServiceApp, start_server
 from emili_core.keys import model_registry_key
 from emili_core.objectstore import Bucket, ObjectStore
-from emili_core.settings import AuthSettings, CommonSettings, S3Settings, ServerSettings
+from emili_core.settings import AuthSettings, S3Settings
 from emili_gateway.app import create_app
 from emili_gateway.settings import GatewaySettings
 from emili_testing.chat import ScriptedBackend
-from emili_testing.loop import BackgroundLoop
 from emili_testing.plugin import TEST_SECRET, Stack, free_port, token
+from emili_testing.servers import ChatAndFer, chat_and_fer
 
 T = TypeVar("T")
 
@@ -42,85 +35,21 @@ REPLY = "I hear you. What would make today a little better?"
 JPEG_FACE = b"\xff\xd8\xff\xe0" + b"a face " * 40
 JPEG_NO_FACE = b"\xff\xd8\xff\xe0" + b"NOFACE " * 40
 ADMIN = "researcher-1"
-FER_SERVICE = fer_pb2.DESCRIPTOR.services_by_name["FerService"].full_name
 
 
-def _reading(data: bytes) -> fer_pb2.Reading:
-    if b"NOFACE" in data:
-        return fer_pb2.Reading(face_found=False, face_count=0, model_id="stand-in")
-    probabilities = {"angry": 0.02, "disgust": 0.01, "fear": 0.02, "happy": 0.6, "sad": 0.05, "surprise": 0.1}
-    probabilities["neutral"] = 1.0 - sum(probabilities.values())
-    scores = [fer_pb2.EmotionScore(emotion=e, probability=p, salience=round(p * 100)) for e, p in probabilities.items()]
-    return fer_pb2.Reading(face_found=True, face_count=1, scores=scores, top_emotion="happy", model_id="stand-in")
-
-
-class FerStandIn(fer_pb2_grpc.FerServiceServicer):
-    def __init__(self) -> None:
-        self.analyzed = 0
-        self.streamed = 0
-
-    async def Analyze(self, request: fer_pb2.AnalyzeRequest, context: grpc.aio.ServicerContext) -> Any:
-        self.analyzed += 1
-        return fer_pb2.AnalyzeResponse(reading=_reading(request.frame.data))
-
-    async def StreamAnalyze(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async for request in request_iterator:
-            self.streamed += 1
-            yield fer_pb2.StreamAnalyzeResponse(
-                session_id=request.session_id,
-                capture_time_ms=request.capture_time_ms,
-                sequence=request.sequence,
-                reading=_reading(request.frame.data),
-            )
-
-
-@dataclass
-class Servers:
-    chat_target: str
-    fer_target: str
-    fer: FerStandIn
-    backend: ScriptedBackend
+Servers = ChatAndFer[ScriptedBackend]
 
 
 @pytest.fixture(scope="session")
 def servers(redis_url: str, s3_settings: S3Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    loop = BackgroundLoop()
-    fer = FerStandIn()
-    backend = ScriptedBackend(REPLY)
-    auth = AuthSettings(secret=TEST_SECRET)  # type: ignore[arg-type]
-    ObjectStore(s3_settings).ensure_buckets()
+    def calm_too(chat: Any) -> dict[str, Any]:
+        # A study's own survey words must be in chat's vocabulary: test_api's study offers "Calm".
+        surveys = chat.surveys
+        return {"surveys": surveys.model_copy(update={"current_feelings": (*surveys.current_feelings, "Calm")})}
 
-    async def start() -> tuple[RunningServer, RunningServer]:
-        fer_app = ServiceApp(
-            name="fer",
-            service_names=[FER_SERVICE],
-            register=lambda server: fer_pb2_grpc.add_FerServiceServicer_to_server(fer, server),
-        )
-        fer_server = await start_server(fer_app, CommonSettings(auth=auth), ServerSettings(grpc_port=0, metrics_port=0))
-        chat_settings = ChatSettings(
-            env="test", redis_url=redis_url, s3=s3_settings, auth=auth, artifacts_dir=tmp_path_factory.mktemp("chat")
-        )
-        options = chat_settings.chat.model_copy(
-            update={
-                "server": chat_settings.chat.server.model_copy(update={"grpc_port": 0, "metrics_port": 0}),
-                "readout": chat_settings.chat.readout.model_copy(update={"post_response_reading_s": 0.0}),
-                "fer_target": f"127.0.0.1:{fer_server.port}",
-                # A study's own survey words must be in chat's vocabulary: test_api's study offers "Calm".
-                "surveys": chat_settings.chat.surveys.model_copy(
-                    update={"current_feelings": (*chat_settings.chat.surveys.current_feelings, "Calm")}
-                ),
-            }
-        )
-        chat_settings = chat_settings.model_copy(update={"chat": options})
-        chat_server = await start_server(build_chat_app(chat_settings, backend), chat_settings, options.server)
-        await asyncio.wait_for(asyncio.gather(fer_server.ready.wait(), chat_server.ready.wait()), 60)
-        return fer_server, chat_server
-
-    fer_server, chat_server = loop.run(start())
-    yield Servers(f"127.0.0.1:{chat_server.port}", f"127.0.0.1:{fer_server.port}", fer, backend)
-    loop.run(chat_server.stop())
-    loop.run(fer_server.stop())
-    loop.close()
+    artifacts = tmp_path_factory.mktemp("chat")
+    with chat_and_fer(redis_url, s3_settings, artifacts, ScriptedBackend(REPLY), chat_options=calm_too) as running:
+        yield running
 
 
 def gateway_settings(redis_url: str, s3: S3Settings, servers: Servers, **limits: Any) -> GatewaySettings:
