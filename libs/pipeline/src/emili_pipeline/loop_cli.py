@@ -95,7 +95,10 @@ def gateway_studies_prefix(settings: LoopSettings) -> str:
     if settings.loop_gateway_studies_prefix:
         return settings.loop_gateway_studies_prefix
     classes = service_settings_classes()
-    return str(classes["gateway"]().studies_prefix()) if "gateway" in classes else STUDIES_PREFIX
+    if "gateway" not in classes:
+        return STUDIES_PREFIX
+    gateway: Any = classes["gateway"]()  # The gateway's settings class, known here only through its entry point.
+    return str(gateway.studies_prefix())
 
 
 def _gateway_factory(settings: LoopSettings) -> Callable[[], httpx.Client] | None:
