@@ -286,11 +286,11 @@ class _Store:
 
 def test_scoped_store_keeps_the_study_loop_state_apart() -> None:
     store = _Store()
-    scoped = ScopedStateStore(store, "studies/x/noise/loop-state.json")
+    scoped = ScopedStateStore(store, "study-simulations/x/noise/loop-state.json")
     scoped.put_json("models", "loop/state.json", {"phase": "idle"})
     scoped.put_json("models", "gates/v1.json", {"passed": False})
     assert ("models", "loop/state.json") not in store.objects
-    assert store.objects[("models", "studies/x/noise/loop-state.json")] == {"phase": "idle"}
+    assert store.objects[("models", "study-simulations/x/noise/loop-state.json")] == {"phase": "idle"}
     assert scoped.get_json("models", "loop/state.json") == {"phase": "idle"}
     assert scoped.exists("models", "gates/v1.json")
 

@@ -521,7 +521,7 @@ class ConditionRun:
             gate=options.gate,
             pipeline=self.pipeline_path,
         )
-        store = ScopedStateStore(stack.store, f"studies/{run_id}/{condition}/loop-state.json")
+        store = ScopedStateStore(stack.store, f"study-simulations/{run_id}/{condition}/loop-state.json")
         self.loop = Loop(policy, cast(Any, store), StudyLease(), self.actions, owner=f"study-{condition}")
 
     # Simulated users ---------------------------------------------------------------------------------------------
