@@ -74,7 +74,9 @@ def _conditions(value: str) -> tuple[Condition, ...]:
 def simulate(
     iterations: Annotated[int, typer.Option(min=1, help="Loop iterations per condition.")] = 2,
     sessions: Annotated[int, typer.Option(min=1, help="Simulated sessions recorded per iteration.")] = 8,
-    eval_users: Annotated[int, typer.Option(min=2, help="Simulated users per arm after each candidate.")] = 8,
+    eval_users: Annotated[
+        int, typer.Option(min=2, help="Simulated users per arm after each candidate.")
+    ] = MIN_CANARY_SESSIONS,
     canary_min_sessions: Annotated[
         int, typer.Option(min=2, help="Sessions per arm below which the offline canary never promotes.")
     ] = MIN_CANARY_SESSIONS,
@@ -85,7 +87,9 @@ def simulate(
         Path, typer.Option(exists=True, dir_okay=False, help="Pipeline config each candidate is trained with.")
     ] = SIMULATION_PIPELINE,
     gate: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="The gate policy.")] = SIMULATION_GATE,
-    concurrency: Annotated[int, typer.Option(min=1, help="Simulated users at a time.")] = 2,
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="Simulated users at a time (chat batches their replies).")
+    ] = 4,
     target: Annotated[str | None, typer.Option(help="Chat server address (default from the chat settings).")] = None,
 ) -> None:
     """The loop with SIMULATED users of known preferences: per iteration, users talk to the production arm, the loop

@@ -450,14 +450,16 @@ class StudyActions:
 class StudyOptions:
     iterations: int = 2
     sessions: int = 8  # Simulated sessions recorded per iteration (talking to the production arm).
-    eval_users: int = 8  # Simulated users per arm after each candidate (base, candidate, production).
+    # Simulated users per arm after each candidate (base, candidate, production); fewer than canary_min_sessions and
+    # the offline canary never promotes.
+    eval_users: int = MIN_CANARY_SESSIONS
     canary_min_sessions: int = MIN_CANARY_SESSIONS  # Fewer per arm: the offline canary never promotes.
     seed: int = 0
     conditions: tuple[Condition, ...] = CONDITIONS
     out: Path = Path("var/reports/study-simulate")
     pipeline: Path = SIMULATION_PIPELINE
     gate: Path = SIMULATION_GATE
-    concurrency: int = 2
+    concurrency: int = 4  # Chat batches concurrent replies: 4 users at a time cost little more than 2.
     poll_s: float = 5.0
     iteration_timeout_s: float = 3600.0
 
