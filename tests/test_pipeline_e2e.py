@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 from emili_chat.main import build_app
 from emili_chat.settings import ChatSettings
 from emili_core.grpc_server import RunningServer, start_server
+from emili_core.keys import pipeline_arm_users_key, session_record_keys
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import REPO_ROOT, CommonSettings
 from emili_core.tasks import create_celery_app
@@ -245,3 +246,11 @@ async def test_pipeline_survives_a_killed_trainer_worker(
     assert "Table 1" in markdown and "Table 2" in markdown and plots
     recorded = {k.split("/")[0] for k in object_store.list_keys(Bucket.SESSIONS, "") if k.endswith("/session.json")}
     assert set(sessions) | {s for ids in arms.values() for s in ids} <= recorded
+    # The evaluation's users were named before they started (the loop never trains on them, even mid-step).
+    named = set(object_store.get_json(Bucket.MODELS, pipeline_arm_users_key(pipeline))["users"])
+    arm_users = {
+        object_store.get_json(Bucket.SESSIONS, session_record_keys(s)["session.json"])["user_id"]
+        for ids in arms.values()
+        for s in ids
+    }
+    assert arm_users and arm_users <= named

@@ -87,6 +87,17 @@ def test_a_pipelines_own_simulated_users_are_never_eligible(empty_store: ObjectS
     assert eligible_session_ids(empty_store, include_synthetic=False) == ["person"]
 
 
+def test_simulated_users_of_an_unfinished_evaluation_are_never_eligible(empty_store: ObjectStore) -> None:
+    """The step names its users before the first starts; it lists their sessions only once all have finished, so a
+    step still running (or one that died midway) has ended sessions known only by their user."""
+    record(empty_store, "participant", synthetic=True, user_id="p-1")
+    record(empty_store, "eval-done", synthetic=True, user_id="base-1234abcd-1000-0")
+    record(empty_store, "eval-running", synthetic=True, user_id="base-1234abcd-1000-1")
+    users = {"users": ["base-1234abcd-1000-0", "base-1234abcd-1000-1", "sft-1234abcd-1000-0"]}
+    empty_store.put_json(Bucket.MODELS, f"{pipeline_prefix('pl-1234abcd')}arm_users.json", users)
+    assert eligible_session_ids(empty_store, include_synthetic=True) == ["participant"]
+
+
 def test_eligible_sessions_of_one_study(empty_store: ObjectStore) -> None:
     for session_id in ("mine-1", "mine-2", "other", "loose", "mine-eval"):
         record(empty_store, session_id, synthetic=True)

@@ -84,6 +84,22 @@ def pipeline_prefix(pipeline_id: str) -> str:
     return f"pipelines/{pipeline_id}/"
 
 
+PIPELINE_ARM_SESSIONS = "arm_sessions.json"
+PIPELINE_ARM_USERS = "arm_users.json"
+
+
+def pipeline_arm_sessions_key(pipeline_id: str) -> str:
+    """Bucket ``models``: the session ids of a pipeline's simulated users per arm, once they have all finished."""
+    return f"{pipeline_prefix(pipeline_id)}{PIPELINE_ARM_SESSIONS}"
+
+
+def pipeline_arm_users_key(pipeline_id: str) -> str:
+    """Bucket ``models``: the user ids (token subjects) a pipeline's simulated users will have, written before the
+    first of them starts, so their sessions are known as the pipeline's own while the step still runs or after it
+    died midway."""
+    return f"{pipeline_prefix(pipeline_id)}{PIPELINE_ARM_USERS}"
+
+
 SESSION_TOMBSTONE_PREFIX = "tombstones/"
 
 

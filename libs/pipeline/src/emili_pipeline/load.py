@@ -29,7 +29,14 @@ from emili_core.queues import Queue
 from emili_core.tasks import TRANSIENT_ERRORS
 from emili_pipeline.simulator.faces import load_face_set
 from emili_pipeline.simulator.personas import Persona
-from emili_pipeline.simulator.run import SessionOutcome, SimulatorSettings, lost_events, run_user, user_seed
+from emili_pipeline.simulator.run import (
+    SessionOutcome,
+    SimulatorSettings,
+    lost_events,
+    run_user,
+    user_seed,
+    user_subject,
+)
 
 
 @dataclass
@@ -104,7 +111,7 @@ async def run_load(
         async def slot(index: int) -> None:
             n = 0
             while time.perf_counter() < deadline:
-                subject = f"{settings.subject_prefix}-{seed}-{index}"
+                subject = user_subject(settings.subject_prefix, seed, index)
                 persona = personas[(index + n * users) % len(personas)]
                 outcome = await run_user(
                     channel,

@@ -7,7 +7,8 @@ Actions`.
   synthetic unless the policy allows it, and not made by a pipeline's own evaluation: the simulated users of the
   ``arm_sessions`` step (synthetic sessions the loop would otherwise take for new data and train the next candidate
   on) are never eligible; they are known by the list each pipeline keeps of them
-  (``pipelines/<id>/arm_sessions.json``, bucket models). A policy with ``sessions_from: study`` further keeps only
+  (``pipelines/<id>/arm_sessions.json``, bucket models, once they have finished) and, before that, by their users'
+  ids (``pipelines/<id>/arm_users.json``, written before the first of them starts). A policy with ``sessions_from: study`` further keeps only
   the sessions the gateway recorded under its study (``studies/<study_id>/sessions/<session_id>.json``, bucket
   sessions); the chat session record itself does not know its study. Labelling is not a condition: it is the
   pipeline's own first step after collection, so a recorded, ended session is enough (the label step skips one
@@ -38,7 +39,7 @@ import httpx
 
 from emili_core.deletion import session_deleted
 from emili_core.errors import InvalidInput, NotFound
-from emili_core.keys import session_record_keys
+from emili_core.keys import PIPELINE_ARM_SESSIONS, PIPELINE_ARM_USERS, session_record_keys
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.records import recorded_sessions
 from emili_pipeline.config import PipelineConfig, RecipeFetcher, load_config, resolve
@@ -60,28 +61,28 @@ class GatewayError(Exception):
     """The gateway refused or could not be reached; the message says which call and why."""
 
 
-# Where chat's ``arm_sessions`` step keeps the session ids of a pipeline's simulated users, per arm (bucket models,
-# under :func:`emili_core.keys.pipeline_prefix`): ``{"arms": {label: [session_id, ...]}, ...}``.
-ARM_SESSIONS = "arm_sessions.json"
-
-
-def pipeline_simulated_sessions(store: ObjectStore) -> set[str]:
-    """Ids of the sessions any pipeline's evaluation simulated (every pipeline's ``arm_sessions.json``).
-
-    The list is written once the step's users have all finished: the ended sessions of a step still running, or
-    of one that died midway, are not in it yet (``sessions_from: study`` excludes them, being in no study)."""
-    simulated: set[str] = set()
+def pipeline_simulated(store: ObjectStore) -> tuple[set[str], set[str]]:
+    """The sessions and the users any pipeline's evaluation simulated: every pipeline's session list per arm
+    (written once the step's users have all finished) and its users' ids (written before the first starts, so the
+    sessions of a step still running, or of one that died midway, are known by their user)."""
+    sessions: set[str] = set()
+    users: set[str] = set()
     for key in store.list_keys(Bucket.MODELS, "pipelines/"):
-        if not key.endswith(f"/{ARM_SESSIONS}"):
+        name = key.rsplit("/", 1)[-1]
+        if name not in {PIPELINE_ARM_SESSIONS, PIPELINE_ARM_USERS}:
             continue
         try:
             kept = store.get_json(Bucket.MODELS, key)
         except NotFound:
             continue
-        arms = kept.get("arms") if isinstance(kept, dict) else None
-        for ids in (arms or {}).values():
-            simulated.update(str(s) for s in ids or ())
-    return simulated
+        if not isinstance(kept, dict):
+            continue
+        if name == PIPELINE_ARM_USERS:
+            users.update(str(u) for u in kept.get("users") or ())
+        else:
+            for ids in (kept.get("arms") or {}).values():
+                sessions.update(str(s) for s in ids or ())
+    return sessions, users
 
 
 def study_session_ids(store: ObjectStore, study_id: str, studies_prefix: str = STUDIES_PREFIX) -> set[str]:
@@ -99,7 +100,7 @@ def eligible_session_ids(
     """Ids of recorded, ended sessions consented to training, not deleted, not synthetic unless allowed, not
     simulated by a pipeline's evaluation and, when ``study_id`` is given, recorded under that gateway study;
     sorted."""
-    simulated = pipeline_simulated_sessions(store)
+    simulated, simulated_users = pipeline_simulated(store)
     members = study_session_ids(store, study_id, studies_prefix) if study_id is not None else None
     eligible = []
     for session_id in recorded_sessions(store):
@@ -110,6 +111,8 @@ def eligible_session_ids(
         except (NotFound, InvalidInput):
             continue  # Deleted since the listing, or a key that names no session.
         if not isinstance(manifest, dict) or manifest.get("state") != ENDED:
+            continue
+        if manifest.get("user_id") in simulated_users:
             continue
         if not manifest.get("use_for_training") or (manifest.get("synthetic") and not include_synthetic):
             continue

@@ -20,7 +20,7 @@ from emili_chat.persist import persist_session
 from emili_chat.settings import ChatSettings
 from emili_core.auth import create_token
 from emili_core.errors import NotFound
-from emili_core.keys import pipeline_prefix
+from emili_core.keys import pipeline_arm_sessions_key, pipeline_arm_users_key
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_pipeline.pipeline import State, config_of, model_arms
 
@@ -48,16 +48,13 @@ def collect(client: redis.Redis, store: ObjectStore, state: State) -> dict[str, 
     return persist_sessions(client, store, state["sessions"])
 
 
-def _arm_sessions_key(state: State) -> str:
-    return f"{pipeline_prefix(state['pipeline_id'])}arm_sessions.json"
-
-
 def arm_sessions(settings: ChatSettings, client: redis.Redis, store: ObjectStore, state: State) -> dict[str, Any]:
     """Simulated users talk to each arm (base, SFT, SFT+DPO), for Tables 1 and 2. Their session ids are kept
     under the pipeline, so a step run again reuses them instead of simulating new users."""
-    from emili_pipeline.simulator import load_personas, run_users, summarize  # Only this step simulates users.
+    # Only this step simulates users.
+    from emili_pipeline.simulator import load_personas, run_users, summarize, user_subject
 
-    key = _arm_sessions_key(state)
+    key = pipeline_arm_sessions_key(state["pipeline_id"])
     if store.exists(Bucket.MODELS, key):
         kept = dict(store.get_json(Bucket.MODELS, key))
         kept["persisted"] = persist_sessions(client, store, [s for ids in kept["arms"].values() for s in ids])
@@ -70,17 +67,25 @@ def arm_sessions(settings: ChatSettings, client: redis.Redis, store: ObjectStore
     personas = load_personas(config.personas, config.persona_limit)
     secret = settings.auth.secret.get_secret_value()
     target = settings.grpc_target()
+    seed = config.seed + 1000  # The same seed for every arm: the same personas and users meet each model.
+
+    def subject_prefix(label: str) -> str:
+        return f"{label}-{state['pipeline_id'][3:11]}"
+
+    # Named before any of them starts: the loop never takes these users' sessions for training, even while this step
+    # runs or after it died midway (the session list below is written only once every user has finished).
+    users = [user_subject(subject_prefix(label), seed, i) for label in arms for i in range(per_arm)]
+    store.put_json(Bucket.MODELS, pipeline_arm_users_key(state["pipeline_id"]), {"users": users})
     result: dict[str, Any] = {"arms": {}, "summaries": {}}
     for i, (label, arm) in enumerate(arms.items()):
         simulator = config.simulator_settings().model_copy(
-            update={"model_arm": arm, "subject_prefix": f"{label}-{state['pipeline_id'][3:11]}"}
+            update={"model_arm": arm, "subject_prefix": subject_prefix(label)}
         )
 
         def token_for(subject: str) -> str:
             return create_token(secret, subject, ["chat"], 3600, settings.auth.issuer)
 
         started = time.perf_counter()
-        # The same seed for every arm: the same personas and users meet each model.
         outcomes = asyncio.run(
             run_users(
                 per_arm,
@@ -88,7 +93,7 @@ def arm_sessions(settings: ChatSettings, client: redis.Redis, store: ObjectStore
                 target,
                 personas,
                 simulator,
-                config.seed + 1000,
+                seed,
                 token_for=token_for,
             )
         )

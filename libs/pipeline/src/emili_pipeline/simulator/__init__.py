@@ -11,6 +11,7 @@ from emili_pipeline.simulator.run import (
     run_users,
     summarize,
     transcript_events,
+    user_subject,
 )
 from emili_pipeline.simulator.state import EmotionState, HiddenState, ReplyQuality, reply_quality
 from emili_pipeline.simulator.user import SimulatedUser
@@ -33,4 +34,5 @@ __all__ = [
     "run_users",
     "summarize",
     "transcript_events",
+    "user_subject",
 ]

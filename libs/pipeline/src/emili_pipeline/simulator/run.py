@@ -350,6 +350,11 @@ def user_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+def user_subject(subject_prefix: str, seed: int, index: int) -> str:
+    """The token subject (the session's user id) of :func:`run_users`' user ``index``."""
+    return f"{subject_prefix}-{seed}-{index}"
+
+
 async def run_users(
     n: int,
     concurrency: int,
@@ -380,7 +385,7 @@ async def run_users(
     gate = asyncio.Semaphore(concurrency)
 
     async def one(index: int) -> SessionOutcome:
-        subject = f"{settings.subject_prefix}-{seed}-{index}"
+        subject = user_subject(settings.subject_prefix, seed, index)
         async with gate:
             return await run_user(
                 channel_or_target,
