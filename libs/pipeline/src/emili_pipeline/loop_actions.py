@@ -8,11 +8,12 @@ Actions`.
   ``arm_sessions`` step (synthetic sessions the loop would otherwise take for new data and train the next candidate
   on) are never eligible; they are known by the list each pipeline keeps of them
   (``pipelines/<id>/arm_sessions.json``, bucket models, once they have finished) and, before that, by their users'
-  ids (``pipelines/<id>/arm_users.json``, written before the first of them starts). A policy with ``sessions_from: study`` further keeps only
-  the sessions the gateway recorded under its study (``studies/<study_id>/sessions/<session_id>.json``, bucket
-  sessions); the chat session record itself does not know its study. Labelling is not a condition: it is the
-  pipeline's own first step after collection, so a recorded, ended session is enough (the label step skips one
-  without consent again, in case consent changed in between).
+  ids (``pipelines/<id>/arm_users.json``, written before the first of them starts). A policy with
+  ``sessions_from: study`` further keeps only the sessions the gateway recorded under its study
+  (``<studies prefix>/<study_id>/sessions/<session_id>.json``, bucket sessions); the chat session record itself
+  does not know its study. Labelling is not a condition: it is the pipeline's own first step after collection, so
+  a recorded, ended session is enough (the label step skips one without consent again, in case consent changed in
+  between).
 - **A pipeline** is the policy's pipeline config (``policy.pipeline``) with the production arm as its ``baseline``,
   over exactly the given recorded sessions (nothing is simulated before training; the collect step only makes
   sure their records are stored). Its id is a digest of config and sessions, so asking again for the same one
