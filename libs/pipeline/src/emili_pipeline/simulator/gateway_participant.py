@@ -33,7 +33,7 @@ from websockets.exceptions import WebSocketException
 
 from emili_pipeline.simulator.faces import FaceSet
 from emili_pipeline.simulator.personas import Persona
-from emili_pipeline.simulator.run import SessionOutcome, SimulatorSettings, TurnResult, _state
+from emili_pipeline.simulator.run import SessionOutcome, SimulatorSettings, TurnTracker, _state
 from emili_pipeline.simulator.state import ReplyScorer, reply_quality
 from emili_pipeline.simulator.surveys import SurveyAnswers
 from emili_pipeline.simulator.user import SimulatedUser
@@ -123,9 +123,7 @@ class _Conversation:
         self.turns = turns
         self.replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.ready = asyncio.Event()
-        self.current: TurnResult | None = None
-        self.sent_at = 0.0
-        self.awaiting_first_token = False
+        self.tracker = TurnTracker(user, outcome)
         self.limit_reached = False
 
     async def _send(self, message: dict[str, Any]) -> None:
@@ -152,18 +150,15 @@ class _Conversation:
             if kind == "ready":
                 self.ready.set()
             elif kind == "accepted":
-                self.outcome.accepted_event_ids.append(str(message.get("event_id", "")))
-                if self.current is not None and not self.current.event_id:
-                    self.current.event_id = str(message.get("event_id", ""))
-                    self.awaiting_first_token = True
+                self.tracker.accepted(str(message.get("event_id", "")))
             elif kind == "delta":
-                if self.awaiting_first_token and self.current is not None:
-                    self.current.ttft_s = time.perf_counter() - self.sent_at
-                    self.awaiting_first_token = False
+                self.tracker.delta()
             elif kind == "readout":
-                self.outcome.readouts += 1
+                self.tracker.readout()
             elif kind == "message":
-                self._message(message)
+                turn_id, text = str(message.get("turn_id", "")), str(message.get("text", ""))
+                if self.tracker.message(turn_id, text, bool(message.get("unprompted"))):
+                    self.replies.put_nowait(message)
             elif kind == "limit":
                 self.limit_reached = True
             # Dropped frames (429) are the gateway's flow control, not a failed session.
@@ -171,20 +166,6 @@ class _Conversation:
                 self.outcome.errors.append(f"Converse: {message.get('error')}: {message.get('detail')}")
                 if not self.ready.is_set():
                     raise GatewayCallFailed(f"Converse: {message.get('error')}: {message.get('detail')}")
-
-    def _message(self, message: dict[str, Any]) -> None:
-        turn_id, text = str(message.get("turn_id", "")), str(message.get("text", ""))
-        self.outcome.assistant_turn_ids.append(turn_id)
-        quality, state = self.user.hear(text)
-        if message.get("unprompted"):
-            self.outcome.unprompted_turn_ids.append(turn_id)
-            return
-        if self.current is not None:
-            self.current.turn_id, self.current.reply = turn_id, text
-            self.current.reply_s = time.perf_counter() - self.sent_at
-            self.current.quality, self.current.valence_after = quality.score, state.valence
-            self.current.arousal_after = state.arousal
-        self.replies.put_nowait(message)
 
     async def _wait(self, what: asyncio.Future[Any], reader: asyncio.Task[None], wait_s: float, name: str) -> None:
         done, _ = await asyncio.wait({what, reader}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
@@ -209,13 +190,8 @@ class _Conversation:
                     break
                 if turn:
                     await asyncio.sleep(self.settings.seconds_between_turns)
-                self.current = TurnResult(self.user.message(turn))
-                self.outcome.turns.append(self.current)
-                self.sent_at = time.perf_counter()
-                client_time = int(time.time() * 1000)
-                await self._send(
-                    {"type": "user_message", "text": self.current.user_text, "client_time_ms": client_time}
-                )
+                text = self.tracker.start_turn(turn)
+                await self._send({"type": "user_message", "text": text, "client_time_ms": int(time.time() * 1000)})
                 reply = asyncio.ensure_future(self.replies.get())
                 await self._wait(reply, reader, self.settings.reply_timeout_s, "complete reply")
             await asyncio.sleep(self.settings.linger_s)

@@ -128,6 +128,53 @@ def _state(user: SimulatedUser, which: str) -> dict[str, float]:
     return {"valence": state.valence, "arousal": state.arousal, "dominance": state.dominance}
 
 
+class TurnTracker:
+    """A conversation's turn bookkeeping, whatever carries it (gRPC here, the gateway's WebSocket in
+    :mod:`~emili_pipeline.simulator.gateway_participant`): each server event updates the outcome and the turn in
+    progress, with first-token and whole-reply times measured from when its message was sent."""
+
+    def __init__(self, user: SimulatedUser, outcome: SessionOutcome) -> None:
+        self.user, self.outcome = user, outcome
+        self.current: TurnResult | None = None
+        self.sent_at = 0.0
+        self.awaiting_first_token = False
+
+    def start_turn(self, turn: int) -> str:
+        """The user's ``turn``-th message, now being sent."""
+        self.current = TurnResult(self.user.message(turn))
+        self.outcome.turns.append(self.current)
+        self.sent_at = time.perf_counter()
+        return self.current.user_text
+
+    def accepted(self, event_id: str) -> None:
+        self.outcome.accepted_event_ids.append(event_id)
+        if self.current is not None and not self.current.event_id:
+            self.current.event_id = event_id
+            self.awaiting_first_token = True  # The next reply's tokens answer this message.
+
+    def delta(self) -> None:
+        if self.awaiting_first_token and self.current is not None:
+            self.current.ttft_s = time.perf_counter() - self.sent_at
+            self.awaiting_first_token = False
+
+    def readout(self) -> None:
+        self.outcome.readouts += 1
+
+    def message(self, turn_id: str, text: str, unprompted: bool) -> bool:
+        """A complete assistant message, which the user hears; True when it answers the turn in progress."""
+        self.outcome.assistant_turn_ids.append(turn_id)
+        quality, state = self.user.hear(text)
+        if unprompted:
+            self.outcome.unprompted_turn_ids.append(turn_id)
+            return False
+        if self.current is not None:
+            self.current.turn_id, self.current.reply = turn_id, text
+            self.current.reply_s = time.perf_counter() - self.sent_at
+            self.current.quality, self.current.valence_after = quality.score, state.valence
+            self.current.arousal_after = state.arousal
+        return True
+
+
 class _Conversation:
     """One Converse stream: a face loop, a reader of the server's events, and the turn driver."""
 
@@ -144,9 +191,7 @@ class _Conversation:
         self.metadata = metadata
         self.outbox: asyncio.Queue[chat_pb2.ConverseRequest | None] = asyncio.Queue()
         self.replies: asyncio.Queue[chat_pb2.AssistantMessage] = asyncio.Queue()
-        self.current: TurnResult | None = None
-        self.sent_at = 0.0
-        self.awaiting_first_token = False
+        self.tracker = TurnTracker(user, outcome)
 
     async def _requests(self) -> AsyncIterator[chat_pb2.ConverseRequest]:
         yield chat_pb2.ConverseRequest(session_id=self.outcome.session_id)
@@ -180,29 +225,15 @@ class _Conversation:
         async for response in call:
             kind = response.WhichOneof("event")
             if kind == "accepted":
-                self.outcome.accepted_event_ids.append(response.accepted.event_id)
-                if self.current is not None and not self.current.event_id:
-                    self.current.event_id = response.accepted.event_id
-                    self.awaiting_first_token = True  # The next reply's tokens answer this message.
+                self.tracker.accepted(response.accepted.event_id)
             elif kind == "delta":
-                if self.awaiting_first_token and self.current is not None:
-                    self.current.ttft_s = time.perf_counter() - self.sent_at
-                    self.awaiting_first_token = False
+                self.tracker.delta()
             elif kind == "readout":
-                self.outcome.readouts += 1
+                self.tracker.readout()
             elif kind == "message":
                 message = response.message
-                self.outcome.assistant_turn_ids.append(message.turn_id)
-                quality, state = self.user.hear(message.text)
-                if message.unprompted:
-                    self.outcome.unprompted_turn_ids.append(message.turn_id)
-                    continue
-                if self.current is not None:
-                    self.current.turn_id, self.current.reply = message.turn_id, message.text
-                    self.current.reply_s = time.perf_counter() - self.sent_at
-                    self.current.quality, self.current.valence_after = quality.score, state.valence
-                    self.current.arousal_after = state.arousal
-                await self.replies.put(message)
+                if self.tracker.message(message.turn_id, message.text, message.unprompted):
+                    await self.replies.put(message)
 
     async def _next_reply(self, reader: asyncio.Task[None]) -> None:
         waiter = asyncio.ensure_future(self.replies.get())
@@ -227,14 +258,10 @@ class _Conversation:
             for turn in range(self.settings.turns):
                 if turn:
                     await asyncio.sleep(self.settings.seconds_between_turns)
-                self.current = TurnResult(self.user.message(turn))
-                self.outcome.turns.append(self.current)
-                self.sent_at = time.perf_counter()
+                text = self.tracker.start_turn(turn)
                 await self.outbox.put(
                     chat_pb2.ConverseRequest(
-                        user_message=chat_pb2.UserMessage(
-                            text=self.current.user_text, client_time_ms=int(time.time() * 1000)
-                        )
+                        user_message=chat_pb2.UserMessage(text=text, client_time_ms=int(time.time() * 1000))
                     )
                 )
                 await self._next_reply(reader)
