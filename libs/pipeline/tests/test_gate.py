@@ -11,6 +11,7 @@ import pytest
 from emili_pipeline.gate import Evidence, GateCheck, GatePolicy, judge, load_policy
 
 CONTEXTS = 200
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def policy(*checks: GateCheck) -> GatePolicy:
@@ -99,3 +100,23 @@ def test_evidence_round_trips_through_json_and_malformed_entries_name_their_metr
     }
     with pytest.raises(ValueError, match="reply_words"):
         evidence_from_json({"reply_words": {"baseline": [1.0]}})
+
+
+def test_the_canary_demos_gate_lets_a_tie_through_and_the_simulation_gate_does_not() -> None:
+    """The canary demo's gate exists so that a demo-sized candidate reaches the canary: a candidate no better and no
+    worse passes it, while the simulation gate, which wants a gain, rejects the same evidence; a clear loss fails both.
+    """
+    demo, simulation = load_policy(CONFIGS / "gate-demo-canary.yaml"), load_policy(CONFIGS / "gate-simulation.yaml")
+    assert "FOR A DEMO OF THE CANARY PATH ONLY" in (CONFIGS / "gate-demo-canary.yaml").read_text()
+    rng = np.random.default_rng(3)
+    sessions = list(rng.normal(0.0, 0.03, 12))
+    replies = [float(w) for w in rng.integers(20, 60, 16)]
+    tie = {
+        "delta_v": Evidence(candidate=[v + 0.002 for v in sessions], baseline=sessions),
+        "reply_words": Evidence(candidate=replies),
+    }
+    assert judge(demo, tie).passed
+    verdict = judge(simulation, tie)
+    assert not verdict.passed and "delta_v_gain" in {c.name for c in verdict.checks if not c.passed}
+    loss = tie | {"delta_v": Evidence(candidate=[v - 0.3 for v in sessions], baseline=sessions)}
+    assert not judge(demo, loss).passed

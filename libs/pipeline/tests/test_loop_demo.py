@@ -61,8 +61,9 @@ async def test_no_demo_study_where_the_gateway_cannot_record_sessions_synthetic(
     assert fake.studies == [] and fake.invites == []
 
 
-def test_the_demo_policy_is_a_small_enabled_one_and_its_copy_names_the_study(tmp_path: Path) -> None:
-    policy = load_policy(DEMO_POLICY)
+@pytest.mark.parametrize("path", [DEMO_POLICY, DEMO_POLICY.with_name("loop-demo-canary-policy.yaml")])
+def test_the_demo_policy_is_a_small_enabled_one_and_its_copy_names_the_study(path: Path, tmp_path: Path) -> None:
+    policy = load_policy(path)
     assert policy.enabled and policy.include_synthetic and policy.min_new_sessions <= 10
     assert policy.study_id == "" and policy.gate.is_file() and policy.pipeline.is_file()
     copy = load_loop_policy(write_runtime_policy(policy, "st-1", tmp_path / "run" / "policy.yaml"))
@@ -84,7 +85,7 @@ def test_the_decision_is_the_first_closing_event_since_the_start() -> None:
     assert decision_after(LoopState(), 0) is None
 
 
-@pytest.mark.parametrize("path", [DEMO_POLICY])
+@pytest.mark.parametrize("path", [DEMO_POLICY, DEMO_POLICY.with_name("loop-demo-canary-policy.yaml")])
 def test_the_shipped_demo_policy_says_it_is_a_demo(path: Path) -> None:
     assert "FOR A DEMO, NOT AN EXPERIMENT" in path.read_text()
     assert isinstance(load_loop_policy(path), LoopPolicy)
