@@ -57,9 +57,8 @@ class Gateway:
 def gateway(redis_url: str, s3_settings: S3Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     artifacts = tmp_path_factory.mktemp("chat")
     with chat_and_fer(redis_url, s3_settings, artifacts, ScriptedBackend(REPLY)) as servers:
-        settings = GatewaySettings(
-            env="test", redis_url=redis_url, s3=s3_settings, auth=AuthSettings(secret=TEST_SECRET)
-        )  # type: ignore[arg-type]
+        auth = AuthSettings(secret=TEST_SECRET)  # type: ignore[arg-type]
+        settings = GatewaySettings(env="test", redis_url=redis_url, s3=s3_settings, auth=auth)
         base = settings.gateway
         options = base.model_copy(
             update={

@@ -128,7 +128,9 @@ def test_the_policy_names_the_study_sessions_come_from(empty_store: ObjectStore)
 def test_study_sessions_follow_the_gateways_studies_prefix(
     empty_store: ObjectStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from emili_core.settings import service_settings_classes
     from emili_pipeline.loop_cli import LoopSettings, gateway_studies_prefix
+    from emili_session.loop_records import STUDIES_PREFIX
 
     record(empty_store, "mine", synthetic=True)
     empty_store.put_json(Bucket.SESSIONS, "trial-2/st-mine/sessions/mine.json", {"study_id": "st-mine"})
@@ -136,11 +138,16 @@ def test_study_sessions_follow_the_gateways_studies_prefix(
     assert moved.eligible_sessions(include_synthetic=True) == ["mine"]
     default = SystemActions(empty_store, None, CONFIGS / "loop.yaml", study_id="st-mine")
     assert default.eligible_sessions(include_synthetic=True) == []
-    # The loop takes the gateway's own setting (installed here), unless told otherwise.
-    monkeypatch.setenv("EMILI_GATEWAY__STUDIES__PREFIX", "trial-2")
-    assert gateway_studies_prefix(LoopSettings()) == "trial-2"
     monkeypatch.setenv("EMILI_LOOP_GATEWAY_STUDIES_PREFIX", "trial-3")
     assert gateway_studies_prefix(LoopSettings()) == "trial-3"
+    monkeypatch.setenv("EMILI_LOOP_GATEWAY_STUDIES_PREFIX", "trial/")  # Would match no session: refused at start.
+    with pytest.raises(ValueError, match="loop_gateway_studies_prefix"):
+        LoopSettings()
+    monkeypatch.delenv("EMILI_LOOP_GATEWAY_STUDIES_PREFIX")
+    # Unset, the loop takes the gateway's own setting where the gateway is installed (the local stack).
+    monkeypatch.setenv("EMILI_GATEWAY__STUDIES__PREFIX", "trial-2")
+    expected = "trial-2" if "gateway" in service_settings_classes() else STUDIES_PREFIX
+    assert gateway_studies_prefix(LoopSettings()) == expected
 
 
 def test_a_pipeline_starts_once(actions: SystemActions, store: ObjectStore, isolated_redis_url: str) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from pydantic import Field
 from rich.console import Console
 
 from emili_core.settings import REPO_ROOT, CommonSettings, load_settings
@@ -52,7 +53,7 @@ class LoopSettings(CommonSettings):
     loop_trainer_target: str = ""
     # The gateway's ``studies.prefix`` (where it keeps each study's sessions); empty: from the gateway's own settings
     # when it is installed (the local stack), else the gateway's default.
-    loop_gateway_studies_prefix: str = ""
+    loop_gateway_studies_prefix: str = Field("", pattern=r"^([a-z0-9][a-z0-9_-]{0,40})?$")
     # Rewritten after every tick, failed or not; `emili loop live` (the liveness probe) reads its age.
     loop_heartbeat_file: Path = Path(tempfile.gettempdir()) / "emili-loop.heartbeat"
 
@@ -333,7 +334,7 @@ def demo(
     at_once: Annotated[
         int, typer.Option(min=1, max=8, help="Simulated participants at a time (1 while training).")
     ] = 2,
-    minutes: Annotated[float, typer.Option(min=1, help="Give up after this long without a decision.")] = 40.0,
+    minutes: Annotated[float, typer.Option(min=1, help="Give up after this long without a decision.")] = 60.0,
     seed: Annotated[int, typer.Option(help="Seeds the participants (personas, states, faces).")] = 0,
     faces: Annotated[
         str, typer.Option(help="Face images for the camera (class folders or NPZ), auto (../shared if there) or none.")
@@ -394,7 +395,9 @@ def demo(
                 out.print(
                     f"demo study {study.study_id} ({'reused' if study.reused else 'created'}), SIMULATED participants"
                 )
-            path = write_runtime_policy(demo_policy, study.study_id if study else "", settings.loop_policy)
+            path = write_runtime_policy(
+                demo_policy, study.study_id if study else "", settings.loop_policy, source=policy.resolve()
+            )
             _restart_loop_process(settings)
             out.print(
                 f"loop policy {path}: a tick every {demo_policy.interval_s:g} s, {demo_policy.min_new_sessions} new "

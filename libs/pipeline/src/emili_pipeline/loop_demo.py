@@ -122,11 +122,13 @@ async def ensure_demo_study(http: httpx.AsyncClient, production: str) -> DemoStu
     return DemoStudy(study_id, made.json()["invites"][0]["code"], reused)
 
 
-def write_runtime_policy(policy: LoopPolicy, study_id: str, target: Path) -> Path:
-    """The policy the loop process runs: ``policy`` (paths already absolute) with the demo study's id."""
+def write_runtime_policy(policy: LoopPolicy, study_id: str, target: Path, source: Path | None = None) -> Path:
+    """The policy the loop process runs: ``policy`` (paths already absolute, read from ``source``) with the demo
+    study's id."""
     data = policy.model_copy(update={"study_id": study_id}).model_dump(mode="json")
     target.parent.mkdir(parents=True, exist_ok=True)
-    header = "# Written by `emili loop demo` from libs/pipeline/configs/loop-demo-policy.yaml: edit that one.\n"
+    origin = f" from {source}: edit that one" if source is not None else ""
+    header = f"# Written by `emili loop demo`{origin}.\n"
     target.write_text(header + yaml.safe_dump({"loop": data}, sort_keys=False))
     return target
 
