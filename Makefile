@@ -69,7 +69,7 @@ demo: up  ## The main job: simulated users, then label, SFT, DPO and evaluate on
 LOOP_DEMO_ENV := EMILI_LOOP_POLICY=$(CURDIR)/var/run/loop-demo-policy.yaml EMILI_GATEWAY__CANARY__MAX_SESSIONS=5 \
 	EMILI_GATEWAY__CANARY__INTERVAL_S=10
 
-loop-demo: setup  ## The automatic loop from base to a decision, driven by SIMULATED participants through the gateway (~30 min; LOOP_DEMO_ARGS).
+loop-demo: setup  ## The automatic loop from base to a decision, driven by SIMULATED participants through the gateway (25-45 min; LOOP_DEMO_ARGS).
 	@if [ -x $(EMILI) ]; then $(EMILI) stack down; fi
 	$(LOOP_DEMO_ENV) $(EMILI) stack up
 	$(LOOP_DEMO_ENV) $(EMILI) loop demo $(LOOP_DEMO_ARGS)
