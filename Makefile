@@ -71,6 +71,9 @@ LOOP_DEMO_ENV := EMILI_LOOP_POLICY=$(CURDIR)/var/run/loop-demo-policy.yaml EMILI
 
 loop-demo: setup  ## The automatic loop from base to a decision, driven by SIMULATED participants through the gateway (25-45 min; LOOP_DEMO_ARGS).
 	@if [ -x $(EMILI) ]; then $(EMILI) stack down; fi
+	@# No loop process until the demo has written the copy of the policy it was given: a copy left by an earlier
+	@# demo (another policy or study) would act first.
+	rm -f var/run/loop-demo-policy.yaml
 	$(LOOP_DEMO_ENV) $(EMILI) stack up
 	$(LOOP_DEMO_ENV) $(EMILI) loop demo $(LOOP_DEMO_ARGS)
 
