@@ -153,6 +153,19 @@ def test_long_prompts_lose_their_oldest_turns(tokenizer: PreTrainedTokenizerBase
     assert len(kept) < len(prompt)
 
 
+def test_pairs_whose_prompt_leaves_no_room_for_the_reply_are_named(tokenizer: PreTrainedTokenizerBase) -> None:
+    def pair(system_words: int) -> dict[str, Any]:
+        prompt = [{"role": "system", "content": "rule " * system_words}, {"role": "user", "content": "hello"}]
+        return {"id": f"p{system_words}", "prompt": prompt, "chosen": "a kind reply", "rejected": "go away"}
+
+    # A system prompt longer than max_length: no trimming of old turns can make room, so the pair is left out...
+    dataset, _, stats = dpo_dataset(tokenizer, [pair(5), pair(400)], epochs=1, max_prompt_length=48, max_length=96)
+    assert len(dataset) == 1 and stats == {"pairs": 1, "draws": 0, "too_long": 1}
+    # ...and with none left the error names the limit to raise, instead of TRL's silent drop and torch's error.
+    with pytest.raises(FailedPrecondition, match=r"none of the 2 DPO pairs fits the recipe's train.max_length=96"):
+        dpo_dataset(tokenizer, [pair(300), pair(400)], epochs=1, max_prompt_length=48, max_length=96)
+
+
 def test_cancellation_stops_after_the_current_step(
     tokenizer: PreTrainedTokenizerBase,
     conversation: list[dict[str, Any]],

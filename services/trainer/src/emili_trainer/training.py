@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,24 +168,32 @@ def sft_dataset(
     return Dataset.from_dict(rows), stats
 
 
+def _prompt_tokens(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> int:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    return len(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+
+
 def _trim_prompt(tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, str]], limit: int) -> list[dict[str, str]]:
     """Drop the oldest turns (keeping a leading system prompt) until the prompt fits ``limit`` tokens."""
-
-    def length(messages: list[dict[str, str]]) -> int:
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        return len(ids["input_ids"] if isinstance(ids, Mapping) else ids)
-
     head = prompt[:1] if prompt and prompt[0]["role"] == "system" else []
     tail = prompt[len(head) :]
-    while len(tail) > 1 and length(head + tail) > limit:
+    while len(tail) > 1 and _prompt_tokens(tokenizer, head + tail) > limit:
         tail = tail[1:]
     return head + tail
 
 
 def dpo_dataset(
-    tokenizer: PreTrainedTokenizerBase, records: Sequence[Mapping[str, Any]], epochs: int, max_prompt_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Mapping[str, Any]],
+    epochs: int,
+    max_prompt_length: int,
+    max_length: int | None = None,
 ) -> tuple[Dataset, int, dict[str, int]]:
     """TRL's conversational preference rows, and how many passes to make over them.
+
+    A pair whose prompt, even trimmed to its system prompt and last user turn, leaves no token of ``max_length``
+    for the reply is left out (TRL would drop it silently, and with none left fail with an unrelated error); when
+    no pair is left, FailedPrecondition says which limit to raise.
 
     EmPO's pairs carry the epoch of their rejected draw: the dataset holds one fresh draw per epoch, so the
     trainer makes ONE pass over the draws of epochs 0..E-1 (each dialogue is seen E times, each time with a
@@ -200,16 +208,29 @@ def dpo_dataset(
             )
         records = [r for r in records if int(r["epoch"]) in draws[:epochs]]
     rows: dict[str, list[Any]] = {"prompt": [], "chosen": [], "rejected": []}
+    too_long: list[int] = []
     for record in records:
         prompt = record.get("prompt")
         if not isinstance(prompt, list) or not prompt or prompt[-1].get("role") != "user":
             raise InvalidInput(f"DPO record {record.get('id')!r}: the prompt must be messages ending with a user turn")
         messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
-        rows["prompt"].append(_trim_prompt(tokenizer, messages, max_prompt_length))
+        trimmed = _trim_prompt(tokenizer, messages, max_prompt_length)
+        if max_length is not None and (tokens := _prompt_tokens(tokenizer, trimmed)) >= max_length:
+            too_long.append(tokens)
+            continue
+        rows["prompt"].append(trimmed)
         rows["chosen"].append([{"role": "assistant", "content": str(record["chosen"])}])
         rows["rejected"].append([{"role": "assistant", "content": str(record["rejected"])}])
+    if too_long and not rows["prompt"]:
+        span = f"{min(too_long)}" if min(too_long) == max(too_long) else f"{min(too_long)}-{max(too_long)}"
+        raise FailedPrecondition(
+            f"none of the {len(too_long)} DPO pairs fits the recipe's train.max_length={max_length}: their prompts, "
+            f"trimmed to the system prompt and last user turn, take {span} tokens and leave no room for the reply; "
+            "raise train.max_length (and dpo.max_prompt_length below it)"
+        )
     passes = 1 if draws else epochs
-    return Dataset.from_dict(rows), passes, {"pairs": len(rows["prompt"]), "draws": len(draws[:epochs]) or 0}
+    stats = {"pairs": len(rows["prompt"]), "draws": len(draws[:epochs]) or 0, "too_long": len(too_long)}
+    return Dataset.from_dict(rows), passes, stats
 
 
 # --- callbacks -------------------------------------------------------------------------------------------------
@@ -379,7 +400,9 @@ def train_dpo(
     """
     assert recipe.dpo is not None  # The recipe validator guarantees it for kind "dpo".
     device = pick_device(recipe)
-    dataset, passes, stats = dpo_dataset(tokenizer, records, recipe.train.epochs, recipe.dpo.max_prompt_length)
+    dataset, passes, stats = dpo_dataset(
+        tokenizer, records, recipe.train.epochs, recipe.dpo.max_prompt_length, recipe.train.max_length
+    )
     args = DPOConfig(
         **_common_args(recipe, output_dir, device, passes),
         beta=recipe.dpo.beta,
@@ -399,6 +422,12 @@ def train_dpo(
         peft_config=peft_config,
         callbacks=[*callbacks, stopper],
     )
+    prepared = trainer.train_dataset
+    if isinstance(prepared, Sized) and len(prepared) == 0:  # TRL dropped every pair itself: say so, not torch.
+        raise FailedPrecondition(
+            f"TRL left none of the {stats['pairs']} DPO pairs after truncating to train.max_length="
+            f"{recipe.train.max_length}: raise train.max_length"
+        )
     result = _run(trainer, resume_from, stopper, output_dir, stats["pairs"])
     result.details = {**stats, "passes": passes}
     return result
