@@ -30,6 +30,7 @@ from emili_pipeline.study_sim import (
     decision_summary,
     difference,
     interval,
+    pooled_difference,
     render_markdown,
     session_items,
     write_report,
@@ -143,6 +144,21 @@ def test_interval_and_difference() -> None:
     d = difference([1.0, 1.1, 0.9, 1.0], [0.0, 0.1, -0.1, 0.0])
     assert d["difference"] == pytest.approx(1.0) and d["ci95"][0] > 0.8
     assert difference([], [1.0])["ci95"] is None
+
+
+def test_pooled_difference_averages_iterations_and_resamples_within_each() -> None:
+    assert pooled_difference([])["ci95"] is None and pooled_difference([([], [1.0])])["iterations"] == 0
+    one = pooled_difference([([1.0, 1.1, 0.9, 1.0], [0.0, 0.1, -0.1, 0.0])])
+    assert one["difference"] == pytest.approx(1.0) and one["iterations"] == 1 and one["ci95"][0] > 0.8
+    # A gain of 0.4 in one iteration and none in the other pool to 0.2, whatever the arms' sizes.
+    rng = np.random.default_rng(0)
+    noisy = [list(rng.normal(0.0, 0.1, 30)) for _ in range(4)]
+    pooled = pooled_difference([([v + 0.4 for v in noisy[0]], noisy[1]), (noisy[2][:10], noisy[3])])
+    assert pooled["difference"] == pytest.approx(
+        (np.mean(noisy[0]) + 0.4 - np.mean(noisy[1]) + np.mean(noisy[2][:10]) - np.mean(noisy[3])) / 2, abs=1e-4
+    )
+    assert pooled["n_candidate"] == 40 and pooled["ci95"][0] < pooled["difference"] < pooled["ci95"][1]
+    assert pooled["ci95"][1] - pooled["ci95"][0] < 0.2
 
 
 def test_compare_arms_has_every_metric() -> None:
@@ -338,24 +354,35 @@ class _NotFoundStore(_Store):
         return self.objects[(bucket, key)]
 
 
-def test_run_study_promotes_a_real_gain_and_nothing_under_noise(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+@dataclass
+class _FakeStudyStack:
+    """Fake users, pipelines and storage around the real Loop; they outlive a study run, as the stack does."""
+
+    stack: Any
+    recorded: list[str] = field(default_factory=list)
+    pipelines: dict[str, int] = field(default_factory=dict)  # Pipelines started per condition ("f", "n").
+    collected: int = 0  # Users who talked to the production arm to be recorded (role "collect").
+    interrupt_once: bool = False  # The next pipeline_outcome raises KeyboardInterrupt, as a stopped study would.
+
+
+@pytest.fixture
+def fake_study(monkeypatch: pytest.MonkeyPatch) -> _FakeStudyStack:
     import emili_pipeline.loop_actions as loop_actions
     import emili_pipeline.simulator as simulator
     from emili_pipeline.simulator.run import SessionOutcome, TurnResult
-    from emili_pipeline.study_sim import Stack, StudyOptions, run_study
+    from emili_pipeline.study_sim import Stack
 
-    recorded: list[str] = []
+    fake = _FakeStudyStack(Stack(store=_NotFoundStore(), celery=None, chat_target="chat", token_for=lambda s: "t"))
 
     async def users(n: int, concurrency: int, target: str, personas: Any, settings: Any, seed: int, **_: Any) -> Any:
         # Trained versions of the feedback condition lift valence by 0.3; everything else changes nothing.
         gain = 0.3 if settings.model_arm.startswith("v") and settings.feedback == "state" else 0.0
+        fake.collected += n if "collect" in settings.subject_prefix else 0
         rng = np.random.default_rng(seed)
         outcomes = []
         for _ in range(n):
-            outcome = SessionOutcome("p", seed, session_id=f"s{len(recorded)}")
-            recorded.append(outcome.session_id)
+            outcome = SessionOutcome("p", seed, session_id=f"s{len(fake.recorded)}")
+            fake.recorded.append(outcome.session_id)
             outcome.start_state = {"valence": -0.5}
             outcome.end_state = {"valence": -0.5 + gain + float(rng.normal(0.0, 0.05))}
             outcome.ratings = {"empathy": 4, "relevance": 3, "fluency": 4}
@@ -365,33 +392,46 @@ def test_run_study_promotes_a_real_gain_and_nothing_under_noise(
 
     class System:
         def __init__(self, store: Any, celery: Any, path: Path, fetch_recipe: Any = None) -> None:
-            self.noise = "noise" in path.name
-            self.started = 0
+            self.kind = "n" if "noise" in path.name else "f"
 
         def eligible_sessions(self, include_synthetic: bool) -> list[str]:
-            return list(recorded)
+            return list(fake.recorded)
 
         def start_pipeline(self, session_ids: Any, baseline: str) -> str:
-            self.started += 1
-            return f"pl-{self.started}"
+            fake.pipelines[self.kind] = fake.pipelines.get(self.kind, 0) + 1
+            return f"pl-{fake.pipelines[self.kind]}{self.kind}"
 
         def pipeline_outcome(self, pipeline_id: str) -> Any:
+            if fake.interrupt_once:
+                fake.interrupt_once = False
+                raise KeyboardInterrupt
             base = [0.0, 0.05, -0.05, 0.02, -0.02]
-            gain = 0.0 if self.noise else 0.3
+            gain = 0.0 if self.kind == "n" else 0.3
             evidence = {
                 "delta_v": Evidence([v + gain for v in base], base),
                 "diff_epitome_mean": Evidence([0.3] * 5, [0.3] * 5, paired=True),
                 "reply_words": Evidence([20.0] * 5, [20.0] * 5, paired=True),
                 "negative_reaction": Evidence([0.0] * 10, [0.0] * 10),
             }
-            return "done", f"v{self.started}{'n' if self.noise else 'f'}", evidence
+            return "done", f"v{pipeline_id.removeprefix('pl-')}", evidence
 
     monkeypatch.setattr(simulator, "run_users", users)
     monkeypatch.setattr(loop_actions, "SystemActions", System)
-    monkeypatch.setattr(loop_actions, "eligible_session_ids", lambda store, include_synthetic: list(recorded))
-    stack = Stack(store=_NotFoundStore(), celery=None, chat_target="chat", token_for=lambda subject: "token")
-    options = StudyOptions(iterations=2, sessions=3, eval_users=5, canary_min_sessions=5, out=tmp_path, poll_s=0.0)
-    report = run_study(stack, options)
+    monkeypatch.setattr(loop_actions, "eligible_session_ids", lambda store, include_synthetic: list(fake.recorded))
+    return fake
+
+
+def _options(out: Path, iterations: int, **changes: Any) -> Any:
+    from emili_pipeline.study_sim import StudyOptions
+
+    settings = {"sessions": 3, "eval_users": 5, "canary_min_sessions": 5, "out": out, "poll_s": 0.0, **changes}
+    return StudyOptions(iterations=iterations, **settings)
+
+
+def test_run_study_promotes_a_real_gain_and_nothing_under_noise(fake_study: _FakeStudyStack, tmp_path: Path) -> None:
+    from emili_pipeline.study_sim import run_study
+
+    report = run_study(fake_study.stack, _options(tmp_path, 2))
 
     feedback, noise = report["decisions"]["feedback"], report["decisions"]["noise"]
     # Iteration 2's candidate is no better than the promoted v1f: its canary rolls it back.
@@ -402,4 +442,40 @@ def test_run_study_promotes_a_real_gain_and_nothing_under_noise(
     assert first["sessions_used"] == 3 and first["canary"]["mode"].startswith("offline")
     assert first["evaluation"]["candidate_vs_base"]["delta_v"]["difference"]["ci95"][0] > 0
     assert report["conditions"]["feedback"][1]["sessions_used"] == 6  # The loop trains on every session so far.
+    pooled = report["pooled_candidate_vs_base"]
+    assert pooled["feedback"]["delta_v"]["iterations"] == 2 and pooled["feedback"]["delta_v"]["ci95"][0] > 0
+    assert pooled["noise"]["delta_v"]["ci95"][0] < 0 < pooled["noise"]["delta_v"]["ci95"][1]
     assert (tmp_path / "study.json").is_file() and "SYNTHETIC" in (tmp_path / "study.md").read_text()
+
+
+def test_a_resumed_study_carries_on_its_sessions_candidates_and_an_interrupted_iteration(
+    fake_study: _FakeStudyStack, tmp_path: Path
+) -> None:
+    from emili_pipeline.study_sim import run_study
+
+    first = run_study(fake_study.stack, _options(tmp_path, 1))
+    fake_study.interrupt_once = True  # Stopped in feedback iteration 2, after its users were collected.
+    with pytest.raises(KeyboardInterrupt):
+        run_study(fake_study.stack, _options(tmp_path, 2), resume=True)
+    collected = fake_study.collected
+    report = run_study(fake_study.stack, _options(tmp_path, 2), resume=True)
+
+    assert report["options"]["run_id"] == first["options"]["run_id"]
+    feedback = report["conditions"]["feedback"]
+    assert [it["iteration"] for it in feedback] == [1, 2] and len(report["conditions"]["noise"]) == 2
+    # The interrupted iteration went on from where its loop was, without collecting again; only noise collected.
+    assert feedback[1]["resumed"] is True and fake_study.collected == collected + 3
+    assert feedback[1]["sessions_used"] == 6  # Iteration 1's sessions were restored, not forgotten.
+    assert feedback[1]["production_before"] == "v1f" and feedback[1]["canary"]["outcome"] == "rolled_back"
+    assert fake_study.pipelines == {"f": 2, "n": 2}  # No second pipeline for the interrupted iteration.
+    assert report["wall_s"] >= first["wall_s"]
+
+
+def test_resume_refuses_other_options_or_no_study(fake_study: _FakeStudyStack, tmp_path: Path) -> None:
+    from emili_pipeline.study_sim import StudyResumeError, run_study
+
+    with pytest.raises(StudyResumeError, match="nothing to resume"):
+        run_study(fake_study.stack, _options(tmp_path, 1), resume=True)
+    run_study(fake_study.stack, _options(tmp_path, 1, conditions=("noise",)))
+    with pytest.raises(StudyResumeError, match="seed was 0, now 1"):
+        run_study(fake_study.stack, _options(tmp_path, 2, conditions=("noise",), seed=1), resume=True)

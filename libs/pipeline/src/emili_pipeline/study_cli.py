@@ -91,6 +91,13 @@ def simulate(
         int, typer.Option(min=1, help="Simulated users at a time (chat batches their replies).")
     ] = 4,
     target: Annotated[str | None, typer.Option(help="Chat server address (default from the chat settings).")] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Carry on the study in --out (same options; --iterations may grow), including an iteration it was "
+            "stopped in. Needs the stack's data it ran on (not after make clean)."
+        ),
+    ] = False,
 ) -> None:
     """The loop with SIMULATED users of known preferences: per iteration, users talk to the production arm, the loop
     trains, gates and canaries (offline) a candidate, and users talk to base and candidate; with faces showing the
@@ -102,7 +109,7 @@ def simulate(
     from emili_core.tasks import create_celery_app
     from emili_pipeline.cli import _chat_target, _fetch_recipe
     from emili_pipeline.settings import PipelineSettings
-    from emili_pipeline.study_sim import Stack, StudyOptions, render_markdown, run_study
+    from emili_pipeline.study_sim import Stack, StudyOptions, StudyResumeError, render_markdown, run_study
 
     settings = load_settings(PipelineSettings)
     configure_logging("pipeline", settings.log_level, settings.log_format)  # The loop's steps, as they happen.
@@ -146,6 +153,9 @@ def simulate(
             f"production {record.get('production_after')} ({time.perf_counter() - started:.0f} s)"
         )
 
-    report = run_study(stack, options, progress)
+    try:
+        report = run_study(stack, options, progress, resume=resume)
+    except StudyResumeError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--resume") from exc
     typer.echo(render_markdown(report))
     console.print(f"wrote {out / 'study.json'} and {out / 'study.md'}")

@@ -19,6 +19,11 @@ drive. Its phase is the comparison of step 3 against the production arm: promote
 gain over production is above 0 with 95% confidence and the rating shows no clear loss, else rolled back. Reports
 say so next to every canary outcome.
 
+A study on a 2-core CPU takes hours (about 40 minutes per iteration), so it can be stopped and carried on: the
+report is rewritten after every iteration, ``<out>/<condition>/progress.json`` keeps the condition's sessions and an
+iteration stopped after its collection, and the loop's own state is in the object store (``--resume``). Every
+iteration's per-session values are kept, so the report also pools the iterations' candidate-vs-base differences.
+
 The pure parts (intervals, decisions, the report) are at the top; what needs the local stack is below.
 """
 
@@ -129,6 +134,44 @@ def compare_arms(
     }
 
 
+POOLED_METRICS = ("delta_v", "rating", "reply_quality")
+
+
+def pooled_difference(pairs: Sequence[tuple[Sequence[float], Sequence[float]]], seed: int = 0) -> dict[str, Any]:
+    """Over iterations, the mean of mean(candidate) - mean(base), with a 95% stratified bootstrap interval (each
+    iteration's two arms resampled within that iteration): "does the loop's candidate beat base", from every
+    iteration's candidate at once. Iterations with an empty arm are left out."""
+    pairs = [(c, b) for c, b in pairs if len(c) and len(b)]
+    if not pairs:
+        return {"iterations": 0, "n_candidate": 0, "n_baseline": 0, "difference": None, "ci95": None}
+    rng = np.random.default_rng(seed)
+    draws = np.zeros(SAMPLES)
+    for candidate, baseline in pairs:
+        c, b = np.asarray(candidate, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+        draws += c[rng.integers(0, len(c), size=(SAMPLES, len(c)))].mean(axis=1)
+        draws -= b[rng.integers(0, len(b), size=(SAMPLES, len(b)))].mean(axis=1)
+    draws /= len(pairs)
+    tail = (1.0 - LEVEL) / 2.0
+    point = float(np.mean([np.mean(c) - np.mean(b) for c, b in pairs]))
+    return {
+        "iterations": len(pairs),
+        "n_candidate": sum(len(c) for c, _ in pairs),
+        "n_baseline": sum(len(b) for _, b in pairs),
+        "difference": round(point, 4),
+        "ci95": [round(float(np.quantile(draws, tail)), 4), round(float(np.quantile(draws, 1.0 - tail)), 4)],
+    }
+
+
+def pooled_comparison(iterations: Sequence[Mapping[str, Any]], seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per metric, every iteration's candidate against base pooled (:func:`pooled_difference`)."""
+    arms = [((it.get("evaluation") or {}).get("items") or {}) for it in iterations]
+    arms = [a for a in arms if "candidate" in a and "base" in a]
+    return {
+        m: pooled_difference([(a["candidate"].get(m, []), a["base"].get(m, [])) for a in arms], seed)
+        for m in POOLED_METRICS
+    }
+
+
 # Percentile bootstrap intervals on a handful of sessions are far too narrow (the first run saw a noise-trained
 # candidate "gain" on 6 users per arm): below this many sessions per arm the offline canary never promotes.
 MIN_CANARY_SESSIONS = 20
@@ -191,6 +234,7 @@ def build_report(
         "wall_s": round(wall_s, 1),
         "conditions": {name: list(its) for name, its in conditions.items()},
         "decisions": summary,
+        "pooled_candidate_vs_base": {name: pooled_comparison(its) for name, its in conditions.items()},
         # None until the noise condition has finished an iteration: "promoted nothing" needs something tried.
         "noise_promoted": None if noise is None or not noise["iterations"] else noise["promoted"] > 0,
     }
@@ -301,6 +345,26 @@ def _summary_table(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _pooled_table(report: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "### Candidate vs base, every iteration pooled (SYNTHETIC: simulated users)",
+        "",
+        "The mean over iterations of each candidate's difference from base on that iteration's users; 95% "
+        "stratified bootstrap (each iteration's arms resampled within it). Each iteration's candidate is another "
+        "model: this asks whether the loop's candidates beat base on average, not whether one of them does.",
+        "",
+        "| condition | metric | iterations | sessions per arm (all) | difference [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
+    for name, metrics in (report.get("pooled_candidate_vs_base") or {}).items():
+        for metric, d in metrics.items():
+            lines.append(
+                f"| {name} | {metric} | {d['iterations']} | {d['n_candidate']} | {_fmt(d['difference'])} "
+                f"{_ci(d['ci95'])} |"
+            )
+    return lines
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The report for people: what was simulated, decisions, Δv and ratings with intervals, gate checks."""
     options = report.get("options") or {}
@@ -326,6 +390,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         *_decisions_table(report),
         "",
         *_arms_table(report),
+        "",
+        *_pooled_table(report),
         "",
         *_gate_table(report),
         "",
@@ -501,8 +567,10 @@ class ConditionRun:
         from emili_pipeline.loop_actions import SystemActions
         from emili_pipeline.simulator import load_personas
 
-        self.stack, self.options, self.condition = stack, options, condition
+        self.stack, self.options, self.condition, self.run_id = stack, options, condition, run_id
         folder = options.out / condition
+        self.progress_path = folder / "progress.json"
+        self.pending: dict[str, Any] | None = None  # An iteration whose users have been collected, not yet finished.
         self.pipeline_path = condition_pipeline(options.pipeline, condition, folder)
         config = load_config(self.pipeline_path)
         self.simulator = config.simulator_settings(stack.base_simulator)
@@ -580,13 +648,39 @@ class ConditionRun:
 
     # One iteration ---------------------------------------------------------------------------------------------------
 
-    def run_iteration(self) -> dict[str, Any]:
-        from emili_core.errors import NotFound
-        from emili_core.objectstore import Bucket
-        from emili_pipeline.simulator import summarize
-        from emili_session.loop_records import gate_key
+    def _save_progress(self) -> None:
+        """What a resumed study needs beyond the report: the sessions this condition recorded (the loop learns from
+        them alone) and an iteration interrupted after its collection."""
+        import json
 
-        self.iteration += 1
+        progress = {"run_id": self.run_id, "allowed": sorted(self.actions.allowed), "pending": self.pending}
+        self.progress_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.progress_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(progress, indent=1, default=str) + "\n")
+        tmp.replace(self.progress_path)
+
+    def restore(self, completed: Sequence[Mapping[str, Any]]) -> None:
+        """Carry on a study stopped earlier: its finished iterations, its sessions, an iteration it was in the middle
+        of (resumed after its collection, where the loop's saved state is), and its canary decisions."""
+        import json
+
+        if not self.progress_path.is_file():
+            raise StudyResumeError(f"{self.progress_path} is missing: this folder holds no resumable study")
+        progress = json.loads(self.progress_path.read_text())
+        if progress.get("run_id") != self.run_id:
+            raise StudyResumeError(f"{self.progress_path} belongs to run {progress.get('run_id')}, not {self.run_id}")
+        self.actions.allowed = set(progress.get("allowed") or [])
+        self.pending = progress.get("pending")
+        self.iteration = len(completed)
+        for record in completed:
+            candidate, canary = record.get("candidate"), record.get("canary") or {}
+            if candidate and canary.get("outcome"):
+                self.canary.decisions[candidate] = canary
+
+    def _collect(self) -> dict[str, Any]:
+        """Simulated users talk to the production arm; their recorded sessions join the ones the loop may use."""
+        from emili_pipeline.simulator import summarize
+
         started = time.perf_counter()
         production = self.loop.baseline(self.loop.state())
         record: dict[str, Any] = {"iteration": self.iteration, "production_before": production, "errors": []}
@@ -597,8 +691,31 @@ class ConditionRun:
         record["collected"] = {k: summary[k] for k in ("ok", "failed", "wall_s", "mean_valence_change")}
         record["errors"] += summary["errors"][:10]
         recorded = self._wait_recorded([o.session_id for o in outcomes if o.ok])
+        record["collected"]["session_ids"] = recorded
         self.actions.allowed |= set(recorded)
-        history_from = len(self.loop.state().history)
+        record["history_from"] = len(self.loop.state().history)
+        record["collect_s"] = round(time.perf_counter() - started, 1)
+        return record
+
+    def run_iteration(self) -> dict[str, Any]:
+        from emili_core.errors import NotFound
+        from emili_core.objectstore import Bucket
+        from emili_session.loop_records import gate_key
+
+        started, resumed = time.perf_counter(), self.pending is not None
+        if self.pending is None:
+            self.iteration += 1
+            self.pending = self._collect()
+            self._save_progress()
+        else:
+            self.iteration = int(self.pending["iteration"])
+            log.info(
+                "study %s: %s iteration %d resumed after its collection", self.run_id, self.condition, self.iteration
+            )
+        record = dict(self.pending)
+        history_from = int(record.pop("history_from"))
+        collect_s = float(record.pop("collect_s", 0.0))
+        record["resumed"] = resumed
         deadline = time.monotonic() + self.options.iteration_timeout_s
         settled = {"gate failed", "gate passed; no study to run a canary in", "pipeline failed"}
         settled |= {"canary promoted", "canary rolled back"}
@@ -622,6 +739,7 @@ class ConditionRun:
         record["pipeline_id"] = state.pipeline_id if events else None
         candidate = state.candidate if any(e["event"] == "candidate trained" for e in events) else None
         record["candidate"] = candidate
+        production = record["production_before"]
         if candidate is not None:
             try:
                 gate = self.loop.store.get_json(Bucket.MODELS, gate_key(candidate))
@@ -634,6 +752,8 @@ class ConditionRun:
             record["evaluation"] = {
                 "arms": {"base": arm_intervals(base), "candidate": arm_intervals(cand)},
                 "candidate_vs_base": compare_arms(cand, base, seed=self.options.seed),
+                # Per-session values, so iterations can be pooled (see pooled_comparison).
+                "items": {"base": base, "candidate": cand},
             }
             if production != "base":
                 record["evaluation"]["candidate_vs_production"] = compare_arms(
@@ -642,7 +762,10 @@ class ConditionRun:
         record["errors"] += self.arm_errors
         self.arm_errors = []
         record["production_after"] = self.loop.baseline(state)
-        record["wall_s"] = round(time.perf_counter() - started, 1)
+        # A resumed iteration: its collection's time plus this run's (the time between the two runs is left out).
+        record["wall_s"] = round((collect_s if resumed else 0.0) + time.perf_counter() - started, 1)
+        self.pending = None
+        self._save_progress()
         return record
 
 
@@ -651,29 +774,78 @@ def arm_intervals(items: Mapping[str, Sequence[float]]) -> dict[str, dict[str, A
     return {m: interval(items.get(m, [])) for m in METRICS}
 
 
+# What a resumed study must share with the report it carries on (the number of iterations may grow).
+RESUME_MUST_MATCH: tuple[str, ...] = ("sessions_per_iteration", "eval_users_per_arm", "canary_min_sessions", "seed")
+RESUME_MUST_MATCH += ("conditions", "pipeline", "gate")
+
+
+class StudyResumeError(ValueError):
+    """The study in the output folder cannot be carried on with these options (the message says why)."""
+
+
+def _previous(options: StudyOptions) -> tuple[str, dict[str, list[dict[str, Any]]], float]:
+    """The run id, finished iterations and wall time of the study in ``options.out``, checked against ``options``."""
+    import json
+
+    path = options.out / "study.json"
+    if not path.is_file():
+        raise StudyResumeError(f"nothing to resume: {path} does not exist (start the study without --resume)")
+    report = json.loads(path.read_text())
+    before, now = report.get("options") or {}, options.to_json()
+    changed = [f"{k} was {before.get(k)!r}, now {now[k]!r}" for k in RESUME_MUST_MATCH if before.get(k) != now[k]]
+    if changed:
+        raise StudyResumeError(f"{path} was run with other options ({'; '.join(changed)}): resume with the same ones")
+    results: dict[str, list[dict[str, Any]]] = {
+        c: list(report.get("conditions", {}).get(c) or []) for c in options.conditions
+    }
+    return str(before["run_id"]), results, float(report.get("wall_s") or 0.0)
+
+
 def run_study(
     stack: Stack,
     options: StudyOptions,
     on_iteration: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Every condition's iterations, interleaved (iteration 1 of each condition, then 2, ...) so a study stopped
-    early has the same number of iterations per condition; the report is rewritten after each iteration."""
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    early has the same number of iterations per condition; the report is rewritten after each iteration.
+
+    ``resume``: carry on the study in ``options.out`` (same options; more iterations allowed) until every condition
+    has ``options.iterations``; its loop state, sessions and candidates are the object store's, so the local stack
+    must still hold them (``make clean`` removes them)."""
+    results: dict[str, list[dict[str, Any]]] = {c: [] for c in options.conditions}
+    run_id, wall_before = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), 0.0
+    if resume:
+        run_id, results, wall_before = _previous(options)
     started = time.perf_counter()
     runs = {c: ConditionRun(stack, options, c, run_id) for c in options.conditions}
-    results: dict[str, list[dict[str, Any]]] = {c: [] for c in options.conditions}
-    report = build_report({**options.to_json(), "run_id": run_id}, results, 0.0)
-    for _ in range(options.iterations):
+    for condition, run in runs.items():
+        if resume:
+            run.restore(results[condition])
+        else:
+            run._save_progress()
+
+    def report_now() -> dict[str, Any]:
+        return build_report(
+            {**options.to_json(), "run_id": run_id}, results, wall_before + time.perf_counter() - started
+        )
+
+    report = report_now()
+    while any(len(its) < options.iterations for its in results.values()):
         for condition, run in runs.items():
-            log.info("study %s: %s iteration %d", run_id, condition, run.iteration + 1)
+            if len(results[condition]) >= options.iterations:
+                continue
+            log.info("study %s: %s iteration %d", run_id, condition, len(results[condition]) + 1)
             try:
                 record = run.run_iteration()
             except Exception as exc:  # One broken iteration is reported, the others still run.
                 log.exception("study %s: %s iteration failed", run_id, condition)
+                run.pending = None
+                run._save_progress()
                 record = {"iteration": run.iteration, "errors": [f"{type(exc).__name__}: {exc}"], "wall_s": 0.0}
             record["condition"] = condition
             results[condition].append(record)
-            report = build_report({**options.to_json(), "run_id": run_id}, results, time.perf_counter() - started)
+            report = report_now()
             write_report(report, options.out)
             if on_iteration is not None:
                 on_iteration(record)
