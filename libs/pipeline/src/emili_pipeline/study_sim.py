@@ -350,16 +350,18 @@ def _pooled_table(report: Mapping[str, Any]) -> list[str]:
         "### Candidate vs base, every iteration pooled (SYNTHETIC: simulated users)",
         "",
         "The mean over iterations of each candidate's difference from base on that iteration's users; 95% "
-        "stratified bootstrap (each iteration's arms resampled within it). Each iteration's candidate is another "
-        "model: this asks whether the loop's candidates beat base on average, not whether one of them does.",
+        "stratified bootstrap (each iteration's arms resampled within it, independently although both arms meet the "
+        "same simulated users, so the interval is on the wide side). It is about these candidates: the interval "
+        "covers the users' variation, not what another run of the loop would train.",
         "",
-        "| condition | metric | iterations | sessions per arm (all) | difference [95% CI] |",
+        "| condition | metric | iterations | sessions, candidate / base (all) | difference [95% CI] |",
         "|---|---|---|---|---|",
     ]
     for name, metrics in (report.get("pooled_candidate_vs_base") or {}).items():
         for metric, d in metrics.items():
             lines.append(
-                f"| {name} | {metric} | {d['iterations']} | {d['n_candidate']} | {_fmt(d['difference'])} "
+                f"| {name} | {metric} | {d['iterations']} | {d['n_candidate']} / {d['n_baseline']} | "
+                f"{_fmt(d['difference'])} "
                 f"{_ci(d['ci95'])} |"
             )
     return lines
@@ -475,9 +477,11 @@ class OfflineCanary:
 
     compare: Callable[[str], dict[str, Any]]
     decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    on_decision: Callable[[], None] = lambda: None  # Keeps the decisions beyond this process (a resumed study).
 
     def start(self, candidate: str) -> None:
         self.decisions[candidate] = self.compare(candidate)
+        self.on_decision()
 
     def outcome(self, candidate: str) -> str:
         decision = self.decisions.get(candidate)
@@ -539,6 +543,7 @@ class StudyOptions:
             "conditions": "+".join(self.conditions),
             "pipeline": str(self.pipeline),
             "gate": str(self.gate),
+            "config_sha256": config_digest(self.pipeline, self.gate),
         }
 
 
@@ -552,6 +557,16 @@ class Stack:
     token_for: Callable[[str], str]
     fetch_recipe: Callable[[str], str] | None = None
     base_simulator: Any = None  # SimulatorSettings of the environment (TLS and the like).
+
+
+def config_digest(pipeline: Path, gate: Path) -> str:
+    """The pipeline, its recipe files and the gate, by content: a resumed study must train and judge as before."""
+    digest = hashlib.sha256()
+    data = yaml.safe_load(pipeline.read_text()) or {}
+    recipes = [v for v in (data.get("recipes") or {}).values() if isinstance(v, str) and v.endswith((".yaml", ".yml"))]
+    for path in (pipeline, gate, *(pipeline.resolve().parent / r for r in recipes)):
+        digest.update(path.read_bytes() if path.is_file() else b"(missing)")
+    return digest.hexdigest()[:16]
 
 
 def _seed(*parts: int) -> int:
@@ -578,7 +593,7 @@ class ConditionRun:
         self.iteration = 0
         self.arm_items: dict[tuple[int, str], dict[str, list[float]]] = {}
         self.arm_errors: list[str] = []
-        self.canary = OfflineCanary(self._canary_compare)
+        self.canary = OfflineCanary(self._canary_compare, on_decision=self._save_progress)
         system = SystemActions(stack.store, stack.celery, self.pipeline_path, fetch_recipe=stack.fetch_recipe)
         self.actions = StudyActions(system, self.canary)
         policy = LoopPolicy(
@@ -650,10 +665,16 @@ class ConditionRun:
 
     def _save_progress(self) -> None:
         """What a resumed study needs beyond the report: the sessions this condition recorded (the loop learns from
-        them alone) and an iteration interrupted after its collection."""
+        them alone), an iteration interrupted after its collection and the offline canary's decisions (the loop's
+        state says only that a canary settled)."""
         import json
 
-        progress = {"run_id": self.run_id, "allowed": sorted(self.actions.allowed), "pending": self.pending}
+        progress = {
+            "run_id": self.run_id,
+            "allowed": sorted(self.actions.allowed),
+            "pending": self.pending,
+            "canary_decisions": self.canary.decisions,
+        }
         self.progress_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.progress_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(progress, indent=1, default=str) + "\n")
@@ -670,12 +691,27 @@ class ConditionRun:
         if progress.get("run_id") != self.run_id:
             raise StudyResumeError(f"{self.progress_path} belongs to run {progress.get('run_id')}, not {self.run_id}")
         self.actions.allowed = set(progress.get("allowed") or [])
-        self.pending = progress.get("pending")
+        self.canary.decisions = dict(progress.get("canary_decisions") or {})
         self.iteration = len(completed)
-        for record in completed:
-            candidate, canary = record.get("candidate"), record.get("canary") or {}
-            if candidate and canary.get("outcome"):
-                self.canary.decisions[candidate] = canary
+        self.pending = progress.get("pending")
+        if self.pending is not None and int(self.pending["iteration"]) <= len(completed):
+            self.pending = None  # Stopped after its record was written: that iteration is finished.
+        state = self.loop.state()
+        # The loop's history only grows: fewer events than the report and progress saw means another (or no) state.
+        seen = max(
+            sum(len(r.get("loop_events") or []) for r in completed), int((self.pending or {}).get("history_from", 0))
+        )
+        production = completed[-1].get("production_after") if completed else None
+        if len(state.history) < seen:
+            raise StudyResumeError(
+                f"the {self.condition} loop's saved state is gone from the object store (a make clean?): "
+                "this study's sessions and candidates cannot be carried on; start a new one"
+            )
+        if production and self.loop.baseline(state) != production:
+            raise StudyResumeError(
+                f"the {self.condition} loop serves {self.loop.baseline(state)}, but the report's last iteration "
+                f"left {production}: the report and the stack's state disagree"
+            )
 
     def _collect(self) -> dict[str, Any]:
         """Simulated users talk to the production arm; their recorded sessions join the ones the loop may use."""
@@ -764,9 +800,12 @@ class ConditionRun:
         record["production_after"] = self.loop.baseline(state)
         # A resumed iteration: its collection's time plus this run's (the time between the two runs is left out).
         record["wall_s"] = round((collect_s if resumed else 0.0) + time.perf_counter() - started, 1)
+        return record
+
+    def finish_iteration(self) -> None:
+        """After the report holds the iteration's record: nothing of it is left to resume."""
         self.pending = None
         self._save_progress()
-        return record
 
 
 def arm_intervals(items: Mapping[str, Sequence[float]]) -> dict[str, dict[str, Any]]:
@@ -776,7 +815,7 @@ def arm_intervals(items: Mapping[str, Sequence[float]]) -> dict[str, dict[str, A
 
 # What a resumed study must share with the report it carries on (the number of iterations may grow).
 RESUME_MUST_MATCH: tuple[str, ...] = ("sessions_per_iteration", "eval_users_per_arm", "canary_min_sessions", "seed")
-RESUME_MUST_MATCH += ("conditions", "pipeline", "gate")
+RESUME_MUST_MATCH += ("conditions", "pipeline", "gate", "config_sha256")
 
 
 class StudyResumeError(ValueError):
@@ -840,13 +879,13 @@ def run_study(
                 record = run.run_iteration()
             except Exception as exc:  # One broken iteration is reported, the others still run.
                 log.exception("study %s: %s iteration failed", run_id, condition)
-                run.pending = None
-                run._save_progress()
                 record = {"iteration": run.iteration, "errors": [f"{type(exc).__name__}: {exc}"], "wall_s": 0.0}
             record["condition"] = condition
             results[condition].append(record)
             report = report_now()
             write_report(report, options.out)
+            run.finish_iteration()
             if on_iteration is not None:
                 on_iteration(record)
+    write_report(report, options.out)
     return report
