@@ -15,6 +15,7 @@ import redis
 import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 
+from emili_affect.stats import msprt_compare
 from emili_core.objectstore import ObjectStore
 from emili_core.settings import S3Settings
 from emili_gateway.canary import Canary, CanaryMonitor, decide, draw_candidate, session_outcomes
@@ -61,6 +62,24 @@ def test_harm_rolls_back_early() -> None:
     assert looked.state == "rolled_back" and looked.reason.startswith("harm: the candidate did worse on rating")
     assert looked.looks[0].n_candidate == 12 < OPTIONS.max_sessions  # Before the planned size.
     assert looked.looks[0].difference is not None and looked.looks[0].difference < -1.5
+
+
+def test_harm_waits_for_the_burn_in() -> None:
+    # Two candidate ratings a little lower and all alike: their estimated variance is near 0, so the test alone
+    # would call harm (as a demo once did); below min_sessions per arm it is not called, nor remembered.
+    production = {"rating": [3.0, 3.0, 3.33, 3.0], "completed": [1.0] * 4}
+    tiny = decide(OPTIONS, canary(), {"rating": [2.33, 2.33], "completed": [1.0, 1.0]}, production)
+    assert tiny.state == "running" and all(look.p_harm == 1.0 for look in tiny.looks)
+    assert tiny.looks[0].difference is not None and tiny.looks[0].difference < 0
+    alone = msprt_compare([2.33, 2.33], production["rating"], tau=0.5, alpha=OPTIONS.alpha)
+    assert alone.p_harm < OPTIONS.alpha / 2
+
+
+def test_a_canary_planned_smaller_than_the_burn_in_calls_harm_at_its_planned_size() -> None:
+    small = CanarySettings(max_sessions=5)
+    assert small.min_sessions == 10 and small.harm_burn_in() == 5
+    harmed = decide(small, canary(), outcomes(1.5, 5, seed=14), outcomes(4.5, 5, seed=15))
+    assert harmed.state == "rolled_back" and harmed.reason.startswith("harm")
 
 
 def test_as_good_is_promoted_at_the_planned_size_and_not_before() -> None:
@@ -223,13 +242,14 @@ def test_a_canary_through_the_gateway(
     progress = client.get(f"/api/v1/studies/{study_id}/progress", headers=admin_headers()).json()
     assert progress["arms"][0]["arm"] == "base"  # The study is unchanged; the gateway maps its arm.
 
-    # A harmful candidate against the new production arm: rolled back at the first look, long before 30.
+    # A harmful candidate against the new production arm: rolled back at the first look with min_sessions (10) per
+    # arm, long before 30.
     bad = client.post(url, json={"candidate": "canary-bad", "share": 0.3}, headers=admin_headers())
     assert bad.status_code == 201 and bad.json()["production"] == "canary-good"
     started_ms = bad.json()["started_ms"]
     assert _monitor(redis_url, object_store, settings, [], replica="another-gateway") == []  # Not its turn.
-    harmful = [_rated(study_id, "canary-bad", i, 1, started_ms) for i in range(8)]
-    harmful += [_rated(study_id, "canary-good", 100 + i, 5, started_ms) for i in range(8)]
+    harmful = [_rated(study_id, "canary-bad", i, 1, started_ms) for i in range(OPTIONS.min_sessions)]
+    harmful += [_rated(study_id, "canary-good", 100 + i, 5, started_ms) for i in range(OPTIONS.min_sessions)]
     decided = _monitor(redis_url, object_store, settings, harmful)
     assert [c.state for c in decided] == ["rolled_back"] and decided[0].reason.startswith("harm")
     manual = client.post(f"{url}/rollback", headers=admin_headers())

@@ -7,7 +7,9 @@ which model they talk to). After every completed session the monitor compares th
 always-valid sequential test (mixture SPRT, :func:`emili_affect.stats.msprt_compare`), which may be looked at
 this often without inflating false alarms:
 
-- harm on any outcome (its running-minimum p-value under ``alpha`` / number of outcomes): **roll back** at once;
+- harm on any outcome (its running-minimum p-value under ``alpha`` / number of outcomes), once both arms have
+  ``min_sessions`` sessions of that outcome (``max_sessions`` if fewer): **roll back** at once. The test
+  estimates the variances from the data; on 2 or 3 sessions they can be near 0, so any gap would look certain;
 - ``max_sessions`` rated in each arm with no harm: **promote** when the mean rating is shown not worse than
   ``margin`` (a one-sided ``1 - alpha`` bound of the difference: this analysis happens once, at the planned
   size, so it needs no sequential correction); otherwise **roll back**.
@@ -99,7 +101,8 @@ def decide(
     harmed = []
     for outcome in OUTCOMES:
         compared = msprt_compare(candidate[outcome], production[outcome], tau=options.tau[outcome], alpha=options.alpha)
-        p_harm = min(previous.get(outcome, 1.0), compared.p_harm)
+        burnt_in = min(compared.n_candidate, compared.n_baseline) >= options.harm_burn_in()
+        p_harm = min(previous.get(outcome, 1.0), compared.p_harm if burnt_in else 1.0)
         finite = not math.isnan(compared.difference)
         looks.append(
             Look(

@@ -71,6 +71,14 @@ class CanarySettings(BaseModel):
 
     share: float = Field(0.1, gt=0, le=0.5)  # Default share of the production arm's new participants.
     max_sessions: int = Field(100, ge=5, le=100_000)  # Rated sessions per arm before promoting (if no harm).
+    # Sessions per arm before harm may be called: the test plugs in variances estimated from the data, which on 2 or
+    # 3 ratings can be near 0 and make any gap look certain (a demo rolled back on 2 candidate ratings). A canary
+    # planned smaller (max_sessions) waits for max_sessions.
+    min_sessions: int = Field(10, ge=3, le=100_000)
+
+    def harm_burn_in(self) -> int:
+        return min(self.min_sessions, self.max_sessions)
+
     alpha: float = Field(0.05, gt=0, lt=0.5)  # Shared by the outcomes (Bonferroni) for harm.
     margin: float = Field(0.25, ge=0)  # Rating points the candidate may lose and still be promoted.
     # The mixture scale per outcome: the size of difference the test is tuned to detect, in the outcome's units.
