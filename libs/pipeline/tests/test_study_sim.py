@@ -100,6 +100,7 @@ def test_simulator_settings_carry_the_feedback_mode() -> None:
 @dataclass
 class _Turn:
     quality: float | None
+    reply: str = "I hear you, that sounds hard."
 
 
 @dataclass
@@ -134,6 +135,7 @@ def test_session_items_read_the_hidden_valence_change_ratings_and_quality() -> N
     assert items["delta_v"] == pytest.approx([0.3, -0.1])
     assert items["rating"] == [4.0] and items["empathy"] == [4.0]
     assert items["reply_quality"] == pytest.approx([0.3])
+    assert items["reply_words"] == [6.0]  # Words per reply, a session's mean.
 
 
 def test_interval_and_difference() -> None:

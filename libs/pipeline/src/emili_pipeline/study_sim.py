@@ -54,8 +54,9 @@ CONFIGS = REPO_ROOT / "libs" / "pipeline" / "configs"
 SIMULATION_PIPELINE = CONFIGS / "loop-simulation.yaml"
 SIMULATION_GATE = CONFIGS / "gate-simulation.yaml"
 OFFLINE_STUDY = "offline-simulation"  # The loop's study id: its canary is :class:`OfflineCanary`, not the gateway.
-# Per simulated session: the hidden valence change, the mean of the three ratings, each rating, reply quality.
-METRICS = ("delta_v", "rating", "empathy", "relevance", "fluency", "reply_quality")
+# Per simulated session: the hidden valence change, the mean of the three ratings, each rating, reply quality, and
+# words per reply (the simulator's quality penalises long replies: a candidate may "gain" by being shorter).
+METRICS = ("delta_v", "rating", "empathy", "relevance", "fluency", "reply_quality", "reply_words")
 PRIMARY = "delta_v"
 LEVEL = 0.95
 SAMPLES = 2000
@@ -88,6 +89,9 @@ def session_items(outcomes: Iterable[Any]) -> dict[str, list[float]]:
         qualities = [t.quality for t in outcome.turns if t.quality is not None]
         if qualities:
             items["reply_quality"].append(float(np.mean(qualities)))
+        replies = [t.reply for t in outcome.turns if t.reply]
+        if replies:
+            items["reply_words"].append(float(np.mean([len(r.split()) for r in replies])))
     return items
 
 
@@ -134,7 +138,7 @@ def compare_arms(
     }
 
 
-POOLED_METRICS = ("delta_v", "rating", "reply_quality")
+POOLED_METRICS = ("delta_v", "rating", "reply_quality", "reply_words")
 
 
 def pooled_difference(pairs: Sequence[tuple[Sequence[float], Sequence[float]]], seed: int = 0) -> dict[str, Any]:
@@ -286,8 +290,9 @@ def _arms_table(report: Mapping[str, Any]) -> list[str]:
         "### Candidate vs base (and vs production), simulated users per arm (SYNTHETIC: simulated users)",
         "",
         "Δv: the hidden valence change over a session (end - start); rating: mean of the 1-5 empathy, relevance and "
-        "fluency ratings; quality: the simulator's reply-quality score, mean per session. 95% bootstrap intervals; "
-        "the difference is candidate - base, arms resampled independently.",
+        "fluency ratings; quality: the simulator's reply-quality score, mean per session; reply_words: words per "
+        "reply, mean per session. 95% bootstrap intervals; the difference is candidate - base, arms resampled "
+        "independently.",
         "",
         "| condition | iteration | compared with | metric | n other | other mean [95% CI] | n cand. | "
         "candidate mean [95% CI] | difference [95% CI] |",
@@ -298,7 +303,7 @@ def _arms_table(report: Mapping[str, Any]) -> list[str]:
             evaluation = it.get("evaluation") or {}
             for other in ("base", "production"):
                 compared = evaluation.get(f"candidate_vs_{other}") or {}
-                for metric in ("delta_v", "rating", "reply_quality"):
+                for metric in POOLED_METRICS:
                     row = compared.get(metric)
                     if not row:
                         continue
