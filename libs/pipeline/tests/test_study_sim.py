@@ -454,6 +454,10 @@ def test_run_study_promotes_a_real_gain_and_nothing_under_noise(fake_study: _Fak
     pooled = report["pooled_candidate_vs_base"]
     assert pooled["feedback"]["delta_v"]["iterations"] == 2 and pooled["feedback"]["delta_v"]["ci95"][0] > 0
     assert pooled["noise"]["delta_v"]["ci95"][0] < 0 < pooled["noise"]["delta_v"]["ci95"][1]
+    # The fake users on base react alike in both conditions (same seeds, nothing trained): the A/A check reads 0.
+    same = report["base_against_base"]["delta_v"]
+    assert set(same["iterations"]) == {1, 2} and same["pooled"]["difference"] == pytest.approx(0.0)
+    assert "Base against base" in (tmp_path / "study.md").read_text()
     assert (tmp_path / "study.json").is_file() and "SYNTHETIC" in (tmp_path / "study.md").read_text()
 
 
@@ -519,6 +523,7 @@ def test_resume_refuses_other_options_or_no_study(fake_study: _FakeStudyStack, t
 
     with pytest.raises(StudyResumeError, match="nothing to resume"):
         run_study(fake_study.stack, _options(tmp_path, 1), resume=True)
-    run_study(fake_study.stack, _options(tmp_path, 1, conditions=("noise",)))
+    alone = run_study(fake_study.stack, _options(tmp_path, 1, conditions=("noise",)))
+    assert alone["base_against_base"] == {}  # Nothing to check it against.
     with pytest.raises(StudyResumeError, match="seed was 0, now 1"):
         run_study(fake_study.stack, _options(tmp_path, 2, conditions=("noise",), seed=1), resume=True)

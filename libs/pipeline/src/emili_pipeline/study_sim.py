@@ -176,6 +176,33 @@ def pooled_comparison(iterations: Sequence[Mapping[str, Any]], seed: int = 0) ->
     }
 
 
+def base_against_base(conditions: Mapping[str, Sequence[Mapping[str, Any]]], seed: int = 0) -> dict[str, Any]:
+    """An A/A check: iteration i's base arm meets the same simulated users (the same seeds) in every condition, on
+    the same base model, so feedback's base minus noise's base should differ only by chance (the model's sampling
+    and the users' reactions). Per metric, each iteration's difference and all of them pooled; {} without both
+    conditions."""
+    if not {"feedback", "noise"} <= set(conditions):
+        return {}
+
+    def bases(name: str) -> dict[int, Mapping[str, Sequence[float]]]:
+        found = {}
+        for it in conditions[name]:
+            items = ((it.get("evaluation") or {}).get("items") or {}).get("base")
+            if items:
+                found[int(it["iteration"])] = items
+        return found
+
+    feedback, noise = bases("feedback"), bases("noise")
+    shared = sorted(set(feedback) & set(noise))
+    return {
+        m: {
+            "iterations": {i: difference(feedback[i].get(m, []), noise[i].get(m, []), seed) for i in shared},
+            "pooled": pooled_difference([(feedback[i].get(m, []), noise[i].get(m, [])) for i in shared], seed),
+        }
+        for m in POOLED_METRICS
+    }
+
+
 # Percentile bootstrap intervals on a handful of sessions are far too narrow (the first run saw a noise-trained
 # candidate "gain" on 6 users per arm): below this many sessions per arm the offline canary never promotes.
 MIN_CANARY_SESSIONS = 20
@@ -239,6 +266,7 @@ def build_report(
         "conditions": {name: list(its) for name, its in conditions.items()},
         "decisions": summary,
         "pooled_candidate_vs_base": {name: pooled_comparison(its) for name, its in conditions.items()},
+        "base_against_base": base_against_base(conditions),
         # None until the noise condition has finished an iteration: "promoted nothing" needs something tried.
         "noise_promoted": None if noise is None or not noise["iterations"] else noise["promoted"] > 0,
     }
@@ -372,6 +400,33 @@ def _pooled_table(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _base_against_base_table(report: Mapping[str, Any]) -> list[str]:
+    checks = report.get("base_against_base") or {}
+    if not checks:
+        return []
+    lines = [
+        "### Base against base: how far chance alone moves an arm (SYNTHETIC: simulated users)",
+        "",
+        "Each iteration's base arm meets the same simulated users in both conditions, on the same base model: "
+        "feedback's base minus noise's base differs only by the model's sampling and the users' reactions. A "
+        "candidate's difference from base of this size is no evidence; about 1 in 20 of these intervals excludes 0 "
+        "by chance.",
+        "",
+        "| metric | iteration | sessions, feedback's base / noise's base | difference [95% CI] |",
+        "|---|---|---|---|",
+    ]
+    for metric, found in checks.items():
+        rows = [(str(i), d) for i, d in found["iterations"].items()] + [("pooled", found["pooled"])]
+        for label, d in rows:
+            if d.get("ci95") is None:
+                continue
+            lines.append(
+                f"| {metric} | {label} | {d['n_candidate']} / {d['n_baseline']} | {_fmt(d['difference'])} "
+                f"{_ci(d['ci95'])} |"
+            )
+    return lines
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The report for people: what was simulated, decisions, Δv and ratings with intervals, gate checks."""
     options = report.get("options") or {}
@@ -399,6 +454,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         *_arms_table(report),
         "",
         *_pooled_table(report),
+        "",
+        *_base_against_base_table(report),
         "",
         *_gate_table(report),
         "",
