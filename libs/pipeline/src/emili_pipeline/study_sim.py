@@ -392,6 +392,8 @@ def _pooled_table(report: Mapping[str, Any]) -> list[str]:
     ]
     for name, metrics in (report.get("pooled_candidate_vs_base") or {}).items():
         for metric, d in metrics.items():
+            if not d["iterations"]:  # E.g. words per reply in a report from before it was measured.
+                continue
             lines.append(
                 f"| {name} | {metric} | {d['iterations']} | {d['n_candidate']} / {d['n_baseline']} | "
                 f"{_fmt(d['difference'])} "
