@@ -108,20 +108,12 @@ def interval(values: Sequence[float], seed: int = 0) -> dict[str, Any]:
 
 
 def difference(candidate: Sequence[float], baseline: Sequence[float], seed: int = 0) -> dict[str, Any]:
-    """mean(candidate) - mean(baseline), arms independent, with a 95% bootstrap interval (each arm resampled)."""
+    """mean(candidate) - mean(baseline), arms independent, with a 95% bootstrap interval (each arm resampled):
+    :func:`pooled_difference` of one iteration."""
     if not candidate or not baseline:
         return {"n_candidate": len(candidate), "n_baseline": len(baseline), "difference": None, "ci95": None}
-    c, b = np.asarray(candidate, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = c[rng.integers(0, len(c), size=(SAMPLES, len(c)))].mean(axis=1)
-    means -= b[rng.integers(0, len(b), size=(SAMPLES, len(b)))].mean(axis=1)
-    tail = (1.0 - LEVEL) / 2.0
-    return {
-        "n_candidate": len(c),
-        "n_baseline": len(b),
-        "difference": round(float(c.mean() - b.mean()), 4),
-        "ci95": [round(float(np.quantile(means, tail)), 4), round(float(np.quantile(means, 1.0 - tail)), 4)],
-    }
+    one = pooled_difference([(candidate, baseline)], seed)
+    return {k: one[k] for k in ("n_candidate", "n_baseline", "difference", "ci95")}
 
 
 def compare_arms(
@@ -396,8 +388,7 @@ def _pooled_table(report: Mapping[str, Any]) -> list[str]:
                 continue
             lines.append(
                 f"| {name} | {metric} | {d['iterations']} | {d['n_candidate']} / {d['n_baseline']} | "
-                f"{_fmt(d['difference'])} "
-                f"{_ci(d['ci95'])} |"
+                f"{_fmt(d['difference'])} {_ci(d['ci95'])} |"
             )
     return lines
 
