@@ -1,15 +1,17 @@
-"""``emili study simulate``: the loop simulation study (:mod:`emili_pipeline.study_sim`) with SIMULATED users.
+"""``emili study simulate``: the loop simulation study (:mod:`emili_pipeline.study_sim`) with SIMULATED users, and
+``emili study power``: how many sessions per arm the gate needs to see its candidates' gain (:mod:`.study_power`).
 
 ``emili study`` is the gateway's command group (researchers' studies with real participants). This package adds
-``simulate`` to it without importing the gateway: :data:`commands` (an ``emili.commands`` entry point, added after
-every ``emili.cli`` group) holds a ``study`` group whose class takes the gateway's group, found through its own
-``emili.cli`` entry point, and adds ``simulate`` to its commands. Without the gateway installed, ``emili study``
-has ``simulate`` alone.
+``simulate`` and ``power`` to it without importing the gateway: :data:`commands` (an ``emili.commands`` entry
+point, added after every ``emili.cli`` group) holds a ``study`` group whose class takes the gateway's group, found
+through its own ``emili.cli`` entry point, and adds them to its commands. Without the gateway installed,
+``emili study`` has these two alone.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any
@@ -52,12 +54,14 @@ class StudyGroup(TyperGroup):
                 # get_command makes the gateway's app a root command: its shell-completion options stay behind.
                 params=[p for p in gateway.params if p.name not in ("install_completion", "show_completion")],
                 callback=gateway.callback,
-                help=f"{(gateway.help or '').strip()} Loop simulation study with simulated users: simulate.",
+                help=f"{(gateway.help or '').strip()} Loop simulation study with simulated users: simulate, power.",
             )
         super().__init__(**kwargs)
 
 
-study = typer.Typer(help="Studies: with participants on the gateway, or simulated (simulate).", no_args_is_help=True)
+study = typer.Typer(
+    help="Studies: with participants on the gateway, or simulated (simulate, power).", no_args_is_help=True
+)
 commands = typer.Typer()
 commands.add_typer(study, name=GROUP, cls=StudyGroup)
 
@@ -159,3 +163,100 @@ def simulate(
         raise typer.BadParameter(str(exc), param_hint="--resume") from exc
     typer.echo(render_markdown(report))
     console.print(f"wrote {out / 'study.json'} and {out / 'study.md'}")
+
+
+def _sizes(value: str) -> list[int]:
+    try:
+        sizes = sorted({int(v) for v in value.split(",") if v.strip()})
+    except ValueError:
+        raise typer.BadParameter(f"sizes are whole numbers separated by commas, like 6,12,24; not {value!r}") from None
+    if not sizes or sizes[0] < 2:
+        raise typer.BadParameter("give at least one size, each 2 or more")
+    return sizes
+
+
+@study.command()
+def power(
+    report: Annotated[
+        Path, typer.Option(exists=True, dir_okay=False, help="A simulation study's study.json (its feedback arms).")
+    ],
+    sizes: Annotated[str, typer.Option(help="Sessions per arm to try, comma-separated.")] = "6,12,24,48,96",
+    users: Annotated[int, typer.Option(min=10, help="Simulated users per arm behind the draws.")] = 1000,
+    repeats: Annotated[int, typer.Option(min=10, help="Draws per size.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed of the users and the draws.")] = 0,
+    pipeline: Annotated[
+        Path, typer.Option(exists=True, dir_okay=False, help="Pipeline config (personas, turns, state model).")
+    ] = SIMULATION_PIPELINE,
+    gate: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="The gate policy.")] = SIMULATION_GATE,
+    labeler_target: Annotated[
+        str | None, typer.Option(help="Labeler address (default from the labeler's settings).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for power.json and power.md.")] = None,
+) -> None:
+    """How many sessions per arm the gate's Δv checks need to see the gain a study's candidates had, with SIMULATED
+    users: their hidden Δv against the gold Δv the running labeler gives their surveys. Needs the labeler (make up)."""
+    import asyncio
+    import json
+
+    import grpc
+
+    from emili.labeler.v1 import labeler_pb2, labeler_pb2_grpc
+    from emili_core.cli import CliSettings, client_token
+    from emili_core.grpc_client import make_channel
+    from emili_core.settings import load_settings
+    from emili_pipeline.cli import _service_target
+    from emili_pipeline.config import load_config
+    from emili_pipeline.gate import load_policy
+    from emili_pipeline.simulator import load_personas
+    from emili_pipeline.study_power import power_analysis, render_markdown, report_qualities
+
+    try:
+        pooled = report_qualities(json.loads(report.read_text()))
+        policy = load_policy(gate)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    config = load_config(pipeline)
+    simulator = config.simulator_settings()
+    target = labeler_target or _service_target("labeler", "pass --labeler-target HOST:PORT")
+    token = client_token(load_settings(CliSettings), "labeler", subject="study-power")
+
+    def score(texts: Sequence[str]) -> list[float | None]:
+        async def call() -> list[float | None]:
+            async with make_channel(target, token, timeout=120) as channel:
+                stub = labeler_pb2_grpc.LabelerServiceStub(channel)
+                response = await stub.ScoreTexts(labeler_pb2.ScoreTextsRequest(texts=list(texts)))
+                return [s.vad.valence if s.HasField("vad") else None for s in response.scores]
+
+        return asyncio.run(call())
+
+    console.print(f"SIMULATED users: {users} per arm, sizes {sizes}, {repeats} draws each; labeler at {target}")
+    try:
+        result = power_analysis(
+            {arm: pooled[arm]["reply_quality"] for arm in pooled},
+            score,
+            policy,
+            load_personas(config.personas, config.persona_limit),
+            sizes=_sizes(sizes),
+            users=users,
+            turns=simulator.turns,
+            repeats=repeats,
+            seed=seed,
+            state_model=simulator.state,
+            observed_delta_v={arm: pooled[arm]["delta_v"] for arm in pooled},
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    except grpc.aio.AioRpcError as exc:
+        console.print(
+            f"[red]the labeler at {target} did not score the surveys ({exc.code().name}: {exc.details()}); is the "
+            "stack up (make up)?[/red]"
+        )
+        raise typer.Exit(1) from exc
+    result["report"] = str(report)
+    markdown = render_markdown(result)
+    typer.echo(markdown)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "power.json").write_text(json.dumps(result, indent=1))
+        (out / "power.md").write_text(markdown)
+        console.print(f"wrote {out / 'power.json'} and {out / 'power.md'}")

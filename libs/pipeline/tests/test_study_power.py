@@ -1,0 +1,138 @@
+"""The gate power analysis (emili study power): its simulated arms, gold Δv, pass rates and report, with a scorer
+that reads valence from a few words (the real one is the labeler's, used by the CLI)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from emili_pipeline.gate import GateCheck, GatePolicy, load_policy
+from emili_pipeline.simulator import load_personas
+from emili_pipeline.simulator.surveys import SurveyAnswers
+from emili_pipeline.study_power import (
+    delta_v_policy,
+    gold_delta_v,
+    gold_text,
+    pass_rate,
+    power_analysis,
+    render_markdown,
+    report_qualities,
+    simulate_arm,
+)
+from emili_pipeline.study_sim import SIMULATION_GATE
+
+PERSONAS = load_personas("builtin", 2)
+WORDS = {"better": 0.9, "worse": 0.1, "same": 0.5, "happy": 0.8, "sad": 0.2}
+
+
+def word_valence(texts: Sequence[str]) -> list[float | None]:
+    """The mean valence of the WORDS a text has; None when it has none."""
+    out: list[float | None] = []
+    for text in texts:
+        found = [v for w, v in WORDS.items() if w in text.lower()]
+        out.append(float(np.mean(found)) if found else None)
+    return out
+
+
+def test_gold_text_is_what_the_labeler_scores_by_default() -> None:
+    answers = SurveyAnswers(["Sad", " Tired "], ["Hopeful"], " I feel worse. ")
+    assert gold_text(answers) == "sad, tired. I feel worse."
+    assert gold_text(SurveyAnswers([], [], "only text")) == "only text"
+
+
+def test_report_qualities_pools_the_feedback_iterations_and_refuses_a_report_without_them() -> None:
+    def record(base: list[float], candidate: list[float]) -> dict[str, object]:
+        items = {
+            arm: {"reply_quality": q, "delta_v": [0.0] * len(q)}
+            for arm, q in (("base", base), ("candidate", candidate))
+        }
+        return {"evaluation": {"items": items}}
+
+    report = {
+        "conditions": {"feedback": [record([0.1], [0.2, 0.3]), record([0.4], [0.5])], "noise": [record([9], [9])]}
+    }
+    pooled = report_qualities(report)
+    assert pooled["base"]["reply_quality"] == [0.1, 0.4] and pooled["candidate"]["reply_quality"] == [0.2, 0.3, 0.5]
+    with pytest.raises(ValueError, match="finished at least one iteration"):
+        report_qualities({"conditions": {"feedback": [{"evaluation": None}]}})
+
+
+def test_better_replies_raise_the_simulated_users_hidden_valence_change() -> None:
+    good = simulate_arm([0.6], 200, PERSONAS, turns=2, seed=1)
+    poor = simulate_arm([-0.6], 200, PERSONAS, turns=2, seed=1)
+    assert np.mean(good.hidden) > np.mean(poor.hidden) + 0.2
+    assert len(good.pre_texts) == len(good.post_texts) == 200
+    # Same seed, same users and answers.
+    assert simulate_arm([0.6], 5, PERSONAS, 2, seed=1) == simulate_arm([0.6], 5, PERSONAS, 2, seed=1)
+    with pytest.raises(ValueError):
+        simulate_arm([], 5, PERSONAS, 2, seed=1)
+
+
+def test_gold_delta_v_is_post_minus_pre_and_none_when_a_side_has_no_scorable_word() -> None:
+    from emili_pipeline.study_power import SimulatedArm
+
+    arm = SimulatedArm([0.0, 0.0, 0.0], ["same", "worse", "nothing"], ["better", "same", "better"])
+    scored: list[Sequence[str]] = []
+
+    def score(texts: Sequence[str]) -> list[float | None]:
+        scored.append(texts)
+        return word_valence(texts)
+
+    assert gold_delta_v(arm, score) == [pytest.approx(0.4), pytest.approx(0.4), None]
+    assert len(scored) == 1 and len(scored[0]) == len(set(scored[0])) == 4  # Each distinct text once.
+
+
+def test_pass_rate_follows_the_gates_delta_v_checks() -> None:
+    policy = delta_v_policy(load_policy(SIMULATION_GATE))
+    assert [c.metric for c in policy.checks] == ["delta_v", "delta_v"]
+    rng = np.random.default_rng(0)
+    low, high = rng.normal(0.0, 0.05, 400), rng.normal(0.2, 0.05, 400)
+    assert pass_rate(high, low, 12, policy, 20, rng) == 1.0
+    assert pass_rate(low, high, 12, policy, 20, rng) == 0.0
+    assert pass_rate(low, low, 12, policy, 100, rng) < 0.2
+    with pytest.raises(ValueError, match="pools"):
+        pass_rate(low[:5], high, 12, policy, 20, rng)
+    no_delta_v = GatePolicy(
+        name="x", checks=[GateCheck(name="len", metric="reply_words", kind="within", low=1, high=9)]
+    )
+    with pytest.raises(ValueError, match="no check on delta_v"):
+        delta_v_policy(no_delta_v)
+
+
+def test_power_analysis_sees_a_gain_the_surveys_carry_and_says_the_users_are_simulated() -> None:
+    result = power_analysis(
+        {"base": [-0.5, -0.3], "candidate": [0.4, 0.6]},
+        word_valence,
+        load_policy(SIMULATION_GATE),
+        PERSONAS,
+        sizes=[4, 24],
+        users=150,
+        turns=2,
+        repeats=20,
+        observed_delta_v={"base": [-0.1, -0.2], "candidate": [0.1, 0.2]},
+    )
+    assert result["synthetic"] is True
+    assert result["hidden_delta_v"]["candidate"]["mean"] > result["hidden_delta_v"]["base"]["mean"]
+    assert result["gold_on_hidden"]["correlation"] > 0.5
+    by_n = {row["n_per_arm"]: row for row in result["rows"]}
+    assert by_n[24]["pass_gold"] >= by_n[4]["pass_gold"] and by_n[24]["pass_gold"] > 0.8
+    assert by_n[24]["pass_gold_no_gain"] < 0.3
+    markdown = render_markdown(result)
+    assert "SYNTHETIC" in markdown and "SIMULATED users" in markdown
+    assert "hidden Δv, observed in the study" in markdown and "| 24 |" in markdown
+
+
+def test_too_few_scored_users_for_the_sizes_asked_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="have both surveys scored"):
+        power_analysis(
+            {"base": [0.0], "candidate": [0.0]},
+            lambda texts: [None] * len(texts),
+            load_policy(SIMULATION_GATE),
+            PERSONAS,
+            sizes=[4],
+            users=20,
+            turns=1,
+            repeats=10,
+        )
