@@ -177,3 +177,15 @@ def test_configuration_errors(lexicon: Lexicon) -> None:
     with pytest.raises(ValueError, match="k >= 1"):
         VADScorer(lexicon, FixedEmbedder(), oov="topk", k=0)
     VADScorer(lexicon, oov=None).warm()  # Nothing to build.
+
+
+def test_lemmas_score_inflected_words_as_their_lemma_before_any_estimate(lexicon: Lexicon) -> None:
+    lemmas = {"happier": ("happy",), "saddest": ("sad",)}
+    scorer = VADScorer(lexicon, None, oov=None, lemmas=lambda word: lemmas.get(word, ()))
+    better, worse = scorer.score_batch(["happier table", "saddest table"])
+    assert better.vad == pytest.approx(VAD(0.7, 0.5, 0.6))
+    assert worse.vad == pytest.approx(VAD(0.3, 0.25, 0.35))
+    assert better.coverage == worse.coverage == 1.0
+    # Without lemmas both inflected words are unknown and only "table" is scored.
+    plain = VADScorer(lexicon, None, oov=None).score_batch(["happier table", "saddest table"])
+    assert plain[0].vad == plain[1].vad == pytest.approx(VAD(0.5, 0.2, 0.5))

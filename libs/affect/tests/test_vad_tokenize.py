@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emili_affect.vad import DEFAULT_STOPWORDS, Lexicon, LexiconTokenizer, normalise, raw_tokens
+from emili_affect.vad import DEFAULT_STOPWORDS, Lexicon, LexiconTokenizer, english_lemmas, normalise, raw_tokens
 from emili_affect.vad.tokenize import expand_contraction
 
 
@@ -129,3 +129,37 @@ def test_multi_word_expressions_stop_at_clause_punctuation_and_emoji() -> None:
     assert terms_of(tokenizer, "ice 🍦 cream") == ["ice", "cream"]
     assert terms_of(tokenizer, "(ice) cream") == ["ice", "cream"]
     assert terms_of(tokenizer, "Dr. Pepper, R&B and soda / pop") == ["dr. pepper", "r & b", "and", "soda/pop"]
+
+
+def test_a_word_the_lexicon_lacks_is_looked_up_by_its_lemma() -> None:
+    tokenizer = LexiconTokenizer(lexicon("good", "bad", "feel", "year"), lemmas=english_lemmas)
+    tokens = tokenizer.tokenize("I felt better, then worse, for years")
+    assert tokens.terms == ["feel", "good", "bad", "year"]
+    assert tokens.rows == [2, 0, 1, 3]
+    # Without lemmas the same words are out of the lexicon.
+    assert LexiconTokenizer(lexicon("good", "bad", "feel", "year")).tokenize("felt better").rows == [-1, -1]
+
+
+def test_a_word_the_lexicon_has_is_never_replaced_by_its_lemma() -> None:
+    tokenizer = LexiconTokenizer(lexicon("better", "good"), lemmas=english_lemmas)
+    assert tokenizer.tokenize("better").terms == ["better"]
+
+
+def test_a_lemma_the_lexicon_lacks_leaves_the_word_unknown() -> None:
+    asked: list[str] = []
+
+    def lemmas(word: str) -> tuple[str, ...]:
+        asked.append(word)
+        return ("missing", "happy") if word == "gladder" else ("nowhere",)
+
+    tokenizer = LexiconTokenizer(lexicon("happy"), lemmas=lemmas)
+    tokens = tokenizer.tokenize("gladder zorbly gladder")
+    assert tokens.terms == ["happy", "zorbly", "happy"] and tokens.rows == [0, -1, 0]
+    assert asked == ["gladder", "zorbly"]  # Each word's lemmas are looked up once.
+
+
+def test_english_lemmas_prefer_the_adjective_and_exclude_the_word() -> None:
+    assert english_lemmas("better")[0] == "good"
+    assert english_lemmas("worse")[0] == "bad"
+    assert english_lemmas("felt") == ("feel",)
+    assert english_lemmas("happy") == ()

@@ -156,3 +156,24 @@ def test_sessions_without_gold_labels_are_counted_and_listed(s3_settings: S3Sett
     table = jobs.delta_table(runtime, state["sessions"])
     assert table["missing_gold_sessions"] == {"gold-blank": ["post"]} and table["arms"]["base · real"]["n"] == 1
     assert runtime.label_settings["gold_text_source"] == "both"
+
+
+@pytest.mark.integration
+def test_a_survey_that_says_better_scores_above_one_that_says_worse(s3_settings: S3Settings) -> None:
+    """The shipped lexicon (Warriner's) rates lemmas: "better" and "worse" are read as "good" and "bad"."""
+    settings = LabelerSettings(s3=s3_settings)
+
+    def runtime(lemmatize: bool) -> Any:
+        options = settings.labeler.model_copy(update={"oov_method": "none", "lemmatize": lemmatize})
+        return build_runtime(settings.model_copy(update={"labeler": options}))
+
+    with_lemmas, without = runtime(True), runtime(False)
+    better, worse = (f"I feel {w} than before the chat." for w in ("better", "worse"))
+    scored = with_lemmas.scorer.score_batch([better, worse])
+    assert scored[0].vad.valence > scored[1].vad.valence + 0.15
+    assert "good" in scored[0].tokens and "bad" in scored[1].tokens
+    plain = without.scorer.score_batch([better, worse])
+    assert plain[0].vad == plain[1].vad  # Both words unknown: only "feel" and "chat" are scored.
+    # A label depends on it: labels made either way are kept apart.
+    assert with_lemmas.label_settings["lemmatize"] is True and without.label_settings["lemmatize"] is False
+    assert with_lemmas.settings_hash != without.settings_hash

@@ -82,6 +82,7 @@ class Runtime:
             "lexicon": self.scorer.lexicon.name,
             "lexicon_sha256": self.scorer.lexicon.sha256,
             "oov_method": o.oov_method,
+            "lemmatize": o.lemmatize,
             "beta": o.beta,
             "top_k": o.top_k,
             "ridge_alpha": o.ridge_alpha,

@@ -11,7 +11,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from emili_affect.vad import SentenceTransformerEmbedder, VADScorer, load_affect_tables, load_lexicon
+from emili_affect.vad import (
+    SentenceTransformerEmbedder,
+    VADScorer,
+    english_lemmas,
+    load_affect_tables,
+    load_lexicon,
+)
 from emili_core.errors import NotFound
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_labeler.jobs import Runtime
@@ -66,6 +72,7 @@ def build_runtime(settings: LabelerSettings) -> Runtime:
         k=options.top_k,
         alpha=options.ridge_alpha,
         max_chars=options.max_text_chars,
+        lemmas=english_lemmas if options.lemmatize else None,
         affect_tables=load_affect_tables([settings.artifact(p) for p in options.affect_resources])
         if oov == "fusion"
         else (),

@@ -36,6 +36,9 @@ class LabelerOptions(BaseModel):
     # Independent affect lexicons read by the "fusion" method: files, or folders of them (missing ones skipped).
     affect_resources: list[Path] = [Path("labeler/NoVAD_v2013.csv"), Path("labeler/affect")]
     beta: float = Field(10.0, gt=0)  # Softmax sharpness of the paper's out-of-lexicon method.
+    # A word the lexicon lacks is looked up by its lemma before the OOV estimate: Warriner's norms rate lemmas only,
+    # so without this "better" and "worse" (the words of a post-chat survey) score near the lexicon's average.
+    lemmatize: bool = True
     top_k: int = Field(10, ge=1)
     ridge_alpha: float = Field(1.0, gt=0)
     max_text_chars: int = Field(100_000, ge=1)

@@ -27,6 +27,7 @@ from emili_affect.vad.fusion import (
     WordFeaturizer,
     lexicon_text_features,
 )
+from emili_affect.vad.lemma import Lemmatizer, english_lemmas
 from emili_affect.vad.lexicon import (
     DIMENSIONS,
     Lexicon,
@@ -62,6 +63,7 @@ __all__ = [
     "EmbeddingCache",
     "FixedEmbedder",
     "FusionEstimator",
+    "Lemmatizer",
     "Lexicon",
     "LexiconFormat",
     "LexiconTokenizer",
@@ -81,6 +83,7 @@ __all__ = [
     "affect_features",
     "detect_format",
     "embedding_cache_key",
+    "english_lemmas",
     "evaluate_oov",
     "holdout_split",
     "lexicon_embeddings",

@@ -3,7 +3,8 @@
 What a text's VAD is (the choices, so labels can be interpreted):
 
 * the mean over the text's scored tokens, every occurrence counted (a repeated word weighs more);
-* scored tokens are lexicon terms (single words and multi-word expressions, see :mod:`.tokenize`) and
+* scored tokens are lexicon terms (single words, multi-word expressions and, given ``lemmas``, the lemma of a
+  word the lexicon lacks; see :mod:`.tokenize`) and
   out-of-lexicon words, which count with the estimate of the scorer's OOV method (default ``softmax``,
   the paper's). With ``oov=None`` (or ``"none"``) unknown words are left out of the mean (never scored as 0) and listed
   in :attr:`TextVAD.unknown`;
@@ -31,6 +32,7 @@ import numpy.typing as npt
 from emili_affect.vad.affect import AffectTable
 from emili_affect.vad.embed import Embedder, EmbeddingCache, lexicon_embeddings
 from emili_affect.vad.fusion import FusionEstimator, WordFeaturizer, lexicon_text_features
+from emili_affect.vad.lemma import Lemmatizer
 from emili_affect.vad.lexicon import Lexicon
 from emili_affect.vad.oov import OOV_METHODS, OOVEstimator, OOVMethod, make_estimator
 from emili_affect.vad.tokenize import DEFAULT_STOPWORDS, LexiconTokenizer
@@ -97,6 +99,7 @@ class VADScorer:
         max_chars: int = DEFAULT_MAX_CHARS,
         oov_cache_size: int = 100_000,
         affect_tables: Sequence[AffectTable] = (),
+        lemmas: Lemmatizer | None = None,
     ) -> None:
         if oov == "none":  # The settings' spelling of "no OOV method".
             oov = None
@@ -116,7 +119,7 @@ class VADScorer:
         self.beta, self.k, self.alpha = beta, k, alpha
         self.max_chars = max_chars
         self.oov_cache_size = oov_cache_size
-        self.tokenizer = LexiconTokenizer(lexicon, stopwords)
+        self.tokenizer = LexiconTokenizer(lexicon, stopwords, lemmas)
         tables = [t for t in affect_tables if t.sha256 != lexicon.sha256]
         self.featurizer = WordFeaturizer(embedder, tables) if oov == "fusion" and embedder is not None else None
         self._estimator: OOVEstimator | FusionEstimator | None = None

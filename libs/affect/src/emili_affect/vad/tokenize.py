@@ -15,7 +15,10 @@ Steps, each chosen so that text and lexicon terms are normalised the same way:
    wait", both being ``can not wait``; a hyphenated term such as ``t-shirt`` also matches "t shirt").
    A match never spans clause punctuation or emoji (``,;:!?``, brackets, quotes, dashes); ``.``, ``&``
    and ``/`` do not break one, for terms such as "dr. pepper", "r & b" and "soda/pop".
-5. Filter single tokens: stopwords (closed-class words: articles, pronouns, auxiliaries, prepositions,
+5. Lemmas (when the tokenizer is given a :data:`~emili_affect.vad.lemma.Lemmatizer`): a single word the lexicon
+   lacks becomes the first of its lemmas the lexicon has ("better" -> ``good`` in a lemma lexicon); see
+   :mod:`.lemma`.
+6. Filter single tokens: stopwords (closed-class words: articles, pronouns, auxiliaries, prepositions,
    conjunctions) are skipped even when the lexicon rates them, because their ratings are of another
    sense (NRC v1 rates "do", "have", "will", "can" about 0.7 valence, which would tilt every sentence
    positive); negations are not stopwords. Tokens without a letter (numbers) are skipped unless the
@@ -28,8 +31,10 @@ import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final
 
+from emili_affect.vad.lemma import Lemmatizer
 from emili_affect.vad.lexicon import Lexicon
 
 __all__ = [
@@ -123,9 +128,13 @@ class Tokens:
 class LexiconTokenizer:
     """Tokenises text against one lexicon (contractions, hyphens and multi-word expressions depend on it)."""
 
-    def __init__(self, lexicon: Lexicon, stopwords: Iterable[str] = DEFAULT_STOPWORDS) -> None:
+    def __init__(
+        self, lexicon: Lexicon, stopwords: Iterable[str] = DEFAULT_STOPWORDS, lemmas: Lemmatizer | None = None
+    ) -> None:
         self.lexicon = lexicon
         self.stopwords = frozenset(normalise(w) for w in stopwords)
+        self.lemmas = lemmas
+        self._lemma_term = lru_cache(maxsize=65_536)(self._find_lemma_term)
         # Single-token terms, looked up directly.
         self.single: dict[str, int] = {}
         pending: list[tuple[int, list[str]]] = []
@@ -165,6 +174,11 @@ class LexiconTokenizer:
         else:
             return (token,)
         return self._resolve_all(parts)
+
+    def _find_lemma_term(self, word: str) -> str | None:
+        """The first of ``word``'s lemmas that the lexicon rates as a single word; None when there is none."""
+        assert self.lemmas is not None
+        return next((lemma for lemma in self.lemmas(word) if lemma in self.single), None)
 
     def _resolve_all(self, tokens: Iterable[str]) -> tuple[str, ...]:
         out: list[str] = []
@@ -217,6 +231,10 @@ class LexiconTokenizer:
             if row < 0 and _HAS_LETTER.search(word) is None:
                 skipped += 1
                 continue
+            if row < 0 and self.lemmas is not None:
+                lemma = self._lemma_term(word)
+                if lemma is not None:
+                    word, row = lemma, single[lemma]
             terms.append(word)
             rows.append(row)
         return Tokens(terms=terms, rows=rows, skipped=skipped)
