@@ -13,7 +13,7 @@ import redis
 
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_pipeline.gate import Evidence
-from emili_pipeline.loop import STATE_KEY, Loop, LoopPolicy, RedisLease
+from emili_pipeline.loop import NO_CANDIDATE, STATE_KEY, Loop, LoopPolicy, RedisLease
 from emili_session.loop_records import gate_key
 
 pytestmark = pytest.mark.integration
@@ -37,6 +37,7 @@ class FakeSystem:
     finished: bool = False
     canaries: list[str] = field(default_factory=list)
     decision: str = "running"
+    outcome: tuple[str, str | None] = ("done", "cand-1")  # Once finished: the pipeline's outcome and candidate.
 
     def eligible_sessions(self, include_synthetic: bool) -> list[str]:
         return list(self.sessions)
@@ -47,7 +48,7 @@ class FakeSystem:
         return f"pl-{len(set(self.pipelines))}"
 
     def pipeline_outcome(self, pipeline_id: str) -> tuple[str, str | None, dict[str, Evidence]]:
-        return ("done", "cand-1", self.evidence) if self.finished else ("running", None, {})
+        return (*self.outcome, self.evidence) if self.finished else ("running", None, {})
 
     def start_canary(self, study_id: str, candidate: str, share: float) -> None:
         self.canaries.append(candidate)
@@ -132,6 +133,23 @@ def test_a_candidate_failing_the_gate_gets_no_canary(store: ObjectStore, isolate
     failed = [c["name"] for c in verdict["checks"] if not c["passed"]]
     assert failed == ["knowledge_kept"]
     assert loop.state().history[-1]["failed_checks"] == ["knowledge_kept"]
+
+
+@pytest.mark.parametrize(("outcome", "event"), [(("done", None), NO_CANDIDATE), (("failed", None), "pipeline failed")])
+def test_a_round_without_a_candidate_is_told_apart_from_a_failed_one(
+    store: ObjectStore, isolated_redis_url: str, outcome: tuple[str, str | None], event: str
+) -> None:
+    system = FakeSystem(sessions=["a", "b", "c"], evidence=GOOD, finished=True, outcome=outcome)
+    loop = make(store, isolated_redis_url, system, "only")
+    phases = [(loop.tick() or pytest.fail()).phase for _ in range(2)]
+    assert phases == ["training", "idle"] and system.canaries == []
+    last = loop.state().history[-1]
+    assert last["event"] == event and last["pipeline_id"] == "pl-1"
+    assert ("why" in last) == (event == NO_CANDIDATE)
+    # The sessions count as used: the next round waits for new ones, then trains on all of them.
+    assert (loop.tick() or pytest.fail()).phase == "idle" and len(system.pipelines) == 1
+    system.sessions += ["d", "e", "f"]
+    assert (loop.tick() or pytest.fail()).phase == "training" and system.pipelines[-1] == tuple("abcdef")
 
 
 def test_a_stop_before_the_canary_started_starts_it_on_restart(store: ObjectStore, isolated_redis_url: str) -> None:

@@ -48,6 +48,8 @@ from emili_session.loop_records import LOOP_STATE_KEY, gate_key
 log = logging.getLogger(__name__)
 
 STATE_KEY = LOOP_STATE_KEY  # Where the loop's records live is defined once, with their readers (the gateway's).
+NO_CANDIDATE = "no candidate"
+NO_CANDIDATE_WHY = "the pipeline finished without training a model: no SFT or DPO examples in these sessions"
 Phase = Literal["idle", "training", "gating", "canary"]
 
 
@@ -197,9 +199,14 @@ class Loop:
         if outcome == "running":
             return state
         state.used_sessions = sorted(set(state.used_sessions) | set(state.sessions))
-        if outcome != "done" or candidate is None:
+        if outcome != "done":
             state.phase = "idle"
             return self._save(state, "pipeline failed", pipeline_id=state.pipeline_id, outcome=outcome)
+        if candidate is None:
+            # Not a failure: e.g. no reaction was positive enough to flag a turn, so there was nothing to learn from.
+            # The next round (new sessions) tries again on every session so far.
+            state.phase = "idle"
+            return self._save(state, NO_CANDIDATE, pipeline_id=state.pipeline_id, why=NO_CANDIDATE_WHY)
         state.phase, state.candidate = "gating", candidate
         return self._save(state, "candidate trained", candidate=candidate, pipeline_id=state.pipeline_id)
 

@@ -9,7 +9,9 @@ with SIMULATED participants going through the gateway like people.
 3. Simulated participants (:mod:`emili_pipeline.simulator.gateway_participant`) redeem the invite and take part,
    a few at a time (one while the loop trains or gates: the two cores are the trainer's then), until the loop
    records a decision on a candidate: the gate failed, the canary promoted it, or the canary rolled it back (or the
-   pipeline failed). Progress is printed as it goes: the loop's phase, sessions, the canary's counts per arm.
+   pipeline failed; a round whose sessions gave nothing to train on is not a decision: the loop waits for more
+   sessions and the demo with it). Progress is printed as it goes: the loop's phase, sessions, the canary's counts
+   per arm.
 
 A gateway that cannot record a study's sessions as synthetic gets no simulated participant (they would pass for
 people): the demo then says so, runs the loop without a study (candidates stop after the gate) and follows it to
@@ -32,7 +34,7 @@ import yaml
 
 from emili_core.errors import NotFound
 from emili_core.objectstore import Bucket, ObjectStore
-from emili_pipeline.loop import STATE_KEY, LoopPolicy, LoopState
+from emili_pipeline.loop import NO_CANDIDATE, STATE_KEY, LoopPolicy, LoopState
 from emili_pipeline.simulator.faces import FaceSet
 from emili_pipeline.simulator.gateway_participant import NotSynthetic, run_participant
 from emili_pipeline.simulator.personas import Persona, pick
@@ -220,6 +222,7 @@ class DemoRun:
         index = 0
         last_report = -self.report_every_s
         state = LoopState()
+        rounds_without_candidate = 0
         async with httpx.AsyncClient(base_url=self.gateway_url, timeout=60.0) as http:
             try:
                 while True:
@@ -227,6 +230,10 @@ class DemoRun:
                     decision = decision_after(state, since_ms)
                     if decision is not None or time.monotonic() - started > deadline_s:
                         return decision, state
+                    empty = [e for e in state.history if e.get("event") == NO_CANDIDATE and e["at_ms"] >= since_ms]
+                    for entry in empty[rounds_without_candidate:]:
+                        self.say(f"a round without a candidate ({entry.get('why', '')}); the loop waits for more")
+                    rounds_without_candidate = len(empty)
                     for task in [t for t in running if t.done()]:
                         running.discard(task)
                         if isinstance(task.exception(), NotSynthetic):

@@ -808,7 +808,9 @@ class ConditionRun:
         collect_s = float(record.pop("collect_s", 0.0))
         record["resumed"] = resumed
         deadline = time.monotonic() + self.options.iteration_timeout_s
-        settled = {"gate failed", "gate passed; no study to run a canary in", "pipeline failed"}
+        from emili_pipeline.loop import NO_CANDIDATE
+
+        settled = {"gate failed", "gate passed; no study to run a canary in", "pipeline failed", NO_CANDIDATE}
         settled |= {"canary promoted", "canary rolled back"}
         events: list[dict[str, Any]] = []
         while True:
