@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from emili_affect.stats import bootstrap_ci
 
@@ -51,3 +52,14 @@ def test_msprt_false_alarms_stay_under_alpha_when_peeking_after_every_session() 
         if any(msprt_compare(a[:n], b[:n], tau=0.5).p_two_sided < 0.05 for n in range(10, 201, 2)):
             alarms += 1
     assert alarms / studies <= 0.07
+
+
+def test_msprt_reports_welchs_degrees_of_freedom_for_a_fixed_size_bound() -> None:
+    from emili_affect.stats import msprt_compare
+
+    same_spread = msprt_compare([1.0, 2.0, 3.0, 4.0], [2.0, 3.0, 4.0, 5.0], tau=1.0)
+    assert same_spread.degrees_of_freedom == pytest.approx(6.0)  # Equal variances and sizes: n1 + n2 - 2.
+    # One arm's spread dominates: the degrees of freedom fall towards that arm's n - 1.
+    lopsided = msprt_compare([0.0, 10.0, 0.0, 10.0, 0.0, 10.0], [5.0, 5.1, 4.9, 5.0, 5.1, 4.9], tau=1.0)
+    assert 5.0 <= lopsided.degrees_of_freedom < 5.1
+    assert math.isnan(msprt_compare([1.0], [2.0, 3.0], tau=1.0).degrees_of_freedom)

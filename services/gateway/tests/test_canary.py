@@ -254,3 +254,16 @@ def test_a_canary_through_the_gateway(
     assert [c.state for c in decided] == ["rolled_back"] and decided[0].reason.startswith("harm")
     manual = client.post(f"{url}/rollback", headers=admin_headers())
     assert manual.status_code == 409 and "already rolled back" in manual.json()["detail"]
+
+
+def test_the_final_bound_on_a_few_sessions_uses_students_t() -> None:
+    """Five sessions per arm: the normal quantile (1.645) would call this candidate as good within 0.25; Student's
+    t on Welch's degrees of freedom (about 1.86 on 8 here) does not."""
+    few = CanarySettings(max_sessions=5, alpha=0.05, margin=0.25)
+    candidate = {"rating": [3.75, 4.25, 4.0, 3.8, 4.2], "completed": [1.0] * 5}
+    production = {"rating": [3.7, 4.3, 3.9, 4.1, 4.0], "completed": [1.0] * 5}
+    compared = msprt_compare(candidate["rating"], production["rating"], tau=1.0)
+    assert compared.difference - 1.645 * compared.standard_error > -0.25  # The normal bound would promote.
+    looked = decide(few, canary(), candidate, production)
+    assert looked.state == "rolled_back" and looked.reason.startswith("not shown to be as good")
+    assert looked.looks[0].lower_bound is not None and looked.looks[0].lower_bound < -0.25

@@ -39,6 +39,9 @@ class SequentialComparison:
     p_two_sided: float
     ci: tuple[float, float]
     standard_error: float  # Of the difference, for a fixed-size analysis at a planned end.
+    # Welch-Satterthwaite degrees of freedom of that standard error: a fixed-size bound on a few sessions per arm
+    # needs Student's t, not the normal quantile (with 5 sessions per arm about 2.0 instead of 1.645 at 95%).
+    degrees_of_freedom: float = float("inf")
 
 
 def msprt_compare(
@@ -56,10 +59,13 @@ def msprt_compare(
     b = np.asarray(baseline, dtype=np.float64)
     if len(c) < 2 or len(b) < 2:
         inf = float("inf")
-        return SequentialComparison(len(c), len(b), float("nan"), 1.0, 1.0, (-inf, inf), inf)
+        return SequentialComparison(len(c), len(b), float("nan"), 1.0, 1.0, (-inf, inf), inf, float("nan"))
     difference = float(c.mean() - b.mean())
     # A variance floor: two arms of identical ratings would otherwise give V = 0 and an infinite statistic.
-    variance = max(float(c.var(ddof=1)) / len(c) + float(b.var(ddof=1)) / len(b), 1e-12)
+    vc, vb = float(c.var(ddof=1)) / len(c), float(b.var(ddof=1)) / len(b)
+    variance = max(vc + vb, 1e-12)
+    df_denominator = vc * vc / (len(c) - 1) + vb * vb / (len(b) - 1)
+    degrees_of_freedom = (vc + vb) ** 2 / df_denominator if df_denominator > 0 else float(len(c) + len(b) - 2)
     t2 = tau * tau
     log_lambda = 0.5 * math.log(variance / (variance + t2)) + t2 * difference**2 / (2 * variance * (variance + t2))
     p_two_sided = min(1.0, math.exp(-log_lambda))
@@ -75,4 +81,5 @@ def msprt_compare(
         p_two_sided,
         (difference - half_width, difference + half_width),
         math.sqrt(variance),
+        degrees_of_freedom,
     )

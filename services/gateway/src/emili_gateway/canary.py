@@ -11,8 +11,9 @@ this often without inflating false alarms:
   ``min_sessions`` sessions of that outcome (``max_sessions`` if fewer): **roll back** at once. The test
   estimates the variances from the data; on 2 or 3 sessions they can be near 0, so any gap would look certain;
 - ``max_sessions`` rated in each arm with no harm: **promote** when the mean rating is shown not worse than
-  ``margin`` (a one-sided ``1 - alpha`` bound of the difference: this analysis happens once, at the planned
-  size, so it needs no sequential correction); otherwise **roll back**.
+  ``margin`` (a one-sided ``1 - alpha`` bound of the difference, with Student's t on Welch's degrees of freedom
+  since the planned size may be a handful of sessions: this analysis happens once, at the planned size, so it
+  needs no sequential correction); otherwise **roll back**.
 
 Outcomes per session: ``rating`` (the mean of the participant's three 1-5 ratings, for rated sessions) and
 ``completed`` (1 when the session ended with a rating, 0 when it was abandoned). A promoted candidate takes the
@@ -29,12 +30,11 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from statistics import NormalDist
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from emili_affect.stats import msprt_compare
+from emili_affect.stats import SequentialComparison, msprt_compare
 from emili_gateway.models import SessionRecord
 from emili_gateway.settings import CanarySettings
 
@@ -112,7 +112,7 @@ def decide(
                 difference=compared.difference if finite else None,
                 p_harm=p_harm,
                 ci=compared.ci if finite else None,
-                lower_bound=compared.difference - _z(options.alpha) * compared.standard_error if finite else None,
+                lower_bound=_lower_bound(compared, options.alpha) if finite else None,
             )
         )
         if p_harm < options.alpha / len(OUTCOMES):
@@ -133,8 +133,11 @@ def decide(
     return updated
 
 
-def _z(alpha: float) -> float:
-    return float(NormalDist().inv_cdf(1 - alpha))
+def _lower_bound(compared: SequentialComparison, alpha: float) -> float:
+    """One-sided 1 - alpha bound of the difference, Student's t on Welch's degrees of freedom."""
+    from scipy.stats import t
+
+    return compared.difference - float(t.ppf(1 - alpha, compared.degrees_of_freedom)) * compared.standard_error
 
 
 def _now_ms() -> int:
