@@ -59,6 +59,9 @@ def test_msprt_reports_welchs_degrees_of_freedom_for_a_fixed_size_bound() -> Non
 
     same_spread = msprt_compare([1.0, 2.0, 3.0, 4.0], [2.0, 3.0, 4.0, 5.0], tau=1.0)
     assert same_spread.degrees_of_freedom == pytest.approx(6.0)  # Equal variances and sizes: n1 + n2 - 2.
+    # Student's t at 6 degrees of freedom, 95% one-sided: 1.943 (the normal quantile would be 1.645).
+    expected = same_spread.difference - 1.943 * same_spread.standard_error
+    assert same_spread.fixed_size_lower_bound(0.05) == pytest.approx(expected, abs=1e-3)
     # One arm's spread dominates: the degrees of freedom fall towards that arm's n - 1.
     lopsided = msprt_compare([0.0, 10.0, 0.0, 10.0, 0.0, 10.0], [5.0, 5.1, 4.9, 5.0, 5.1, 4.9], tau=1.0)
     assert 5.0 <= lopsided.degrees_of_freedom < 5.1

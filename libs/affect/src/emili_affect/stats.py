@@ -43,6 +43,13 @@ class SequentialComparison:
     # needs Student's t, not the normal quantile (with 5 sessions per arm about 2.0 instead of 1.645 at 95%).
     degrees_of_freedom: float = float("inf")
 
+    def fixed_size_lower_bound(self, alpha: float) -> float:
+        """One-sided 1 - alpha lower bound of the difference for an analysis done once, at a planned size: Student's
+        t on Welch's degrees of freedom (NaN when either arm has fewer than 2 values)."""
+        from scipy.stats import t
+
+        return self.difference - float(t.ppf(1 - alpha, self.degrees_of_freedom)) * self.standard_error
+
 
 def msprt_compare(
     candidate: Sequence[float], baseline: Sequence[float], *, tau: float, alpha: float = 0.05

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from emili_affect.stats import SequentialComparison, msprt_compare
+from emili_affect.stats import msprt_compare
 from emili_gateway.models import SessionRecord
 from emili_gateway.settings import CanarySettings
 
@@ -112,7 +112,7 @@ def decide(
                 difference=compared.difference if finite else None,
                 p_harm=p_harm,
                 ci=compared.ci if finite else None,
-                lower_bound=_lower_bound(compared, options.alpha) if finite else None,
+                lower_bound=compared.fixed_size_lower_bound(options.alpha) if finite else None,
             )
         )
         if p_harm < options.alpha / len(OUTCOMES):
@@ -131,13 +131,6 @@ def decide(
             )
         return _decided(updated, "rolled_back", f"not shown to be as good within {options.margin} rating points")
     return updated
-
-
-def _lower_bound(compared: SequentialComparison, alpha: float) -> float:
-    """One-sided 1 - alpha bound of the difference, Student's t on Welch's degrees of freedom."""
-    from scipy.stats import t
-
-    return compared.difference - float(t.ppf(1 - alpha, compared.degrees_of_freedom)) * compared.standard_error
 
 
 def _now_ms() -> int:
