@@ -254,3 +254,4 @@ async def test_pipeline_survives_a_killed_trainer_worker(
         for s in ids
     }
     assert arm_users and arm_users <= named
+    assert len(arm_users) == 1  # One simulated user per arm, and the same one on every arm: the gate pairs them.

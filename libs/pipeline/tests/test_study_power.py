@@ -136,3 +136,32 @@ def test_too_few_scored_users_for_the_sizes_asked_is_a_clear_error() -> None:
             turns=1,
             repeats=10,
         )
+
+
+def test_paired_draws_take_the_same_users_from_both_arms() -> None:
+    policy = delta_v_policy(load_policy(SIMULATION_GATE))
+    rng = np.random.default_rng(1)
+    users = rng.normal(0.0, 1.0, 300)  # Large differences between users, a small gain within each.
+    base, candidate = users + rng.normal(0, 0.01, 300), users + 0.05 + rng.normal(0, 0.01, 300)
+    assert pass_rate(candidate, base, 10, policy, 20, rng, paired=True) == 1.0
+    assert pass_rate(candidate, base, 10, policy, 20, rng) < 0.5  # Unpaired, the users' spread hides the gain.
+    # A user missing an item on either arm is left out of the pairs.
+    assert pass_rate([0.1, None, 0.3], [0.0, 0.2, None], 1, policy, 10, rng, paired=True) == 0.0
+    with pytest.raises(ValueError, match="pools"):
+        pass_rate([0.1, None, 0.3], [0.0, 0.2, None], 2, policy, 10, rng, paired=True)
+    with pytest.raises(ValueError, match="one item per user"):
+        pass_rate([0.1], [0.0, 0.2], 1, policy, 10, rng, paired=True)
+
+
+def test_paired_analysis_meets_the_same_users_on_every_arm() -> None:
+    kwargs = {"sizes": [12], "users": 120, "turns": 2, "repeats": 10}
+    qualities = {"base": [-0.3], "candidate": [0.3]}
+    paired = power_analysis(qualities, word_valence, load_policy(SIMULATION_GATE), PERSONAS, paired=True, **kwargs)
+    assert paired["paired"] is True and "Paired: the same users" in render_markdown(paired)
+    unpaired = power_analysis(qualities, word_valence, load_policy(SIMULATION_GATE), PERSONAS, **kwargs)
+    assert unpaired["paired"] is False and "Unpaired" in render_markdown(unpaired)
+    # Same users, same replies' quality on base and base again: no gain can pass.
+    same = power_analysis(
+        {"base": [0.0], "candidate": [0.0]}, word_valence, load_policy(SIMULATION_GATE), PERSONAS, paired=True, **kwargs
+    )
+    assert same["rows"][0]["pass_gold_no_gain"] == 0.0 and same["rows"][0]["pass_gold"] == 0.0

@@ -66,5 +66,22 @@ def test_items_are_grouped_by_arm_and_origin_never_pooled() -> None:
     synthetic = items["base"]["synthetic"]
     assert synthetic["sessions"] == 2 and synthetic["delta_v"] == [pytest.approx(0.1), pytest.approx(-0.1)]
     assert synthetic["negative_reaction"] == [1.0, 0.0, 0.0]
-    assert items["base"]["real"] == {"sessions": 1, "delta_v": [pytest.approx(0.1)], "negative_reaction": []}
+    assert items["base"]["real"] == {
+        "sessions": 1,
+        "delta_v": [pytest.approx(0.1)],
+        "delta_v_users": [""],
+        "negative_reaction": [],
+    }
     assert items["sft-1"]["real"]["delta_v"] == [0.0] and items["sft-1"]["synthetic"]["negative_reaction"] == [1.0]
+
+
+def test_each_delta_v_item_names_its_user_so_arms_can_be_paired() -> None:
+    labels = [
+        ({**_label("base", 0.5, 0.6, []), "user_id": "eval-1-0"}, True),
+        ({**_label("base", None, 0.6, [1.0]), "user_id": "eval-1-1"}, True),  # No Delta v: no item, no user.
+        ({**_label("sft-1", 0.2, 0.5, []), "user_id": "eval-1-0"}, True),
+    ]
+    items = arm_gate_items(labels)
+    assert items["base"]["synthetic"]["delta_v_users"] == ["eval-1-0"]
+    assert items["sft-1"]["synthetic"]["delta_v_users"] == ["eval-1-0"]
+    assert len(items["base"]["synthetic"]["delta_v"]) == 1

@@ -146,3 +146,29 @@ def test_the_evaluate_steps_outputs_and_the_report_section() -> None:
     assert "- mmlu_correct: not computed: MMLU did not run" in section
     assert "holds no person's reaction" in section and "simulated users" in section
     assert "Evaluation gate evidence" not in render_markdown(build_report({"title": "no gate"}))
+
+
+def _synthetic(values: list[float], users: list[str]) -> dict[str, Any]:
+    return {"synthetic": {"sessions": len(values), "delta_v": values, "delta_v_users": users, "negative_reaction": []}}
+
+
+def test_synthetic_delta_v_is_paired_by_simulated_user_and_real_never() -> None:
+    offline = {"cand": ArmItems(), "base": ArmItems()}
+    online = {
+        "cand": _synthetic([0.3, 0.1, 0.5], ["u2", "u0", "u9"]),
+        "base": _synthetic([0.0, 0.2, 0.4], ["u0", "u1", "u2"]),
+    }
+    paired = gate_evidence("cand", "base", offline, None, online).evidence["delta_v"]
+    # The users both arms have (u0, u2), in user order; u1 and u9 had one arm only.
+    assert paired.paired and paired.candidate == [0.1, 0.3] and paired.baseline == [0.0, 0.4]
+    # Without users (an older labeler), or with a user twice on one arm: independent arms.
+    for cand in (_synthetic([0.3, 0.1], ["", ""]), _synthetic([0.3, 0.1], ["u0", "u0"])):
+        found = gate_evidence("cand", "base", offline, None, {**online, "cand": cand}).evidence["delta_v"]
+        assert not found.paired and found.candidate == [0.3, 0.1] and found.baseline == [0.0, 0.2, 0.4]
+    # Too few shared users to speak for the arms: independent.
+    few = _synthetic([0.3, 0.1, 0.2], ["u0", "x1", "x2"])
+    assert not gate_evidence("cand", "base", offline, None, {**online, "cand": few}).evidence["delta_v"].paired
+    # Real sessions: different people, never paired, even when user ids repeat.
+    real = {arm: {"real": items["synthetic"]} for arm, items in online.items()}
+    found = gate_evidence("cand", "base", offline, None, real)
+    assert found.origins["delta_v"] == "real" and not found.evidence["delta_v"].paired

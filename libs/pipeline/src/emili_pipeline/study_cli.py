@@ -192,6 +192,9 @@ def power(
         str | None, typer.Option(help="Labeler address (default from the labeler's settings).")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for power.json and power.md.")] = None,
+    paired: Annotated[
+        bool, typer.Option(help="The same users on both arms, compared user by user (as the pipeline's arm sessions).")
+    ] = False,
 ) -> None:
     """How many sessions per arm the gate's Δv checks need to see the gain a study's candidates had, with SIMULATED
     users: their hidden Δv against the gold Δv the running labeler gives their surveys. Needs the labeler (make up)."""
@@ -243,6 +246,7 @@ def power(
             seed=seed,
             state_model=simulator.state,
             observed_delta_v={arm: pooled[arm]["delta_v"] for arm in pooled},
+            paired=paired,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -29,7 +29,7 @@ from emili_affect.stats import bootstrap_ci
 from emili_pipeline.gate import Evidence, GatePolicy, judge
 from emili_pipeline.simulator import Persona, ReplyQuality, SimulatedUser
 from emili_pipeline.simulator.run import user_seed
-from emili_pipeline.simulator.state import StateModelSettings
+from emili_pipeline.simulator.state import ReplyScorer, StateModelSettings
 from emili_pipeline.simulator.surveys import SurveyAnswers
 
 ARMS = ("base", "candidate")
@@ -68,6 +68,13 @@ class SimulatedArm:
     post_texts: list[str]
 
 
+def _constant(quality: ReplyQuality) -> ReplyScorer:
+    def scorer(_reply: str, _message: str) -> ReplyQuality:
+        return quality
+
+    return scorer
+
+
 def simulate_arm(
     qualities: Sequence[float],
     users: int,
@@ -75,21 +82,23 @@ def simulate_arm(
     turns: int,
     seed: int,
     state_model: StateModelSettings | None = None,
+    quality_seed: int | None = None,
 ) -> SimulatedArm:
-    """``users`` simulated users, each hearing ``turns`` replies of one quality drawn from ``qualities``; users and
-    personas as :func:`~emili_pipeline.simulator.run.run_users` picks them for ``seed``."""
+    """``users`` simulated users, each hearing ``turns`` replies of one quality drawn from ``qualities`` (with
+    ``quality_seed``, default ``seed``); users and personas as :func:`~emili_pipeline.simulator.run.run_users` picks
+    them for ``seed``, so two arms with one ``seed`` meet the same users."""
     if not qualities or not personas or users < 1 or turns < 1:
         raise ValueError("need qualities, personas, at least one user and one turn")
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(personas))
+    order = np.random.default_rng(seed).permutation(len(personas))
+    draws = np.random.default_rng([seed, seed if quality_seed is None else quality_seed])
     hidden, pre, post = [], [], []
     for index in range(users):
-        quality = ReplyQuality(float(qualities[int(rng.integers(len(qualities)))]))
+        quality = ReplyQuality(float(qualities[int(draws.integers(len(qualities)))]))
         user = SimulatedUser(
             personas[int(order[index % len(personas)])],
             user_seed(seed, index),
             state_model=state_model,
-            scorer=lambda _reply, _message, q=quality: q,
+            scorer=_constant(quality),
         )
         pre.append(gold_text(user.pre_survey()))
         for turn in range(turns):
@@ -121,25 +130,39 @@ def delta_v_policy(policy: GatePolicy) -> GatePolicy:
 
 
 def pass_rate(
-    candidate: Sequence[float],
-    baseline: Sequence[float],
+    candidate: Sequence[float | None],
+    baseline: Sequence[float | None],
     n: int,
     policy: GatePolicy,
     repeats: int,
     rng: np.random.Generator,
+    paired: bool = False,
 ) -> float:
-    """The share of ``repeats`` draws of ``n`` sessions per arm (without replacement) that pass every check."""
-    c, b = np.asarray(candidate, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    """The share of ``repeats`` draws of ``n`` sessions per arm (without replacement) that pass every check. Paired:
+    item i of both arms is the same user, drawn together (users missing an item on either arm are left out);
+    otherwise each arm is drawn on its own (missing items left out)."""
+    c = np.asarray([np.nan if v is None else v for v in candidate], dtype=np.float64)
+    b = np.asarray([np.nan if v is None else v for v in baseline], dtype=np.float64)
+    if paired:
+        if len(c) != len(b):
+            raise ValueError("paired arms need one item per user on each arm")
+        both = np.isfinite(c) & np.isfinite(b)
+        c, b = c[both], b[both]
+    else:
+        c, b = c[np.isfinite(c)], b[np.isfinite(b)]
     if n > min(len(c), len(b)):
         raise ValueError(f"{n} sessions per arm asked, the pools have {len(c)} and {len(b)}")
     passed = 0
     for _ in range(repeats):
-        evidence = {
-            "delta_v": Evidence(
-                candidate=c[rng.choice(len(c), n, replace=False)].tolist(),
-                baseline=b[rng.choice(len(b), n, replace=False)].tolist(),
-            )
-        }
+        if paired:
+            drawn = rng.choice(len(c), n, replace=False)
+            evidence = {"delta_v": Evidence(c[drawn].tolist(), b[drawn].tolist(), paired=True)}
+        else:
+            evidence = {
+                "delta_v": Evidence(
+                    c[rng.choice(len(c), n, replace=False)].tolist(), b[rng.choice(len(b), n, replace=False)].tolist()
+                )
+            }
         passed += judge(policy, evidence).passed
     return passed / repeats
 
@@ -149,7 +172,7 @@ def _summary(values: Sequence[float], seed: int) -> dict[str, Any]:
     return {
         "n": len(values),
         "mean": round(float(np.mean(values)), 4),
-        "sd": round(float(np.std(values, ddof=1)), 4),
+        "sd": round(float(np.std(values, ddof=1)), 4) if len(values) > 1 else None,
         "ci95": [round(low, 4), round(high, 4)],
     }
 
@@ -167,14 +190,21 @@ def power_analysis(
     seed: int = 0,
     state_model: StateModelSettings | None = None,
     observed_delta_v: Mapping[str, Sequence[float]] | None = None,
+    paired: bool = False,
 ) -> dict[str, Any]:
-    """The gate's pass rate at each n per arm, on gold and on hidden Δv, with the calibration behind it."""
+    """The gate's pass rate at each n per arm, on gold and on hidden Δv, with the calibration behind it. Paired: the
+    same users meet both arms (as the pipeline's arm sessions do) and the gate compares them user by user; the
+    no-gain rate then compares base with base again, the same users hearing other replies of base's quality."""
     checks = delta_v_policy(policy)
-    arms = {
-        arm: simulate_arm(qualities[arm], users, personas, turns, seed + i, state_model) for i, arm in enumerate(ARMS)
+    simulated = {
+        name: simulate_arm(
+            qualities[source], users, personas, turns, seed if paired else seed + i, state_model, quality_seed=seed + i
+        )
+        for i, (name, source) in enumerate((("base", "base"), ("candidate", "candidate"), ("base_again", "base")))
     }
-    hidden = {arm: arms[arm].hidden for arm in ARMS}
-    gold_all = {arm: gold_delta_v(arms[arm], score) for arm in ARMS}
+    hidden_all = {name: arm.hidden for name, arm in simulated.items()}
+    gold_all = {name: gold_delta_v(arm, score) for name, arm in simulated.items()}
+    hidden = {arm: hidden_all[arm] for arm in ARMS}
     # Users with a side the labeler cannot score have no gold Δv, as in the gate's evidence.
     gold = {arm: [v for v in gold_all[arm] if v is not None] for arm in ARMS}
     scored = min(len(gold[arm]) for arm in ARMS)
@@ -188,15 +218,19 @@ def power_analysis(
     slope = float(np.polyfit(h_all, g_all, 1)[0]) if len(pairs) > 2 and np.ptp(h_all) > 0 else float("nan")
     correlation = float(np.corrcoef(h_all, g_all)[0, 1]) if len(pairs) > 2 and np.std(g_all) > 0 else float("nan")
     rng = np.random.default_rng(seed)
+
+    def rate(candidate: Sequence[float | None], baseline: Sequence[float | None], n: int) -> float:
+        return pass_rate(candidate, baseline, n, checks, repeats, rng, paired)
+
     rows = []
     for n in sizes:
         rows.append(
             {
                 "n_per_arm": n,
-                "pass_gold": pass_rate(gold["candidate"], gold["base"], n, checks, repeats, rng),
-                "pass_hidden": pass_rate(hidden["candidate"], hidden["base"], n, checks, repeats, rng),
-                # Both arms from base: how often a candidate no better than base would pass.
-                "pass_gold_no_gain": pass_rate(gold["base"], gold["base"], n, checks, repeats, rng),
+                "pass_gold": rate(gold_all["candidate"], gold_all["base"], n),
+                "pass_hidden": rate(hidden["candidate"], hidden["base"], n),
+                # Both arms base: how often a candidate no better than base would pass.
+                "pass_gold_no_gain": rate(gold_all["base_again"], gold_all["base"], n),
             }
         )
     result: dict[str, Any] = {
@@ -204,6 +238,7 @@ def power_analysis(
         "policy": checks.name,
         "checks": [c.name for c in checks.checks],
         "users_per_arm": users,
+        "paired": paired,
         "turns": turns,
         "repeats": repeats,
         "seed": seed,
@@ -224,7 +259,8 @@ def power_analysis(
 def render_markdown(result: Mapping[str, Any]) -> str:
     def arm_line(key: str, arm: str) -> str:
         s = result[key][arm]
-        return f"{s['mean']:+.3f} (sd {s['sd']:.3f}, n {s['n']})"
+        spread = "–" if s["sd"] is None else f"{s['sd']:.3f}"
+        return f"{s['mean']:+.3f} (sd {spread}, n {s['n']})"
 
     lines = [
         "# Gate power for Δv (SYNTHETIC: simulated users)",
@@ -233,7 +269,12 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         "",
         f"Gate `{result['policy']}`, checks {', '.join(result['checks'])}; {result['users_per_arm']} simulated users "
         f"per arm, {result['turns']} replies each at a reply quality drawn from the study's sessions; "
-        f"{result['repeats']} draws per row.",
+        f"{result['repeats']} draws per row. "
+        + (
+            "Paired: the same users meet both arms and are compared user by user (as the pipeline's arm sessions)."
+            if result.get("paired")
+            else "Unpaired: other users on each arm."
+        ),
         "",
         "| | base | candidate |",
         "|---|---|---|",

@@ -68,19 +68,16 @@ def arm_sessions(settings: ChatSettings, client: redis.Redis, store: ObjectStore
     secret = settings.auth.secret.get_secret_value()
     target = settings.grpc_target()
     seed = config.seed + 1000  # The same seed for every arm: the same personas and users meet each model.
-
-    def subject_prefix(label: str) -> str:
-        return f"{label}-{state['pipeline_id'][3:11]}"
+    # And the same user id: simulated user i is one person to every arm, so the gate pairs their sessions.
+    subject_prefix = f"eval-{state['pipeline_id'][3:11]}"
 
     # Named before any of them starts: the loop never takes these users' sessions for training, even while this step
     # runs or after it died midway (the session list below is written only once every user has finished).
-    users = [user_subject(subject_prefix(label), seed, i) for label in arms for i in range(per_arm)]
+    users = [user_subject(subject_prefix, seed, i) for i in range(per_arm)]
     store.put_json(Bucket.MODELS, pipeline_arm_users_key(state["pipeline_id"]), {"users": users})
     result: dict[str, Any] = {"arms": {}, "summaries": {}}
     for i, (label, arm) in enumerate(arms.items()):
-        simulator = config.simulator_settings().model_copy(
-            update={"model_arm": arm, "subject_prefix": subject_prefix(label)}
-        )
+        simulator = config.simulator_settings().model_copy(update={"model_arm": arm, "subject_prefix": subject_prefix})
 
         def token_for(subject: str) -> str:
             return create_token(secret, subject, ["chat"], 3600, settings.auth.issuer)

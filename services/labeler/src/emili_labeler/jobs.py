@@ -459,16 +459,21 @@ def session_gate_items(label: Mapping[str, Any]) -> dict[str, list[float]]:
 
 def arm_gate_items(labels: Sequence[tuple[Mapping[str, Any], bool]]) -> dict[str, Any]:
     """Per model arm and origin ("real", "synthetic"), the gate's per-session and per-reply items of
-    (label, synthetic) pairs: ``{arm: {origin: {"sessions": n, "delta_v": [...], "negative_reaction": [...]}}}``.
-    Origins are never pooled: the gate compares sessions of one kind."""
+    (label, synthetic) pairs: ``{arm: {origin: {"sessions": n, "delta_v": [...], "delta_v_users": [...],
+    "negative_reaction": [...]}}}``; ``delta_v_users`` is the user of each ``delta_v`` item, so sessions of the same
+    simulated user on two arms can be paired. Origins are never pooled: the gate compares sessions of one kind."""
     items: dict[str, Any] = {}
     for label, synthetic in labels:
         arm = str(label.get("model_arm") or "base")
         origin = "synthetic" if synthetic else "real"
-        entry = items.setdefault(arm, {}).setdefault(origin, {"sessions": 0, "delta_v": [], "negative_reaction": []})
+        entry = items.setdefault(arm, {}).setdefault(
+            origin, {"sessions": 0, "delta_v": [], "delta_v_users": [], "negative_reaction": []}
+        )
         entry["sessions"] += 1
-        for metric, values in session_gate_items(label).items():
+        session = session_gate_items(label)
+        for metric, values in session.items():
             entry[metric] += values
+        entry["delta_v_users"] += [str(label.get("user_id", ""))] * len(session["delta_v"])
     return items
 
 
