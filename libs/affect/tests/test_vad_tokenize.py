@@ -163,3 +163,9 @@ def test_english_lemmas_prefer_the_adjective_and_exclude_the_word() -> None:
     assert english_lemmas("worse")[0] == "bad"
     assert english_lemmas("felt") == ("feel",)
     assert english_lemmas("happy") == ()
+
+
+def test_a_lemma_that_is_a_stopword_is_skipped_like_the_stopword() -> None:
+    tokenizer = LexiconTokenizer(lexicon("do", "happy"), lemmas=english_lemmas)
+    tokens = tokenizer.tokenize("done happier")
+    assert tokens.terms == ["happy"] and tokens.skipped == 1

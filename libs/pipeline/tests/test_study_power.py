@@ -153,15 +153,21 @@ def test_paired_draws_take_the_same_users_from_both_arms() -> None:
         pass_rate([0.1], [0.0, 0.2], 1, policy, 10, rng, paired=True)
 
 
-def test_paired_analysis_meets_the_same_users_on_every_arm() -> None:
-    kwargs = {"sizes": [12], "users": 120, "turns": 2, "repeats": 10}
-    qualities = {"base": [-0.3], "candidate": [0.3]}
-    paired = power_analysis(qualities, word_valence, load_policy(SIMULATION_GATE), PERSONAS, paired=True, **kwargs)
+def test_arms_with_one_seed_meet_the_same_users_whatever_replies_they_hear() -> None:
+    first = simulate_arm([-0.5, 0.5], 40, PERSONAS, 2, seed=3, quality_seed=10)
+    again = simulate_arm([-0.5, 0.5], 40, PERSONAS, 2, seed=3, quality_seed=11)
+    other = simulate_arm([-0.5, 0.5], 40, PERSONAS, 2, seed=4, quality_seed=10)
+    assert first.pre_texts == again.pre_texts  # The same users: the same start, hence the same pre-chat survey.
+    assert first.hidden != again.hidden  # Other replies' quality.
+    assert [round(h, 6) for h in first.hidden] != [round(h, 6) for h in other.hidden]
+
+
+def test_paired_analysis_sees_a_gain_that_users_spread_hides_unpaired() -> None:
+    kwargs = {"sizes": [12], "users": 150, "turns": 2, "repeats": 20}
+    qualities = {"base": [-0.2], "candidate": [-0.05]}
+    policy = load_policy(SIMULATION_GATE)
+    paired = power_analysis(qualities, word_valence, policy, PERSONAS, paired=True, **kwargs)
+    unpaired = power_analysis(qualities, word_valence, policy, PERSONAS, **kwargs)
     assert paired["paired"] is True and "Paired: the same users" in render_markdown(paired)
-    unpaired = power_analysis(qualities, word_valence, load_policy(SIMULATION_GATE), PERSONAS, **kwargs)
     assert unpaired["paired"] is False and "Unpaired" in render_markdown(unpaired)
-    # Same users, same replies' quality on base and base again: no gain can pass.
-    same = power_analysis(
-        {"base": [0.0], "candidate": [0.0]}, word_valence, load_policy(SIMULATION_GATE), PERSONAS, paired=True, **kwargs
-    )
-    assert same["rows"][0]["pass_gold_no_gain"] == 0.0 and same["rows"][0]["pass_gold"] == 0.0
+    assert paired["rows"][0]["pass_gold"] > unpaired["rows"][0]["pass_gold"] + 0.25

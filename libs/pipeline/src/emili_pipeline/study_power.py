@@ -10,15 +10,21 @@ and noisier in gold Δv. This module measures by how much, and what that does to
 2. many simulated users per arm hear replies of one such quality per session (the study's turns) and fill in both
    surveys; their hidden Δv is known, and their gold Δv is the valence the labeler gives the surveys' texts;
 3. the gate policy's ``delta_v`` checks judge random draws of n sessions per arm, for several n: the share that pass
-   is the gate's power at n (on gold Δv, and on hidden Δv for comparison); the same draws with both arms from the
-   base pool give the rate at which a candidate no better than base would pass.
+   is the gate's power at n (on gold Δv, and on hidden Δv for comparison); the same draws of base against a second
+   simulated base arm give the rate at which a candidate no better than base would pass.
 
 Replies within a session are given the session's mean quality, so the simulated hidden Δv is compared with the
 study's observed one in the output: a large gap means the calibration does not describe that study.
+
+Paired (``paired=True``), the same users meet every arm, as in the pipeline's arm sessions, and a user's random
+streams are the same on each: the arms differ only in the replies' quality. That is the best case for pairing. In
+the pipeline the models also differ in how many replies a user hears (unprompted ones) and each reply draws state
+noise, so a user's two sessions drift further apart and the real paired power is somewhat lower.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -167,6 +173,11 @@ def pass_rate(
     return passed / repeats
 
 
+def _finite(value: float) -> float | None:
+    """Rounded for the report; None (JSON null) where it could not be computed."""
+    return round(value, 4) if math.isfinite(value) else None
+
+
 def _summary(values: Sequence[float], seed: int) -> dict[str, Any]:
     low, high = bootstrap_ci(values, seed=seed)
     return {
@@ -207,11 +218,15 @@ def power_analysis(
     hidden = {arm: hidden_all[arm] for arm in ARMS}
     # Users with a side the labeler cannot score have no gold Δv, as in the gate's evidence.
     gold = {arm: [v for v in gold_all[arm] if v is not None] for arm in ARMS}
-    scored = min(len(gold[arm]) for arm in ARMS)
+    if paired:  # The pool is the users scored on every arm.
+        scored = sum(all(gold_all[name][i] is not None for name in gold_all) for i in range(users))
+    else:
+        scored = min(sum(v is not None for v in values) for values in gold_all.values())
     if scored < max(sizes):
         raise ValueError(
-            f"only {scored} of {users} simulated users per arm have both surveys scored by the labeler, fewer than "
-            f"the {max(sizes)} sessions per arm asked: raise users or lower sizes"
+            f"only {scored} of {users} simulated users per arm have both surveys scored by the labeler"
+            f"{' on every arm' if paired else ''}, fewer than the {max(sizes)} sessions per arm asked: raise users or "
+            "lower sizes"
         )
     pairs = [(h, g) for arm in ARMS for h, g in zip(hidden[arm], gold_all[arm], strict=True) if g is not None]
     h_all, g_all = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
@@ -246,7 +261,7 @@ def power_analysis(
         "hidden_delta_v": {arm: _summary(hidden[arm], seed) for arm in ARMS},
         "gold_delta_v": {arm: _summary(gold[arm], seed) for arm in ARMS},
         "unscored_users": {arm: len(gold_all[arm]) - len(gold[arm]) for arm in ARMS},
-        "gold_on_hidden": {"slope": round(slope, 4), "correlation": round(correlation, 4), "n": len(pairs)},
+        "gold_on_hidden": {"slope": _finite(slope), "correlation": _finite(correlation), "n": len(pairs)},
         "rows": rows,
     }
     if observed_delta_v:
@@ -254,6 +269,10 @@ def power_analysis(
             arm: _summary(observed_delta_v[arm], seed) for arm in ARMS if len(observed_delta_v.get(arm) or ()) > 1
         }
     return result
+
+
+def _shown(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def render_markdown(result: Mapping[str, Any]) -> str:
@@ -293,7 +312,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         f"| gold Δv (the labeler on the surveys) | {arm_line('gold_delta_v', 'base')} | "
         f"{arm_line('gold_delta_v', 'candidate')} |",
         "",
-        f"Gold Δv on hidden Δv: slope {fit['slope']:.3f}, correlation {fit['correlation']:.3f} (n {fit['n']}).",
+        f"Gold Δv on hidden Δv: slope {_shown(fit['slope'])}, correlation {_shown(fit['correlation'])} (n {fit['n']}).",
         "",
         "| sessions per arm | gate passes (gold Δv) | gate passes (hidden Δv) | passes with no gain (gold Δv) |",
         "|---|---|---|---|",

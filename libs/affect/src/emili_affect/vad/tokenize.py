@@ -233,6 +233,9 @@ class LexiconTokenizer:
                 continue
             if row < 0 and self.lemmas is not None:
                 lemma = self._lemma_term(word)
+                if lemma is not None and lemma in stopwords:  # "done" -> "do": a stopword's rating is of another sense.
+                    skipped += 1
+                    continue
                 if lemma is not None:
                     word, row = lemma, single[lemma]
             terms.append(word)

@@ -279,7 +279,8 @@ def vad_distance(
 
     As in EmPO (Lee et al.'s ``vad.py``) a text's valence, arousal and dominance are each the maximum over its
     words, not the mean, and the context is the last user utterance (the caller passes it). Words are the
-    labeler's lexicon terms (stopwords skipped, multi-word expressions matched); a text's intensity is the
+    lexicon's terms as written (stopwords skipped, multi-word expressions matched; no lemma lookup, as in EmPO's
+    exact-word match, unlike the labeler's gold labels); a text's intensity is the
     strongest NRC emotion intensity among its words. Lower = closer tone. EmPO scores an unknown word 0 and
     averages the signed difference; here unknown words are left out, a pair is skipped when either side has
     no known word, and ``signed`` holds the mean of context - reply for comparison with EmPO's tables.
