@@ -221,11 +221,12 @@ def power(
     config = load_config(pipeline)
     simulator = config.simulator_settings()
     target = labeler_target or _service_target("labeler", "pass --labeler-target HOST:PORT")
-    token = client_token(load_settings(CliSettings), "labeler", subject="study-power")
+    cli_settings = load_settings(CliSettings)
+    token = client_token(cli_settings, "labeler", subject="study-power")
 
     def score(texts: Sequence[str]) -> list[float | None]:
         async def call() -> list[float | None]:
-            async with make_channel(target, token, timeout=120) as channel:
+            async with make_channel(target, token, tls=cli_settings.tls, timeout=120) as channel:
                 stub = labeler_pb2_grpc.LabelerServiceStub(channel)
                 response = await stub.ScoreTexts(labeler_pb2.ScoreTextsRequest(texts=list(texts)))
                 return [s.vad.valence if s.HasField("vad") else None for s in response.scores]

@@ -13,7 +13,6 @@ tried adjective first, then verb, noun and adverb ("better" -> good, "felt" -> f
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 
 __all__ = ["POS_ORDER", "Lemmatizer", "english_lemmas"]
 
@@ -21,9 +20,9 @@ Lemmatizer = Callable[[str], Sequence[str]]
 POS_ORDER = ("ADJ", "VERB", "NOUN", "ADV")
 
 
-@lru_cache(maxsize=65_536)
 def english_lemmas(word: str) -> tuple[str, ...]:
-    """The lemmas of a lowercase English word other than itself, most likely first; () when it has none."""
+    """The lemmas of a lowercase English word other than itself, most likely first; () when it has none. Not cached
+    here: the tokenizer caches what it found for each word."""
     from lemminflect import getAllLemmas
 
     found = getAllLemmas(word)

@@ -231,13 +231,12 @@ class LexiconTokenizer:
             if row < 0 and _HAS_LETTER.search(word) is None:
                 skipped += 1
                 continue
-            if row < 0 and self.lemmas is not None:
-                lemma = self._lemma_term(word)
-                if lemma is not None and lemma in stopwords:  # "done" -> "do": a stopword's rating is of another sense.
+            lemma = self._lemma_term(word) if row < 0 and self.lemmas is not None else None
+            if lemma is not None:
+                if lemma in stopwords:  # "done" -> "do": a stopword's rating is of another sense.
                     skipped += 1
                     continue
-                if lemma is not None:
-                    word, row = lemma, single[lemma]
+                word, row = lemma, single[lemma]
             terms.append(word)
             rows.append(row)
         return Tokens(terms=terms, rows=rows, skipped=skipped)
