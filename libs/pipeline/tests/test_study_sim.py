@@ -258,23 +258,36 @@ def test_report_says_synthetic_everywhere_and_flags_a_noise_promotion(tmp_path: 
 # --- the simulation gate requires a gain ------------------------------------------------------------------------------
 
 
-def _evidence(gain: float) -> dict[str, Evidence]:
+POWERED_GATE = SIMULATION_GATE.with_name("gate-simulation-powered.yaml")
+
+
+def _evidence(gain: float, users: int = 12, contexts: int = 8, empathy_loss: float = 0.0) -> dict[str, Evidence]:
     rng = np.random.default_rng(0)
-    base = list(rng.normal(0.0, 0.05, 12))
+    base = list(rng.normal(0.0, 0.05, users))
+    epitome = list(rng.choice([0.0, 1 / 3, 2 / 3, 1.0], contexts))
     return {
         "delta_v": Evidence([v + gain for v in base], base),
-        "diff_epitome_mean": Evidence([0.3] * 8, [0.3] * 8, paired=True),
-        "reply_words": Evidence([20.0] * 8, [20.0] * 8, paired=True),
-        "negative_reaction": Evidence([0.0] * 16, [0.0] * 16),
+        "diff_epitome_mean": Evidence([v + empathy_loss for v in epitome], epitome, paired=True),
+        "reply_words": Evidence([20.0] * contexts, [20.0] * contexts, paired=True),
+        "negative_reaction": Evidence([0.0] * 2 * users, [0.0] * 2 * users),
     }
 
 
-def test_simulation_gate_fails_a_candidate_that_is_only_not_worse() -> None:
-    policy = load_policy(SIMULATION_GATE)
-    assert judge(policy, _evidence(0.3)).passed
-    verdict = judge(policy, _evidence(0.0))
+@pytest.mark.parametrize(("gate", "users", "contexts"), [(SIMULATION_GATE, 12, 8), (POWERED_GATE, 48, 28)])
+def test_simulation_gates_fail_a_candidate_that_is_only_not_worse(gate: Path, users: int, contexts: int) -> None:
+    policy = load_policy(gate)
+    assert judge(policy, _evidence(0.3, users, contexts)).passed
+    verdict = judge(policy, _evidence(0.0, users, contexts))
     assert not verdict.passed
     assert [c.name for c in verdict.checks if not c.passed] == ["delta_v_gain"]
+
+
+def test_powered_gate_fails_a_clear_empathy_loss_and_too_few_users() -> None:
+    policy = load_policy(POWERED_GATE)
+    lost = judge(policy, _evidence(0.3, 48, 28, empathy_loss=0.5))
+    assert [c.name for c in lost.checks if not c.passed] == ["empathy_not_worse"]
+    few = judge(policy, _evidence(0.3, 12, 28))
+    assert {c.name for c in few.checks if not c.passed} == {"delta_v_gain", "delta_v_not_worse"}
 
 
 # --- the loop's surroundings ----------------------------------------------------------------------------------------
