@@ -33,6 +33,7 @@ from .conftest import (
     gateway_settings,
     join,
     register_model_version,
+    study_spec,
 )
 
 pytestmark = pytest.mark.integration
@@ -227,6 +228,17 @@ def test_failed_gates_and_pipelines_and_the_newest_decisions(client: TestClient,
     detail = get(client, "/loop/candidates/next-1")
     assert detail["verdict"] is None and detail["registered"] is False and detail["pipeline"] is None
     assert [e["event"] for e in detail["history"]] == ["candidate trained"]
+
+    # The rejected candidate stays registered but is never served: no study arm, no canary.
+    assert get(client, f"/loop/candidates/{candidate}")["registered"] is True
+    as_arm = client.post(
+        "/api/v1/studies", json=study_spec(arms=[{"arm": candidate, "weight": 1}]), headers=admin_headers()
+    )
+    assert as_arm.status_code == 409 and "failed the evaluation gate" in as_arm.json()["detail"]
+    assert "knowledge_kept" in as_arm.json()["detail"]
+    study_id = create_study(client)["study_id"]
+    canary = client.post(f"/api/v1/studies/{study_id}/canary", json={"candidate": candidate}, headers=admin_headers())
+    assert canary.status_code == 409 and f"/loop/candidates/{candidate}" in canary.json()["detail"]
 
 
 def test_a_damaged_state_is_a_clear_error(client: TestClient, object_store: ObjectStore) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "GATE_PREFIX",
     "LOOP_STATE_KEY",
     "STUDIES_PREFIX",
+    "check_gate_not_failed",
     "check_pipeline_id",
     "gate_key",
     "gate_verdict",
@@ -76,6 +77,25 @@ def gate_verdict(store: ObjectStore, version: str) -> dict[str, Any] | None:
     """The gate's verdict on ``version``; None when the gate has not judged it."""
     check_version(version)
     return _read(store, gate_key(version), f"the gate's verdict on {version}")
+
+
+def check_gate_not_failed(store: ObjectStore, version: str) -> None:
+    """FailedPrecondition when the evaluation gate rejected ``version``: a rejected candidate stays registered, with
+    its verdict as evidence, but is never put in front of participants. A version the gate never judged (trained by
+    hand, not by the loop) is the researcher's call."""
+    verdict = gate_verdict(store, version)
+    if verdict is not None and not verdict.get("passed"):
+        checks = verdict.get("checks")
+        failed = (
+            [str(c.get("name")) for c in checks if isinstance(c, dict) and not c.get("passed")]
+            if isinstance(checks, list)
+            else []
+        )
+        raise FailedPrecondition(
+            f"model version {version!r} failed the evaluation gate {verdict.get('policy', '')!r} "
+            f"({', '.join(failed) or 'see its verdict'}): a rejected candidate is never served; "
+            f"see GET /api/v1/loop/candidates/{version}"
+        )
 
 
 def pipeline_record(store: ObjectStore, pipeline_id: str) -> dict[str, Any] | None:

@@ -59,7 +59,7 @@ class Look(BaseModel):
 class CanaryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    candidate: str = Field(description="A registered model version that passed its evaluation gate")
+    candidate: str = Field(description="A registered model version the evaluation gate did not reject")
     production: str | None = Field(None, description="The arm it stands in for; default: the study's first arm")
     share: float | None = Field(None, gt=0, le=0.5, description="Share of that arm's new participants it gets")
 

@@ -43,6 +43,7 @@ from emili_gateway.models import (
     StudySpec,
 )
 from emili_gateway.settings import StudyStoreSettings
+from emili_session.loop_records import check_gate_not_failed
 from emili_session.registry import check_servable, registered_model
 
 T = TypeVar("T")
@@ -185,6 +186,7 @@ class StudyEngine:
                 try:
                     await self._s3(registered_model, self.objects, arm.arm)
                     await self._s3(check_servable, self.objects, arm.arm)
+                    await self._s3(check_gate_not_failed, self.objects, arm.arm)
                 except NotFound:
                     raise InvalidInput(
                         f"arm {arm.arm!r} is neither 'base' nor a registered model version; "
@@ -517,6 +519,7 @@ class StudyEngine:
         except NotFound:
             raise InvalidInput(f"{candidate!r} is not a registered model version") from None
         await self._s3(check_servable, self.objects, candidate)
+        await self._s3(check_gate_not_failed, self.objects, candidate)
         canary = Canary(
             study_id=study.study_id,
             candidate=candidate,
