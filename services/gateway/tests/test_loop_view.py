@@ -182,6 +182,14 @@ def test_a_round_is_traced_from_each_decision_to_its_sessions(client: TestClient
     assert [e["event"] for e in detail["history"]][:2] == ["canary rolled back", "canary started"]
     assert get(client, f"/loop/pipelines/{pipeline_id}") == pipeline
 
+    # A later candidate's canary becomes the study's newest; this candidate's decision and numbers stay on its page.
+    later = register_candidate(object_store, sessions)
+    url = f"/api/v1/studies/{study['study_id']}/canary"
+    assert client.post(url, json={"candidate": later}, headers=admin_headers()).status_code == 201
+    assert client.get(url, headers=admin_headers()).json()["candidate"] == later
+    kept = get(client, f"/loop/candidates/{candidate}")["canary"]
+    assert kept == {**detail["canary"], "participants": kept["participants"]} and kept["state"] == "rolled_back"
+
 
 def test_failed_gates_and_pipelines_and_the_newest_decisions(client: TestClient, object_store: ObjectStore) -> None:
     sessions = [f"s-{uuid.uuid4().hex[:8]}" for _ in range(3)]

@@ -291,7 +291,7 @@ class LoopReader:
             pipeline = None if raw is None else pipeline_view(pipeline_id, raw)
         lineage = _mapping((entry or {}).get("lineage"))
         study_id = next((e.study_id for e in history if e.study_id), None)
-        canary = await self.studies.canary(study_id) if study_id else None
+        canary = await self.studies.canary_of(study_id, version) if study_id else None
         return LoopCandidateDetail(
             version=version,
             verdict=verdict,
@@ -301,6 +301,6 @@ class LoopReader:
             lineage_datasets=[d for d in lineage.get("datasets") or [] if isinstance(d, Mapping)],
             lineage_parents=[str(p) for p in lineage.get("parents") or []],
             study_id=study_id,
-            canary=canary if canary is not None and canary.candidate == version else None,
+            canary=canary,
             history=history,
         )

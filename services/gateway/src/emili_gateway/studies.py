@@ -488,12 +488,31 @@ class StudyEngine:
         raw = await self._r("read the canary", self.redis.get(self._key("study", study_id, "canary")))
         if not raw:
             return None
-        canary = Canary.model_validate_json(raw)
+        return await self._with_participants(Canary.model_validate_json(raw))
+
+    async def _with_participants(self, canary: Canary) -> Canary:
         counted = await self._r(
             "count canary participants",
-            self.redis.hget(self._key("study", study_id, "canary_counts"), str(canary.started_ms)),
+            self.redis.hget(self._key("study", canary.study_id, "canary_counts"), str(canary.started_ms)),
         )
         return canary.model_copy(update={"participants": int(counted or 0)})
+
+    async def canary_of(self, study_id: str, candidate: str) -> Canary | None:
+        """``candidate``'s latest canary in the study (running or decided), or None: read from its durable record,
+        so a candidate's decision and numbers stay visible after a later candidate's canary replaced it as the
+        study's newest."""
+        newest = await self.canary(study_id)
+        if newest is not None and newest.candidate == candidate:
+            return newest
+        folder = f"{self.options.prefix}/{study_id}/canaries/"
+        keys = await self._s3(self.objects.list_keys, Bucket.SESSIONS, folder)
+        ours = [k for k in keys if k.removeprefix(folder).partition("-")[2] == f"{candidate}.json"]
+        if not ours:
+            return None
+        started = max(ours, key=lambda k: int(k.removeprefix(folder).partition("-")[0] or 0))
+        return await self._with_participants(
+            Canary.model_validate(await self._s3(self.objects.get_json, Bucket.SESSIONS, started))
+        )
 
     async def serving_arm(self, study_id: str, arm: str) -> str:
         """What serves ``arm`` now: the candidate promoted in its place, if any."""
