@@ -1,4 +1,5 @@
-"""The labeler through real Redis, S3, a Celery worker and the gRPC API, on sessions recorded by chat code."""
+"""The labeler through real Redis, S3, a Celery worker and the gRPC API, on sessions recorded by chat code; and the
+gateway's client of it (a canary's outcomes)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ from celery import Celery
 from emili.labeler.v1 import labeler_pb2, labeler_pb2_grpc
 from emili_chat.persist import persist_session
 from emili_chat.store import SessionRecord, SessionStore
+from emili_core.errors import NotFound
 from emili_core.grpc_client import make_channel
 from emili_core.grpc_server import start_server
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import CommonSettings
 from emili_core.tasks import create_celery_app
+from emili_gateway.chat_client import LabelerClient
 from emili_labeler import jobs
 from emili_labeler.main import build_app
 from emili_labeler.runtime import build_runtime
@@ -182,6 +185,16 @@ async def test_label_and_datasets_through_the_worker_and_grpc(
             with pytest.raises(grpc.aio.AioRpcError) as exc:
                 await stub.ScoreTexts(labeler_pb2.ScoreTextsRequest(texts=["x" * 200_000]))
             assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # The gateway's canary reads the same label: Δv, and one of the two read reactions flagged positive.
+        labels = LabelerClient(f"127.0.0.1:{server.port}", token(["labeler"]), 60)
+        try:
+            reactions = await labels.reactions("lab-1")
+            assert reactions.delta_v == pytest.approx(gold["delta"]["valence"])
+            assert reactions.positive_reaction == 0.5
+            with pytest.raises(NotFound):
+                await labels.reactions("never-recorded")
+        finally:
+            await labels.close()
     finally:
         await server.stop()
 

@@ -16,9 +16,11 @@ import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 
 from emili_affect.stats import msprt_compare
+from emili_core.errors import FailedPrecondition, NotFound
 from emili_core.objectstore import ObjectStore
 from emili_core.settings import S3Settings
-from emili_gateway.canary import Canary, CanaryMonitor, decide, draw_candidate, session_outcomes
+from emili_gateway.canary import OUTCOMES, Canary, CanaryMonitor, decide, draw_candidate, session_outcomes
+from emili_gateway.chat_client import SessionReactions
 from emili_gateway.metrics import gateway_metrics
 from emili_gateway.models import SessionRecord
 from emili_gateway.settings import CanarySettings, GatewaySettings
@@ -72,7 +74,7 @@ def test_harm_waits_for_the_burn_in() -> None:
     assert tiny.state == "running" and all(look.p_harm == 1.0 for look in tiny.looks)
     assert tiny.looks[0].difference is not None and tiny.looks[0].difference < 0
     alone = msprt_compare([2.33, 2.33], production["rating"], tau=0.5, alpha=OPTIONS.alpha)
-    assert alone.p_harm < OPTIONS.alpha / 2
+    assert alone.p_harm < OPTIONS.alpha / len(OUTCOMES)
 
 
 def test_a_canary_planned_smaller_than_the_burn_in_calls_harm_at_its_planned_size() -> None:
@@ -137,7 +139,89 @@ def test_session_outcomes() -> None:
         record(6, arm="base", state="ended", rated=True, rating={"empathy": 3, "relevance": 3, "fluency": 3}),
     ]
     found = session_outcomes(records, "cand", since_ms=NOW - 20_000, idle_before_ms=NOW - 5_000)
-    assert found == {"rating": [4.0], "completed": [1.0, 0.0]}
+    assert found == {"rating": [4.0], "completed": [1.0, 0.0], "delta_v": [], "positive_reaction": []}
+
+    # With labels: every finished session that may be used for training, rated or not; a label without a face
+    # reading has no positive-reaction share.
+    records += [
+        record(7, state="ended"),  # Finished without a rating.
+        record(8, state="ended", use_for_training=False),  # Never labelled: the labeler refuses it.
+    ]
+    reactions = {
+        "s1": SessionReactions(0.2, 0.5),
+        "s4": SessionReactions(-0.9, 0.0),  # Withdrawn.
+        "s7": SessionReactions(-0.1, None),
+        "s8": SessionReactions(0.9, 1.0),
+    }
+    found = session_outcomes(records, "cand", NOW - 20_000, NOW - 5_000, reactions)
+    assert found["delta_v"] == [0.2, -0.1] and found["positive_reaction"] == [0.5]
+
+
+def test_harm_on_a_labelled_outcome_rolls_back() -> None:
+    candidate, production = outcomes(4.0, 12, seed=20), outcomes(4.0, 12, seed=21)
+    rng = random.Random(22)
+    candidate["delta_v"] = [rng.gauss(-0.15, 0.05) for _ in range(12)]
+    production["delta_v"] = [rng.gauss(0.1, 0.05) for _ in range(12)]
+    looked = decide(OPTIONS, canary(), candidate, production)
+    assert looked.state == "rolled_back" and "delta_v" in looked.reason and "rating" not in looked.reason
+    assert [look.outcome for look in looked.looks] == list(OUTCOMES)
+    positive = next(look for look in looked.looks if look.outcome == "positive_reaction")
+    assert positive.n_candidate == 0 and positive.difference is None and positive.p_harm == 1.0
+
+
+def test_labels_not_read_yet_hold_back_a_promotion_but_not_harm() -> None:
+    planned = OPTIONS.model_copy(update={"max_sessions": 80})
+    as_good = outcomes(4.1, 80, seed=5), outcomes(4.0, 80, seed=6)
+    waiting = decide(planned, canary(labels_pending=2), *as_good)
+    assert waiting.state == "running" and waiting.labels_pending == 2
+    assert decide(planned, waiting.model_copy(update={"labels_pending": 0}), *as_good).state == "promoted"
+    harmed = decide(OPTIONS, canary(labels_pending=2), outcomes(2.0, 12, seed=1), outcomes(4.2, 12, seed=2))
+    assert harmed.state == "rolled_back"
+
+
+def test_the_monitor_reads_each_label_once_and_waits_a_while_for_missing_ones() -> None:
+    asked: list[str] = []
+
+    async def labels(session_id: str) -> SessionReactions:
+        asked.append(session_id)
+        if session_id.startswith("late"):
+            raise NotFound(f"session {session_id} is not recorded yet")
+        if session_id == "refused":
+            raise FailedPrecondition("no training consent")
+        return SessionReactions(0.1, 0.5)
+
+    def ended(session_id: str, finished_ms: int, **changes: Any) -> SessionRecord:
+        values: dict[str, Any] = dict(
+            session_id=session_id,
+            study_id="st",
+            participant_id="p",
+            arm="cand",
+            created_ms=finished_ms - 1000,
+            ended_ms=finished_ms,
+            camera=True,
+            store_frames=False,
+            use_for_training=True,
+            state="ended",
+        )
+        return SessionRecord(**(values | changes))
+
+    records = [
+        ended("ok", NOW),
+        ended("refused", NOW),
+        ended("late-new", int(time.time() * 1000)),  # Within label_grace_s: worth waiting for.
+        ended("late-old", NOW - int(OPTIONS.label_grace_s * 1000) - 60_000),  # Given up on.
+        ended("active", NOW, state="active"),
+        ended("no-consent", NOW, use_for_training=False),
+    ]
+    monitor = CanaryMonitor(OPTIONS, None, None, labels=labels)
+    assert asyncio.run(monitor.read_labels(records)) == 1
+    assert sorted(asked) == ["late-new", "late-old", "ok", "refused"]
+    asked.clear()
+    assert asyncio.run(monitor.read_labels(records)) == 1
+    assert asked == ["late-new"]  # The others are known, with or without outcomes.
+    found = session_outcomes(records, "cand", 0, 0, monitor._reactions)
+    assert found["delta_v"] == [0.1] and found["positive_reaction"] == [0.5]
+    assert asyncio.run(CanaryMonitor(OPTIONS, None, None).read_labels(records)) == 0  # No labeler: rating only.
 
 
 # --- through the gateway ------------------------------------------------------------------------------------

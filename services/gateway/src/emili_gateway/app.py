@@ -34,7 +34,7 @@ from emili_core.grpc_client import ServiceToken
 from emili_core.objectstore import ObjectStore
 from emili_gateway import export
 from emili_gateway.canary import Canary, CanaryMonitor, CanaryRequest
-from emili_gateway.chat_client import ChatClient, FerClient
+from emili_gateway.chat_client import ChatClient, FerClient, LabelerClient
 from emili_gateway.converse import ClientGone, ConverseBridge
 from emili_gateway.engine import GatewayEngine
 from emili_gateway.errors import CanaryNotFound, Gone, PayloadTooLarge, RateLimited
@@ -512,6 +512,10 @@ def create_app(settings: GatewaySettings, *, objects: ObjectStore | None = None)
     fer_token = ServiceToken(
         settings.auth.secret.get_secret_value(), "gateway-service", ["fer"], issuer=settings.auth.issuer
     )
+    # And for the labeler's session labels, a canary's outcomes.
+    labeler_token = ServiceToken(
+        settings.auth.secret.get_secret_value(), "gateway-service", ["labeler"], issuer=settings.auth.issuer
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -524,6 +528,7 @@ def create_app(settings: GatewaySettings, *, objects: ObjectStore | None = None)
             log.warning("object store not ready at startup: %s", exc)
         chat = ChatClient(options.chat_target, options.chat_timeout_seconds, settings.tls)
         fer = FerClient(options.fer_target, fer_token, options.chat_timeout_seconds, settings.tls)
+        labeler = LabelerClient(options.labeler_target, labeler_token, options.chat_timeout_seconds, settings.tls)
         app.state.engine = GatewayEngine(
             settings,
             StudyEngine(options.studies, client, store),
@@ -544,7 +549,9 @@ def create_app(settings: GatewaySettings, *, objects: ObjectStore | None = None)
             drainer = WithdrawalDrainer(options.withdrawals, client, app.state.engine.studies, chat, tasks, admin_token)
             app.state.engine.background(drainer.run())
         if options.canary.monitor:
-            monitor = CanaryMonitor(options.canary, app.state.engine.studies, app.state.engine.metrics)
+            monitor = CanaryMonitor(
+                options.canary, app.state.engine.studies, app.state.engine.metrics, labels=labeler.reactions
+            )
             app.state.engine.background(monitor.run())
         try:
             yield
@@ -553,6 +560,7 @@ def create_app(settings: GatewaySettings, *, objects: ObjectStore | None = None)
             tasks.close()
             await chat.close()
             await fer.close()
+            await labeler.close()
             await client.aclose()
 
     app = FastAPI(

@@ -15,11 +15,16 @@ this often without inflating false alarms:
   since the planned size may be a handful of sessions: this analysis happens once, at the planned size, so it
   needs no sequential correction); otherwise **roll back**.
 
-Outcomes per session: ``rating`` (the mean of the participant's three 1-5 ratings, for rated sessions) and
-``completed`` (1 when the session ended with a rating, 0 when it was abandoned). A promoted candidate takes the
-production arm's place for every later participant of the study (the study itself never changes; the gateway
-maps the arm); a rolled back one gets no new participant. Each decision, with its numbers, is kept with the
-canary (``GET /api/v1/studies/{id}/canary``, the researcher page) and counted in metrics.
+Outcomes per session: ``rating`` (the mean of the participant's three 1-5 ratings, for rated sessions),
+``completed`` (1 when the session ended with a rating, 0 when it was abandoned) and, from the labeler's label of each
+finished session whose participant let it be used for training (the label the loop trains on): ``delta_v`` (valence
+after minus before, from the surveys) and ``positive_reaction`` (the share of replies whose read reaction was flagged
+positive). A finished session whose label cannot be read yet (the labeler down, the record not yet persisted) holds
+back a promotion, never a harm decision, until it is read or ``label_grace_s`` has passed.
+
+A promoted candidate takes the production arm's place for every later participant of the study (the study itself
+never changes; the gateway maps the arm); a rolled back one gets no new participant. Each decision, with its
+numbers, is kept with the canary (``GET /api/v1/studies/{id}/canary``, the researcher page) and counted in metrics.
 """
 
 from __future__ import annotations
@@ -29,19 +34,23 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from emili_affect.stats import msprt_compare
+from emili_core.errors import DependencyUnavailable, NotFound
+from emili_gateway.chat_client import SessionReactions
 from emili_gateway.models import SessionRecord
 from emili_gateway.settings import CanarySettings
 
 log = logging.getLogger(__name__)
 
 CanaryState = Literal["running", "promoted", "rolled_back"]
-OUTCOMES = ("rating", "completed")
+OUTCOMES = ("rating", "completed", "delta_v", "positive_reaction")
+LABEL_OUTCOMES = ("delta_v", "positive_reaction")
+LabelReader = Callable[[str], Awaitable[SessionReactions]]
 
 
 class Look(BaseModel):
@@ -76,19 +85,39 @@ class Canary(BaseModel):
     reason: str = ""
     looks: list[Look] = Field(default_factory=list)
     participants: int = 0  # New participants the candidate got while it ran (filled in when read).
+    labels_pending: int = 0  # Finished sessions whose label could not be read at the last look.
+
+
+def canary_sessions(records: Sequence[SessionRecord], arm: str, since_ms: int) -> list[SessionRecord]:
+    """``arm``'s sessions begun since ``since_ms`` (the canary's start: earlier sessions of the production arm met
+    another time), withdrawn ones excluded."""
+    return [r for r in records if r.arm == arm and r.created_ms >= since_ms and not r.withdrawn]
+
+
+def labelled(record: SessionRecord) -> bool:
+    """Whether the session's outcomes include its label's: finished, and its participant let it be used for training
+    (the labeler labels no other session)."""
+    return record.state == "ended" and record.use_for_training
 
 
 def session_outcomes(
-    records: Sequence[SessionRecord], arm: str, since_ms: int, idle_before_ms: int
+    records: Sequence[SessionRecord],
+    arm: str,
+    since_ms: int,
+    idle_before_ms: int,
+    reactions: Mapping[str, SessionReactions] | None = None,
 ) -> dict[str, list[float]]:
-    """The outcomes of ``arm``'s finished sessions begun since ``since_ms`` (the canary's start: earlier sessions
-    of the production arm met another time), withdrawn ones excluded."""
-    mine = [r for r in records if r.arm == arm and r.created_ms >= since_ms and not r.withdrawn]
+    """The outcomes of ``arm``'s finished sessions (:func:`canary_sessions`); ``reactions`` are the labels read so
+    far, by session id."""
+    mine = canary_sessions(records, arm, since_ms)
     rated = [r for r in mine if r.state == "ended" and r.rated and r.rating]
     abandoned = [r for r in mine if not r.rated and max(r.last_activity_ms, r.created_ms) < idle_before_ms]
+    read = [(reactions or {}).get(r.session_id) for r in mine if labelled(r)]
     return {
         "rating": [sum(r.rating.values()) / len(r.rating) for r in rated if r.rating],
         "completed": [1.0] * len(rated) + [0.0] * len(abandoned),
+        "delta_v": [x.delta_v for x in read if x is not None and x.delta_v is not None],
+        "positive_reaction": [x.positive_reaction for x in read if x is not None and x.positive_reaction is not None],
     }
 
 
@@ -100,7 +129,9 @@ def decide(
     looks = []
     harmed = []
     for outcome in OUTCOMES:
-        compared = msprt_compare(candidate[outcome], production[outcome], tau=options.tau[outcome], alpha=options.alpha)
+        compared = msprt_compare(
+            candidate.get(outcome, []), production.get(outcome, []), tau=options.tau[outcome], alpha=options.alpha
+        )
         burnt_in = min(compared.n_candidate, compared.n_baseline) >= options.harm_burn_in()
         p_harm = min(previous.get(outcome, 1.0), compared.p_harm if burnt_in else 1.0)
         finite = not math.isnan(compared.difference)
@@ -122,6 +153,8 @@ def decide(
         return _decided(updated, "rolled_back", f"harm: the candidate did worse on {', '.join(harmed)}")
     rating = looks[0]
     if min(rating.n_candidate, rating.n_production) >= options.max_sessions:
+        if updated.labels_pending:
+            return updated  # Not promoted on a harm check that has not seen every finished session.
         if rating.lower_bound is not None and rating.lower_bound > -options.margin:
             return _decided(
                 updated,
@@ -153,8 +186,11 @@ class CanaryMonitor:
     """Looks at every running canary every ``interval_s`` and records its decision; one gateway replica at a time
     (a Redis lock), so two replicas never decide the same canary twice."""
 
-    def __init__(self, options: CanarySettings, studies: Any, metrics: Any) -> None:
-        self.options, self.studies, self.metrics = options, studies, metrics
+    def __init__(self, options: CanarySettings, studies: Any, metrics: Any, labels: LabelReader | None = None) -> None:
+        """``labels`` reads a finished session's label (the labeler's LabelSession); None compares the rating and
+        completion only."""
+        self.options, self.studies, self.metrics, self.labels = options, studies, metrics, labels
+        self._reactions: dict[str, SessionReactions] = {}  # A finished session's label does not change.
 
     async def run(self) -> None:
         while True:
@@ -176,14 +212,47 @@ class CanaryMonitor:
         self.metrics.canaries_running.set(len(running) - len(decided))
         return decided
 
+    async def read_labels(self, records: Sequence[SessionRecord]) -> int:
+        """Read the labels of finished sessions not read yet; how many could not be read and still may be."""
+        if self.labels is None:
+            return 0
+        reader = self.labels
+        missing = [r for r in records if labelled(r) and r.session_id not in self._reactions]
+        limit = asyncio.Semaphore(4)
+        now = _now_ms()
+
+        async def read(record: SessionRecord) -> bool:
+            async with limit:
+                try:
+                    self._reactions[record.session_id] = await reader(record.session_id)
+                    return False
+                except (NotFound, DependencyUnavailable) as exc:
+                    # Not persisted yet, or the labeler is down: try again at the next look, for a while.
+                    finished = max(record.ended_ms, record.last_activity_ms, record.created_ms)
+                    if now - finished < self.options.label_grace_s * 1000:
+                        return True
+                    log.warning(
+                        "canary: session %s has no label; its outcomes leave it out (%s)", record.session_id, exc
+                    )
+                except Exception as exc:  # Refused for good (e.g. deleted): it has no label outcomes.
+                    log.warning("canary: session %s cannot be labelled: %s", record.session_id, exc)
+                self._reactions[record.session_id] = SessionReactions(None, None)
+                return False
+
+        return sum(await asyncio.gather(*(read(r) for r in missing)))
+
     async def look(self, canary: Canary) -> Canary:
         records = await self.studies.study_sessions(canary.study_id)
         idle_before = _now_ms() - self.studies.options.abandoned_after_seconds * 1000
+        arms = [
+            r for arm in (canary.candidate, canary.production) for r in canary_sessions(records, arm, canary.started_ms)
+        ]
+        pending = await self.read_labels(arms)
         looked = decide(
             self.options,
-            canary,
-            session_outcomes(records, canary.candidate, canary.started_ms, idle_before),
-            session_outcomes(records, canary.production, canary.started_ms, idle_before),
+            canary.model_copy(update={"labels_pending": pending}),
+            session_outcomes(records, canary.candidate, canary.started_ms, idle_before, self._reactions),
+            session_outcomes(records, canary.production, canary.started_ms, idle_before, self._reactions),
         )
         await self.studies.save_canary(looked)
         if looked.state != "running":

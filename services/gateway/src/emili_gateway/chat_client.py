@@ -1,4 +1,5 @@
-"""The gateway's gRPC edge: calls to the chat service (and FER's Analyze for camera checks).
+"""The gateway's gRPC edge: calls to the chat service (FER's Analyze for camera checks, the labeler's session labels
+for canaries).
 
 The only module that touches protobuf: everything else sees the plain types below. gRPC status codes
 become emili_core domain errors here, with the callee's message, so callers never see a grpc exception.
@@ -18,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from emili.chat.v1 import chat_pb2, chat_pb2_grpc
 from emili.fer.v1 import fer_pb2, fer_pb2_grpc
+from emili.labeler.v1 import labeler_pb2, labeler_pb2_grpc
 from emili_core import errors
 from emili_core.grpc_client import TokenSource, make_channel
 from emili_core.settings import TLSSettings
@@ -325,8 +327,8 @@ class ChatClient:
         return Conversation(self.stub, token, session_id)
 
 
-class FerClient:
-    """FER's Analyze with the gateway's own service token (scope ``fer``): camera checks only."""
+class _ServiceClient:
+    """A channel to another service under the gateway's own service token, made on first use."""
 
     def __init__(self, target: str, token: TokenSource, timeout_seconds: float, tls: TLSSettings | None = None) -> None:
         self.target = target
@@ -336,17 +338,53 @@ class FerClient:
         self._channel: grpc.aio.Channel | None = None
 
     @property
-    def stub(self) -> fer_pb2_grpc.FerServiceAsyncStub:
+    def channel(self) -> grpc.aio.Channel:
         if self._channel is None:
             self._channel = make_channel(self.target, self.token, tls=self.tls, timeout=self.timeout)
-        return fer_pb2_grpc.FerServiceStub(self._channel)  # type: ignore[return-value]
+        return self._channel
 
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
 
+
+class FerClient(_ServiceClient):
+    """FER's Analyze with the gateway's own service token (scope ``fer``): camera checks only."""
+
+    @property
+    def stub(self) -> fer_pb2_grpc.FerServiceAsyncStub:
+        return fer_pb2_grpc.FerServiceStub(self.channel)  # type: ignore[return-value]
+
     async def face_found(self, jpeg: bytes) -> bool:
         request = fer_pb2.AnalyzeRequest(frame=fer_pb2.Frame(data=jpeg, format=fer_pb2.FRAME_FORMAT_JPEG))
         reply = await _call(self.stub.Analyze(request), "face recognition")
         return bool(reply.reading.face_found)
+
+
+@dataclass(frozen=True)
+class SessionReactions:
+    """A finished session's outcomes from its label: ``delta_v`` (valence after minus before, from the surveys; None
+    when one is missing) and ``positive_reaction`` (the share of replies whose read reaction was flagged positive;
+    None when no reaction was read, e.g. without a camera)."""
+
+    delta_v: float | None
+    positive_reaction: float | None
+
+
+class LabelerClient(_ServiceClient):
+    """The labeler's LabelSession with the gateway's own service token (scope ``labeler``): canary outcomes only.
+    The label is the one the loop trains on (the same settings), made once and kept by the labeler."""
+
+    @property
+    def stub(self) -> labeler_pb2_grpc.LabelerServiceAsyncStub:
+        return labeler_pb2_grpc.LabelerServiceStub(self.channel)  # type: ignore[return-value]
+
+    async def reactions(self, session_id: str) -> SessionReactions:
+        request = labeler_pb2.LabelSessionRequest(session_id=session_id)
+        label = (await _call(self.stub.LabelSession(request), "labeling")).label
+        read = [t for t in label.turns if t.HasField("delta")]
+        return SessionReactions(
+            delta_v=label.delta.valence if label.HasField("delta") else None,
+            positive_reaction=sum(t.flagged for t in read) / len(read) if read else None,
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from emili_core.settings import CommonSettings, HealthCheck
 from emili_session.loop_records import STUDIES_PREFIX
@@ -65,6 +65,9 @@ class WithdrawalSettings(BaseModel):
     max_retry_seconds: float = Field(300.0, gt=0)
 
 
+DEFAULT_TAU = {"rating": 0.5, "completed": 0.15, "delta_v": 0.05, "positive_reaction": 0.15}
+
+
 class CanarySettings(BaseModel):
     """Canaries (``EMILI_GATEWAY__CANARY__*``): a candidate version's share of a study's new participants and the
     sequential test that promotes or rolls it back (see ``emili_gateway.canary``)."""
@@ -81,8 +84,23 @@ class CanarySettings(BaseModel):
 
     alpha: float = Field(0.05, gt=0, lt=0.5)  # Shared by the outcomes (Bonferroni) for harm.
     margin: float = Field(0.25, ge=0)  # Rating points the candidate may lose and still be promoted.
-    # The mixture scale per outcome: the size of difference the test is tuned to detect, in the outcome's units.
-    tau: dict[str, float] = {"rating": 0.5, "completed": 0.15}
+    # The mixture scale per outcome: the size of difference the test is tuned to detect, in the outcome's units
+    # (rating points; shares of sessions completed or of replies reacted to positively; valence on the 0-1 scale).
+    tau: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_TAU))
+    # How long a finished session whose label cannot be read yet holds back a promotion.
+    label_grace_s: float = Field(900.0, ge=0)
+
+    @field_validator("tau")
+    @classmethod
+    def _every_outcome(cls, tau: dict[str, float]) -> dict[str, float]:
+        """Outcomes a configuration leaves out keep their defaults; a scale that is not positive is an error."""
+        merged = {**DEFAULT_TAU, **tau}
+        if unknown := set(merged) - set(DEFAULT_TAU):
+            raise ValueError(f"unknown canary outcomes {sorted(unknown)}; known: {sorted(DEFAULT_TAU)}")
+        if bad := [k for k, v in merged.items() if not v > 0]:
+            raise ValueError(f"tau must be positive for {bad}")
+        return merged
+
     interval_s: float = Field(30.0, gt=0)  # How often the monitor looks; only one gateway replica does.
     monitor: bool = True
 
@@ -95,6 +113,7 @@ class GatewayOptions(BaseModel):
     canary: CanarySettings = CanarySettings()
     chat_target: str = "127.0.0.1:50052"
     fer_target: str = "127.0.0.1:50051"  # Camera checks (Analyze) only; chat streams frames to FER itself.
+    labeler_target: str = "127.0.0.1:50053"  # Canary outcomes (LabelSession) only.
     chat_timeout_seconds: float = Field(10.0, gt=0)
     # After a browser disconnects, wait this long for chat to finish (and record) a reply already started.
     drain_seconds: float = Field(30.0, ge=0)
