@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from emili_core.keys import model_withdrawal_key
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_pipeline.gate import Evidence
 from emili_pipeline.loop import NO_CANDIDATE, STATE_KEY, Loop, LoopPolicy, RedisLease
@@ -150,6 +151,27 @@ def test_a_round_without_a_candidate_is_told_apart_from_a_failed_one(
     assert (loop.tick() or pytest.fail()).phase == "idle" and len(system.pipelines) == 1
     system.sessions += ["d", "e", "f"]
     assert (loop.tick() or pytest.fail()).phase == "training" and system.pipelines[-1] == tuple("abcdef")
+
+
+def test_a_retired_production_version_is_replaced_without_the_withdrawn_sessions(
+    store: ObjectStore, isolated_redis_url: str
+) -> None:
+    system = FakeSystem(sessions=["a", "b", "c"], evidence=GOOD, finished=True, decision="promoted")
+    loop = make(store, isolated_redis_url, system, "only")
+    for _ in range(4):
+        loop.tick()
+    assert loop.state().production == "cand-1" and loop.state().phase == "idle"
+    assert (loop.tick() or pytest.fail()).phase == "idle"  # Not retired: no new sessions, nothing to do.
+
+    # The person behind "b" withdraws: the labeler deletes the session and retires the versions that learned from it.
+    store.put_json(Bucket.MODELS, model_withdrawal_key("cand-1"), {"version": "cand-1", "retired": True})
+    system.sessions.remove("b")
+    state = loop.tick() or pytest.fail()
+    assert state.phase == "training" and state.production is None
+    assert system.pipelines[-1] == ("a", "c") and system.baselines[-1] == "base"  # At once, without new sessions.
+    retired, retraining = state.history[-3:-1]
+    assert retired["event"] == "production retired" and retired["retired"] == "cand-1"
+    assert retired["production"] == "base" and retraining["replaces"] == "cand-1"
 
 
 def test_a_stop_before_the_canary_started_starts_it_on_restart(store: ObjectStore, isolated_redis_url: str) -> None:

@@ -17,9 +17,18 @@ from fastapi.testclient import TestClient
 
 from emili_affect.stats import msprt_compare
 from emili_core.errors import FailedPrecondition, NotFound
-from emili_core.objectstore import ObjectStore
+from emili_core.keys import model_withdrawal_key
+from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import S3Settings
-from emili_gateway.canary import OUTCOMES, Canary, CanaryMonitor, decide, draw_candidate, session_outcomes
+from emili_gateway.canary import (
+    OUTCOMES,
+    RETIRED_REASON,
+    Canary,
+    CanaryMonitor,
+    decide,
+    draw_candidate,
+    session_outcomes,
+)
 from emili_gateway.chat_client import SessionReactions
 from emili_gateway.metrics import gateway_metrics
 from emili_gateway.models import SessionRecord
@@ -230,7 +239,10 @@ def test_the_monitor_reads_each_label_once_and_waits_a_while_for_missing_ones() 
 def _settings(redis_url: str, s3: S3Settings, servers: Servers) -> GatewaySettings:
     settings = gateway_settings(redis_url, s3, servers)
     # Keys of its own in the shared Redis: other tests' gateways run canary monitors that take the same lock.
-    studies = settings.gateway.studies.model_copy(update={"redis_prefix": f"canary-test-{uuid.uuid4().hex[:8]}"})
+    # Two sessions per participant: a returning participant's arm is checked again at their second.
+    studies = settings.gateway.studies.model_copy(
+        update={"redis_prefix": f"canary-test-{uuid.uuid4().hex[:8]}", "max_sessions_per_participant": 2}
+    )
     canary = OPTIONS.model_copy(update={"monitor": False})
     options = settings.gateway.model_copy(update={"canary": canary, "studies": studies})
     return settings.model_copy(update={"gateway": options})
@@ -338,6 +350,26 @@ def test_a_canary_through_the_gateway(
     assert [c.state for c in decided] == ["rolled_back"] and decided[0].reason.startswith("harm")
     manual = client.post(f"{url}/rollback", headers=admin_headers())
     assert manual.status_code == 409 and "already rolled back" in manual.json()["detail"]
+
+    # People the promoted version learned from withdraw, and it is retired: its participants and newcomers go back to
+    # the study arm it stood in for, and a running canary of a retired version is rolled back at its next look.
+    retire(object_store, "canary-good")
+    start_session(client, newcomer)
+    assert redis.Redis.from_url(redis_url).hget(f"{prefix}:participant:{newcomer.participant_id}", "arm") == b'"base"'
+    register_model_version(object_store, "canary-third")
+    third = client.post(url, json={"candidate": "canary-third", "share": 0.5}, headers=admin_headers())
+    assert third.status_code == 201 and third.json()["production"] == "base"
+    retire(object_store, "canary-third")
+    decided = _monitor(redis_url, object_store, settings, [])
+    assert [(c.state, c.reason) for c in decided] == [("rolled_back", RETIRED_REASON)]
+    again = client.post(url, json={"candidate": "canary-third"}, headers=admin_headers())
+    assert again.status_code == 409 and "retired" in again.json()["detail"]
+
+
+def retire(store: ObjectStore, version: str) -> None:
+    """The withdrawal mark the labeler writes with ``retention.withdrawn_models: retire``."""
+    mark = {"version": version, "withdrawn_sessions": ["s-gone"], "withdrawn_ms": 1, "updated_ms": 1, "retired": True}
+    store.put_json(Bucket.MODELS, model_withdrawal_key(version), mark)
 
 
 def test_the_final_bound_on_a_few_sessions_uses_students_t() -> None:

@@ -21,6 +21,8 @@ Phases, one step per tick:
 
 The production arm: candidates are compared with ``policy.production`` (``base``) until the loop promotes one;
 from then on with the promoted version (``LoopState.production``), which the next pipeline gets as its baseline.
+When the promoted version is retired (people it learned from withdrew, ``retention.withdrawn_models: retire``), the
+idle loop goes back to ``policy.production`` and retrains at once on the sessions that remain.
 
 Every transition is appended to the state's history with its numbers, so a decision can be traced back to the
 pipeline, its sessions and the verdict.
@@ -44,6 +46,7 @@ from emili_core.objectstore import Bucket, ObjectStore
 from emili_pipeline.gate import SHIPPED as SHIPPED_GATE
 from emili_pipeline.gate import Evidence, GatePolicy, Verdict, judge, load_policy
 from emili_session.loop_records import LOOP_STATE_KEY, gate_key
+from emili_session.registry import is_retired
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +181,8 @@ class Loop:
     def _idle(self, state: LoopState) -> LoopState:
         used = set(state.used_sessions)
         eligible = self.actions.eligible_sessions(self.policy.include_synthetic)
+        if state.production and is_retired(self.store, state.production):
+            return self._production_retired(state, eligible)
         new = [s for s in eligible if s not in used]
         if len(new) < self.policy.min_new_sessions:
             return state
@@ -185,6 +190,18 @@ class Loop:
         state.pipeline_id = None
         # Saved before the pipeline starts: a restart sees "training" and never starts another candidate.
         self._save(state, "enough new sessions", new_sessions=len(new), sessions=len(eligible))
+        return self._start_pipeline(state)
+
+    def _production_retired(self, state: LoopState, eligible: Sequence[str]) -> LoopState:
+        """People the promoted version learned from withdrew and it was retired: production goes back to the
+        policy's arm (the gateway serves that study arm again), and a replacement is trained at once on the sessions
+        that remain (withdrawn ones are no longer eligible), without waiting for new ones."""
+        retired, state.production = state.production, None
+        self._save(state, "production retired", retired=retired, production=self.baseline(state))
+        if not eligible:
+            return state
+        state.phase, state.sessions, state.pipeline_id = "training", sorted(eligible), None
+        self._save(state, "retraining without the withdrawn sessions", sessions=len(eligible), replaces=retired)
         return self._start_pipeline(state)
 
     def _start_pipeline(self, state: LoopState) -> LoopState:

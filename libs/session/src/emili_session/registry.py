@@ -26,6 +26,7 @@ __all__ = [
     "check_servable",
     "check_version",
     "download_adapter",
+    "is_retired",
     "lineage_sessions",
     "list_models",
     "mark_models_withdrawn",
@@ -127,6 +128,14 @@ def mark_models_withdrawn(store: ObjectStore, session_ids: Iterable[str], *, ret
         store.put_json(Bucket.MODELS, model_withdrawal_key(version), mark)
         marks.append(mark)
     return marks
+
+
+def is_retired(store: ObjectStore, version: str) -> bool:
+    """Whether ``version`` was retired because people it learned from withdrew (``base`` never is)."""
+    if version == "base":
+        return False
+    mark = model_withdrawal(store, version)
+    return bool(mark and mark.get("retired"))
 
 
 def check_servable(store: ObjectStore, version: str) -> None:

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 CanaryState = Literal["running", "promoted", "rolled_back"]
 OUTCOMES = ("rating", "completed", "delta_v", "positive_reaction")
-LABEL_OUTCOMES = ("delta_v", "positive_reaction")
+RETIRED_REASON = "retired: people it learned from withdrew their data; it gets no new participant"
 LabelReader = Callable[[str], Awaitable[SessionReactions]]
 
 
@@ -242,20 +242,26 @@ class CanaryMonitor:
         return sum(await asyncio.gather(*(read(r) for r in missing)))
 
     async def look(self, canary: Canary) -> Canary:
+        if await self.studies.retired(canary.candidate):
+            looked = _decided(canary, "rolled_back", RETIRED_REASON)
+        else:
+            looked = await self._compare(canary)
+        await self.studies.save_canary(looked)
+        if looked.state != "running":
+            self.metrics.canary_decisions.labels(looked.state).inc()
+            log.info("canary %s in %s: %s (%s)", canary.candidate, canary.study_id, looked.state, looked.reason)
+        return looked
+
+    async def _compare(self, canary: Canary) -> Canary:
         records = await self.studies.study_sessions(canary.study_id)
         idle_before = _now_ms() - self.studies.options.abandoned_after_seconds * 1000
         arms = [
             r for arm in (canary.candidate, canary.production) for r in canary_sessions(records, arm, canary.started_ms)
         ]
         pending = await self.read_labels(arms)
-        looked = decide(
+        return decide(
             self.options,
             canary.model_copy(update={"labels_pending": pending}),
             session_outcomes(records, canary.candidate, canary.started_ms, idle_before, self._reactions),
             session_outcomes(records, canary.production, canary.started_ms, idle_before, self._reactions),
         )
-        await self.studies.save_canary(looked)
-        if looked.state != "running":
-            self.metrics.canary_decisions.labels(looked.state).inc()
-            log.info("canary %s in %s: %s (%s)", canary.candidate, canary.study_id, looked.state, looked.reason)
-        return looked

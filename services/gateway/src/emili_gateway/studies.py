@@ -18,6 +18,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import logging
 import random
 import re
 import secrets
@@ -44,8 +45,9 @@ from emili_gateway.models import (
 )
 from emili_gateway.settings import StudyStoreSettings
 from emili_session.loop_records import check_gate_not_failed
-from emili_session.registry import check_servable, registered_model
+from emili_session.registry import check_servable, is_retired, registered_model
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BASE_ARM = "base"  # Chat's arm for the model without an adapter.
@@ -313,10 +315,26 @@ class StudyEngine:
         value = await self._r("look up a withdraw code", self.redis.get(self._key("withdraw", withdraw_hash(code))))
         return await self.participant(_str(value)) if value else None
 
+    async def retired(self, version: str) -> bool:
+        """Whether ``version`` was retired after a withdrawal. With the store down, False: chat, which checks again at
+        every session start, still refuses a retired version."""
+        try:
+            return await self._s3(is_retired, self.objects, version)
+        except DependencyUnavailable:
+            log.warning("could not check whether %s was retired (object store unavailable)", version)
+            return False
+
     async def assign_arm(self, study: Study, participant: Participant) -> str:
-        """The participant's arm: assigned once (balanced by weight, atomically), then the same for every session."""
+        """The participant's arm: assigned once (balanced by weight, atomically), then the same for every session;
+        except that a promoted version retired since gives way to the study arm it stood in for."""
         if participant.arm:
-            return participant.arm
+            if not await self.retired(participant.arm):
+                return participant.arm
+            raw = await self._r("read promotions", self.redis.hgetall(self._key("study", study.study_id, "arm_map")))
+            replaced = sorted(_str(k) for k, v in raw.items() if _str(v) == participant.arm)
+            if not replaced:
+                return participant.arm  # A study arm itself: chat refuses it, and says why.
+            return await self._record_arm(participant, replaced[0])
         pairs = [(a.arm, a.weight) for a in study.arms]
         random.shuffle(pairs)
         args = [str(x) for pair in pairs for x in pair]
@@ -327,17 +345,23 @@ class StudyEngine:
         # running canary takes a share of that arm's newcomers.
         serving = await self.serving_arm(study.study_id, _str(arm))
         canary = await self.canary(study.study_id)
+        if canary is not None and canary.state == "running" and await self.retired(canary.candidate):
+            canary = None  # Retired since its last look: the monitor rolls it back at its next.
         participant.arm = draw_candidate(canary, serving)
         if canary is not None and participant.arm != serving:
             await self._r(
                 "count a canary participant",
                 self.redis.hincrby(self._key("study", study.study_id, "canary_counts"), str(canary.started_ms), 1),
             )
+        return await self._record_arm(participant, participant.arm)
+
+    async def _record_arm(self, participant: Participant, arm: str) -> str:
+        participant.arm = arm
         await self._r(
             "record the arm",
-            self.redis.hset(self._key("participant", participant.participant_id), "arm", json.dumps(participant.arm)),
+            self.redis.hset(self._key("participant", participant.participant_id), "arm", json.dumps(arm)),
         )
-        return participant.arm
+        return arm
 
     async def start_session(self, participant: Participant) -> None:
         """Count a session start; refuse beyond the per-participant limit."""
@@ -515,9 +539,11 @@ class StudyEngine:
         )
 
     async def serving_arm(self, study_id: str, arm: str) -> str:
-        """What serves ``arm`` now: the candidate promoted in its place, if any."""
+        """What serves ``arm`` now: the candidate promoted in its place, if any and not retired since."""
         mapped = await self._r("read promotions", self.redis.hget(self._key("study", study_id, "arm_map"), arm))
-        return _str(mapped) if mapped else arm
+        if mapped and not await self.retired(_str(mapped)):
+            return _str(mapped)
+        return arm
 
     async def start_canary(self, study: Study, candidate: str, production: str, share: float, by: str) -> Canary:
         if production not in {a.arm for a in study.arms} and production not in await self._promoted(study.study_id):
