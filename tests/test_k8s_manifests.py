@@ -954,6 +954,7 @@ def test_network_policies_deny_by_default_and_allow_the_architecture() -> None:
     allowed = [
         ("gateway", "chat", 50052),
         ("gateway", "fer", 50051),
+        ("gateway", "labeler", 50053),
         ("chat", "fer", 50051),
         ("chat", "vllm", 8000),
         ("loop", "gateway", 8080),
@@ -979,11 +980,12 @@ def test_network_policies_deny_by_default_and_allow_the_architecture() -> None:
     assert net.can(None, "chat", 50052, src_ns="ingress-nginx")
     assert not net.can(None, "fer", 50051, src_ns="ingress-nginx")
     assert not net.can(None, "gateway", 8080, src_ns="default")
-    for name in DEPLOYMENTS:
+    for name in [*DEPLOYMENTS, LOOP]:
         metrics = net.pods[name][1]["metrics"]
         assert net.can(None, name, metrics, src_ns="monitoring"), f"prometheus -> {name}:{metrics}"
         assert not net.can(None, name, metrics, src_ns="default")
     assert net.can(None, "vllm", 8000, src_ns="monitoring")
+    assert not net.can("chat", "labeler", 50053), "only the gateway reaches the labeler's API"
 
 
 def test_dev_network_policies_let_services_reach_redis_and_minio_only() -> None:
@@ -1005,7 +1007,10 @@ def test_the_loop_runs_once_with_its_policy_and_secrets_from_the_secret(rel: str
     c = _container(docs, LOOP)
     assert c["command"] == ["emili", "loop", "run"] and c["image"].rpartition(":")[0].endswith(LOOP_IMAGE)
     assert c["livenessProbe"]["exec"]["command"] == ["emili", "loop", "live"]
-    assert not c.get("ports"), "nothing connects to the loop"
+    # Nothing connects to the loop but Prometheus, for its metrics (emili_loop_*).
+    assert [(p["name"], p["containerPort"]) for p in c["ports"]] == [("metrics", 9106)]
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "9106" and _env(c)["EMILI_LOOP_METRICS_PORT"]["value"] == "9106"
     env = _env(c)
     for var, key in SECRET_KEYS.items():
         assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "emili-secrets", "key": key}, var

@@ -14,15 +14,17 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from emili_core.keys import session_record_keys
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import REPO_ROOT
 from emili_pipeline.loop import STATE_KEY, LoopState
 from emili_pipeline.loop_cli import LEASE_KEY
-from emili_testing.plugin import Stack
+from emili_testing.plugin import Stack, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PREFIX = "loop-proc-"  # Buckets of this test's own: the loop looks at every recorded session.
@@ -31,9 +33,10 @@ PREFIX = "loop-proc-"  # Buckets of this test's own: the loop looks at every rec
 class LoopProcess:
     def __init__(self, name: str, env: dict[str, str], folder: Path) -> None:
         self.log = folder / f"{name}.log"
+        self.metrics_port = free_port()
         self.process = subprocess.Popen(
             [str(Path(sys.executable).parent / "emili"), "loop", "run"],
-            env=env,
+            env={**env, "EMILI_LOOP_METRICS_PORT": str(self.metrics_port)},
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -49,6 +52,18 @@ class LoopProcess:
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """One sample of the process's /metrics (None when absent or not served yet)."""
+        try:
+            page = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return None
+        for family in text_string_to_metric_families(page):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return float(sample.value)
+        return None
 
 
 def wait_for(what: str, check: Callable[[], bool], processes: list[LoopProcess], limit_s: float = 60) -> None:
@@ -118,6 +133,13 @@ def test_one_instance_acts_and_a_restart_starts_no_second_pipeline(
     )
     time.sleep(2)  # Several ticks of both.
     assert broker.llen("chat") == 1 and len(pipelines()) == 1  # One chain sent, one pipeline stored.
+    # Each says so in its metrics: one acts (in the training phase), the other stands by.
+    assert (acting.metric("emili_loop_ticks_total", outcome="acted") or 0) >= 2
+    assert acting.metric("emili_loop_holds_lease") == 1 and acting.metric("emili_loop_phase", phase="training") == 1
+    assert acting.metric("emili_loop_events_total", event="pipeline started") == 1
+    assert (waiting.metric("emili_loop_ticks_total", outcome="standby") or 0) >= 2
+    assert waiting.metric("emili_loop_holds_lease") == 0
+    assert (waiting.metric("emili_loop_last_tick_timestamp_seconds") or 0) > time.time() - 30
 
     # The acting process dies without a word: the other takes over once the lease lapses (3 intervals).
     assert acting.signal(signal.SIGKILL) == -signal.SIGKILL

@@ -505,6 +505,17 @@ def run_in_progress_exposition() -> str:
     return str(generate_latest(registry).decode())
 
 
+def loop_exposition() -> str:
+    """The loop process's families (``emili loop run`` is not a service of this stack; tests/test_loop_process.py
+    scrapes a real one): its metrics as the process registers them."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from emili_pipeline.loop_metrics import loop_metrics
+
+    loop_metrics().ticked("acted")
+    return str(generate_latest(REGISTRY).decode())
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_every_metric_a_dashboard_or_rule_queries_is_exported(stack_processes: dict[str, int]) -> None:
@@ -512,7 +523,7 @@ def test_every_metric_a_dashboard_or_rule_queries_is_exported(stack_processes: d
     # Processes register some families only once ready (workers) or once elected (the queue exporter), and each opens
     # its metrics port only after loading its models: scrape until every process answers and nothing is missing, or
     # the processes had their time to start.
-    while_training = exported_names(run_in_progress_exposition())
+    while_training = exported_names(run_in_progress_exposition()) | exported_names(loop_exposition())
     deadline = time.monotonic() + 180
     while True:
         pages = {name: scrape(port) for name, port in stack_processes.items()}

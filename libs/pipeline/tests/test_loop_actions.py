@@ -279,7 +279,13 @@ def test_the_commands(
     # Through the local stack's entry points, as `make up` and `make status` find it.
     from emili_core import cli, stack
 
-    assert [p.name for p in stack.extension_programs(CommonSettings())] == ["loop"]
-    assert "[program:loop]" in stack.render_config(stack.extension_programs(CommonSettings()))
+    extensions = stack.extension_programs(CommonSettings())
+    assert [p.name for p in extensions] == ["loop"]
+    assert "[program:loop]" in stack.render_config(extensions)
+    # Its metrics are scraped with the services', on a port of its own.
+    targets = stack.scrape_targets(CommonSettings(), extensions=extensions)
+    (loop_target,) = [t for t in targets if t.service == "loop"]
+    assert loop_target.address.endswith(":9106") and loop_target.component == "server"
+    assert len({t.address for t in targets}) == len(targets)
     (row,) = cli.extension_status(cli.CliSettings())
     assert row.name == "loop" and row.state == "NOT RUNNING" and "no state yet" in row.detail and not row.ok

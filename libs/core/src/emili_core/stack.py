@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -63,6 +64,7 @@ class Program:
     autostart: bool = True
     stopwaitsecs: int = 30
     environment: dict[str, str] = field(default_factory=lambda: dict(PROGRAM_ENVIRONMENT))
+    metrics_port: int = 0  # An extension program's /metrics (scraped as service=<name>); 0: none.
 
 
 def _bin(name: str) -> str:
@@ -147,8 +149,10 @@ def scrape_targets(
     settings: CommonSettings,
     services: tuple[str, ...] = LOCAL_SERVICES,
     classes: dict[str, type[CommonSettings]] | None = None,
+    extensions: Sequence[Program] = (),
 ) -> list[ScrapeTarget]:
-    """Every server's and worker's metrics endpoint in the local stack (a port of 0 serves none)."""
+    """Every server's and worker's metrics endpoint in the local stack (a port of 0 serves none), and those of the
+    ``extensions`` (:func:`extension_programs`) that serve metrics, as service ``<name>``."""
     classes = service_settings_classes() if classes is None else classes
     host = _local_host(settings.metrics_host)
     targets = []
@@ -162,6 +166,7 @@ def scrape_targets(
         worker_port = getattr(getattr(options, "worker", None), "metrics_port", 0)
         if classes[service].has_worker and worker_port:
             targets.append(ScrapeTarget(f"{host}:{worker_port}", service, "worker"))
+    targets += [ScrapeTarget(f"{host}:{p.metrics_port}", p.name, "server") for p in extensions if p.metrics_port]
     return targets
 
 
@@ -322,8 +327,9 @@ def up(settings: CommonSettings) -> None:
     for folder in (RUN_DIR, LOG_DIR, VAR / "redis", VAR / "s3", PROMETHEUS_DATA):
         folder.mkdir(parents=True, exist_ok=True)
     ensure_dev_certificates(settings)
-    PROMETHEUS_CONFIG.write_text(prometheus_config(settings, scrape_targets(settings)))
-    CONFIG.write_text(render_config(programs(settings) + monitoring_programs(settings) + extension_programs(settings)))
+    extensions = extension_programs(settings)
+    PROMETHEUS_CONFIG.write_text(prometheus_config(settings, scrape_targets(settings, extensions=extensions)))
+    CONFIG.write_text(render_config(programs(settings) + monitoring_programs(settings) + extensions))
     if is_running():
         supervisorctl("update", check=True)
         supervisorctl("start", "all")

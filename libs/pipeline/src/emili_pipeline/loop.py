@@ -45,6 +45,7 @@ from emili_core.errors import NotFound
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_pipeline.gate import SHIPPED as SHIPPED_GATE
 from emili_pipeline.gate import Evidence, GatePolicy, Verdict, judge, load_policy
+from emili_pipeline.loop_metrics import loop_metrics
 from emili_session.loop_records import LOOP_STATE_KEY, gate_key
 from emili_session.registry import is_retired
 
@@ -160,6 +161,7 @@ class Loop:
         state.history.append({"at_ms": int(time.time() * 1000), "event": event, "phase": state.phase, **numbers})
         self.store.put_json(Bucket.MODELS, STATE_KEY, state.model_dump(mode="json"))
         log.info("loop: %s (%s)", event, numbers)
+        loop_metrics().event(event)
         return state
 
     def release(self) -> None:
@@ -176,7 +178,9 @@ class Loop:
             return None
         state = self.state()
         step = {"idle": self._idle, "training": self._training, "gating": self._gating, "canary": self._canary}
-        return step[state.phase](state)
+        state = step[state.phase](state)
+        loop_metrics().in_phase(state.phase)
+        return state
 
     def _idle(self, state: LoopState) -> LoopState:
         used = set(state.used_sessions)

@@ -56,6 +56,8 @@ class LoopSettings(CommonSettings):
     loop_gateway_studies_prefix: str = Field("", pattern=r"^([a-z0-9][a-z0-9_-]{0,40})?$")
     # Rewritten after every tick, failed or not; `emili loop live` (the liveness probe) reads its age.
     loop_heartbeat_file: Path = Path(tempfile.gettempdir()) / "emili-loop.heartbeat"
+    # Prometheus metrics of `emili loop run` (emili_loop_*); 0 serves none. On ``metrics_host``, like the services'.
+    loop_metrics_port: int = Field(9106, ge=0, le=65535)
 
 
 def _within(path: Path, folder: Path) -> Path:
@@ -166,6 +168,8 @@ def run(policy: PolicyOption = None) -> None:
     """Tick every policy interval until stopped; each transition is logged. One instance acts at a time (a
     Redis lease): others wait, ready to take over when it stops."""
     from emili_core.logs import configure_logging
+    from emili_core.metrics import start_metrics_server
+    from emili_pipeline.loop_metrics import loop_metrics
 
     loop, settings = build_loop(policy)
     configure_logging("loop", settings.log_level, settings.log_format)
@@ -178,6 +182,11 @@ def run(policy: PolicyOption = None) -> None:
     log.info("loop %s: every %g s, policy %s", loop.owner, loop.policy.interval_s, policy or settings.loop_policy)
     acting: bool | None = None
     buckets = False
+    metrics = loop_metrics()
+    try:
+        start_metrics_server(settings.loop_metrics_port, settings.metrics_host)
+    except OSError as exc:  # The port is taken: the loop still does its work, unobserved (and says so).
+        log.error("loop: no metrics on port %d (%s); set EMILI_LOOP_METRICS_PORT", settings.loop_metrics_port, exc)
     settings.loop_heartbeat_file.touch()  # Alive from the start; a first tick that hangs is caught like any other.
     while not stop.is_set():
         try:
@@ -186,8 +195,10 @@ def run(policy: PolicyOption = None) -> None:
                 buckets = True
             state = loop.tick()
         except Exception:
+            metrics.ticked("failed")
             log.exception("loop: the tick failed; trying again in %g s", loop.policy.interval_s)
         else:
+            metrics.ticked("standby" if state is None else "acted")
             if (state is not None) != acting:  # Said once per change, not every tick.
                 acting = state is not None
                 log.info("loop %s: %s", loop.owner, "holds the lease" if acting else "another instance holds the lease")
@@ -477,7 +488,9 @@ def stack_programs(settings: CommonSettings) -> list[Program]:
         return []
     # After the services (their priorities are 10-40); it waits for nothing itself: a tick that finds a service
     # down fails, is logged, and the next one tries again.
-    return [Program("loop", f"{emili_command()} loop run --policy {path}", priority=50, stopwaitsecs=10)]
+    command = f"{emili_command()} loop run --policy {path}"
+    port = load_settings(LoopSettings).loop_metrics_port
+    return [Program("loop", command, priority=50, stopwaitsecs=10, metrics_port=port)]
 
 
 def status_rows(settings: CommonSettings) -> list[tuple[str, str, str]]:
