@@ -289,6 +289,15 @@ def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(key) == value for key, value in selector.items())
 
 
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels, and matchExpressions with In) against a pod's labels."""
+    expressions = selector.get("matchExpressions", [])
+    assert all(e["operator"] == "In" for e in expressions)
+    return matches(selector.get("matchLabels", {}), labels) and all(
+        labels.get(e["key"]) in e["values"] for e in expressions
+    )
+
+
 def test_the_prod_overlay_ships_the_monitoring_component() -> None:
     objects = kustomize(OVERLAYS / "prod")
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
@@ -323,16 +332,21 @@ def test_the_monitors_select_every_server_and_worker_by_their_metrics_port() -> 
     assert {w["metadata"]["name"] for w in workers} == {
         f"{name}-worker" for name, cls in service_settings_classes().items() if cls.has_worker
     }
-    for worker in workers:
-        template = worker["spec"]["template"]
-        assert matches(pod_monitor["spec"]["selector"]["matchLabels"], template["metadata"]["labels"])
+    # The workers and the loop have no Service: the PodMonitor scrapes them.
+    (loop,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "loop"]
+    for pod in [*workers, loop]:
+        template = pod["spec"]["template"]
+        assert selects(pod_monitor["spec"]["selector"], template["metadata"]["labels"]), pod["metadata"]["name"]
         ports = {port.get("name") for c in template["spec"]["containers"] for port in c.get("ports", [])}
-        assert "metrics" in ports, worker["metadata"]["name"]
+        assert "metrics" in ports, pod["metadata"]["name"]
     # Servers are scraped through their Services only: the PodMonitor must not take them a second time.
-    servers = [o for o in objects if o["kind"] == "Deployment" and not o["metadata"]["name"].endswith("-worker")]
+    servers = [
+        o
+        for o in objects
+        if o["kind"] == "Deployment" and not o["metadata"]["name"].endswith("-worker") and o is not loop
+    ]
     assert servers and not any(
-        matches(pod_monitor["spec"]["selector"]["matchLabels"], s["spec"]["template"]["metadata"]["labels"])
-        for s in servers
+        selects(pod_monitor["spec"]["selector"], s["spec"]["template"]["metadata"]["labels"]) for s in servers
     )
     for monitor, endpoints in ((service_monitor, "endpoints"), (pod_monitor, "podMetricsEndpoints")):
         relabeled = {r["targetLabel"] for e in monitor["spec"][endpoints] for r in e["relabelings"]}

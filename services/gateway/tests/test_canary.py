@@ -5,6 +5,7 @@ candidate as good as production (later participants get it) and rolls back a har
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 import uuid
@@ -16,12 +17,14 @@ import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 
 from emili_affect.stats import msprt_compare
-from emili_core.errors import FailedPrecondition, NotFound
+from emili_core.errors import FailedPrecondition, NotFound, PermissionDenied
 from emili_core.keys import model_withdrawal_key
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import S3Settings
 from emili_gateway.canary import (
+    MAX_LABEL_READS,
     OUTCOMES,
+    PRODUCTION_RETIRED_REASON,
     RETIRED_REASON,
     Canary,
     CanaryMonitor,
@@ -36,6 +39,7 @@ from emili_gateway.settings import CanarySettings, GatewaySettings
 from emili_gateway.studies import StudyEngine
 
 from .conftest import (
+    Joined,
     MakeClient,
     Servers,
     admin_headers,
@@ -227,10 +231,35 @@ def test_the_monitor_reads_each_label_once_and_waits_a_while_for_missing_ones() 
     assert sorted(asked) == ["late-new", "late-old", "ok", "refused"]
     asked.clear()
     assert asyncio.run(monitor.read_labels(records)) == 1
-    assert asked == ["late-new"]  # The others are known, with or without outcomes.
+    # Known, with or without outcomes, are not asked again; one not readable yet is, though past the grace period it
+    # no longer holds a promotion back.
+    assert sorted(asked) == ["late-new", "late-old"]
     found = session_outcomes(records, "cand", 0, 0, monitor._reactions)
     assert found["delta_v"] == [0.1] and found["positive_reaction"] == [0.5]
     assert asyncio.run(CanaryMonitor(OPTIONS, None, None).read_labels(records)) == 0  # No labeler: rating only.
+
+
+def test_a_look_reads_a_bounded_number_of_labels_and_an_auth_error_is_not_final() -> None:
+    async def refused(session_id: str) -> SessionReactions:
+        raise PermissionDenied("token of 'gateway-service' lacks the 'labeler' scope")
+
+    records = [
+        SessionRecord(
+            session_id=f"s{i}",
+            study_id="st",
+            participant_id="p",
+            arm="cand",
+            created_ms=int(time.time() * 1000),
+            camera=True,
+            store_frames=False,
+            use_for_training=True,
+            state="ended",
+        )
+        for i in range(MAX_LABEL_READS + 5)
+    ]
+    monitor = CanaryMonitor(OPTIONS, None, None, labels=refused)
+    assert asyncio.run(monitor.read_labels(records)) == len(records)  # Read or not, none is final.
+    assert monitor._reactions == {}
 
 
 # --- through the gateway ------------------------------------------------------------------------------------
@@ -333,8 +362,12 @@ def test_a_canary_through_the_gateway(
     newcomer = join(client, study_id)
     start_session(client, newcomer)
     prefix = settings.gateway.studies.redis_prefix
-    arm = redis.Redis.from_url(redis_url).hget(f"{prefix}:participant:{newcomer.participant_id}", "arm")
-    assert arm == b'"canary-good"'
+
+    def arm_of(joined: Joined) -> str:
+        raw = redis.Redis.from_url(redis_url).hget(f"{prefix}:participant:{joined.participant_id}", "arm")
+        return str(json.loads(raw or b'""'))
+
+    assert arm_of(newcomer) == "canary-good"
     progress = client.get(f"/api/v1/studies/{study_id}/progress", headers=admin_headers()).json()
     assert progress["arms"][0]["arm"] == "base"  # The study is unchanged; the gateway maps its arm.
 
@@ -352,18 +385,49 @@ def test_a_canary_through_the_gateway(
     assert manual.status_code == 409 and "already rolled back" in manual.json()["detail"]
 
     # People the promoted version learned from withdraw, and it is retired: its participants and newcomers go back to
-    # the study arm it stood in for, and a running canary of a retired version is rolled back at its next look.
+    # the study arm it stood in for.
     retire(object_store, "canary-good")
     start_session(client, newcomer)
-    assert redis.Redis.from_url(redis_url).hget(f"{prefix}:participant:{newcomer.participant_id}", "arm") == b'"base"'
-    register_model_version(object_store, "canary-third")
-    third = client.post(url, json={"candidate": "canary-third", "share": 0.5}, headers=admin_headers())
-    assert third.status_code == 201 and third.json()["production"] == "base"
+    assert arm_of(newcomer) == "base"
+
+    def canary_of(candidate: str) -> dict[str, Any]:
+        register_model_version(object_store, candidate)
+        started = client.post(url, json={"candidate": candidate, "share": 0.5}, headers=admin_headers())
+        assert started.status_code == 201, started.text
+        return dict(started.json())
+
+    # A canary's own participant, once the candidate is retired, goes back to the production arm; the canary is
+    # rolled back at its next look and the version cannot be tried again.
+    assert canary_of("canary-third")["production"] == "base"
+    drawn = next(
+        j for j in (join(client, study_id) for _ in range(40)) if start_session(client, j) and arm_of(j) != "base"
+    )
+    assert arm_of(drawn) == "canary-third"
     retire(object_store, "canary-third")
+    start_session(client, drawn)
+    assert arm_of(drawn) == "base"
     decided = _monitor(redis_url, object_store, settings, [])
     assert [(c.state, c.reason) for c in decided] == [("rolled_back", RETIRED_REASON)]
     again = client.post(url, json={"candidate": "canary-third"}, headers=admin_headers())
     assert again.status_code == 409 and "retired" in again.json()["detail"]
+
+    # A candidate promoted after a retirement serves the study arm (the retired version's mapping no longer counts).
+    fourth = canary_of("canary-fourth")
+    as_good = [
+        _rated(study_id, arm, 200 + i, 4 + i % 2, fourth["started_ms"])
+        for arm in ("canary-fourth", "base")
+        for i in range(30)
+    ]
+    assert [c.state for c in _monitor(redis_url, object_store, settings, as_good)] == ["promoted"]
+    latest = join(client, study_id)
+    start_session(client, latest)
+    assert arm_of(latest) == "canary-fourth"
+
+    # The production version retired while a canary runs against it: the canary is rolled back.
+    assert canary_of("canary-fifth")["production"] == "canary-fourth"
+    retire(object_store, "canary-fourth")
+    decided = _monitor(redis_url, object_store, settings, [])
+    assert [(c.state, c.reason) for c in decided] == [("rolled_back", PRODUCTION_RETIRED_REASON)]
 
 
 def retire(store: ObjectStore, version: str) -> None:

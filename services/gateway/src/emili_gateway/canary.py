@@ -40,7 +40,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from emili_affect.stats import msprt_compare
-from emili_core.errors import DependencyUnavailable, NotFound
+from emili_core.errors import FailedPrecondition, InvalidInput
 from emili_gateway.chat_client import SessionReactions
 from emili_gateway.models import SessionRecord
 from emili_gateway.settings import CanarySettings
@@ -48,8 +48,11 @@ from emili_gateway.settings import CanarySettings
 log = logging.getLogger(__name__)
 
 CanaryState = Literal["running", "promoted", "rolled_back"]
-OUTCOMES = ("rating", "completed", "delta_v", "positive_reaction")
+RATED_OUTCOMES = ("rating", "completed")  # From the gateway's own records.
+OUTCOMES = (*RATED_OUTCOMES, "delta_v", "positive_reaction")  # With the labeler's session labels.
+MAX_LABEL_READS = 16  # Labels read per look: a look stays well within the monitor's lock.
 RETIRED_REASON = "retired: people it learned from withdrew their data; it gets no new participant"
+PRODUCTION_RETIRED_REASON = "the production arm it was compared with was retired; the study serves its own arm again"
 LabelReader = Callable[[str], Awaitable[SessionReactions]]
 
 
@@ -122,13 +125,18 @@ def session_outcomes(
 
 
 def decide(
-    options: CanarySettings, canary: Canary, candidate: dict[str, list[float]], production: dict[str, list[float]]
+    options: CanarySettings,
+    canary: Canary,
+    candidate: dict[str, list[float]],
+    production: dict[str, list[float]],
+    outcomes: Sequence[str] = OUTCOMES,
 ) -> Canary:
-    """The canary after one more look: still running, or promoted or rolled back with the reason and numbers."""
+    """The canary after one more look: still running, or promoted or rolled back with the reason and numbers.
+    ``outcomes``: those compared (the first is the rating), sharing ``alpha`` for harm."""
     previous = {look.outcome: look.p_harm for look in canary.looks}
     looks = []
     harmed = []
-    for outcome in OUTCOMES:
+    for outcome in outcomes:
         compared = msprt_compare(
             candidate.get(outcome, []), production.get(outcome, []), tau=options.tau[outcome], alpha=options.alpha
         )
@@ -146,7 +154,7 @@ def decide(
                 lower_bound=compared.fixed_size_lower_bound(options.alpha) if finite else None,
             )
         )
-        if p_harm < options.alpha / len(OUTCOMES):
+        if p_harm < options.alpha / len(outcomes):
             harmed.append(f"{outcome} (difference {compared.difference:+.3f}, p = {p_harm:.4f})")
     updated = canary.model_copy(update={"looks": looks})
     if harmed:
@@ -191,6 +199,7 @@ class CanaryMonitor:
         completion only."""
         self.options, self.studies, self.metrics, self.labels = options, studies, metrics, labels
         self._reactions: dict[str, SessionReactions] = {}  # A finished session's label does not change.
+        self._seen: set[str] = set()  # Sessions of the canaries looked at in this tick: the cache keeps these only.
 
     async def run(self) -> None:
         while True:
@@ -205,45 +214,59 @@ class CanaryMonitor:
             return []
         decided = []
         running = await self.studies.running_canaries()
+        self._seen = set()
         for canary in running:
             looked = await self.look(canary)
             if looked.state != "running":
                 decided.append(looked)
+        self._reactions = {k: v for k, v in self._reactions.items() if k in self._seen}
         self.metrics.canaries_running.set(len(running) - len(decided))
         return decided
 
     async def read_labels(self, records: Sequence[SessionRecord]) -> int:
-        """Read the labels of finished sessions not read yet; how many could not be read and still may be."""
+        """Read the labels of finished sessions not read yet (at most ``MAX_LABEL_READS``); how many are still
+        unread and worth waiting for."""
         if self.labels is None:
             return 0
         reader = self.labels
+        now = _now_ms()
+
+        def waiting(record: SessionRecord) -> bool:
+            finished = max(record.ended_ms, record.last_activity_ms, record.created_ms)
+            return now - finished < self.options.label_grace_s * 1000
+
         missing = [r for r in records if labelled(r) and r.session_id not in self._reactions]
         limit = asyncio.Semaphore(4)
-        now = _now_ms()
 
         async def read(record: SessionRecord) -> bool:
             async with limit:
                 try:
                     self._reactions[record.session_id] = await reader(record.session_id)
                     return False
-                except (NotFound, DependencyUnavailable) as exc:
-                    # Not persisted yet, or the labeler is down: try again at the next look, for a while.
-                    finished = max(record.ended_ms, record.last_activity_ms, record.created_ms)
-                    if now - finished < self.options.label_grace_s * 1000:
+                except (FailedPrecondition, InvalidInput) as exc:
+                    # Refused for good (no training consent, deleted): the session has no label outcomes.
+                    log.warning("canary: session %s cannot be labelled: %s", record.session_id, exc)
+                    self._reactions[record.session_id] = SessionReactions(None, None)
+                    return False
+                except Exception as exc:
+                    # Not persisted yet, the labeler down or refusing the gateway's token: asked again at the next
+                    # look; waited for until label_grace_s has passed, then left out until it can be read.
+                    if waiting(record):
                         return True
                     log.warning(
-                        "canary: session %s has no label; its outcomes leave it out (%s)", record.session_id, exc
+                        "canary: session %s has no label yet; its outcomes leave it out (%s)", record.session_id, exc
                     )
-                except Exception as exc:  # Refused for good (e.g. deleted): it has no label outcomes.
-                    log.warning("canary: session %s cannot be labelled: %s", record.session_id, exc)
-                self._reactions[record.session_id] = SessionReactions(None, None)
-                return False
+                    return False
 
-        return sum(await asyncio.gather(*(read(r) for r in missing)))
+        now_read, later = missing[:MAX_LABEL_READS], missing[MAX_LABEL_READS:]
+        pending = sum(await asyncio.gather(*(read(r) for r in now_read)))
+        return pending + len(later)
 
     async def look(self, canary: Canary) -> Canary:
         if await self.studies.retired(canary.candidate):
             looked = _decided(canary, "rolled_back", RETIRED_REASON)
+        elif await self.studies.retired(canary.production):
+            looked = _decided(canary, "rolled_back", PRODUCTION_RETIRED_REASON)
         else:
             looked = await self._compare(canary)
         await self.studies.save_canary(looked)
@@ -258,10 +281,12 @@ class CanaryMonitor:
         arms = [
             r for arm in (canary.candidate, canary.production) for r in canary_sessions(records, arm, canary.started_ms)
         ]
+        self._seen.update(r.session_id for r in arms)
         pending = await self.read_labels(arms)
         return decide(
             self.options,
             canary.model_copy(update={"labels_pending": pending}),
             session_outcomes(records, canary.candidate, canary.started_ms, idle_before, self._reactions),
             session_outcomes(records, canary.production, canary.started_ms, idle_before, self._reactions),
+            OUTCOMES if self.labels is not None else RATED_OUTCOMES,
         )

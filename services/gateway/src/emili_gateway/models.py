@@ -164,7 +164,8 @@ class Participant(BaseModel):
     invite: str
     created_ms: int
     withdraw_hash: str
-    arm: str = ""
+    arm: str = ""  # The version serving them: their study arm's, a promoted candidate or a canary's.
+    study_arm: str = ""  # The study arm allocation chose: where they go back to when their version is retired.
     withdrawn: bool = False
 
 

@@ -326,40 +326,50 @@ class StudyEngine:
 
     async def assign_arm(self, study: Study, participant: Participant) -> str:
         """The participant's arm: assigned once (balanced by weight, atomically), then the same for every session;
-        except that a promoted version retired since gives way to the study arm it stood in for."""
+        except that a version retired since (promoted, or a canary's) gives way to what serves their study arm now."""
         if participant.arm:
             if not await self.retired(participant.arm):
                 return participant.arm
-            raw = await self._r("read promotions", self.redis.hgetall(self._key("study", study.study_id, "arm_map")))
-            replaced = sorted(_str(k) for k, v in raw.items() if _str(v) == participant.arm)
-            if not replaced:
+            allocated = participant.study_arm or await self._promoted_into(study, participant.arm)
+            if not allocated:
                 return participant.arm  # A study arm itself: chat refuses it, and says why.
-            return await self._record_arm(participant, replaced[0])
+            return await self._record_arm(participant, await self.serving_arm(study.study_id, allocated), allocated)
         pairs = [(a.arm, a.weight) for a in study.arms]
         random.shuffle(pairs)
         args = [str(x) for pair in pairs for x in pair]
-        arm = await self._r(
-            "assign an arm", self._assign_arm(keys=[self._key("study", study.study_id, "arm_counts")], args=args)
+        allocated = _str(
+            await self._r(
+                "assign an arm", self._assign_arm(keys=[self._key("study", study.study_id, "arm_counts")], args=args)
+            )
         )
         # Balance is kept over the study's own arms; a promoted candidate then serves in its arm's place, and a
         # running canary takes a share of that arm's newcomers.
-        serving = await self.serving_arm(study.study_id, _str(arm))
+        serving = await self.serving_arm(study.study_id, allocated)
         canary = await self.canary(study.study_id)
         if canary is not None and canary.state == "running" and await self.retired(canary.candidate):
             canary = None  # Retired since its last look: the monitor rolls it back at its next.
-        participant.arm = draw_candidate(canary, serving)
-        if canary is not None and participant.arm != serving:
+        arm = draw_candidate(canary, serving)
+        if canary is not None and arm != serving:
             await self._r(
                 "count a canary participant",
                 self.redis.hincrby(self._key("study", study.study_id, "canary_counts"), str(canary.started_ms), 1),
             )
-        return await self._record_arm(participant, participant.arm)
+        return await self._record_arm(participant, arm, allocated)
 
-    async def _record_arm(self, participant: Participant, arm: str) -> str:
-        participant.arm = arm
+    async def _promoted_into(self, study: Study, version: str) -> str:
+        """The study arm ``version`` was promoted into ("" if none): for participants allocated before their study
+        arm was recorded."""
+        raw = await self._r("read promotions", self.redis.hgetall(self._key("study", study.study_id, "arm_map")))
+        return next((a for a in sorted(_str(k) for k, v in raw.items() if _str(v) == version)), "")
+
+    async def _record_arm(self, participant: Participant, arm: str, study_arm: str) -> str:
+        participant.arm, participant.study_arm = arm, study_arm
         await self._r(
             "record the arm",
-            self.redis.hset(self._key("participant", participant.participant_id), "arm", json.dumps(arm)),
+            self.redis.hset(
+                self._key("participant", participant.participant_id),
+                mapping={"arm": json.dumps(arm), "study_arm": json.dumps(study_arm)},
+            ),
         )
         return arm
 
@@ -591,10 +601,10 @@ class StudyEngine:
             pipe.srem(self._key("canaries", "running"), canary.study_id)
         if canary.state == "promoted":
             arm_map = self._key("study", canary.study_id, "arm_map")
-            raw = await self._r("read promotions", self.redis.hgetall(arm_map))
-            # Every study arm that the production arm served is now served by the candidate.
+            # Every study arm that the production arm served is now served by the candidate (a retired promotion
+            # serves nothing: its arm's own version does).
             for arm in {a.arm for a in (await self.get_study(canary.study_id)).arms}:
-                if (_str(raw[arm.encode()]) if arm.encode() in raw else arm) == canary.production:
+                if await self.serving_arm(canary.study_id, arm) == canary.production:
                     pipe.hset(arm_map, arm, canary.candidate)
         await self._r("record the canary", pipe.execute())
 
