@@ -18,6 +18,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+import redis.asyncio as aioredis
 import uvicorn
 
 from emili.chat.v1 import chat_pb2, chat_pb2_grpc
@@ -25,7 +26,10 @@ from emili_core.keys import model_registry_key
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import AuthSettings, S3Settings
 from emili_gateway.app import create_app
-from emili_gateway.settings import GatewaySettings
+from emili_gateway.canary import CanaryMonitor
+from emili_gateway.metrics import gateway_metrics
+from emili_gateway.settings import CanarySettings, GatewaySettings
+from emili_gateway.studies import StudyEngine
 from emili_pipeline.simulator.faces import FaceModelSettings, FaceSet
 from emili_pipeline.simulator.gateway_participant import NotSynthetic, run_participant, websocket_url
 from emili_pipeline.simulator.personas import load_personas
@@ -37,6 +41,9 @@ from emili_testing.servers import chat_and_fer
 pytestmark = pytest.mark.integration
 
 REPLY = "I hear you. What would make today a little better?"
+# A candidate whose replies the simulated users' hidden state takes badly (dismissive, unasked-for advice).
+HARMFUL_VERSION = "sft-gwharmful0001"
+HARMFUL = "Whatever, just get over it. You should stop complaining."
 
 
 def _admin_headers() -> dict[str, str]:
@@ -56,7 +63,8 @@ class Gateway:
 @pytest.fixture(scope="module")
 def gateway(redis_url: str, s3_settings: S3Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     artifacts = tmp_path_factory.mktemp("chat")
-    with chat_and_fer(redis_url, s3_settings, artifacts, ScriptedBackend(REPLY)) as servers:
+    backend = ScriptedBackend(REPLY, by_adapter={HARMFUL_VERSION: HARMFUL})
+    with chat_and_fer(redis_url, s3_settings, artifacts, backend) as servers:
         auth = AuthSettings(secret=TEST_SECRET)  # type: ignore[arg-type]
         settings = GatewaySettings(env="test", redis_url=redis_url, s3=s3_settings, auth=auth)
         base = settings.gateway
@@ -138,13 +146,17 @@ async def test_a_participant_takes_part_as_the_web_app_does(gateway: Gateway) ->
     assert (arm["arm"], arm["assigned"], arm["completed"], arm["active"]) == ("base", 1, 1, 0), arm
 
 
-async def test_the_canary_allocates_simulated_participants(gateway: Gateway, s3_settings: S3Settings) -> None:
-    version = "sft-gwparticipant01"
-    store = ObjectStore(s3_settings)
+def _register(store: ObjectStore, version: str) -> None:
     store.put_bytes(Bucket.MODELS, f"adapters/{version}/adapter_config.json", b"{}")
     store.put_json(
         Bucket.MODELS, model_registry_key(version), {"version": version, "adapter_prefix": f"adapters/{version}/"}
     )
+
+
+async def test_the_canary_allocates_simulated_participants(gateway: Gateway, s3_settings: S3Settings) -> None:
+    version = "sft-gwparticipant01"
+    store = ObjectStore(s3_settings)
+    _register(store, version)
     study_id, invite = _study(gateway, synthetic=True)
     _admin(gateway, "POST", f"/studies/{study_id}/canary", json={"candidate": version, "share": 0.5})
     random.seed(7)  # The canary's draw uses the process's random generator; seeded, 8 participants split.
@@ -157,6 +169,46 @@ async def test_the_canary_allocates_simulated_participants(gateway: Gateway, s3_
     assert 1 <= canary["participants"] < 8 and canary["state"] == "running", canary
     assert list(arms) == ["base"] and arms["base"]["assigned"] == 8, arms
     assert arms["base"]["completed"] + canary["participants"] == 8, (arms, canary)
+
+
+async def test_the_canary_rolls_back_a_harmful_model_and_promotes_an_as_good_one(
+    gateway: Gateway, redis_url: str, s3_settings: S3Settings
+) -> None:
+    """Simulated participants rate what the scripted models say; the gateway's monitor decides on their sessions."""
+    store = ObjectStore(s3_settings)
+    as_good = "sft-gwasgood00001"  # The scripted model's usual reply, as the production arm gives.
+    for version in (HARMFUL_VERSION, as_good):
+        _register(store, version)
+    study_id, invite = _study(gateway, synthetic=True)
+    # A small planned canary, as the loop demo's: harm may be called after 4 sessions per arm, a promotion after 6.
+    options = CanarySettings(min_sessions=4, max_sessions=6, margin=0.75, monitor=False)
+    client = aioredis.Redis.from_url(redis_url)
+    studies = StudyEngine(GatewaySettings().gateway.studies, client, store)  # The app's, through its Redis and S3.
+    monitor = CanaryMonitor(options, studies, gateway_metrics())
+
+    async def until_decided(candidate: str, seeds: range) -> Any:
+        _admin(gateway, "POST", f"/studies/{study_id}/canary", json={"candidate": candidate, "share": 0.5})
+        for seed in seeds:
+            outcome = await _participant(gateway, invite, seed)
+            assert outcome.ok, outcome.errors
+            if decided := await monitor.tick():
+                return decided[0]
+        pytest.fail(f"no decision on {candidate}: {_admin(gateway, 'GET', f'/studies/{study_id}/canary')}")
+
+    random.seed(11)  # The canary's draw uses the process's random generator.
+    try:
+        harmful = await until_decided(HARMFUL_VERSION, range(100, 140))
+        assert harmful.state == "rolled_back" and harmful.reason.startswith("harm"), harmful
+        rating = harmful.looks[0]
+        assert rating.outcome == "rating" and rating.difference is not None and rating.difference < -0.5
+        promoted = await until_decided(as_good, range(200, 240))
+        assert promoted.state == "promoted", promoted
+        assert min(promoted.looks[0].n_candidate, promoted.looks[0].n_production) >= options.max_sessions
+    finally:
+        await client.aclose()
+    # Later newcomers get the promoted version in the study arm's place.
+    newcomer = await _participant(gateway, invite, 300)
+    assert newcomer.ok and _admin(gateway, "GET", f"/studies/{study_id}/canary")["state"] == "promoted"
 
 
 async def test_a_synthetic_study_records_synthetic_sessions(gateway: Gateway) -> None:

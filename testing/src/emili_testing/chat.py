@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
 from emili_chat.llm import ChatBackend, GenerationParams, Message
@@ -15,19 +15,27 @@ DEFAULT_REPLY = "That sounds lovely. What made you smile?"
 class ScriptedBackend(ChatBackend):
     """Answers with canned text, a word per delta, and records what it was asked.
 
-    ``replies`` is one reply, or several used in turn (cycling); ``delta_delay_s`` is the pause before each
-    delta (0 still yields to the event loop, so streams interleave as with a real model). Adapters added
-    through the registry are remembered, so a model arm loads once, as with a real backend.
+    ``replies`` is one reply, or several used in turn (cycling); ``by_adapter`` gives a model arm (adapter) its own
+    reply instead, so arms differ as real models would; ``delta_delay_s`` is the pause before each delta (0 still
+    yields to the event loop, so streams interleave as with a real model). Adapters added through the registry are
+    remembered, so a model arm loads once, as with a real backend.
     """
 
     name = "scripted"
     context_window = 4096
 
-    def __init__(self, replies: str | Sequence[str] = DEFAULT_REPLY, *, delta_delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        replies: str | Sequence[str] = DEFAULT_REPLY,
+        *,
+        delta_delay_s: float = 0.0,
+        by_adapter: Mapping[str, str] | None = None,
+    ) -> None:
         self.replies = (replies,) if isinstance(replies, str) else tuple(replies)
         if not self.replies:
             raise ValueError("ScriptedBackend needs at least one reply")
         self._next_reply = itertools.cycle(self.replies)
+        self.by_adapter = dict(by_adapter or {})
         self.delta_delay_s = delta_delay_s
         self.calls: list[tuple[list[Message], GenerationParams, str | None]] = []
         self._adapters: list[str] = []
@@ -45,7 +53,8 @@ class ScriptedBackend(ChatBackend):
         self, messages: Sequence[Message], params: GenerationParams, adapter: str | None = None
     ) -> AsyncIterator[str]:
         self.calls.append((list(messages), params, adapter))
-        for word in next(self._next_reply).split(" "):
+        reply = self.by_adapter[adapter] if adapter in self.by_adapter else next(self._next_reply)
+        for word in reply.split(" "):
             await asyncio.sleep(self.delta_delay_s)
             yield word + " "
 
