@@ -997,6 +997,21 @@ def test_dev_network_policies_let_services_reach_redis_and_minio_only() -> None:
     assert not net.can(None, "minio", 9000, src_ns="default")
 
 
+def test_prod_trainer_evaluates_on_the_eval_data_volume() -> None:
+    docs = _render("overlays/prod")
+    worker = _by_kind(docs, "Deployment")["trainer-worker"]["spec"]["template"]["spec"]
+    (c,) = worker["containers"]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["eval-data"]["mountPath"] == "/data/eval" and mounts["eval-data"]["readOnly"] is True
+    assert mounts["models"]["mountPath"] == "/opt/emili/artifacts/models"  # The gpu component's mount is kept.
+    env = _env(c)
+    assert env["EMILI_TRAINER__EMPATHETIC_DIALOGUES"]["value"].startswith("/data/eval/")
+    assert env["EMILI_TRAINER__MMLU_PATH"]["value"].startswith("/data/eval/")
+    volumes = {v["name"]: v for v in worker["volumes"]}
+    assert volumes["eval-data"]["persistentVolumeClaim"] == {"claimName": "emili-eval-data", "readOnly": True}
+    assert _by_kind(docs, "PersistentVolumeClaim")["emili-eval-data"]["spec"]["accessModes"] == ["ReadOnlyMany"]
+
+
 @pytest.mark.parametrize("rel", OVERLAYS)
 def test_the_loop_runs_once_with_its_policy_and_secrets_from_the_secret(rel: str) -> None:
     docs = _render(rel)
