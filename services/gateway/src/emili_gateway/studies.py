@@ -182,18 +182,24 @@ class StudyEngine:
 
     # --- studies ----------------------------------------------------------------------------------------
 
+    async def _check_servable_version(self, version: str, not_registered: str) -> None:
+        """A model version people may be served: registered (else InvalidInput ``not_registered``), not retired,
+        and not rejected by its evaluation gate (those raise their own errors, naming why)."""
+        try:
+            await self._s3(registered_model, self.objects, version)
+        except NotFound:
+            raise InvalidInput(not_registered) from None
+        await self._s3(check_servable, self.objects, version)
+        await self._s3(check_gate_not_failed, self.objects, version)
+
     async def create_study(self, spec: StudySpec, created_by: str) -> Study:
         for arm in spec.arms:
             if arm.arm != BASE_ARM:
-                try:
-                    await self._s3(registered_model, self.objects, arm.arm)
-                    await self._s3(check_servable, self.objects, arm.arm)
-                    await self._s3(check_gate_not_failed, self.objects, arm.arm)
-                except NotFound:
-                    raise InvalidInput(
-                        f"arm {arm.arm!r} is neither 'base' nor a registered model version; "
-                        "list the versions with `emili trainer models`"
-                    ) from None
+                await self._check_servable_version(
+                    arm.arm,
+                    f"arm {arm.arm!r} is neither 'base' nor a registered model version; "
+                    "list the versions with `emili trainer models`",
+                )
         study = Study(
             **spec.model_dump(), study_id=f"st-{secrets.token_hex(6)}", created_ms=now_ms(), created_by=created_by
         )
@@ -569,12 +575,7 @@ class StudyEngine:
             )
         if candidate in (BASE_ARM, production):
             raise InvalidInput("the candidate must be a registered model version other than the production arm")
-        try:
-            await self._s3(registered_model, self.objects, candidate)
-        except NotFound:
-            raise InvalidInput(f"{candidate!r} is not a registered model version") from None
-        await self._s3(check_servable, self.objects, candidate)
-        await self._s3(check_gate_not_failed, self.objects, candidate)
+        await self._check_servable_version(candidate, f"{candidate!r} is not a registered model version")
         canary = Canary(
             study_id=study.study_id,
             candidate=candidate,
