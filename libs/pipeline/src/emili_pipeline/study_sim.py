@@ -14,10 +14,11 @@ Conditions: ``feedback`` (faces show the user's state) and ``noise`` (faces show
 "qualities", so reaction flags and DPO pairs carry no information; surveys, ratings and Δv still follow the real
 state). A loop that works improves Δv under feedback and never promotes under noise.
 
-The canary runs offline: the gateway's canary needs participants in its web app, which simulated users do not
-drive. Its phase is the comparison of step 3 against the production arm: promoted only when the candidate's Δv
-gain over production is above 0 with 95% confidence and the rating shows no clear loss, else rolled back. Reports
-say so next to every canary outcome.
+The canary runs offline, not in the gateway: the gateway's sequential canary plans 100 rated sessions per arm at a
+share of 0.1 (about a thousand participants through the web app's API, days on this CPU); `make loop-demo` runs it
+with simulated participants at a demo's size instead. Here its phase is the comparison of step 3 against the
+production arm: promoted only when the candidate's Δv gain over production is above 0 with 95% confidence and the
+rating shows no clear loss, else rolled back. Reports say so next to every canary outcome.
 
 A study on a 2-core CPU takes hours (about 40 minutes per iteration), so it can be stopped and carried on: the
 report is rewritten after every iteration, ``<out>/<condition>/progress.json`` keeps the condition's sessions and an
@@ -65,8 +66,9 @@ NOTE = (
     "These numbers say whether the loop's machinery works as designed; they say nothing about people."
 )
 CANARY_NOTE = (
-    "Canary run OFFLINE: simulated users per arm (candidate vs production), not the gateway's canary (which "
-    "needs people in its web app); promoted only on a Δv gain (95% interval above 0) with no clear rating loss."
+    "Canary run OFFLINE: simulated users per arm (candidate vs production) and a fixed-size test, not the gateway's "
+    "sequential canary (`make loop-demo` runs that one); promoted only on a Δv gain (95% interval above 0) with no "
+    "clear rating loss."
 )
 
 
