@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from emili_core.errors import FailedPrecondition
-from emili_core.keys import dataset_index_key
+from emili_core.keys import dataset_index_key, dataset_withdrawal_key
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_labeler.datasets import DatasetManifest, jsonl_bytes
 from emili_session.registry import check_servable, mark_models_withdrawn, model_withdrawal, models_trained_on
@@ -89,3 +89,38 @@ def test_corpus_datasets_name_no_sessions(object_store: ObjectStore) -> None:
     corpus = publish_dataset(object_store, "dpo_empathetic", ["hit:0_conv:1", "hit:2_conv:4"])
     found = jobs.lineage(object_store, corpus, None)
     assert found["sessions"] == [] and found["datasets"][0]["kind"] == "dpo_empathetic"
+
+
+def test_a_version_published_after_its_people_withdrew_is_marked(object_store: ObjectStore, tmp_path: Path) -> None:
+    """A participant withdraws while a run trains: the labeler marked the versions registered then, not the one
+    still training; the trainer's check after publishing marks it (and retires it under that policy)."""
+    store = object_store
+    sft = publish_dataset(store, "sft", ["mid-ann", "mid-ben"])
+    register(store, tmp_path, "mid-parent", sft, None)
+    pairs = publish_dataset(store, "dpo_feedback", ["mid-cat"])
+    # The labeler's withdrawal of mid-ann, while a DPO run from mid-parent and another SFT run on sft were training.
+    manifest_key = store.get_json(Bucket.DATASETS, dataset_index_key(sft))["manifest"]
+    store.put_json(
+        Bucket.DATASETS,
+        dataset_withdrawal_key(manifest_key),
+        {"withdrawn_sessions": ["mid-ann"], "withdrawn_ms": 1_790_000_000_000, "replacement": None},
+    )
+    mark_models_withdrawn(store, ["mid-ann"], retire=False)
+    assert model_withdrawal(store, "mid-parent") is not None
+
+    register(store, tmp_path, "mid-child", pairs, "mid-parent")  # Published after the withdrawal.
+    register(store, tmp_path, "mid-sft", sft, None)
+    assert model_withdrawal(store, "mid-child") is None and model_withdrawal(store, "mid-sft") is None
+    marked = jobs.mark_withdrawn_while_training(store, pairs, "mid-parent", retire=True)
+    assert "mid-child" in {m["version"] for m in marked}
+    jobs.mark_withdrawn_while_training(store, sft, None, retire=True)
+    for version in ("mid-child", "mid-sft"):
+        mark = model_withdrawal(store, version)
+        assert mark is not None and mark["withdrawn_sessions"] == ["mid-ann"] and mark["retired"]
+        with pytest.raises(FailedPrecondition):
+            check_servable(store, version)
+    # Nothing withdrawn behind a version: nothing marked.
+    clean = publish_dataset(store, "sft", ["mid-dan"])
+    register(store, tmp_path, "mid-clean", clean, None)
+    assert jobs.mark_withdrawn_while_training(store, clean, None, retire=True) == []
+    assert model_withdrawal(store, "mid-clean") is None

@@ -7,6 +7,7 @@ The registered model version of a successful run has the run's id.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,7 +26,14 @@ from emili_core.errors import FailedPrecondition, InvalidInput, NotFound
 from emili_core.keys import adapter_prefix, model_registry_key
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.records import dataset_manifest, dataset_withdrawal
-from emili_session.registry import check_servable, download_adapter, lineage_sessions, registered_model
+from emili_session.registry import (
+    check_servable,
+    download_adapter,
+    lineage_sessions,
+    mark_models_withdrawn,
+    model_withdrawal,
+    registered_model,
+)
 from emili_trainer import distributed
 from emili_trainer.recipes import Recipe
 from emili_trainer.runs import RunLocked, RunRecord, RunState, RunStore
@@ -164,6 +172,21 @@ def check_not_withdrawn(store: ObjectStore, dataset_id: str) -> None:
     )
 
 
+def mark_withdrawn_while_training(
+    store: ObjectStore, dataset_id: str | None, init_version: str | None, *, retire: bool
+) -> list[dict[str, Any]]:
+    """Marks a version published after people it learned from withdrew during its training. The labeler marks the
+    versions registered when it withdraws, so a run still training escapes it; checked after publishing, one of the
+    two always sees the other (the labeler marks datasets before it lists models). Idempotent."""
+    withdrawn: set[str] = set()
+    with contextlib.suppress(NotFound):  # A dataset removed since: the lineage, not its record, is what counts.
+        if dataset_id and (dataset := dataset_withdrawal(store, dataset_id)):
+            withdrawn |= {str(s) for s in dataset.get("withdrawn_sessions", [])}
+    if init_version and (parent := model_withdrawal(store, init_version)):
+        withdrawn |= {str(s) for s in parent.get("withdrawn_sessions", [])}
+    return mark_models_withdrawn(store, withdrawn, retire=retire) if withdrawn else []
+
+
 def create_or_requeue(runtime: Runtime, record: RunRecord) -> tuple[RunRecord, bool]:
     """The run's record, and whether a job must be enqueued: yes for a new run or one that failed or was
     cancelled (asking again retries it); no for one queued, running or done (asking again changes nothing)."""
@@ -264,6 +287,18 @@ def _execute_locked(runtime: Runtime, run_id: str, progress: ProgressSink) -> Ru
             "lineage": lineage(runtime.store, record.dataset_id, record.init_version),
         },
     )
+    marks = mark_withdrawn_while_training(
+        runtime.store,
+        record.dataset_id,
+        record.init_version,
+        retire=runtime.settings.retention.withdrawn_models == "retire",
+    )
+    if marks:
+        log.warning(
+            "run %s: people withdrew while it trained; %s marked as learned from withdrawn data",
+            run_id,
+            model["version"],
+        )
     runs.update(run_id, state=RunState.SUCCEEDED, model_version=model["version"], metrics=metrics)
     runs.mirror(run_id)
     shutil.rmtree(work_dir, ignore_errors=True)
