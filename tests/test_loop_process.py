@@ -139,7 +139,9 @@ def test_one_instance_acts_and_a_restart_starts_no_second_pipeline(
     assert acting.metric("emili_loop_events_total", event="pipeline started") == 1
     assert (waiting.metric("emili_loop_ticks_total", outcome="standby") or 0) >= 2
     assert waiting.metric("emili_loop_holds_lease") == 0
-    assert (waiting.metric("emili_loop_last_tick_timestamp_seconds") or 0) > time.time() - 30
+    # Only acting ticks count as the loop's progress (the stall alert): a standby instance's would hide a stuck one.
+    assert (acting.metric("emili_loop_last_tick_timestamp_seconds") or 0) > time.time() - 30
+    assert not waiting.metric("emili_loop_last_tick_timestamp_seconds")
 
     # The acting process dies without a word: the other takes over once the lease lapses (3 intervals).
     assert acting.signal(signal.SIGKILL) == -signal.SIGKILL

@@ -14,7 +14,7 @@ import redis
 from emili_core.keys import model_withdrawal_key
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_pipeline.gate import Evidence
-from emili_pipeline.loop import NO_CANDIDATE, STATE_KEY, Loop, LoopPolicy, RedisLease
+from emili_pipeline.loop import NO_CANDIDATE, STATE_KEY, CanaryRefused, Loop, LoopPolicy, RedisLease
 from emili_session.loop_records import gate_key
 
 pytestmark = pytest.mark.integration
@@ -39,6 +39,7 @@ class FakeSystem:
     canaries: list[str] = field(default_factory=list)
     decision: str = "running"
     outcome: tuple[str, str | None] = ("done", "cand-1")  # Once finished: the pipeline's outcome and candidate.
+    refusal: str | None = None  # The gateway refuses every canary, saying this.
 
     def eligible_sessions(self, include_synthetic: bool) -> list[str]:
         return list(self.sessions)
@@ -52,6 +53,8 @@ class FakeSystem:
         return (*self.outcome, self.evidence) if self.finished else ("running", None, {})
 
     def start_canary(self, study_id: str, candidate: str, share: float) -> None:
+        if self.refusal:
+            raise CanaryRefused(self.refusal)
         self.canaries.append(candidate)
 
     def canary_outcome(self, study_id: str, candidate: str) -> str:
@@ -184,6 +187,32 @@ def test_a_stop_before_the_canary_started_starts_it_on_restart(store: ObjectStor
     state.phase = "canary"
     store.put_json(Bucket.MODELS, STATE_KEY, state.model_dump(mode="json"))
     assert (loop.tick() or pytest.fail()).history[-1]["event"] == "canary started" and system.canaries == ["cand-1"]
+
+
+def test_a_refused_canary_ends_the_round(store: ObjectStore, isolated_redis_url: str) -> None:
+    """E.g. the candidate was retired while it was evaluated: asking again would be refused again, so the round
+    ends, saying why, and new sessions start the next one (it had stalled in "canary" for good)."""
+    system = FakeSystem(sessions=["a", "b", "c"], evidence=GOOD, finished=True, refusal="HTTP 409 cand-1 was retired")
+    loop = make(store, isolated_redis_url, system, "only")
+    phases = [(loop.tick() or pytest.fail()).phase for _ in range(3)]
+    assert phases == ["training", "gating", "idle"] and system.canaries == []
+    last = loop.state().history[-1]
+    assert last["event"] == "canary refused" and "retired" in last["why"] and last["candidate"] == "cand-1"
+    system.sessions += ["d", "e", "f"]
+    system.refusal = None
+    assert (loop.tick() or pytest.fail()).phase == "training" and len(system.pipelines) == 2
+
+
+def test_unreadable_evidence_fails_the_gate(store: ObjectStore, isolated_redis_url: str) -> None:
+    """Evidence the gate cannot read fails it (recorded, never served) instead of stalling the loop in "gating"."""
+    malformed = {**GOOD, "delta_v": Evidence([0.3] * 20, [0.1] * 19, paired=True)}
+    system = FakeSystem(sessions=["a", "b", "c"], evidence=malformed, finished=True)
+    loop = make(store, isolated_redis_url, system, "only")
+    phases = [(loop.tick() or pytest.fail()).phase for _ in range(3)]
+    assert phases == ["training", "gating", "idle"] and system.canaries == []
+    verdict = store.get_json(Bucket.MODELS, gate_key("cand-1"))
+    assert not verdict["passed"] and all("unreadable evidence" in c["reason"] for c in verdict["checks"])
+    assert loop.state().history[-1]["event"] == "gate failed"
 
 
 def test_the_policy_file(tmp_path: Path) -> None:

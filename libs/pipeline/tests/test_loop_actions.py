@@ -20,7 +20,7 @@ from emili_core.keys import pipeline_prefix, session_record_keys
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import CommonSettings, S3Settings
 from emili_core.tasks import create_celery_app
-from emili_pipeline.loop import LoopPolicy, load_loop_policy
+from emili_pipeline.loop import CanaryRefused, LoopPolicy, load_loop_policy
 from emili_pipeline.loop_actions import GatewayError, SystemActions, eligible_session_ids
 from emili_pipeline.pipeline import DONE, FAILED, load_state, save_state
 
@@ -234,6 +234,17 @@ def test_canary_answers_the_real_gateway_seldom_gives(actions: SystemActions) ->
     actions.gateway = answering(httpx.Response(404, text="<html>Not Found</html>"))
     with pytest.raises(GatewayError, match="HTTP 404 <html>Not Found"):
         actions.canary_outcome(study, "v2")
+
+    # A refusal by the gateway itself is final (the loop ends the round); an outage or a proxy's page is not.
+    retired = {"error": "failed_precondition", "detail": "model v2 was retired: people it learned from withdrew"}
+    actions.gateway = answering(httpx.Response(409, json=retired))
+    with pytest.raises(CanaryRefused, match="HTTP 409 model v2 was retired"):
+        actions.start_canary(study, "v2", 0.2)
+    for answer in (httpx.Response(503, json={"error": "unavailable", "detail": "redis"}), httpx.Response(404)):
+        actions.gateway = answering(answer)
+        with pytest.raises(GatewayError) as raised:
+            actions.start_canary(study, "v2", 0.2)
+        assert not isinstance(raised.value, CanaryRefused)
 
     def unreachable(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)

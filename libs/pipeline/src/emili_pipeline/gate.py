@@ -181,6 +181,15 @@ def _check(check: GateCheck, evidence: Evidence | None, policy: GatePolicy, rng:
     return result(passed, n, estimate, (low, high), why)
 
 
+def unreadable_evidence(policy: GatePolicy, why: str) -> Verdict:
+    """The verdict on evidence the gate cannot read (malformed): every check fails, saying why."""
+    checks = tuple(
+        CheckResult(c.name, c.metric, c.kind, False, 0, None, None, f"unreadable evidence: {why}")
+        for c in policy.checks
+    )
+    return Verdict(policy.name, False, checks, int(time.time() * 1000))
+
+
 def judge(policy: GatePolicy, evidence: Mapping[str, Evidence]) -> Verdict:
     """Apply every check of ``policy`` to ``evidence``; the verdict passes only when all of them pass."""
     rng = np.random.default_rng(policy.seed)

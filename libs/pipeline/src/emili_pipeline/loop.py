@@ -1,7 +1,7 @@
 """The loop that runs itself: new sessions -> candidate model -> evaluation gate -> canary -> promote or roll back.
 
 One :class:`Loop` instance acts at a time, whatever the number of processes running it: each tick first takes
-(or renews) a Redis lease, and a process without it does nothing. Its state is one object in storage
+(or renews) a Redis lease, atomically, and a process without it does nothing. Its state is one object in storage
 (``loop/state.json``, bucket models), written before every action that starts something, so a restarted process
 carries on where the last one stopped and never starts a second candidate: a pipeline's id is a digest of its
 configuration and sessions, so starting it again finds the same pipeline.
@@ -15,7 +15,9 @@ Phases, one step per tick:
 - ``training``: wait for the pipeline; its candidate is its last trained version (DPO, else SFT) -> ``gating``;
   a failed pipeline goes back to ``idle`` (its sessions count as used, so a bad batch is not retried forever);
 - ``gating``: judge the candidate's evidence with the gate policy; the verdict is stored with the model
-  (``gates/<version>.json``); passed -> start a canary -> ``canary``; failed -> ``idle`` (never served);
+  (``gates/<version>.json``); passed -> start a canary -> ``canary``; failed (evidence it cannot read included)
+  -> ``idle`` (never served); a canary the gateway refuses for good (the candidate retired meanwhile, another
+  canary running in the study) -> ``idle``, "canary refused", with the gateway's reason;
 - ``canary``: wait for the gateway's decision (promoted or rolled back) -> ``idle`` (a canary that is missing,
   because the process stopped before starting it, is started).
 
@@ -44,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from emili_core.errors import NotFound
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_pipeline.gate import SHIPPED as SHIPPED_GATE
-from emili_pipeline.gate import Evidence, GatePolicy, Verdict, judge, load_policy
+from emili_pipeline.gate import Evidence, GatePolicy, Verdict, judge, load_policy, unreadable_evidence
 from emili_pipeline.loop_metrics import loop_metrics
 from emili_session.loop_records import LOOP_STATE_KEY, gate_key
 from emili_session.registry import is_retired
@@ -94,6 +96,11 @@ class LoopState(BaseModel):
     history: list[dict[str, Any]] = Field(default_factory=list)
 
 
+class CanaryRefused(Exception):
+    """The gateway refused the candidate's canary for good (the candidate was retired or rejected meanwhile, the
+    study runs another canary, or it no longer exists): asking again would be refused again."""
+
+
 class Actions(Protocol):
     """What the loop asks of the rest of the system (the pipeline, the gateway); faked in unit tests."""
 
@@ -121,20 +128,21 @@ class RedisLease:
         self.client, self.key = client, key
 
     def take(self, owner: str, ttl_s: float) -> bool:
-        ttl_ms = int(ttl_s * 1000)
-        if self.client.set(self.key, owner, nx=True, px=ttl_ms):
-            return True
-        holder = self.client.get(self.key)
-        if holder is not None and (holder.decode() if isinstance(holder, bytes) else holder) == owner:
-            self.client.pexpire(self.key, ttl_ms)
-            return True
-        return False
+        return bool(self.client.eval(_TAKE, 1, self.key, owner, int(ttl_s * 1000)))
 
     def release(self, owner: str) -> None:
         """Give the lease up if ``owner`` holds it, so a successor acts at once instead of after the TTL."""
         self.client.eval(_RELEASE, 1, self.key, owner)
 
 
+# Take a free lease or renew one's own, atomically: between a separate read and renewal the lease could lapse and
+# go to another instance, whose lease the renewal would then extend.
+_TAKE = """
+local holder = redis.call('GET', KEYS[1])
+if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+"""
 # Delete the lease only when its holder is the caller, atomically (a lapsed lease may have a new holder).
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
@@ -233,8 +241,11 @@ class Loop:
 
     def _gating(self, state: LoopState) -> LoopState:
         assert state.candidate is not None and state.pipeline_id is not None
-        _, _, evidence = self.actions.pipeline_outcome(state.pipeline_id)
-        verdict: Verdict = judge(self.gate_policy, evidence)
+        try:
+            _, _, evidence = self.actions.pipeline_outcome(state.pipeline_id)
+            verdict: Verdict = judge(self.gate_policy, evidence)
+        except ValueError as exc:  # Malformed evidence: judged again on every tick, it would stall the loop.
+            verdict = unreadable_evidence(self.gate_policy, str(exc))
         record = {
             **verdict.to_json(),
             "version": state.candidate,
@@ -249,15 +260,22 @@ class Loop:
             return self._save(state, event, candidate=state.candidate, failed_checks=failed)
         state.phase = "canary"
         self._save(state, "gate passed", candidate=state.candidate)
-        self.actions.start_canary(self.policy.study_id, state.candidate, self.policy.canary_share)
+        return self._start_canary(state)
+
+    def _start_canary(self, state: LoopState) -> LoopState:
+        try:
+            self.actions.start_canary(self.policy.study_id, str(state.candidate), self.policy.canary_share)
+        except CanaryRefused as exc:
+            # The round ends (retrying would stall the loop on the same refusal); new sessions start the next one.
+            state.phase = "idle"
+            return self._save(state, "canary refused", candidate=state.candidate, why=str(exc))
         return self._save(state, "canary started", candidate=state.candidate, study_id=self.policy.study_id)
 
     def _canary(self, state: LoopState) -> LoopState:
         assert state.candidate is not None
         outcome = self.actions.canary_outcome(self.policy.study_id, state.candidate)
         if outcome == "missing":  # Stopped between saving "canary" and starting it.
-            self.actions.start_canary(self.policy.study_id, state.candidate, self.policy.canary_share)
-            return self._save(state, "canary started", candidate=state.candidate, study_id=self.policy.study_id)
+            return self._start_canary(state)
         if outcome == "running":
             return state
         state.phase = "idle"

@@ -45,6 +45,7 @@ from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.records import recorded_sessions
 from emili_pipeline.config import PipelineConfig, RecipeFetcher, load_config, resolve
 from emili_pipeline.gate import Evidence, evidence_from_json
+from emili_pipeline.loop import CanaryRefused
 from emili_pipeline.pipeline import FAILED, State, is_finished, load_state, new_state, outputs
 from emili_session.loop_records import STUDIES_PREFIX
 
@@ -56,6 +57,9 @@ RUNNING, DONE = "running", "done"
 CANARY_STATES = {"running": "running", "promoted": "promoted", "rolled_back": "rolled_back"}
 # The gateway's error code (``{"error": code, ...}``) for a study that has had no canary.
 CANARY_NOT_FOUND = "canary_not_found"
+
+
+CANARY_REFUSALS = frozenset({400, 404, 409, 422})
 
 
 class GatewayError(Exception):
@@ -243,9 +247,11 @@ class SystemActions:
             "POST", f"/studies/{study_id}/canary", json={"candidate": candidate, "share": share}
         )
         if response.status_code != 201:
-            raise GatewayError(
-                f"the canary of {candidate} in study {study_id}: HTTP {response.status_code} {_detail(response)}"
-            )
+            message = f"the canary of {candidate} in study {study_id}: HTTP {response.status_code} {_detail(response)}"
+            # The gateway refused the request itself (a retired or rejected candidate, another canary running, no
+            # such study): final. Anything else (the gateway down, our token, a proxy's page) may pass later.
+            refused = response.status_code in CANARY_REFUSALS and _error_code(response)
+            raise (CanaryRefused if refused else GatewayError)(message)
         log.info("canary of %s started in study %s (share %.2f)", candidate, study_id, share)
 
     def canary_outcome(self, study_id: str, candidate: str) -> str:

@@ -49,7 +49,13 @@ CONSENT = (
 INVITE_USES = 100_000  # One invite for every simulated participant of the demo (the gateway's maximum).
 INVITE_SECONDS = 7 * 24 * 3600
 # The events with which the loop closes a candidate's round: a decision the demo waits for.
-DECISIONS = ("gate failed", "gate passed; no study to run a canary in", "canary promoted", "canary rolled back")
+DECISIONS = (
+    "gate failed",
+    "gate passed; no study to run a canary in",
+    "canary promoted",
+    "canary rolled back",
+    "canary refused",
+)
 FAILED_PIPELINE = "pipeline failed"
 
 

@@ -29,8 +29,11 @@ class LoopMetrics:
         """One tick ended: ``acted`` (it held the lease), ``standby`` (another instance did) or ``failed``."""
         self.ticks.labels(outcome).inc()
         if outcome != "failed":
-            self.last_tick.set(time.time())
             self.lease.set(1 if outcome == "acted" else 0)
+        # Only acting ticks: an instance whose every tick fails keeps the lease, and a standby instance's ticks
+        # would otherwise hide that from the stall alert (which reads the newest across instances).
+        if outcome == "acted":
+            self.last_tick.set(time.time())
 
     def in_phase(self, phase: str) -> None:
         for name in PHASES:
@@ -46,7 +49,8 @@ def loop_metrics() -> LoopMetrics:
     metrics = LoopMetrics(
         ticks=Counter("emili_loop_ticks_total", "Loop ticks, by outcome (acted, standby, failed)", ["outcome"]),
         last_tick=Gauge(
-            "emili_loop_last_tick_timestamp_seconds", "When a tick last completed without an error (Unix time)"
+            "emili_loop_last_tick_timestamp_seconds",
+            "When this instance last completed a tick holding the lease (Unix time)",
         ),
         lease=Gauge("emili_loop_holds_lease", "1 while this instance holds the loop's lease (acts), else 0"),
         phase=Gauge("emili_loop_phase", "1 for the loop's current phase, 0 for the others", ["phase"]),
@@ -54,6 +58,13 @@ def loop_metrics() -> LoopMetrics:
     )
     for outcome in ("acted", "standby", "failed"):
         metrics.ticks.labels(outcome)  # Every series from the start, so increase() sees the first one.
-    for event in ("gate passed", "gate failed", "canary promoted", "canary rolled back", "production retired"):
+    for event in (
+        "gate passed",
+        "gate failed",
+        "canary promoted",
+        "canary rolled back",
+        "canary refused",
+        "production retired",
+    ):
         metrics.events.labels(event)
     return metrics

@@ -813,7 +813,7 @@ class ConditionRun:
         from emili_pipeline.loop import NO_CANDIDATE
 
         settled = {"gate failed", "gate passed; no study to run a canary in", "pipeline failed", NO_CANDIDATE}
-        settled |= {"canary promoted", "canary rolled back"}
+        settled |= {"canary promoted", "canary rolled back", "canary refused"}
         events: list[dict[str, Any]] = []
         while True:
             state = self.loop.tick()
