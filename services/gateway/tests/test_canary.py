@@ -35,7 +35,7 @@ from emili_gateway.canary import (
 from emili_gateway.chat_client import SessionReactions
 from emili_gateway.metrics import gateway_metrics
 from emili_gateway.models import SessionRecord
-from emili_gateway.settings import CanarySettings, GatewaySettings
+from emili_gateway.settings import CanarySettings, GatewaySettings, StudyStoreSettings
 from emili_gateway.studies import StudyEngine
 
 from .conftest import (
@@ -447,3 +447,77 @@ def test_the_final_bound_on_a_few_sessions_uses_students_t() -> None:
     looked = decide(few, canary(), candidate, production)
     assert looked.state == "rolled_back" and looked.reason.startswith("not shown to be as good")
     assert looked.looks[0].lower_bound is not None and looked.looks[0].lower_bound < -0.25
+
+
+class _DecidedDuringWrite:
+    """The object store, with a researcher's rollback landing while the next durable write is under way."""
+
+    def __init__(self, objects: ObjectStore, redis_url: str, key: str, rollback: Canary, object_key: str) -> None:
+        self.objects, self.redis_url, self.key, self.rollback, self.object_key = (
+            objects,
+            redis_url,
+            key,
+            rollback,
+            object_key,
+        )
+        self.armed = True
+
+    def put_json(self, bucket: Bucket, key: str, value: Any) -> None:
+        self.objects.put_json(bucket, key, value)
+        if self.armed:
+            self.armed = False
+            self.objects.put_json(bucket, self.object_key, self.rollback.model_dump())
+            redis.Redis.from_url(self.redis_url).set(self.key, self.rollback.model_dump_json())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.objects, name)
+
+
+@pytest.mark.integration
+def test_a_look_never_undoes_a_decision_that_landed_first(redis_url: str, object_store: ObjectStore) -> None:
+    """A monitor's look starts from the canary it read earlier; a researcher's rollback saved meanwhile stands, in
+    Redis (what allocation reads) and in the durable record."""
+    options = StudyStoreSettings(redis_prefix=f"canary-cas-{uuid.uuid4().hex[:8]}")
+    running = canary(study_id="st-0123456789ab", candidate="cas-v", started_ms=int(time.time() * 1000))
+    stopped = running.model_copy(update={"state": "rolled_back", "reason": "rolled back by a researcher"})
+    stale_look = running.model_copy(update={"reason": "", "looks": []})
+    key = f"{options.redis_prefix}:study:{running.study_id}:canary"
+
+    async def go(objects: Any) -> tuple[bool, bool, bool, Canary | None, bool]:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            studies = StudyEngine(options, client, objects)
+            first = await studies.save_canary(running)
+            researcher = await studies.save_canary(stopped, while_running=True)
+            look = await studies.save_canary(stale_look, while_running=True)
+            still_running = running.study_id.encode() in await client.smembers(
+                f"{options.redis_prefix}:canaries:running"
+            )
+            return first, researcher, look, await studies.canary(running.study_id), still_running
+        finally:
+            await client.aclose()
+
+    first, researcher, look, stored, still_running = asyncio.run(go(object_store))
+    assert first and researcher and not look and not still_running
+    assert stored is not None and stored.state == "rolled_back" and stored.reason == "rolled back by a researcher"
+
+    # The rollback lands between the look's check and its write: Redis refuses the write (WATCH) and the durable
+    # record, which the look had already written, is put back to the decision that stands.
+    running = running.model_copy(update={"started_ms": running.started_ms + 1})
+    stopped = running.model_copy(update={"state": "rolled_back", "reason": "rolled back by a researcher"})
+    durable = f"{options.prefix}/{running.study_id}/canaries/{running.started_ms}-{running.candidate}.json"
+
+    async def race() -> tuple[bool, Canary | None]:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            await StudyEngine(options, client, object_store).save_canary(running)
+            racing = _DecidedDuringWrite(object_store, redis_url, key, stopped, durable)
+            studies = StudyEngine(options, client, racing)  # type: ignore[arg-type]
+            saved = await studies.save_canary(running.model_copy(update={"looks": []}), while_running=True)
+            return saved, await studies.canary(running.study_id)
+        finally:
+            await client.aclose()
+
+    saved, stored = asyncio.run(race())
+    assert not saved and stored is not None and stored.state == "rolled_back"
+    assert object_store.get_json(Bucket.SESSIONS, durable)["state"] == "rolled_back"

@@ -269,7 +269,10 @@ class CanaryMonitor:
             looked = _decided(canary, "rolled_back", PRODUCTION_RETIRED_REASON)
         else:
             looked = await self._compare(canary)
-        await self.studies.save_canary(looked)
+        if not await self.studies.save_canary(looked, while_running=True):
+            # A researcher rolled it back (or another replica decided) while this look ran: that decision stands.
+            log.info("canary %s in %s: decided while looked at; not overwritten", canary.candidate, canary.study_id)
+            return (await self.studies.canary(canary.study_id)) or looked
         if looked.state != "running":
             self.metrics.canary_decisions.labels(looked.state).inc()
             log.info("canary %s in %s: %s (%s)", canary.candidate, canary.study_id, looked.state, looked.reason)

@@ -174,7 +174,11 @@ class GatewayEngine:
         stopped = canary.model_copy(
             update={"state": "rolled_back", "reason": f"rolled back by {principal.subject}", "decided_ms": now_ms()}
         )
-        await self.studies.save_canary(stopped)
+        if not await self.studies.save_canary(stopped, while_running=True):
+            decided = await self.canary(study_id)
+            raise FailedPrecondition(
+                f"the canary of {canary.candidate} was {decided.state.replace('_', ' ')} meanwhile: {decided.reason}"
+            )
         self.metrics.canary_decisions.labels("rolled_back").inc()
         return stopped
 

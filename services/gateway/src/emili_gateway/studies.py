@@ -591,23 +591,43 @@ class StudyEngine:
         raw = await self._r("read promotions", self.redis.hgetall(self._key("study", study_id, "arm_map")))
         return {_str(v) for v in raw.values()}
 
-    async def save_canary(self, canary: Canary) -> None:
-        """Record the canary (S3 first: the durable record) and, once promoted, map its arm to the candidate."""
-        await self._s3(self.objects.put_json, Bucket.SESSIONS, self.canary_object(canary), canary.model_dump())
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self._key("study", canary.study_id, "canary"), canary.model_dump_json())
-        if canary.state == "running":
-            pipe.sadd(self._key("canaries", "running"), canary.study_id)
-        else:
-            pipe.srem(self._key("canaries", "running"), canary.study_id)
-        if canary.state == "promoted":
-            arm_map = self._key("study", canary.study_id, "arm_map")
-            # Every study arm that the production arm served is now served by the candidate (a retired promotion
-            # serves nothing: its arm's own version does).
-            for arm in {a.arm for a in (await self.get_study(canary.study_id)).arms}:
-                if await self.serving_arm(canary.study_id, arm) == canary.production:
-                    pipe.hset(arm_map, arm, canary.candidate)
-        await self._r("record the canary", pipe.execute())
+    async def save_canary(self, canary: Canary, *, while_running: bool = False) -> bool:
+        """Record the canary (S3 first: the durable record) and, once promoted, map its arm to the candidate.
+
+        ``while_running``: only if the study's stored canary is still this one, running. A monitor's look and a
+        researcher's rollback start from what they read earlier, so without it the later write would undo the
+        earlier decision; the first decision stands. Returns whether it was saved."""
+        key = self._key("study", canary.study_id, "canary")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if while_running:
+                await self._r("read the canary", pipe.watch(key))
+                if not _same_running(await self._r("read the canary", pipe.get(key)), canary):
+                    return False
+            await self._s3(self.objects.put_json, Bucket.SESSIONS, self.canary_object(canary), canary.model_dump())
+            pipe.multi()
+            pipe.set(key, canary.model_dump_json())
+            if canary.state == "running":
+                pipe.sadd(self._key("canaries", "running"), canary.study_id)
+            else:
+                pipe.srem(self._key("canaries", "running"), canary.study_id)
+            if canary.state == "promoted":
+                arm_map = self._key("study", canary.study_id, "arm_map")
+                # Every study arm that the production arm served is now served by the candidate (a retired
+                # promotion serves nothing: its arm's own version does).
+                for arm in {a.arm for a in (await self.get_study(canary.study_id)).arms}:
+                    if await self.serving_arm(canary.study_id, arm) == canary.production:
+                        pipe.hset(arm_map, arm, canary.candidate)
+            try:
+                await self._r("record the canary", pipe.execute())
+            except redis.WatchError:
+                # Decided meanwhile: the decision that landed first is the record, in S3 too.
+                winner = await self.canary(canary.study_id)
+                if winner is not None and self.canary_object(winner) == self.canary_object(canary):
+                    await self._s3(
+                        self.objects.put_json, Bucket.SESSIONS, self.canary_object(winner), winner.model_dump()
+                    )
+                return False
+        return True
 
     async def running_canaries(self) -> list[Canary]:
         ids = await self._r("list canaries", self.redis.smembers(self._key("canaries", "running")))
@@ -668,6 +688,17 @@ class StudyEngine:
 
 def _to_redis(values: dict[str, Any]) -> dict[Any, Any]:
     return {k: json.dumps(v) for k, v in values.items()}
+
+
+def _same_running(stored: Any, canary: Canary) -> bool:
+    """Whether the stored canary (Redis JSON) is ``canary``'s own, still running."""
+    if not stored:
+        return False
+    current = Canary.model_validate_json(stored)
+    return current.state == "running" and (current.started_ms, current.candidate) == (
+        canary.started_ms,
+        canary.candidate,
+    )
 
 
 def _str(value: bytes | str) -> str:
