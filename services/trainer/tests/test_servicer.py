@@ -4,6 +4,7 @@ client can act on, idempotent starts, watching and cancelling runs."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,7 @@ async def test_get_model_returns_lineage_and_the_withdrawal_mark(
     from typer.testing import CliRunner
 
     from emili_core.keys import model_registry_key
+    from emili_session.loop_records import gate_key
     from emili_session.registry import mark_models_withdrawn
     from emili_trainer.cli import models_app
 
@@ -158,3 +160,20 @@ async def test_get_model_returns_lineage_and_the_withdrawal_mark(
     assert "gm-bo (withdrawn)" in shown.output and "retired" in shown.output
     used = await asyncio.to_thread(runner.invoke, models_app, ["trained-on", "gm-ann"])
     assert used.exit_code == 0 and "gm-v1 (sft) 1 withdrawn, retired" in used.output
+    assert "evaluation gate: never judged" in shown.output and model.gate_verdict_json == ""
+
+    # The loop's gate judged it: the verdict and its numbers are part of the registry entry the trainer serves.
+    check = {"name": "delta_v_gain", "metric": "delta_v", "kind": "superior", "passed": False, "n": 48}
+    check |= {"estimate": 0.007, "ci": [-0.003, 0.017], "reason": "no clear gain"}
+    verdict = {"policy": "simulation", "passed": False, "decided_ms": 1, "checks": [check], "pipeline_id": "pl-gm"}
+    runtime.store.put_json(Bucket.MODELS, gate_key("gm-v1"), {**verdict, "version": "gm-v1"})
+    model = (await client.GetModel(trainer_pb2.GetModelRequest(version="gm-v1"))).model
+    assert json.loads(model.gate_verdict_json)["checks"] == [check]
+    listed = (await client.ListModels(trainer_pb2.ListModelsRequest())).models
+    assert [json.loads(m.gate_verdict_json)["passed"] for m in listed if m.version == "gm-v1"] == [False]
+    shown = await asyncio.to_thread(runner.invoke, models_app, ["lineage", "gm-v1"])
+    printed = " ".join(shown.output.split())  # Rich wraps long lines.
+    assert "evaluation gate (simulation, pipeline pl-gm): failed: delta_v_gain (never served)" in printed
+    assert "FAIL delta_v_gain: n 48 estimate +0.007 [-0.003, +0.017]: no clear gain" in printed
+    as_json = await asyncio.to_thread(runner.invoke, models_app, ["lineage", "gm-v1", "--json"])
+    assert json.loads(as_json.output)["gate_verdict"]["pipeline_id"] == "pl-gm"

@@ -210,7 +210,7 @@ def models() -> None:
         response: trainer_pb2.ListModelsResponse = await stub.ListModels(trainer_pb2.ListModelsRequest())
         return response
 
-    table = Table("version", "kind", "dataset", "from", "sessions", "train loss", "withdrawals")
+    table = Table("version", "kind", "dataset", "from", "sessions", "train loss", "gate", "withdrawals")
     for m in asyncio.run(_call(None, go)).models:
         loss = json.loads(m.metrics_json or "{}").get("train_loss")
         table.add_row(
@@ -220,9 +220,25 @@ def models() -> None:
             m.init_version,
             str(len(m.session_ids)),
             f"{loss:.4f}" if loss else "",
+            _gate_note(m),
             _withdrawal_note(m),
         )
     console.print(table)
+
+
+def _gate_verdict(model: trainer_pb2.Model) -> dict[str, Any] | None:
+    return dict(json.loads(model.gate_verdict_json)) if model.gate_verdict_json else None
+
+
+def _gate_note(model: trainer_pb2.Model) -> str:
+    """The gate's verdict in a few words: passed, failed (which checks), or blank when never judged."""
+    verdict = _gate_verdict(model)
+    if verdict is None:
+        return ""
+    if verdict.get("passed"):
+        return "passed"
+    failed = [str(c.get("name")) for c in verdict.get("checks", []) if not c.get("passed")]
+    return f"failed: {', '.join(failed)} (never served)"
 
 
 def _withdrawal_note(model: trainer_pb2.Model) -> str:
@@ -267,6 +283,7 @@ def lineage(
         "sessions": list(m.session_ids),
         "withdrawn_sessions": list(m.withdrawn_session_ids),
         "retired": m.retired,
+        "gate_verdict": _gate_verdict(m),
     }
     if as_json:
         print(json.dumps(found, indent=2))
@@ -281,6 +298,19 @@ def lineage(
     if m.withdrawn_session_ids:
         state = "retired: not served" if m.retired else "still served (policy: mark)"
         console.print(f"[yellow]{len(m.withdrawn_session_ids)} of them were withdrawn; {state}[/yellow]")
+    verdict = found["gate_verdict"]
+    if verdict is None:
+        console.print("evaluation gate: never judged (not a candidate of the automatic loop)")
+        return
+    console.print(
+        f"evaluation gate ({verdict.get('policy')}, pipeline {verdict.get('pipeline_id', '-')}): {_gate_note(m)}"
+    )
+    for check in verdict.get("checks", []):
+        estimate = check.get("estimate")
+        shown = "" if estimate is None else f" estimate {estimate:+.3g}"
+        interval = f" [{check['ci'][0]:+.3g}, {check['ci'][1]:+.3g}]" if check.get("ci") else ""
+        mark = "pass" if check.get("passed") else "FAIL"
+        console.print(f"  {mark} {check.get('name')}: n {check.get('n')}{shown}{interval}: {check.get('reason')}")
 
 
 if __name__ == "__main__":  # pragma: no cover

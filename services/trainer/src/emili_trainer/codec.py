@@ -85,6 +85,7 @@ def model_to_pb(model: ModelVersion) -> trainer_pb2.Model:
         parent_versions=model.parent_versions,
         withdrawn_session_ids=model.withdrawn_session_ids,
         retired=model.retired,
+        gate_verdict_json="" if model.gate_verdict is None else json.dumps(dict(model.gate_verdict)),
     )
 
 

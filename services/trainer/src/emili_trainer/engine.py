@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from emili_core.errors import InvalidInput
+from emili_core.objectstore import ObjectStore
+from emili_session.loop_records import gate_verdict
 from emili_session.registry import list_models, model_withdrawal, registered_model
 from emili_trainer import jobs
 from emili_trainer.evaluation import job as evaluation
@@ -63,9 +65,15 @@ class ModelVersion:
     parent_versions: tuple[str, ...] = ()
     withdrawn_session_ids: tuple[str, ...] = ()  # From its withdrawal mark, when people it learned from withdrew.
     retired: bool = False
+    gate_verdict: Mapping[str, Any] | None = None  # The loop's evaluation gate's verdict on it, when it judged it.
 
     @classmethod
-    def from_manifest(cls, manifest: Mapping[str, Any], withdrawal: Mapping[str, Any] | None = None) -> ModelVersion:
+    def from_manifest(
+        cls,
+        manifest: Mapping[str, Any],
+        withdrawal: Mapping[str, Any] | None = None,
+        gate_verdict: Mapping[str, Any] | None = None,
+    ) -> ModelVersion:
         lineage = manifest.get("lineage") or {}
         withdrawal = withdrawal or {}
         return cls(
@@ -81,7 +89,14 @@ class ModelVersion:
             parent_versions=tuple(lineage.get("parents", [])),
             withdrawn_session_ids=tuple(withdrawal.get("withdrawn_sessions", [])),
             retired=bool(withdrawal.get("retired")),
+            gate_verdict=gate_verdict,
         )
+
+
+def _model_version(store: ObjectStore, manifest: Mapping[str, Any]) -> ModelVersion:
+    """A registry entry with what was decided about it since: its withdrawal mark and the gate's verdict."""
+    version = str(manifest["version"])
+    return ModelVersion.from_manifest(manifest, model_withdrawal(store, version), gate_verdict(store, version))
 
 
 @dataclass(frozen=True)
@@ -159,14 +174,14 @@ class TrainerEngine:
 
     def _models(self) -> list[ModelVersion]:
         store = self.runtime.store
-        return [ModelVersion.from_manifest(m, model_withdrawal(store, m["version"])) for m in list_models(store)]
+        return [_model_version(store, m) for m in list_models(store)]
 
     async def get_model(self, version: str) -> ModelVersion:
         if not version:
             raise InvalidInput("version is required: a registered model version (see `emili models list`)")
         store = self.runtime.store
         manifest = await asyncio.to_thread(registered_model, store, version)
-        return ModelVersion.from_manifest(manifest, await asyncio.to_thread(model_withdrawal, store, version))
+        return await asyncio.to_thread(_model_version, store, manifest)
 
     async def get_report(self, run_id: str) -> Report:
         return await asyncio.to_thread(evaluation.load_report, self.runtime, run_id)

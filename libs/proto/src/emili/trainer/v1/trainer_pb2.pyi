@@ -406,6 +406,7 @@ class Model(_message.Message):
     PARENT_VERSIONS_FIELD_NUMBER: _builtins.int
     WITHDRAWN_SESSION_IDS_FIELD_NUMBER: _builtins.int
     RETIRED_FIELD_NUMBER: _builtins.int
+    GATE_VERDICT_JSON_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     kind: _builtins.str
     base_model: _builtins.str
@@ -414,6 +415,11 @@ class Model(_message.Message):
     metrics_json: _builtins.str
     adapter_prefix: _builtins.str
     retired: _builtins.bool
+    gate_verdict_json: _builtins.str
+    """The evaluation gate's verdict on it, when the automatic loop judged it (JSON: policy, passed, decided_ms, checks
+    with each one's n, estimate, interval and reason, pipeline_id); empty when it was never judged. A version whose
+    verdict failed is never served.
+    """
     @_builtins.property
     def dataset_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Lineage: what this version learned from, its own dataset and those of the versions it started from."""
@@ -445,10 +451,11 @@ class Model(_message.Message):
         parent_versions: _abc.Iterable[_builtins.str] | None = ...,
         withdrawn_session_ids: _abc.Iterable[_builtins.str] | None = ...,
         retired: _builtins.bool = ...,
+        gate_verdict_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_prefix", b"adapter_prefix", "base_model", b"base_model", "dataset_id", b"dataset_id", "dataset_ids", b"dataset_ids", "init_version", b"init_version", "kind", b"kind", "metrics_json", b"metrics_json", "parent_versions", b"parent_versions", "retired", b"retired", "session_ids", b"session_ids", "version", b"version", "withdrawn_session_ids", b"withdrawn_session_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_prefix", b"adapter_prefix", "base_model", b"base_model", "dataset_id", b"dataset_id", "dataset_ids", b"dataset_ids", "gate_verdict_json", b"gate_verdict_json", "init_version", b"init_version", "kind", b"kind", "metrics_json", b"metrics_json", "parent_versions", b"parent_versions", "retired", b"retired", "session_ids", b"session_ids", "version", b"version", "withdrawn_session_ids", b"withdrawn_session_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
