@@ -22,12 +22,13 @@ from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import AuthSettings, S3Settings
 from emili_gateway.app import create_app
 from emili_gateway.settings import GatewaySettings
+from emili_pipeline.loop import CanaryRefused
 from emili_pipeline.loop_actions import GatewayError, SystemActions
 from emili_testing.plugin import TEST_SECRET, free_port, token
 
 pytestmark = pytest.mark.integration
 
-LOOP_CONFIG = Path(__file__).resolve().parents[1] / "libs" / "pipeline" / "configs" / "loop.yaml"
+LOOP_CONFIG = Path(__file__).resolve().parents[1] / "libs" / "pipeline" / "configs" / "ci.yaml"
 UNKNOWN_STUDY = "st-ffffffffffff"
 
 
@@ -104,9 +105,10 @@ def test_the_loop_s_canary_calls_against_the_real_gateway(gateway_url: str, obje
     # An unknown study is a 404 too, but not_found: an error, never a canary to start.
     with pytest.raises(GatewayError, match=f"HTTP 404 study {UNKNOWN_STUDY} does not exist"):
         actions.canary_outcome(UNKNOWN_STUDY, candidate)
-    with pytest.raises(GatewayError, match="HTTP 404"):
+    # Refused by the gateway itself: final, the loop ends the round instead of asking again on every tick.
+    with pytest.raises(CanaryRefused, match="HTTP 404"):
         actions.start_canary(UNKNOWN_STUDY, candidate, 0.2)
-    with pytest.raises(GatewayError, match=r"HTTP 400 .*not a registered model version"):
+    with pytest.raises(CanaryRefused, match=r"HTTP 400 .*not a registered model version"):
         actions.start_canary(study, "v-never-registered", 0.2)
 
     actions.start_canary(study, candidate, 0.2)
@@ -116,7 +118,7 @@ def test_the_loop_s_canary_calls_against_the_real_gateway(gateway_url: str, obje
     assert actions.canary_outcome(study, candidate) == "running"
     # The study's newest canary is another version's: ours (other) never started.
     assert actions.canary_outcome(study, other) == "missing"
-    with pytest.raises(GatewayError, match=rf"HTTP 409 .*already runs a canary of {candidate}"):
+    with pytest.raises(CanaryRefused, match=rf"HTTP 409 .*already runs a canary of {candidate}"):
         actions.start_canary(study, other, 0.2)
 
     with gateway() as http:

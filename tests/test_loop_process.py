@@ -96,7 +96,8 @@ def test_one_instance_acts_and_a_restart_starts_no_second_pipeline(
         manifest = {"session_id": session_id, "state": "ended", "use_for_training": True, "synthetic": False}
         store.put_json(Bucket.SESSIONS, keys["session.json"], manifest)
     policy = tmp_path / "policy.yaml"
-    pipeline = REPO_ROOT / "libs" / "pipeline" / "configs" / "loop.yaml"
+    # Small, its recipes files: the trainer is never asked for one.
+    pipeline = REPO_ROOT / "libs" / "pipeline" / "configs" / "ci.yaml"
     policy.write_text(f"loop:\n  enabled: true\n  interval_s: 0.5\n  min_new_sessions: 3\n  pipeline: {pipeline}\n")
     env = {
         **os.environ,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import yaml
 
 from emili_core.keys import model_withdrawal_key
 from emili_core.objectstore import Bucket, ObjectStore
@@ -224,3 +225,51 @@ def test_the_policy_file(tmp_path: Path) -> None:
     path.write_text("loop:\n  min_new_sesions: 20\n")
     with pytest.raises(ValueError, match="min_new_sesions"):
         load_loop_policy(path)
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("policy", ["loop-policy.yaml", "loop-demo-policy.yaml", "loop-demo-canary-policy.yaml"])
+def test_each_shipped_policys_pipeline_can_give_its_gate_enough_evidence(policy: str) -> None:
+    """A check its pipeline can never give min_n items fails every candidate, so the loop would never promote
+    (the shipped loop.yaml once gave 1 user per arm against a gate that needs 10)."""
+    from emili_pipeline.loop_cli import load_policy, warn_undersized
+
+    assert warn_undersized(load_policy(CONFIGS / policy)) == []
+
+
+def test_an_undersized_pipeline_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from emili_pipeline.config import load_config
+    from emili_pipeline.loop import evidence_ceiling
+    from emili_pipeline.loop_cli import load_policy, warn_undersized
+
+    small = tmp_path / "small.yaml"
+    small.write_text((CONFIGS / "loop.yaml").read_text().replace("users_per_arm: 100", "users_per_arm: 1"))
+    assert evidence_ceiling(load_config(small)) == {
+        "delta_v": 1,
+        "negative_reaction": 3,  # One per turn.
+        "diff_epitome_mean": 60,  # Held-out and EmpatheticDialogues contexts, max_examples each.
+        "reply_words": 60,
+    }
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"loop:\n  pipeline: {small}\n")
+    with caplog.at_level("WARNING", logger="emili_pipeline.loop"):
+        problems = warn_undersized(load_policy(policy))
+    assert [p.split(":")[0] for p in problems] == [
+        "gate default, check delta_v_gain",
+        "gate default, check delta_v_not_worse",
+        "gate default, check no_more_negative_reactions",
+    ]
+    assert "needs 200 negative_reaction items per arm, and pipeline loop gives at most 3" in problems[2]
+    assert "every candidate will fail it" in caplog.text
+
+
+def test_the_clusters_loop_config_can_give_its_gate_enough_evidence(tmp_path: Path) -> None:
+    from emili_pipeline.loop_cli import load_policy, warn_undersized
+
+    manifest = Path(__file__).resolve().parents[3] / "deploy" / "k8s" / "components" / "loop" / "config.yaml"
+    files = yaml.safe_load(manifest.read_text())["data"]
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert warn_undersized(load_policy(tmp_path / "loop-policy.yaml")) == []

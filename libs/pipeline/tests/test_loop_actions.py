@@ -60,7 +60,7 @@ def empty_store(s3_settings: S3Settings) -> ObjectStore:
 @pytest.fixture
 def actions(store: ObjectStore, own_s3: S3Settings, isolated_redis_url: str) -> SystemActions:
     settings = CommonSettings(redis_url=isolated_redis_url, s3=own_s3)
-    return SystemActions(store, create_celery_app("pipeline", settings), CONFIGS / "loop.yaml")
+    return SystemActions(store, create_celery_app("pipeline", settings), CONFIGS / "ci.yaml")
 
 
 def test_eligible_sessions(store: ObjectStore) -> None:
@@ -118,7 +118,7 @@ def test_the_policy_names_the_study_sessions_come_from(empty_store: ObjectStore)
     assert LoopPolicy(study_id="st-mine", sessions_from="study").sessions_study() == "st-mine"
     assert load_loop_policy(CONFIGS / "loop-policy.yaml").sessions_from == "all"
     assert load_loop_policy(CONFIGS / "loop-demo-policy.yaml").sessions_from == "study"
-    actions = SystemActions(empty_store, None, CONFIGS / "loop.yaml", study_id="st-mine")
+    actions = SystemActions(empty_store, None, CONFIGS / "ci.yaml", study_id="st-mine")
     record(empty_store, "mine", synthetic=True)
     record(empty_store, "other", synthetic=True)
     empty_store.put_json(Bucket.SESSIONS, "studies/st-mine/sessions/mine.json", {"study_id": "st-mine"})
@@ -134,9 +134,9 @@ def test_study_sessions_follow_the_gateways_studies_prefix(
 
     record(empty_store, "mine", synthetic=True)
     empty_store.put_json(Bucket.SESSIONS, "trial-2/st-mine/sessions/mine.json", {"study_id": "st-mine"})
-    moved = SystemActions(empty_store, None, CONFIGS / "loop.yaml", study_id="st-mine", studies_prefix="trial-2")
+    moved = SystemActions(empty_store, None, CONFIGS / "ci.yaml", study_id="st-mine", studies_prefix="trial-2")
     assert moved.eligible_sessions(include_synthetic=True) == ["mine"]
-    default = SystemActions(empty_store, None, CONFIGS / "loop.yaml", study_id="st-mine")
+    default = SystemActions(empty_store, None, CONFIGS / "ci.yaml", study_id="st-mine")
     assert default.eligible_sessions(include_synthetic=True) == []
     monkeypatch.setenv("EMILI_LOOP_GATEWAY_STUDIES_PREFIX", "trial-3")
     assert gateway_studies_prefix(LoopSettings()) == "trial-3"
@@ -269,7 +269,7 @@ def test_the_commands(
     from emili_pipeline.loop_cli import app, stack_programs, status_rows
 
     policy = tmp_path / "policy.yaml"
-    policy.write_text(f"loop:\n  enabled: false\n  min_new_sessions: 5\n  pipeline: {CONFIGS / 'loop.yaml'}\n")
+    policy.write_text(f"loop:\n  enabled: false\n  min_new_sessions: 5\n  pipeline: {CONFIGS / 'ci.yaml'}\n")
     monkeypatch.setenv("EMILI_REDIS_URL", isolated_redis_url)
     monkeypatch.setenv("EMILI_S3__BUCKET_PREFIX", own_s3.bucket_prefix)
     monkeypatch.setenv("EMILI_LOOP_POLICY", str(policy))

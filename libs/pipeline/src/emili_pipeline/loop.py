@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from emili_core.errors import NotFound
 from emili_core.objectstore import Bucket, ObjectStore
+from emili_pipeline.config import PipelineConfig
 from emili_pipeline.gate import SHIPPED as SHIPPED_GATE
 from emili_pipeline.gate import Evidence, GatePolicy, Verdict, judge, load_policy, unreadable_evidence
 from emili_pipeline.loop_metrics import loop_metrics
@@ -94,6 +95,32 @@ class LoopState(BaseModel):
     sessions: list[str] = Field(default_factory=list)  # Of the candidate in progress.
     used_sessions: list[str] = Field(default_factory=list)  # Sessions some earlier candidate was built from.
     history: list[dict[str, Any]] = Field(default_factory=list)
+
+
+def evidence_ceiling(config: PipelineConfig) -> dict[str, int]:
+    """The most items per arm a pipeline's evaluation can give each gate metric, from its config alone: its
+    simulated users per arm (Δv, one each; reactions, one per turn) and its contexts (up to ``max_examples`` from the
+    held-out sessions and as many from EmpatheticDialogues). MMLU's depend on the trainer's copy: not bounded here."""
+    users = config.evaluation.users_per_arm
+    contexts = 2 * config.evaluation.max_examples
+    return {
+        "delta_v": users,
+        "negative_reaction": users * config.simulator_settings().turns,
+        "diff_epitome_mean": contexts,
+        "reply_words": contexts,
+    }
+
+
+def undersized_checks(config: PipelineConfig, gate: GatePolicy) -> list[str]:
+    """The gate's checks that the pipeline can never give enough evidence for: each fails every candidate."""
+    ceiling = evidence_ceiling(config)
+    return [
+        f"gate {gate.name}, check {check.name}: needs {check.min_n} {check.metric} items per arm, and pipeline "
+        f"{config.name} gives at most {ceiling[check.metric]} (evaluation.users_per_arm, simulator turns, "
+        "evaluation.max_examples)"
+        for check in gate.checks
+        if check.metric in ceiling and ceiling[check.metric] < check.min_n
+    ]
 
 
 class CanaryRefused(Exception):

@@ -133,6 +133,7 @@ def build_loop(policy_path: Path | None) -> tuple[Loop, LoopSettings]:
 
     settings = load_settings(LoopSettings)
     policy = load_policy(policy_path or settings.loop_policy)
+    warn_undersized(policy)
     store = ObjectStore(settings.s3)  # Buckets are made by the first tick (S3 may still be starting).
     actions = SystemActions(
         store,
@@ -148,6 +149,19 @@ def build_loop(policy_path: Path | None) -> tuple[Loop, LoopSettings]:
     # Host and pid name the acting instance (`emili loop status`); the suffix tells a restart on the same pid apart.
     owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
     return Loop(policy, store, lease, actions, owner), settings
+
+
+def warn_undersized(policy: LoopPolicy) -> list[str]:
+    """Say (log) which of the gate's checks the policy's pipeline can never give enough evidence for: with them, every
+    candidate is rejected for "not enough evidence", which looks like a working loop that never promotes."""
+    from emili_pipeline.config import load_config
+    from emili_pipeline.gate import load_policy as load_gate
+    from emili_pipeline.loop import undersized_checks
+
+    problems = undersized_checks(load_config(policy.pipeline), load_gate(policy.gate))
+    for problem in problems:
+        log.warning("loop policy: %s; every candidate will fail it", problem)
+    return problems
 
 
 def _unreachable(exc: Exception) -> typer.Exit:
