@@ -167,6 +167,26 @@ def test_the_loop_section_traces_a_decision(
         )
         assert sessions == "s-train-1 s-train-2 s-train-3 s-held-1"
         browser.save_screenshot(str(SCREENSHOTS / "researcher-loop-pipeline.png"))
+
+        # Its canary decided (its numbers in its durable record), then a later candidate's canary became the study's
+        # newest: the candidate's own numbers still show in its trace.
+        assert httpx.post(f"{base}/api/v1/studies/{study_id}/canary/rollback", headers=admin).status_code == 200
+        record = f"studies/{study_id}/canaries/{started.json()['started_ms']}-{passed}.json"
+        look = {"outcome": "rating", "n_candidate": 12, "n_production": 31, "difference": -0.917, "p_harm": 0.0042}
+        look |= {"ci": [-1.6, -0.2], "lower_bound": -1.4}
+        decided = object_store.get_json(Bucket.SESSIONS, record)
+        object_store.put_json(Bucket.SESSIONS, record, decided | {"looks": [look]})
+        later = f"cand-{uuid.uuid4().hex[:8]}"
+        register_model_version(object_store, later)
+        again = httpx.post(f"{base}/api/v1/studies/{study_id}/canary", json={"candidate": later}, headers=admin)
+        assert again.status_code == 201, again.text
+        browser.execute_script("location.reload();")
+        until(browser, card)
+        browser.execute_script(f"{card}.open = true;")
+        numbers = until(browser, f"{card}.querySelector('.canary-looks')?.textContent")
+        for part in ("rating", "12 / 31", "-0.917", "0.0042"):
+            assert part in numbers, part
+        assert "rolled back" in browser.execute_script(f"return {card}.querySelector('.canary-trace').textContent")
     finally:
         httpx.post(f"{base}/api/v1/studies/{study_id}/canary/rollback", headers=admin, timeout=30)
         object_store.delete(Bucket.MODELS, loop_records.LOOP_STATE_KEY)

@@ -137,15 +137,37 @@ async function showCanary(card, study) {
   card.querySelector(".canary-reason").textContent = canary.reason;
   const table = card.querySelector(".canary-table");
   const body = table.querySelector("tbody");
-  for (const look of canary.looks) {
-    const tr = el("tr");
-    const th = el("th", look.outcome);
-    th.scope = "row";
-    tr.append(th, el("td", `${look.n_candidate} / ${look.n_production}`), el("td", number(look.difference, 3)),
-      el("td", number(look.p_harm, 4)));
-    body.append(tr);
-  }
+  for (const look of canary.looks) body.append(lookRow(look));
   table.hidden = canary.looks.length === 0;
+}
+
+// One outcome of a canary's last look: sessions per arm, the difference and the always-valid p-value for harm.
+function lookRow(look) {
+  const tr = el("tr");
+  const th = el("th", look.outcome);
+  th.scope = "row";
+  tr.append(th, el("td", `${look.n_candidate} / ${look.n_production}`), el("td", number(look.difference, 3)),
+    el("td", number(look.p_harm, 4)));
+  return tr;
+}
+
+function looksTable(looks) {
+  const wrap = el("div", null, "table-wrap");
+  const node = el("table", null, "canary-looks");
+  node.append(el("caption", "Its canary's last look, per outcome"));
+  const head = el("tr");
+  for (const name of ["Outcome", "Sessions (candidate / production)", "Difference", "p (harm)"]) {
+    const th = el("th", name);
+    th.scope = "col";
+    head.append(th);
+  }
+  const thead = el("thead");
+  thead.append(head);
+  const body = el("tbody");
+  for (const look of looks) body.append(lookRow(look));
+  node.append(thead, body);
+  wrap.append(node);
+  return wrap;
 }
 
 async function exportSessions(card, study, format, button) {
@@ -363,7 +385,7 @@ function canaryTrace(detail) {
   box.append(canary
     ? `Canary in study ${detail.study_id}: ${CANARY_STATES[canary.state]}` +
       `${canary.reason ? ` (${canary.reason})` : ""}; ${canary.participants} participants. `
-    : `Canary in study ${detail.study_id}: no longer the study's newest canary. `);
+    : `Canary in study ${detail.study_id}: its record was not found. `);
   const link = el("a", "See the study's canary");
   link.href = `#${anchorId("canary", detail.study_id)}`;
   box.append(link);
@@ -387,6 +409,8 @@ function candidateTrace(detail) {
     parts.push(el("p", "Not in the model registry.", "hint"));
   }
   parts.push(canaryTrace(detail));
+  // The candidate's own canary numbers: the study's card shows only its newest canary's.
+  if (detail.canary && detail.canary.looks.length) parts.push(looksTable(detail.canary.looks));
   return parts;
 }
 
