@@ -178,6 +178,43 @@ def test_a_retired_production_version_is_replaced_without_the_withdrawn_sessions
     assert retired["production"] == "base" and retraining["replaces"] == "cand-1"
 
 
+def test_a_marked_production_version_is_replaced_without_the_withdrawn_sessions(
+    store: ObjectStore, isolated_redis_url: str
+) -> None:
+    """retention.withdrawn_models: mark keeps the version serving; the loop trains its replacement at once, once per
+    withdrawal (a later withdrawal, a newer mark, starts another), unless the policy waits for new sessions."""
+    system = FakeSystem(sessions=["a", "b", "c"], evidence=GOOD, finished=True, decision="promoted")
+    loop = make(store, isolated_redis_url, system, "only")
+    for _ in range(4):
+        loop.tick()
+    assert loop.state().production == "cand-1" and len(system.pipelines) == 1
+
+    mark = {"version": "cand-1", "withdrawn_sessions": ["b"], "withdrawn_ms": 10, "updated_ms": 10, "retired": False}
+    store.put_json(Bucket.MODELS, model_withdrawal_key("cand-1"), mark)
+    system.sessions.remove("b")
+    state = loop.tick() or pytest.fail()
+    assert state.phase == "training" and state.production == "cand-1"  # Still serving until a replacement wins.
+    assert system.pipelines[-1] == ("a", "c") and system.baselines[-1] == "cand-1"
+    assert state.history[-2]["event"] == "retraining without the withdrawn sessions"
+    system.decision = "rolled_back"  # The replacement is not promoted: the marked version goes on serving.
+    for _ in range(3):
+        loop.tick()
+    assert loop.state().phase == "idle" and (loop.tick() or pytest.fail()).phase == "idle"  # Once per mark.
+    assert len(system.pipelines) == 2
+
+    store.put_json(
+        Bucket.MODELS, model_withdrawal_key("cand-1"), mark | {"withdrawn_sessions": ["b", "c"]} | {"updated_ms": 20}
+    )
+    system.sessions.remove("c")
+    assert (loop.tick() or pytest.fail()).phase == "training" and system.pipelines[-1] == ("a",)
+
+    waits = make(store, isolated_redis_url, system, "only", retrain_on_withdrawal=False)
+    state = waits.state()
+    state.phase, state.retrained_for = "idle", []
+    store.put_json(Bucket.MODELS, STATE_KEY, state.model_dump(mode="json"))
+    assert (waits.tick() or pytest.fail()).phase == "idle" and len(system.pipelines) == 3
+
+
 def test_a_stop_before_the_canary_started_starts_it_on_restart(store: ObjectStore, isolated_redis_url: str) -> None:
     system = FakeSystem(sessions=["a", "b", "c"], evidence=GOOD, finished=True)
     loop = make(store, isolated_redis_url, system, "only")

@@ -24,7 +24,9 @@ Phases, one step per tick:
 The production arm: candidates are compared with ``policy.production`` (``base``) until the loop promotes one;
 from then on with the promoted version (``LoopState.production``), which the next pipeline gets as its baseline.
 When the promoted version is retired (people it learned from withdrew, ``retention.withdrawn_models: retire``), the
-idle loop goes back to ``policy.production`` and retrains at once on the sessions that remain.
+idle loop goes back to ``policy.production`` and retrains at once on the sessions that remain. When it is only
+marked (``mark``), it keeps serving and, with ``retrain_on_withdrawal``, the idle loop trains its replacement at once
+on the sessions that remain, once per withdrawal mark.
 
 Every transition is appended to the state's history with its numbers, so a decision can be traced back to the
 pipeline, its sessions and the verdict.
@@ -50,7 +52,7 @@ from emili_pipeline.gate import SHIPPED as SHIPPED_GATE
 from emili_pipeline.gate import Evidence, GatePolicy, Verdict, judge, load_policy, unreadable_evidence
 from emili_pipeline.loop_metrics import loop_metrics
 from emili_session.loop_records import LOOP_STATE_KEY, gate_key
-from emili_session.registry import is_retired
+from emili_session.registry import is_retired, model_withdrawal
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,10 @@ class LoopPolicy(BaseModel):
     production: str = Field("base", min_length=1)
     gate: Path = SHIPPED_GATE
     pipeline: Path = Path("libs/pipeline/configs/loop.yaml")
+    # People the promoted version learned from withdrew, and it was only marked (retention.withdrawn_models: mark):
+    # train its replacement without their sessions at once (it keeps serving until a replacement is promoted).
+    # A retired one is always replaced at once.
+    retrain_on_withdrawal: bool = True
 
     def sessions_study(self) -> str | None:
         """The study eligible sessions must belong to; None: any session, of a study or not."""
@@ -94,6 +100,8 @@ class LoopState(BaseModel):
     production: str | None = None  # The version the loop promoted last; None: the policy's production arm.
     sessions: list[str] = Field(default_factory=list)  # Of the candidate in progress.
     used_sessions: list[str] = Field(default_factory=list)  # Sessions some earlier candidate was built from.
+    # "<version>@<mark's updated_ms>" of each withdrawal mark on production a replacement was trained for.
+    retrained_for: list[str] = Field(default_factory=list)
     history: list[dict[str, Any]] = Field(default_factory=list)
 
 
@@ -222,6 +230,13 @@ class Loop:
         eligible = self.actions.eligible_sessions(self.policy.include_synthetic)
         if state.production and is_retired(self.store, state.production):
             return self._production_retired(state, eligible)
+        if (mark := self._unanswered_withdrawal(state)) and eligible:
+            state.retrained_for.append(mark)
+            state.phase, state.sessions, state.pipeline_id = "training", sorted(eligible), None
+            self._save(
+                state, "retraining without the withdrawn sessions", sessions=len(eligible), replaces=state.production
+            )
+            return self._start_pipeline(state)
         new = [s for s in eligible if s not in used]
         if len(new) < self.policy.min_new_sessions:
             return state
@@ -230,6 +245,17 @@ class Loop:
         # Saved before the pipeline starts: a restart sees "training" and never starts another candidate.
         self._save(state, "enough new sessions", new_sessions=len(new), sessions=len(eligible))
         return self._start_pipeline(state)
+
+    def _unanswered_withdrawal(self, state: LoopState) -> str | None:
+        """The production version's withdrawal mark (people it learned from withdrew) that no replacement was
+        trained for yet, as ``version@updated_ms``; None when there is none or the policy waits for new sessions."""
+        if not (self.policy.retrain_on_withdrawal and state.production):
+            return None
+        mark = model_withdrawal(self.store, state.production)
+        if not mark:
+            return None
+        key = f"{state.production}@{mark.get('updated_ms') or mark.get('withdrawn_ms') or 0}"
+        return None if key in state.retrained_for else key
 
     def _production_retired(self, state: LoopState, eligible: Sequence[str]) -> LoopState:
         """People the promoted version learned from withdrew and it was retired: production goes back to the
