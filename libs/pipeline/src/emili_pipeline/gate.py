@@ -117,6 +117,10 @@ class CheckResult:
     estimate: float | None  # candidate - baseline (or the candidate's mean for "within").
     ci: tuple[float, float] | None
     reason: str
+    # What the policy asked, kept with the verdict so that it reads on its own after the policy file changes.
+    margin: float | None = None
+    min_n: int = 0
+    paired: bool | None = None  # How the evidence was compared (None: no evidence).
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,10 @@ def _difference_ci(evidence: Evidence, policy: GatePolicy, rng: np.random.Genera
 
 def _check(check: GateCheck, evidence: Evidence | None, policy: GatePolicy, rng: np.random.Generator) -> CheckResult:
     def result(passed: bool, n: int, estimate: float | None, ci: tuple[float, float] | None, why: str) -> CheckResult:
-        return CheckResult(check.name, check.metric, check.kind, passed, n, estimate, ci, why)
+        paired = None if evidence is None else evidence.paired
+        return CheckResult(
+            check.name, check.metric, check.kind, passed, n, estimate, ci, why, check.margin, check.min_n, paired
+        )
 
     if evidence is None:
         return result(False, 0, None, None, f"no evidence for {check.metric}")
@@ -184,7 +191,7 @@ def _check(check: GateCheck, evidence: Evidence | None, policy: GatePolicy, rng:
 def unreadable_evidence(policy: GatePolicy, why: str) -> Verdict:
     """The verdict on evidence the gate cannot read (malformed): every check fails, saying why."""
     checks = tuple(
-        CheckResult(c.name, c.metric, c.kind, False, 0, None, None, f"unreadable evidence: {why}")
+        CheckResult(c.name, c.metric, c.kind, False, 0, None, None, f"unreadable evidence: {why}", c.margin, c.min_n)
         for c in policy.checks
     )
     return Verdict(policy.name, False, checks, int(time.time() * 1000))

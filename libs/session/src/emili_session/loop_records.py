@@ -7,7 +7,8 @@ the fields below are the contract between them:
                                     progress), used_sessions, history (one entry per decision: at_ms, event,
                                     phase and its numbers, e.g. candidate, pipeline_id, failed_checks)
     gates/<version>.json            the gate's verdict on a candidate: policy, passed, decided_ms, checks (name,
-                                    metric, kind, passed, n, estimate, ci, reason), version, pipeline_id, sessions
+                                    metric, kind, passed, n, estimate, ci, reason, margin, min_n, paired),
+                                    version, pipeline_id, sessions
     pipelines/<id>/state.json       the pipeline that trained it (:func:`emili_core.keys.pipeline_state_key`):
                                     sessions, train_sessions, heldout_sessions, steps
 

@@ -62,6 +62,9 @@ class GateCheckView(BaseModel):
     estimate: float | None = None  # candidate - baseline (the candidate's mean for "within").
     ci: tuple[float, float] | None = None
     reason: str = ""
+    margin: float | None = None  # What the policy asked (verdicts from before these were kept: None and 0).
+    min_n: int = 0
+    paired: bool | None = None
 
     @field_validator("estimate", mode="before")
     @classmethod

@@ -365,7 +365,9 @@ function verdictTable(verdict) {
     const th = el("th", check.name);
     th.scope = "row";
     const interval = Array.isArray(check.ci) ? `[${number(check.ci[0], 3)}, ${number(check.ci[1], 3)}]` : "n/a";
-    tr.append(th, el("td", check.metric), el("td", check.kind.replaceAll("_", " ")), el("td", check.n),
+    const kind = `${check.kind.replaceAll("_", " ")}${check.paired ? ", paired" : ""}`;
+    const n = check.min_n ? `${check.n} (needs ${check.min_n})` : check.n;
+    tr.append(th, el("td", check.metric), el("td", kind), el("td", n),
       el("td", number(check.estimate, 3)), el("td", interval), el("td", check.passed ? "passed" : "failed"),
       el("td", check.reason, "reason"));
     body.append(tr);
