@@ -449,30 +449,6 @@ def test_the_final_bound_on_a_few_sessions_uses_students_t() -> None:
     assert looked.looks[0].lower_bound is not None and looked.looks[0].lower_bound < -0.25
 
 
-class _DecidedDuringWrite:
-    """The object store, with a researcher's rollback landing while the next durable write is under way."""
-
-    def __init__(self, objects: ObjectStore, redis_url: str, key: str, rollback: Canary, object_key: str) -> None:
-        self.objects, self.redis_url, self.key, self.rollback, self.object_key = (
-            objects,
-            redis_url,
-            key,
-            rollback,
-            object_key,
-        )
-        self.armed = True
-
-    def put_json(self, bucket: Bucket, key: str, value: Any) -> None:
-        self.objects.put_json(bucket, key, value)
-        if self.armed:
-            self.armed = False
-            self.objects.put_json(bucket, self.object_key, self.rollback.model_dump())
-            redis.Redis.from_url(self.redis_url).set(self.key, self.rollback.model_dump_json())
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.objects, name)
-
-
 @pytest.mark.integration
 def test_a_look_never_undoes_a_decision_that_landed_first(redis_url: str, object_store: ObjectStore) -> None:
     """A monitor's look starts from the canary it read earlier; a researcher's rollback saved meanwhile stands, in
@@ -501,23 +477,39 @@ def test_a_look_never_undoes_a_decision_that_landed_first(redis_url: str, object
     assert first and researcher and not look and not still_running
     assert stored is not None and stored.state == "rolled_back" and stored.reason == "rolled back by a researcher"
 
-    # The rollback lands between the look's check and its write: Redis refuses the write (WATCH) and the durable
-    # record, which the look had already written, is put back to the decision that stands.
+    # Another write lands between an attempt's check and its commit (WATCH): a look's numbers, the canary still
+    # running, so the attempt is made again and succeeds; or a researcher's rollback, which then stands (in the
+    # durable record too: it is written only once Redis took the change).
     running = running.model_copy(update={"started_ms": running.started_ms + 1})
     stopped = running.model_copy(update={"state": "rolled_back", "reason": "rolled back by a researcher"})
     durable = f"{options.prefix}/{running.study_id}/canaries/{running.started_ms}-{running.candidate}.json"
 
-    async def race() -> tuple[bool, Canary | None]:
+    class Interleaved(StudyEngine):
+        def __init__(self, *args: Any, writes: list[Canary]) -> None:
+            super().__init__(*args)
+            self.writes = writes
+
+        async def _queue_canary(self, pipe: Any, canary: Canary) -> None:
+            if self.writes:  # Another replica's write, from its own connection, before this commit.
+                other = self.writes.pop(0)
+                redis.Redis.from_url(redis_url).set(key, other.model_dump_json())
+                object_store.put_json(Bucket.SESSIONS, durable, other.model_dump())
+            await super()._queue_canary(pipe, canary)
+
+    async def race(writes: list[Canary], mine: Canary) -> tuple[bool, Canary | None]:
         client = aioredis.Redis.from_url(redis_url)
         try:
             await StudyEngine(options, client, object_store).save_canary(running)
-            racing = _DecidedDuringWrite(object_store, redis_url, key, stopped, durable)
-            studies = StudyEngine(options, client, racing)  # type: ignore[arg-type]
-            saved = await studies.save_canary(running.model_copy(update={"looks": []}), while_running=True)
+            studies = Interleaved(options, client, object_store, writes=writes)
+            saved = await studies.save_canary(mine, while_running=True)
             return saved, await studies.canary(running.study_id)
         finally:
             await client.aclose()
 
-    saved, stored = asyncio.run(race())
+    other_look = running.model_copy(update={"reason": "another look"})
+    saved, stored = asyncio.run(race([other_look], running.model_copy(update={"reason": "this look"})))
+    assert saved and stored is not None and stored.reason == "this look"
+    assert object_store.get_json(Bucket.SESSIONS, durable)["reason"] == "this look"
+    saved, stored = asyncio.run(race([stopped], running.model_copy(update={"reason": "a stale look"})))
     assert not saved and stored is not None and stored.state == "rolled_back"
     assert object_store.get_json(Bucket.SESSIONS, durable)["state"] == "rolled_back"

@@ -270,9 +270,10 @@ class CanaryMonitor:
         else:
             looked = await self._compare(canary)
         if not await self.studies.save_canary(looked, while_running=True):
-            # A researcher rolled it back (or another replica decided) while this look ran: that decision stands.
+            # A researcher rolled it back (or another replica decided) while this look ran: that decision stands, and
+            # this look decided nothing (the caller counts only its own decisions).
             log.info("canary %s in %s: decided while looked at; not overwritten", canary.candidate, canary.study_id)
-            return (await self.studies.canary(canary.study_id)) or looked
+            return canary
         if looked.state != "running":
             self.metrics.canary_decisions.labels(looked.state).inc()
             log.info("canary %s in %s: %s (%s)", canary.candidate, canary.study_id, looked.state, looked.reason)

@@ -175,9 +175,8 @@ class GatewayEngine:
             update={"state": "rolled_back", "reason": f"rolled back by {principal.subject}", "decided_ms": now_ms()}
         )
         if not await self.studies.save_canary(stopped, while_running=True):
-            decided = await self.canary(study_id)
             raise FailedPrecondition(
-                f"the canary of {canary.candidate} was {decided.state.replace('_', ' ')} meanwhile: {decided.reason}"
+                f"the canary of {canary.candidate} was decided meanwhile (or another replaced it); read it again"
             )
         self.metrics.canary_decisions.labels("rolled_back").inc()
         return stopped

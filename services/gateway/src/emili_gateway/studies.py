@@ -134,6 +134,10 @@ def withdraw_hash(code: str) -> str:
     return hashlib.sha256(normalised.encode()).hexdigest()
 
 
+# Attempts at recording a canary that must still run (others' looks may change it meanwhile).
+CANARY_SAVE_TRIES = 5
+
+
 class StudyEngine:
     def __init__(self, options: StudyStoreSettings, client: aioredis.Redis, objects: ObjectStore) -> None:
         self.options = options
@@ -592,42 +596,63 @@ class StudyEngine:
         return {_str(v) for v in raw.values()}
 
     async def save_canary(self, canary: Canary, *, while_running: bool = False) -> bool:
-        """Record the canary (S3 first: the durable record) and, once promoted, map its arm to the candidate.
+        """Record the canary (S3 first: the durable record; with ``while_running``, once Redis took it) and, once
+        promoted, map its arm to the candidate.
 
         ``while_running``: only if the study's stored canary is still this one, running. A monitor's look and a
         researcher's rollback start from what they read earlier, so without it the later write would undo the
         earlier decision; the first decision stands. Returns whether it was saved."""
+        if not while_running:
+            await self._s3(self.objects.put_json, Bucket.SESSIONS, self.canary_object(canary), canary.model_dump())
+            pipe = self.redis.pipeline(transaction=True)
+            await self._queue_canary(pipe, canary)
+            await self._r("record the canary", pipe.execute())
+            return True
+        for _ in range(CANARY_SAVE_TRIES):
+            saved = await self._save_if_running(canary)
+            if saved is not None:
+                return saved
+        raise DependencyUnavailable(
+            f"the canary of study {canary.study_id} kept changing while it was recorded; try again"
+        )
+
+    async def _save_if_running(self, canary: Canary) -> bool | None:
+        """One optimistic attempt (WATCH): True saved; False not saved, the canary was decided or replaced; None not
+        saved, it changed but still runs (e.g. a look's numbers), so another attempt may succeed. The durable record
+        is written after Redis took the change: written before, a lost attempt would leave it stale."""
         key = self._key("study", canary.study_id, "canary")
         async with self.redis.pipeline(transaction=True) as pipe:
-            if while_running:
-                await self._r("read the canary", pipe.watch(key))
-                if not _same_running(await self._r("read the canary", pipe.get(key)), canary):
-                    return False
-            await self._s3(self.objects.put_json, Bucket.SESSIONS, self.canary_object(canary), canary.model_dump())
+            try:
+                await pipe.watch(key)
+                stored = await pipe.get(key)
+            except (redis.ConnectionError, redis.TimeoutError, redis.WatchError) as exc:
+                raise DependencyUnavailable("Redis is unavailable while trying to read the canary; try again") from exc
+            if not _same_running(stored, canary):
+                return False
             pipe.multi()
-            pipe.set(key, canary.model_dump_json())
-            if canary.state == "running":
-                pipe.sadd(self._key("canaries", "running"), canary.study_id)
-            else:
-                pipe.srem(self._key("canaries", "running"), canary.study_id)
-            if canary.state == "promoted":
-                arm_map = self._key("study", canary.study_id, "arm_map")
-                # Every study arm that the production arm served is now served by the candidate (a retired
-                # promotion serves nothing: its arm's own version does).
-                for arm in {a.arm for a in (await self.get_study(canary.study_id)).arms}:
-                    if await self.serving_arm(canary.study_id, arm) == canary.production:
-                        pipe.hset(arm_map, arm, canary.candidate)
+            await self._queue_canary(pipe, canary)
             try:
                 await self._r("record the canary", pipe.execute())
-            except redis.WatchError:
-                # Decided meanwhile: the decision that landed first is the record, in S3 too.
-                winner = await self.canary(canary.study_id)
-                if winner is not None and self.canary_object(winner) == self.canary_object(canary):
-                    await self._s3(
-                        self.objects.put_json, Bucket.SESSIONS, self.canary_object(winner), winner.model_dump()
-                    )
-                return False
+            except redis.WatchError:  # Changed meanwhile (or the connection dropped: read again below).
+                current = await self._r("read the canary", self.redis.get(key))
+                return None if _same_running(current, canary) else False
+        await self._s3(self.objects.put_json, Bucket.SESSIONS, self.canary_object(canary), canary.model_dump())
         return True
+
+    async def _queue_canary(self, pipe: Any, canary: Canary) -> None:
+        """Queue the canary's Redis writes on ``pipe`` (a transaction)."""
+        pipe.set(self._key("study", canary.study_id, "canary"), canary.model_dump_json())
+        if canary.state == "running":
+            pipe.sadd(self._key("canaries", "running"), canary.study_id)
+        else:
+            pipe.srem(self._key("canaries", "running"), canary.study_id)
+        if canary.state == "promoted":
+            arm_map = self._key("study", canary.study_id, "arm_map")
+            # Every study arm that the production arm served is now served by the candidate (a retired promotion
+            # serves nothing: its arm's own version does).
+            for arm in {a.arm for a in (await self.get_study(canary.study_id)).arms}:
+                if await self.serving_arm(canary.study_id, arm) == canary.production:
+                    pipe.hset(arm_map, arm, canary.candidate)
 
     async def running_canaries(self) -> list[Canary]:
         ids = await self._r("list canaries", self.redis.smembers(self._key("canaries", "running")))
@@ -690,15 +715,16 @@ def _to_redis(values: dict[str, Any]) -> dict[Any, Any]:
     return {k: json.dumps(v) for k, v in values.items()}
 
 
+def _same_canary(one: Canary, other: Canary) -> bool:
+    return (one.study_id, one.started_ms, one.candidate) == (other.study_id, other.started_ms, other.candidate)
+
+
 def _same_running(stored: Any, canary: Canary) -> bool:
     """Whether the stored canary (Redis JSON) is ``canary``'s own, still running."""
     if not stored:
         return False
     current = Canary.model_validate_json(stored)
-    return current.state == "running" and (current.started_ms, current.candidate) == (
-        canary.started_ms,
-        canary.candidate,
-    )
+    return current.state == "running" and _same_canary(current, canary)
 
 
 def _str(value: bytes | str) -> str:
