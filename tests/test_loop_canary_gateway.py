@@ -124,3 +124,11 @@ def test_the_loop_s_canary_calls_against_the_real_gateway(gateway_url: str, obje
     with gateway() as http:
         assert http.post(f"/api/v1/studies/{study}/canary/rollback").status_code == 200
     assert actions.canary_outcome(study, candidate) == "rolled_back"
+    # Another version's canary becomes the study's newest before the loop looks again: ours is still found
+    # (decided), never taken for one that never started (which the loop would start, and the gateway refuse).
+    actions.start_canary(study, other, 0.2)
+    assert actions.canary_outcome(study, other) == "running"
+    assert actions.canary_outcome(study, candidate) == "rolled_back"
+    with gateway() as http:
+        bad = http.get(f"/api/v1/studies/{study}/canary", params={"candidate": "../x"})
+        assert bad.status_code == 400, bad.text

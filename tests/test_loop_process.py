@@ -141,8 +141,10 @@ def test_one_instance_acts_and_a_restart_starts_no_second_pipeline(
     assert (waiting.metric("emili_loop_ticks_total", outcome="standby") or 0) >= 2
     assert waiting.metric("emili_loop_holds_lease") == 0
     # Only acting ticks count as the loop's progress (the stall alert): a standby instance's would hide a stuck one.
-    assert (acting.metric("emili_loop_last_tick_timestamp_seconds") or 0) > time.time() - 30
-    assert not waiting.metric("emili_loop_last_tick_timestamp_seconds")
+    acted = acting.metric("emili_loop_last_tick_timestamp_seconds") or 0
+    assert acted > time.time() - 30
+    # (The standby may have acted once in a lease handover on a loaded machine: never since the acting one did.)
+    assert (waiting.metric("emili_loop_last_tick_timestamp_seconds") or 0) <= acted
 
     # The acting process dies without a word: the other takes over once the lease lapses (3 intervals).
     assert acting.signal(signal.SIGKILL) == -signal.SIGKILL

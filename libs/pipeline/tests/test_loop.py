@@ -202,6 +202,8 @@ def test_a_marked_production_version_is_replaced_without_the_withdrawn_sessions(
     assert loop.state().phase == "idle" and (loop.tick() or pytest.fail()).phase == "idle"  # Once per mark.
     assert len(system.pipelines) == 2
 
+    store.put_json(Bucket.MODELS, model_withdrawal_key("cand-1"), mark | {"updated_ms": 15})  # Rewritten, nothing new.
+    assert (loop.tick() or pytest.fail()).phase == "idle" and len(system.pipelines) == 2
     store.put_json(
         Bucket.MODELS, model_withdrawal_key("cand-1"), mark | {"withdrawn_sessions": ["b", "c"]} | {"updated_ms": 20}
     )

@@ -92,13 +92,14 @@ def test_corpus_datasets_name_no_sessions(object_store: ObjectStore) -> None:
 
 
 def test_a_version_published_after_its_people_withdrew_is_marked(object_store: ObjectStore, tmp_path: Path) -> None:
-    """A participant withdraws while a run trains: the labeler marked the versions registered then, not the one
-    still training; the trainer's check after publishing marks it (and retires it under that policy)."""
+    """A participant withdraws while runs train: the labeler marked the versions registered then, not those still
+    training; the trainer's check after publishing marks each new version (and retires it under that policy),
+    through any dataset of its lineage, its parent's included, and marks no other version."""
     store = object_store
     sft = publish_dataset(store, "sft", ["mid-ann", "mid-ben"])
     register(store, tmp_path, "mid-parent", sft, None)
     pairs = publish_dataset(store, "dpo_feedback", ["mid-cat"])
-    # The labeler's withdrawal of mid-ann, while a DPO run from mid-parent and another SFT run on sft were training.
+    # The labeler's withdrawal of mid-ann: the dataset built from it, then the versions registered at that moment.
     manifest_key = store.get_json(Bucket.DATASETS, dataset_index_key(sft))["manifest"]
     store.put_json(
         Bucket.DATASETS,
@@ -106,21 +107,27 @@ def test_a_version_published_after_its_people_withdrew_is_marked(object_store: O
         {"withdrawn_sessions": ["mid-ann"], "withdrawn_ms": 1_790_000_000_000, "replacement": None},
     )
     mark_models_withdrawn(store, ["mid-ann"], retire=False)
-    assert model_withdrawal(store, "mid-parent") is not None
+    parent_mark = model_withdrawal(store, "mid-parent")
+    assert parent_mark is not None
 
-    register(store, tmp_path, "mid-child", pairs, "mid-parent")  # Published after the withdrawal.
-    register(store, tmp_path, "mid-sft", sft, None)
+    # Published after the withdrawal: a DPO run from the parent (its own pairs are clean) and another SFT run.
+    child = register(store, tmp_path, "mid-child", pairs, "mid-parent")
+    again = register(store, tmp_path, "mid-sft", sft, None)
     assert model_withdrawal(store, "mid-child") is None and model_withdrawal(store, "mid-sft") is None
-    marked = jobs.mark_withdrawn_while_training(store, pairs, "mid-parent", retire=True)
-    assert "mid-child" in {m["version"] for m in marked}
-    jobs.mark_withdrawn_while_training(store, sft, None, retire=True)
+    marked = jobs.mark_withdrawn_while_training(store, "mid-child", child["lineage"], retire=True)
+    assert [m["version"] for m in marked] == ["mid-child"] and model_withdrawal(store, "mid-sft") is None
+    jobs.mark_withdrawn_while_training(store, "mid-sft", again["lineage"], retire=True)
     for version in ("mid-child", "mid-sft"):
         mark = model_withdrawal(store, version)
         assert mark is not None and mark["withdrawn_sessions"] == ["mid-ann"] and mark["retired"]
         with pytest.raises(FailedPrecondition):
             check_servable(store, version)
+    assert model_withdrawal(store, "mid-parent") == parent_mark  # Not rewritten: nothing new for it.
     # Nothing withdrawn behind a version: nothing marked.
-    clean = publish_dataset(store, "sft", ["mid-dan"])
-    register(store, tmp_path, "mid-clean", clean, None)
-    assert jobs.mark_withdrawn_while_training(store, clean, None, retire=True) == []
+    clean = register(store, tmp_path, "mid-clean", publish_dataset(store, "sft", ["mid-dan"]), None)
+    assert jobs.mark_withdrawn_while_training(store, "mid-clean", clean["lineage"], retire=True) == []
     assert model_withdrawal(store, "mid-clean") is None
+    # Marking again with nothing new keeps the mark as it was (the loop replaces a version once per withdrawal).
+    before = model_withdrawal(store, "mid-child")
+    mark_models_withdrawn(store, ["mid-ann"], retire=True)
+    assert model_withdrawal(store, "mid-child") == before

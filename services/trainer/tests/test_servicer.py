@@ -177,3 +177,10 @@ async def test_get_model_returns_lineage_and_the_withdrawal_mark(
     assert "FAIL delta_v_gain: n 48 estimate +0.007 [-0.003, +0.017]: no clear gain" in printed
     as_json = await asyncio.to_thread(runner.invoke, models_app, ["lineage", "gm-v1", "--json"])
     assert json.loads(as_json.output)["gate_verdict"]["pipeline_id"] == "pl-gm"
+
+    # An unreadable verdict shows as such; it does not hide the other versions.
+    runtime.store.put_json(Bucket.MODELS, model_registry_key("gm-v2"), entry | {"version": "gm-v2"})
+    runtime.store.put_json(Bucket.MODELS, gate_key("gm-v2"), ["not", "a", "verdict"])
+    listed = (await client.ListModels(trainer_pb2.ListModelsRequest())).models
+    verdicts = {m.version: json.loads(m.gate_verdict_json) for m in listed if m.version.startswith("gm-")}
+    assert verdicts["gm-v1"]["pipeline_id"] == "pl-gm" and "unreadable" in verdicts["gm-v2"]

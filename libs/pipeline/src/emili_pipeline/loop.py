@@ -34,6 +34,7 @@ pipeline, its sessions and the verdict.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import time
@@ -100,7 +101,8 @@ class LoopState(BaseModel):
     production: str | None = None  # The version the loop promoted last; None: the policy's production arm.
     sessions: list[str] = Field(default_factory=list)  # Of the candidate in progress.
     used_sessions: list[str] = Field(default_factory=list)  # Sessions some earlier candidate was built from.
-    # "<version>@<mark's updated_ms>" of each withdrawal mark on production a replacement was trained for.
+    # "<version>@<digest of its withdrawn sessions>" of each withdrawal mark on production a replacement was trained
+    # for.
     retrained_for: list[str] = Field(default_factory=list)
     history: list[dict[str, Any]] = Field(default_factory=list)
 
@@ -248,13 +250,16 @@ class Loop:
 
     def _unanswered_withdrawal(self, state: LoopState) -> str | None:
         """The production version's withdrawal mark (people it learned from withdrew) that no replacement was
-        trained for yet, as ``version@updated_ms``; None when there is none or the policy waits for new sessions."""
+        trained for yet, as ``version@digest of its withdrawn sessions``; None when there is none or the policy
+        waits for new sessions."""
         if not (self.policy.retrain_on_withdrawal and state.production):
             return None
         mark = model_withdrawal(self.store, state.production)
         if not mark:
             return None
-        key = f"{state.production}@{mark.get('updated_ms') or mark.get('withdrawn_ms') or 0}"
+        # Keyed by the withdrawn sessions, not the mark's time: a mark written again with nothing new is no withdrawal.
+        sessions = ",".join(sorted(str(s) for s in mark.get("withdrawn_sessions", [])))
+        key = f"{state.production}@{hashlib.sha256(sessions.encode()).hexdigest()[:16]}"
         return None if key in state.retrained_for else key
 
     def _production_retired(self, state: LoopState, eligible: Sequence[str]) -> LoopState:

@@ -255,14 +255,15 @@ class SystemActions:
         log.info("canary of %s started in study %s (share %.2f)", candidate, study_id, share)
 
     def canary_outcome(self, study_id: str, candidate: str) -> str:
-        response = self._gateway_call("GET", f"/studies/{study_id}/canary")
+        # The candidate's own canary: another may have become the study's newest since ours was decided.
+        response = self._gateway_call("GET", f"/studies/{study_id}/canary", params={"candidate": candidate})
         if response.status_code == 404 and _error_code(response) == CANARY_NOT_FOUND:
             return "missing"  # An unknown study is a 404 too (``not_found``), and an error.
         if response.status_code != 200:
             raise GatewayError(f"the canary of study {study_id}: HTTP {response.status_code} {_detail(response)}")
         canary = response.json()
         if canary.get("candidate") != candidate:
-            return "missing"  # The study's newest canary is another version's: ours never started.
+            return "missing"  # A gateway that ignores ?candidate= gave the study's newest: another version's.
         state = CANARY_STATES.get(str(canary.get("state")))
         if state is None:
             raise GatewayError(f"the canary of study {study_id} is in an unknown state {canary.get('state')!r}")

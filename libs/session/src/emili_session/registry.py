@@ -106,24 +106,36 @@ def model_withdrawal(store: ObjectStore, version: str) -> dict[str, Any] | None:
         return None
 
 
-def mark_models_withdrawn(store: ObjectStore, session_ids: Iterable[str], *, retire: bool) -> list[dict[str, Any]]:
-    """Mark every version that learned from any of ``session_ids``; ``retire`` also takes it out of service.
+def mark_models_withdrawn(
+    store: ObjectStore, session_ids: Iterable[str], *, retire: bool, versions: Iterable[str] | None = None
+) -> list[dict[str, Any]]:
+    """Mark every version (of ``versions``, when given) that learned from any of ``session_ids``; ``retire`` also
+    takes it out of service. Returns the marks of the versions concerned.
 
-    Idempotent: marks accumulate the withdrawn sessions, keep the first time, and never un-retire a version."""
+    Idempotent: marks accumulate the withdrawn sessions, keep the first time, and never un-retire a version; a mark
+    that would not change is not written again."""
     withdrawn = set(session_ids)
+    wanted = None if versions is None else set(versions)
     marks = []
     for entry in list_models(store):
+        version = str(entry["version"])
+        if wanted is not None and version not in wanted:
+            continue
         hit = _sessions_learned(store, entry) & withdrawn
         if not hit:
             continue
-        version = str(entry["version"])
         previous = model_withdrawal(store, version) or {}
+        sessions = sorted(set(previous.get("withdrawn_sessions", [])) | hit)
+        retired = bool(previous.get("retired")) or retire
+        if previous and (previous.get("withdrawn_sessions"), bool(previous.get("retired"))) == (sessions, retired):
+            marks.append(previous)
+            continue
         mark = {
             "version": version,
-            "withdrawn_sessions": sorted(set(previous.get("withdrawn_sessions", [])) | hit),
+            "withdrawn_sessions": sessions,
             "withdrawn_ms": previous.get("withdrawn_ms") or now_ms(),
             "updated_ms": now_ms(),
-            "retired": bool(previous.get("retired")) or retire,
+            "retired": retired,
         }
         store.put_json(Bucket.MODELS, model_withdrawal_key(version), mark)
         marks.append(mark)

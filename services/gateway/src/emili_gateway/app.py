@@ -302,9 +302,17 @@ def build_routers() -> list[APIRouter]:
         return await engine.start_canary(who[0], study_id, body)
 
     @researchers.get("/studies/{study_id}/canary", response_model=Canary)
-    async def get_canary(study_id: str, engine: Engine, who: Admin) -> Canary:
-        """The study's newest canary: running or decided, with the numbers of its last look and the reason."""
-        return await engine.canary(study_id)
+    async def get_canary(
+        study_id: str,
+        engine: Engine,
+        who: Admin,
+        candidate: Annotated[
+            str | None, Query(description="That version's latest canary in the study, not the study's newest")
+        ] = None,
+    ) -> Canary:
+        """The study's newest canary (or ``candidate``'s): running or decided, with the numbers of its last look
+        and the reason."""
+        return await engine.canary(study_id, candidate)
 
     @researchers.post("/studies/{study_id}/canary/rollback", response_model=Canary)
     async def roll_back_canary(study_id: str, engine: Engine, who: Admin) -> Canary:

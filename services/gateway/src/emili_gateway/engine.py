@@ -53,6 +53,7 @@ from emili_gateway.reports import ReportFinder, study_report
 from emili_gateway.settings import GatewaySettings
 from emili_gateway.studies import StudyEngine, check_feelings, now_ms
 from emili_session.events import EventKind
+from emili_session.registry import check_version
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +161,16 @@ class GatewayEngine:
         share = request.share or self.settings.gateway.canary.share
         return await self.studies.start_canary(study, request.candidate, production, share, principal.subject)
 
-    async def canary(self, study_id: str) -> Canary:
+    async def canary(self, study_id: str, candidate: str | None = None) -> Canary:
         await self.studies.get_study(study_id)
-        canary = await self.studies.canary(study_id)
+        if candidate is None:
+            canary = await self.studies.canary(study_id)
+        else:
+            check_version(candidate)
+            canary = await self.studies.canary_of(study_id, candidate)
         if canary is None:
-            raise CanaryNotFound(f"study {study_id} has had no canary; start one with POST .../canary")
+            which = f"no canary of {candidate}" if candidate else "no canary"
+            raise CanaryNotFound(f"study {study_id} has had {which}; start one with POST .../canary")
         return canary
 
     async def roll_back_canary(self, principal: Principal, study_id: str) -> Canary:

@@ -235,6 +235,8 @@ def _gate_note(model: trainer_pb2.Model) -> str:
     verdict = _gate_verdict(model)
     if verdict is None:
         return ""
+    if verdict.get("unreadable"):
+        return f"unreadable ({verdict['unreadable']})"
     if verdict.get("passed"):
         return "passed"
     failed = [str(c.get("name")) for c in verdict.get("checks", []) if not c.get("passed")]

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from emili_core.errors import InvalidInput
+from emili_core.errors import FailedPrecondition, InvalidInput
 from emili_core.objectstore import ObjectStore
 from emili_session.loop_records import gate_verdict
 from emili_session.registry import list_models, model_withdrawal, registered_model
@@ -96,7 +96,11 @@ class ModelVersion:
 def _model_version(store: ObjectStore, manifest: Mapping[str, Any]) -> ModelVersion:
     """A registry entry with what was decided about it since: its withdrawal mark and the gate's verdict."""
     version = str(manifest["version"])
-    return ModelVersion.from_manifest(manifest, model_withdrawal(store, version), gate_verdict(store, version))
+    try:
+        verdict = gate_verdict(store, version)
+    except FailedPrecondition as exc:  # One unreadable record must not hide every version.
+        verdict = {"passed": False, "checks": [], "unreadable": str(exc)}
+    return ModelVersion.from_manifest(manifest, model_withdrawal(store, version), verdict)
 
 
 @dataclass(frozen=True)

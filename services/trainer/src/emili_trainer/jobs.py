@@ -31,7 +31,6 @@ from emili_session.registry import (
     download_adapter,
     lineage_sessions,
     mark_models_withdrawn,
-    model_withdrawal,
     registered_model,
 )
 from emili_trainer import distributed
@@ -173,18 +172,20 @@ def check_not_withdrawn(store: ObjectStore, dataset_id: str) -> None:
 
 
 def mark_withdrawn_while_training(
-    store: ObjectStore, dataset_id: str | None, init_version: str | None, *, retire: bool
+    store: ObjectStore, version: str, lineage: dict[str, Any], *, retire: bool
 ) -> list[dict[str, Any]]:
-    """Marks a version published after people it learned from withdrew during its training. The labeler marks the
-    versions registered when it withdraws, so a run still training escapes it; checked after publishing, one of the
-    two always sees the other (the labeler marks datasets before it lists models). Idempotent."""
+    """Marks ``version``, just published, if people it learned from withdrew while it trained. The labeler marks the
+    versions registered when it withdraws, so a run still training escapes it. It marks every dataset built from
+    the withdrawn sessions before it lists the versions, so reading the marks of every dataset in the lineage (the
+    parents' too) after publishing, one of the two always sees the other. Idempotent; marks no other version."""
     withdrawn: set[str] = set()
-    with contextlib.suppress(NotFound):  # A dataset removed since: the lineage, not its record, is what counts.
-        if dataset_id and (dataset := dataset_withdrawal(store, dataset_id)):
-            withdrawn |= {str(s) for s in dataset.get("withdrawn_sessions", [])}
-    if init_version and (parent := model_withdrawal(store, init_version)):
-        withdrawn |= {str(s) for s in parent.get("withdrawn_sessions", [])}
-    return mark_models_withdrawn(store, withdrawn, retire=retire) if withdrawn else []
+    for dataset in lineage.get("datasets", []):
+        with contextlib.suppress(NotFound):  # Removed since: the lineage, not its record, is what counts.
+            if marked := dataset_withdrawal(store, str(dataset["id"])):
+                withdrawn |= {str(s) for s in marked.get("withdrawn_sessions", [])}
+    if not withdrawn:
+        return []
+    return mark_models_withdrawn(store, withdrawn, retire=retire, versions=[version])
 
 
 def create_or_requeue(runtime: Runtime, record: RunRecord) -> tuple[RunRecord, bool]:
@@ -289,8 +290,8 @@ def _execute_locked(runtime: Runtime, run_id: str, progress: ProgressSink) -> Ru
     )
     marks = mark_withdrawn_while_training(
         runtime.store,
-        record.dataset_id,
-        record.init_version,
+        str(model["version"]),
+        dict(model.get("lineage") or {}),
         retire=runtime.settings.retention.withdrawn_models == "retire",
     )
     if marks:
