@@ -18,6 +18,7 @@ from emili_pipeline.pipeline import (
     Superseded,
     candidate_version,
     config_of,
+    evaluated_arms,
     first_unfinished,
     heldout_split,
     is_finished,
@@ -239,3 +240,21 @@ def test_a_baseline_that_names_no_arm_is_refused(tmp_path: Path, baseline: str) 
     bad.write_text(f"baseline: {baseline!r}\n")
     with pytest.raises(InvalidInput, match="baseline"):
         load_config(bad)
+
+
+def test_a_loop_pipeline_evaluates_only_what_its_gate_compares() -> None:
+    every = new_state(PipelineConfig(baseline="prod-7"), SESSIONS)
+    gate_only = new_state(
+        PipelineConfig.model_validate({"baseline": "prod-7", "evaluation": {"arms": "gate"}}), SESSIONS
+    )
+    for state in (every, gate_only):
+        state["steps"]["sft"] = {"state": DONE, "outputs": {"model_version": "sft-1"}}
+    assert evaluated_arms(every) == model_arms(every) == {"base": "base", "baseline": "prod-7", "sft": "sft-1"}
+    assert evaluated_arms(gate_only) == {"baseline": "prod-7", "sft": "sft-1"}
+    gate_only["steps"]["dpo"] = {"state": DONE, "outputs": {"model_version": "dpo-1"}}
+    assert evaluated_arms(gate_only) == {"baseline": "prod-7", "dpo": "dpo-1"}
+    on_base = new_state(PipelineConfig.model_validate({"evaluation": {"arms": "gate"}}), SESSIONS)
+    on_base["steps"]["sft"] = {"state": DONE, "outputs": {"model_version": "sft-1"}}
+    assert evaluated_arms(on_base) == {"base": "base", "sft": "sft-1"}
+    # The default dumps as before the field existed: pipeline ids of existing configs do not change.
+    assert "arms" not in every["config"]["evaluation"] and gate_only["config"]["evaluation"]["arms"] == "gate"

@@ -67,6 +67,9 @@ class Evaluation(BaseModel):
     # them (the tables then hold the collected sessions' arm only).
     users_per_arm: int = Field(4, ge=0, le=10_000)
     concurrency: int = Field(3, ge=1, le=256)
+    # all: every model the pipeline has (base, the baseline, SFT, SFT+DPO: the paper's tables); gate: only what the
+    # gate compares, the baseline and the candidate (the loop's choice: a third less simulated users and replies).
+    arms: Literal["all", "gate"] = "all"
 
 
 class PipelineConfig(BaseModel):
@@ -106,11 +109,14 @@ class PipelineConfig(BaseModel):
 
     @model_serializer(mode="wrap")
     def _without_default_baseline(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # A config written before the field existed dumps as it did, so its pipeline id (a digest of the dump)
+        # A config written before these fields existed dumps as it did, so its pipeline id (a digest of the dump)
         # and the states stored under it stay the same.
         data: dict[str, Any] = handler(self)
         if data.get("baseline") == BASE_ARM:
             data.pop("baseline")
+        evaluation = data.get("evaluation")
+        if isinstance(evaluation, dict) and evaluation.get("arms") == "all":
+            evaluation.pop("arms")
         return data
 
     def simulator_settings(self, base: SimulatorSettings | None = None) -> SimulatorSettings:

@@ -118,6 +118,16 @@ def model_arms(state: State) -> dict[str, str]:
     return arms | trained
 
 
+def evaluated_arms(state: State) -> dict[str, str]:
+    """The arms the pipeline evaluates (simulated users, offline replies): every model (``evaluation.arms: all``),
+    or only those the gate compares (``gate``): the baseline and the candidate."""
+    arms = model_arms(state)
+    if config_of(state).evaluation.arms == "all":
+        return arms
+    keep = {"baseline" if "baseline" in arms else "base", "dpo" if "dpo" in arms else "sft"}
+    return {label: arm for label, arm in arms.items() if label in keep}
+
+
 def candidate_version(state: State) -> str | None:
     """The version the pipeline offers to the gate: the last one it trained (DPO, else SFT); None if none."""
     arms = model_arms(state)

@@ -22,7 +22,7 @@ from emili_core.auth import create_token
 from emili_core.errors import NotFound
 from emili_core.keys import pipeline_arm_sessions_key, pipeline_arm_users_key
 from emili_core.objectstore import Bucket, ObjectStore
-from emili_pipeline.pipeline import State, config_of, model_arms
+from emili_pipeline.pipeline import State, config_of, evaluated_arms
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def arm_sessions(settings: ChatSettings, client: redis.Redis, store: ObjectStore
         return {**kept, "reused": True}
     config = config_of(state)
     per_arm = config.evaluation.users_per_arm
-    arms = model_arms(state)
+    arms = evaluated_arms(state)
     if per_arm == 0:
         return {"arms": {}, "skipped": "evaluation.users_per_arm is 0"}
     personas = load_personas(config.personas, config.persona_limit)

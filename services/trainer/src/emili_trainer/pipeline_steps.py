@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from emili_core.errors import FailedPrecondition, InvalidInput
-from emili_pipeline.pipeline import State, candidate_version, config_of, model_arms, outputs
+from emili_pipeline.pipeline import State, candidate_version, config_of, evaluated_arms, outputs
 from emili_trainer.jobs import ProgressSink, Runtime, execute_run, start_training
 from emili_trainer.recipes import Recipe, load_recipe, parse_recipe
 from emili_trainer.runs import RunRecord, RunState
@@ -99,7 +99,7 @@ def evaluate(runtime: Runtime, state: State, progress: Callable[[str], ProgressS
     from emili_trainer.evaluation.job import execute_evaluation, load_report, report_prefix, start_evaluation
 
     config = config_of(state)
-    versions = [v for label, v in model_arms(state).items() if label != "base"]
+    versions = [v for label, v in evaluated_arms(state).items() if label != "base"]
     arms = outputs(state, "arm_sessions").get("arms") or {}
     rated = [s for ids in arms.values() for s in ids] or state["sessions"]
     table = outputs(state, "delta_table").get("table")
@@ -125,7 +125,7 @@ def evaluate(runtime: Runtime, state: State, progress: Callable[[str], ProgressS
     return {
         "run_id": run_id,
         "report_prefix": report_prefix(run_id),
-        "arms": model_arms(state),
+        "arms": evaluated_arms(state),
         "metrics": None if final.metrics is None else dict(final.metrics),
         **gate_outputs(load_report(runtime, run_id).report, candidate, config.baseline),
     }
