@@ -312,3 +312,14 @@ def test_the_clusters_loop_config_can_give_its_gate_enough_evidence(tmp_path: Pa
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     assert warn_undersized(load_policy(tmp_path / "loop-policy.yaml")) == []
+
+
+def test_a_policy_whose_pipeline_is_missing_is_refused_at_start(tmp_path: Path) -> None:
+    import typer
+
+    from emili_pipeline.loop_cli import load_policy, warn_undersized
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("loop:\n  pipeline: no-such-pipeline.yaml\n")
+    with pytest.raises(typer.BadParameter, match=r"no-such-pipeline\.yaml"):
+        warn_undersized(load_policy(policy))

@@ -154,11 +154,15 @@ def build_loop(policy_path: Path | None) -> tuple[Loop, LoopSettings]:
 def warn_undersized(policy: LoopPolicy) -> list[str]:
     """Say (log) which of the gate's checks the policy's pipeline can never give enough evidence for: with them, every
     candidate is rejected for "not enough evidence", which looks like a working loop that never promotes."""
+    from emili_core.errors import InvalidInput
     from emili_pipeline.config import load_config
     from emili_pipeline.gate import load_policy as load_gate
     from emili_pipeline.loop import undersized_checks
 
-    problems = undersized_checks(load_config(policy.pipeline), load_gate(policy.gate))
+    try:
+        problems = undersized_checks(load_config(policy.pipeline), load_gate(policy.gate))
+    except (InvalidInput, ValueError) as exc:  # A pipeline or gate file missing or malformed.
+        raise typer.BadParameter(f"loop policy: {exc}") from None
     for problem in problems:
         log.warning("loop policy: %s; every candidate will fail it", problem)
     return problems
