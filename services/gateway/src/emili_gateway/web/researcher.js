@@ -63,19 +63,24 @@ function cell(stat, digits) {
   return `${number(stat.mean, digits)} [${number(low, digits)}, ${number(high, digits)}]`;
 }
 
-function table(caption, header, rows, studyArms) {
-  const wrap = el("div", null, "table-wrap");
-  const node = el("table");
-  node.append(el("caption", caption));
+// A table's header row: one column header per name.
+function tableHead(names) {
   const head = el("tr");
-  for (const name of header) {
+  for (const name of names) {
     const th = el("th", name);
     th.scope = "col";
     head.append(th);
   }
   const thead = el("thead");
   thead.append(head);
-  node.append(thead);
+  return thead;
+}
+
+function table(caption, header, rows, studyArms) {
+  const wrap = el("div", null, "table-wrap");
+  const node = el("table");
+  node.append(el("caption", caption));
+  node.append(tableHead(header));
   const body = el("tbody");
   for (const [arm, cells] of rows) {
     const tr = el("tr", null, studyArms.includes(arm) ? "" : "other-arm");
@@ -155,14 +160,7 @@ function looksTable(looks) {
   const wrap = el("div", null, "table-wrap");
   const node = el("table", null, "canary-looks");
   node.append(el("caption", "Its canary's last look, per outcome"));
-  const head = el("tr");
-  for (const name of ["Outcome", "Sessions (candidate / production)", "Difference", "p (harm)"]) {
-    const th = el("th", name);
-    th.scope = "col";
-    head.append(th);
-  }
-  const thead = el("thead");
-  thead.append(head);
+  const thead = tableHead(["Outcome", "Sessions (candidate / production)", "Difference", "p (harm)"]);
   const body = el("tbody");
   for (const look of looks) body.append(lookRow(look));
   node.append(thead, body);
@@ -351,14 +349,7 @@ function verdictTable(verdict) {
   node.append(el("caption",
     `Gate "${verdict.policy}": ${verdict.passed ? "passed" : "failed"} (${formatTime(verdict.decided_ms)}, ` +
     `${verdict.sessions ?? "n/a"} sessions)`));
-  const head = el("tr");
-  for (const name of ["Check", "Metric", "Kind", "n", "Estimate", "Interval", "Result", "Reason"]) {
-    const th = el("th", name);
-    th.scope = "col";
-    head.append(th);
-  }
-  const thead = el("thead");
-  thead.append(head);
+  const thead = tableHead(["Check", "Metric", "Kind", "n", "Estimate", "Interval", "Result", "Reason"]);
   const body = el("tbody");
   for (const check of verdict.checks) {
     const tr = el("tr", null, check.passed ? "passed" : "failed");
