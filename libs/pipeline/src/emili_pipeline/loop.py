@@ -234,11 +234,7 @@ class Loop:
             return self._production_retired(state, eligible)
         if (mark := self._unanswered_withdrawal(state)) and eligible:
             state.retrained_for.append(mark)
-            state.phase, state.sessions, state.pipeline_id = "training", sorted(eligible), None
-            self._save(
-                state, "retraining without the withdrawn sessions", sessions=len(eligible), replaces=state.production
-            )
-            return self._start_pipeline(state)
+            return self._retrain(state, eligible, replaces=state.production)
         new = [s for s in eligible if s not in used]
         if len(new) < self.policy.min_new_sessions:
             return state
@@ -270,8 +266,13 @@ class Loop:
         self._save(state, "production retired", retired=retired, production=self.baseline(state))
         if not eligible:
             return state
+        return self._retrain(state, eligible, replaces=retired)
+
+    def _retrain(self, state: LoopState, eligible: Sequence[str], replaces: str | None) -> LoopState:
+        """A replacement for ``replaces``, trained at once on the sessions that remain (withdrawn ones are no
+        longer eligible), without waiting for new ones."""
         state.phase, state.sessions, state.pipeline_id = "training", sorted(eligible), None
-        self._save(state, "retraining without the withdrawn sessions", sessions=len(eligible), replaces=retired)
+        self._save(state, "retraining without the withdrawn sessions", sessions=len(eligible), replaces=replaces)
         return self._start_pipeline(state)
 
     def _start_pipeline(self, state: LoopState) -> LoopState:
