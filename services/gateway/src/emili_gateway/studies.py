@@ -715,16 +715,17 @@ def _to_redis(values: dict[str, Any]) -> dict[Any, Any]:
     return {k: json.dumps(v) for k, v in values.items()}
 
 
-def _same_canary(one: Canary, other: Canary) -> bool:
-    return (one.study_id, one.started_ms, one.candidate) == (other.study_id, other.started_ms, other.candidate)
-
-
 def _same_running(stored: Any, canary: Canary) -> bool:
     """Whether the stored canary (Redis JSON) is ``canary``'s own, still running."""
     if not stored:
         return False
     current = Canary.model_validate_json(stored)
-    return current.state == "running" and _same_canary(current, canary)
+    same = (current.study_id, current.started_ms, current.candidate) == (
+        canary.study_id,
+        canary.started_ms,
+        canary.candidate,
+    )
+    return current.state == "running" and same
 
 
 def _str(value: bytes | str) -> str:
