@@ -287,6 +287,7 @@ def test_an_undersized_pipeline_is_named(tmp_path: Path, caplog: pytest.LogCaptu
     small.write_text((CONFIGS / "loop.yaml").read_text().replace("users_per_arm: 100", "users_per_arm: 1"))
     assert evidence_ceiling(load_config(small)) == {
         "delta_v": 1,
+        "reaction": 1,
         "negative_reaction": 3,  # One per turn.
         "diff_epitome_mean": 60,  # Held-out and EmpatheticDialogues contexts, max_examples each.
         "reply_words": 60,

@@ -290,6 +290,31 @@ def test_powered_gate_fails_a_clear_empathy_loss_and_too_few_users() -> None:
     assert {c.name for c in few.checks if not c.passed} == {"delta_v_gain", "delta_v_not_worse"}
 
 
+REACTIONS_GATE = SIMULATION_GATE.with_name("gate-simulation-reactions.yaml")
+
+
+def test_reactions_gate_needs_a_gain_in_the_face_and_surveys_not_worse() -> None:
+    """A gain in the face's reaction passes; the same gain with the surveys' Δv clearly worse fails on the surveys;
+    no gain in the face fails on the face, however good the surveys look."""
+    from emili_pipeline.config import load_config
+    from emili_pipeline.loop import undersized_checks
+
+    policy = load_policy(REACTIONS_GATE)
+    rng = np.random.default_rng(1)
+    faces = list(rng.normal(0.0, 20.0, 48))
+
+    def evidence(face_gain: float, delta_v_gain: float) -> dict[str, Evidence]:
+        return _evidence(delta_v_gain, 48, 28) | {"reaction": Evidence([v + face_gain for v in faces], faces, True)}
+
+    assert judge(policy, evidence(10.0, 0.0)).passed
+    worse = judge(policy, evidence(10.0, -0.3))
+    assert [c.name for c in worse.checks if not c.passed] == ["delta_v_not_worse"]
+    flat = judge(policy, evidence(0.0, 0.3))
+    assert [c.name for c in flat.checks if not c.passed] == ["reaction_gain"]
+    # The study's pipeline gives every check enough evidence.
+    assert undersized_checks(load_config(SIMULATION_GATE.with_name("loop-simulation-reactions.yaml")), policy) == []
+
+
 # --- the loop's surroundings ----------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
-"""The evaluation gate's online items from session labels: Delta v per session and negative reactions per reply
-(the flag's mirror image on the same delta), per arm, real and synthetic sessions apart."""
+"""The evaluation gate's online items from session labels: Delta v and the mean reaction per session, negative
+reactions per reply (the flag's mirror image on the same delta), per arm, real and synthetic sessions apart."""
 
 from __future__ import annotations
 
@@ -48,9 +48,16 @@ def test_session_items_read_the_label() -> None:
     items = session_gate_items(label)
     assert items["delta_v"] == [pytest.approx(0.3)]
     assert items["negative_reaction"] == [0.0, 1.0, 0.0]  # The unread turn is left out.
+    assert items["reaction"] == [pytest.approx((1.0 - 2.0 - 0.05) / 3)]  # The mean change of the read ones.
     assert label_threshold(_label("a", 0.1, 0.2, [], threshold=None)) == 0.0  # Learned weights flag at 0.
     # A session without both surveys has no Delta v, but its replies still count.
-    assert session_gate_items(_label("a", None, 0.2, [-1.0])) == {"delta_v": [], "negative_reaction": [1.0]}
+    assert session_gate_items(_label("a", None, 0.2, [-1.0])) == {
+        "delta_v": [],
+        "reaction": [-1.0],
+        "negative_reaction": [1.0],
+    }
+    # No reaction read: no reaction item.
+    assert session_gate_items(_label("a", 0.1, 0.2, [None]))["reaction"] == []
 
 
 def test_items_are_grouped_by_arm_and_origin_never_pooled() -> None:
@@ -70,18 +77,24 @@ def test_items_are_grouped_by_arm_and_origin_never_pooled() -> None:
         "sessions": 1,
         "delta_v": [pytest.approx(0.1)],
         "delta_v_users": [""],
+        "reaction": [],
+        "reaction_users": [],
         "negative_reaction": [],
     }
     assert items["sft-1"]["real"]["delta_v"] == [0.0] and items["sft-1"]["synthetic"]["negative_reaction"] == [1.0]
 
 
-def test_each_delta_v_item_names_its_user_so_arms_can_be_paired() -> None:
+def test_each_per_session_item_names_its_user_so_arms_can_be_paired() -> None:
     labels = [
         ({**_label("base", 0.5, 0.6, []), "user_id": "eval-1-0"}, True),
         ({**_label("base", None, 0.6, [1.0]), "user_id": "eval-1-1"}, True),  # No Delta v: no item, no user.
-        ({**_label("sft-1", 0.2, 0.5, []), "user_id": "eval-1-0"}, True),
+        ({**_label("sft-1", 0.2, 0.5, [2.0, 4.0]), "user_id": "eval-1-0"}, True),
     ]
     items = arm_gate_items(labels)
     assert items["base"]["synthetic"]["delta_v_users"] == ["eval-1-0"]
     assert items["sft-1"]["synthetic"]["delta_v_users"] == ["eval-1-0"]
     assert len(items["base"]["synthetic"]["delta_v"]) == 1
+    # Reactions: eval-1-0 had none read on base, eval-1-1 had one.
+    assert items["base"]["synthetic"]["reaction_users"] == ["eval-1-1"]
+    assert items["sft-1"]["synthetic"]["reaction"] == [3.0]
+    assert items["sft-1"]["synthetic"]["reaction_users"] == ["eval-1-0"]

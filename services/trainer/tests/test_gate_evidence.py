@@ -27,10 +27,17 @@ def _mmlu(correct: dict[str, list[int]]) -> dict[str, Any]:
 
 
 ONLINE = {
-    "cand": {"synthetic": {"sessions": 2, "delta_v": [0.2, 0.1], "negative_reaction": [0.0, 1.0, 0.0]}},
+    "cand": {
+        "synthetic": {
+            "sessions": 2,
+            "delta_v": [0.2, 0.1],
+            "reaction": [3.0, -1.0],
+            "negative_reaction": [0.0, 1.0, 0.0],
+        }
+    },
     "prod": {
-        "synthetic": {"sessions": 1, "delta_v": [0.0], "negative_reaction": [1.0]},
-        "real": {"sessions": 1, "delta_v": [0.3], "negative_reaction": [0.0]},
+        "synthetic": {"sessions": 1, "delta_v": [0.0], "reaction": [-2.0], "negative_reaction": [1.0]},
+        "real": {"sessions": 1, "delta_v": [0.3], "reaction": [0.5], "negative_reaction": [0.0]},
     },
 }
 
@@ -68,12 +75,13 @@ def test_evidence_pairs_offline_items_and_keeps_online_origins_apart() -> None:
     assert (ev["mmlu_correct"].candidate, ev["mmlu_correct"].baseline) == ([1.0, 1.0, 0.0], [1.0, 0.0, 1.0])
     # The baseline has real sessions, the candidate only synthetic ones: both sides are synthetic.
     assert ev["delta_v"].candidate == [0.2, 0.1] and ev["delta_v"].baseline == [0.0] and not ev["delta_v"].paired
-    assert ev["negative_reaction"].baseline == [1.0]
+    assert ev["negative_reaction"].baseline == [1.0] and ev["reaction"].baseline == [-2.0]
     assert found.origins == {
         "reply_words": "contexts",
         "diff_epitome_mean": "contexts",
         "mmlu_correct": "questions",
         "delta_v": "synthetic",
+        "reaction": "synthetic",
         "negative_reaction": "synthetic",
     }
     # The JSON form is the gate's: it reads back and can be judged (too few items here: every check fails).
@@ -110,7 +118,7 @@ def test_what_cannot_be_computed_is_absent_and_says_why() -> None:
     assert "did not answer its contexts with the baseline" in found.missing["reply_words"]
 
     nothing = gate_evidence(None, "base", offline, None, ONLINE)
-    assert nothing.evidence == {} and len(nothing.missing) == 5 and nothing.candidate is None
+    assert nothing.evidence == {} and len(nothing.missing) == 6 and nothing.candidate is None
 
 
 def test_mmlu_pairs_need_per_question_results_of_both_arms() -> None:
@@ -126,11 +134,17 @@ def test_the_evaluate_steps_outputs_and_the_report_section() -> None:
     gate["context_sources"] = ["empathetic", "synthetic sessions"]
     outputs = gate_outputs({"gate": gate}, "cand", "base")
     assert outputs["candidate"] == "cand" and outputs["baseline"] == "base"
-    assert set(outputs["gate_evidence"]) == {"reply_words", "diff_epitome_mean", "delta_v", "negative_reaction"}
+    assert set(outputs["gate_evidence"]) == {
+        "reply_words",
+        "diff_epitome_mean",
+        "delta_v",
+        "reaction",
+        "negative_reaction",
+    }
     assert outputs["gate_evidence_missing"] == {"mmlu_correct": "MMLU did not run"}
     assert evidence_from_json(outputs["gate_evidence"])["reply_words"].candidate == [3.0, 1.0]
     old = gate_outputs({"title": "a report from before"}, "cand", "base")
-    assert old["gate_evidence"] == {} and len(old["gate_evidence_missing"]) == 5 and old["candidate"] == "cand"
+    assert old["gate_evidence"] == {} and len(old["gate_evidence_missing"]) == 6 and old["candidate"] == "cand"
 
     rows = {row["metric"]: row for row in summarize(gate)}
     assert rows["reply_words"]["n_candidate"] == 2 and rows["reply_words"]["mean_candidate"] == 2.0
@@ -150,6 +164,17 @@ def test_the_evaluate_steps_outputs_and_the_report_section() -> None:
 
 def _synthetic(values: list[float], users: list[str]) -> dict[str, Any]:
     return {"synthetic": {"sessions": len(values), "delta_v": values, "delta_v_users": users, "negative_reaction": []}}
+
+
+def test_synthetic_reactions_are_paired_by_user_like_delta_v() -> None:
+    def arm(reactions: list[float], users: list[str]) -> dict[str, Any]:
+        return {"synthetic": {"sessions": 3, "reaction": reactions, "reaction_users": users, "negative_reaction": []}}
+
+    online = {"cand": arm([5.0, 1.0], ["u1", "u0"]), "base": arm([0.0, 2.0, 4.0], ["u0", "u1", "u2"])}
+    found = gate_evidence("cand", "base", {"cand": ArmItems(), "base": ArmItems()}, None, online)
+    assert found.origins["reaction"] == "synthetic"
+    reaction = found.evidence["reaction"]
+    assert reaction.paired and reaction.candidate == [1.0, 5.0] and reaction.baseline == [0.0, 2.0]
 
 
 def test_synthetic_delta_v_is_paired_by_simulated_user_and_real_never() -> None:

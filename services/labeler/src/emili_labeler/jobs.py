@@ -444,36 +444,51 @@ def label_threshold(label: Mapping[str, Any]) -> float:
     return float(vector.get("threshold", 0.0)) if isinstance(vector, Mapping) else 0.0
 
 
+# Gate metrics with one item per session: their items name the session's user (``<metric>_users``), so sessions of
+# the same simulated user on two arms can be paired.
+PER_SESSION_GATE_METRICS = ("delta_v", "reaction")
+
+
 def session_gate_items(label: Mapping[str, Any]) -> dict[str, list[float]]:
-    """One labelled session's items for the evaluation gate: ``delta_v`` (its Delta valence, none when a survey
-    is missing) and ``negative_reaction`` (1.0 or 0.0 per assistant reply whose reaction was read; see
-    :func:`~emili_labeler.reactions.negative_reaction`)."""
+    """One labelled session's items for the evaluation gate:
+
+    - ``delta_v``: its Delta valence from the surveys (none when a survey is missing);
+    - ``reaction``: the mean, over the assistant replies whose reaction was read, of the face's change after the
+      reply (the flag's delta, in the weight vector's units): the signal the flags are cut from, kept continuous
+      (none when no reaction was read);
+    - ``negative_reaction``: 1.0 or 0.0 per reply whose reaction was read (see
+      :func:`~emili_labeler.reactions.negative_reaction`)."""
     delta = GoldLabel.from_json(label["gold"]).delta
     threshold = label_threshold(label)
-    negative = [negative_reaction(t.get("delta"), threshold) for t in label.get("turns") or ()]
+    read = [float(t["delta"]) for t in label.get("turns") or () if t.get("delta") is not None]
     return {
         "delta_v": [] if delta is None else [float(delta.valence)],
-        "negative_reaction": [float(n) for n in negative if n is not None],
+        "reaction": [sum(read) / len(read)] if read else [],
+        "negative_reaction": [float(n) for n in (negative_reaction(d, threshold) for d in read) if n is not None],
     }
 
 
 def arm_gate_items(labels: Sequence[tuple[Mapping[str, Any], bool]]) -> dict[str, Any]:
     """Per model arm and origin ("real", "synthetic"), the gate's per-session and per-reply items of
     (label, synthetic) pairs: ``{arm: {origin: {"sessions": n, "delta_v": [...], "delta_v_users": [...],
-    "negative_reaction": [...]}}}``; ``delta_v_users`` is the user of each ``delta_v`` item, so sessions of the same
-    simulated user on two arms can be paired. Origins are never pooled: the gate compares sessions of one kind."""
+    "reaction": [...], "reaction_users": [...], "negative_reaction": [...]}}}``; ``<metric>_users`` is the user of
+    each item of a per-session metric (:data:`PER_SESSION_GATE_METRICS`). Origins are never pooled: the gate
+    compares sessions of one kind."""
     items: dict[str, Any] = {}
     for label, synthetic in labels:
         arm = str(label.get("model_arm") or "base")
         origin = "synthetic" if synthetic else "real"
         entry = items.setdefault(arm, {}).setdefault(
-            origin, {"sessions": 0, "delta_v": [], "delta_v_users": [], "negative_reaction": []}
+            origin,
+            {"sessions": 0, "negative_reaction": []}
+            | {key: [] for m in PER_SESSION_GATE_METRICS for key in (m, f"{m}_users")},
         )
         entry["sessions"] += 1
         session = session_gate_items(label)
         for metric, values in session.items():
             entry[metric] += values
-        entry["delta_v_users"] += [str(label.get("user_id", ""))] * len(session["delta_v"])
+        for metric in PER_SESSION_GATE_METRICS:
+            entry[f"{metric}_users"] += [str(label.get("user_id", ""))] * len(session[metric])
     return items
 
 

@@ -10,13 +10,13 @@ Offline items come from the evaluation run, every arm on the same items, so they
 Contexts are those of every source of the run (EmpatheticDialogues test, held-out sessions), in source order;
 with several seeds, the first seed's replies, as the reply metrics use.
 
-Online items come from the labelled sessions each arm had (the labeler's ``gate_items``): ``delta_v`` per
-session and ``negative_reaction`` (0/1) per reply whose reaction was read. Real and synthetic (simulated-user)
-sessions are never pooled: both arms' items are real sessions when both have some, else synthetic ones, and
-``origins`` says which. Synthetic ``delta_v`` is paired by simulated user: the pipeline's arm sessions let the same
-users (seed, persona, start state, one user id) meet every arm, and a paired comparison removes their differences
-from the gate's interval (``emili study power`` measured about 50 users per arm for what needed 190 unpaired).
-Everything else is compared as independent arms.
+Online items come from the labelled sessions each arm had (the labeler's ``gate_items``): per session ``delta_v``
+(from the surveys) and ``reaction`` (the mean change of the face after a reply), and ``negative_reaction`` (0/1) per
+reply whose reaction was read. Real and synthetic (simulated-user) sessions are never pooled: both arms' items are
+real sessions when both have some, else synthetic ones, and ``origins`` says which. Synthetic per-session items are
+paired by simulated user: the pipeline's arm sessions let the same users (seed, persona, start state, one user id)
+meet every arm, and a paired comparison removes their differences from the gate's interval (``emili study power``
+measured about 50 users per arm for what needed 190 unpaired). Everything else is compared as independent arms.
 
 A metric that cannot be computed is absent from the evidence (the gate fails its check: never a pass by
 default) and ``missing`` says why.
@@ -45,9 +45,10 @@ __all__ = [
 ]
 
 OFFLINE_METRICS = ("diff_epitome_mean", "mmlu_correct", "reply_words")
-ONLINE_METRICS = ("delta_v", "negative_reaction")
+ONLINE_METRICS = ("delta_v", "reaction", "negative_reaction")
+PER_SESSION_METRICS = ("delta_v", "reaction")  # One item per session, each naming its user (``<metric>_users``).
 ORIGINS = ("real", "synthetic")  # Preference order: evidence from people first.
-# Pair synthetic Δv by user only when most users are on both arms; otherwise compare the arms as independent.
+# Pair synthetic per-session items by user only when most users are on both arms; else compare independent arms.
 PAIRED_MIN_SHARE = 0.5
 
 
@@ -91,12 +92,13 @@ def mmlu_pairs(candidate: Any, baseline: Any) -> tuple[list[float], list[float]]
     return [float(v) for s in shared for v in a[s]], [float(v) for s in shared for v in b[s]]
 
 
-def _paired_by_user(candidate: Mapping[str, Any], baseline: Mapping[str, Any]) -> Evidence | None:
-    """Synthetic Δv items paired by simulated user (the pipeline's arm sessions give every arm the same users): the
-    users both arms have, each once per arm; None when the items carry no users or a user repeats in an arm."""
+def _paired_by_user(metric: str, candidate: Mapping[str, Any], baseline: Mapping[str, Any]) -> Evidence | None:
+    """Synthetic per-session items paired by simulated user (the pipeline's arm sessions give every arm the same
+    users): the users both arms have, each once per arm; None when the items carry no users or a user repeats in an
+    arm."""
     arms = []
     for items in (candidate, baseline):
-        values, users = list(items.get("delta_v") or []), list(items.get("delta_v_users") or [])
+        values, users = list(items.get(metric) or []), list(items.get(f"{metric}_users") or [])
         if len(users) != len(values) or not all(users) or len(set(users)) != len(users):
             return None
         arms.append(dict(zip(users, values, strict=True)))
@@ -113,8 +115,8 @@ def _online(metric: str, candidate: Mapping[str, Any], baseline: Mapping[str, An
         c = list((candidate.get(origin) or {}).get(metric) or [])
         b = list((baseline.get(origin) or {}).get(metric) or [])
         if c and b:
-            if metric == "delta_v" and origin == "synthetic":
-                paired = _paired_by_user(candidate[origin], baseline[origin])
+            if metric in PER_SESSION_METRICS and origin == "synthetic":
+                paired = _paired_by_user(metric, candidate[origin], baseline[origin])
                 if paired is not None:
                     return paired, origin
             return Evidence(candidate=[float(v) for v in c], baseline=[float(v) for v in b], paired=False), origin
@@ -157,7 +159,8 @@ def gate_evidence(
 
     ``offline``: each evaluated arm's :class:`ArmItems` (the same contexts for all); ``mmlu``: the run's MMLU
     part (``{arm: run_mmlu(...)}`` or ``{"skipped": why}``); ``online``: the labeler's ``gate_items``
-    (``{arm: {origin: {"delta_v": [...], "negative_reaction": [...]}}}``) or None when there were none.
+    (``{arm: {origin: {"delta_v": [...], "reaction": [...], "negative_reaction": [...], ...}}}``) or None when
+    there were none.
     """
     evidence: dict[str, Evidence] = {}
     missing: dict[str, str] = {}
