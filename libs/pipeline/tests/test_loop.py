@@ -128,6 +128,28 @@ def test_a_stopped_instance_hands_the_lease_over(store: ObjectStore, isolated_re
     assert second.tick() is not None and first.tick() is None
 
 
+def test_a_tick_that_outlives_its_lease_writes_nothing(store: ObjectStore, isolated_redis_url: str) -> None:
+    """The lease lapses while a tick waits on the pipeline and another instance takes it: the late tick must not
+    write its state over the successor's."""
+    system = FakeSystem(sessions=["a", "b", "c"], evidence=GOOD)
+    slow, successor = (make(store, isolated_redis_url, system, name) for name in ("slow", "successor"))
+    client = redis.Redis.from_url(isolated_redis_url)
+
+    def hang_then_start(session_ids: Sequence[str], baseline: str) -> str:
+        system.start_pipeline = lambda ids, base: FakeSystem.start_pipeline(system, ids, base)  # type: ignore[method-assign]
+        client.delete("emili:loop:lease")  # The lease lapsed meanwhile...
+        assert successor.tick() is not None  # ...and the successor acted on the saved "training" state.
+        return system.start_pipeline(session_ids, baseline)
+
+    system.start_pipeline = hang_then_start  # type: ignore[method-assign]
+    assert slow.tick() is None  # Lost its lease mid-tick: reports it did not act.
+    state = slow.state()
+    assert state.phase == "training" and state.pipeline_id == "pl-1"
+    # The successor's "pipeline started" stands; the late tick's is not saved over it.
+    assert [h["event"] for h in state.history] == ["enough new sessions", "pipeline started"]
+    assert client.get("emili:loop:lease") == b"successor"
+
+
 def test_a_candidate_failing_the_gate_gets_no_canary(store: ObjectStore, isolated_redis_url: str) -> None:
     system = FakeSystem(sessions=["a", "b", "c"], evidence=BAD, finished=True)
     loop = make(store, isolated_redis_url, system, "only")

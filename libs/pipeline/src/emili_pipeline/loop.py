@@ -1,10 +1,11 @@
 """The loop that runs itself: new sessions -> candidate model -> evaluation gate -> canary -> promote or roll back.
 
 One :class:`Loop` instance acts at a time, whatever the number of processes running it: each tick first takes
-(or renews) a Redis lease, atomically, and a process without it does nothing. Its state is one object in storage
-(``loop/state.json``, bucket models), written before every action that starts something, so a restarted process
-carries on where the last one stopped and never starts a second candidate: a pipeline's id is a digest of its
-configuration and sessions, so starting it again finds the same pipeline.
+(or renews) a Redis lease, atomically, and a process without it does nothing; every write of the state renews it
+again first, so a tick that outlived its lease stops before writing over its successor's state. Its state is one
+object in storage (``loop/state.json``, bucket models), written before every action that starts something, so a
+restarted process carries on where the last one stopped and never starts a second candidate: a pipeline's id is a
+digest of its configuration and sessions, so starting it again finds the same pipeline.
 
 Phases, one step per tick:
 
@@ -135,6 +136,11 @@ def undersized_checks(config: PipelineConfig, gate: GatePolicy) -> list[str]:
     ]
 
 
+class LeaseLost(Exception):
+    """The instance's lease lapsed during its tick (the tick outlived the lease's TTL) and may belong to another
+    instance now: the tick writes nothing more."""
+
+
 class CanaryRefused(Exception):
     """The gateway refused the candidate's canary for good (the candidate was retired or rejected meanwhile, the
     study runs another canary, or it no longer exists): asking again would be refused again."""
@@ -205,6 +211,10 @@ class Loop:
             return LoopState()
 
     def _save(self, state: LoopState, event: str, **numbers: Any) -> LoopState:
+        # Renewed (or found lost) just before the write: a tick that outlived its lease, e.g. on a pipeline call that
+        # hung, must not write over the state of the instance that took the lease over.
+        if not self.lease.take(self.owner, self.lease_ttl_s):
+            raise LeaseLost(f"loop instance {self.owner} lost its lease during a tick; {event!r} was not saved")
         state.history.append({"at_ms": int(time.time() * 1000), "event": event, "phase": state.phase, **numbers})
         self.store.put_json(Bucket.MODELS, STATE_KEY, state.model_dump(mode="json"))
         log.info("loop: %s (%s)", event, numbers)
@@ -219,13 +229,21 @@ class Loop:
         """What the next candidate is compared with: the version promoted last, else the policy's production arm."""
         return state.production or self.policy.production
 
+    @property
+    def lease_ttl_s(self) -> float:
+        return self.policy.interval_s * 3
+
     def tick(self) -> LoopState | None:
-        """One step of the loop; None when another instance holds the lease."""
-        if not self.lease.take(self.owner, self.policy.interval_s * 3):
+        """One step of the loop; None when another instance holds the lease, or took it over during the step."""
+        if not self.lease.take(self.owner, self.lease_ttl_s):
             return None
         state = self.state()
         step = {"idle": self._idle, "training": self._training, "gating": self._gating, "canary": self._canary}
-        state = step[state.phase](state)
+        try:
+            state = step[state.phase](state)
+        except LeaseLost as exc:
+            log.warning("loop: %s", exc)
+            return None
         loop_metrics().in_phase(state.phase)
         return state
 
