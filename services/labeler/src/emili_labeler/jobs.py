@@ -54,6 +54,7 @@ from emili_labeler.user_weights import (
 )
 from emili_session.conversation import system_prompt_of
 from emili_session.events import EventKind
+from emili_session.gate_items import METRICS, PER_SESSION_METRICS, users_key
 from emili_session.registry import mark_models_withdrawn
 
 log = logging.getLogger(__name__)
@@ -444,11 +445,6 @@ def label_threshold(label: Mapping[str, Any]) -> float:
     return float(vector.get("threshold", 0.0)) if isinstance(vector, Mapping) else 0.0
 
 
-# Gate metrics with one item per session: their items name the session's user (``<metric>_users``), so sessions of
-# the same simulated user on two arms can be paired.
-PER_SESSION_GATE_METRICS = ("delta_v", "reaction")
-
-
 def session_gate_items(label: Mapping[str, Any]) -> dict[str, list[float]]:
     """One labelled session's items for the evaluation gate:
 
@@ -471,24 +467,23 @@ def session_gate_items(label: Mapping[str, Any]) -> dict[str, list[float]]:
 def arm_gate_items(labels: Sequence[tuple[Mapping[str, Any], bool]]) -> dict[str, Any]:
     """Per model arm and origin ("real", "synthetic"), the gate's per-session and per-reply items of
     (label, synthetic) pairs: ``{arm: {origin: {"sessions": n, "delta_v": [...], "delta_v_users": [...],
-    "reaction": [...], "reaction_users": [...], "negative_reaction": [...]}}}``; ``<metric>_users`` is the user of
-    each item of a per-session metric (:data:`PER_SESSION_GATE_METRICS`). Origins are never pooled: the gate
-    compares sessions of one kind."""
+    "reaction": [...], "reaction_users": [...], "negative_reaction": [...]}}}`` (:mod:`emili_session.gate_items`);
+    ``<metric>_users`` is the user of each item of a per-session metric. Origins are never pooled: the gate compares
+    sessions of one kind."""
     items: dict[str, Any] = {}
     for label, synthetic in labels:
         arm = str(label.get("model_arm") or "base")
         origin = "synthetic" if synthetic else "real"
         entry = items.setdefault(arm, {}).setdefault(
             origin,
-            {"sessions": 0, "negative_reaction": []}
-            | {key: [] for m in PER_SESSION_GATE_METRICS for key in (m, f"{m}_users")},
+            {"sessions": 0} | {m: [] for m in METRICS} | {users_key(m): [] for m in PER_SESSION_METRICS},
         )
         entry["sessions"] += 1
         session = session_gate_items(label)
         for metric, values in session.items():
             entry[metric] += values
-        for metric in PER_SESSION_GATE_METRICS:
-            entry[f"{metric}_users"] += [str(label.get("user_id", ""))] * len(session[metric])
+        for metric in PER_SESSION_METRICS:
+            entry[users_key(metric)] += [str(label.get("user_id", ""))] * len(session[metric])
     return items
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from emili_affect.vad import raw_tokens
 from emili_pipeline.gate import Evidence, evidence_to_json
+from emili_session.gate_items import METRICS, PER_SESSION_METRICS, users_key
 
 __all__ = [
     "OFFLINE_METRICS",
@@ -45,8 +46,7 @@ __all__ = [
 ]
 
 OFFLINE_METRICS = ("diff_epitome_mean", "mmlu_correct", "reply_words")
-ONLINE_METRICS = ("delta_v", "reaction", "negative_reaction")
-PER_SESSION_METRICS = ("delta_v", "reaction")  # One item per session, each naming its user (``<metric>_users``).
+ONLINE_METRICS = METRICS
 ORIGINS = ("real", "synthetic")  # Preference order: evidence from people first.
 # Pair synthetic per-session items by user only when most users are on both arms; else compare independent arms.
 PAIRED_MIN_SHARE = 0.5
@@ -98,7 +98,7 @@ def _paired_by_user(metric: str, candidate: Mapping[str, Any], baseline: Mapping
     arm."""
     arms = []
     for items in (candidate, baseline):
-        values, users = list(items.get(metric) or []), list(items.get(f"{metric}_users") or [])
+        values, users = list(items.get(metric) or []), list(items.get(users_key(metric)) or [])
         if len(users) != len(values) or not all(users) or len(set(users)) != len(users):
             return None
         arms.append(dict(zip(users, values, strict=True)))

@@ -1,0 +1,19 @@
+"""The evaluation gate's online items: the contract between the labeler, which computes them from each arm's
+labelled sessions (``emili_labeler.jobs.arm_gate_items``), and the trainer, which turns them into the gate's
+evidence (``emili_trainer.evaluation.gate_evidence``).
+
+Per arm and origin ("real", "synthetic"): ``sessions`` (a count), the items of every metric, and for each metric
+with one item per session (:data:`PER_SESSION_METRICS`) the user of each item (:func:`users_key`), so sessions of
+the same simulated user on two arms can be paired.
+"""
+
+from __future__ import annotations
+
+__all__ = ["METRICS", "PER_SESSION_METRICS", "users_key"]
+
+PER_SESSION_METRICS = ("delta_v", "reaction")  # Gold Δv from the surveys; the face's mean change after a reply.
+METRICS = (*PER_SESSION_METRICS, "negative_reaction")  # negative_reaction: one 0/1 item per reply read.
+
+
+def users_key(metric: str) -> str:
+    return f"{metric}_users"
