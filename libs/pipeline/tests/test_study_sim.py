@@ -407,6 +407,7 @@ class _FakeStudyStack:
     collected: int = 0  # Users who talked to the production arm to be recorded (role "collect").
     interrupt_once: bool = False  # The next pipeline_outcome raises KeyboardInterrupt, as a stopped study would.
     interrupt_users: str | None = None  # Users with this subject prefix raise KeyboardInterrupt (once).
+    faces: dict[str, set[str]] = field(default_factory=dict)  # Per role ("collect", an arm's): what the faces showed.
 
 
 @pytest.fixture
@@ -425,6 +426,8 @@ def fake_study(monkeypatch: pytest.MonkeyPatch) -> _FakeStudyStack:
             fake.interrupt_users = None
             raise KeyboardInterrupt
         fake.collected += n if "collect" in settings.subject_prefix else 0
+        role = "collect" if "collect" in settings.subject_prefix else "arm"
+        fake.faces.setdefault(role, set()).add(settings.feedback)
         rng = np.random.default_rng(seed)
         outcomes = []
         for _ in range(n):
@@ -565,3 +568,33 @@ def test_resume_refuses_other_options_or_no_study(fake_study: _FakeStudyStack, t
     assert alone["base_against_base"] == {}  # Nothing to check it against.
     with pytest.raises(StudyResumeError, match="seed was 0, now 1"):
         run_study(fake_study.stack, _options(tmp_path, 2, conditions=("noise",), seed=1), resume=True)
+
+
+def test_noise_faces_training_shows_the_decoy_only_where_the_loop_learns(
+    fake_study: _FakeStudyStack, tmp_path: Path
+) -> None:
+    from emili_pipeline.study_sim import StudyResumeError, run_study
+
+    options = _options(tmp_path, 1, conditions=("noise",), noise_faces="training")
+    report = run_study(fake_study.stack, options)
+    assert report["options"]["noise_faces"] == "training"
+    assert fake_study.faces == {"collect": {"noise"}, "arm": {"state"}}
+    pipeline = yaml.safe_load((tmp_path / "noise" / "pipeline-noise.yaml").read_text())
+    assert pipeline["simulator"]["feedback"] == "state"  # The gate's evaluation users read real faces.
+    with pytest.raises(StudyResumeError, match="noise_faces was 'training', now 'everywhere'"):
+        run_study(fake_study.stack, _options(tmp_path, 2, conditions=("noise",)), resume=True)
+
+
+def test_a_study_from_before_noise_faces_resumes_with_the_default(fake_study: _FakeStudyStack, tmp_path: Path) -> None:
+    import json
+
+    from emili_pipeline.study_sim import run_study
+
+    run_study(fake_study.stack, _options(tmp_path, 1, conditions=("noise",)))
+    assert fake_study.faces == {"collect": {"noise"}, "arm": {"noise"}}  # The default: the decoy everywhere.
+    path = tmp_path / "study.json"
+    report = json.loads(path.read_text())
+    del report["options"]["noise_faces"]
+    path.write_text(json.dumps(report))
+    resumed = run_study(fake_study.stack, _options(tmp_path, 2, conditions=("noise",)), resume=True)
+    assert len(resumed["conditions"]["noise"]) == 2

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 from rich.console import Console
@@ -26,6 +26,7 @@ from emili_pipeline.study_sim import (
     SIMULATION_GATE,
     SIMULATION_PIPELINE,
     Condition,
+    NoiseFaces,
 )
 
 console = Console(stderr=True, highlight=False)
@@ -74,6 +75,12 @@ def _conditions(value: str) -> tuple[Condition, ...]:
     raise typer.BadParameter(f"condition must be feedback, noise or both, not {value!r}")
 
 
+def _noise_faces(value: str) -> NoiseFaces:
+    if value in ("everywhere", "training"):
+        return cast(NoiseFaces, value)
+    raise typer.BadParameter(f"noise-faces must be everywhere or training, not {value!r}")
+
+
 @study.command()
 def simulate(
     iterations: Annotated[int, typer.Option(min=1, help="Loop iterations per condition.")] = 2,
@@ -94,6 +101,13 @@ def simulate(
     concurrency: Annotated[
         int, typer.Option(min=1, help="Simulated users at a time (chat batches their replies).")
     ] = 4,
+    noise_faces: Annotated[
+        str,
+        typer.Option(
+            help="Where the noise condition's faces show the decoy: everywhere (default), or training (only in the "
+            "sessions the loop learns from; the gate and the comparison read real faces: the stricter control)."
+        ),
+    ] = "everywhere",
     target: Annotated[str | None, typer.Option(help="Chat server address (default from the chat settings).")] = None,
     resume: Annotated[
         bool,
@@ -133,6 +147,7 @@ def simulate(
         pipeline=pipeline.resolve(),
         gate=gate.resolve(),
         concurrency=concurrency,
+        noise_faces=_noise_faces(noise_faces),
     )
     stack = Stack(
         store=ObjectStore(settings.s3),

@@ -14,6 +14,12 @@ Conditions: ``feedback`` (faces show the user's state) and ``noise`` (faces show
 "qualities", so reaction flags and DPO pairs carry no information; surveys, ratings and Δv still follow the real
 state). A loop that works improves Δv under feedback and never promotes under noise.
 
+Where the noise condition's faces show the decoy (``noise_faces``): ``everywhere`` (the default) in every session of
+the condition, the gate's evaluation users and step 3's included, as in a world where faces carry no information;
+``training`` only in the sessions the loop learns from (step 1), so the gate and step 3 read the users' real faces.
+The second is the stricter control: a candidate trained on noise is judged on what it really does to people's faces
+(e.g. shorter replies), not on decoy faces that its gate checks cannot read.
+
 The canary runs offline, not in the gateway: the gateway's sequential canary plans 100 rated sessions per arm at a
 share of 0.1 (about a thousand participants through the web app's API, days on this CPU); `make loop-demo` runs it
 with simulated participants at a demo's size instead. Here its phase is the comparison of step 3 against the
@@ -476,11 +482,20 @@ def write_report(report: Mapping[str, Any], out: Path) -> tuple[Path, Path]:
 # --- the pipeline config of one condition ------------------------------------------------------------------------
 
 
-def condition_pipeline(base: Path, condition: Condition, out: Path) -> Path:
-    """``base`` with the condition's face feedback, its recipe files as absolute paths, written under ``out``."""
+NoiseFaces = Literal["everywhere", "training"]
+
+
+def evaluation_feedback(condition: Condition, noise_faces: NoiseFaces) -> Literal["state", "noise"]:
+    """What the faces of a condition's evaluation users (the gate's, step 3's) show."""
+    return "state" if noise_faces == "training" else FEEDBACK[condition]
+
+
+def condition_pipeline(base: Path, condition: Condition, out: Path, noise_faces: NoiseFaces = "everywhere") -> Path:
+    """``base`` with the face feedback of the condition's evaluation users, its recipe files as absolute paths,
+    written under ``out``."""
     data = yaml.safe_load(base.read_text()) or {}
     data["name"] = f"{data.get('name', 'loop-simulation')}-{condition}"[:64]
-    data["simulator"] = {**(data.get("simulator") or {}), "feedback": FEEDBACK[condition]}
+    data["simulator"] = {**(data.get("simulator") or {}), "feedback": evaluation_feedback(condition, noise_faces)}
     recipes = dict(data.get("recipes") or {})
     for kind, value in recipes.items():
         if isinstance(value, str) and value.endswith((".yaml", ".yml")) and not Path(value).is_absolute():
@@ -587,6 +602,7 @@ class StudyOptions:
     pipeline: Path = SIMULATION_PIPELINE
     gate: Path = SIMULATION_GATE
     concurrency: int = 4  # Chat batches concurrent replies: 4 users at a time cost little more than 2.
+    noise_faces: NoiseFaces = "everywhere"  # Where the noise condition's faces show the decoy (module docstring).
     poll_s: float = 5.0
     iteration_timeout_s: float = 3600.0
 
@@ -601,6 +617,7 @@ class StudyOptions:
             "pipeline": str(self.pipeline),
             "gate": str(self.gate),
             "config_sha256": config_digest(self.pipeline, self.gate),
+            "noise_faces": self.noise_faces,
         }
 
 
@@ -643,9 +660,10 @@ class ConditionRun:
         folder = options.out / condition
         self.progress_path = folder / "progress.json"
         self.pending: dict[str, Any] | None = None  # An iteration whose users have been collected, not yet finished.
-        self.pipeline_path = condition_pipeline(options.pipeline, condition, folder)
+        self.pipeline_path = condition_pipeline(options.pipeline, condition, folder, options.noise_faces)
         config = load_config(self.pipeline_path)
-        self.simulator = config.simulator_settings(stack.base_simulator)
+        self.simulator = config.simulator_settings(stack.base_simulator)  # The evaluation users' faces.
+        self.collection_simulator = self.simulator.model_copy(update={"feedback": FEEDBACK[condition]})
         self.personas = load_personas(config.personas, config.persona_limit)
         self.iteration = 0
         self.arm_items: dict[tuple[int, str], dict[str, list[float]]] = {}
@@ -668,10 +686,10 @@ class ConditionRun:
 
     # Simulated users ---------------------------------------------------------------------------------------------
 
-    def _users(self, n: int, arm: str, role: str, seed: int) -> list[Any]:
+    def _users(self, n: int, arm: str, role: str, seed: int, collection: bool = False) -> list[Any]:
         from emili_pipeline.simulator import run_users
 
-        settings = self.simulator.model_copy(
+        settings = (self.collection_simulator if collection else self.simulator).model_copy(
             update={"model_arm": arm, "subject_prefix": f"sim-{self.condition[:5]}-{self.iteration}-{role}"[:32]}
         )
         return asyncio.run(
@@ -778,7 +796,7 @@ class ConditionRun:
         production = self.loop.baseline(self.loop.state())
         record: dict[str, Any] = {"iteration": self.iteration, "production_before": production, "errors": []}
         outcomes = self._users(
-            self.options.sessions, production, "collect", _seed(self.options.seed, self.iteration, 1)
+            self.options.sessions, production, "collect", _seed(self.options.seed, self.iteration, 1), collection=True
         )
         summary = summarize(outcomes, time.perf_counter() - started)
         record["collected"] = {k: summary[k] for k in ("ok", "failed", "wall_s", "mean_valence_change")}
@@ -874,7 +892,8 @@ def arm_intervals(items: Mapping[str, Sequence[float]]) -> dict[str, dict[str, A
 
 # What a resumed study must share with the report it carries on (the number of iterations may grow).
 RESUME_MUST_MATCH: tuple[str, ...] = ("sessions_per_iteration", "eval_users_per_arm", "canary_min_sessions", "seed")
-RESUME_MUST_MATCH += ("conditions", "pipeline", "gate", "config_sha256")
+RESUME_MUST_MATCH += ("conditions", "pipeline", "gate", "config_sha256", "noise_faces")
+RESUME_DEFAULTS = {"noise_faces": "everywhere"}  # Of options added since: a report from before them had the default.
 
 
 class StudyResumeError(ValueError):
@@ -890,6 +909,7 @@ def _previous(options: StudyOptions) -> tuple[str, dict[str, list[dict[str, Any]
         raise StudyResumeError(f"nothing to resume: {path} does not exist (start the study without --resume)")
     report = json.loads(path.read_text())
     before, now = report.get("options") or {}, options.to_json()
+    before = RESUME_DEFAULTS | before
     changed = [f"{k} was {before.get(k)!r}, now {now[k]!r}" for k in RESUME_MUST_MATCH if before.get(k) != now[k]]
     if changed:
         raise StudyResumeError(f"{path} was run with other options ({'; '.join(changed)}): resume with the same ones")
