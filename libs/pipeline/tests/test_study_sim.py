@@ -312,7 +312,8 @@ def test_reactions_gate_needs_a_gain_in_the_face_and_surveys_not_worse() -> None
     flat = judge(policy, evidence(0.0, 0.3))
     assert [c.name for c in flat.checks if not c.passed] == ["reaction_gain"]
     # The study's pipeline gives every check enough evidence.
-    assert undersized_checks(load_config(SIMULATION_GATE.with_name("loop-simulation-reactions.yaml")), policy) == []
+    for pipeline in ("loop-simulation-reactions.yaml", "loop-simulation-personas.yaml"):
+        assert undersized_checks(load_config(SIMULATION_GATE.with_name(pipeline)), policy) == []
 
 
 # --- the loop's surroundings ----------------------------------------------------------------------------------------

@@ -22,6 +22,17 @@ def test_every_shipped_recipe_parses() -> None:
         assert (recipe.dpo is not None) == (recipe.kind == "dpo")
 
 
+# Recipe files the pipeline configs name by path (libs/pipeline/configs/recipes); read as files, not imported.
+PIPELINE_RECIPES = sorted((Path(__file__).resolve().parents[3] / "libs/pipeline/configs/recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PIPELINE_RECIPES, ids=lambda p: p.stem)
+def test_every_pipeline_recipe_file_parses(path: Path) -> None:
+    recipe = load_recipe(str(path))
+    assert recipe.name == path.stem
+    assert (recipe.dpo is not None) == (recipe.kind == "dpo")
+
+
 def test_empo_recipes_match_the_published_settings() -> None:
     sft, dpo = load_recipe("empo-7b-sft"), load_recipe("empo-7b-dpo")
     assert (sft.lora.r, sft.lora.alpha, sft.optim.lr, sft.train.epochs) == (1024, 64, 1e-5, 1)
