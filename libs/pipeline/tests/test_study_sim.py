@@ -397,6 +397,21 @@ class _NotFoundStore(_Store):
             raise NotFound(key)
         return self.objects[(bucket, key)]
 
+    def get_bytes(self, bucket: Any, key: str) -> bytes:
+        return bytes(self.get_json(bucket, key))
+
+
+GOOD_REPLY = "I'm so sorry, that sounds really hard. How are you holding up?"
+BAD_REPLY = "Calm down, whatever. You should just get over it and try to move on with your life already."
+
+
+def _pair(chosen: str, rejected: str, user: str = "My dog died last week.") -> dict[str, Any]:
+    return {
+        "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": user}],
+        "chosen": chosen,
+        "rejected": rejected,
+    }
+
 
 @dataclass
 class _FakeStudyStack:
@@ -409,6 +424,7 @@ class _FakeStudyStack:
     interrupt_once: bool = False  # The next pipeline_outcome raises KeyboardInterrupt, as a stopped study would.
     interrupt_users: str | None = None  # Users with this subject prefix raise KeyboardInterrupt (once).
     faces: dict[str, set[str]] = field(default_factory=dict)  # Per role ("collect", an arm's): what the faces showed.
+    datasets: bool = False  # Pipelines publish a state with a DPO dataset (study_signal reads it).
 
 
 @pytest.fixture
@@ -449,8 +465,19 @@ def fake_study(monkeypatch: pytest.MonkeyPatch) -> _FakeStudyStack:
             return list(fake.recorded)
 
         def start_pipeline(self, session_ids: Any, baseline: str) -> str:
+            from emili_core.keys import pipeline_state_key
+            from emili_core.objectstore import Bucket
+
             fake.pipelines[self.kind] = fake.pipelines.get(self.kind, 0) + 1
-            return f"pl-{fake.pipelines[self.kind]}{self.kind}"
+            pipeline_id = f"pl-{fake.pipelines[self.kind]}{self.kind}"
+            if fake.datasets:  # Feedback's pair prefers the better reply, noise's the worse.
+                pair = _pair(GOOD_REPLY, BAD_REPLY) if self.kind == "f" else _pair(BAD_REPLY, GOOD_REPLY)
+                key = f"dpo_feedback/{pipeline_id}/data.jsonl"
+                fake.stack.store.objects[(Bucket.DATASETS, key)] = (json.dumps(pair) + "\n").encode()
+                outputs = {"dpo": {"kind": "dpo_feedback", "key": key}}
+                state = {"steps": {"datasets": {"outputs": outputs}}}
+                fake.stack.store.objects[(Bucket.MODELS, pipeline_state_key(pipeline_id))] = state
+            return pipeline_id
 
         def pipeline_outcome(self, pipeline_id: str) -> Any:
             if fake.interrupt_once:
@@ -599,3 +626,64 @@ def test_a_study_from_before_noise_faces_resumes_with_the_default(fake_study: _F
     path.write_text(json.dumps(report))
     resumed = run_study(fake_study.stack, _options(tmp_path, 2, conditions=("noise",)), resume=True)
     assert len(resumed["conditions"]["noise"]) == 2
+
+
+# --- what the loop learned from (study_signal) -----------------------------------------------------------------------
+
+
+def test_pair_gaps_and_turn_qualities_score_replies_as_the_user_heard_them() -> None:
+    from emili_pipeline.study_signal import pair_gaps, turn_qualities
+
+    gaps = pair_gaps([_pair(GOOD_REPLY, BAD_REPLY), _pair(BAD_REPLY, GOOD_REPLY)])
+    assert gaps[0] > 0.5 and gaps[1] == pytest.approx(-gaps[0])
+    # Scored against the user message before each reply: reflecting *that* message's words counts.
+    echo = pair_gaps([_pair("Your puppy?", "Your kitten?", user="My puppy died.")])
+    assert echo[0] > 0
+    example = {
+        "messages": [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "My dog died last week."},
+            {"role": "assistant", "content": GOOD_REPLY, "weight": 1},
+            {"role": "system", "content": "Right now, user looks SAD (60)"},
+            {"role": "user", "content": "Thanks."},
+            {"role": "assistant", "content": BAD_REPLY, "weight": 0},
+        ]
+    }
+    flagged, unflagged = turn_qualities([example])
+    assert len(flagged) == len(unflagged) == 1 and flagged[0] > unflagged[0]
+
+
+def test_training_signal_reads_the_pipeline_datasets() -> None:
+    from emili_core.objectstore import Bucket
+    from emili_pipeline.study_signal import training_signal
+
+    store = _NotFoundStore()
+    pairs = [_pair(GOOD_REPLY, BAD_REPLY)] * 3 + [_pair(BAD_REPLY, GOOD_REPLY)]
+    store.objects[(Bucket.DATASETS, "d")] = "".join(json.dumps(p) + "\n" for p in pairs).encode()
+    signal = training_signal(store, {"dpo": {"kind": "dpo_feedback", "key": "d"}})
+    assert signal["pairs"]["n"] == 4 and signal["pairs"]["chosen_better"] == 0.75 and signal["pairs"]["mean"] > 0
+    assert "turns" not in signal
+    # EmPO's pairs are not the users' feedback: nothing to read there.
+    assert training_signal(store, {"dpo": {"kind": "dpo_empathetic", "key": "d"}}) == {}
+
+
+def test_the_study_records_and_reports_what_each_candidate_learned_from(
+    fake_study: _FakeStudyStack, tmp_path: Path
+) -> None:
+    from emili_pipeline.study_sim import run_study
+
+    fake_study.datasets = True
+    report = run_study(fake_study.stack, _options(tmp_path, 1))
+
+    feedback, noise = report["conditions"]["feedback"][0], report["conditions"]["noise"][0]
+    assert feedback["training_signal"]["pairs"]["mean"] > 0 > noise["training_signal"]["pairs"]["mean"]
+    text = (tmp_path / "study.md").read_text()
+    assert "What the loop learned from" in text and "| feedback | 1 | 1 |" in text
+
+
+def test_no_pipeline_state_no_training_signal_table(fake_study: _FakeStudyStack, tmp_path: Path) -> None:
+    from emili_pipeline.study_sim import run_study
+
+    report = run_study(fake_study.stack, _options(tmp_path, 1))
+    assert report["conditions"]["feedback"][0]["training_signal"] == {}
+    assert "What the loop learned from" not in (tmp_path / "study.md").read_text()

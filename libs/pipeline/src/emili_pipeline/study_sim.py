@@ -430,6 +430,8 @@ def _base_against_base_table(report: Mapping[str, Any]) -> list[str]:
 
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The report for people: what was simulated, decisions, Δv and ratings with intervals, gate checks."""
+    from emili_pipeline.study_signal import signal_table
+
     options = report.get("options") or {}
     noise = report.get("noise_promoted")
     verdict = (
@@ -457,6 +459,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         *_pooled_table(report),
         "",
         *_base_against_base_table(report),
+        "",
+        *signal_table(report["conditions"]),
         "",
         *_gate_table(report),
         "",
@@ -872,12 +876,30 @@ class ConditionRun:
                 record["evaluation"]["candidate_vs_production"] = compare_arms(
                     cand, self.arm(production), seed=self.options.seed
                 )
+            record["training_signal"] = self._training_signal(state.pipeline_id)
         record["errors"] += self.arm_errors
         self.arm_errors = []
         record["production_after"] = self.loop.baseline(state)
         # A resumed iteration: its collection's time plus this run's (the time between the two runs is left out).
         record["wall_s"] = round((collect_s if resumed else 0.0) + time.perf_counter() - started, 1)
         return record
+
+    def _training_signal(self, pipeline_id: str | None) -> dict[str, Any]:
+        """The hidden quality of the pipeline's datasets (:mod:`emili_pipeline.study_signal`); {} when unreadable."""
+        from emili_core.errors import EmiliError
+        from emili_core.keys import pipeline_state_key
+        from emili_core.objectstore import Bucket
+        from emili_pipeline.study_signal import training_signal
+
+        if pipeline_id is None:
+            return {}
+        try:
+            state = self.stack.store.get_json(Bucket.MODELS, pipeline_state_key(pipeline_id))
+            datasets = ((state.get("steps") or {}).get("datasets") or {}).get("outputs") or {}
+            return training_signal(self.stack.store, datasets, seed=self.options.seed)
+        except EmiliError as exc:
+            log.warning("study %s: no training signal for %s: %s", self.run_id, pipeline_id, exc)
+            return {}
 
     def finish_iteration(self) -> None:
         """After the report holds the iteration's record: nothing of it is left to resume."""

@@ -1,0 +1,112 @@
+"""What the loop had to learn from: the simulator's hidden reply quality of each iteration's training data (SYNTHETIC).
+
+The simulator scores every reply with a known function (:func:`emili_pipeline.simulator.reply_quality`), so of a
+simulation study's datasets one can ask what no study with people can: do the replies the loop prefers score higher
+on the users' real preference?
+
+* **DPO pairs** (``dpo_feedback``): per pair, quality(chosen) - quality(rejected), each scored against the pair's last
+  user message, as the simulated user scored it when it heard the reply.
+* **SFT turns** (``sft``): quality of the assistant turns flagged (weight 1) against those not flagged (weight 0) in
+  the same examples.
+
+Under the feedback condition both gaps should be above 0; under noise (decoy faces where the loop learns) about 0.
+A gap about 0 under feedback means the flags carried no preference, so no trainer could have learned one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from emili_pipeline.simulator.state import ReplyScorer, reply_quality
+
+
+def _records(data: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+
+
+def _last_user(messages: Iterable[Mapping[str, Any]]) -> str:
+    return next((str(m["content"]) for m in reversed(list(messages)) if m.get("role") == "user"), "")
+
+
+def pair_gaps(pairs: Iterable[Mapping[str, Any]], scorer: ReplyScorer = reply_quality) -> list[float]:
+    """quality(chosen) - quality(rejected) per preference pair."""
+    gaps = []
+    for pair in pairs:
+        user = _last_user(pair["prompt"])
+        gaps.append(scorer(str(pair["chosen"]), user).score - scorer(str(pair["rejected"]), user).score)
+    return gaps
+
+
+def turn_qualities(
+    examples: Iterable[Mapping[str, Any]], scorer: ReplyScorer = reply_quality
+) -> tuple[list[float], list[float]]:
+    """Hidden quality of the flagged (weight 1) and of the unflagged (weight 0) assistant turns of SFT examples,
+    each scored against the user message before it."""
+    flagged: list[float] = []
+    unflagged: list[float] = []
+    for example in examples:
+        user = ""
+        for message in example["messages"]:
+            if message.get("role") == "user":
+                user = str(message["content"])
+            elif message.get("role") == "assistant" and message.get("weight") in (0, 1):
+                (flagged if message["weight"] == 1 else unflagged).append(scorer(str(message["content"]), user).score)
+    return flagged, unflagged
+
+
+def training_signal(
+    store: Any, datasets: Mapping[str, Any], scorer: ReplyScorer = reply_quality, seed: int = 0
+) -> dict[str, Any]:
+    """The gaps of one pipeline's datasets (its ``datasets`` step's outputs), with 95% bootstrap intervals."""
+    from emili_core.objectstore import Bucket
+    from emili_pipeline.study_sim import difference, interval
+
+    signal: dict[str, Any] = {}
+    dpo = datasets.get("dpo") or {}
+    if dpo.get("kind") == "dpo_feedback" and dpo.get("key"):
+        gaps = pair_gaps(_records(store.get_bytes(Bucket.DATASETS, dpo["key"])), scorer)
+        signal["pairs"] = interval(gaps, seed)
+        signal["pairs"]["chosen_better"] = round(sum(g > 0 for g in gaps) / len(gaps), 4) if gaps else None
+    sft = datasets.get("sft") or {}
+    if sft.get("kind") == "sft" and sft.get("key"):
+        flagged, unflagged = turn_qualities(_records(store.get_bytes(Bucket.DATASETS, sft["key"])), scorer)
+        signal["turns"] = difference(flagged, unflagged, seed)
+    return signal
+
+
+def signal_table(conditions: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """The report's table: one row per iteration that recorded a training signal (none: no table)."""
+    from emili_pipeline.study_sim import _ci, _fmt
+
+    rows = []
+    for condition, iterations in conditions.items():
+        for it in iterations:
+            signal = it.get("training_signal")
+            if not signal:
+                continue
+            pairs, turns = signal.get("pairs") or {}, signal.get("turns") or {}
+            pair_gap = f"{_fmt(pairs['mean'])} {_ci(pairs['ci95'])}" if pairs.get("n") else "–"
+            turn_gap = f"{_fmt(turns.get('difference'))} {_ci(turns.get('ci95'))}" if turns else "–"
+            rows.append(
+                f"| {condition} | {it['iteration']} | {pairs.get('n', 0)} | {pair_gap} | "
+                f"{_fmt(pairs.get('chosen_better'))} | {turns.get('n_candidate', 0)} / {turns.get('n_baseline', 0)} | "
+                f"{turn_gap} |"
+            )
+    if not rows:
+        return []
+    return [
+        "### What the loop learned from: the hidden quality of its training data (SYNTHETIC: simulated users)",
+        "",
+        "The simulator's reply quality (its users' known preference), scored as the user heard each reply. Pairs: "
+        "quality(chosen) - quality(rejected) per DPO feedback pair, and the share of pairs whose chosen reply scores "
+        "higher. Turns: flagged minus unflagged assistant turns of the SFT examples. Above 0 under feedback means "
+        "the flags carried the preference; about 0 under noise is the control. A context's pairs share replies, so "
+        "the pairs' interval (resampling pairs as if independent) is on the narrow side.",
+        "",
+        "| condition | iteration | DPO pairs | chosen - rejected [95% CI] | chosen better (share) | "
+        "turns, flagged / unflagged | flagged - unflagged [95% CI] |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ]
