@@ -634,11 +634,11 @@ def test_a_study_from_before_noise_faces_resumes_with_the_default(fake_study: _F
 def test_pair_gaps_and_turn_qualities_score_replies_as_the_user_heard_them() -> None:
     from emili_pipeline.study_signal import pair_gaps, turn_qualities
 
-    gaps = pair_gaps([_pair(GOOD_REPLY, BAD_REPLY), _pair(BAD_REPLY, GOOD_REPLY)])
-    assert gaps[0] > 0.5 and gaps[1] == pytest.approx(-gaps[0])
+    gaps = pair_gaps([_pair(GOOD_REPLY, BAD_REPLY) | {"context": "a"}, _pair(BAD_REPLY, GOOD_REPLY) | {"context": "a"}])
+    assert list(gaps) == ["a"] and gaps["a"][0] > 0.5 and gaps["a"][1] == pytest.approx(-gaps["a"][0])
     # Scored against the user message before each reply: reflecting *that* message's words counts.
     echo = pair_gaps([_pair("Your puppy?", "Your kitten?", user="My puppy died.")])
-    assert echo[0] > 0
+    assert next(iter(echo.values()))[0] > 0
     example = {
         "messages": [
             {"role": "system", "content": "s"},
@@ -662,6 +662,7 @@ def test_training_signal_reads_the_pipeline_datasets() -> None:
     store.objects[(Bucket.DATASETS, "d")] = "".join(json.dumps(p) + "\n" for p in pairs).encode()
     signal = training_signal(store, {"dpo": {"kind": "dpo_feedback", "key": "d"}})
     assert signal["pairs"]["n"] == 4 and signal["pairs"]["chosen_better"] == 0.75 and signal["pairs"]["mean"] > 0
+    assert signal["pairs"]["groups"] == 4 and signal["pairs"]["ci95"] is None  # Without a context: their own.
     assert "turns" not in signal
     # EmPO's pairs are not the users' feedback: nothing to read there.
     assert training_signal(store, {"dpo": {"kind": "dpo_empathetic", "key": "d"}}) == {}
@@ -687,3 +688,18 @@ def test_no_pipeline_state_no_training_signal_table(fake_study: _FakeStudyStack,
     report = run_study(fake_study.stack, _options(tmp_path, 1))
     assert report["conditions"]["feedback"][0]["training_signal"] == {}
     assert "What the loop learned from" not in (tmp_path / "study.md").read_text()
+
+
+def test_the_pairs_interval_resamples_contexts_not_pairs() -> None:
+    from emili_pipeline.study_signal import cluster_interval
+
+    # Five contexts of 10 identical gaps each: as 50 independent pairs the interval would be about ±0.15; resampling
+    # contexts it is several times wider.
+    groups = [[g] * 10 for g in (1.0, -0.2, 0.4, 0.8, -0.5)]
+    found = cluster_interval(groups)
+    assert found["n"] == 50 and found["groups"] == 5 and found["mean"] == pytest.approx(0.3)
+    low, high = found["ci95"]
+    assert low < 0.3 - 0.3 and high > 0.3 + 0.3
+    # Two contexts give no interval at all: resampling them can only pick between their two means.
+    assert cluster_interval(groups[:2]) == {"n": 20, "groups": 2, "mean": pytest.approx(0.4), "ci95": None}
+    assert cluster_interval([])["ci95"] is None

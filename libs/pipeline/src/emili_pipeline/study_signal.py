@@ -5,7 +5,8 @@ simulation study's datasets one can ask what no study with people can: do the re
 on the users' real preference?
 
 * **DPO pairs** (``dpo_feedback``): per pair, quality(chosen) - quality(rejected), each scored against the pair's last
-  user message, as the simulated user scored it when it heard the reply.
+  user message, as the simulated user scored it when it heard the reply; the interval resamples contexts, since a
+  context's pairs share replies.
 * **SFT turns** (``sft``): quality of the assistant turns flagged (weight 1) against those not flagged (weight 0) in
   the same examples.
 
@@ -19,6 +20,8 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from emili_pipeline.simulator.state import ReplyScorer, reply_quality
 
 
@@ -30,13 +33,38 @@ def _last_user(messages: Iterable[Mapping[str, Any]]) -> str:
     return next((str(m["content"]) for m in reversed(list(messages)) if m.get("role") == "user"), "")
 
 
-def pair_gaps(pairs: Iterable[Mapping[str, Any]], scorer: ReplyScorer = reply_quality) -> list[float]:
-    """quality(chosen) - quality(rejected) per preference pair."""
-    gaps = []
+def pair_gaps(pairs: Iterable[Mapping[str, Any]], scorer: ReplyScorer = reply_quality) -> dict[str, list[float]]:
+    """quality(chosen) - quality(rejected) per preference pair, grouped by the pair's context (a context's pairs
+    share replies, so they are not independent)."""
+    gaps: dict[str, list[float]] = {}
     for pair in pairs:
         user = _last_user(pair["prompt"])
-        gaps.append(scorer(str(pair["chosen"]), user).score - scorer(str(pair["rejected"]), user).score)
+        gap = scorer(str(pair["chosen"]), user).score - scorer(str(pair["rejected"]), user).score
+        gaps.setdefault(str(pair.get("context") or pair.get("id") or len(gaps)), []).append(gap)
     return gaps
+
+
+# Fewer groups than this give no interval: resampling 2 contexts, say, can only pick between their two means.
+MIN_GROUPS = 5
+
+
+def cluster_interval(groups: Sequence[Sequence[float]], seed: int = 0) -> dict[str, Any]:
+    """n, mean and a 95% bootstrap interval of the mean over every value, resampling whole groups (no interval
+    with fewer than :data:`MIN_GROUPS` groups)."""
+    from emili_pipeline.study_sim import LEVEL, SAMPLES
+
+    values = [v for g in groups for v in g]
+    if not values:
+        return {"n": 0, "groups": 0, "mean": None, "ci95": None}
+    mean = round(float(np.mean(values)), 4)
+    if len(groups) < MIN_GROUPS:
+        return {"n": len(values), "groups": len(groups), "mean": mean, "ci95": None}
+    sums, counts = np.array([sum(g) for g in groups]), np.array([len(g) for g in groups])
+    picks = np.random.default_rng(seed).integers(0, len(groups), size=(SAMPLES, len(groups)))
+    means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    tail = (1.0 - LEVEL) / 2.0
+    low, high = (round(float(q), 4) for q in np.quantile(means, [tail, 1.0 - tail]))
+    return {"n": len(values), "groups": len(groups), "mean": mean, "ci95": [low, high]}
 
 
 def turn_qualities(
@@ -61,13 +89,14 @@ def training_signal(
 ) -> dict[str, Any]:
     """The gaps of one pipeline's datasets (its ``datasets`` step's outputs), with 95% bootstrap intervals."""
     from emili_core.objectstore import Bucket
-    from emili_pipeline.study_sim import difference, interval
+    from emili_pipeline.study_sim import difference
 
     signal: dict[str, Any] = {}
     dpo = datasets.get("dpo") or {}
     if dpo.get("kind") == "dpo_feedback" and dpo.get("key"):
-        gaps = pair_gaps(_records(store.get_bytes(Bucket.DATASETS, dpo["key"])), scorer)
-        signal["pairs"] = interval(gaps, seed)
+        groups = list(pair_gaps(_records(store.get_bytes(Bucket.DATASETS, dpo["key"])), scorer).values())
+        gaps = [g for group in groups for g in group]
+        signal["pairs"] = cluster_interval(groups, seed)
         signal["pairs"]["chosen_better"] = round(sum(g > 0 for g in gaps) / len(gaps), 4) if gaps else None
     sft = datasets.get("sft") or {}
     if sft.get("kind") == "sft" and sft.get("key"):
@@ -90,7 +119,7 @@ def signal_table(conditions: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[
             pair_gap = f"{_fmt(pairs['mean'])} {_ci(pairs['ci95'])}" if pairs.get("n") else "–"
             turn_gap = f"{_fmt(turns.get('difference'))} {_ci(turns.get('ci95'))}" if turns else "–"
             rows.append(
-                f"| {condition} | {it['iteration']} | {pairs.get('n', 0)} | {pair_gap} | "
+                f"| {condition} | {it['iteration']} | {pairs.get('n', 0)} ({pairs.get('groups', 0)}) | {pair_gap} | "
                 f"{_fmt(pairs.get('chosen_better'))} | {turns.get('n_candidate', 0)} / {turns.get('n_baseline', 0)} | "
                 f"{turn_gap} |"
             )
@@ -103,9 +132,9 @@ def signal_table(conditions: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[
         "quality(chosen) - quality(rejected) per DPO feedback pair, and the share of pairs whose chosen reply scores "
         "higher. Turns: flagged minus unflagged assistant turns of the SFT examples. Above 0 under feedback means "
         "the flags carried the preference; about 0 under noise is the control. A context's pairs share replies, so "
-        "the pairs' interval (resampling pairs as if independent) is on the narrow side.",
+        "the pairs' interval resamples contexts (in brackets after the pairs; none with fewer than 5).",
         "",
-        "| condition | iteration | DPO pairs | chosen - rejected [95% CI] | chosen better (share) | "
+        "| condition | iteration | DPO pairs (contexts) | chosen - rejected [95% CI] | chosen better (share) | "
         "turns, flagged / unflagged | flagged - unflagged [95% CI] |",
         "|---|---|---|---|---|---|---|",
         *rows,
