@@ -258,3 +258,10 @@ def test_a_loop_pipeline_evaluates_only_what_its_gate_compares() -> None:
     assert evaluated_arms(on_base) == {"base": "base", "sft": "sft-1"}
     # The default dumps as before the field existed: pipeline ids of existing configs do not change.
     assert "arms" not in every["config"]["evaluation"] and gate_only["config"]["evaluation"]["arms"] == "gate"
+
+
+def test_pairs_per_context_is_dumped_only_when_set() -> None:
+    assert "pairs_per_context" not in PipelineConfig().model_dump(mode="json")  # Existing pipeline ids stay.
+    assert PipelineConfig(pairs_per_context=12).model_dump(mode="json")["pairs_per_context"] == 12
+    with pytest.raises(ValueError):
+        PipelineConfig(pairs_per_context=0)

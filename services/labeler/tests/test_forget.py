@@ -10,14 +10,15 @@ from typing import Any
 import pytest
 
 from emili_core.deletion import write_tombstone
-from emili_core.errors import NotFound
+from emili_core.errors import InvalidInput, NotFound
 from emili_core.keys import DELETION_AUDIT_PREFIX, dataset_index_key, model_registry_key, session_record_keys
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.records import dataset_manifest, dataset_withdrawal
 from emili_core.settings import S3Settings
-from emili_labeler import jobs
+from emili_labeler import jobs, pipeline_steps
 from emili_labeler.runtime import build_runtime
 from emili_labeler.settings import LabelerSettings
+from emili_pipeline.config import PipelineConfig
 from emili_session.events import Event, EventKind
 from emili_session.registry import model_withdrawal
 
@@ -118,7 +119,7 @@ def test_forget_sessions(runtime: jobs.Runtime) -> None:
     # The feedback pairs: alice's reply was bob's pair's chosen side, so only carl's with bob's is left.
     rebuilt_dpo = dataset_manifest(store, by_id[dpo["id"]]["replacement"])
     assert set(rebuilt_dpo["source_sessions"]) == {"fg-bob", "fg-carl"}
-    assert rebuilt_dpo["created_from"] == {"seed": 3}
+    assert rebuilt_dpo["created_from"] == {"seed": 3, "max_pairs_per_context": 4}
     assert dataset_withdrawal(store, unrelated["id"]) is None and store.exists(Bucket.DATASETS, unrelated["key"])
 
     weights = store.get_json(Bucket.DATASETS, "user_weights/test.json")
@@ -145,3 +146,25 @@ def test_nothing_is_labelled_or_built_for_a_deleted_session(runtime: jobs.Runtim
     assert store.list_keys(Bucket.SESSIONS, "fg-dora/labels/") == []
     built = jobs.build_sft_dataset(runtime, ["fg-dora", "fg-ed"])
     assert built["source_sessions"] == ["fg-ed"]
+
+
+def test_a_capped_feedback_dataset_is_rebuilt_with_its_cap(runtime: jobs.Runtime) -> None:
+    store = runtime.store
+    replies = {"cap-a": HAPPY, "cap-b": SAD, "cap-c": HAPPY, "cap-d": SAD}  # Two liked, two not: 4 possible pairs.
+    for session_id, reaction in replies.items():
+        store_session(store, session_id, session_id, f"Reply of {session_id}.", reaction)
+        jobs.label_session(runtime, session_id)
+    uncapped = jobs.build_dpo_dataset(runtime, "feedback", list(replies), seed=1)
+    capped = jobs.build_dpo_dataset(runtime, "feedback", list(replies), seed=1, max_pairs_per_context=1)
+    assert uncapped["counts"]["pairs"] == 4 and capped["counts"]["pairs"] == 1
+    assert capped["created_from"] == {"seed": 1, "max_pairs_per_context": 1}
+    with pytest.raises(InvalidInput, match="max_pairs_per_context"):
+        jobs.build_dpo_dataset(runtime, "feedback", list(replies), max_pairs_per_context=0)
+    # A pipeline's config sets the cap of its datasets step.
+    config = PipelineConfig(dpo_source="feedback", pairs_per_context=1)
+    state = {"config": config.model_dump(), "train_sessions": list(replies), "steps": {}}
+    assert pipeline_steps.datasets(runtime, state)["dpo"]["id"] == capped["id"]  # type: ignore[arg-type]
+
+    # A rebuild (after a withdrawal, from the sessions left) keeps the dataset's cap: from all four sessions again
+    # it draws the same single pair, so the same dataset.
+    assert jobs._rebuild(runtime, capped, list(replies)) == (capped["id"], "rebuilt without the withdrawn sessions")

@@ -92,6 +92,9 @@ class PipelineConfig(BaseModel):
     # feedback: pairs from the users' reactions; empathetic: EmPO pairs (needs the labeler's
     # EMILI_LABELER__EMPATHETIC_DIALOGUES); auto: feedback, else EmPO, else DPO is skipped (the reason is kept).
     dpo_source: Literal["auto", "feedback", "empathetic"] = "auto"
+    # At most this many feedback pairs per context (replies to the same opening); unset: the labeler's default (4).
+    # Only replies to a shared context pair, so the pairs a pipeline can get are at most this times its contexts.
+    pairs_per_context: int | None = Field(None, ge=1, le=10_000)
     # sessions: SFT on the flagged replies of the collected sessions; empathetic: EmPO's SFT stage, every listener
     # turn of EmpatheticDialogues (its train split when the labeler's folder has one, else valid), before DPO.
     sft_source: Literal["sessions", "empathetic"] = "sessions"
@@ -114,6 +117,8 @@ class PipelineConfig(BaseModel):
         data: dict[str, Any] = handler(self)
         if data.get("baseline") == BASE_ARM:
             data.pop("baseline")
+        if data.get("pairs_per_context") is None:
+            data.pop("pairs_per_context", None)
         evaluation = data.get("evaluation")
         if isinstance(evaluation, dict) and evaluation.get("arms") == "all":
             evaluation.pop("arms")

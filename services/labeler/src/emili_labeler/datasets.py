@@ -272,10 +272,14 @@ def _group_rng(seed: int, key: str) -> random.Random:
     return random.Random(int(content_id([seed, key]), 16))
 
 
+# At most this many feedback pairs per context by default, so that no one opening line dominates the data.
+DEFAULT_PAIRS_PER_CONTEXT = 4
+
+
 def feedback_pairs(
     sessions: Sequence[SessionInput],
     *,
-    max_pairs_per_group: int = 4,
+    max_pairs_per_group: int = DEFAULT_PAIRS_PER_CONTEXT,
     seed: int = 0,
     include_readouts: bool = False,
 ) -> list[dict[str, Any]]:

@@ -28,7 +28,14 @@ from emili_core.errors import FailedPrecondition, InvalidInput, NotFound
 from emili_core.keys import check_session_id, dataset_index_key, dataset_withdrawal_key, session_record_keys
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.records import load_session, recorded_sessions, session_consent
-from emili_labeler.datasets import DatasetManifest, SessionInput, feedback_pairs, jsonl_bytes, sft_examples
+from emili_labeler.datasets import (
+    DEFAULT_PAIRS_PER_CONTEXT,
+    DatasetManifest,
+    SessionInput,
+    feedback_pairs,
+    jsonl_bytes,
+    sft_examples,
+)
 from emili_labeler.empathetic import empathetic_sft_examples, empo_pairs
 from emili_labeler.gold import GoldLabel, arm_table, gold_label
 from emili_labeler.reactions import (
@@ -318,16 +325,19 @@ def build_dpo_dataset(
     seed: int = 0,
     split: str | None = None,
     epochs: int = 1,
+    max_pairs_per_context: int = DEFAULT_PAIRS_PER_CONTEXT,
 ) -> dict[str, Any]:
     """Preference pairs; for EmpatheticDialogues (the split as :func:`empathetic_split` picks it), one fresh
     rejected draw for each of ``epochs`` epochs (epoch, epoch+1, ...) in one dataset version, so the trainer can
-    give each epoch its own draw."""
+    give each epoch its own draw. Feedback pairs: at most ``max_pairs_per_context`` per context."""
     if epochs < 1:
         raise InvalidInput(f"epochs must be at least 1, not {epochs}")
+    if max_pairs_per_context < 1:
+        raise InvalidInput(f"max_pairs_per_context must be at least 1, not {max_pairs_per_context}")
     skipped = 0
     if source == "feedback":
         inputs, skipped = _training_inputs(runtime, session_ids)
-        records = feedback_pairs(inputs, seed=seed)
+        records = feedback_pairs(inputs, max_pairs_per_group=max_pairs_per_context, seed=seed)
         kind = "dpo_feedback"
         settings = runtime.label_settings
     elif source == "empathetic":
@@ -344,7 +354,8 @@ def build_dpo_dataset(
             f"no {source} preference pairs could be built"
             + (f" ({skipped} sessions without training consent skipped)" if skipped else "")
         )
-    created_from = {"seed": seed} if source == "feedback" else None  # What a rebuild without a session reuses.
+    # What a rebuild without a session reuses.
+    created_from = {"seed": seed, "max_pairs_per_context": max_pairs_per_context} if source == "feedback" else None
     manifest = DatasetManifest.build(kind, records, settings, created_from)  # type: ignore[arg-type]
     return {**_publish(runtime, manifest, records), "skipped_no_training_consent": skipped}
 
@@ -526,8 +537,10 @@ def _rebuild(runtime: Runtime, manifest: dict[str, Any], remaining: list[str]) -
         if kind == "sft":
             rebuilt = build_sft_dataset(runtime, remaining)
         else:
-            seed = int(manifest.get("created_from", {}).get("seed", 0))
-            rebuilt = build_dpo_dataset(runtime, "feedback", remaining, seed=seed)
+            created_from = manifest.get("created_from", {})
+            seed = int(created_from.get("seed", 0))
+            cap = int(created_from.get("max_pairs_per_context", DEFAULT_PAIRS_PER_CONTEXT))  # Older: the default.
+            rebuilt = build_dpo_dataset(runtime, "feedback", remaining, seed=seed, max_pairs_per_context=cap)
     except (NotFound, InvalidInput, ValueError) as exc:  # The withdrawal must not fail for want of a rebuild.
         return None, f"not rebuilt: {exc}"
     return str(rebuilt["id"]), "rebuilt without the withdrawn sessions"
