@@ -227,15 +227,15 @@ def _crowd(n_pos: int, n_neg: int) -> list[SessionInput]:
 
 def test_feedback_pairs_cap_seed_and_input_order() -> None:
     sessions = _crowd(4, 5)
-    pairs = feedback_pairs(sessions, max_pairs_per_group=3, seed=7)
+    pairs = feedback_pairs(sessions, max_pairs_per_context=3, seed=7)
     assert len(pairs) == 3
     assert all(p["chosen"].startswith("good") and p["rejected"].startswith("bad") for p in pairs)
     shuffled = list(sessions)
     random.Random(1).shuffle(shuffled)
-    assert feedback_pairs(shuffled, max_pairs_per_group=3, seed=7) == pairs
-    draws = {tuple(p["id"] for p in feedback_pairs(sessions, max_pairs_per_group=3, seed=s)) for s in range(6)}
+    assert feedback_pairs(shuffled, max_pairs_per_context=3, seed=7) == pairs
+    draws = {tuple(p["id"] for p in feedback_pairs(sessions, max_pairs_per_context=3, seed=s)) for s in range(6)}
     assert len(draws) > 1  # The seed chooses which of the 20 combinations are kept.
-    assert len(feedback_pairs(sessions, max_pairs_per_group=100)) == 20
+    assert len(feedback_pairs(sessions, max_pairs_per_context=100)) == 20
     assert [p["id"] for p in pairs] == sorted(p["id"] for p in pairs)
     with pytest.raises(ValueError):
         feedback_pairs(sessions + sessions[:1])

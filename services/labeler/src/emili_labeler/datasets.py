@@ -25,7 +25,7 @@ What the functions decide, so the data can be interpreted:
   out of the key so the same words under different faces count as the same context. Within a context,
   each reply flagged True is paired with each reply flagged False with a measured delta (unflaggable
   turns, ``flagged`` None or False without a delta, are skipped, as are pairs whose replies read the
-  same); at most ``max_pairs_per_group`` pairs per context, drawn with a generator seeded by
+  same); at most ``max_pairs_per_context`` pairs per context, drawn with a generator seeded by
   ``(seed, context)``, so one context's draw does not depend on any other. The
   prompt is the chosen side's context without readouts (the two replies saw different faces, so
   neither face is the shared context); ``include_readouts=True`` keeps the chosen side's readouts.
@@ -279,7 +279,7 @@ DEFAULT_PAIRS_PER_CONTEXT = 4
 def feedback_pairs(
     sessions: Sequence[SessionInput],
     *,
-    max_pairs_per_group: int = DEFAULT_PAIRS_PER_CONTEXT,
+    max_pairs_per_context: int = DEFAULT_PAIRS_PER_CONTEXT,
     seed: int = 0,
     include_readouts: bool = False,
 ) -> list[dict[str, Any]]:
@@ -289,8 +289,8 @@ def feedback_pairs(
     "feedback", "sessions": [chosen session, rejected session], "turns": [chosen turn, rejected turn],
     "context": context key}``, sorted by id; the output does not depend on the order of ``sessions``.
     """
-    if max_pairs_per_group < 1:
-        raise ValueError(f"max_pairs_per_group must be at least 1, got {max_pairs_per_group}")
+    if max_pairs_per_context < 1:
+        raise ValueError(f"max_pairs_per_context must be at least 1, got {max_pairs_per_context}")
     ids = [s.session_id for s in sessions]
     if len(set(ids)) != len(ids):
         raise ValueError("session ids must be unique")
@@ -311,7 +311,7 @@ def feedback_pairs(
             if normalise_text(p.text) != normalise_text(n.text)
         ]
         _group_rng(seed, key).shuffle(candidates)
-        for chosen, rejected in candidates[:max_pairs_per_group]:
+        for chosen, rejected in candidates[:max_pairs_per_context]:
             prompt = [dict(m) for m in (chosen.prompt_with_readouts if include_readouts else chosen.prompt)]
             body = {"prompt": prompt, "chosen": chosen.text, "rejected": rejected.text}
             pair_id = content_id(body)

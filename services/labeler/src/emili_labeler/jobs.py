@@ -337,7 +337,7 @@ def build_dpo_dataset(
     skipped = 0
     if source == "feedback":
         inputs, skipped = _training_inputs(runtime, session_ids)
-        records = feedback_pairs(inputs, max_pairs_per_group=max_pairs_per_context, seed=seed)
+        records = feedback_pairs(inputs, max_pairs_per_context=max_pairs_per_context, seed=seed)
         kind = "dpo_feedback"
         settings = runtime.label_settings
     elif source == "empathetic":
