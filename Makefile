@@ -13,7 +13,7 @@ LOAD_ARGS ?= --users 20 --minutes 2
 IMAGES := fer chat gateway labeler trainer
 TAG ?= dev
 
-.PHONY: help images setup proto proto-check up down status test test-unit lint fmt typecheck demo loop-demo load chaos bench-fer bench-chat bench-labeler bench-trainer clean
+.PHONY: help images setup proto proto-check up down status test test-unit lint fmt typecheck demo loop-demo load chaos bench-fer bench-chat bench-labeler bench-trainer bench-hidden-quality clean
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -94,6 +94,9 @@ bench-labeler: up  ## Labeler: ScoreTexts throughput, 1,000 sessions through the
 
 bench-trainer: setup  ## Trainer: LoRA SFT and DPO of SmolLM2-135M on 200 examples (CPU; --gpu for a ~1B model); JSON.
 	$(PY) services/trainer/bench/bench_trainer.py $(BENCH_ARGS)
+
+bench-hidden-quality: up  ## Study: what a pipeline's candidates learned, by the simulator's hidden reply quality (PIPELINE=pl-...); SYNTHETIC; JSON.
+	$(PY) services/trainer/bench/bench_hidden_quality.py --pipeline $(PIPELINE) $(BENCH_ARGS)
 
 images:  ## Build every service's image from the one Dockerfile (TAG=dev; IMAGES="fer trainer" VARIANT=gpu).
 	for svc in $(IMAGES); do docker build --build-arg SERVICE=$$svc --build-arg VARIANT=$${VARIANT:-cpu} -t emili-$$svc:$(TAG) . || exit 1; done

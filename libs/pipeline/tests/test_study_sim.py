@@ -703,3 +703,18 @@ def test_the_pairs_interval_resamples_contexts_not_pairs() -> None:
     # Two contexts give no interval at all: resampling them can only pick between their two means.
     assert cluster_interval(groups[:2]) == {"n": 20, "groups": 2, "mean": pytest.approx(0.4), "ci95": None}
     assert cluster_interval([])["ci95"] is None
+
+
+def test_paired_quality_differences_draw_by_draw_and_resamples_contexts() -> None:
+    from emili_pipeline.study_signal import paired_quality
+
+    baseline = {str(c): [0.1 * c, 0.1 * c - 0.2] for c in range(6)}
+    # The arm is 0.3 better on every draw of every context: the shared per-context level cancels out.
+    arm = {c: [s + 0.3 for s in scores] for c, scores in baseline.items()}
+    found = paired_quality(arm, baseline)
+    assert found["n"] == 12 and found["groups"] == 6
+    assert found["mean"] == pytest.approx(0.3) and found["ci95"] == [pytest.approx(0.3), pytest.approx(0.3)]
+    # A context or draw only one side has is left out, not paired with something else.
+    found = paired_quality(arm | {"extra": [1.0]}, baseline | {"5": [0.5]})
+    assert found["n"] == 11 and found["mean"] == pytest.approx((10 * 0.3 + (0.8 - 0.5)) / 11)
+    assert paired_quality({}, baseline)["n"] == 0

@@ -139,3 +139,17 @@ def signal_table(conditions: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[
         "|---|---|---|---|---|---|---|",
         *rows,
     ]
+
+
+def paired_quality(
+    arm: Mapping[str, Sequence[float]], baseline: Mapping[str, Sequence[float]], seed: int = 0
+) -> dict[str, Any]:
+    """An arm's hidden reply quality against a baseline's on the same contexts: per context and sample draw,
+    arm - baseline (the same draw is the same sampling seed, so the two replies share their randomness), with a
+    95% interval that resamples contexts. Contexts or draws only one side has are left out."""
+    groups = []
+    for context, scores in baseline.items():
+        other = arm.get(context)
+        if other:
+            groups.append([a - b for a, b in zip(other, scores, strict=False)])
+    return cluster_interval([g for g in groups if g], seed)
