@@ -100,17 +100,19 @@ def main() -> None:
 
     settings = TrainerSettings()
     runtime = jobs.build_runtime(settings)
-    state = runtime.store.get_json(Bucket.MODELS, pipeline_state_key(args.pipeline))
+    key = pipeline_state_key(args.pipeline)
+    if not runtime.store.exists(Bucket.MODELS, key):
+        sys.exit(f"no pipeline {args.pipeline} on this stack (no {key}); a study's report names its pipeline ids")
+    state = runtime.store.get_json(Bucket.MODELS, key)
     steps = state.get("steps", {})
-    versions = args.version or [
-        v for v in ((steps.get(k) or {}).get("outputs", {}).get("model_version") for k in ("sft", "dpo")) if v
-    ]
+    trained = (((steps.get(k) or {}).get("outputs") or {}).get("model_version") for k in ("sft", "dpo"))
+    versions = args.version or [v for v in trained if v]
     rows = session_rows(runtime, state["heldout_sessions"], args.contexts)
     if not rows:
         sys.exit(f"pipeline {args.pipeline} has no held-out contexts")
     contexts = [[{"role": m["role"], "content": m["content"]} for m in r.context] for r in rows]
     torch.set_num_threads(settings.trainer.torch_threads or torch.get_num_threads())
-    recipe = load_recipe("smollm2-cpu-dpo")
+    recipe = load_recipe("smollm2-cpu-dpo")  # Only for its base model: the one the study's adapters were trained on.
     tokenizer, model = load_base_model(recipe, settings.artifacts_dir, settings.trainer.model_cache_dir)
     model.config.use_cache = True
     model.eval()
