@@ -102,7 +102,7 @@ def main() -> None:
     runtime = jobs.build_runtime(settings)
     key = pipeline_state_key(args.pipeline)
     if not runtime.store.exists(Bucket.MODELS, key):
-        sys.exit(f"no pipeline {args.pipeline} on this stack (no {key}); a study's report names its pipeline ids")
+        sys.exit(f"no pipeline {args.pipeline} on this stack (no {key}); a study's study.json names its pipeline ids")
     state = runtime.store.get_json(Bucket.MODELS, key)
     steps = state.get("steps", {})
     trained = (((steps.get(k) or {}).get("outputs") or {}).get("model_version") for k in ("sft", "dpo"))
