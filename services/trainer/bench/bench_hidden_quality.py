@@ -31,10 +31,10 @@ from peft import PeftModel
 from emili_core.keys import pipeline_state_key
 from emili_core.objectstore import Bucket
 from emili_pipeline.simulator.state import reply_quality
-from emili_pipeline.study_signal import paired_quality
+from emili_pipeline.study_signal import last_user_message, paired_quality
 from emili_session.registry import download_adapter
 from emili_trainer import jobs
-from emili_trainer.evaluation.job import session_rows
+from emili_trainer.evaluation.job import generate_replies, session_rows
 from emili_trainer.recipes import load_recipe
 from emili_trainer.settings import TrainerSettings
 from emili_trainer.training import load_base_model
@@ -48,23 +48,13 @@ def sample_replies(
     model: Any, tokenizer: Any, contexts: list[list[dict[str, str]]], samples: int, seed: int
 ) -> list[list[str]]:
     """``samples`` replies per context; context i's draws always start from seed + i, whatever the model."""
-    tokenizer.padding_side = "left"
     out: list[list[str]] = []
     for i, context in enumerate(contexts):
-        text = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
-        inputs = tokenizer([text] * samples, return_tensors="pt", add_special_tokens=False)
-        torch.manual_seed(seed + i)
-        with torch.inference_mode():
-            generated = model.generate(
-                **inputs,
-                do_sample=True,
-                temperature=TEMPERATURE,
-                max_new_tokens=MAX_NEW_TOKENS,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        new = generated[:, inputs["input_ids"].shape[1] :]
+        drawn = generate_replies(
+            model, tokenizer, [context] * samples, MAX_NEW_TOKENS, seed=seed + i, temperature=TEMPERATURE
+        )
         print(f"  context {i + 1}/{len(contexts)}: {samples} replies", file=sys.stderr, flush=True)
-        out.append([t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)])
+        out.append(drawn)
     return out
 
 
@@ -73,7 +63,7 @@ def score(contexts: list[list[dict[str, str]]], replies: list[list[str]]) -> dic
     components: dict[str, list[float]] = {}
     words: list[int] = []
     for i, (context, drawn) in enumerate(zip(contexts, replies, strict=True)):
-        user = next(m["content"] for m in reversed(context) if m["role"] == "user")
+        user = last_user_message(context)
         for reply in drawn:
             quality = reply_quality(reply, user)
             per_context.setdefault(str(i), []).append(quality.score)
@@ -111,7 +101,8 @@ def main() -> None:
     if not rows:
         sys.exit(f"pipeline {args.pipeline} has no held-out contexts")
     contexts = [[{"role": m["role"], "content": m["content"]} for m in r.context] for r in rows]
-    torch.set_num_threads(settings.trainer.torch_threads or torch.get_num_threads())
+    if settings.trainer.torch_threads:
+        torch.set_num_threads(settings.trainer.torch_threads)
     recipe = load_recipe("smollm2-cpu-dpo")  # Only for its base model: the one the study's adapters were trained on.
     tokenizer, model = load_base_model(recipe, settings.artifacts_dir, settings.trainer.model_cache_dir)
     model.config.use_cache = True

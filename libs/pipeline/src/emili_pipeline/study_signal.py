@@ -29,7 +29,7 @@ def _records(data: bytes) -> list[dict[str, Any]]:
     return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
 
-def _last_user(messages: Iterable[Mapping[str, Any]]) -> str:
+def last_user_message(messages: Iterable[Mapping[str, Any]]) -> str:
     return next((str(m["content"]) for m in reversed(list(messages)) if m.get("role") == "user"), "")
 
 
@@ -38,7 +38,7 @@ def pair_gaps(pairs: Iterable[Mapping[str, Any]], scorer: ReplyScorer = reply_qu
     share replies, so they are not independent)."""
     gaps: dict[str, list[float]] = {}
     for pair in pairs:
-        user = _last_user(pair["prompt"])
+        user = last_user_message(pair["prompt"])
         gap = scorer(str(pair["chosen"]), user).score - scorer(str(pair["rejected"]), user).score
         gaps.setdefault(str(pair.get("context") or pair.get("id") or len(gaps)), []).append(gap)
     return gaps
