@@ -260,8 +260,15 @@ def test_a_loop_pipeline_evaluates_only_what_its_gate_compares() -> None:
     assert "arms" not in every["config"]["evaluation"] and gate_only["config"]["evaluation"]["arms"] == "gate"
 
 
-def test_pairs_per_context_is_dumped_only_when_set() -> None:
-    assert "pairs_per_context" not in PipelineConfig().model_dump(mode="json")  # Existing pipeline ids stay.
+def test_pair_cap_selection_and_share_are_dumped_only_when_set() -> None:
+    dumped = PipelineConfig().model_dump(mode="json")
+    assert not {"pairs_per_context", "pair_selection", "pair_margin_share"} & set(dumped)  # Existing ids stay.
     assert PipelineConfig(pairs_per_context=12).model_dump(mode="json")["pairs_per_context"] == 12
+    assert PipelineConfig(pair_selection="random").model_dump(mode="json")["pair_selection"] == "random"
     with pytest.raises(ValueError):
         PipelineConfig(pairs_per_context=0)
+    assert PipelineConfig(pair_margin_share=0.25).model_dump(mode="json")["pair_margin_share"] == 0.25
+    with pytest.raises(ValueError):
+        PipelineConfig(pair_selection="best")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        PipelineConfig(pair_margin_share=0.0)

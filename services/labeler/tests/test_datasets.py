@@ -239,6 +239,66 @@ def test_feedback_pairs_cap_seed_and_input_order() -> None:
     assert [p["id"] for p in pairs] == sorted(p["id"] for p in pairs)
     with pytest.raises(ValueError):
         feedback_pairs(sessions + sessions[:1])
+    with pytest.raises(ValueError, match="margin, random"):
+        feedback_pairs(sessions, selection="best")  # type: ignore[arg-type]
+
+
+def _reacted(
+    session_id: str, reply: str, delta: float | None, flagged: bool = True, session_user: str = "hi"
+) -> SessionInput:
+    events = Recorder().user(session_user).reply(f"{session_id}-t1", reply).events
+    return SessionInput(session_id, SYSTEM, events, {f"{session_id}-t1": TurnLabel(flagged, delta)})
+
+
+def test_feedback_pairs_keep_the_widest_reaction_margins_first() -> None:
+    sessions = [
+        _reacted("p-strong", "good strong", 9.0),
+        _reacted("p-weak", "good weak", 1.0),
+        _reacted("p-unmeasured", "good unmeasured", None),  # Flagged without a delta: no margin to rank by.
+        _reacted("n-strong", "bad strong", -8.0, flagged=False),
+        _reacted("n-weak", "bad weak", -0.5, flagged=False),
+    ]
+    top = feedback_pairs(sessions, max_pairs_per_context=2, selection="margin")
+    # Margins 17, 9.5 (strong - weak) and 9 (weak - strong): the first two are kept.
+    assert {(p["chosen"], p["rejected"]) for p in top} == {("good strong", "bad strong"), ("good strong", "bad weak")}
+    (widest,) = feedback_pairs(sessions, max_pairs_per_context=1)  # Margin is the default.
+    assert (widest["chosen_delta"], widest["rejected_delta"]) == (9.0, -8.0)
+    every = feedback_pairs(sessions, max_pairs_per_context=100, selection="margin")
+    assert len(every) == 6  # The cap, not the ranking, decides how many; unmeasured pairs come last.
+    assert feedback_pairs(list(reversed(sessions)), max_pairs_per_context=2) == top
+    # Random selection ignores the margins: over seeds it keeps other combinations too.
+    draws = {
+        frozenset(p["chosen"] for p in feedback_pairs(sessions, max_pairs_per_context=2, seed=s, selection="random"))
+        for s in range(8)
+    }
+    assert len(draws) > 1
+
+
+def test_a_margin_share_keeps_the_widest_margins_of_every_context_together() -> None:
+    def crowd(context: str, good: float, bad: float) -> list[SessionInput]:
+        return [
+            _reacted(f"{context}-p", f"good {context}", good, session_user=context),
+            _reacted(f"{context}-n", f"bad {context}", bad, flagged=False, session_user=context),
+        ]
+
+    # Three contexts, one combination each: margins 10, 4 and 2.
+    sessions = crowd("wide", 6.0, -4.0) + crowd("middle", 2.0, -2.0) + crowd("narrow", 1.0, -1.0)
+    assert len(feedback_pairs(sessions)) == 3
+    (widest,) = feedback_pairs(sessions, margin_share=0.3)  # ceil(0.3 x 3) = 1 combination.
+    assert widest["chosen"] == "good wide"
+    assert {p["chosen"] for p in feedback_pairs(sessions, margin_share=0.5)} == {"good wide", "good middle"}
+    # A share applies to random selection too, and never keeps an unmeasured combination.
+    assert len(feedback_pairs(sessions, margin_share=0.5, selection="random")) == 2
+    # A positive flag without a measured delta has no margin: kept without a share, never by one.
+    unmeasured = [
+        _reacted("unmeasured-p", "good unmeasured", None, session_user="unmeasured"),
+        _reacted("unmeasured-n", "bad unmeasured", -1.0, flagged=False, session_user="unmeasured"),
+    ]
+    assert len(feedback_pairs(sessions + unmeasured)) == 4
+    assert len(feedback_pairs(sessions + unmeasured, margin_share=0.99)) == 3
+    for share in (0.0, 1.5):
+        with pytest.raises(ValueError, match="margin_share"):
+            feedback_pairs(sessions, margin_share=share)
 
 
 # --- ids, files, manifests ------------------------------------------------------------------------------

@@ -119,7 +119,12 @@ def test_forget_sessions(runtime: jobs.Runtime) -> None:
     # The feedback pairs: alice's reply was bob's pair's chosen side, so only carl's with bob's is left.
     rebuilt_dpo = dataset_manifest(store, by_id[dpo["id"]]["replacement"])
     assert set(rebuilt_dpo["source_sessions"]) == {"fg-bob", "fg-carl"}
-    assert rebuilt_dpo["created_from"] == {"seed": 3, "max_pairs_per_context": 4}
+    assert rebuilt_dpo["created_from"] == {
+        "seed": 3,
+        "max_pairs_per_context": 4,
+        "selection": "margin",
+        "margin_share": 1.0,
+    }
     assert dataset_withdrawal(store, unrelated["id"]) is None and store.exists(Bucket.DATASETS, unrelated["key"])
 
     weights = store.get_json(Bucket.DATASETS, "user_weights/test.json")
@@ -150,16 +155,21 @@ def test_nothing_is_labelled_or_built_for_a_deleted_session(runtime: jobs.Runtim
 
 def test_a_capped_feedback_dataset_is_rebuilt_with_its_cap(runtime: jobs.Runtime) -> None:
     store = runtime.store
-    replies = {"cap-a": HAPPY, "cap-b": SAD, "cap-c": HAPPY, "cap-d": SAD}  # Two liked, two not: 4 possible pairs.
+    mildly_happy = {**NEUTRAL, "happy": 0.45, "neutral": 0.45}
+    mildly_sad = {**NEUTRAL, "sad": 0.4, "neutral": 0.5}
+    # Two liked, two not: 4 possible pairs; a and b reacted the most, so their pair has the widest margin.
+    replies = {"cap-a": HAPPY, "cap-b": SAD, "cap-c": mildly_happy, "cap-d": mildly_sad}
     for session_id, reaction in replies.items():
         store_session(store, session_id, session_id, f"Reply of {session_id}.", reaction)
         jobs.label_session(runtime, session_id)
     uncapped = jobs.build_dpo_dataset(runtime, "feedback", list(replies), seed=1)
     capped = jobs.build_dpo_dataset(runtime, "feedback", list(replies), seed=1, max_pairs_per_context=1)
     assert uncapped["counts"]["pairs"] == 4 and capped["counts"]["pairs"] == 1
-    assert capped["created_from"] == {"seed": 1, "max_pairs_per_context": 1}
+    assert capped["created_from"] == {"seed": 1, "max_pairs_per_context": 1, "selection": "margin", "margin_share": 1.0}
     with pytest.raises(InvalidInput, match="max_pairs_per_context"):
         jobs.build_dpo_dataset(runtime, "feedback", list(replies), max_pairs_per_context=0)
+    with pytest.raises(InvalidInput, match="margin, random"):
+        jobs.build_dpo_dataset(runtime, "feedback", list(replies), selection="best")
     # A pipeline's config sets the cap of its datasets step.
     config = PipelineConfig(dpo_source="feedback", pairs_per_context=1)
     state = {"config": config.model_dump(), "train_sessions": list(replies), "steps": {}}
@@ -168,3 +178,22 @@ def test_a_capped_feedback_dataset_is_rebuilt_with_its_cap(runtime: jobs.Runtime
     # A rebuild (after a withdrawal, from the sessions left) keeps the dataset's cap: from all four sessions again
     # it draws the same single pair, so the same dataset.
     assert jobs._rebuild(runtime, capped, list(replies)) == (capped["id"], "rebuilt without the withdrawn sessions")
+    pair = store.get_bytes(Bucket.DATASETS, capped["key"]).decode()
+    assert "Reply of cap-a." in pair and "Reply of cap-b." in pair  # The widest margin.
+
+    # ... and its selection rule; a manifest from before selections existed was drawn at random. (A seed whose
+    # random draw is another pair than the widest, so the two rules cannot rebuild the same dataset.)
+    def random_draw(seed: int) -> dict[str, Any]:
+        return jobs.build_dpo_dataset(
+            runtime, "feedback", list(replies), seed=seed, max_pairs_per_context=1, selection="random"
+        )
+
+    drawn = next(d for d in map(random_draw, range(20)) if d["content_hash"] != capped["content_hash"])
+    seed = drawn["created_from"]["seed"]
+    older = {**drawn, "created_from": {"seed": seed, "max_pairs_per_context": 1}}
+    assert jobs._rebuild(runtime, older, list(replies))[0] == drawn["id"]
+    # ... and its margin share: the widest half of the 4 combinations, again.
+    half = jobs.build_dpo_dataset(runtime, "feedback", list(replies), seed=1, margin_share=0.5)
+    assert half["counts"]["pairs"] == 2 and jobs._rebuild(runtime, half, list(replies))[0] == half["id"]
+    with pytest.raises(InvalidInput, match="margin_share"):
+        jobs.build_dpo_dataset(runtime, "feedback", list(replies), margin_share=0.0)

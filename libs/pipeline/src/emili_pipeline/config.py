@@ -95,6 +95,12 @@ class PipelineConfig(BaseModel):
     # At most this many feedback pairs per context (replies to the same opening); unset: the labeler's default (4).
     # Only replies to a shared context pair, so the pairs a pipeline can get are at most this times its contexts.
     pairs_per_context: int | None = Field(None, ge=1, le=10_000)
+    # Which pairs a context keeps when it has more than that: margin (the widest reaction gaps) or random; unset:
+    # the labeler's default (margin).
+    pair_selection: Literal["margin", "random"] | None = None
+    # Keep only this share of all positive x negative combinations, the widest reaction margins, before the cap
+    # (faces are noisy: narrow margins order replies little better than chance); unset: all of them.
+    pair_margin_share: float | None = Field(None, gt=0.0, le=1.0)
     # sessions: SFT on the flagged replies of the collected sessions; empathetic: EmPO's SFT stage, every listener
     # turn of EmpatheticDialogues (its train split when the labeler's folder has one, else valid), before DPO.
     sft_source: Literal["sessions", "empathetic"] = "sessions"
@@ -117,8 +123,9 @@ class PipelineConfig(BaseModel):
         data: dict[str, Any] = handler(self)
         if data.get("baseline") == BASE_ARM:
             data.pop("baseline")
-        if data.get("pairs_per_context") is None:
-            data.pop("pairs_per_context", None)
+        for optional in ("pairs_per_context", "pair_selection", "pair_margin_share"):
+            if data.get(optional) is None:
+                data.pop(optional, None)
         evaluation = data.get("evaluation")
         if isinstance(evaluation, dict) and evaluation.get("arms") == "all":
             evaluation.pop("arms")

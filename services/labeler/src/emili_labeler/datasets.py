@@ -25,9 +25,14 @@ What the functions decide, so the data can be interpreted:
   out of the key so the same words under different faces count as the same context. Within a context,
   each reply flagged True is paired with each reply flagged False with a measured delta (unflaggable
   turns, ``flagged`` None or False without a delta, are skipped, as are pairs whose replies read the
-  same); at most ``max_pairs_per_context`` pairs per context, drawn with a generator seeded by
-  ``(seed, context)``, so one context's draw does not depend on any other. The
-  prompt is the chosen side's context without readouts (the two replies saw different faces, so
+  same); at most ``max_pairs_per_context`` pairs per context. With ``selection="margin"`` (the default) they
+  are the pairs whose reactions differ most (chosen delta minus rejected delta), ties broken by a generator
+  seeded by ``(seed, context)``; with ``"random"`` they are drawn with that generator alone. ``margin_share``
+  below 1 first keeps only that share of all combinations, those with the widest margins across every context.
+  Without it one context's pairs do not depend on any other's. Why margin: a reaction is a noisy reading of a
+  face, and in the loop simulation study's sessions only pairs with a wide margin were ordered as the users'
+  hidden preference orders them (BENCHMARKS.md, "Which feedback pairs carry the preference"). The prompt is
+  the chosen side's context without readouts (the two replies saw different faces, so
   neither face is the shared context); ``include_readouts=True`` keeps the chosen side's readouts.
   ``chosen`` / ``rejected`` are plain reply texts with no role tag (see :func:`plain_reply`).
 """
@@ -52,8 +57,11 @@ from emili_session.conversation import INJECTED_KINDS, conversation
 
 __all__ = [
     "DATASET_KINDS",
+    "DEFAULT_PAIR_SELECTION",
+    "PAIR_SELECTIONS",
     "DatasetKind",
     "DatasetManifest",
+    "PairSelection",
     "SessionInput",
     "TurnLabel",
     "TurnLabelLike",
@@ -274,6 +282,27 @@ def _group_rng(seed: int, key: str) -> random.Random:
 
 # At most this many feedback pairs per context by default, so that no one opening line dominates the data.
 DEFAULT_PAIRS_PER_CONTEXT = 4
+# Which of a context's positive x negative combinations become pairs when there are more than the cap.
+PairSelection = Literal["margin", "random"]
+PAIR_SELECTIONS: tuple[PairSelection, ...] = ("margin", "random")
+DEFAULT_PAIR_SELECTION: PairSelection = "margin"
+
+
+def _margin_cutoff(margins: Sequence[float], share: float) -> float:
+    """The smallest margin among the widest ``share`` of ``margins`` (-inf keeps everything)."""
+    if share >= 1.0 or not margins:
+        return -math.inf
+    ranked = sorted(margins, reverse=True)
+    cutoff = ranked[max(1, math.ceil(share * len(ranked))) - 1]
+    # A cut among unmeasured margins would keep them all: only measured ones can pass a cut.
+    return cutoff if math.isfinite(cutoff) else math.nextafter(-math.inf, 0.0)
+
+
+def _margin(chosen: _Reply, rejected: _Reply) -> float:
+    # A side without a measured delta (a flag set without one) gives no evidence of how wide the gap is.
+    if chosen.delta is None or rejected.delta is None:
+        return -math.inf
+    return chosen.delta - rejected.delta
 
 
 def feedback_pairs(
@@ -282,15 +311,24 @@ def feedback_pairs(
     max_pairs_per_context: int = DEFAULT_PAIRS_PER_CONTEXT,
     seed: int = 0,
     include_readouts: bool = False,
+    selection: PairSelection = DEFAULT_PAIR_SELECTION,
+    margin_share: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Preference pairs from replies to the same context with a positive vs a negative reaction.
 
     Each pair is ``{"id", "prompt", "chosen", "rejected", "chosen_delta", "rejected_delta", "source":
     "feedback", "sessions": [chosen session, rejected session], "turns": [chosen turn, rejected turn],
     "context": context key}``, sorted by id; the output does not depend on the order of ``sessions``.
+
+    ``margin_share`` below 1 keeps only that share of all the positive x negative combinations (every context
+    together), those with the widest reaction margins (ties at the cut are kept), before the per-context cap.
     """
     if max_pairs_per_context < 1:
         raise ValueError(f"max_pairs_per_context must be at least 1, got {max_pairs_per_context}")
+    if selection not in PAIR_SELECTIONS:
+        raise ValueError(f"unknown pair selection {selection!r}: one of {', '.join(PAIR_SELECTIONS)}")
+    if not 0.0 < margin_share <= 1.0:
+        raise ValueError(f"margin_share must be in (0, 1], got {margin_share}")
     ids = [s.session_id for s in sessions]
     if len(set(ids)) != len(ids):
         raise ValueError("session ids must be unique")
@@ -298,19 +336,25 @@ def feedback_pairs(
     for session in sessions:
         for key, reply in _replies(session):
             groups[key].append(reply)
-    pairs: dict[str, dict[str, Any]] = {}
+    by_context: dict[str, list[tuple[_Reply, _Reply]]] = {}
     for key in sorted(groups):
         replies = sorted(groups[key], key=lambda r: (r.session_id, r.turn_id))
         positives = [r for r in replies if r.flagged]
         negatives = [r for r in replies if not r.flagged]
-        candidates = [
+        by_context[key] = [
             (p, n)
             for p in positives
             for n in negatives
             # The same words cannot be both better and worse: no preference signal.
             if normalise_text(p.text) != normalise_text(n.text)
         ]
+    cutoff = _margin_cutoff([_margin(*c) for cs in by_context.values() for c in cs], margin_share)
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, candidates in by_context.items():
+        candidates = [c for c in candidates if _margin(*c) >= cutoff]
         _group_rng(seed, key).shuffle(candidates)
+        if selection == "margin":
+            candidates.sort(key=lambda pair: _margin(*pair), reverse=True)  # Stable: ties keep the seeded order.
         for chosen, rejected in candidates[:max_pairs_per_context]:
             prompt = [dict(m) for m in (chosen.prompt_with_readouts if include_readouts else chosen.prompt)]
             body = {"prompt": prompt, "chosen": chosen.text, "rejected": rejected.text}

@@ -29,7 +29,9 @@ from emili_core.keys import check_session_id, dataset_index_key, dataset_withdra
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.records import load_session, recorded_sessions, session_consent
 from emili_labeler.datasets import (
+    DEFAULT_PAIR_SELECTION,
     DEFAULT_PAIRS_PER_CONTEXT,
+    PAIR_SELECTIONS,
     DatasetManifest,
     SessionInput,
     feedback_pairs,
@@ -326,18 +328,32 @@ def build_dpo_dataset(
     split: str | None = None,
     epochs: int = 1,
     max_pairs_per_context: int = DEFAULT_PAIRS_PER_CONTEXT,
+    selection: str = DEFAULT_PAIR_SELECTION,
+    margin_share: float = 1.0,
 ) -> dict[str, Any]:
     """Preference pairs; for EmpatheticDialogues (the split as :func:`empathetic_split` picks it), one fresh
     rejected draw for each of ``epochs`` epochs (epoch, epoch+1, ...) in one dataset version, so the trainer can
-    give each epoch its own draw. Feedback pairs: at most ``max_pairs_per_context`` per context."""
+    give each epoch its own draw. Feedback pairs: at most ``max_pairs_per_context`` per context, the widest
+    reaction margins first (``selection="margin"``) or a seeded draw (``"random"``), from the widest
+    ``margin_share`` of all combinations."""
     if epochs < 1:
         raise InvalidInput(f"epochs must be at least 1, not {epochs}")
     if max_pairs_per_context < 1:
         raise InvalidInput(f"max_pairs_per_context must be at least 1, not {max_pairs_per_context}")
+    if selection not in PAIR_SELECTIONS:
+        raise InvalidInput(f"unknown pair selection {selection!r}: one of {', '.join(PAIR_SELECTIONS)}")
+    if not 0.0 < margin_share <= 1.0:
+        raise InvalidInput(f"margin_share must be above 0 and at most 1, not {margin_share}")
     skipped = 0
     if source == "feedback":
         inputs, skipped = _training_inputs(runtime, session_ids)
-        records = feedback_pairs(inputs, max_pairs_per_context=max_pairs_per_context, seed=seed)
+        records = feedback_pairs(
+            inputs,
+            max_pairs_per_context=max_pairs_per_context,
+            seed=seed,
+            selection=selection,
+            margin_share=margin_share,
+        )
         kind = "dpo_feedback"
         settings = runtime.label_settings
     elif source == "empathetic":
@@ -355,7 +371,16 @@ def build_dpo_dataset(
             + (f" ({skipped} sessions without training consent skipped)" if skipped else "")
         )
     # What a rebuild without a session reuses.
-    created_from = {"seed": seed, "max_pairs_per_context": max_pairs_per_context} if source == "feedback" else None
+    created_from = (
+        {
+            "seed": seed,
+            "max_pairs_per_context": max_pairs_per_context,
+            "selection": selection,
+            "margin_share": margin_share,
+        }
+        if source == "feedback"
+        else None
+    )
     manifest = DatasetManifest.build(kind, records, settings, created_from)  # type: ignore[arg-type]
     return {**_publish(runtime, manifest, records), "skipped_no_training_consent": skipped}
 
@@ -540,7 +565,17 @@ def _rebuild(runtime: Runtime, manifest: dict[str, Any], remaining: list[str]) -
             created_from = manifest.get("created_from", {})
             seed = int(created_from.get("seed", 0))
             cap = int(created_from.get("max_pairs_per_context", DEFAULT_PAIRS_PER_CONTEXT))  # Older: the default.
-            rebuilt = build_dpo_dataset(runtime, "feedback", remaining, seed=seed, max_pairs_per_context=cap)
+            # Older manifests have no selection: they were drawn at random, the only rule then.
+            selection = str(created_from.get("selection", "random"))
+            rebuilt = build_dpo_dataset(
+                runtime,
+                "feedback",
+                remaining,
+                seed=seed,
+                max_pairs_per_context=cap,
+                selection=selection,
+                margin_share=float(created_from.get("margin_share", 1.0)),
+            )
     except (NotFound, InvalidInput, ValueError) as exc:  # The withdrawal must not fail for want of a rebuild.
         return None, f"not rebuilt: {exc}"
     return str(rebuilt["id"]), "rebuilt without the withdrawn sessions"

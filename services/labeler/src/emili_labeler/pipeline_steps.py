@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from emili_core.errors import FailedPrecondition, InvalidInput, NotFound
-from emili_labeler.datasets import DEFAULT_PAIRS_PER_CONTEXT
+from emili_labeler.datasets import DEFAULT_PAIR_SELECTION, DEFAULT_PAIRS_PER_CONTEXT
 from emili_labeler.gold import GoldLabel
 from emili_labeler.jobs import Runtime, build_dpo_dataset, build_sft_dataset, gate_items, label_session
 from emili_labeler.jobs import delta_table as table_of
@@ -88,9 +88,17 @@ def datasets(runtime: Runtime, state: State) -> dict[str, Any]:
         epochs = config.recipes.require_dpo_epochs() if source == "empathetic" else 1
         sessions = train if source == "feedback" else None
         cap = config.pairs_per_context or DEFAULT_PAIRS_PER_CONTEXT  # The config's, else the labeler's default.
+        selection = config.pair_selection or DEFAULT_PAIR_SELECTION
         try:
             manifest = build_dpo_dataset(
-                runtime, source, sessions, seed=config.seed, epochs=epochs, max_pairs_per_context=cap
+                runtime,
+                source,
+                sessions,
+                seed=config.seed,
+                epochs=epochs,
+                max_pairs_per_context=cap,
+                selection=selection,
+                margin_share=config.pair_margin_share or 1.0,
             )
         except NotFound as exc:
             result["notes"].append(f"no {source} DPO pairs: {exc}")

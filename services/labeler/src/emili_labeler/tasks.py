@@ -12,7 +12,7 @@ from typing import Any
 from emili_core.settings import load_settings
 from emili_core.tasks import idempotent_task, task_progress
 from emili_labeler import jobs
-from emili_labeler.datasets import DEFAULT_PAIRS_PER_CONTEXT
+from emili_labeler.datasets import DEFAULT_PAIR_SELECTION, DEFAULT_PAIRS_PER_CONTEXT
 from emili_labeler.runtime import build_runtime
 from emili_labeler.settings import LabelerSettings
 
@@ -49,8 +49,12 @@ def build_dpo_dataset(
     split: str | None = None,  # EmpatheticDialogues: train when the folder has it, else valid (the manifest says).
     epochs: int = 1,
     max_pairs_per_context: int = DEFAULT_PAIRS_PER_CONTEXT,
+    selection: str = DEFAULT_PAIR_SELECTION,
+    margin_share: float = 1.0,
 ) -> dict[str, Any]:
-    return jobs.build_dpo_dataset(runtime(), source, session_ids, epoch, seed, split, epochs, max_pairs_per_context)
+    return jobs.build_dpo_dataset(
+        runtime(), source, session_ids, epoch, seed, split, epochs, max_pairs_per_context, selection, margin_share
+    )
 
 
 @idempotent_task("labeler.fit_user_weights")
