@@ -66,6 +66,7 @@ __all__ = [
     "TurnLabel",
     "TurnLabelLike",
     "canonical_json",
+    "check_pair_options",
     "content_id",
     "context_key",
     "feedback_pairs",
@@ -288,6 +289,16 @@ PAIR_SELECTIONS: tuple[PairSelection, ...] = ("margin", "random")
 DEFAULT_PAIR_SELECTION: PairSelection = "margin"
 
 
+def check_pair_options(max_pairs_per_context: int, selection: str, margin_share: float) -> None:
+    """ValueError naming the option when a feedback-pair option is out of range."""
+    if max_pairs_per_context < 1:
+        raise ValueError(f"max_pairs_per_context must be at least 1, got {max_pairs_per_context}")
+    if selection not in PAIR_SELECTIONS:
+        raise ValueError(f"unknown pair selection {selection!r}: one of {', '.join(PAIR_SELECTIONS)}")
+    if not 0.0 < margin_share <= 1.0:
+        raise ValueError(f"margin_share must be above 0 and at most 1, got {margin_share}")
+
+
 def _margin_cutoff(margins: Sequence[float], share: float) -> float:
     """The smallest margin among the widest ``share`` of ``margins`` (-inf keeps everything)."""
     if share >= 1.0 or not margins:
@@ -323,12 +334,7 @@ def feedback_pairs(
     ``margin_share`` below 1 keeps only that share of all the positive x negative combinations (every context
     together), those with the widest reaction margins (ties at the cut are kept), before the per-context cap.
     """
-    if max_pairs_per_context < 1:
-        raise ValueError(f"max_pairs_per_context must be at least 1, got {max_pairs_per_context}")
-    if selection not in PAIR_SELECTIONS:
-        raise ValueError(f"unknown pair selection {selection!r}: one of {', '.join(PAIR_SELECTIONS)}")
-    if not 0.0 < margin_share <= 1.0:
-        raise ValueError(f"margin_share must be in (0, 1], got {margin_share}")
+    check_pair_options(max_pairs_per_context, selection, margin_share)
     ids = [s.session_id for s in sessions]
     if len(set(ids)) != len(ids):
         raise ValueError("session ids must be unique")

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from emili_affect.empathetic import Dialogue, load_dialogues
 from emili_affect.vad import VADScorer
@@ -31,9 +31,10 @@ from emili_core.records import load_session, recorded_sessions, session_consent
 from emili_labeler.datasets import (
     DEFAULT_PAIR_SELECTION,
     DEFAULT_PAIRS_PER_CONTEXT,
-    PAIR_SELECTIONS,
     DatasetManifest,
+    PairSelection,
     SessionInput,
+    check_pair_options,
     feedback_pairs,
     jsonl_bytes,
     sft_examples,
@@ -338,12 +339,10 @@ def build_dpo_dataset(
     ``margin_share`` of all combinations."""
     if epochs < 1:
         raise InvalidInput(f"epochs must be at least 1, not {epochs}")
-    if max_pairs_per_context < 1:
-        raise InvalidInput(f"max_pairs_per_context must be at least 1, not {max_pairs_per_context}")
-    if selection not in PAIR_SELECTIONS:
-        raise InvalidInput(f"unknown pair selection {selection!r}: one of {', '.join(PAIR_SELECTIONS)}")
-    if not 0.0 < margin_share <= 1.0:
-        raise InvalidInput(f"margin_share must be above 0 and at most 1, not {margin_share}")
+    try:
+        check_pair_options(max_pairs_per_context, selection, margin_share)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from exc
     skipped = 0
     if source == "feedback":
         inputs, skipped = _training_inputs(runtime, session_ids)
@@ -351,7 +350,7 @@ def build_dpo_dataset(
             inputs,
             max_pairs_per_context=max_pairs_per_context,
             seed=seed,
-            selection=selection,
+            selection=cast(PairSelection, selection),  # Checked by check_pair_options above.
             margin_share=margin_share,
         )
         kind = "dpo_feedback"
