@@ -425,6 +425,20 @@ class _FakeStudyStack:
     interrupt_users: str | None = None  # Users with this subject prefix raise KeyboardInterrupt (once).
     faces: dict[str, set[str]] = field(default_factory=dict)  # Per role ("collect", an arm's): what the faces showed.
     datasets: bool = False  # Pipelines publish a state with a DPO dataset (study_signal reads it).
+    arms: dict[str, str] = field(default_factory=dict)  # Session id -> the arm its user talked to.
+    positive: dict[str, float] = field(default_factory=dict)  # Per arm: the share of replies flagged positive (0.5).
+    labelled: list[str] = field(default_factory=list)  # Sessions the fake labeler was asked to label.
+
+    def send_task(self, name: str, args: list[str]) -> Any:
+        """The labeler's ``labeler.label_session`` on the Celery producer: a label whose 4 replies' reactions were
+        read, the arm's share of them flagged positive."""
+        assert name == "labeler.label_session"
+        (session_id,) = args
+        self.labelled.append(session_id)
+        flagged = round(4 * self.positive.get(self.arms[session_id], 0.5))
+        turns = [{"delta": 0.1, "flagged": i < flagged} for i in range(4)]
+        label = {"session_id": session_id, "gold": {"delta": {"valence": 0.02}}, "turns": turns}
+        return type("Result", (), {"get": lambda self, timeout: label})()
 
 
 @pytest.fixture
@@ -435,6 +449,7 @@ def fake_study(monkeypatch: pytest.MonkeyPatch) -> _FakeStudyStack:
     from emili_pipeline.study_sim import Stack
 
     fake = _FakeStudyStack(Stack(store=_NotFoundStore(), celery=None, chat_target="chat", token_for=lambda s: "t"))
+    fake.stack.celery = fake
 
     async def users(n: int, concurrency: int, target: str, personas: Any, settings: Any, seed: int, **_: Any) -> Any:
         # Trained versions of the feedback condition lift valence by 0.3; everything else changes nothing.
@@ -450,6 +465,7 @@ def fake_study(monkeypatch: pytest.MonkeyPatch) -> _FakeStudyStack:
         for _ in range(n):
             outcome = SessionOutcome("p", seed, session_id=f"s{len(fake.recorded)}")
             fake.recorded.append(outcome.session_id)
+            fake.arms[outcome.session_id] = settings.model_arm
             outcome.start_state = {"valence": -0.5}
             outcome.end_state = {"valence": -0.5 + gain + float(rng.normal(0.0, 0.05))}
             outcome.ratings = {"empathy": 4, "relevance": 3, "fluency": 4}
@@ -502,7 +518,8 @@ def fake_study(monkeypatch: pytest.MonkeyPatch) -> _FakeStudyStack:
 def _options(out: Path, iterations: int, **changes: Any) -> Any:
     from emili_pipeline.study_sim import StudyOptions
 
-    settings = {"sessions": 3, "eval_users": 5, "canary_min_sessions": 5, "out": out, "poll_s": 0.0, **changes}
+    settings: dict[str, Any] = {"sessions": 3, "eval_users": 5, "canary_min_sessions": 5, "out": out, "poll_s": 0.0}
+    settings |= {"canary_rule": "dv-gain"} | changes  # The gateway rule has tests of its own (below).
     return StudyOptions(iterations=iterations, **settings)
 
 
@@ -718,3 +735,117 @@ def test_paired_quality_differences_draw_by_draw_and_resamples_contexts() -> Non
     found = paired_quality(arm | {"extra": [1.0]}, baseline | {"5": [0.5]})
     assert found["n"] == 11 and found["mean"] == pytest.approx((10 * 0.3 + (0.8 - 0.5)) / 11)
     assert paired_quality({}, baseline)["n"] == 0
+
+
+# --- the offline canary with the gateway's rule ----------------------------------------------------------------------
+
+
+def _rows(n: int, rating: float, positive: float = 0.5, completed: float = 1.0) -> list[dict[str, float | None]]:
+    rng = np.random.default_rng(int(rating * 10 + positive * 100))
+    return [
+        {
+            "rating": rating + float(rng.normal(0, 0.3)) if completed else None,
+            "completed": completed,
+            "delta_v": float(rng.normal(0.0, 0.05)),
+            "positive_reaction": positive + float(rng.normal(0, 0.1)),
+        }
+        for _ in range(n)
+    ]
+
+
+def test_the_gateway_rule_promotes_a_candidate_shown_not_worse_at_the_planned_size() -> None:
+    from emili_pipeline.study_sim import gateway_canary_decision
+
+    decision = gateway_canary_decision(_rows(20, 3.4), _rows(20, 3.3), planned_sessions=20)
+    assert decision["outcome"] == "promoted" and decision["rule"] == "gateway" and decision["looks"] == 20
+    rating = decision["outcomes"][0]
+    assert rating["outcome"] == "rating" and rating["n_candidate"] == 20 and rating["lower_bound"] > -0.25
+    # Not shown within the margin: a clearly lower rating that the harm test has not (yet) called.
+    worse = gateway_canary_decision(_rows(20, 3.05), _rows(20, 3.3), planned_sessions=20)
+    assert worse["outcome"] == "rolled_back"
+    # Fewer rated sessions than planned: the canary never reached its analysis.
+    short = gateway_canary_decision(_rows(12, 3.4), _rows(12, 3.3), planned_sessions=20)
+    assert short["outcome"] == "rolled_back" and "fewer than the planned 20" in short["reason"]
+
+
+def test_the_gateway_rule_rolls_back_early_on_harm_to_any_outcome() -> None:
+    from emili_pipeline.study_sim import gateway_canary_decision
+
+    harmful = gateway_canary_decision(_rows(20, 3.3, positive=0.1), _rows(20, 3.3, positive=0.6), planned_sessions=20)
+    assert harmful["outcome"] == "rolled_back" and "positive_reaction" in harmful["reason"]
+    assert 10 <= harmful["looks"] < 20  # Called at a look after the burn-in, before the planned size.
+    # A candidate that loses its users (no rating, not completed) is harm on completion.
+    abandoned = _rows(10, 3.3) + _rows(10, 3.3, completed=0.0)
+    assert "completed" in gateway_canary_decision(abandoned, _rows(20, 3.3), planned_sessions=20)["reason"]
+
+
+def test_canary_outcomes_read_ratings_and_the_labels() -> None:
+    from emili_pipeline.simulator.run import SessionOutcome
+    from emili_pipeline.study_sim import canary_outcomes
+
+    rated = SessionOutcome("p", 1, session_id="a", ratings={"empathy": 4, "relevance": 3, "fluency": 5})
+    failed = SessionOutcome("p", 2, session_id="b", errors=["chat down"])
+    turns = [{"delta": 0.2, "flagged": True}, {"delta": -0.1, "flagged": False}, {"delta": None, "flagged": None}]
+    labels = {"a": {"gold": {"delta": {"valence": 0.1}}, "turns": turns}}
+    assert canary_outcomes([rated, failed], labels) == [
+        {"rating": 4.0, "completed": 1.0, "delta_v": 0.1, "positive_reaction": 0.5},
+        {"rating": None, "completed": 0.0, "delta_v": None, "positive_reaction": None},
+    ]
+
+
+def test_a_study_with_the_gateway_rule_labels_its_canary_sessions_and_promotes_what_is_not_worse(
+    fake_study: _FakeStudyStack, tmp_path: Path
+) -> None:
+    from emili_pipeline.study_sim import run_study
+
+    report = run_study(fake_study.stack, _options(tmp_path, 2, conditions=("feedback",), canary_rule=None))
+
+    assert report["options"]["canary_rule"] == "gateway" and "gateway's rule" in report["canary_note"]
+    first, second = report["conditions"]["feedback"]
+    assert first["canary"]["outcome"] == "promoted" and first["canary"]["rule"] == "gateway"
+    # The product's canary asks for no harm, not a gain: v2f, as good as v1f, replaces it too.
+    assert second["production_before"] == "v1f" and second["canary"]["outcome"] == "promoted"
+    assert report["decisions"]["feedback"]["final_production"] == "v2f"
+    # Both arms' sessions were labelled for the canary: 5 users each on the candidate and on production.
+    assert {fake_study.arms[s] for s in fake_study.labelled} == {"v1f", "v2f", "base"}
+    assert "gateway's rule" in (tmp_path / "study.md").read_text()
+
+
+def test_a_study_with_the_gateway_rule_rolls_back_a_candidate_that_harms_reactions(
+    fake_study: _FakeStudyStack, tmp_path: Path
+) -> None:
+    from emili_pipeline.study_sim import run_study
+
+    fake_study.positive = {"v1f": 0.0, "base": 1.0}
+    options = _options(tmp_path, 1, conditions=("feedback",), canary_rule="gateway", eval_users=12)
+    report = run_study(fake_study.stack, options)
+    canary = report["conditions"]["feedback"][0]["canary"]
+    assert canary["outcome"] == "rolled_back" and "positive_reaction" in canary["reason"]
+    assert report["decisions"]["feedback"]["final_production"] == "base"
+
+
+def test_resume_keeps_the_canary_rule_and_changes_it_only_before_any_canary(
+    fake_study: _FakeStudyStack, tmp_path: Path
+) -> None:
+    import json
+
+    from emili_pipeline.study_sim import StudyResumeError, run_study
+
+    noise_only = tmp_path / "noise-only"
+    run_study(fake_study.stack, _options(noise_only, 1, conditions=("noise",)))  # dv-gain; the gate failed.
+    path = noise_only / "study.json"
+    report = json.loads(path.read_text())
+    del report["options"]["canary_rule"]  # A study from before the option: the dv-gain rule.
+    path.write_text(json.dumps(report))
+    kept = run_study(fake_study.stack, _options(noise_only, 2, conditions=("noise",), canary_rule=None), resume=True)
+    assert kept["options"]["canary_rule"] == "dv-gain"
+    # No canary decided yet: it may go on with the gateway's rule.
+    switched = run_study(
+        fake_study.stack, _options(noise_only, 3, conditions=("noise",), canary_rule="gateway"), resume=True
+    )
+    assert switched["options"]["canary_rule"] == "gateway" and "gateway's rule" in switched["canary_note"]
+
+    decided = tmp_path / "decided"
+    run_study(fake_study.stack, _options(decided, 1, conditions=("feedback",)))  # v1f promoted under dv-gain.
+    with pytest.raises(StudyResumeError, match="decided canaries with the dv-gain rule"):
+        run_study(fake_study.stack, _options(decided, 2, conditions=("feedback",), canary_rule="gateway"), resume=True)

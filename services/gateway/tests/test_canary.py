@@ -92,7 +92,7 @@ def test_harm_waits_for_the_burn_in() -> None:
 
 def test_a_canary_planned_smaller_than_the_burn_in_calls_harm_at_its_planned_size() -> None:
     small = CanarySettings(max_sessions=5)
-    assert small.min_sessions == 10 and small.harm_burn_in() == 5
+    assert small.min_sessions == 10 and small.rule().harm_burn_in() == 5
     harmed = decide(small, canary(), outcomes(1.5, 5, seed=14), outcomes(4.5, 5, seed=15))
     assert harmed.state == "rolled_back" and harmed.reason.startswith("harm")
 

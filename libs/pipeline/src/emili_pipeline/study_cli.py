@@ -21,10 +21,12 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from emili_pipeline.study_sim import (
+    CANARY_RULES,
     CONDITIONS,
     MIN_CANARY_SESSIONS,
     SIMULATION_GATE,
     SIMULATION_PIPELINE,
+    CanaryRuleName,
     Condition,
     NoiseFaces,
 )
@@ -81,6 +83,12 @@ def _noise_faces(value: str) -> NoiseFaces:
     raise typer.BadParameter(f"noise-faces must be everywhere or training, not {value!r}")
 
 
+def _canary_rule(value: str | None) -> CanaryRuleName | None:
+    if value is None or value in CANARY_RULES:
+        return value
+    raise typer.BadParameter(f"canary-rule must be one of {', '.join(CANARY_RULES)}, not {value!r}")
+
+
 @study.command()
 def simulate(
     iterations: Annotated[int, typer.Option(min=1, help="Loop iterations per condition.")] = 2,
@@ -89,7 +97,11 @@ def simulate(
         int, typer.Option(min=2, help="Simulated users per arm after each candidate.")
     ] = MIN_CANARY_SESSIONS,
     canary_min_sessions: Annotated[
-        int, typer.Option(min=2, help="Sessions per arm below which the offline canary never promotes.")
+        int,
+        typer.Option(
+            min=2,
+            help="Sessions per arm the offline canary is planned at (gateway rule) or needs to promote (dv-gain).",
+        ),
     ] = MIN_CANARY_SESSIONS,
     seed: Annotated[int, typer.Option(help="The study's seed (users, personas, arms).")] = 0,
     condition: Annotated[str, typer.Option(help="feedback, noise or both.")] = "both",
@@ -108,6 +120,14 @@ def simulate(
             "sessions the loop learns from; the gate and the comparison read real faces: the stricter control)."
         ),
     ] = "everywhere",
+    canary_rule: Annotated[
+        str | None,
+        typer.Option(
+            help="How the offline canary decides: gateway (the gateway's rule: no harm, rating not worse; default for "
+            "a new study) or dv-gain (a hidden Δv gain with 95% confidence, the earlier studies' rule). A resumed "
+            "study keeps its own unless none of its canaries was decided yet."
+        ),
+    ] = None,
     target: Annotated[str | None, typer.Option(help="Chat server address (default from the chat settings).")] = None,
     resume: Annotated[
         bool,
@@ -148,6 +168,7 @@ def simulate(
         gate=gate.resolve(),
         concurrency=concurrency,
         noise_faces=_noise_faces(noise_faces),
+        canary_rule=_canary_rule(canary_rule),
     )
     stack = Stack(
         store=ObjectStore(settings.s3),

@@ -22,9 +22,18 @@ The second is the stricter control: a candidate trained on noise is judged on wh
 
 The canary runs offline, not in the gateway: the gateway's sequential canary plans 100 rated sessions per arm at a
 share of 0.1 (about a thousand participants through the web app's API, days on this CPU); `make loop-demo` runs it
-with simulated participants at a demo's size instead. Here its phase is the comparison of step 3 against the
-production arm: promoted only when the candidate's Δv gain over production is above 0 with 95% confidence and the
-rating shows no clear loss, else rolled back. Reports say so next to every canary outcome.
+with simulated participants at a demo's size instead. Here its phase is step 3's users on the candidate and on the
+production arm, judged by ``canary_rule``:
+
+- ``gateway`` (the default): the gateway's own rule (:mod:`emili_affect.canary`), planned at
+  ``canary_min_sessions`` sessions per arm: looked at after every pair of sessions, rolled back at once on harm to
+  the rating, completion, gold Δv or positive-reaction rate (the last two from the labeler's labels of the canary
+  sessions, as the gateway reads them), promoted at the planned size when the rating is shown not worse than the
+  margin. The gate asks for the gain; the canary, as in the product, for safety.
+- ``dv-gain``: the rule of the studies before it (runs up to H): promoted only when the hidden Δv gain over
+  production is above 0 with 95% confidence and the rating shows no clear loss; far stricter than the product.
+
+Reports say which next to every canary outcome.
 
 A study on a 2-core CPU takes hours (about 40 minutes per iteration), so it can be stopped and carried on: the
 report is rewritten after every iteration, ``<out>/<condition>/progress.json`` keeps the condition's sessions and an
@@ -42,7 +51,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -71,11 +80,22 @@ NOTE = (
     "SIMULATED users (emili_pipeline.simulator): preferences are the simulator's known reply-quality function. "
     "These numbers say whether the loop's machinery works as designed; they say nothing about people."
 )
-CANARY_NOTE = (
-    "Canary run OFFLINE: simulated users per arm (candidate vs production) and a fixed-size test, not the gateway's "
-    "sequential canary (`make loop-demo` runs that one); promoted only on a Δv gain (95% interval above 0) with no "
-    "clear rating loss."
-)
+CanaryRuleName = Literal["gateway", "dv-gain"]
+CANARY_RULES: tuple[CanaryRuleName, ...] = ("gateway", "dv-gain")
+CANARY_NOTES: dict[str, str] = {
+    "gateway": (
+        "Canary run OFFLINE with the gateway's rule (emili_affect.canary): simulated users per arm (candidate vs "
+        "production), looked at after every pair of sessions; rolled back on harm to the rating, completion, gold Δv "
+        "or positive-reaction rate (always-valid mSPRT), promoted at the planned size when the rating is shown not "
+        "worse than the margin. Not the gateway's live canary (`make loop-demo` runs that one)."
+    ),
+    "dv-gain": (
+        "Canary run OFFLINE: simulated users per arm (candidate vs production) and a fixed-size test, not the "
+        "gateway's sequential canary (`make loop-demo` runs that one); promoted only on a Δv gain (95% interval above "
+        "0) with no clear rating loss."
+    ),
+}
+EARLIER_CANARY_RULE: CanaryRuleName = "dv-gain"  # The rule of reports written before canary_rule was an option.
 
 
 # --- pure: items, intervals, decisions --------------------------------------------------------------------------
@@ -232,6 +252,66 @@ def canary_decision(
     return {"outcome": "rolled_back", "reason": reason, PRIMARY: gain, "rating": rating}
 
 
+def canary_outcomes(sessions: Iterable[Any], labels: Mapping[str, Mapping[str, Any]]) -> list[dict[str, float | None]]:
+    """Per simulated session, in the order the users ran, the gateway canary's outcomes: ``rating`` (the mean of the
+    three ratings; None unrated), ``completed`` (1 rated, 0 not: a failed session is an abandoned one), and from its
+    label in ``labels`` (by session id; the labeler's, as the gateway reads it) ``delta_v`` (gold, from the surveys)
+    and ``positive_reaction`` (the share of replies whose read reaction was flagged)."""
+    rows = []
+    for session in sessions:
+        ratings = session.ratings or {}
+        rated = session.ok and all(k in ratings for k in ("empathy", "relevance", "fluency"))
+        label = labels.get(session.session_id) or {}
+        delta = (label.get("gold") or {}).get("delta")
+        read = [t for t in label.get("turns") or () if t.get("delta") is not None]
+        rows.append(
+            {
+                "rating": float(np.mean([ratings[k] for k in ("empathy", "relevance", "fluency")])) if rated else None,
+                "completed": 1.0 if rated else 0.0,
+                "delta_v": float(delta["valence"]) if delta else None,
+                "positive_reaction": sum(bool(t.get("flagged")) for t in read) / len(read) if read else None,
+            }
+        )
+    return rows
+
+
+def gateway_canary_decision(
+    candidate: Sequence[Mapping[str, float | None]],
+    production: Sequence[Mapping[str, float | None]],
+    planned_sessions: int = MIN_CANARY_SESSIONS,
+) -> dict[str, Any]:
+    """The offline canary with the gateway's rule (:func:`emili_affect.canary.judge`, its default alpha, margin,
+    scales and burn-in), planned at ``planned_sessions`` per arm: looked at after each pair of sessions (the k-th of
+    each arm, in the order they ran), as the gateway's monitor looks after each session; the p-values' running
+    minimum carries over. Still undecided after the last pair (fewer rated sessions than planned): rolled back."""
+    from emili_affect.canary import OUTCOMES, CanaryRule, judge
+
+    rule = CanaryRule(max_sessions=planned_sessions, min_sessions=min(CanaryRule.min_sessions, planned_sessions))
+    p_harm: dict[str, float] = {}
+    looks, verdict = 0, None
+    for k in range(1, max(len(candidate), len(production)) + 1):
+        values = [
+            {m: [float(v) for row in rows[:k] if (v := row.get(m)) is not None] for m in OUTCOMES}
+            for rows in (candidate, production)
+        ]
+        verdict = judge(rule, values[0], values[1], OUTCOMES, previous_p_harm=p_harm)
+        p_harm = {look.outcome: look.p_harm for look in verdict.looks}
+        looks = k
+        if verdict.state != "running":
+            break
+    outcome, reason = "rolled_back", f"fewer than the planned {planned_sessions} rated sessions on an arm"
+    if verdict is not None and verdict.state != "running":
+        outcome, reason = verdict.state, verdict.reason
+    return {
+        "outcome": outcome,
+        "reason": reason,
+        "rule": "gateway",
+        "planned_sessions": planned_sessions,
+        "looks": looks,
+        "outcomes": [asdict(look) for look in verdict.looks] if verdict is not None else [],
+    }
+
+
 def decision_summary(iterations: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One condition's iterations in numbers: candidates, gate passes, canary outcomes, promotions, sessions."""
     gate = [it.get("gate") or {} for it in iterations]
@@ -260,7 +340,7 @@ def build_report(
         "title": "Loop simulation study (SYNTHETIC: simulated users)",
         "synthetic": True,
         "note": NOTE,
-        "canary_note": CANARY_NOTE,
+        "canary_note": CANARY_NOTES[str(options.get("canary_rule") or EARLIER_CANARY_RULE)],
         "options": dict(options),
         "wall_s": round(wall_s, 1),
         "conditions": {name: list(its) for name, its in conditions.items()},
@@ -607,6 +687,8 @@ class StudyOptions:
     gate: Path = SIMULATION_GATE
     concurrency: int = 4  # Chat batches concurrent replies: 4 users at a time cost little more than 2.
     noise_faces: NoiseFaces = "everywhere"  # Where the noise condition's faces show the decoy (module docstring).
+    # How the offline canary decides (module docstring); None: gateway for a new study, a resumed one's own.
+    canary_rule: CanaryRuleName | None = None
     poll_s: float = 5.0
     iteration_timeout_s: float = 3600.0
 
@@ -622,6 +704,7 @@ class StudyOptions:
             "gate": str(self.gate),
             "config_sha256": config_digest(self.pipeline, self.gate),
             "noise_faces": self.noise_faces,
+            "canary_rule": self.canary_rule,
         }
 
 
@@ -671,6 +754,7 @@ class ConditionRun:
         self.personas = load_personas(config.personas, config.persona_limit)
         self.iteration = 0
         self.arm_items: dict[tuple[int, str], dict[str, list[float]]] = {}
+        self.arm_sessions: dict[tuple[int, str], list[Any]] = {}  # The users' SessionOutcomes, for the canary.
         self.arm_errors: list[str] = []
         self.canary = OfflineCanary(self._canary_compare, on_decision=self._save_progress)
         system = SystemActions(stack.store, stack.celery, self.pipeline_path, fetch_recipe=stack.fetch_recipe)
@@ -717,17 +801,43 @@ class ConditionRun:
             outcomes = self._users(self.options.eval_users, arm, role, _seed(self.options.seed, self.iteration, 2))
             self.arm_errors += [f"arm {arm}: {e}" for o in outcomes for e in o.errors][:10]
             self.arm_items[key] = session_items(outcomes)
+            self.arm_sessions[key] = list(outcomes)
         return self.arm_items[key]
 
     def _canary_compare(self, candidate: str) -> dict[str, Any]:
         production = self.loop.baseline(self.loop.state())
-        decision = canary_decision(
-            self.arm(candidate),
-            self.arm(production),
-            seed=self.options.seed,
-            min_sessions=self.options.canary_min_sessions,
-        )
+        if self.options.canary_rule == "dv-gain":
+            decision = canary_decision(
+                self.arm(candidate),
+                self.arm(production),
+                seed=self.options.seed,
+                min_sessions=self.options.canary_min_sessions,
+            )
+            decision["rule"] = "dv-gain"
+        else:
+            arms = []
+            for arm in (candidate, production):
+                self.arm(arm)
+                arms.append(self.arm_sessions[(self.iteration, arm)])
+            labels = self._labels([s.session_id for sessions in arms for s in sessions if s.session_id])
+            decision = gateway_canary_decision(
+                canary_outcomes(arms[0], labels), canary_outcomes(arms[1], labels), self.options.canary_min_sessions
+            )
         return {**decision, "production": production, "mode": "offline (simulated users per arm)"}
+
+    def _labels(self, session_ids: Sequence[str], timeout_s: float = 600.0) -> dict[str, dict[str, Any]]:
+        """The labeler's labels of these sessions (``labeler.label_session``, made once and kept), by session id; a
+        session that cannot be labelled is left out, as the gateway leaves out a label it cannot read."""
+        recorded = self._wait_recorded(session_ids)
+        results = {s: self.stack.celery.send_task("labeler.label_session", args=[s]) for s in recorded}
+        labels = {}
+        for session_id, result in results.items():
+            try:
+                labels[session_id] = dict(result.get(timeout=timeout_s))
+            except Exception as exc:  # A session the labeler refuses (or an outage): no label outcomes for it.
+                log.warning("study %s: session %s has no label for the canary: %s", self.run_id, session_id, exc)
+                self.arm_errors.append(f"canary label of {session_id}: {type(exc).__name__}: {exc}")
+        return labels
 
     def _wait_recorded(self, session_ids: Sequence[str], timeout_s: float = 180.0) -> list[str]:
         """The sessions chat has persisted (ended, recorded): they become eligible a moment after they end."""
@@ -922,23 +1032,44 @@ class StudyResumeError(ValueError):
     """The study in the output folder cannot be carried on with these options (the message says why)."""
 
 
-def _previous(options: StudyOptions) -> tuple[str, dict[str, list[dict[str, Any]]], float]:
-    """The run id, finished iterations and wall time of the study in ``options.out``, checked against ``options``."""
+def _canary_decided(options: StudyOptions, results: Mapping[str, Sequence[Mapping[str, Any]]]) -> bool:
+    """Whether the study in ``options.out`` has decided a canary (in a finished iteration or an interrupted one)."""
+    import json
+
+    if any((it.get("canary") or {}).get("outcome") for its in results.values() for it in its):
+        return True
+    for condition in options.conditions:
+        path = options.out / condition / "progress.json"
+        if path.is_file() and json.loads(path.read_text()).get("canary_decisions"):
+            return True
+    return False
+
+
+def _previous(options: StudyOptions) -> tuple[StudyOptions, str, dict[str, list[dict[str, Any]]], float]:
+    """The study in ``options.out``, checked against ``options``: the options it goes on with (its canary rule unless
+    another is asked for before any canary was decided), its run id, finished iterations and wall time."""
     import json
 
     path = options.out / "study.json"
     if not path.is_file():
         raise StudyResumeError(f"nothing to resume: {path} does not exist (start the study without --resume)")
     report = json.loads(path.read_text())
-    before, now = report.get("options") or {}, options.to_json()
-    before = RESUME_DEFAULTS | before
+    before = RESUME_DEFAULTS | (report.get("options") or {})
+    recorded = cast(CanaryRuleName, before.get("canary_rule") or EARLIER_CANARY_RULE)
+    now = options.to_json()
     changed = [f"{k} was {before.get(k)!r}, now {now[k]!r}" for k in RESUME_MUST_MATCH if before.get(k) != now[k]]
     if changed:
         raise StudyResumeError(f"{path} was run with other options ({'; '.join(changed)}): resume with the same ones")
     results: dict[str, list[dict[str, Any]]] = {
         c: list(report.get("conditions", {}).get(c) or []) for c in options.conditions
     }
-    return str(before["run_id"]), results, float(report.get("wall_s") or 0.0)
+    rule = options.canary_rule or recorded
+    if rule != recorded and _canary_decided(options, results):
+        # One study, one rule: a promotion under one rule would change what later candidates are compared with.
+        raise StudyResumeError(
+            f"{path} decided canaries with the {recorded} rule: resume with --canary-rule {recorded}"
+        )
+    return replace(options, canary_rule=rule), str(before["run_id"]), results, float(report.get("wall_s") or 0.0)
 
 
 def run_study(
@@ -956,7 +1087,9 @@ def run_study(
     results: dict[str, list[dict[str, Any]]] = {c: [] for c in options.conditions}
     run_id, wall_before = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), 0.0
     if resume:
-        run_id, results, wall_before = _previous(options)
+        options, run_id, results, wall_before = _previous(options)
+    else:
+        options = replace(options, canary_rule=options.canary_rule or "gateway")
     started = time.perf_counter()
     runs = {c: ConditionRun(stack, options, c, run_id) for c in options.conditions}
     for condition, run in runs.items():

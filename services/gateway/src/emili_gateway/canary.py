@@ -3,17 +3,10 @@ promoted or rolled back on what happened in its sessions.
 
 A canary stands in for one of the study's arms, its *production* arm. While it runs, a new participant whom
 allocation gives the production arm goes to the candidate instead with probability ``share`` (they never see
-which model they talk to). After every completed session the monitor compares the two arms' outcomes with an
-always-valid sequential test (mixture SPRT, :func:`emili_affect.stats.msprt_compare`), which may be looked at
-this often without inflating false alarms:
-
-- harm on any outcome (its running-minimum p-value under ``alpha`` / number of outcomes), once both arms have
-  ``min_sessions`` sessions of that outcome (``max_sessions`` if fewer): **roll back** at once. The test
-  estimates the variances from the data; on 2 or 3 sessions they can be near 0, so any gap would look certain;
-- ``max_sessions`` rated in each arm with no harm: **promote** when the mean rating is shown not worse than
-  ``margin`` (a one-sided ``1 - alpha`` bound of the difference, with Student's t on Welch's degrees of freedom
-  since the planned size may be a handful of sessions: this analysis happens once, at the planned size, so it
-  needs no sequential correction); otherwise **roll back**.
+which model they talk to). After every completed session the monitor looks at the two arms' outcomes with the
+canary rule (:mod:`emili_affect.canary`, shared with the loop simulation study): an always-valid sequential test
+rolls back at once on harm; with ``max_sessions`` rated per arm and no harm, the candidate is promoted when its
+rating is shown not worse than ``margin``, otherwise rolled back.
 
 Outcomes per session: ``rating`` (the mean of the participant's three 1-5 ratings, for rated sessions),
 ``completed`` (1 when the session ended with a rating, 0 when it was abandoned) and, from the labeler's label of each
@@ -31,15 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from emili_affect.stats import msprt_compare
+from emili_affect.canary import OUTCOMES, RATED_OUTCOMES, CanaryState, OutcomeLook, judge
 from emili_core.errors import FailedPrecondition, InvalidInput
 from emili_gateway.chat_client import SessionReactions
 from emili_gateway.models import SessionRecord
@@ -47,25 +39,10 @@ from emili_gateway.settings import CanarySettings
 
 log = logging.getLogger(__name__)
 
-CanaryState = Literal["running", "promoted", "rolled_back"]
-RATED_OUTCOMES = ("rating", "completed")  # From the gateway's own records.
-OUTCOMES = (*RATED_OUTCOMES, "delta_v", "positive_reaction")  # With the labeler's session labels.
 MAX_LABEL_READS = 16  # Labels read per look: a look stays well within the monitor's lock.
 RETIRED_REASON = "retired: people it learned from withdrew their data; it gets no new participant"
 PRODUCTION_RETIRED_REASON = "the production arm it was compared with was retired; the study serves its own arm again"
 LabelReader = Callable[[str], Awaitable[SessionReactions]]
-
-
-class Look(BaseModel):
-    """One comparison of the candidate with the production arm, on one outcome."""
-
-    outcome: str
-    n_candidate: int
-    n_production: int
-    difference: float | None  # mean(candidate) - mean(production)
-    p_harm: float  # Running minimum across looks (always valid).
-    ci: tuple[float, float] | None  # Always valid, at 1 - alpha.
-    lower_bound: float | None = None  # One-sided 1 - alpha bound of the difference, for the planned end.
 
 
 class CanaryRequest(BaseModel):
@@ -86,7 +63,7 @@ class Canary(BaseModel):
     started_by: str
     decided_ms: int | None = None
     reason: str = ""
-    looks: list[Look] = Field(default_factory=list)
+    looks: list[OutcomeLook] = Field(default_factory=list)  # The last look, one per outcome.
     participants: int = 0  # New participants the candidate got while it ran (filled in when read).
     labels_pending: int = 0  # Finished sessions whose label could not be read at the last look.
 
@@ -131,47 +108,18 @@ def decide(
     production: dict[str, list[float]],
     outcomes: Sequence[str] = OUTCOMES,
 ) -> Canary:
-    """The canary after one more look: still running, or promoted or rolled back with the reason and numbers.
-    ``outcomes``: those compared (the first is the rating), sharing ``alpha`` for harm."""
-    previous = {look.outcome: look.p_harm for look in canary.looks}
-    looks = []
-    harmed = []
-    for outcome in outcomes:
-        compared = msprt_compare(
-            candidate.get(outcome, []), production.get(outcome, []), tau=options.tau[outcome], alpha=options.alpha
-        )
-        burnt_in = min(compared.n_candidate, compared.n_baseline) >= options.harm_burn_in()
-        p_harm = min(previous.get(outcome, 1.0), compared.p_harm if burnt_in else 1.0)
-        finite = not math.isnan(compared.difference)
-        looks.append(
-            Look(
-                outcome=outcome,
-                n_candidate=compared.n_candidate,
-                n_production=compared.n_baseline,
-                difference=compared.difference if finite else None,
-                p_harm=p_harm,
-                ci=compared.ci if finite else None,
-                lower_bound=compared.fixed_size_lower_bound(options.alpha) if finite else None,
-            )
-        )
-        if p_harm < options.alpha / len(outcomes):
-            harmed.append(f"{outcome} (difference {compared.difference:+.3f}, p = {p_harm:.4f})")
-    updated = canary.model_copy(update={"looks": looks})
-    if harmed:
-        return _decided(updated, "rolled_back", f"harm: the candidate did worse on {', '.join(harmed)}")
-    rating = looks[0]
-    if min(rating.n_candidate, rating.n_production) >= options.max_sessions:
-        if updated.labels_pending:
-            return updated  # Not promoted on a harm check that has not seen every finished session.
-        if rating.lower_bound is not None and rating.lower_bound > -options.margin:
-            return _decided(
-                updated,
-                "promoted",
-                f"no harm after {rating.n_candidate} rated sessions; rating difference {rating.difference:+.3f}, "
-                f"worst plausible {rating.lower_bound:+.3f}, within the margin {options.margin}",
-            )
-        return _decided(updated, "rolled_back", f"not shown to be as good within {options.margin} rating points")
-    return updated
+    """The canary after one more look (:func:`emili_affect.canary.judge`): still running, or promoted or rolled back
+    with the reason and numbers. ``outcomes``: those compared (the first is the rating), sharing ``alpha`` for harm."""
+    verdict = judge(
+        options.rule(),
+        candidate,
+        production,
+        outcomes,
+        previous_p_harm={look.outcome: look.p_harm for look in canary.looks},
+        labels_pending=canary.labels_pending,
+    )
+    updated = canary.model_copy(update={"looks": list(verdict.looks)})
+    return updated if verdict.state == "running" else _decided(updated, verdict.state, verdict.reason)
 
 
 def _now_ms() -> int:

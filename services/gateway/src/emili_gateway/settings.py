@@ -6,6 +6,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, Field, field_validator
 
+from emili_affect.canary import DEFAULT_TAU, CanaryRule, check_tau
 from emili_core.settings import CommonSettings, HealthCheck
 from emili_session.loop_records import STUDIES_PREFIX
 
@@ -65,12 +66,10 @@ class WithdrawalSettings(BaseModel):
     max_retry_seconds: float = Field(300.0, gt=0)
 
 
-DEFAULT_TAU = {"rating": 0.5, "completed": 0.15, "delta_v": 0.05, "positive_reaction": 0.15}
-
-
 class CanarySettings(BaseModel):
     """Canaries (``EMILI_GATEWAY__CANARY__*``): a candidate version's share of a study's new participants and the
-    sequential test that promotes or rolls it back (see ``emili_gateway.canary``)."""
+    sequential test that promotes or rolls it back (the rule: :mod:`emili_affect.canary`; the monitor:
+    ``emili_gateway.canary``)."""
 
     share: float = Field(0.1, gt=0, le=0.5)  # Default share of the production arm's new participants.
     max_sessions: int = Field(100, ge=5, le=100_000)  # Rated sessions per arm before promoting (if no harm).
@@ -79,13 +78,9 @@ class CanarySettings(BaseModel):
     # planned smaller (max_sessions) waits for max_sessions.
     min_sessions: int = Field(10, ge=3, le=100_000)
 
-    def harm_burn_in(self) -> int:
-        return min(self.min_sessions, self.max_sessions)
-
     alpha: float = Field(0.05, gt=0, lt=0.5)  # Shared by the outcomes (Bonferroni) for harm.
     margin: float = Field(0.25, ge=0)  # Rating points the candidate may lose and still be promoted.
-    # The mixture scale per outcome: the size of difference the test is tuned to detect, in the outcome's units
-    # (rating points; shares of sessions completed or of replies reacted to positively; valence on the 0-1 scale).
+    # The mixture scale per outcome (emili_affect.canary.DEFAULT_TAU says in which units).
     tau: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_TAU))
     # How long a finished session whose label cannot be read yet holds back a promotion.
     label_grace_s: float = Field(900.0, ge=0)
@@ -94,12 +89,11 @@ class CanarySettings(BaseModel):
     @classmethod
     def _every_outcome(cls, tau: dict[str, float]) -> dict[str, float]:
         """Outcomes a configuration leaves out keep their defaults; a scale that is not positive is an error."""
-        merged = {**DEFAULT_TAU, **tau}
-        if unknown := set(merged) - set(DEFAULT_TAU):
-            raise ValueError(f"unknown canary outcomes {sorted(unknown)}; known: {sorted(DEFAULT_TAU)}")
-        if bad := [k for k, v in merged.items() if not v > 0]:
-            raise ValueError(f"tau must be positive for {bad}")
-        return merged
+        return check_tau(tau)
+
+    def rule(self) -> CanaryRule:
+        """The decision rule these settings configure (shared with the loop simulation study's offline canary)."""
+        return CanaryRule(self.max_sessions, self.min_sessions, self.alpha, self.margin, self.tau)
 
     interval_s: float = Field(30.0, gt=0)  # How often the monitor looks; only one gateway replica does.
     monitor: bool = True
