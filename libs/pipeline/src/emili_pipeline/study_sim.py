@@ -30,7 +30,7 @@ production arm, judged by ``canary_rule``:
   the rating, completion, gold Δv or positive-reaction rate (the last two from the labeler's labels of the canary
   sessions, as the gateway reads them), promoted at the planned size when the rating is shown not worse than the
   margin. The gate asks for the gain; the canary, as in the product, for safety.
-- ``dv-gain``: the rule of the studies before it (runs up to H): promoted only when the hidden Δv gain over
+- ``dv-gain``: the rule of the studies before it (runs A to G): promoted only when the hidden Δv gain over
   production is above 0 with 95% confidence and the rating shows no clear loss; far stricter than the product.
 
 Reports say which next to every canary outcome.
