@@ -808,7 +808,8 @@ def test_a_study_with_the_gateway_rule_labels_its_canary_sessions_and_promotes_w
     assert report["decisions"]["feedback"]["final_production"] == "v2f"
     # Both arms' sessions were labelled for the canary: 5 users each on the candidate and on production.
     assert {fake_study.arms[s] for s in fake_study.labelled} == {"v1f", "v2f", "base"}
-    assert "gateway's rule" in (tmp_path / "study.md").read_text()
+    text = (tmp_path / "study.md").read_text()
+    assert "gateway's rule" in text and "| feedback | 2 | v2f | v1f | gateway | promoted | 5 |" in text
 
 
 def test_a_study_with_the_gateway_rule_rolls_back_a_candidate_that_harms_reactions(

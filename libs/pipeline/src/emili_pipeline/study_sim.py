@@ -508,6 +508,35 @@ def _base_against_base_table(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _canary_table(report: Mapping[str, Any]) -> list[str]:
+    """Every canary decided: its rule, how many looks, the rating's difference and bound, and why."""
+    rows = []
+    for name, iterations in report["conditions"].items():
+        for it in iterations:
+            canary = it.get("canary") or {}
+            if not canary.get("outcome"):
+                continue
+            rating = next((o for o in canary.get("outcomes") or () if o.get("outcome") == "rating"), {})
+            rows.append(
+                f"| {name} | {it['iteration']} | {it.get('candidate')} | {canary.get('production')} | "
+                f"{canary.get('rule', EARLIER_CANARY_RULE)} | {canary['outcome']} | {canary.get('looks', '–')} | "
+                f"{_fmt(rating.get('difference'))} | {_fmt(rating.get('lower_bound'))} | {canary.get('reason', '')} |"
+            )
+    if not rows:
+        return []
+    return [
+        "### Canary decisions (offline; SYNTHETIC: simulated users)",
+        "",
+        "Rating: candidate - production, mean of the three 1-5 ratings; bound: its one-sided 95% lower bound at the "
+        "planned size (the gateway rule promotes when it is above minus the margin).",
+        "",
+        "| condition | iteration | candidate | production | rule | outcome | looks | rating difference | bound | why |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The report for people: what was simulated, decisions, Δv and ratings with intervals, gate checks."""
     from emili_pipeline.study_signal import signal_table
@@ -544,6 +573,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         *_gate_table(report),
         "",
+        *_canary_table(report),
     ]
     errors = [
         (n, it["iteration"], e) for n, its in report["conditions"].items() for it in its for e in it.get("errors", [])
