@@ -516,7 +516,9 @@ def _canary_table(report: Mapping[str, Any]) -> list[str]:
             canary = it.get("canary") or {}
             if not canary.get("outcome"):
                 continue
-            rating = next((o for o in canary.get("outcomes") or () if o.get("outcome") == "rating"), {})
+            rating: Mapping[str, Any] = next(
+                (o for o in canary.get("outcomes") or () if o.get("outcome") == "rating"), {}
+            )
             rows.append(
                 f"| {name} | {it['iteration']} | {it.get('candidate')} | {canary.get('production')} | "
                 f"{canary.get('rule', EARLIER_CANARY_RULE)} | {canary['outcome']} | {canary.get('looks', '–')} | "
