@@ -286,7 +286,7 @@ def gateway_canary_decision(
     minimum carries over. Still undecided after the last pair (fewer rated sessions than planned): rolled back."""
     from emili_affect.canary import OUTCOMES, CanaryRule, judge
 
-    rule = CanaryRule(max_sessions=planned_sessions, min_sessions=min(CanaryRule.min_sessions, planned_sessions))
+    rule = CanaryRule(max_sessions=planned_sessions)  # Its burn-in is min(min_sessions, planned_sessions).
     p_harm: dict[str, float] = {}
     looks, verdict = 0, None
     for k in range(1, max(len(candidate), len(production)) + 1):
