@@ -110,6 +110,7 @@ class _Outcome:
     ratings: dict[str, int] = field(default_factory=dict)
     qualities: tuple[float, ...] = ()
     ok: bool = True
+    seed: int = 0  # The simulated user.
 
     @property
     def start_state(self) -> dict[str, float]:
@@ -136,6 +137,25 @@ def test_session_items_read_the_hidden_valence_change_ratings_and_quality() -> N
     assert items["rating"] == [4.0] and items["empathy"] == [4.0]
     assert items["reply_quality"] == pytest.approx([0.3])
     assert items["reply_words"] == [6.0]  # Words per reply, a session's mean.
+
+
+def test_paired_differences_compare_each_user_with_themself() -> None:
+    from emili_pipeline.study_sim import paired_differences, pooled_paired, session_users
+
+    sessions = [_Outcome(-0.5, -0.2, seed=7), _Outcome(0.0, 1.0, ok=False, seed=8), _Outcome(-0.1, 0.0, seed=9)]
+    assert session_users(sessions)["delta_v"] == [7, 9]  # The failed session's user has no value.
+    # User 8 completed only on the candidate, user 5 only on base: neither is a pair.
+    assert paired_differences([0.5, 0.2, 0.1], [7, 8, 9], [0.1, 0.0, 0.3], [9, 5, 7]) == pytest.approx([0.2, 0.0])
+    # Users far apart, each gaining 0.1 on the candidate: unpaired the gain drowns, paired it is certain.
+    rng = np.random.default_rng(1)
+    base = list(rng.normal(0.0, 1.0, 20))
+    candidate = [b + 0.1 + float(rng.normal(0.0, 0.01)) for b in base]
+    assert difference(candidate, base)["ci95"][0] < 0
+    paired = pooled_paired([paired_differences(candidate, range(20), base, range(20))])
+    assert paired["n_pairs"] == 20 and 0.09 < paired["ci95"][0] < paired["difference"] < paired["ci95"][1] < 0.11
+    # Pooled over iterations: the mean of the iterations' mean differences.
+    two = pooled_paired([[0.1] * 5, [0.3] * 10, []])
+    assert two["iterations"] == 2 and two["difference"] == pytest.approx(0.2) and two["ci95"] == [0.2, 0.2]
 
 
 def test_interval_and_difference() -> None:
@@ -462,8 +482,8 @@ def fake_study(monkeypatch: pytest.MonkeyPatch) -> _FakeStudyStack:
         fake.faces.setdefault(role, set()).add(settings.feedback)
         rng = np.random.default_rng(seed)
         outcomes = []
-        for _ in range(n):
-            outcome = SessionOutcome("p", seed, session_id=f"s{len(fake.recorded)}")
+        for i in range(n):
+            outcome = SessionOutcome("p", seed * 1000 + i, session_id=f"s{len(fake.recorded)}")  # A user per seed.
             fake.recorded.append(outcome.session_id)
             fake.arms[outcome.session_id] = settings.model_arm
             outcome.start_state = {"valence": -0.5}
@@ -539,6 +559,10 @@ def test_run_study_promotes_a_real_gain_and_nothing_under_noise(fake_study: _Fak
     assert report["conditions"]["feedback"][1]["sessions_used"] == 6  # The loop trains on every session so far.
     pooled = report["pooled_candidate_vs_base"]
     assert pooled["feedback"]["delta_v"]["iterations"] == 2 and pooled["feedback"]["delta_v"]["ci95"][0] > 0
+    # Every arm meets the same users (same seeds): paired, iteration by iteration and pooled.
+    assert first["evaluation"]["candidate_vs_base"]["delta_v"]["paired"]["n_pairs"] == 5
+    assert pooled["feedback"]["delta_v"]["paired"]["n_pairs"] == 10
+    assert pooled["feedback"]["delta_v"]["paired"]["ci95"][0] > 0
     assert pooled["noise"]["delta_v"]["ci95"][0] < 0 < pooled["noise"]["delta_v"]["ci95"][1]
     # The fake users on base react alike in both conditions (same seeds, nothing trained): the A/A check reads 0.
     same = report["base_against_base"]["delta_v"]

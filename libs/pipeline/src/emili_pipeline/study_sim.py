@@ -101,26 +101,53 @@ EARLIER_CANARY_RULE: CanaryRuleName = "dv-gain"  # The rule of reports written b
 # --- pure: items, intervals, decisions --------------------------------------------------------------------------
 
 
-def session_items(outcomes: Iterable[Any]) -> dict[str, list[float]]:
-    """Per metric, one value per completed simulated session (``SessionOutcome``-like: ``ok``, ``start_state``,
-    ``end_state``, ``ratings``, ``turns`` with ``quality``). Failed sessions are left out."""
-    items: dict[str, list[float]] = {m: [] for m in METRICS}
+def session_values(outcomes: Iterable[Any]) -> dict[str, list[tuple[int, float]]]:
+    """Per metric, (simulated user, value) for each completed simulated session (``SessionOutcome``-like: ``seed``,
+    ``ok``, ``start_state``, ``end_state``, ``ratings``, ``turns`` with ``quality``); the user is its seed, the same
+    on every arm of an iteration. Failed sessions are left out."""
+    values: dict[str, list[tuple[int, float]]] = {m: [] for m in METRICS}
     for outcome in outcomes:
         if not outcome.ok:
             continue
-        items["delta_v"].append(float(outcome.end_state["valence"] - outcome.start_state["valence"]))
+        user = int(outcome.seed)
+        values["delta_v"].append((user, float(outcome.end_state["valence"] - outcome.start_state["valence"])))
         ratings = outcome.ratings or {}
         if all(k in ratings for k in ("empathy", "relevance", "fluency")):
             for k in ("empathy", "relevance", "fluency"):
-                items[k].append(float(ratings[k]))
-            items["rating"].append(float(np.mean([ratings[k] for k in ("empathy", "relevance", "fluency")])))
+                values[k].append((user, float(ratings[k])))
+            values["rating"].append((user, float(np.mean([ratings[k] for k in ("empathy", "relevance", "fluency")]))))
         qualities = [t.quality for t in outcome.turns if t.quality is not None]
         if qualities:
-            items["reply_quality"].append(float(np.mean(qualities)))
+            values["reply_quality"].append((user, float(np.mean(qualities))))
         replies = [t.reply for t in outcome.turns if t.reply]
         if replies:
-            items["reply_words"].append(float(np.mean([len(r.split()) for r in replies])))
-    return items
+            values["reply_words"].append((user, float(np.mean([len(r.split()) for r in replies]))))
+    return values
+
+
+def session_items(outcomes: Iterable[Any]) -> dict[str, list[float]]:
+    """Per metric, one value per completed simulated session (:func:`session_values` without the users)."""
+    return {m: [v for _, v in pairs] for m, pairs in session_values(outcomes).items()}
+
+
+def session_users(outcomes: Iterable[Any]) -> dict[str, list[int]]:
+    """Per metric, the simulated user of each of :func:`session_items`'s values, in the same order."""
+    return {m: [u for u, _ in pairs] for m, pairs in session_values(outcomes).items()}
+
+
+def paired_differences(
+    candidate: Sequence[float], candidate_users: Sequence[int], baseline: Sequence[float], baseline_users: Sequence[int]
+) -> list[float]:
+    """candidate - baseline per simulated user who completed a session on both arms (in the candidate's order)."""
+    base = dict(zip(baseline_users, baseline, strict=True))
+    return [c - base[u] for u, c in zip(candidate_users, candidate, strict=True) if u in base]
+
+
+def paired_interval(differences: Sequence[float], seed: int = 0) -> dict[str, Any]:
+    """The mean per-user difference with a 95% bootstrap interval resampling users (:func:`pooled_paired` of one
+    iteration)."""
+    one = pooled_paired([differences], seed)
+    return {"n_pairs": one["n_pairs"], "difference": one["difference"], "ci95": one["ci95"]}
 
 
 def _finite(value: float) -> float | None:
@@ -145,17 +172,26 @@ def difference(candidate: Sequence[float], baseline: Sequence[float], seed: int 
 
 
 def compare_arms(
-    candidate: Mapping[str, Sequence[float]], baseline: Mapping[str, Sequence[float]], seed: int = 0
+    candidate: Mapping[str, Sequence[float]],
+    baseline: Mapping[str, Sequence[float]],
+    seed: int = 0,
+    users: tuple[Mapping[str, Sequence[int]], Mapping[str, Sequence[int]]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per metric: each arm's interval and the difference candidate - baseline."""
-    return {
-        m: {
-            "candidate": interval(candidate.get(m, []), seed),
-            "baseline": interval(baseline.get(m, []), seed),
-            "difference": difference(candidate.get(m, []), baseline.get(m, []), seed),
+    """Per metric: each arm's interval and the difference candidate - baseline, arms independent; with ``users``
+    (:func:`session_users` of the candidate's and the baseline's sessions) also the paired difference over the
+    users who met both arms, which leaves out how much the users differ from one another."""
+    compared: dict[str, dict[str, Any]] = {}
+    for m in METRICS:
+        c, b = candidate.get(m, []), baseline.get(m, [])
+        compared[m] = {
+            "candidate": interval(c, seed),
+            "baseline": interval(b, seed),
+            "difference": difference(c, b, seed),
         }
-        for m in METRICS
-    }
+        if users is not None:
+            pairs = paired_differences(c, users[0].get(m, []), b, users[1].get(m, []))
+            compared[m]["paired"] = paired_interval(pairs, seed)
+    return compared
 
 
 POOLED_METRICS = ("delta_v", "rating", "reply_quality", "reply_words")
@@ -186,12 +222,51 @@ def pooled_difference(pairs: Sequence[tuple[Sequence[float], Sequence[float]]], 
     }
 
 
-def pooled_comparison(iterations: Sequence[Mapping[str, Any]], seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Per metric, every iteration's candidate against base pooled (:func:`pooled_difference`)."""
-    arms = [((it.get("evaluation") or {}).get("items") or {}) for it in iterations]
-    arms = [a for a in arms if "candidate" in a and "base" in a]
+def pooled_paired(differences: Sequence[Sequence[float]], seed: int = 0) -> dict[str, Any]:
+    """Over iterations, the mean of each iteration's mean per-user difference (candidate - base on the same simulated
+    users), with a 95% stratified bootstrap interval (each iteration's users resampled within it). Iterations
+    without a pair are left out."""
+    groups = [np.asarray(d, dtype=np.float64) for d in differences if len(d)]
+    if not groups:
+        return {"iterations": 0, "n_pairs": 0, "difference": None, "ci95": None}
+    rng = np.random.default_rng(seed)
+    draws = sum(g[rng.integers(0, len(g), size=(SAMPLES, len(g)))].mean(axis=1) for g in groups) / len(groups)
+    tail = (1.0 - LEVEL) / 2.0
     return {
-        m: pooled_difference([(a["candidate"].get(m, []), a["base"].get(m, [])) for a in arms], seed)
+        "iterations": len(groups),
+        "n_pairs": sum(len(g) for g in groups),
+        "difference": round(float(np.mean([g.mean() for g in groups])), 4),
+        "ci95": [round(float(np.quantile(draws, tail)), 4), round(float(np.quantile(draws, 1.0 - tail)), 4)],
+    }
+
+
+def pooled_comparison(iterations: Sequence[Mapping[str, Any]], seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per metric, every iteration's candidate against base pooled (:func:`pooled_difference`), and paired by user
+    over the iterations that recorded their users (:func:`pooled_paired`)."""
+    evaluations = [it.get("evaluation") or {} for it in iterations]
+    arms = [e.get("items") or {} for e in evaluations]
+    arms = [a for a in arms if "candidate" in a and "base" in a]
+    paired = [
+        (e["items"], e["users"])
+        for e in evaluations
+        if {"candidate", "base"} <= set(e.get("items") or {}) and {"candidate", "base"} <= set(e.get("users") or {})
+    ]
+    return {
+        m: {
+            **pooled_difference([(a["candidate"].get(m, []), a["base"].get(m, [])) for a in arms], seed),
+            "paired": pooled_paired(
+                [
+                    paired_differences(
+                        items["candidate"].get(m, []),
+                        users["candidate"].get(m, []),
+                        items["base"].get(m, []),
+                        users["base"].get(m, []),
+                    )
+                    for items, users in paired
+                ],
+                seed,
+            ),
+        }
         for m in POOLED_METRICS
     }
 
@@ -393,6 +468,12 @@ def _decisions_table(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _paired(cell: Mapping[str, Any] | None) -> str:
+    if not cell or not cell.get("n_pairs"):
+        return "–"
+    return f"{_fmt(cell['difference'])} {_ci(cell['ci95'])} ({cell['n_pairs']})"
+
+
 def _arms_table(report: Mapping[str, Any]) -> list[str]:
     lines = [
         "### Candidate vs base (and vs production), simulated users per arm (SYNTHETIC: simulated users)",
@@ -400,11 +481,13 @@ def _arms_table(report: Mapping[str, Any]) -> list[str]:
         "Δv: the hidden valence change over a session (end - start); rating: mean of the 1-5 empathy, relevance and "
         "fluency ratings; quality: the simulator's reply-quality score, mean per session; reply_words: words per "
         "reply, mean per session. 95% bootstrap intervals; the difference is candidate - base, arms resampled "
-        "independently.",
+        "independently; paired: the mean of each simulated user's own difference (the same user met both arms), "
+        "users resampled, which leaves out how much users differ from one another (– where the iteration did not "
+        "record its users).",
         "",
         "| condition | iteration | compared with | metric | n other | other mean [95% CI] | n cand. | "
-        "candidate mean [95% CI] | difference [95% CI] |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "candidate mean [95% CI] | difference [95% CI] | paired difference [95% CI] (pairs) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, iterations in report["conditions"].items():
         for it in iterations:
@@ -419,7 +502,8 @@ def _arms_table(report: Mapping[str, Any]) -> list[str]:
                     arm = other if other == "base" else f"production ({it.get('production_before')})"
                     lines.append(
                         f"| {name} | {it['iteration']} | {arm} | {metric} | {b['n']} | {_mean(b)} {_ci(b['ci95'])} | "
-                        f"{c['n']} | {_mean(c)} {_ci(c['ci95'])} | {_fmt(d['difference'])} {_ci(d['ci95'])} |"
+                        f"{c['n']} | {_mean(c)} {_ci(c['ci95'])} | {_fmt(d['difference'])} {_ci(d['ci95'])} | "
+                        f"{_paired(row.get('paired'))} |"
                     )
     return lines
 
@@ -458,6 +542,12 @@ def _summary_table(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _pooled_paired(cell: Mapping[str, Any] | None) -> str:
+    if not cell or not cell.get("iterations"):
+        return "–"
+    return f"{_fmt(cell['difference'])} {_ci(cell['ci95'])} ({cell['iterations']}, {cell['n_pairs']})"
+
+
 def _pooled_table(report: Mapping[str, Any]) -> list[str]:
     lines = [
         "### Candidate vs base, every iteration pooled (SYNTHETIC: simulated users)",
@@ -465,10 +555,12 @@ def _pooled_table(report: Mapping[str, Any]) -> list[str]:
         "The mean over iterations of each candidate's difference from base on that iteration's users; 95% "
         "stratified bootstrap (each iteration's arms resampled within it, independently although both arms meet the "
         "same simulated users, so the interval is on the wide side). It is about these candidates: the interval "
-        "covers the users' variation, not what another run of the loop would train.",
+        "covers the users' variation, not what another run of the loop would train. Paired: the same over each "
+        "user's own difference, in the iterations that recorded their users (how many, and the pairs, in brackets).",
         "",
-        "| condition | metric | iterations | sessions, candidate / base (all) | difference [95% CI] |",
-        "|---|---|---|---|---|",
+        "| condition | metric | iterations | sessions, candidate / base (all) | difference [95% CI] | "
+        "paired difference [95% CI] (iterations, pairs) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, metrics in (report.get("pooled_candidate_vs_base") or {}).items():
         for metric, d in metrics.items():
@@ -476,7 +568,7 @@ def _pooled_table(report: Mapping[str, Any]) -> list[str]:
                 continue
             lines.append(
                 f"| {name} | {metric} | {d['iterations']} | {d['n_candidate']} / {d['n_baseline']} | "
-                f"{_fmt(d['difference'])} {_ci(d['ci95'])} |"
+                f"{_fmt(d['difference'])} {_ci(d['ci95'])} | {_pooled_paired(d.get('paired'))} |"
             )
     return lines
 
@@ -787,6 +879,7 @@ class ConditionRun:
         self.iteration = 0
         self.arm_items: dict[tuple[int, str], dict[str, list[float]]] = {}
         self.arm_sessions: dict[tuple[int, str], list[Any]] = {}  # The users' SessionOutcomes, for the canary.
+        self.arm_users: dict[tuple[int, str], dict[str, list[int]]] = {}  # Who gave each of arm_items' values.
         self.arm_errors: list[str] = []
         self.canary = OfflineCanary(self._canary_compare, on_decision=self._save_progress)
         system = SystemActions(stack.store, stack.celery, self.pipeline_path, fetch_recipe=stack.fetch_recipe)
@@ -833,6 +926,7 @@ class ConditionRun:
             outcomes = self._users(self.options.eval_users, arm, role, _seed(self.options.seed, self.iteration, 2))
             self.arm_errors += [f"arm {arm}: {e}" for o in outcomes for e in o.errors][:10]
             self.arm_items[key] = session_items(outcomes)
+            self.arm_users[key] = session_users(outcomes)
             self.arm_sessions[key] = list(outcomes)
         return self.arm_items[key]
 
@@ -1008,15 +1102,18 @@ class ConditionRun:
             decision = self.canary.decisions.get(candidate)
             record["canary"] = decision or {"outcome": None, "reason": "not run: the gate did not pass"}
             base, cand = self.arm("base"), self.arm(candidate)
+            users = {a: self.arm_users[(self.iteration, a)] for a in ("base", candidate)}
             record["evaluation"] = {
                 "arms": {"base": arm_intervals(base), "candidate": arm_intervals(cand)},
-                "candidate_vs_base": compare_arms(cand, base, seed=self.options.seed),
-                # Per-session values, so iterations can be pooled (see pooled_comparison).
+                "candidate_vs_base": compare_arms(cand, base, self.options.seed, (users[candidate], users["base"])),
+                # Per-session values and their users, so iterations can be pooled (see pooled_comparison).
                 "items": {"base": base, "candidate": cand},
+                "users": {"base": users["base"], "candidate": users[candidate]},
             }
             if production != "base":
+                other = self.arm(production)
                 record["evaluation"]["candidate_vs_production"] = compare_arms(
-                    cand, self.arm(production), seed=self.options.seed
+                    cand, other, self.options.seed, (users[candidate], self.arm_users[(self.iteration, production)])
                 )
             record["training_signal"] = self._training_signal(state.pipeline_id)
         record["errors"] += self.arm_errors
