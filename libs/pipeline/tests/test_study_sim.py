@@ -874,3 +874,22 @@ def test_resume_keeps_the_canary_rule_and_changes_it_only_before_any_canary(
     run_study(fake_study.stack, _options(decided, 1, conditions=("feedback",)))  # v1f promoted under dv-gain.
     with pytest.raises(StudyResumeError, match="decided canaries with the dv-gain rule"):
         run_study(fake_study.stack, _options(decided, 2, conditions=("feedback",), canary_rule="gateway"), resume=True)
+
+
+def test_a_study_stopped_between_conditions_evens_them_out_when_resumed(
+    fake_study: _FakeStudyStack, tmp_path: Path
+) -> None:
+    from emili_pipeline.study_sim import run_study
+
+    fake_study.interrupt_users = "sim-noise-1-collect"  # Stopped after feedback iteration 1, in noise's first.
+    with pytest.raises(KeyboardInterrupt):
+        run_study(fake_study.stack, _options(tmp_path, 1))
+    finished: list[tuple[str, int]] = []
+    report = run_study(
+        fake_study.stack,
+        _options(tmp_path, 2),
+        lambda r: finished.append((r["condition"], r["iteration"])),
+        resume=True,
+    )
+    assert finished == [("noise", 1), ("feedback", 2), ("noise", 2)]
+    assert [len(report["conditions"][c]) for c in ("feedback", "noise")] == [2, 2]

@@ -1208,7 +1208,8 @@ def run_study(
     resume: bool = False,
 ) -> dict[str, Any]:
     """Every condition's iterations, interleaved (iteration 1 of each condition, then 2, ...) so a study stopped
-    early has the same number of iterations per condition; the report is rewritten after each iteration.
+    early has the same number of iterations per condition (a resumed one first evens out);
+    the report is rewritten after each iteration.
 
     ``resume``: carry on the study in ``options.out`` (same options; more iterations allowed) until every condition
     has ``options.iterations``; its loop state, sessions and candidates are the object store's, so the local stack
@@ -1233,22 +1234,29 @@ def run_study(
         )
 
     report = report_now()
+    order = list(runs)
+
+    def next_condition() -> Condition:
+        """An iteration stopped after its collection first (its pipeline may be running), then the condition with
+        the fewest iterations: a study resumed after an uneven stop evens out before it goes further."""
+        waiting = [c for c in order if len(results[c]) < options.iterations]
+        return min(waiting, key=lambda c: (runs[c].pending is None, len(results[c]), order.index(c)))
+
     while any(len(its) < options.iterations for its in results.values()):
-        for condition, run in runs.items():
-            if len(results[condition]) >= options.iterations:
-                continue
-            log.info("study %s: %s iteration %d", run_id, condition, len(results[condition]) + 1)
-            try:
-                record = run.run_iteration()
-            except Exception as exc:  # One broken iteration is reported, the others still run.
-                log.exception("study %s: %s iteration failed", run_id, condition)
-                record = {"iteration": run.iteration, "errors": [f"{type(exc).__name__}: {exc}"], "wall_s": 0.0}
-            record["condition"] = condition
-            results[condition].append(record)
-            report = report_now()
-            write_report(report, options.out)
-            run.finish_iteration()
-            if on_iteration is not None:
-                on_iteration(record)
+        condition = next_condition()
+        run = runs[condition]
+        log.info("study %s: %s iteration %d", run_id, condition, len(results[condition]) + 1)
+        try:
+            record = run.run_iteration()
+        except Exception as exc:  # One broken iteration is reported, the others still run.
+            log.exception("study %s: %s iteration failed", run_id, condition)
+            record = {"iteration": run.iteration, "errors": [f"{type(exc).__name__}: {exc}"], "wall_s": 0.0}
+        record["condition"] = condition
+        results[condition].append(record)
+        report = report_now()
+        write_report(report, options.out)
+        run.finish_iteration()
+        if on_iteration is not None:
+            on_iteration(record)
     write_report(report, options.out)
     return report
