@@ -144,6 +144,8 @@ def test_paired_differences_compare_each_user_with_themself() -> None:
 
     sessions = [_Outcome(-0.5, -0.2, seed=7), _Outcome(0.0, 1.0, ok=False, seed=8), _Outcome(-0.1, 0.0, seed=9)]
     assert session_users(sessions)["delta_v"] == [7, 9]  # The failed session's user has no value.
+    with pytest.raises(ValueError, match="two sessions on one arm"):
+        paired_differences([1.0, 2.0], [7, 7], [0.0, 5.0], [7, 8])
     # User 8 completed only on the candidate, user 5 only on base: neither is a pair.
     assert paired_differences([0.5, 0.2, 0.1], [7, 8, 9], [0.1, 0.0, 0.3], [9, 5, 7]) == pytest.approx([0.2, 0.0])
     # Users far apart, each gaining 0.1 on the candidate: unpaired the gain drowns, paired it is certain.
@@ -448,6 +450,7 @@ class _FakeStudyStack:
     arms: dict[str, str] = field(default_factory=dict)  # Session id -> the arm its user talked to.
     positive: dict[str, float] = field(default_factory=dict)  # Per arm: the share of replies flagged positive (0.5).
     labelled: list[str] = field(default_factory=list)  # Sessions the fake labeler was asked to label.
+    fail_users: str | None = None  # The first user with this subject prefix fails (once).
 
     def send_task(self, name: str, args: list[str]) -> Any:
         """The labeler's ``labeler.label_session`` on the Celery producer: a label whose 4 replies' reactions were
@@ -490,6 +493,8 @@ def fake_study(monkeypatch: pytest.MonkeyPatch) -> _FakeStudyStack:
             outcome.end_state = {"valence": -0.5 + gain + float(rng.normal(0.0, 0.05))}
             outcome.ratings = {"empathy": 4, "relevance": 3, "fluency": 4}
             outcome.turns = [TurnResult("hi", quality=0.3)]
+            if fake.fail_users is not None and settings.subject_prefix.startswith(fake.fail_users):
+                fake.fail_users, outcome.errors = None, ["chat: no text for 30 s"]
             outcomes.append(outcome)
         return outcomes
 
@@ -784,9 +789,10 @@ def test_the_gateway_rule_promotes_a_candidate_shown_not_worse_at_the_planned_si
     assert decision["outcome"] == "promoted" and decision["rule"] == "gateway" and decision["looks"] == 20
     rating = decision["outcomes"][0]
     assert rating["outcome"] == "rating" and rating["n_candidate"] == 20 and rating["lower_bound"] > -0.25
-    # Not shown within the margin: a clearly lower rating that the harm test has not (yet) called.
-    worse = gateway_canary_decision(_rows(20, 3.05), _rows(20, 3.3), planned_sessions=20)
-    assert worse["outcome"] == "rolled_back"
+    # A slightly lower rating, too little for the harm test but not shown within the margin at the planned size.
+    lower = gateway_canary_decision(_rows(20, 3.2), _rows(20, 3.3), planned_sessions=20)
+    assert lower["outcome"] == "rolled_back" and "not shown to be as good" in lower["reason"]
+    assert lower["looks"] == 20
     # Fewer rated sessions than planned: the canary never reached its analysis.
     short = gateway_canary_decision(_rows(12, 3.4), _rows(12, 3.3), planned_sessions=20)
     assert short["outcome"] == "rolled_back" and "fewer than the planned 20" in short["reason"]
@@ -893,3 +899,35 @@ def test_a_study_stopped_between_conditions_evens_them_out_when_resumed(
     )
     assert finished == [("noise", 1), ("feedback", 2), ("noise", 2)]
     assert [len(report["conditions"][c]) for c in ("feedback", "noise")] == [2, 2]
+
+
+def test_the_gateway_rule_canary_tops_up_an_arm_that_lost_a_session(
+    fake_study: _FakeStudyStack, tmp_path: Path
+) -> None:
+    from emili_pipeline.study_sim import run_study
+
+    fake_study.fail_users = "sim-feedb-1-base"  # Base's first user after the loop fails: 4 rated of the planned 5.
+    report = run_study(fake_study.stack, _options(tmp_path, 1, conditions=("feedback",), canary_rule="gateway"))
+    canary = report["conditions"]["feedback"][0]["canary"]
+    # As the gateway waits for more participants, one more user met base, and the canary decided at its planned size.
+    assert canary["topped_up"] == [0, 1] and canary["outcome"] == "promoted"
+    assert canary["outcomes"][0]["n_production"] == 5
+
+
+def test_resume_sees_a_canary_decided_in_an_interrupted_iteration(fake_study: _FakeStudyStack, tmp_path: Path) -> None:
+    import json
+
+    from emili_pipeline.study_sim import StudyResumeError, run_study
+
+    # v1f's canary decided, but the iteration's record not written (stopped in between): only progress.json knows.
+    run_study(fake_study.stack, _options(tmp_path, 1, conditions=("feedback",)))
+    path = tmp_path / "study.json"
+    report = json.loads(path.read_text())
+    report["conditions"]["feedback"][0]["canary"] = {}
+    path.write_text(json.dumps(report))
+    assert json.loads((tmp_path / "feedback" / "progress.json").read_text())["canary_decisions"]
+    with pytest.raises(StudyResumeError, match="decided canaries with the dv-gain rule"):
+        run_study(fake_study.stack, _options(tmp_path, 1, conditions=("feedback",), canary_rule="gateway"), resume=True)
+    (tmp_path / "feedback" / "progress.json").write_text("{")
+    with pytest.raises(StudyResumeError, match="cannot be read"):
+        run_study(fake_study.stack, _options(tmp_path, 1, conditions=("feedback",), canary_rule="gateway"), resume=True)

@@ -139,6 +139,9 @@ def paired_differences(
     candidate: Sequence[float], candidate_users: Sequence[int], baseline: Sequence[float], baseline_users: Sequence[int]
 ) -> list[float]:
     """candidate - baseline per simulated user who completed a session on both arms (in the candidate's order)."""
+    for users in (candidate_users, baseline_users):
+        if len(set(users)) != len(users):
+            raise ValueError("a simulated user gave two sessions on one arm: pairs need one session per user and arm")
     base = dict(zip(baseline_users, baseline, strict=True))
     return [c - base[u] for u, c in zip(candidate_users, candidate, strict=True) if u in base]
 
@@ -327,6 +330,12 @@ def canary_decision(
     return {"outcome": "rolled_back", "reason": reason, PRIMARY: gain, "rating": rating}
 
 
+def rated(session: Any) -> bool:
+    """Whether a simulated session completed with all three ratings (the gateway canary's rated session)."""
+    ratings = session.ratings or {}
+    return bool(session.ok) and all(k in ratings for k in ("empathy", "relevance", "fluency"))
+
+
 def canary_outcomes(sessions: Iterable[Any], labels: Mapping[str, Mapping[str, Any]]) -> list[dict[str, float | None]]:
     """Per simulated session, in the order the users ran, the gateway canary's outcomes: ``rating`` (the mean of the
     three ratings; None unrated), ``completed`` (1 rated, 0 not: a failed session is an abandoned one), and from its
@@ -334,15 +343,16 @@ def canary_outcomes(sessions: Iterable[Any], labels: Mapping[str, Mapping[str, A
     and ``positive_reaction`` (the share of replies whose read reaction was flagged)."""
     rows = []
     for session in sessions:
-        ratings = session.ratings or {}
-        rated = session.ok and all(k in ratings for k in ("empathy", "relevance", "fluency"))
+        ratings, complete = session.ratings or {}, rated(session)
         label = labels.get(session.session_id) or {}
         delta = (label.get("gold") or {}).get("delta")
         read = [t for t in label.get("turns") or () if t.get("delta") is not None]
         rows.append(
             {
-                "rating": float(np.mean([ratings[k] for k in ("empathy", "relevance", "fluency")])) if rated else None,
-                "completed": 1.0 if rated else 0.0,
+                "rating": float(np.mean([ratings[k] for k in ("empathy", "relevance", "fluency")]))
+                if complete
+                else None,
+                "completed": 1.0 if complete else 0.0,
                 "delta_v": float(delta["valence"]) if delta else None,
                 "positive_reaction": sum(bool(t.get("flagged")) for t in read) / len(read) if read else None,
             }
@@ -358,7 +368,9 @@ def gateway_canary_decision(
     """The offline canary with the gateway's rule (:func:`emili_affect.canary.judge`, its default alpha, margin,
     scales and burn-in), planned at ``planned_sessions`` per arm: looked at after each pair of sessions (the k-th of
     each arm, in the order they ran), as the gateway's monitor looks after each session; the p-values' running
-    minimum carries over. Still undecided after the last pair (fewer rated sessions than planned): rolled back."""
+    minimum carries over. Still undecided after the last pair (fewer rated sessions than planned): rolled back.
+    Harm's alpha is shared by all four outcomes even when no label could be read (the gateway shares it by two when
+    it has no labeler): a little more conservative, never less."""
     from emili_affect.canary import OUTCOMES, CanaryRule, judge
 
     rule = CanaryRule(max_sessions=planned_sessions)  # Its burn-in is min(min_sessions, planned_sessions).
@@ -753,7 +765,8 @@ class ScopedStateStore:
 @dataclass
 class OfflineCanary:
     """The canary phase without the gateway: ``compare(candidate)`` runs simulated users on the candidate and the
-    production arm and returns :func:`canary_decision`'s dict; the outcome is kept until the next candidate."""
+    production arm and returns the decision's dict (:func:`gateway_canary_decision` or :func:`canary_decision`);
+    the outcome is kept until the next candidate."""
 
     compare: Callable[[str], dict[str, Any]]
     decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -941,25 +954,49 @@ class ConditionRun:
             )
             decision["rule"] = "dv-gain"
         else:
-            arms = []
-            for arm in (candidate, production):
-                self.arm(arm)
-                arms.append(self.arm_sessions[(self.iteration, arm)])
-            labels = self._labels([s.session_id for sessions in arms for s in sessions if s.session_id])
+            arms = [self._canary_sessions(arm) for arm in (candidate, production)]
+            labels = self._labels([s.session_id for sessions in arms for s in sessions if s.ok])
             decision = gateway_canary_decision(
                 canary_outcomes(arms[0], labels), canary_outcomes(arms[1], labels), self.options.canary_min_sessions
             )
+            decision["topped_up"] = [
+                len(a) - len(self.arm_sessions[(self.iteration, arm)])
+                for a, arm in zip(arms, (candidate, production), strict=True)
+            ]
         return {**decision, "production": production, "mode": "offline (simulated users per arm)"}
 
-    def _labels(self, session_ids: Sequence[str], timeout_s: float = 600.0) -> dict[str, dict[str, Any]]:
-        """The labeler's labels of these sessions (``labeler.label_session``, made once and kept), by session id; a
-        session that cannot be labelled is left out, as the gateway leaves out a label it cannot read."""
+    def _canary_sessions(self, arm: str, rounds: int = 3) -> list[Any]:
+        """``arm``'s simulated sessions for the gateway rule's canary: this iteration's users on it, topped up with
+        new users while fewer than the planned ``canary_min_sessions`` were rated (a failed session), as the
+        gateway's canary waits for more participants; at most ``rounds`` top-ups."""
+        self.arm(arm)
+        sessions = list(self.arm_sessions[(self.iteration, arm)])
+        for round_ in range(1, rounds + 1):
+            missing = self.options.canary_min_sessions - sum(1 for s in sessions if rated(s))
+            if missing <= 0:
+                break
+            role = f"c{round_}" + ("base" if arm == "base" else hashlib.sha256(arm.encode()).hexdigest()[:6])
+            extra = self._users(missing, arm, role, _seed(self.options.seed, self.iteration, 3, round_))
+            self.arm_errors += [f"canary top-up on {arm}: {e}" for o in extra for e in o.errors][:10]
+            sessions += extra
+        return sessions
+
+    def _labels(self, session_ids: Sequence[str], timeout_s: float = 900.0) -> dict[str, dict[str, Any]]:
+        """The labeler's labels of these sessions (``labeler.label_session``, made once and kept), by session id,
+        waited for ``timeout_s`` in all; a session that cannot be labelled by then is left out, as the gateway leaves
+        out a label it cannot read."""
+        deadline = time.monotonic() + timeout_s
         recorded = self._wait_recorded(session_ids)
-        results = {s: self.stack.celery.send_task("labeler.label_session", args=[s]) for s in recorded}
-        labels = {}
+        results, labels = {}, {}
+        for session_id in recorded:
+            try:
+                results[session_id] = self.stack.celery.send_task("labeler.label_session", args=[session_id])
+            except Exception as exc:  # The broker down: no label outcomes at all.
+                self.arm_errors.append(f"canary labels not asked for: {type(exc).__name__}: {exc}")
+                return {}
         for session_id, result in results.items():
             try:
-                labels[session_id] = dict(result.get(timeout=timeout_s))
+                labels[session_id] = dict(result.get(timeout=max(1.0, deadline - time.monotonic())))
             except Exception as exc:  # A session the labeler refuses (or an outage): no label outcomes for it.
                 log.warning("study %s: session %s has no label for the canary: %s", self.run_id, session_id, exc)
                 self.arm_errors.append(f"canary label of {session_id}: {type(exc).__name__}: {exc}")
@@ -1169,8 +1206,11 @@ def _canary_decided(options: StudyOptions, results: Mapping[str, Sequence[Mappin
         return True
     for condition in options.conditions:
         path = options.out / condition / "progress.json"
-        if path.is_file() and json.loads(path.read_text()).get("canary_decisions"):
-            return True
+        try:
+            if path.is_file() and json.loads(path.read_text()).get("canary_decisions"):
+                return True
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise StudyResumeError(f"{path} cannot be read ({exc}): this folder holds no resumable study") from exc
     return False
 
 
