@@ -112,7 +112,7 @@ def session_values(outcomes: Iterable[Any]) -> dict[str, list[tuple[int, float]]
         user = int(outcome.seed)
         values["delta_v"].append((user, float(outcome.end_state["valence"] - outcome.start_state["valence"])))
         ratings = outcome.ratings or {}
-        if all(k in ratings for k in ("empathy", "relevance", "fluency")):
+        if rated(outcome):
             for k in ("empathy", "relevance", "fluency"):
                 values[k].append((user, float(ratings[k])))
             values["rating"].append((user, float(np.mean([ratings[k] for k in ("empathy", "relevance", "fluency")]))))
@@ -867,6 +867,11 @@ def config_digest(pipeline: Path, gate: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def arm_role(arm: str) -> str:
+    """A short, stable name of an arm for its simulated users' subjects."""
+    return "base" if arm == "base" else hashlib.sha256(arm.encode()).hexdigest()[:6]
+
+
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] % (2**31))
 
@@ -935,7 +940,7 @@ class ConditionRun:
         arms meet the same users."""
         key = (self.iteration, arm)
         if key not in self.arm_items:
-            role = "base" if arm == "base" else hashlib.sha256(arm.encode()).hexdigest()[:6]
+            role = arm_role(arm)
             outcomes = self._users(self.options.eval_users, arm, role, _seed(self.options.seed, self.iteration, 2))
             self.arm_errors += [f"arm {arm}: {e}" for o in outcomes for e in o.errors][:10]
             self.arm_items[key] = session_items(outcomes)
@@ -975,7 +980,7 @@ class ConditionRun:
             missing = self.options.canary_min_sessions - sum(1 for s in sessions if rated(s))
             if missing <= 0:
                 break
-            role = f"c{round_}" + ("base" if arm == "base" else hashlib.sha256(arm.encode()).hexdigest()[:6])
+            role = f"c{round_}{arm_role(arm)}"
             extra = self._users(missing, arm, role, _seed(self.options.seed, self.iteration, 3, round_))
             self.arm_errors += [f"canary top-up on {arm}: {e}" for o in extra for e in o.errors][:10]
             sessions += extra
