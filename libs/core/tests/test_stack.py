@@ -135,3 +135,34 @@ def test_status_prints_the_links(
     assert "web-server" in result.stdout and f"web app: {web.url}/" in result.stdout
     as_json = CliRunner().invoke(cli.app, ["status", "--json"], env=env)
     assert "web app" not in as_json.stdout and '"name": "web-server"' in as_json.stdout
+
+
+def test_the_stacks_listening_ports_come_from_every_services_settings() -> None:
+    settings = CommonSettings(s3=S3Settings(endpoint="127.0.0.1:9000"))
+    ports = stack.listening_ports(settings)
+    assert {6379, 9000, settings.monitoring.prometheus_port, settings.monitoring.flower_port} <= set(ports)
+    # Each installed service's gRPC (or HTTP) and metrics ports: the trainer's 50054 is the one seen taken.
+    assert {50051, 50052, 50053, 50054, 8080, 9101, 9105} <= set(ports)
+    assert 0 not in ports
+
+
+def test_reserve_ports_adds_the_ports_in_the_ephemeral_range_to_what_is_reserved(tmp_path: Any) -> None:
+    port_range, reserved = tmp_path / "range", tmp_path / "reserved"
+    port_range.write_text("32768\t60999\n")
+    reserved.write_text("40000-40002,45000\n")
+    done, failed = stack.reserve_ports([6379, 50051, 50052, 50054, 40001], reserved, port_range)
+    assert (done, failed) == ([40001, 50051, 50052, 50054], [])
+    assert reserved.read_text() == "40000-40002,45000,50051-50052,50054\n"  # Kept what was there.
+    before = reserved.stat().st_mtime_ns
+    assert stack.reserve_ports([50051], reserved, port_range) == ([50051], [])
+    assert reserved.stat().st_mtime_ns == before  # Already reserved: not written again.
+
+
+def test_reserve_ports_reports_what_it_could_not_reserve(tmp_path: Any) -> None:
+    port_range = tmp_path / "range"
+    port_range.write_text("32768 60999\n")
+    unwritable = tmp_path / "no-such-dir" / "reserved"
+    assert stack.reserve_ports([9000, 50054], unwritable, port_range) == ([], [50054])
+    # No such kernel setting (not Linux): nothing is known to collide.
+    assert stack.reserve_ports([50054], unwritable, tmp_path / "missing") == ([], [])
+    assert stack.reserve_ports([9000], unwritable, port_range) == ([], [])

@@ -251,7 +251,14 @@ def stack_up(
 ) -> None:
     """Start (or update) the local stack and wait until every component is healthy."""
     settings = load_settings(CliSettings)
-    stack.up(settings)
+    unreserved = stack.up(settings)
+    if unreserved:
+        ports = ",".join(map(str, unreserved))
+        console.print(
+            f"[yellow]ports {ports} lie in the kernel's ephemeral range and could not be reserved (needs root): an "
+            "outgoing connection may take one before its server binds; if a server keeps exiting, run `sysctl -w "
+            f"net.ipv4.ip_local_reserved_ports={ports}` (as root) or `make down && make up`[/yellow]"
+        )
     console.print(f"supervisord running; logs in {stack.LOG_DIR}")
     deadline = time.monotonic() + wait
     workers_started = False

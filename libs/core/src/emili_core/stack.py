@@ -29,6 +29,8 @@ PROMETHEUS_CONFIG = RUN_DIR / "prometheus.yml"
 PROMETHEUS_DATA = VAR / "prometheus"
 # The rules Kubernetes loads too (deploy/k8s/components/monitoring wraps the same file).
 RULES_FILE = REPO_ROOT / "deploy" / "monitoring" / "rules" / "emili.rules.yaml"
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+RESERVED_PORTS_FILE = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
 
 # Services started by `make up`, in start order. A service joins this list when its code lands. Each runs its
 # server and, when its settings class says it has one (``has_worker``), its Celery worker.
@@ -284,9 +286,10 @@ def render_config(progs: list[Program]) -> str:
     return "\n".join(sections)
 
 
-# The servers' fixed ports lie in the kernel's ephemeral range: a worker's Redis connection made before a slow
-# server (the trainer imports torch first) has bound could take that port as its source port, and the server then
-# never binds. So workers are not started by supervisord; `emili stack up` starts them once every server answers.
+# The servers' fixed ports lie in the kernel's ephemeral range: a connection made before a slow server (the trainer
+# imports torch first) has bound could take that port as its source port, and the server then never binds. Seen on
+# a fresh machine: the gateway server's Redis connection took the trainer's 50054. So `emili stack up` reserves the
+# servers' ports where the kernel lets it (reserve_ports), and starts the workers only once every server answers.
 def start_workers() -> None:
     names = [p for p in program_states() if p.endswith("-worker")]
     if names:
@@ -323,9 +326,72 @@ def ensure_dev_certificates(settings: CommonSettings) -> bool:
     return True
 
 
-def up(settings: CommonSettings) -> None:
+_PORT_FIELDS = ("grpc_port", "http_port", "metrics_port", "health_port")
+
+
+def listening_ports(settings: CommonSettings, classes: dict[str, type[CommonSettings]] | None = None) -> list[int]:
+    """Every fixed port the local stack's programs listen on (0, a free port, is left out)."""
+    classes = service_settings_classes() if classes is None else classes
+    s3 = settings.s3.endpoint
+    ports = {urlparse(settings.redis_url).port or 6379, urlparse(s3 if "//" in s3 else f"//{s3}").port or 0}
+    ports |= {settings.monitoring.prometheus_port, settings.monitoring.flower_port}
+    for service in LOCAL_SERVICES:
+        if service not in classes:
+            continue
+        options = getattr(classes[service](), service, None)
+        for part in ("server", "worker"):
+            section = getattr(options, part, None)
+            ports |= {getattr(section, name, 0) or 0 for name in _PORT_FIELDS}
+    return sorted(p for p in ports if p)
+
+
+def _parse_ports(text: str) -> set[int]:
+    ports: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        if part:
+            low, _, high = part.partition("-")
+            ports.update(range(int(low), int(high or low) + 1))
+    return ports
+
+
+def _format_ports(ports: set[int]) -> str:
+    ranges: list[str] = []
+    for port in sorted(ports):
+        if ranges and int(ranges[-1].rpartition("-")[2]) == port - 1:
+            ranges[-1] = f"{ranges[-1].partition('-')[0]}-{port}"
+        else:
+            ranges.append(str(port))
+    return ",".join(ranges)
+
+
+def reserve_ports(
+    ports: Sequence[int], reserved: Path = RESERVED_PORTS_FILE, port_range: Path = EPHEMERAL_RANGE_FILE
+) -> tuple[list[int], list[int]]:
+    """Keep the kernel from giving ``ports`` that lie in its ephemeral range to outgoing connections, by adding
+    them to ``ip_local_reserved_ports`` (kept with what is there; servers can still listen on them). Returns
+    (ports in the range now reserved, ports in the range it could not reserve: not Linux, or not allowed)."""
+    try:
+        low, high = (int(x) for x in port_range.read_text().split())
+    except (OSError, ValueError):
+        return [], []  # No such kernel setting: nothing known to collide.
+    at_risk = {p for p in ports if low <= p <= high}
+    if not at_risk:
+        return [], []
+    try:
+        current = _parse_ports(reserved.read_text().strip())
+        if not at_risk <= current:
+            reserved.write_text(_format_ports(current | at_risk) + "\n")
+    except (OSError, ValueError):
+        return [], sorted(at_risk)
+    return sorted(at_risk), []
+
+
+def up(settings: CommonSettings) -> list[int]:
+    """Start (or update) the stack under supervisord; returns the servers' ports in the kernel's ephemeral range
+    that could not be reserved (see :func:`reserve_ports`)."""
     for folder in (RUN_DIR, LOG_DIR, VAR / "redis", VAR / "s3", PROMETHEUS_DATA):
         folder.mkdir(parents=True, exist_ok=True)
+    _, unreserved = reserve_ports(listening_ports(settings))
     ensure_dev_certificates(settings)
     extensions = extension_programs(settings)
     PROMETHEUS_CONFIG.write_text(prometheus_config(settings, scrape_targets(settings, extensions=extensions)))
@@ -334,8 +400,9 @@ def up(settings: CommonSettings) -> None:
         supervisorctl("update", check=True)
         supervisorctl("start", "all")
         supervisorctl("signal", "HUP", "prometheus")  # Reloads its configuration and rules (if it runs).
-        return
+        return unreserved
     subprocess.run([_bin("supervisord"), "-c", str(CONFIG)], check=True, env=os.environ.copy())
+    return unreserved
 
 
 def down(timeout: float = 60.0) -> bool:
