@@ -272,3 +272,12 @@ def test_pair_cap_selection_and_share_are_dumped_only_when_set() -> None:
         PipelineConfig(pair_selection="best")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         PipelineConfig(pair_margin_share=0.0)
+
+
+def test_an_sft_delta_share_is_dumped_only_when_set_and_needs_session_sft() -> None:
+    assert "sft_delta_share" not in PipelineConfig().model_dump(mode="json")  # Existing pipeline ids stay.
+    assert PipelineConfig(sft_delta_share=0.5).model_dump(mode="json")["sft_delta_share"] == 0.5
+    with pytest.raises(ValueError):
+        PipelineConfig(sft_delta_share=0.0)
+    with pytest.raises(ValueError, match="sft_source sessions"):
+        PipelineConfig(sft_source="empathetic", sft_delta_share=0.5)

@@ -21,6 +21,7 @@ from emili_labeler.datasets import (
     feedback_pairs,
     jsonl_bytes,
     plain_reply,
+    sft_delta_cutoff,
     sft_examples,
     write_jsonl,
 )
@@ -299,6 +300,31 @@ def test_a_margin_share_keeps_the_widest_margins_of_every_context_together() -> 
     for share in (0.0, 1.5):
         with pytest.raises(ValueError, match="margin_share"):
             feedback_pairs(sessions, margin_share=share)
+
+
+def test_a_delta_share_trains_only_the_flagged_replies_with_the_largest_reactions() -> None:
+    sessions = [
+        _reacted("strong", "that must be hard", 9.0),
+        _reacted("middle", "tell me more", 4.0),
+        _reacted("weak", "ok", 0.5),
+        _reacted("unmeasured", "hmm", None),  # Flagged without a delta: kept without a share, never by one.
+        _reacted("negative", "calm down", -6.0, flagged=False),
+    ]
+
+    def trained(share: float) -> set[str]:
+        cutoff = sft_delta_cutoff(sessions, share)
+        examples = [
+            e for s in sessions for e in sft_examples(s.session_id, SYSTEM, s.events, s.labels, min_delta=cutoff)
+        ]
+        return {e["session_id"] for e in examples}
+
+    assert trained(1.0) == {"strong", "middle", "weak", "unmeasured"}
+    assert trained(0.5) == {"strong", "middle"}  # ceil(0.5 x 4 flagged) = 2.
+    assert trained(0.1) == {"strong"}
+    assert trained(0.99) == {"strong", "middle", "weak"}
+    for share in (0.0, 1.5):
+        with pytest.raises(ValueError, match="delta_share"):
+            sft_delta_cutoff(sessions, share)
 
 
 # --- ids, files, manifests ------------------------------------------------------------------------------

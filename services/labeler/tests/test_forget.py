@@ -26,6 +26,7 @@ pytestmark = pytest.mark.integration
 T0 = 1_790_000_000_000
 HAPPY = {"angry": 0.0, "disgust": 0.0, "fear": 0.0, "happy": 0.9, "sad": 0.0, "surprise": 0.0, "neutral": 0.1}
 SAD = {"angry": 0.05, "disgust": 0.05, "fear": 0.0, "happy": 0.0, "sad": 0.8, "surprise": 0.0, "neutral": 0.1}
+MILD = {"angry": 0.0, "disgust": 0.0, "fear": 0.0, "happy": 0.45, "sad": 0.0, "surprise": 0.0, "neutral": 0.55}
 NEUTRAL = {"angry": 0.0, "disgust": 0.0, "fear": 0.0, "happy": 0.1, "sad": 0.1, "surprise": 0.0, "neutral": 0.8}
 
 
@@ -197,3 +198,30 @@ def test_a_capped_feedback_dataset_is_rebuilt_with_its_cap(runtime: jobs.Runtime
     assert half["counts"]["pairs"] == 2 and jobs._rebuild(runtime, half, list(replies))[0] == half["id"]
     with pytest.raises(InvalidInput, match="margin_share"):
         jobs.build_dpo_dataset(runtime, "feedback", list(replies), margin_share=0.0)
+
+
+def test_an_sft_dataset_with_a_delta_share_is_rebuilt_with_the_same_share(runtime: jobs.Runtime) -> None:
+    store = runtime.store
+    faces = {"ds-ann": HAPPY, "ds-ben": HAPPY, "ds-cat": MILD}
+    for session_id, face in faces.items():
+        store_session(store, session_id, session_id.removeprefix("ds-"), "That must sting. Want to talk?", face)
+    sessions = list(faces)
+    labels = {s: jobs.label_session(runtime, s)["turns"][0] for s in sessions}
+    assert all(turn["flagged"] is True for turn in labels.values())
+    assert labels["ds-ann"]["delta"] == labels["ds-ben"]["delta"] > labels["ds-cat"]["delta"]
+    every = jobs.build_sft_dataset(runtime, sessions)
+    assert every["counts"]["flagged_turns"] == 3 and every["created_from"] == {}
+    half = jobs.build_sft_dataset(runtime, sessions, delta_share=0.5)  # ceil(0.5 x 3) = 2: the two happiest.
+    assert half["source_sessions"] == ["ds-ann", "ds-ben"] and half["created_from"] == {"delta_share": 0.5}
+    with pytest.raises(InvalidInput, match="delta_share"):
+        jobs.build_sft_dataset(runtime, sessions, delta_share=0.0)
+    with pytest.raises(InvalidInput, match="EmpatheticDialogues"):
+        jobs.build_sft_dataset(runtime, source="empathetic", delta_share=0.5)
+
+    result = jobs.forget_sessions(runtime, ["ds-ann"], ["ann"], requested_by="p-ann", reason="withdrawal")
+
+    replacements = {d["id"]: d["replacement"] for d in result["datasets"]}
+    assert dataset_manifest(store, replacements[every["id"]])["source_sessions"] == ["ds-ben", "ds-cat"]
+    rebuilt = dataset_manifest(store, replacements[half["id"]])
+    # The same share of what is left: ceil(0.5 x 2) = 1.
+    assert rebuilt["source_sessions"] == ["ds-ben"] and rebuilt["created_from"] == {"delta_share": 0.5}

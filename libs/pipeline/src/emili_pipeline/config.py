@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
 )
@@ -104,10 +105,20 @@ class PipelineConfig(BaseModel):
     # sessions: SFT on the flagged replies of the collected sessions; empathetic: EmPO's SFT stage, every listener
     # turn of EmpatheticDialogues (its train split when the labeler's folder has one, else valid), before DPO.
     sft_source: Literal["sessions", "empathetic"] = "sessions"
+    # SFT on only this share of the flagged replies, those with the largest reactions (every session together):
+    # a flag on a barely positive change of a noisy face is weak evidence; unset: every flagged reply.
+    sft_delta_share: float | None = Field(None, gt=0.0, le=1.0)
     evaluation: Evaluation = Evaluation()
     # The production arm the candidate (the last version trained: DPO, else SFT) is compared with by the
     # evaluation gate: "base" or a registered model version. Every evaluation step talks to it too.
     baseline: str = Field(BASE_ARM, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+
+    @field_validator("sft_delta_share")
+    @classmethod
+    def _delta_share_needs_sessions(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and info.data.get("sft_source") != "sessions":
+            raise ValueError("sft_delta_share selects flagged session replies: it needs sft_source sessions")
+        return value
 
     @field_validator("baseline")
     @classmethod
@@ -123,7 +134,7 @@ class PipelineConfig(BaseModel):
         data: dict[str, Any] = handler(self)
         if data.get("baseline") == BASE_ARM:
             data.pop("baseline")
-        for optional in ("pairs_per_context", "pair_selection", "pair_margin_share"):
+        for optional in ("pairs_per_context", "pair_selection", "pair_margin_share", "sft_delta_share"):
             if data.get(optional) is None:
                 data.pop(optional, None)
         evaluation = data.get("evaluation")

@@ -16,7 +16,9 @@ What the functions decide, so the data can be interpreted:
   EmpatheticDialogues SFT records (:func:`emili_labeler.empathetic.empathetic_sft_examples`) have the same
   form, with ``"source": "empathetic"`` and a ``conv_id`` in place of the session. Sessions without a
   weight-1 turn produce nothing. Empty replies
-  are never weighted 1. With ``include_readouts=False`` readouts and reminders (which refer to the
+  are never weighted 1. ``delta_share`` below 1 (:func:`sft_delta_cutoff`) weights only that share of all the
+  flagged replies, those with the largest reactions across every session (a flag without a measured delta never
+  passes such a cut). With ``include_readouts=False`` readouts and reminders (which refer to the
   readout) are dropped, and unprompted replies get weight 0: what triggered them was a readout.
 * **Feedback pairs** (:func:`feedback_pairs`): only replies that answer a user message are paired (the
   prompt must end with the user message; unprompted remarks answer a face, not a context). The context
@@ -66,6 +68,7 @@ __all__ = [
     "TurnLabel",
     "TurnLabelLike",
     "canonical_json",
+    "check_delta_share",
     "check_pair_options",
     "content_id",
     "context_key",
@@ -73,6 +76,7 @@ __all__ = [
     "jsonl_bytes",
     "normalise_text",
     "plain_reply",
+    "sft_delta_cutoff",
     "sft_examples",
     "write_jsonl",
 ]
@@ -179,17 +183,50 @@ def _finite(value: float | None) -> float | None:
 # --- SFT ------------------------------------------------------------------------------------------------
 
 
+def _flagged_delta(entry: Any, label: TurnLabelLike | None, include_readouts: bool) -> float | None:
+    """A trainable flagged reply's reaction (-inf when its flag came without a measured delta); None otherwise."""
+    trainable = bool(entry.content.strip()) and (include_readouts or not entry.unprompted)
+    if not trainable or label is None or label.flagged is not True:
+        return None
+    delta = _finite(label.delta)
+    return -math.inf if delta is None else delta
+
+
+def check_delta_share(delta_share: float) -> None:
+    """ValueError when an SFT ``delta_share`` is out of range."""
+    if not 0.0 < delta_share <= 1.0:
+        raise ValueError(f"delta_share must be above 0 and at most 1, got {delta_share}")
+
+
+def sft_delta_cutoff(sessions: Sequence[SessionInput], delta_share: float, include_readouts: bool = True) -> float:
+    """The smallest reaction among the ``delta_share`` of all flagged replies (every session together) with the
+    largest ones; -inf (keep every flagged reply) at a share of 1. Why: a flag is a noisy reading of a face, and a
+    reply flagged on a barely positive change is little evidence that the user liked it (the same reason
+    ``margin_share`` exists for pairs)."""
+    check_delta_share(delta_share)
+    deltas = [
+        delta
+        for session in sessions
+        for entry in conversation(session.system_prompt, session.events)
+        if entry.role == "assistant" and entry.turn_id is not None
+        if (delta := _flagged_delta(entry, session.labels.get(entry.turn_id), include_readouts)) is not None
+    ]
+    return _top_share_cutoff(deltas, delta_share)
+
+
 def sft_examples(
     session_id: str,
     system_prompt: str,
     events: Sequence[Mapping[str, Any]],
     labels: Mapping[str, TurnLabelLike],
     include_readouts: bool = True,
+    min_delta: float = -math.inf,
 ) -> list[dict[str, Any]]:
     """Zero or one chat-JSONL example for the session (see the module docstring for the rules).
 
     The example is ``{"id", "session_id", "messages", "flagged_turns"}``; ``messages`` are
-    ``{"role", "content"}`` plus ``"weight"`` (0 or 1) on assistant messages only.
+    ``{"role", "content"}`` plus ``"weight"`` (0 or 1) on assistant messages only. With ``min_delta`` (from
+    :func:`sft_delta_cutoff`) a flagged reply is weighted only when its reaction reached it.
     """
     messages: list[dict[str, Any]] = []
     flagged_turns: list[str] = []
@@ -199,9 +236,8 @@ def sft_examples(
         message: dict[str, Any] = {"role": entry.role, "content": entry.content}
         if entry.role == "assistant":
             assert entry.turn_id is not None  # conversation() guarantees it.
-            label = labels.get(entry.turn_id)
-            trainable = bool(entry.content.strip()) and (include_readouts or not entry.unprompted)
-            weight = 1 if trainable and label is not None and label.flagged is True else 0
+            delta = _flagged_delta(entry, labels.get(entry.turn_id), include_readouts)
+            weight = 1 if delta is not None and delta >= min_delta else 0
             message["weight"] = weight
             if weight:
                 flagged_turns.append(entry.turn_id)
@@ -299,13 +335,14 @@ def check_pair_options(max_pairs_per_context: int, selection: str, margin_share:
         raise ValueError(f"margin_share must be above 0 and at most 1, got {margin_share}")
 
 
-def _margin_cutoff(margins: Sequence[float], share: float) -> float:
-    """The smallest margin among the widest ``share`` of ``margins`` (-inf keeps everything)."""
-    if share >= 1.0 or not margins:
+def _top_share_cutoff(values: Sequence[float], share: float) -> float:
+    """The smallest value among the largest ``share`` of ``values`` (-inf keeps everything; -inf values are
+    unmeasured margins or reactions)."""
+    if share >= 1.0 or not values:
         return -math.inf
-    ranked = sorted(margins, reverse=True)
+    ranked = sorted(values, reverse=True)
     cutoff = ranked[max(1, math.ceil(share * len(ranked))) - 1]
-    # A cut among unmeasured margins would keep them all: only measured ones can pass a cut.
+    # A cut among unmeasured values would keep them all: only measured ones can pass a cut.
     return cutoff if math.isfinite(cutoff) else math.nextafter(-math.inf, 0.0)
 
 
@@ -354,7 +391,7 @@ def feedback_pairs(
             # The same words cannot be both better and worse: no preference signal.
             if normalise_text(p.text) != normalise_text(n.text)
         ]
-    cutoff = _margin_cutoff([_margin(*c) for cs in by_context.values() for c in cs], margin_share)
+    cutoff = _top_share_cutoff([_margin(*c) for cs in by_context.values() for c in cs], margin_share)
     pairs: dict[str, dict[str, Any]] = {}
     for key, candidates in by_context.items():
         candidates = [c for c in candidates if _margin(*c) >= cutoff]

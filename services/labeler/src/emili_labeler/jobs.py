@@ -34,9 +34,11 @@ from emili_labeler.datasets import (
     DatasetManifest,
     PairSelection,
     SessionInput,
+    check_delta_share,
     check_pair_options,
     feedback_pairs,
     jsonl_bytes,
+    sft_delta_cutoff,
     sft_examples,
 )
 from emili_labeler.empathetic import empathetic_sft_examples, empo_pairs
@@ -296,10 +298,21 @@ def empathetic_split(runtime: Runtime, split: str | None = None) -> tuple[list[D
 
 
 def build_sft_dataset(
-    runtime: Runtime, session_ids: Sequence[str] | None = None, source: str = "sessions", split: str | None = None
+    runtime: Runtime,
+    session_ids: Sequence[str] | None = None,
+    source: str = "sessions",
+    split: str | None = None,
+    delta_share: float = 1.0,
 ) -> dict[str, Any]:
-    """SFT data: the flagged turns of the consenting recorded sessions (``source="sessions"``), or EmPO's first
-    stage, EmpatheticDialogues with every listener turn trained (``"empathetic"``; see :func:`empathetic_split`)."""
+    """SFT data: the flagged turns of the consenting recorded sessions (``source="sessions"``; with ``delta_share``
+    below 1, only that share of them, the largest reactions), or EmPO's first stage, EmpatheticDialogues with every
+    listener turn trained (``"empathetic"``; see :func:`empathetic_split`)."""
+    try:
+        check_delta_share(delta_share)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from exc
+    if source == "empathetic" and delta_share < 1.0:
+        raise InvalidInput("delta_share selects flagged session replies: it does not apply to EmpatheticDialogues")
     if source == "empathetic":
         dialogues, split_info = empathetic_split(runtime, split)
         ed_records = empathetic_sft_examples(dialogues, split=split_info["split"])
@@ -310,13 +323,18 @@ def build_sft_dataset(
     if source != "sessions":
         raise InvalidInput(f"unknown SFT source {source!r}: sessions or empathetic")
     inputs, skipped = _training_inputs(runtime, session_ids)
-    records = [r for s in inputs for r in sft_examples(s.session_id, s.system_prompt, s.events, s.labels)]
+    cutoff = sft_delta_cutoff(inputs, delta_share)
+    records = [
+        r for s in inputs for r in sft_examples(s.session_id, s.system_prompt, s.events, s.labels, min_delta=cutoff)
+    ]
     if not records:
         raise NotFound(
             "no consenting session has a flagged assistant turn: nothing to train on yet"
             + (f" ({skipped} sessions without training consent skipped)" if skipped else "")
         )
-    manifest = DatasetManifest.build("sft", records, runtime.label_settings)
+    # What a rebuild without a session reuses; older manifests (and a share of 1) keep every flagged reply.
+    created_from = {"delta_share": delta_share} if delta_share < 1.0 else None
+    manifest = DatasetManifest.build("sft", records, runtime.label_settings, created_from)
     return {**_publish(runtime, manifest, records), "skipped_no_training_consent": skipped}
 
 
@@ -559,7 +577,8 @@ def _rebuild(runtime: Runtime, manifest: dict[str, Any], remaining: list[str]) -
         return None, "not rebuilt: every one of its sessions was withdrawn"
     try:
         if kind == "sft":
-            rebuilt = build_sft_dataset(runtime, remaining)
+            delta_share = float(manifest.get("created_from", {}).get("delta_share", 1.0))
+            rebuilt = build_sft_dataset(runtime, remaining, delta_share=delta_share)
         else:
             created_from = manifest.get("created_from", {})
             seed = int(created_from.get("seed", 0))

@@ -68,7 +68,7 @@ def datasets(runtime: Runtime, state: State) -> dict[str, Any]:
     try:
         if config.sft_source == "empathetic" and not ed_configured:
             raise NotFound("sft_source is empathetic and EMILI_LABELER__EMPATHETIC_DIALOGUES is not set")
-        sft = build_sft_dataset(runtime, train, source=config.sft_source)
+        sft = build_sft_dataset(runtime, train, source=config.sft_source, delta_share=config.sft_delta_share or 1.0)
         result["sft"] = {**_dataset_summary(sft), "source": config.sft_source}
         if "split" in sft.get("label_settings", {}):
             result["sft"]["split"] = sft["label_settings"]["split"]  # Which EmpatheticDialogues split was used.

@@ -34,9 +34,13 @@ def label_all_unlabeled(self: Any) -> dict[str, Any]:
 
 @idempotent_task("labeler.build_sft_dataset")
 def build_sft_dataset(
-    self: Any, session_ids: list[str] | None = None, source: str = "sessions", split: str | None = None
+    self: Any,
+    session_ids: list[str] | None = None,
+    source: str = "sessions",
+    split: str | None = None,
+    delta_share: float = 1.0,
 ) -> dict[str, Any]:
-    return jobs.build_sft_dataset(runtime(), session_ids, source, split)
+    return jobs.build_sft_dataset(runtime(), session_ids, source, split, delta_share)
 
 
 @idempotent_task("labeler.build_dpo_dataset")
