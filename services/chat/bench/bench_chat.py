@@ -31,7 +31,7 @@ import torch
 
 from emili_chat.engine import ChatEngine
 from emili_chat.io_types import AssistantReply, ClientReading, Delta, SessionOptions, UserText
-from emili_chat.llm import ChatBackend, GenerationParams, Message
+from emili_chat.llm import ChatBackend, GenerationParams, Message, ReplyEnd
 from emili_chat.main import make_backend
 from emili_chat.settings import ChatSettings
 from emili_chat.store import SessionStore
@@ -56,7 +56,11 @@ class InstantBackend(ChatBackend):
         return sum(len(m.content) // 4 for m in messages)
 
     async def stream(
-        self, messages: Sequence[Message], params: GenerationParams, adapter: str | None = None
+        self,
+        messages: Sequence[Message],
+        params: GenerationParams,
+        adapter: str | None = None,
+        end: ReplyEnd | None = None,
     ) -> AsyncIterator[str]:
         yield "ok"
 

@@ -76,6 +76,7 @@ async def test_readout_before_each_user_message(redis_url: str, redis_client: ai
         "assistant_message",
     ]
     assert events[-1].payload["model_id"] == "scripted" and events[-1].payload["params"]["max_new_tokens"] == 160
+    assert events[-1].payload["at_limit"] is False  # The backend said how the reply ended: the model ended it.
 
 
 async def test_not_visible_without_readings_and_short_message_reminder(

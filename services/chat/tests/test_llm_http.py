@@ -20,6 +20,7 @@ from emili_chat.llm import (
     GenerationParams,
     Message,
     OpenAICompatBackend,
+    ReplyEnd,
     TransientBackendError,
     build_backend,
     fold_system_messages,
@@ -413,7 +414,11 @@ class FlakyBackend(ChatBackend):
         return 0
 
     async def stream(
-        self, messages: Sequence[Message], params: GenerationParams, adapter: str | None = None
+        self,
+        messages: Sequence[Message],
+        params: GenerationParams,
+        adapter: str | None = None,
+        end: ReplyEnd | None = None,
     ) -> AsyncIterator[str]:
         self.calls += 1
         try:
@@ -443,7 +448,11 @@ class DrippingBackend(FlakyBackend):
     """Sends nothing but empty deltas, as a server's keep-alives would look."""
 
     async def stream(
-        self, messages: Sequence[Message], params: GenerationParams, adapter: str | None = None
+        self,
+        messages: Sequence[Message],
+        params: GenerationParams,
+        adapter: str | None = None,
+        end: ReplyEnd | None = None,
     ) -> AsyncIterator[str]:
         self.calls += 1
         while True:
@@ -484,3 +493,25 @@ def test_build_backend() -> None:
     assert anthropic_backend.url == "https://api.anthropic.com/v1/messages"
     with pytest.raises(ValueError, match="unknown backend kind"):
         build_backend("ollama", api_key="k")  # type: ignore[arg-type]
+
+
+async def test_each_api_backend_says_whether_the_reply_was_cut_off_at_the_token_limit(server: ScriptedServer) -> None:
+    openai_backend = openai(server)
+    await openai_backend.load()
+    for finish, at_limit in (("stop", False), ("length", True)):
+        chunks = [openai_chunk(role="assistant", content=""), openai_chunk("Well,"), openai_chunk(finish=finish)]
+        server.replies.append(Reply(chunks=[sse(*chunks, "[DONE]")]))
+        end = ReplyEnd()
+        assert await collect(openai_backend.stream(CONVERSATION, PARAMS, end=end)) == ["Well,"]
+        assert end.at_limit is at_limit
+    await openai_backend.aclose()
+
+    anthropic_backend = anthropic(server)
+    for stop_reason, at_limit in (("end_turn", False), ("max_tokens", True)):
+        events = anthropic_events("Well,")
+        events[-2] = {"type": "message_delta", "delta": {"stop_reason": stop_reason}, "usage": {"output_tokens": 50}}
+        server.replies.append(Reply(chunks=[sse(*events, named=True)]))
+        end = ReplyEnd()
+        assert await collect(stream_with_retries(anthropic_backend, CONVERSATION, PARAMS, end=end)) == ["Well,"]
+        assert end.at_limit is at_limit
+    await anthropic_backend.aclose()

@@ -15,7 +15,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from emili_chat.llm import BackendError, GenerationParams, LocalHFBackend, Message, build_backend, fold_system_messages
+from emili_chat.llm import (
+    BackendError,
+    GenerationParams,
+    LocalHFBackend,
+    Message,
+    ReplyEnd,
+    build_backend,
+    fold_system_messages,
+)
 from emili_chat.llm.batching import Request, Sampling
 from emili_testing.plugin import tiny_llama
 
@@ -149,6 +157,19 @@ async def test_max_new_tokens_is_respected(backend: LocalHFBackend, tiny_dir: Pa
     text = "".join(await collect(backend, GenerationParams(temperature=0.0, max_new_tokens=5)))
     assert counter.calls == 5
     assert text == reference(tiny_dir, CONVERSATION, 5)
+
+
+async def test_a_reply_stopped_by_max_new_tokens_is_reported_as_cut_off(backend: LocalHFBackend) -> None:
+    end = ReplyEnd()
+    deltas = [
+        d async for d in backend.stream(CONVERSATION, GenerationParams(temperature=0.0, max_new_tokens=5), end=end)
+    ]
+    assert deltas and end.at_limit is True  # The tiny random model never ends a reply itself this soon.
+    closed = ReplyEnd()
+    stream = backend.stream(CONVERSATION, GenerationParams(temperature=0.0, max_new_tokens=800), end=closed)
+    assert await anext(stream)
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert closed.at_limit is None  # Left by its consumer: how it would have ended is not known.
 
 
 async def test_seed_makes_sampling_reproducible(backend: LocalHFBackend) -> None:

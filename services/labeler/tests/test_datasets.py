@@ -327,6 +327,30 @@ def test_a_delta_share_trains_only_the_flagged_replies_with_the_largest_reaction
             sft_delta_cutoff(sessions, share)
 
 
+def test_a_reply_cut_off_at_the_token_limit_is_never_trained_on() -> None:
+    def reply_session(session_id: str, text: str, flagged: bool, at_limit: bool | None) -> SessionInput:
+        events = Recorder().user("I lost my job").reply(f"{session_id}-t1", text).events
+        events[-1]["at_limit"] = at_limit
+        return SessionInput(
+            session_id, SYSTEM, events, {f"{session_id}-t1": TurnLabel(flagged, 2.0 if flagged else -2.0)}
+        )
+
+    cut = reply_session("cut", "That sounds so hard, and I keep thinking about how", True, True)
+    whole = reply_session("whole", "That sounds so hard. How are you?", True, False)
+    unknown = reply_session("unknown", "Oh no. What happened?", True, None)  # Recorded before at_limit existed.
+    negative = reply_session("negative", "Calm down.", False, False)
+    negative_cut = reply_session("negative-cut", "Well, at least you have more time for", False, True)
+    sessions = [cut, whole, unknown, negative, negative_cut]
+    trained = {e["session_id"] for s in sessions for e in sft_examples(s.session_id, SYSTEM, s.events, s.labels)}
+    assert trained == {"whole", "unknown"}
+    assert sft_delta_cutoff(sessions, 0.5) == 2.0  # Cut replies do not count toward a share either.
+    pairs = feedback_pairs(sessions, max_pairs_per_context=100)
+    assert {(p["chosen"], p["rejected"]) for p in pairs} == {
+        ("That sounds so hard. How are you?", "Calm down."),
+        ("Oh no. What happened?", "Calm down."),
+    }
+
+
 # --- ids, files, manifests ------------------------------------------------------------------------------
 
 

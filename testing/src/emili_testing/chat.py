@@ -7,7 +7,7 @@ import itertools
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
-from emili_chat.llm import ChatBackend, GenerationParams, Message
+from emili_chat.llm import ChatBackend, GenerationParams, Message, ReplyEnd
 
 DEFAULT_REPLY = "That sounds lovely. What made you smile?"
 
@@ -50,13 +50,19 @@ class ScriptedBackend(ChatBackend):
         return sum(len(m.content.split()) for m in messages)
 
     async def stream(
-        self, messages: Sequence[Message], params: GenerationParams, adapter: str | None = None
+        self,
+        messages: Sequence[Message],
+        params: GenerationParams,
+        adapter: str | None = None,
+        end: ReplyEnd | None = None,
     ) -> AsyncIterator[str]:
         self.calls.append((list(messages), params, adapter))
         reply = self.by_adapter[adapter] if adapter in self.by_adapter else next(self._next_reply)
         for word in reply.split(" "):
             await asyncio.sleep(self.delta_delay_s)
             yield word + " "
+        if end is not None:
+            end.at_limit = False  # A scripted reply is always said whole.
 
     async def add_adapter(self, adapter_id: str, path: Path) -> None:
         self._adapters.append(adapter_id)

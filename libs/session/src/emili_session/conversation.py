@@ -51,6 +51,7 @@ class Turn:
     content: str
     turn_id: str | None = None  # Assistant turns only.
     unprompted: bool = False
+    at_limit: bool | None = None  # Assistant turns only: cut off at the token limit (AssistantMessage.at_limit).
 
 
 def conversation(system_prompt: str, events: Iterable[Event | Mapping[str, Any]]) -> list[Turn]:
@@ -63,7 +64,7 @@ def conversation(system_prompt: str, events: Iterable[Event | Mapping[str, Any]]
             continue
         kind, payload = parse_event(fields)
         if isinstance(payload, AssistantMessage):
-            turns.append(Turn(kind, "assistant", payload.text, payload.turn_id, payload.unprompted))
+            turns.append(Turn(kind, "assistant", payload.text, payload.turn_id, payload.unprompted, payload.at_limit))
         elif isinstance(payload, UserMessage | ReadoutInjected | Reminder):
             turns.append(Turn(kind, ROLES[kind], payload.text))
     return turns

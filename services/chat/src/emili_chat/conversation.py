@@ -44,7 +44,7 @@ from emili_chat.io_types import (
     Readout,
     UserText,
 )
-from emili_chat.llm import BackendError, GenerationParams, stream_with_retries
+from emili_chat.llm import BackendError, GenerationParams, ReplyEnd, stream_with_retries
 from emili_chat.metrics import reply_tokens
 from emili_chat.readout import Aggregator, ChangeTrigger, change_is_large, readout_message, short_message_reminder
 from emili_chat.store import SessionRecord, now_ms
@@ -346,7 +346,7 @@ class Conversation:
         turn_id = uuid.uuid4().hex[:16]
         arm = self.adapter or BASE_ARM
         self.engine.metrics.tokens.labels("in", arm).inc(backend.count_tokens(messages))
-        started, first, parts = time.perf_counter(), None, []
+        started, first, parts, end = time.perf_counter(), None, [], ReplyEnd()
         try:
             async for delta in stream_with_retries(
                 backend,
@@ -356,6 +356,7 @@ class Conversation:
                 attempts=llm.attempts,
                 first_token_timeout_s=llm.first_token_timeout_s,
                 idle_timeout_s=llm.idle_timeout_s,
+                end=end,
             ):
                 if first is None:
                     first = time.perf_counter()
@@ -379,6 +380,7 @@ class Conversation:
                 adapter=self.adapter,
                 model_arm=self.record.model_arm,
                 params={"temperature": params.temperature, "max_new_tokens": params.max_new_tokens},
+                at_limit=end.at_limit,
             )
         )
         await self.out.put(AssistantReply(turn_id, text, unprompted, model_id, event.time_ms))

@@ -15,28 +15,28 @@ What the functions decide, so the data can be interpreted:
   as much recent context as its ``max_length`` allows, that reply), so late replies are never cut off.
   EmpatheticDialogues SFT records (:func:`emili_labeler.empathetic.empathetic_sft_examples`) have the same
   form, with ``"source": "empathetic"`` and a ``conv_id`` in place of the session. Sessions without a
-  weight-1 turn produce nothing. Empty replies
-  are never weighted 1. ``delta_share`` below 1 (:func:`sft_delta_cutoff`) weights only that share of all the
+  weight-1 turn produce nothing. Empty replies, and replies cut off at the chat service's token limit
+  (``at_limit``: they stop mid-thought, and training on them would teach the model to stop there too), are never
+  weighted 1. ``delta_share`` below 1 (:func:`sft_delta_cutoff`) weights only that share of all the
   flagged replies, those with the largest reactions across every session (a flag without a measured delta never
   passes such a cut). With ``include_readouts=False`` readouts and reminders (which refer to the
   readout) are dropped, and unprompted replies get weight 0: what triggered them was a readout.
-* **Feedback pairs** (:func:`feedback_pairs`): only replies that answer a user message are paired (the
-  prompt must end with the user message; unprompted remarks answer a face, not a context). The context
-  key is the system prompt plus the user/assistant messages up to and including that user message,
-  whitespace-normalised (NFC, runs of whitespace collapsed, case kept); readouts and reminders are left
-  out of the key so the same words under different faces count as the same context. Within a context,
-  each reply flagged True is paired with each reply flagged False with a measured delta (unflaggable
-  turns, ``flagged`` None or False without a delta, are skipped, as are pairs whose replies read the
-  same); at most ``max_pairs_per_context`` pairs per context. With ``selection="margin"`` (the default) they
-  are the pairs whose reactions differ most (chosen delta minus rejected delta), ties broken by a generator
-  seeded by ``(seed, context)``; with ``"random"`` they are drawn with that generator alone. ``margin_share``
-  below 1 first keeps only that share of all combinations, those with the widest margins across every context.
-  Without it one context's pairs do not depend on any other's. Why margin: a reaction is a noisy reading of a
-  face, and in the loop simulation study's sessions only pairs with a wide margin were ordered as the users'
-  hidden preference orders them (BENCHMARKS.md, "Which feedback pairs carry the preference"). The prompt is
-  the chosen side's context without readouts (the two replies saw different faces, so
-  neither face is the shared context); ``include_readouts=True`` keeps the chosen side's readouts.
-  ``chosen`` / ``rejected`` are plain reply texts with no role tag (see :func:`plain_reply`).
+* **Feedback pairs** (:func:`feedback_pairs`): only replies that answer a user message are paired (the prompt must end
+  with the user message; unprompted remarks answer a face, not a context). The context key is the system prompt plus
+  the user/assistant messages up to and including that user message, whitespace-normalised (NFC, runs of whitespace
+  collapsed, case kept); readouts and reminders are left out of the key so the same words under different faces count
+  as the same context. Within a context, each reply flagged True is paired with each reply flagged False with a
+  measured delta (unflaggable turns, ``flagged`` None or False without a delta, and replies cut off at the token limit
+  are skipped, as are pairs whose replies read the same); at most ``max_pairs_per_context`` pairs per context. With
+  ``selection="margin"`` (the default) they are the pairs whose reactions differ most (chosen delta minus rejected
+  delta), ties broken by a generator seeded by ``(seed, context)``; with ``"random"`` they are drawn with that
+  generator alone. ``margin_share`` below 1 first keeps only that share of all combinations, those with the widest
+  margins across every context. Without it one context's pairs do not depend on any other's. Why margin: a reaction is
+  a noisy reading of a face, and in the loop simulation study's sessions only pairs with a wide margin were ordered as
+  the users' hidden preference orders them (BENCHMARKS.md, "Which feedback pairs carry the preference"). The prompt is
+  the chosen side's context without readouts (the two replies saw different faces, so neither face is the shared
+  context); ``include_readouts=True`` keeps the chosen side's readouts. ``chosen`` / ``rejected`` are plain reply
+  texts with no role tag (see :func:`plain_reply`).
 """
 
 from __future__ import annotations
@@ -185,7 +185,9 @@ def _finite(value: float | None) -> float | None:
 
 def _flagged_delta(entry: Any, label: TurnLabelLike | None, include_readouts: bool) -> float | None:
     """A trainable flagged reply's reaction (-inf when its flag came without a measured delta); None otherwise."""
-    trainable = bool(entry.content.strip()) and (include_readouts or not entry.unprompted)
+    trainable = (
+        bool(entry.content.strip()) and (include_readouts or not entry.unprompted) and entry.at_limit is not True
+    )
     if not trainable or label is None or label.flagged is not True:
         return None
     delta = _finite(label.delta)
@@ -295,7 +297,8 @@ def _replies(session: SessionInput) -> list[tuple[str, _Reply]]:
             text = plain_reply(entry.content)
             answers_user = bool(plain) and plain[-1]["role"] == "user"
             reaction = _reaction(label)
-            if answers_user and not entry.unprompted and text and reaction is not None:
+            complete = entry.at_limit is not True
+            if answers_user and not entry.unprompted and complete and text and reaction is not None:
                 reply = _Reply(
                     session.session_id,
                     entry.turn_id,

@@ -12,6 +12,7 @@ from emili_chat.llm.base import (
     ChatBackend,
     GenerationParams,
     Message,
+    ReplyEnd,
     TransientBackendError,
     approximate_tokens,
     fold_system_messages,
@@ -77,7 +78,11 @@ class AnthropicBackend(ChatBackend):
         return body
 
     async def stream(
-        self, messages: Sequence[Message], params: GenerationParams, adapter: str | None = None
+        self,
+        messages: Sequence[Message],
+        params: GenerationParams,
+        adapter: str | None = None,
+        end: ReplyEnd | None = None,
     ) -> AsyncIterator[str]:
         if adapter is not None:
             raise BackendError(f"adapters not supported by {self.name}")
@@ -92,6 +97,10 @@ class AnthropicBackend(ChatBackend):
                         delta = event.get("delta")
                         if isinstance(delta, dict) and delta.get("type") == "text_delta" and delta.get("text"):
                             yield str(delta["text"])
+                    elif kind == "message_delta":
+                        stop = event.get("delta")
+                        if end is not None and isinstance(stop, dict) and stop.get("stop_reason"):
+                            end.at_limit = stop["stop_reason"] == "max_tokens"
                     elif kind == "message_stop":
                         return
                     elif kind == "error":

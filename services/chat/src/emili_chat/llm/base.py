@@ -34,6 +34,14 @@ class GenerationParams:
     seed: int | None = None  # Honoured where the backend can (local, OpenAI-compatible); ignored otherwise.
 
 
+@dataclass
+class ReplyEnd:
+    """How a streamed reply ended, filled in by the backend once its stream is exhausted. A reply cut off at
+    ``max_new_tokens`` stops mid-thought: fine-tuning on it as it is would teach the model to stop there too."""
+
+    at_limit: bool | None = None  # True: cut off at max_new_tokens; False: the model ended it; None: unknown.
+
+
 class BackendError(Exception):
     """A failure that retrying the same request will not fix."""
 
@@ -62,9 +70,14 @@ class ChatBackend(abc.ABC):
 
     @abc.abstractmethod
     def stream(
-        self, messages: Sequence[Message], params: GenerationParams, adapter: str | None = None
+        self,
+        messages: Sequence[Message],
+        params: GenerationParams,
+        adapter: str | None = None,
+        end: ReplyEnd | None = None,
     ) -> AsyncIterator[str]:
-        """Yield the reply as text deltas. Stopping iteration early (closing the generator) stops generation."""
+        """Yield the reply as text deltas. Stopping iteration early (closing the generator) stops generation. When
+        the stream is exhausted, ``end`` (if given) says whether the reply was cut off at ``max_new_tokens``."""
 
     async def add_adapter(self, adapter_id: str, path: Path) -> None:
         """Make a LoRA adapter (a PEFT folder) available as ``adapter_id`` without restarting."""
@@ -160,6 +173,7 @@ async def stream_with_retries(
     idle_timeout_s: float = 30.0,
     backoff_s: float = 0.5,
     max_backoff_s: float = 8.0,
+    end: ReplyEnd | None = None,
 ) -> AsyncIterator[str]:
     """``backend.stream`` with timeouts, and retries of transient failures that happen before any text.
 
@@ -169,13 +183,14 @@ async def stream_with_retries(
       exponential backoff, only while nothing has been yielded: a retry after partial output would repeat text
       the caller has already shown. Afterwards it propagates.
     * Permanent :class:`BackendError` propagates at once.
+    * ``end`` is passed to the backend: once the stream is exhausted it says how the reply ended.
     """
     if attempts < 1:
         raise ValueError("attempts must be at least 1")
     loop = asyncio.get_running_loop()
     for attempt in range(1, attempts + 1):
         yielded = False
-        stream = backend.stream(messages, params, adapter)
+        stream = backend.stream(messages, params, adapter, end)
         try:
             # One deadline for the first text, so empty keep-alive deltas cannot extend it.
             first_deadline = loop.time() + first_token_timeout_s

@@ -163,6 +163,7 @@ class Request:
     emit: Callable[[int], None]
     stop: threading.Event = field(default_factory=threading.Event)
     done: Future[None] = field(default_factory=Future)
+    at_limit: bool = False  # Set when it ends: max_new_tokens reached before an end-of-sequence token.
 
 
 @dataclass(eq=False)
@@ -499,6 +500,7 @@ class Batcher:
             self._finishing.append((request, BackendError(f"could not deliver a token: {exc}")))
             return True
         if row.generated >= request.max_new_tokens or request.stop.is_set():
+            request.at_limit = row.generated >= request.max_new_tokens
             self._finishing.append((request, None))
             return True
         return False

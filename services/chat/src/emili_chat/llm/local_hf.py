@@ -33,7 +33,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from emili_chat.llm.base import BackendError, ChatBackend, GenerationParams, Message, fold_system_messages
+from emili_chat.llm.base import BackendError, ChatBackend, GenerationParams, Message, ReplyEnd, fold_system_messages
 from emili_chat.llm.batching import Batcher, Request, Sampling
 from emili_chat.llm.packed_weights import pack_linear_layers
 from emili_llm.causal_lm import LoadSource, ModelLoadError, ModelSource, load_causal_lm, torch_dtype
@@ -163,7 +163,11 @@ class LocalHFBackend(ChatBackend):
         return len(self._encode(messages, return_tensors=None)["input_ids"])
 
     async def stream(
-        self, messages: Sequence[Message], params: GenerationParams, adapter: str | None = None
+        self,
+        messages: Sequence[Message],
+        params: GenerationParams,
+        adapter: str | None = None,
+        end: ReplyEnd | None = None,
     ) -> AsyncIterator[str]:
         tokenizer = self._require_tokenizer()
         if adapter is not None and adapter not in self._adapters:
@@ -191,6 +195,8 @@ class LocalHFBackend(ChatBackend):
                 if text:
                     yield text
             await asyncio.wrap_future(request.done)  # A failure surfaces here, after the text made before it.
+            if end is not None:
+                end.at_limit = request.at_limit
         finally:
             request.stop.set()
             # A request still waiting is simply withdrawn; one in the batch leaves at the next step, and that is

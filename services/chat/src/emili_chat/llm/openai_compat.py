@@ -29,7 +29,7 @@ from emili_chat.llm._http import (
     stream_error,
     transport_error,
 )
-from emili_chat.llm.base import BackendError, ChatBackend, GenerationParams, Message, approximate_tokens
+from emili_chat.llm.base import BackendError, ChatBackend, GenerationParams, Message, ReplyEnd, approximate_tokens
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 
@@ -116,7 +116,11 @@ class OpenAICompatBackend(ChatBackend):
         self._served.add(adapter_id)
 
     async def stream(
-        self, messages: Sequence[Message], params: GenerationParams, adapter: str | None = None
+        self,
+        messages: Sequence[Message],
+        params: GenerationParams,
+        adapter: str | None = None,
+        end: ReplyEnd | None = None,
     ) -> AsyncIterator[str]:
         if adapter is not None and not (self.lora_dir or adapter in self._served):
             raise BackendError(f"adapters not supported by {self.name} without llm.lora_dir (runtime LoRA loading)")
@@ -151,7 +155,10 @@ class OpenAICompatBackend(ChatBackend):
                         content = delta.get("content") if isinstance(delta, dict) else None
                         if isinstance(content, str) and content:
                             yield content
-                        finished = finished or choice.get("finish_reason") is not None
+                        reason = choice.get("finish_reason")
+                        if reason is not None and end is not None:
+                            end.at_limit = reason == "length"
+                        finished = finished or reason is not None
         except httpx.TransportError as exc:
             raise transport_error(exc, self.name) from exc
         if not finished:
