@@ -7,8 +7,8 @@ on the users' real preference?
 * **DPO pairs** (``dpo_feedback``): per pair, quality(chosen) - quality(rejected), each scored against the pair's last
   user message, as the simulated user scored it when it heard the reply; the interval resamples contexts, since a
   context's pairs share replies.
-* **SFT turns** (``sft``): quality of the assistant turns flagged (weight 1) against those not flagged (weight 0) in
-  the same examples.
+* **SFT turns** (``sft``): quality of the assistant turns SFT trains on (weight 1: flagged, and among the largest
+  reactions when the pipeline sets ``sft_delta_share``) against the rest (weight 0) in the same examples.
 
 Under the feedback condition both gaps should be above 0; under noise (decoy faces where the loop learns) about 0.
 A gap about 0 under feedback means the flags carried no preference, so no trainer could have learned one.
@@ -130,12 +130,14 @@ def signal_table(conditions: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[
         "",
         "The simulator's reply quality (its users' known preference), scored as the user heard each reply. Pairs: "
         "quality(chosen) - quality(rejected) per DPO feedback pair, and the share of pairs whose chosen reply scores "
-        "higher. Turns: flagged minus unflagged assistant turns of the SFT examples. Above 0 under feedback means "
-        "the flags carried the preference; about 0 under noise is the control. A context's pairs share replies, so "
+        "higher. Turns: the assistant turns SFT trains on (weight 1: flagged, among the largest reactions when the "
+        "pipeline sets sft_delta_share, never cut off at the token limit) minus the rest of the SFT examples' turns. "
+        "Above 0 under feedback means the flags carried the preference; about 0 under noise is the control. A "
+        "context's pairs share replies, so "
         "the pairs' interval resamples contexts (in brackets after the pairs; none with fewer than 5).",
         "",
         "| condition | iteration | DPO pairs (contexts) | chosen - rejected [95% CI] | chosen better (share) | "
-        "turns, flagged / unflagged | flagged - unflagged [95% CI] |",
+        "turns, trained / not | trained - not [95% CI] |",
         "|---|---|---|---|---|---|---|",
         *rows,
     ]
