@@ -327,7 +327,7 @@ def test_a_delta_share_trains_only_the_flagged_replies_with_the_largest_reaction
             sft_delta_cutoff(sessions, share)
 
 
-def test_a_reply_cut_off_at_the_token_limit_is_never_trained_on() -> None:
+def test_a_reply_cut_off_at_the_token_limit_is_never_trained_on_nor_chosen() -> None:
     def reply_session(session_id: str, text: str, flagged: bool, at_limit: bool | None) -> SessionInput:
         events = Recorder().user("I lost my job").reply(f"{session_id}-t1", text).events
         events[-1]["at_limit"] = at_limit
@@ -344,10 +344,13 @@ def test_a_reply_cut_off_at_the_token_limit_is_never_trained_on() -> None:
     trained = {e["session_id"] for s in sessions for e in sft_examples(s.session_id, SYSTEM, s.events, s.labels)}
     assert trained == {"whole", "unknown"}
     assert sft_delta_cutoff(sessions, 0.5) == 2.0  # Cut replies do not count toward a share either.
+    # Never the chosen side of a pair (it would teach the stop), but the rejected side: the user did not like it.
     pairs = feedback_pairs(sessions, max_pairs_per_context=100)
     assert {(p["chosen"], p["rejected"]) for p in pairs} == {
         ("That sounds so hard. How are you?", "Calm down."),
         ("Oh no. What happened?", "Calm down."),
+        ("That sounds so hard. How are you?", "Well, at least you have more time for"),
+        ("Oh no. What happened?", "Well, at least you have more time for"),
     }
 
 

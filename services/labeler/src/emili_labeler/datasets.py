@@ -26,17 +26,17 @@ What the functions decide, so the data can be interpreted:
   the user/assistant messages up to and including that user message, whitespace-normalised (NFC, runs of whitespace
   collapsed, case kept); readouts and reminders are left out of the key so the same words under different faces count
   as the same context. Within a context, each reply flagged True is paired with each reply flagged False with a
-  measured delta (unflaggable turns, ``flagged`` None or False without a delta, and replies cut off at the token limit
-  are skipped, as are pairs whose replies read the same); at most ``max_pairs_per_context`` pairs per context. With
-  ``selection="margin"`` (the default) they are the pairs whose reactions differ most (chosen delta minus rejected
-  delta), ties broken by a generator seeded by ``(seed, context)``; with ``"random"`` they are drawn with that
-  generator alone. ``margin_share`` below 1 first keeps only that share of all combinations, those with the widest
-  margins across every context. Without it one context's pairs do not depend on any other's. Why margin: a reaction is
-  a noisy reading of a face, and in the loop simulation study's sessions only pairs with a wide margin were ordered as
-  the users' hidden preference orders them (BENCHMARKS.md, "Which feedback pairs carry the preference"). The prompt is
-  the chosen side's context without readouts (the two replies saw different faces, so neither face is the shared
-  context); ``include_readouts=True`` keeps the chosen side's readouts. ``chosen`` / ``rejected`` are plain reply
-  texts with no role tag (see :func:`plain_reply`).
+  measured delta (unflaggable turns, ``flagged`` None or False without a delta, are skipped, as are pairs whose
+  replies read the same; a reply cut off at the token limit is never the chosen side, and may be the rejected one); at
+  most ``max_pairs_per_context`` pairs per context. With ``selection="margin"`` (the default) they are the pairs whose
+  reactions differ most (chosen delta minus rejected delta), ties broken by a generator seeded by ``(seed, context)``;
+  with ``"random"`` they are drawn with that generator alone. ``margin_share`` below 1 first keeps only that share of
+  all combinations, those with the widest margins across every context. Without it one context's pairs do not depend
+  on any other's. Why margin: a reaction is a noisy reading of a face, and in the loop simulation study's sessions
+  only pairs with a wide margin were ordered as the users' hidden preference orders them (BENCHMARKS.md, "Which
+  feedback pairs carry the preference"). The prompt is the chosen side's context without readouts (the two replies saw
+  different faces, so neither face is the shared context); ``include_readouts=True`` keeps the chosen side's readouts.
+  ``chosen`` / ``rejected`` are plain reply texts with no role tag (see :func:`plain_reply`).
 """
 
 from __future__ import annotations
@@ -271,6 +271,7 @@ class _Reply:
     delta: float | None
     prompt: tuple[Mapping[str, str], ...]  # Without readouts; ends with the user message.
     prompt_with_readouts: tuple[Mapping[str, str], ...]
+    at_limit: bool  # Cut off at the token limit: never a chosen side.
 
 
 def _reaction(label: TurnLabelLike | None) -> bool | None:
@@ -297,8 +298,7 @@ def _replies(session: SessionInput) -> list[tuple[str, _Reply]]:
             text = plain_reply(entry.content)
             answers_user = bool(plain) and plain[-1]["role"] == "user"
             reaction = _reaction(label)
-            complete = entry.at_limit is not True
-            if answers_user and not entry.unprompted and complete and text and reaction is not None:
+            if answers_user and not entry.unprompted and text and reaction is not None:
                 reply = _Reply(
                     session.session_id,
                     entry.turn_id,
@@ -307,6 +307,7 @@ def _replies(session: SessionInput) -> list[tuple[str, _Reply]]:
                     _finite(label.delta) if label is not None else None,
                     tuple(dict(m) for m in plain),
                     tuple(dict(m) for m in full),
+                    entry.at_limit is True,
                 )
                 out.append((context_key(plain), reply))
         full.append(message)
@@ -385,7 +386,9 @@ def feedback_pairs(
     by_context: dict[str, list[tuple[_Reply, _Reply]]] = {}
     for key in sorted(groups):
         replies = sorted(groups[key], key=lambda r: (r.session_id, r.turn_id))
-        positives = [r for r in replies if r.flagged]
+        # A cut reply as the chosen side would teach the model to stop mid-sentence; as the rejected side it only
+        # lowers the odds of a reply the user did not like, cut or not.
+        positives = [r for r in replies if r.flagged and not r.at_limit]
         negatives = [r for r in replies if not r.flagged]
         by_context[key] = [
             (p, n)
