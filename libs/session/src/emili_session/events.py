@@ -182,7 +182,8 @@ class AssistantMessage:
     model_arm: str = ""
     params: dict[str, Any] = field(default_factory=dict)  # Generation parameters (temperature, max_new_tokens).
     # Cut off at max_new_tokens (True), ended by the model (False), or not known (None: the backend cannot tell, or
-    # the reply was recorded before this was). A cut reply is never trained on as it is (emili_labeler.datasets).
+    # the reply was recorded before this was). SFT never trains on a cut reply, nor DPO prefers one
+    # (emili_labeler.datasets).
     at_limit: bool | None = None
 
     def __post_init__(self) -> None:
