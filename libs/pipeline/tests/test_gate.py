@@ -55,6 +55,8 @@ def test_too_little_or_no_evidence_fails() -> None:
     assert not small.passed and small.checks[0].reason.startswith("not enough evidence: 20 items")
     missing = judge(policy(check), {})
     assert not missing.passed and missing.checks[0].reason == "no evidence for m"
+    unmeasured = judge(policy(check), {"m": Evidence((), missing="no EPITOME classifiers found")})
+    assert not unmeasured.passed and unmeasured.checks[0].reason == "no evidence for m: no EPITOME classifiers found"
 
 
 def test_within_bounds_and_the_verdict_needs_every_check() -> None:

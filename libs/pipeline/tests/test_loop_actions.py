@@ -199,6 +199,14 @@ def test_pipeline_outcomes(actions: SystemActions, store: ObjectStore) -> None:
     assert actions.pipeline_outcome(finished(actions, store, malformed)) == ("done", "v-dpo", {})
     assert actions.pipeline_outcome(finished(actions, store, {}, failed="sft"))[0] == "failed"
     assert actions.pipeline_outcome("pl-0000000000000000")[0] == "failed"
+    # What the evaluation could not measure comes with its reason, for the gate to name.
+    gaps = {"gate_evidence": evidence, "gate_evidence_missing": {"diff_epitome_mean": "no EPITOME classifiers found"}}
+    _, _, found = actions.pipeline_outcome(finished(actions, store, gaps))
+    assert (
+        found["diff_epitome_mean"].missing == "no EPITOME classifiers found"
+        and not found["diff_epitome_mean"].candidate
+    )
+    assert found["delta_v"].missing is None
 
 
 def answering(*answers: httpx.Response) -> Callable[[], httpx.Client]:

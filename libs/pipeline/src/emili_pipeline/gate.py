@@ -82,6 +82,8 @@ class Evidence:
     candidate: Sequence[float]
     baseline: Sequence[float] = ()
     paired: bool = False
+    # Why there are no items, when the evaluation said (e.g. "no EPITOME classifiers found"): the check's reason.
+    missing: str | None = None
 
 
 def evidence_from_json(data: Mapping[str, Any]) -> dict[str, Evidence]:
@@ -163,8 +165,9 @@ def _check(check: GateCheck, evidence: Evidence | None, policy: GatePolicy, rng:
             check.name, check.metric, check.kind, passed, n, estimate, ci, why, check.margin, check.min_n, paired
         )
 
-    if evidence is None:
-        return result(False, 0, None, None, f"no evidence for {check.metric}")
+    if evidence is None or (evidence.missing and not evidence.candidate):
+        why = f": {evidence.missing}" if evidence is not None else ""
+        return result(False, 0, None, None, f"no evidence for {check.metric}{why}")
     if evidence.paired and len(evidence.candidate) != len(evidence.baseline):
         raise ValueError(f"{check.metric}: paired evidence needs as many baseline items as candidate items")
     n = len(evidence.candidate) if check.kind == "within" else min(len(evidence.candidate), len(evidence.baseline))

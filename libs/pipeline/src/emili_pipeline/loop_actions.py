@@ -140,12 +140,17 @@ def candidate_of(state: State) -> str | None:
 
 
 def evidence_of(state: State) -> dict[str, Evidence]:
-    """The evaluation's gate evidence; malformed evidence is logged and counts as none (the gate then fails)."""
+    """The evaluation's gate evidence, with an empty item saying why for each metric it could not measure (so the
+    gate's reason can name the cause); malformed evidence is logged and counts as none (the gate then fails)."""
+    evaluate = outputs(state, "evaluate")
     try:
-        return evidence_from_json(outputs(state, "evaluate").get("gate_evidence") or {})
+        evidence = evidence_from_json(evaluate.get("gate_evidence") or {})
     except ValueError as exc:
         log.error("pipeline %s: %s; the gate sees no evidence", state.get("pipeline_id"), exc)
         return {}
+    missing = evaluate.get("gate_evidence_missing") or {}
+    gaps = {str(m): Evidence((), missing=str(why)) for m, why in missing.items() if m not in evidence}
+    return evidence | gaps
 
 
 def with_baseline(config: PipelineConfig, baseline: str) -> PipelineConfig:

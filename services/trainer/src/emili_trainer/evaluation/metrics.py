@@ -368,7 +368,7 @@ def reply_metrics(
     distances = vad_distance(last_turns, replies, vad_lexicon, intensity)
     bertscore = bert_scorer.score(replies, references) if bert_scorer is not None else None
     if epitome is None:
-        empathy = unavailable("no EPITOME classifiers found")
+        empathy = unavailable("no EPITOME classifiers found (`emili eval train-epitome --data DIR` trains them)")
     elif embed is None:
         empathy = unavailable("the classifiers need the MiniLM embedder, which was not found")
     else:
