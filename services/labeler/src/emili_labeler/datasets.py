@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from emili_session.conversation import INJECTED_KINDS, conversation
+from emili_session.conversation import INJECTED_KINDS, Turn, conversation
 
 __all__ = [
     "DATASET_KINDS",
@@ -183,7 +183,7 @@ def _finite(value: float | None) -> float | None:
 # --- SFT ------------------------------------------------------------------------------------------------
 
 
-def _flagged_delta(entry: Any, label: TurnLabelLike | None, include_readouts: bool) -> float | None:
+def _flagged_delta(entry: Turn, label: TurnLabelLike | None, include_readouts: bool) -> float | None:
     """A trainable flagged reply's reaction (-inf when its flag came without a measured delta); None otherwise."""
     trainable = (
         bool(entry.content.strip()) and (include_readouts or not entry.unprompted) and entry.at_limit is not True
@@ -194,10 +194,15 @@ def _flagged_delta(entry: Any, label: TurnLabelLike | None, include_readouts: bo
     return -math.inf if delta is None else delta
 
 
+def check_share(name: str, share: float) -> None:
+    """ValueError naming the option when a share of replies or pairs to keep is not in (0, 1]."""
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"{name} must be above 0 and at most 1, got {share}")
+
+
 def check_delta_share(delta_share: float) -> None:
     """ValueError when an SFT ``delta_share`` is out of range."""
-    if not 0.0 < delta_share <= 1.0:
-        raise ValueError(f"delta_share must be above 0 and at most 1, got {delta_share}")
+    check_share("delta_share", delta_share)
 
 
 def sft_delta_cutoff(sessions: Sequence[SessionInput], delta_share: float, include_readouts: bool = True) -> float:
@@ -335,8 +340,7 @@ def check_pair_options(max_pairs_per_context: int, selection: str, margin_share:
         raise ValueError(f"max_pairs_per_context must be at least 1, got {max_pairs_per_context}")
     if selection not in PAIR_SELECTIONS:
         raise ValueError(f"unknown pair selection {selection!r}: one of {', '.join(PAIR_SELECTIONS)}")
-    if not 0.0 < margin_share <= 1.0:
-        raise ValueError(f"margin_share must be above 0 and at most 1, got {margin_share}")
+    check_share("margin_share", margin_share)
 
 
 def _top_share_cutoff(values: Sequence[float], share: float) -> float:
