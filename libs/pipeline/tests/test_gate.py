@@ -29,7 +29,7 @@ def test_non_inferior_passes_a_tie_and_fails_a_loss_beyond_the_margin() -> None:
     tie = judge(policy(check), {"m": paired(0.0)})
     assert tie.passed and tie.checks[0].ci is not None and tie.checks[0].ci[0] > -0.05
     loss = judge(policy(check), {"m": paired(-0.2)})
-    assert not loss.passed and "beyond margin" in loss.checks[0].reason
+    assert not loss.passed and "at or beyond the margin" in loss.checks[0].reason
     assert loss.checks[0].estimate == pytest.approx(-0.2, abs=0.03)
 
 

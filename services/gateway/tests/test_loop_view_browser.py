@@ -78,7 +78,7 @@ def until(driver: Any, script: str, timeout: float = 15) -> Any:
 
 
 def check(name: str, passed: bool, estimate: float | None, ci: list[float] | None, n: int) -> dict[str, Any]:
-    reason = "worst plausible loss 0.01 within margin 0.02" if passed else "not enough evidence: 3 items"
+    reason = "worst plausible loss 0.01 within the margin 0.02" if passed else "not enough evidence: 3 items"
     fields = {"name": name, "metric": name, "kind": "non_inferior", "passed": passed, "n": n}
     return fields | {"estimate": estimate, "ci": ci, "reason": reason}
 
@@ -146,7 +146,7 @@ def test_the_loop_section_traces_a_decision(
         card = f"document.getElementById('loop-candidate-{passed}')"
         until(browser, f"{card}.open && {card}.querySelectorAll('.session-ids li').length === 7")
         text = browser.execute_script(f"return {card}.textContent")
-        for part in ("knowledge_kept", "-0.004", "[-0.012, 0.003]", "120", "within margin", "s-held-1", "ds-sft"):
+        for part in ("knowledge_kept", "-0.004", "[-0.012, 0.003]", "120", "within the margin", "s-held-1", "ds-sft"):
             assert part in text, part
         assert f"Canary in study {study_id}: running" in text
         link = browser.execute_script(f"return {card}.querySelector('.canary-trace a').getAttribute('href')")

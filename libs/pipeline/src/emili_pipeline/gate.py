@@ -184,7 +184,8 @@ def _check(check: GateCheck, evidence: Evidence | None, policy: GatePolicy, rng:
     gain_low = low if check.direction == "higher" else -high
     if check.kind == "non_inferior":
         passed = gain_low > -check.margin
-        why = f"worst plausible loss {max(0.0, -gain_low):.3g} {'within' if passed else 'beyond'} margin {check.margin}"
+        where = "within the" if passed else "at or beyond the"  # A bound exactly at the margin fails.
+        why = f"worst plausible loss {max(0.0, -gain_low):.3g} {where} margin {check.margin}"
     else:
         passed = gain_low > 0
         why = "better beyond doubt" if passed else "no clear gain (the interval includes 0 or a loss)"
