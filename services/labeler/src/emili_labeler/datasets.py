@@ -68,8 +68,8 @@ __all__ = [
     "TurnLabel",
     "TurnLabelLike",
     "canonical_json",
-    "check_delta_share",
     "check_pair_options",
+    "check_share",
     "content_id",
     "context_key",
     "feedback_pairs",
@@ -200,17 +200,12 @@ def check_share(name: str, share: float) -> None:
         raise ValueError(f"{name} must be above 0 and at most 1, got {share}")
 
 
-def check_delta_share(delta_share: float) -> None:
-    """ValueError when an SFT ``delta_share`` is out of range."""
-    check_share("delta_share", delta_share)
-
-
 def sft_delta_cutoff(sessions: Sequence[SessionInput], delta_share: float, include_readouts: bool = True) -> float:
     """The smallest reaction among the ``delta_share`` of all flagged replies (every session together) with the
     largest ones; -inf (keep every flagged reply) at a share of 1. Why: a flag is a noisy reading of a face, and a
     reply flagged on a barely positive change is little evidence that the user liked it (the same reason
     ``margin_share`` exists for pairs)."""
-    check_delta_share(delta_share)
+    check_share("delta_share", delta_share)
     deltas = [
         delta
         for session in sessions

@@ -34,8 +34,8 @@ from emili_labeler.datasets import (
     DatasetManifest,
     PairSelection,
     SessionInput,
-    check_delta_share,
     check_pair_options,
+    check_share,
     feedback_pairs,
     jsonl_bytes,
     sft_delta_cutoff,
@@ -308,7 +308,7 @@ def build_sft_dataset(
     below 1, only that share of them, the largest reactions), or EmPO's first stage, EmpatheticDialogues with every
     listener turn trained (``"empathetic"``; see :func:`empathetic_split`)."""
     try:
-        check_delta_share(delta_share)
+        check_share("delta_share", delta_share)
     except ValueError as exc:
         raise InvalidInput(str(exc)) from exc
     if source == "empathetic" and delta_share < 1.0:
