@@ -403,7 +403,7 @@ def test_emili_study_has_simulate_and_keeps_the_gateway_commands() -> None:
 
     group = typer.main.get_command(commands)
     study = group.commands["study"]  # type: ignore[attr-defined]
-    assert "simulate" in study.commands
+    assert {"simulate", "combine", "power"} <= set(study.commands)
     if list(entry_points(group="emili.cli", name="study")):  # The gateway is installed: its commands stay.
         assert {"create", "invite", "export"} <= set(study.commands)
 
@@ -931,3 +931,66 @@ def test_resume_sees_a_canary_decided_in_an_interrupted_iteration(fake_study: _F
     (tmp_path / "feedback" / "progress.json").write_text("{")
     with pytest.raises(StudyResumeError, match="cannot be read"):
         run_study(fake_study.stack, _options(tmp_path, 1, conditions=("feedback",), canary_rule="gateway"), resume=True)
+
+
+# --- one study from its conditions run apart -----------------------------------------------------------------------
+
+
+def test_conditions_run_apart_combine_into_one_study(fake_study: _FakeStudyStack, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from emili_pipeline.study_cli import commands
+    from emili_pipeline.study_sim import run_study
+
+    for condition in ("noise", "feedback"):
+        run_study(fake_study.stack, _options(tmp_path / condition, 2, conditions=(condition,)))
+    out = tmp_path / "both"
+    result = CliRunner().invoke(
+        commands,
+        ["study", "combine", str(tmp_path / "noise"), str(tmp_path / "feedback" / "study.json"), "--out", str(out)],
+    )
+
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "study.json").read_text())
+    assert list(report["conditions"]) == ["feedback", "noise"] and report["options"]["conditions"] == "feedback+noise"
+    assert report["decisions"]["feedback"]["promoted_versions"] == ["v1f"] and report["noise_promoted"] is False
+    # Both parts' base arms met the same simulated users: the A/A check is there, and reads 0 for these fake users.
+    same = report["base_against_base"]["delta_v"]
+    assert set(same["iterations"]) == {"1", "2"} and same["pooled"]["difference"] == pytest.approx(0.0)
+    assert [p["conditions"] for p in report["parts"]] == ["noise", "feedback"]
+    assert "Combined from 2 runs" in (out / "study.md").read_text() and "SYNTHETIC" in (out / "study.md").read_text()
+
+
+def test_combine_refuses_parts_that_are_not_one_study(fake_study: _FakeStudyStack, tmp_path: Path) -> None:
+    from emili_pipeline.study_combine import StudyCombineError, combine_reports, read_part
+    from emili_pipeline.study_sim import run_study
+
+    noise = run_study(fake_study.stack, _options(tmp_path / "n", 1, conditions=("noise",)))
+    feedback = run_study(fake_study.stack, _options(tmp_path / "f", 1, conditions=("feedback",)))
+    other_seed = run_study(fake_study.stack, _options(tmp_path / "s", 1, conditions=("feedback",), seed=3))
+    unfinished = {**feedback, "options": {**feedback["options"], "iterations": 2}}
+    with pytest.raises(StudyCombineError, match="two or more"):
+        combine_reports({"n": noise})
+    with pytest.raises(StudyCombineError, match=r"seed 0 in n, 3 here"):
+        combine_reports({"n": noise, "s": other_seed})
+    with pytest.raises(StudyCombineError, match="condition noise is in another part too"):
+        combine_reports({"n": noise, "again": noise})
+    with pytest.raises(StudyCombineError, match="iterations 1 in n, 2 here"):
+        combine_reports({"n": noise, "f": unfinished})
+    with pytest.raises(StudyCombineError, match="has 1 of 2 iterations"):
+        combine_reports({"f": unfinished, "n": {**noise, "options": {**noise["options"], "iterations": 2}}})
+    with pytest.raises(StudyCombineError, match=r"no study\.json"):
+        read_part(tmp_path / "missing")
+
+
+def test_combined_wall_time_counts_overlap_once() -> None:
+    from emili_pipeline.study_combine import _span
+
+    def part(run_id: str, wall_s: float) -> dict[str, Any]:
+        return {"options": {"run_id": run_id}, "wall_s": wall_s}
+
+    together = [part("20261203T000000Z", 3600.0), part("20261203T000010Z", 3000.0)]
+    apart = [part("20261203T000000Z", 600.0), part("20261203T010000Z", 600.0)]
+    assert _span(together) == 3600.0 and _span(apart) == 1200.0

@@ -1,11 +1,12 @@
 """``emili study simulate``: the loop simulation study (:mod:`emili_pipeline.study_sim`) with SIMULATED users, and
+``emili study combine``: one study from its conditions run apart (:mod:`.study_combine`),
 ``emili study power``: how many sessions per arm the gate needs to see its candidates' gain (:mod:`.study_power`).
 
 ``emili study`` is the gateway's command group (researchers' studies with real participants). This package adds
-``simulate`` and ``power`` to it without importing the gateway: :data:`commands` (an ``emili.commands`` entry
-point, added after every ``emili.cli`` group) holds a ``study`` group whose class takes the gateway's group, found
-through its own ``emili.cli`` entry point, and adds them to its commands. Without the gateway installed,
-``emili study`` has these two alone.
+``simulate``, ``combine`` and ``power`` to it without importing the gateway: :data:`commands` (an
+``emili.commands`` entry point, added after every ``emili.cli`` group) holds a ``study`` group whose class takes the
+gateway's group, found through its own ``emili.cli`` entry point, and adds them to its commands. Without the gateway
+installed, ``emili study`` has these three alone.
 """
 
 from __future__ import annotations
@@ -57,13 +58,14 @@ class StudyGroup(TyperGroup):
                 # get_command makes the gateway's app a root command: its shell-completion options stay behind.
                 params=[p for p in gateway.params if p.name not in ("install_completion", "show_completion")],
                 callback=gateway.callback,
-                help=f"{(gateway.help or '').strip()} Loop simulation study with simulated users: simulate, power.",
+                help=f"{(gateway.help or '').strip()} Loop simulation study with simulated users: "
+                "simulate, combine, power.",
             )
         super().__init__(**kwargs)
 
 
 study = typer.Typer(
-    help="Studies: with participants on the gateway, or simulated (simulate, power).", no_args_is_help=True
+    help="Studies: with participants on the gateway, or simulated (simulate, combine, power).", no_args_is_help=True
 )
 commands = typer.Typer()
 commands.add_typer(study, name=GROUP, cls=StudyGroup)
@@ -197,6 +199,29 @@ def simulate(
         report = run_study(stack, options, progress, resume=resume)
     except StudyResumeError as exc:
         raise typer.BadParameter(str(exc), param_hint="--resume") from exc
+    typer.echo(render_markdown(report))
+    console.print(f"wrote {out / 'study.json'} and {out / 'study.md'}")
+
+
+@study.command()
+def combine(
+    parts: Annotated[
+        list[Path], typer.Argument(help="The studies to merge (their folders or study.json), one per condition.")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for the combined study.json and study.md.")] = Path(
+        "var/reports/study-simulate"
+    ),
+) -> None:
+    """One study from its conditions run apart: `emili study simulate --condition feedback` and `--condition noise`
+    with the same options, at the same time on one stack, merged into the report one run of both would write."""
+    from emili_pipeline.study_combine import StudyCombineError, combine_reports, read_part
+    from emili_pipeline.study_sim import render_markdown, write_report
+
+    try:
+        report = combine_reports({str(path): read_part(path) for path in parts})
+    except StudyCombineError as exc:
+        raise typer.BadParameter(str(exc), param_hint="PARTS") from exc
+    write_report(report, out)
     typer.echo(render_markdown(report))
     console.print(f"wrote {out / 'study.json'} and {out / 'study.md'}")
 

@@ -643,6 +643,19 @@ def _canary_table(report: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _parts_lines(report: Mapping[str, Any]) -> list[str]:
+    """A combined study (emili_pipeline.study_combine): the runs it was merged from."""
+    parts = report.get("parts") or []
+    if not parts:
+        return []
+    runs = "; ".join(f"{p['conditions']} (run {p['run_id']}, {float(p.get('wall_s') or 0):.0f} s)" for p in parts)
+    return [
+        f"Combined from {len(parts)} runs with the same options on one stack, one per condition: {runs}. The wall "
+        "time counts time they ran together once.",
+        "",
+    ]
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The report for people: what was simulated, decisions, Δv and ratings with intervals, gate checks."""
     from emili_pipeline.study_signal import signal_table
@@ -663,6 +676,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         f"Options: {', '.join(f'{k}={v}' for k, v in options.items())}. Wall time {report['wall_s']:.0f} s.",
         "",
+        *_parts_lines(report),
         f"Noise condition: the loop {verdict}.",
         "",
         *_summary_table(report),
