@@ -39,6 +39,8 @@ A study on a 2-core CPU takes hours (about 40 minutes per iteration), so it can 
 report is rewritten after every iteration, ``<out>/<condition>/progress.json`` keeps the condition's sessions and an
 iteration stopped after its collection, and the loop's own state is in the object store (``--resume``). Every
 iteration's per-session values are kept, so the report also pools the iterations' candidate-vs-base differences.
+Its conditions can also run at the same time, one process each, and be merged into one report
+(:mod:`emili_pipeline.study_combine`).
 
 The pure parts (intervals, decisions, the report) are at the top; what needs the local stack is below.
 """
