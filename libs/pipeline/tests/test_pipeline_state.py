@@ -274,6 +274,13 @@ def test_pair_cap_selection_and_share_are_dumped_only_when_set() -> None:
         PipelineConfig(pair_margin_share=0.0)
 
 
+def test_a_cut_reply_rule_is_dumped_only_when_set() -> None:
+    assert "cut_replies" not in PipelineConfig().model_dump(mode="json")  # Existing pipeline ids stay.
+    assert PipelineConfig(cut_replies="trimmed").model_dump(mode="json")["cut_replies"] == "trimmed"
+    with pytest.raises(ValueError):
+        PipelineConfig(cut_replies="kept")  # type: ignore[arg-type]
+
+
 def test_an_sft_delta_share_is_dumped_only_when_set_and_needs_session_sft() -> None:
     assert "sft_delta_share" not in PipelineConfig().model_dump(mode="json")  # Existing pipeline ids stay.
     assert PipelineConfig(sft_delta_share=0.5).model_dump(mode="json")["sft_delta_share"] == 0.5

@@ -23,6 +23,7 @@ from emili_labeler.datasets import (
     plain_reply,
     sft_delta_cutoff,
     sft_examples,
+    trim_to_sentence,
     write_jsonl,
 )
 from emili_labeler.runtime import build_runtime
@@ -327,14 +328,14 @@ def test_a_delta_share_trains_only_the_flagged_replies_with_the_largest_reaction
             sft_delta_cutoff(sessions, share)
 
 
-def test_a_reply_cut_off_at_the_token_limit_is_never_trained_on_nor_chosen() -> None:
-    def reply_session(session_id: str, text: str, flagged: bool, at_limit: bool | None) -> SessionInput:
-        events = Recorder().user("I lost my job").reply(f"{session_id}-t1", text).events
-        events[-1]["at_limit"] = at_limit
-        return SessionInput(
-            session_id, SYSTEM, events, {f"{session_id}-t1": TurnLabel(flagged, 2.0 if flagged else -2.0)}
-        )
+def _reply_session(session_id: str, text: str, flagged: bool, at_limit: bool | None) -> SessionInput:
+    events = Recorder().user("I lost my job").reply(f"{session_id}-t1", text).events
+    events[-1]["at_limit"] = at_limit
+    return SessionInput(session_id, SYSTEM, events, {f"{session_id}-t1": TurnLabel(flagged, 2.0 if flagged else -2.0)})
 
+
+def test_a_reply_cut_off_at_the_token_limit_is_never_trained_on_nor_chosen() -> None:
+    reply_session = _reply_session
     cut = reply_session("cut", "That sounds so hard, and I keep thinking about how", True, True)
     whole = reply_session("whole", "That sounds so hard. How are you?", True, False)
     unknown = reply_session("unknown", "Oh no. What happened?", True, None)  # Recorded before at_limit existed.
@@ -352,6 +353,38 @@ def test_a_reply_cut_off_at_the_token_limit_is_never_trained_on_nor_chosen() -> 
         ("That sounds so hard. How are you?", "Well, at least you have more time for"),
         ("Oh no. What happened?", "Well, at least you have more time for"),
     }
+
+
+def test_trim_to_sentence_keeps_up_to_the_last_complete_sentence() -> None:
+    assert trim_to_sentence("That is hard. I keep thinking about how") == "That is hard."
+    assert trim_to_sentence('Really? "Yes!" and then') == 'Really? "Yes!"'
+    assert trim_to_sentence("One. Two... three") == "One. Two..."
+    assert trim_to_sentence("no sentence ends here") == ""
+
+
+def test_trimmed_cut_replies_are_trained_on_and_paired_on_either_side() -> None:
+    cut = _reply_session("cut", "That sounds so hard. I keep thinking about how", True, True)
+    whole = _reply_session("whole", "Oh no. What happened?", True, False)
+    negative = _reply_session("negative", "Calm down.", False, False)
+    negative_cut = _reply_session("negative-cut", "Well. At least you have more time for", False, True)
+    no_sentence = _reply_session("no-sentence", "And at least you have more time for", True, True)
+    sessions = [cut, whole, negative, negative_cut, no_sentence]
+    examples = [
+        e for s in sessions for e in sft_examples(s.session_id, SYSTEM, s.events, s.labels, cut_replies="trimmed")
+    ]
+    assert {e["session_id"] for e in examples} == {"cut", "whole"}  # Nothing is left of no-sentence.
+    trained = [m["content"] for e in examples for m in e["messages"] if m.get("weight") == 1]
+    assert sorted(trained) == ["Oh no. What happened?", "That sounds so hard."]
+    assert sft_delta_cutoff(sessions, 0.5, cut_replies="trimmed") == 2.0
+    pairs = feedback_pairs(sessions, max_pairs_per_context=100, cut_replies="trimmed")
+    assert {(p["chosen"], p["rejected"]) for p in pairs} == {
+        ("That sounds so hard.", "Calm down."),
+        ("Oh no. What happened?", "Calm down."),
+        ("That sounds so hard.", "Well."),
+        ("Oh no. What happened?", "Well."),
+    }
+    with pytest.raises(ValueError, match="cut_replies"):
+        feedback_pairs(sessions, cut_replies="kept")  # type: ignore[arg-type]
 
 
 # --- ids, files, manifests ------------------------------------------------------------------------------

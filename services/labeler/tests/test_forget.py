@@ -30,8 +30,11 @@ MILD = {"angry": 0.0, "disgust": 0.0, "fear": 0.0, "happy": 0.45, "sad": 0.0, "s
 NEUTRAL = {"angry": 0.0, "disgust": 0.0, "fear": 0.0, "happy": 0.1, "sad": 0.1, "surprise": 0.0, "neutral": 0.8}
 
 
-def store_session(store: ObjectStore, session_id: str, user: str, reply: str, reaction: dict[str, float]) -> None:
-    """A persisted session record (as chat writes it): one user message, one reply, the face after it."""
+def store_session(
+    store: ObjectStore, session_id: str, user: str, reply: str, reaction: dict[str, float], at_limit: bool = False
+) -> None:
+    """A persisted session record (as chat writes it): one user message, one reply (``at_limit``: cut off at the
+    token limit), the face after it."""
     events: list[Event] = []
 
     def add(kind: EventKind, at: int, **payload: Any) -> None:
@@ -48,7 +51,15 @@ def store_session(store: ObjectStore, session_id: str, user: str, reply: str, re
     add(EventKind.PRE_SURVEY, T0 + 100, current_feelings=["Sad"], desired_feelings=[], text="I feel sad and tired.")
     reading(T0 + 900, NEUTRAL)
     add(EventKind.USER_MESSAGE, T0 + 1000, text="I failed my driving test today.")
-    add(EventKind.ASSISTANT_MESSAGE, T0 + 3000, text=reply, turn_id="t1", unprompted=False, model_id="scripted")
+    add(
+        EventKind.ASSISTANT_MESSAGE,
+        T0 + 3000,
+        text=reply,
+        turn_id="t1",
+        unprompted=False,
+        model_id="scripted",
+        at_limit=at_limit,
+    )
     reading(T0 + 3500, reaction)
     add(EventKind.POST_SURVEY, T0 + 20000, current_feelings=[], desired_feelings=[], text="I feel happy and calm.")
     keys = session_record_keys(session_id)
@@ -225,3 +236,32 @@ def test_an_sft_dataset_with_a_delta_share_is_rebuilt_with_the_same_share(runtim
     rebuilt = dataset_manifest(store, replacements[half["id"]])
     # The same share of what is left: ceil(0.5 x 2) = 1.
     assert rebuilt["source_sessions"] == ["ds-ben"] and rebuilt["created_from"] == {"delta_share": 0.5}
+
+
+def test_datasets_with_trimmed_cut_replies_say_so_and_are_rebuilt_with_the_rule(runtime: jobs.Runtime) -> None:
+    store = runtime.store
+    replies = {
+        "tr-liked-cut": ("That must sting. I keep wondering whether the examiner", HAPPY),
+        "tr-disliked": ("Oh well, there is always next time.", SAD),
+    }
+    for session_id, (reply, face) in replies.items():
+        store_session(store, session_id, session_id, reply, face, at_limit=session_id.endswith("-cut"))
+        jobs.label_session(runtime, session_id)
+    sessions = list(replies)
+    with pytest.raises(NotFound):
+        jobs.build_dpo_dataset(runtime, "feedback", sessions)  # The only liked reply is cut: never chosen as it is.
+    pairs = jobs.build_dpo_dataset(runtime, "feedback", sessions, cut_replies="trimmed")
+    sft = jobs.build_sft_dataset(runtime, sessions, cut_replies="trimmed")
+    assert pairs["created_from"]["cut_replies"] == "trimmed" and sft["created_from"] == {"cut_replies": "trimmed"}
+    pair = json.loads(store.get_bytes(Bucket.DATASETS, pairs["key"]))
+    assert (pair["chosen"], pair["rejected"]) == ("That must sting.", "Oh well, there is always next time.")
+    assert "That must sting." in store.get_bytes(Bucket.DATASETS, sft["key"]).decode()
+    with pytest.raises(InvalidInput, match="cut_replies"):
+        jobs.build_sft_dataset(runtime, sessions, cut_replies="kept")
+    # A pipeline's config sets the rule; a rebuild keeps it.
+    config = PipelineConfig(dpo_source="feedback", cut_replies="trimmed")
+    state = {"config": config.model_dump(), "train_sessions": sessions, "steps": {}}
+    built = pipeline_steps.datasets(runtime, state)  # type: ignore[arg-type]
+    assert (built["sft"]["id"], built["dpo"]["id"]) == (sft["id"], pairs["id"])
+    assert jobs._rebuild(runtime, pairs, sessions)[0] == pairs["id"]
+    assert jobs._rebuild(runtime, sft, sessions)[0] == sft["id"]

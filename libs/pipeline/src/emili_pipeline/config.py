@@ -108,6 +108,11 @@ class PipelineConfig(BaseModel):
     # SFT on only this share of the flagged replies, those with the largest reactions (every session together):
     # a flag on a barely positive change of a noisy face is weak evidence; unset: every flagged reply.
     sft_delta_share: float | None = Field(None, gt=0.0, le=1.0)
+    # A reply cut off at the token limit. rejected_only: never trained on by SFT nor the chosen side of a pair, may
+    # be the rejected side; trimmed: cut back to its last complete sentence, then trained on and paired as any
+    # other reply (a rule that favours no length whatever the reactions say); unset: the labeler's default
+    # (rejected_only).
+    cut_replies: Literal["rejected_only", "trimmed"] | None = None
     evaluation: Evaluation = Evaluation()
     # The production arm the candidate (the last version trained: DPO, else SFT) is compared with by the
     # evaluation gate: "base" or a registered model version. Every evaluation step talks to it too.
@@ -134,7 +139,13 @@ class PipelineConfig(BaseModel):
         data: dict[str, Any] = handler(self)
         if data.get("baseline") == BASE_ARM:
             data.pop("baseline")
-        for optional in ("pairs_per_context", "pair_selection", "pair_margin_share", "sft_delta_share"):
+        for optional in (
+            "pairs_per_context",
+            "pair_selection",
+            "pair_margin_share",
+            "sft_delta_share",
+            "cut_replies",
+        ):
             if data.get(optional) is None:
                 data.pop(optional, None)
         evaluation = data.get("evaluation")

@@ -17,9 +17,10 @@ What the functions decide, so the data can be interpreted:
   form, with ``"source": "empathetic"`` and a ``conv_id`` in place of the session. Sessions without a
   weight-1 turn produce nothing. Empty replies, and replies cut off at the chat service's token limit
   (``at_limit``: they stop mid-thought, and training on them would teach the model to stop there too), are never
-  weighted 1. ``delta_share`` below 1 (:func:`sft_delta_cutoff`) weights only that share of all the
-  flagged replies, those with the largest reactions across every session (a flag without a measured delta never
-  passes such a cut). With ``include_readouts=False`` readouts and reminders (which refer to the
+  weighted 1 as they are; under ``cut_replies="trimmed"`` a cut reply is trained cut back to its last complete
+  sentence (:func:`trim_to_sentence`). ``delta_share`` below 1 (:func:`sft_delta_cutoff`) weights only that share
+  of all the flagged replies, those with the largest reactions across every session (a flag without a measured
+  delta never passes such a cut). With ``include_readouts=False`` readouts and reminders (which refer to the
   readout) are dropped, and unprompted replies get weight 0: what triggered them was a readout.
 * **Feedback pairs** (:func:`feedback_pairs`): only replies that answer a user message are paired (the prompt must end
   with the user message; unprompted remarks answer a face, not a context). The context key is the system prompt plus
@@ -27,7 +28,8 @@ What the functions decide, so the data can be interpreted:
   collapsed, case kept); readouts and reminders are left out of the key so the same words under different faces count
   as the same context. Within a context, each reply flagged True is paired with each reply flagged False with a
   measured delta (unflaggable turns, ``flagged`` None or False without a delta, are skipped, as are pairs whose
-  replies read the same; a reply cut off at the token limit is never the chosen side, and may be the rejected one); at
+  replies read the same; a reply cut off at the token limit is never the chosen side, and may be the rejected one, or
+  under ``cut_replies="trimmed"`` is cut back to its last complete sentence and may be either); at
   most ``max_pairs_per_context`` pairs per context. With ``selection="margin"`` (the default) they are the pairs whose
   reactions differ most (chosen delta minus rejected delta), ties broken by a generator seeded by ``(seed, context)``;
   with ``"random"`` they are drawn with that generator alone. ``margin_share`` below 1 first keeps only that share of
@@ -58,9 +60,12 @@ from typing import Any, Literal, Protocol
 from emili_session.conversation import INJECTED_KINDS, Turn, conversation
 
 __all__ = [
+    "CUT_REPLY_RULES",
     "DATASET_KINDS",
+    "DEFAULT_CUT_REPLIES",
     "DEFAULT_PAIR_SELECTION",
     "PAIR_SELECTIONS",
+    "CutReplies",
     "DatasetKind",
     "DatasetManifest",
     "PairSelection",
@@ -68,6 +73,7 @@ __all__ = [
     "TurnLabel",
     "TurnLabelLike",
     "canonical_json",
+    "check_cut_replies",
     "check_pair_options",
     "check_share",
     "content_id",
@@ -78,11 +84,22 @@ __all__ = [
     "plain_reply",
     "sft_delta_cutoff",
     "sft_examples",
+    "trim_to_sentence",
     "write_jsonl",
 ]
 
 DatasetKind = Literal["sft", "dpo_feedback", "dpo_empathetic"]
 DATASET_KINDS: tuple[DatasetKind, ...] = ("sft", "dpo_feedback", "dpo_empathetic")
+
+# What becomes of a reply cut off at the token limit. rejected_only: never trained on by SFT, never a chosen side,
+# may be a rejected side. trimmed: cut back to its last complete sentence and then used as any other reply, on
+# either side (left out when no sentence ends in it). Why trimmed exists: rejected_only favours complete replies
+# whatever the reactions say, a preference for shorter replies that needs no feedback at all (BENCHMARKS.md, run M).
+CutReplies = Literal["rejected_only", "trimmed"]
+CUT_REPLY_RULES: tuple[CutReplies, ...] = ("rejected_only", "trimmed")
+DEFAULT_CUT_REPLIES: CutReplies = "rejected_only"
+# The end of a sentence: . ! ? or an ellipsis, then any closing quotes or brackets.
+_SENTENCE_END = re.compile(r"(?:[.!?]|\u2026)+[\"'\u201d\u2019)\]]*")
 
 
 class TurnLabelLike(Protocol):
@@ -175,6 +192,25 @@ def plain_reply(text: str) -> str:
     return text.strip()
 
 
+def check_cut_replies(cut_replies: str) -> None:
+    """ValueError naming the rule when it is not one of :data:`CUT_REPLY_RULES`."""
+    if cut_replies not in CUT_REPLY_RULES:
+        raise ValueError(f"unknown cut_replies rule {cut_replies!r}: one of {', '.join(CUT_REPLY_RULES)}")
+
+
+def trim_to_sentence(text: str) -> str:
+    """``text`` up to and including its last complete sentence, stripped; "" when no sentence ends in it."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[: ends[-1]].strip() if ends else ""
+
+
+def _trainable_text(entry: Turn, cut_replies: CutReplies) -> str:
+    """The reply as training may use it: as recorded, trimmed (a cut reply under ``trimmed``), or "" (not usable)."""
+    if entry.at_limit is not True:
+        return entry.content
+    return trim_to_sentence(plain_reply(entry.content)) if cut_replies == "trimmed" else ""
+
+
 def _finite(value: float | None) -> float | None:
     # A NaN or infinite delta is as good as no delta, and would not survive canonical JSON.
     return float(value) if value is not None and math.isfinite(value) else None
@@ -183,11 +219,11 @@ def _finite(value: float | None) -> float | None:
 # --- SFT ------------------------------------------------------------------------------------------------
 
 
-def _flagged_delta(entry: Turn, label: TurnLabelLike | None, include_readouts: bool) -> float | None:
+def _flagged_delta(
+    entry: Turn, label: TurnLabelLike | None, include_readouts: bool, cut_replies: CutReplies
+) -> float | None:
     """A trainable flagged reply's reaction (-inf when its flag came without a measured delta); None otherwise."""
-    trainable = (
-        bool(entry.content.strip()) and (include_readouts or not entry.unprompted) and entry.at_limit is not True
-    )
+    trainable = bool(_trainable_text(entry, cut_replies).strip()) and (include_readouts or not entry.unprompted)
     if not trainable or label is None or label.flagged is not True:
         return None
     delta = _finite(label.delta)
@@ -200,7 +236,12 @@ def check_share(name: str, share: float) -> None:
         raise ValueError(f"{name} must be above 0 and at most 1, got {share}")
 
 
-def sft_delta_cutoff(sessions: Sequence[SessionInput], delta_share: float, include_readouts: bool = True) -> float:
+def sft_delta_cutoff(
+    sessions: Sequence[SessionInput],
+    delta_share: float,
+    include_readouts: bool = True,
+    cut_replies: CutReplies = DEFAULT_CUT_REPLIES,
+) -> float:
     """The smallest reaction among the ``delta_share`` of all flagged replies (every session together) with the
     largest ones; -inf (keep every flagged reply) at a share of 1. Why: a flag is a noisy reading of a face, and a
     reply flagged on a barely positive change is little evidence that the user liked it (the same reason
@@ -211,7 +252,8 @@ def sft_delta_cutoff(sessions: Sequence[SessionInput], delta_share: float, inclu
         for session in sessions
         for entry in conversation(session.system_prompt, session.events)
         if entry.role == "assistant" and entry.turn_id is not None
-        if (delta := _flagged_delta(entry, session.labels.get(entry.turn_id), include_readouts)) is not None
+        if (delta := _flagged_delta(entry, session.labels.get(entry.turn_id), include_readouts, cut_replies))
+        is not None
     ]
     return _top_share_cutoff(deltas, delta_share)
 
@@ -223,12 +265,14 @@ def sft_examples(
     labels: Mapping[str, TurnLabelLike],
     include_readouts: bool = True,
     min_delta: float = -math.inf,
+    cut_replies: CutReplies = DEFAULT_CUT_REPLIES,
 ) -> list[dict[str, Any]]:
     """Zero or one chat-JSONL example for the session (see the module docstring for the rules).
 
     The example is ``{"id", "session_id", "messages", "flagged_turns"}``; ``messages`` are
     ``{"role", "content"}`` plus ``"weight"`` (0 or 1) on assistant messages only. With ``min_delta`` (from
-    :func:`sft_delta_cutoff`) a flagged reply is weighted only when its reaction reached it.
+    :func:`sft_delta_cutoff`) a flagged reply is weighted only when its reaction reached it. Under ``cut_replies``
+    "trimmed" a weighted cut reply is trained as trimmed; an unweighted one stays as the model said it (context).
     """
     messages: list[dict[str, Any]] = []
     flagged_turns: list[str] = []
@@ -238,10 +282,11 @@ def sft_examples(
         message: dict[str, Any] = {"role": entry.role, "content": entry.content}
         if entry.role == "assistant":
             assert entry.turn_id is not None  # conversation() guarantees it.
-            delta = _flagged_delta(entry, labels.get(entry.turn_id), include_readouts)
+            delta = _flagged_delta(entry, labels.get(entry.turn_id), include_readouts, cut_replies)
             weight = 1 if delta is not None and delta >= min_delta else 0
             message["weight"] = weight
             if weight:
+                message["content"] = _trainable_text(entry, cut_replies)
                 flagged_turns.append(entry.turn_id)
         messages.append(message)
     if not flagged_turns:
@@ -271,7 +316,7 @@ class _Reply:
     delta: float | None
     prompt: tuple[Mapping[str, str], ...]  # Without readouts; ends with the user message.
     prompt_with_readouts: tuple[Mapping[str, str], ...]
-    at_limit: bool  # Cut off at the token limit: never a chosen side.
+    at_limit: bool  # Cut off at the token limit (and not trimmed): never a chosen side.
 
 
 def _reaction(label: TurnLabelLike | None) -> bool | None:
@@ -285,7 +330,7 @@ def _reaction(label: TurnLabelLike | None) -> bool | None:
     return label.flagged
 
 
-def _replies(session: SessionInput) -> list[tuple[str, _Reply]]:
+def _replies(session: SessionInput, cut_replies: CutReplies) -> list[tuple[str, _Reply]]:
     """(context key, reply) for each of the session's pairable replies."""
     out: list[tuple[str, _Reply]] = []
     plain: list[dict[str, str]] = []  # The conversation so far without readouts/reminders.
@@ -295,7 +340,8 @@ def _replies(session: SessionInput) -> list[tuple[str, _Reply]]:
         if entry.role == "assistant":
             assert entry.turn_id is not None
             label = session.labels.get(entry.turn_id)
-            text = plain_reply(entry.content)
+            trimmed = cut_replies == "trimmed" and entry.at_limit is True
+            text = trim_to_sentence(plain_reply(entry.content)) if trimmed else plain_reply(entry.content)
             answers_user = bool(plain) and plain[-1]["role"] == "user"
             reaction = _reaction(label)
             if answers_user and not entry.unprompted and text and reaction is not None:
@@ -307,7 +353,7 @@ def _replies(session: SessionInput) -> list[tuple[str, _Reply]]:
                     _finite(label.delta) if label is not None else None,
                     tuple(dict(m) for m in plain),
                     tuple(dict(m) for m in full),
-                    entry.at_limit is True,
+                    entry.at_limit is True and not trimmed,
                 )
                 out.append((context_key(plain), reply))
         full.append(message)
@@ -364,6 +410,7 @@ def feedback_pairs(
     include_readouts: bool = False,
     selection: PairSelection = DEFAULT_PAIR_SELECTION,
     margin_share: float = 1.0,
+    cut_replies: CutReplies = DEFAULT_CUT_REPLIES,
 ) -> list[dict[str, Any]]:
     """Preference pairs from replies to the same context with a positive vs a negative reaction.
 
@@ -373,20 +420,22 @@ def feedback_pairs(
 
     ``margin_share`` below 1 keeps only that share of all the positive x negative combinations (every context
     together), those with the widest reaction margins (ties at the cut are kept), before the per-context cap.
+    ``cut_replies`` says what a reply cut off at the token limit may be (:data:`CutReplies`).
     """
     check_pair_options(max_pairs_per_context, selection, margin_share)
+    check_cut_replies(cut_replies)
     ids = [s.session_id for s in sessions]
     if len(set(ids)) != len(ids):
         raise ValueError("session ids must be unique")
     groups: dict[str, list[_Reply]] = defaultdict(list)
     for session in sessions:
-        for key, reply in _replies(session):
+        for key, reply in _replies(session, cut_replies):
             groups[key].append(reply)
     by_context: dict[str, list[tuple[_Reply, _Reply]]] = {}
     for key in sorted(groups):
         replies = sorted(groups[key], key=lambda r: (r.session_id, r.turn_id))
-        # A cut reply as the chosen side would teach the model to stop mid-sentence; as the rejected side it only
-        # lowers the odds of a reply the user did not like, cut or not.
+        # A cut reply (not trimmed) as the chosen side would teach the model to stop mid-sentence; as the rejected
+        # side it only lowers the odds of a reply the user did not like, cut or not.
         positives = [r for r in replies if r.flagged and not r.at_limit]
         negatives = [r for r in replies if not r.flagged]
         by_context[key] = [

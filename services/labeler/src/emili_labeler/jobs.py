@@ -29,11 +29,14 @@ from emili_core.keys import check_session_id, dataset_index_key, dataset_withdra
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.records import load_session, recorded_sessions, session_consent
 from emili_labeler.datasets import (
+    DEFAULT_CUT_REPLIES,
     DEFAULT_PAIR_SELECTION,
     DEFAULT_PAIRS_PER_CONTEXT,
+    CutReplies,
     DatasetManifest,
     PairSelection,
     SessionInput,
+    check_cut_replies,
     check_pair_options,
     check_share,
     feedback_pairs,
@@ -303,12 +306,15 @@ def build_sft_dataset(
     source: str = "sessions",
     split: str | None = None,
     delta_share: float = 1.0,
+    cut_replies: str = DEFAULT_CUT_REPLIES,
 ) -> dict[str, Any]:
     """SFT data: the flagged turns of the consenting recorded sessions (``source="sessions"``; with ``delta_share``
     below 1, only that share of them, the largest reactions), or EmPO's first stage, EmpatheticDialogues with every
-    listener turn trained (``"empathetic"``; see :func:`empathetic_split`)."""
+    listener turn trained (``"empathetic"``; see :func:`empathetic_split`). ``cut_replies``: what a reply cut off at
+    the token limit may be (:data:`CutReplies`)."""
     try:
         check_share("delta_share", delta_share)
+        check_cut_replies(cut_replies)
     except ValueError as exc:
         raise InvalidInput(str(exc)) from exc
     if source == "empathetic" and delta_share < 1.0:
@@ -323,17 +329,24 @@ def build_sft_dataset(
     if source != "sessions":
         raise InvalidInput(f"unknown SFT source {source!r}: sessions or empathetic")
     inputs, skipped = _training_inputs(runtime, session_ids)
-    cutoff = sft_delta_cutoff(inputs, delta_share)
+    cut = cast(CutReplies, cut_replies)  # Checked above.
+    cutoff = sft_delta_cutoff(inputs, delta_share, cut_replies=cut)
     records = [
-        r for s in inputs for r in sft_examples(s.session_id, s.system_prompt, s.events, s.labels, min_delta=cutoff)
+        r
+        for s in inputs
+        for r in sft_examples(s.session_id, s.system_prompt, s.events, s.labels, min_delta=cutoff, cut_replies=cut)
     ]
     if not records:
         raise NotFound(
             "no consenting session has a flagged assistant turn: nothing to train on yet"
             + (f" ({skipped} sessions without training consent skipped)" if skipped else "")
         )
-    # What a rebuild without a session reuses; older manifests (and a share of 1) keep every flagged reply.
-    created_from = {"delta_share": delta_share} if delta_share < 1.0 else None
+    # What a rebuild without a session reuses; older manifests (and a share of 1) keep every flagged reply, and
+    # have the default cut-reply rule (so theirs is written only when it is another).
+    created_from = {
+        **({"delta_share": delta_share} if delta_share < 1.0 else {}),
+        **({"cut_replies": cut_replies} if cut_replies != DEFAULT_CUT_REPLIES else {}),
+    } or None
     manifest = DatasetManifest.build("sft", records, runtime.label_settings, created_from)
     return {**_publish(runtime, manifest, records), "skipped_no_training_consent": skipped}
 
@@ -349,16 +362,18 @@ def build_dpo_dataset(
     max_pairs_per_context: int = DEFAULT_PAIRS_PER_CONTEXT,
     selection: str = DEFAULT_PAIR_SELECTION,
     margin_share: float = 1.0,
+    cut_replies: str = DEFAULT_CUT_REPLIES,
 ) -> dict[str, Any]:
     """Preference pairs; for EmpatheticDialogues (the split as :func:`empathetic_split` picks it), one fresh
     rejected draw for each of ``epochs`` epochs (epoch, epoch+1, ...) in one dataset version, so the trainer can
     give each epoch its own draw. Feedback pairs: at most ``max_pairs_per_context`` per context, the widest
     reaction margins first (``selection="margin"``) or a seeded draw (``"random"``), from the widest
-    ``margin_share`` of all combinations."""
+    ``margin_share`` of all combinations, a reply cut off at the token limit treated by ``cut_replies``."""
     if epochs < 1:
         raise InvalidInput(f"epochs must be at least 1, not {epochs}")
     try:
         check_pair_options(max_pairs_per_context, selection, margin_share)
+        check_cut_replies(cut_replies)
     except ValueError as exc:
         raise InvalidInput(str(exc)) from exc
     skipped = 0
@@ -370,6 +385,7 @@ def build_dpo_dataset(
             seed=seed,
             selection=cast(PairSelection, selection),  # Checked by check_pair_options above.
             margin_share=margin_share,
+            cut_replies=cast(CutReplies, cut_replies),  # Checked above.
         )
         kind = "dpo_feedback"
         settings = runtime.label_settings
@@ -394,6 +410,7 @@ def build_dpo_dataset(
             "max_pairs_per_context": max_pairs_per_context,
             "selection": selection,
             "margin_share": margin_share,
+            **({"cut_replies": cut_replies} if cut_replies != DEFAULT_CUT_REPLIES else {}),
         }
         if source == "feedback"
         else None
@@ -576,11 +593,12 @@ def _rebuild(runtime: Runtime, manifest: dict[str, Any], remaining: list[str]) -
     if not remaining:
         return None, "not rebuilt: every one of its sessions was withdrawn"
     try:
+        created_from = manifest.get("created_from") or {}
+        cut_replies = str(created_from.get("cut_replies", DEFAULT_CUT_REPLIES))  # Older: the only rule then.
         if kind == "sft":
-            delta_share = float(manifest.get("created_from", {}).get("delta_share", 1.0))
-            rebuilt = build_sft_dataset(runtime, remaining, delta_share=delta_share)
+            delta_share = float(created_from.get("delta_share", 1.0))
+            rebuilt = build_sft_dataset(runtime, remaining, delta_share=delta_share, cut_replies=cut_replies)
         else:
-            created_from = manifest.get("created_from", {})
             seed = int(created_from.get("seed", 0))
             cap = int(created_from.get("max_pairs_per_context", DEFAULT_PAIRS_PER_CONTEXT))  # Older: the default.
             # Older manifests have no selection: they were drawn at random, the only rule then.
@@ -593,6 +611,7 @@ def _rebuild(runtime: Runtime, manifest: dict[str, Any], remaining: list[str]) -
                 max_pairs_per_context=cap,
                 selection=selection,
                 margin_share=float(created_from.get("margin_share", 1.0)),
+                cut_replies=cut_replies,
             )
     except (NotFound, InvalidInput, ValueError) as exc:  # The withdrawal must not fail for want of a rebuild.
         return None, f"not rebuilt: {exc}"

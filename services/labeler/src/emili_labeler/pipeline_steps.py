@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from emili_core.errors import FailedPrecondition, InvalidInput, NotFound
-from emili_labeler.datasets import DEFAULT_PAIR_SELECTION, DEFAULT_PAIRS_PER_CONTEXT
+from emili_labeler.datasets import DEFAULT_CUT_REPLIES, DEFAULT_PAIR_SELECTION, DEFAULT_PAIRS_PER_CONTEXT
 from emili_labeler.gold import GoldLabel
 from emili_labeler.jobs import Runtime, build_dpo_dataset, build_sft_dataset, gate_items, label_session
 from emili_labeler.jobs import delta_table as table_of
@@ -65,10 +65,17 @@ def datasets(runtime: Runtime, state: State) -> dict[str, Any]:
     train = state["train_sessions"]
     result: dict[str, Any] = {"notes": []}
     ed_configured = runtime.settings.labeler.empathetic_dialogues is not None
+    cut_replies = config.cut_replies or DEFAULT_CUT_REPLIES
     try:
         if config.sft_source == "empathetic" and not ed_configured:
             raise NotFound("sft_source is empathetic and EMILI_LABELER__EMPATHETIC_DIALOGUES is not set")
-        sft = build_sft_dataset(runtime, train, source=config.sft_source, delta_share=config.sft_delta_share or 1.0)
+        sft = build_sft_dataset(
+            runtime,
+            train,
+            source=config.sft_source,
+            delta_share=config.sft_delta_share or 1.0,
+            cut_replies=cut_replies,
+        )
         result["sft"] = {**_dataset_summary(sft), "source": config.sft_source}
         if "split" in sft.get("label_settings", {}):
             result["sft"]["split"] = sft["label_settings"]["split"]  # Which EmpatheticDialogues split was used.
@@ -99,6 +106,7 @@ def datasets(runtime: Runtime, state: State) -> dict[str, Any]:
                 max_pairs_per_context=cap,
                 selection=selection,
                 margin_share=config.pair_margin_share or 1.0,
+                cut_replies=cut_replies,
             )
         except NotFound as exc:
             result["notes"].append(f"no {source} DPO pairs: {exc}")

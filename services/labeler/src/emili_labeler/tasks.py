@@ -12,7 +12,7 @@ from typing import Any
 from emili_core.settings import load_settings
 from emili_core.tasks import idempotent_task, task_progress
 from emili_labeler import jobs
-from emili_labeler.datasets import DEFAULT_PAIR_SELECTION, DEFAULT_PAIRS_PER_CONTEXT
+from emili_labeler.datasets import DEFAULT_CUT_REPLIES, DEFAULT_PAIR_SELECTION, DEFAULT_PAIRS_PER_CONTEXT
 from emili_labeler.runtime import build_runtime
 from emili_labeler.settings import LabelerSettings
 
@@ -39,8 +39,9 @@ def build_sft_dataset(
     source: str = "sessions",
     split: str | None = None,
     delta_share: float = 1.0,
+    cut_replies: str = DEFAULT_CUT_REPLIES,
 ) -> dict[str, Any]:
-    return jobs.build_sft_dataset(runtime(), session_ids, source, split, delta_share)
+    return jobs.build_sft_dataset(runtime(), session_ids, source, split, delta_share, cut_replies)
 
 
 @idempotent_task("labeler.build_dpo_dataset")
@@ -55,9 +56,20 @@ def build_dpo_dataset(
     max_pairs_per_context: int = DEFAULT_PAIRS_PER_CONTEXT,
     selection: str = DEFAULT_PAIR_SELECTION,
     margin_share: float = 1.0,
+    cut_replies: str = DEFAULT_CUT_REPLIES,
 ) -> dict[str, Any]:
     return jobs.build_dpo_dataset(
-        runtime(), source, session_ids, epoch, seed, split, epochs, max_pairs_per_context, selection, margin_share
+        runtime(),
+        source,
+        session_ids,
+        epoch,
+        seed,
+        split,
+        epochs,
+        max_pairs_per_context,
+        selection,
+        margin_share,
+        cut_replies,
     )
 
 
