@@ -678,7 +678,7 @@ def test_a_study_from_before_noise_faces_resumes_with_the_default(fake_study: _F
 
 
 def test_pair_gaps_and_turn_qualities_score_replies_as_the_user_heard_them() -> None:
-    from emili_pipeline.study_signal import pair_gaps, turn_qualities
+    from emili_pipeline.study_signal import pair_gaps, turn_lengths, turn_qualities, word_count
 
     gaps = pair_gaps([_pair(GOOD_REPLY, BAD_REPLY) | {"context": "a"}, _pair(BAD_REPLY, GOOD_REPLY) | {"context": "a"}])
     assert list(gaps) == ["a"] and gaps["a"][0] > 0.5 and gaps["a"][1] == pytest.approx(-gaps["a"][0])
@@ -697,11 +697,15 @@ def test_pair_gaps_and_turn_qualities_score_replies_as_the_user_heard_them() -> 
     }
     flagged, unflagged = turn_qualities([example])
     assert len(flagged) == len(unflagged) == 1 and flagged[0] > unflagged[0]
+    assert turn_lengths([example]) == {
+        "trained_words": float(word_count(GOOD_REPLY)),
+        "other_words": float(word_count(BAD_REPLY)),
+    }
 
 
 def test_training_signal_reads_the_pipeline_datasets() -> None:
     from emili_core.objectstore import Bucket
-    from emili_pipeline.study_signal import training_signal
+    from emili_pipeline.study_signal import training_signal, word_count
 
     store = _NotFoundStore()
     pairs = [_pair(GOOD_REPLY, BAD_REPLY)] * 3 + [_pair(BAD_REPLY, GOOD_REPLY)]
@@ -709,6 +713,11 @@ def test_training_signal_reads_the_pipeline_datasets() -> None:
     signal = training_signal(store, {"dpo": {"kind": "dpo_feedback", "key": "d"}})
     assert signal["pairs"]["n"] == 4 and signal["pairs"]["chosen_better"] == 0.75 and signal["pairs"]["mean"] > 0
     assert signal["pairs"]["groups"] == 4 and signal["pairs"]["ci95"] is None  # Without a context: their own.
+    # Lengths: a preference for shorter replies would show here under noise (BENCHMARKS.md, run M).
+    good, bad = word_count(GOOD_REPLY), word_count(BAD_REPLY)
+    assert signal["pairs"]["chosen_words"] == round((3 * good + bad) / 4, 1)
+    assert signal["pairs"]["rejected_words"] == round((good + 3 * bad) / 4, 1)
+    assert signal["pairs"]["chosen_shorter"] == (0.75 if good < bad else 0.25)
     assert "turns" not in signal
     # EmPO's pairs are not the users' feedback: nothing to read there.
     assert training_signal(store, {"dpo": {"kind": "dpo_empathetic", "key": "d"}}) == {}

@@ -12,11 +12,16 @@ on the users' real preference?
 
 Under the feedback condition both gaps should be above 0; under noise (decoy faces where the loop learns) about 0.
 A gap about 0 under feedback means the flags carried no preference, so no trainer could have learned one.
+
+Both also record reply lengths in words (chosen against rejected, trained against the rest): the simulated users
+prefer shorter replies, so a length gap under noise is a preference that entered the data without feedback (run M
+in BENCHMARKS.md found one in how cut-off replies were treated).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -67,6 +72,38 @@ def cluster_interval(groups: Sequence[Sequence[float]], seed: int = 0) -> dict[s
     return {"n": len(values), "groups": len(groups), "mean": mean, "ci95": [low, high]}
 
 
+# Words as the simulator's length term counts them (lower-cased letters and apostrophes).
+_WORD = re.compile(r"[a-z']+")
+
+
+def word_count(text: str) -> int:
+    return len(_WORD.findall(text.lower()))
+
+
+def _mean_words(texts: Sequence[str]) -> float | None:
+    return round(float(np.mean([word_count(t) for t in texts])), 1) if texts else None
+
+
+def pair_lengths(pairs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean words of the chosen and the rejected replies, and the share of pairs whose chosen reply is shorter."""
+    shorter = [word_count(str(p["chosen"])) < word_count(str(p["rejected"])) for p in pairs]
+    return {
+        "chosen_words": _mean_words([str(p["chosen"]) for p in pairs]),
+        "rejected_words": _mean_words([str(p["rejected"]) for p in pairs]),
+        "chosen_shorter": round(sum(shorter) / len(shorter), 4) if shorter else None,
+    }
+
+
+def turn_lengths(examples: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean words of the assistant turns SFT trains on (weight 1) and of the rest (weight 0)."""
+    texts: dict[int, list[str]] = {0: [], 1: []}
+    for example in examples:
+        for message in example["messages"]:
+            if message.get("role") == "assistant" and message.get("weight") in (0, 1):
+                texts[int(message["weight"])].append(str(message["content"]))
+    return {"trained_words": _mean_words(texts[1]), "other_words": _mean_words(texts[0])}
+
+
 def turn_qualities(
     examples: Iterable[Mapping[str, Any]], scorer: ReplyScorer = reply_quality
 ) -> tuple[list[float], list[float]]:
@@ -94,15 +131,22 @@ def training_signal(
     signal: dict[str, Any] = {}
     dpo = datasets.get("dpo") or {}
     if dpo.get("kind") == "dpo_feedback" and dpo.get("key"):
-        groups = list(pair_gaps(_records(store.get_bytes(Bucket.DATASETS, dpo["key"])), scorer).values())
+        pairs = _records(store.get_bytes(Bucket.DATASETS, dpo["key"]))
+        groups = list(pair_gaps(pairs, scorer).values())
         gaps = [g for group in groups for g in group]
         signal["pairs"] = cluster_interval(groups, seed)
         signal["pairs"]["chosen_better"] = round(sum(g > 0 for g in gaps) / len(gaps), 4) if gaps else None
+        signal["pairs"].update(pair_lengths(pairs))
     sft = datasets.get("sft") or {}
     if sft.get("kind") == "sft" and sft.get("key"):
-        flagged, unflagged = turn_qualities(_records(store.get_bytes(Bucket.DATASETS, sft["key"])), scorer)
-        signal["turns"] = difference(flagged, unflagged, seed)
+        examples = _records(store.get_bytes(Bucket.DATASETS, sft["key"]))
+        flagged, unflagged = turn_qualities(examples, scorer)
+        signal["turns"] = {**difference(flagged, unflagged, seed), **turn_lengths(examples)}
     return signal
+
+
+def _plain(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def signal_table(conditions: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
@@ -118,10 +162,16 @@ def signal_table(conditions: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[
             pairs, turns = signal.get("pairs") or {}, signal.get("turns") or {}
             pair_gap = f"{_fmt(pairs['mean'])} {_ci(pairs['ci95'])}" if pairs.get("n") else "–"
             turn_gap = f"{_fmt(turns.get('difference'))} {_ci(turns.get('ci95'))}" if turns else "–"
+            # Reports written before lengths were recorded show a dash there.
+            pair_words = (
+                f"{_plain(pairs.get('chosen_words'), 0)} / {_plain(pairs.get('rejected_words'), 0)} "
+                f"({_plain(pairs.get('chosen_shorter'), 2)})"
+            )
+            turn_words = f"{_plain(turns.get('trained_words'), 0)} / {_plain(turns.get('other_words'), 0)}"
             rows.append(
                 f"| {condition} | {it['iteration']} | {pairs.get('n', 0)} ({pairs.get('groups', 0)}) | {pair_gap} | "
-                f"{_fmt(pairs.get('chosen_better'))} | {turns.get('n_candidate', 0)} / {turns.get('n_baseline', 0)} | "
-                f"{turn_gap} |"
+                f"{_fmt(pairs.get('chosen_better'))} | {pair_words} | "
+                f"{turns.get('n_candidate', 0)} / {turns.get('n_baseline', 0)} | {turn_gap} | {turn_words} |"
             )
     if not rows:
         return []
@@ -131,14 +181,17 @@ def signal_table(conditions: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[
         "The simulator's reply quality (its users' known preference), scored as the user heard each reply. Pairs: "
         "quality(chosen) - quality(rejected) per DPO feedback pair, and the share of pairs whose chosen reply scores "
         "higher. Turns: the assistant turns SFT trains on (weight 1: flagged, among the largest reactions when the "
-        "pipeline sets sft_delta_share, never cut off at the token limit) minus the rest of the SFT examples' turns. "
-        "Above 0 under feedback means the flags carried the preference; about 0 under noise is the control. A "
-        "context's pairs share replies, so "
-        "the pairs' interval resamples contexts (in brackets after the pairs; none with fewer than 5).",
+        "pipeline sets sft_delta_share; a reply cut off at the token limit only as its cut_replies rule allows) minus "
+        "the rest of the SFT examples' turns. Above 0 under feedback means the flags carried the preference; about 0 "
+        "under noise is the control. A context's pairs share replies, so the pairs' interval resamples contexts (in "
+        "brackets after the pairs; none with fewer than 5). Words: mean reply length, chosen / rejected (the share "
+        "of pairs whose chosen reply is shorter) and trained / not; the simulated users prefer shorter replies, so "
+        "under noise a length gap is a preference that entered without feedback.",
         "",
         "| condition | iteration | DPO pairs (contexts) | chosen - rejected [95% CI] | chosen better (share) | "
-        "turns, trained / not | trained - not [95% CI] |",
-        "|---|---|---|---|---|---|---|",
+        "words, chosen / rejected (chosen shorter) | turns, trained / not | trained - not [95% CI] | "
+        "words, trained / not |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
 
