@@ -451,6 +451,7 @@ class _FakeStudyStack:
     positive: dict[str, float] = field(default_factory=dict)  # Per arm: the share of replies flagged positive (0.5).
     labelled: list[str] = field(default_factory=list)  # Sessions the fake labeler was asked to label.
     fail_users: str | None = None  # The first user with this subject prefix fails (once).
+    running_polls: int = 0  # The next pipelines answer "running" this many times before they are done.
 
     def send_task(self, name: str, args: list[str]) -> Any:
         """The labeler's ``labeler.label_session`` on the Celery producer: a label whose 4 replies' reactions were
@@ -524,6 +525,9 @@ def fake_study(monkeypatch: pytest.MonkeyPatch) -> _FakeStudyStack:
             if fake.interrupt_once:
                 fake.interrupt_once = False
                 raise KeyboardInterrupt
+            if fake.running_polls > 0:
+                fake.running_polls -= 1
+                return "running", None, {}
             base = [0.0, 0.05, -0.05, 0.02, -0.02]
             gain = 0.0 if self.kind == "n" else 0.3
             evidence = {
@@ -574,6 +578,27 @@ def test_run_study_promotes_a_real_gain_and_nothing_under_noise(fake_study: _Fak
     assert set(same["iterations"]) == {1, 2} and same["pooled"]["difference"] == pytest.approx(0.0)
     assert "Base against base" in (tmp_path / "study.md").read_text()
     assert (tmp_path / "study.json").is_file() and "SYNTHETIC" in (tmp_path / "study.md").read_text()
+
+
+def test_a_loop_that_does_not_settle_stops_its_condition_for_a_resume_not_the_next_iteration(
+    fake_study: _FakeStudyStack, tmp_path: Path
+) -> None:
+    from emili_pipeline.study_sim import run_study
+
+    # Run N (BENCHMARKS.md): an iteration that timed out was counted as done, and its canary's outcome became the
+    # next iteration's, which then trained nothing.
+    fake_study.running_polls = 10**6  # Feedback's first pipeline never finishes within the timeout.
+    report = run_study(fake_study.stack, _options(tmp_path, 2, conditions=("feedback",), iteration_timeout_s=0.0))
+    assert report["conditions"]["feedback"] == [] and fake_study.pipelines == {"f": 1}
+    assert "feedback iteration 1: the loop did not settle" in report["stopped"]["feedback"]
+    assert "--resume" in (tmp_path / "study.md").read_text()
+    # Resumed once the pipeline is done: the same iteration goes on without collecting again, then iteration 2.
+    fake_study.running_polls, collected = 0, fake_study.collected
+    report = run_study(fake_study.stack, _options(tmp_path, 2, conditions=("feedback",)), resume=True)
+    feedback = report["conditions"]["feedback"]
+    assert [it["iteration"] for it in feedback] == [1, 2] and "stopped" not in report
+    assert feedback[0]["resumed"] is True and feedback[0]["candidate"] == "v1f"
+    assert fake_study.collected == collected + 3 and fake_study.pipelines == {"f": 2}
 
 
 def test_a_resumed_study_carries_on_its_sessions_candidates_and_an_interrupted_iteration(

@@ -130,6 +130,14 @@ def simulate(
             "study keeps its own unless none of its canaries was decided yet."
         ),
     ] = None,
+    iteration_timeout: Annotated[
+        float,
+        typer.Option(
+            min=60.0,
+            help="Seconds an iteration waits for the loop to train, gate and canary its candidate; past it the "
+            "condition stops there, to be resumed (--resume).",
+        ),
+    ] = 3 * 3600.0,
     target: Annotated[str | None, typer.Option(help="Chat server address (default from the chat settings).")] = None,
     resume: Annotated[
         bool,
@@ -171,6 +179,7 @@ def simulate(
         concurrency=concurrency,
         noise_faces=_noise_faces(noise_faces),
         canary_rule=_canary_rule(canary_rule),
+        iteration_timeout_s=iteration_timeout,
     )
     stack = Stack(
         store=ObjectStore(settings.s3),
@@ -201,6 +210,10 @@ def simulate(
         raise typer.BadParameter(str(exc), param_hint="--resume") from exc
     typer.echo(render_markdown(report))
     console.print(f"wrote {out / 'study.json'} and {out / 'study.md'}")
+    for why in (report.get("stopped") or {}).values():
+        console.print(f"[red]not finished:[/red] {why}")
+    if report.get("stopped"):
+        raise typer.Exit(1)
 
 
 @study.command()

@@ -702,6 +702,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     ]
     if errors:
         lines += ["### Errors", "", *(f"- {n} iteration {i}: {e}" for n, i, e in errors), ""]
+    stopped = report.get("stopped") or {}
+    if stopped:
+        lines += ["### Not finished", "", *(f"- {why}" for why in stopped.values()), ""]
     return "\n".join(lines)
 
 
@@ -843,7 +846,9 @@ class StudyOptions:
     # How the offline canary decides (module docstring); None: gateway for a new study, a resumed one's own.
     canary_rule: CanaryRuleName | None = None
     poll_s: float = 5.0
-    iteration_timeout_s: float = 3600.0
+    # How long one iteration waits for the loop to settle (train, gate, canary) after its collection. On a 2-core CPU
+    # with two studies side by side an iteration's loop took over an hour (run N, BENCHMARKS.md).
+    iteration_timeout_s: float = 3 * 3600.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -1138,8 +1143,13 @@ class ConditionRun:
             if state.phase == "idle" and (any(e["event"] in settled for e in events) or not events):
                 break
             if time.monotonic() > deadline:
-                record["errors"].append(f"the loop did not settle within {self.options.iteration_timeout_s:.0f} s")
-                break
+                # Going on would count this iteration's outcome as the next one's; it stays pending instead.
+                raise LoopNotSettled(
+                    f"{self.condition} iteration {self.iteration}: the loop did not settle within "
+                    f"{self.options.iteration_timeout_s:.0f} s (last: {events[-1]['event'] if events else 'nothing'}"
+                    "); this condition stopped there. Run the same command with --resume (and a longer "
+                    "--iteration-timeout) to wait for it."
+                )
             time.sleep(self.options.poll_s)
         state = self.loop.state()
         started_event = next((e for e in events if e["event"] == "enough new sessions"), {})
@@ -1213,6 +1223,10 @@ def arm_intervals(items: Mapping[str, Sequence[float]]) -> dict[str, dict[str, A
 RESUME_MUST_MATCH: tuple[str, ...] = ("sessions_per_iteration", "eval_users_per_arm", "canary_min_sessions", "seed")
 RESUME_MUST_MATCH += ("conditions", "pipeline", "gate", "config_sha256", "noise_faces")
 RESUME_DEFAULTS = {"noise_faces": "everywhere"}  # Of options added since: a report from before them had the default.
+
+
+class LoopNotSettled(RuntimeError):
+    """An iteration's loop did not settle in time: the iteration stays pending for a resumed study."""
 
 
 class StudyResumeError(ValueError):
@@ -1297,18 +1311,26 @@ def run_study(
     report = report_now()
     order = list(runs)
 
+    stopped: dict[str, str] = {}  # Conditions whose loop did not settle: why.
+
+    def waiting() -> list[Condition]:
+        return [c for c in order if len(results[c]) < options.iterations and c not in stopped]
+
     def next_condition() -> Condition:
         """An iteration stopped after its collection first (its pipeline may be running), then the condition with
         the fewest iterations: a study resumed after an uneven stop evens out before it goes further."""
-        waiting = [c for c in order if len(results[c]) < options.iterations]
-        return min(waiting, key=lambda c: (runs[c].pending is None, len(results[c]), order.index(c)))
+        return min(waiting(), key=lambda c: (runs[c].pending is None, len(results[c]), order.index(c)))
 
-    while any(len(its) < options.iterations for its in results.values()):
+    while waiting():
         condition = next_condition()
         run = runs[condition]
         log.info("study %s: %s iteration %d", run_id, condition, len(results[condition]) + 1)
         try:
             record = run.run_iteration()
+        except LoopNotSettled as exc:  # Not a result: the iteration is resumed later, where it stopped.
+            log.error("study %s: %s", run_id, exc)
+            stopped[condition] = str(exc)
+            continue
         except Exception as exc:  # One broken iteration is reported, the others still run.
             log.exception("study %s: %s iteration failed", run_id, condition)
             record = {"iteration": run.iteration, "errors": [f"{type(exc).__name__}: {exc}"], "wall_s": 0.0}
@@ -1319,5 +1341,7 @@ def run_study(
         run.finish_iteration()
         if on_iteration is not None:
             on_iteration(record)
+    if stopped:
+        report = {**report_now(), "stopped": stopped}
     write_report(report, options.out)
     return report
