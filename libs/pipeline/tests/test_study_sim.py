@@ -703,7 +703,8 @@ def test_a_study_from_before_noise_faces_resumes_with_the_default(fake_study: _F
 
 
 def test_pair_gaps_and_turn_qualities_score_replies_as_the_user_heard_them() -> None:
-    from emili_pipeline.study_signal import pair_gaps, turn_lengths, turn_qualities, word_count
+    from emili_pipeline.simulator.state import word_count
+    from emili_pipeline.study_signal import pair_gaps, turn_lengths, turn_qualities
 
     gaps = pair_gaps([_pair(GOOD_REPLY, BAD_REPLY) | {"context": "a"}, _pair(BAD_REPLY, GOOD_REPLY) | {"context": "a"}])
     assert list(gaps) == ["a"] and gaps["a"][0] > 0.5 and gaps["a"][1] == pytest.approx(-gaps["a"][0])
@@ -730,7 +731,8 @@ def test_pair_gaps_and_turn_qualities_score_replies_as_the_user_heard_them() -> 
 
 def test_training_signal_reads_the_pipeline_datasets() -> None:
     from emili_core.objectstore import Bucket
-    from emili_pipeline.study_signal import training_signal, word_count
+    from emili_pipeline.simulator.state import word_count
+    from emili_pipeline.study_signal import training_signal
 
     store = _NotFoundStore()
     pairs = [_pair(GOOD_REPLY, BAD_REPLY)] * 3 + [_pair(BAD_REPLY, GOOD_REPLY)]

@@ -21,13 +21,12 @@ in BENCHMARKS.md found one in how cut-off replies were treated).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from emili_pipeline.simulator.state import ReplyScorer, reply_quality
+from emili_pipeline.simulator.state import ReplyScorer, reply_quality, word_count
 
 
 def _records(data: bytes) -> list[dict[str, Any]]:
@@ -70,14 +69,6 @@ def cluster_interval(groups: Sequence[Sequence[float]], seed: int = 0) -> dict[s
     tail = (1.0 - LEVEL) / 2.0
     low, high = (round(float(q), 4) for q in np.quantile(means, [tail, 1.0 - tail]))
     return {"n": len(values), "groups": len(groups), "mean": mean, "ci95": [low, high]}
-
-
-# Words as the simulator's length term counts them (lower-cased letters and apostrophes).
-_WORD = re.compile(r"[a-z']+")
-
-
-def word_count(text: str) -> int:
-    return len(_WORD.findall(text.lower()))
 
 
 def _mean_words(texts: Sequence[str]) -> float | None:

@@ -204,11 +204,16 @@ def trim_to_sentence(text: str) -> str:
     return text[: ends[-1]].strip() if ends else ""
 
 
+def _trimmed(entry: Turn, cut_replies: CutReplies) -> bool:
+    """Whether training uses this reply cut back to its last complete sentence."""
+    return cut_replies == "trimmed" and entry.at_limit is True
+
+
 def _trainable_text(entry: Turn, cut_replies: CutReplies) -> str:
-    """The reply as training may use it: as recorded, trimmed (a cut reply under ``trimmed``), or "" (not usable)."""
-    if entry.at_limit is not True:
-        return entry.content
-    return trim_to_sentence(plain_reply(entry.content)) if cut_replies == "trimmed" else ""
+    """The reply as SFT may train on it: as recorded, trimmed (a cut reply under ``trimmed``), or "" (not usable)."""
+    if _trimmed(entry, cut_replies):
+        return trim_to_sentence(plain_reply(entry.content))
+    return "" if entry.at_limit is True else entry.content
 
 
 def _finite(value: float | None) -> float | None:
@@ -340,7 +345,7 @@ def _replies(session: SessionInput, cut_replies: CutReplies) -> list[tuple[str, 
         if entry.role == "assistant":
             assert entry.turn_id is not None
             label = session.labels.get(entry.turn_id)
-            trimmed = cut_replies == "trimmed" and entry.at_limit is True
+            trimmed = _trimmed(entry, cut_replies)
             text = trim_to_sentence(plain_reply(entry.content)) if trimmed else plain_reply(entry.content)
             answers_user = bool(plain) and plain[-1]["role"] == "user"
             reaction = _reaction(label)

@@ -121,15 +121,20 @@ def _content_words(text: str) -> set[str]:
     return {w for w in _WORD.findall(text.lower()) if len(w) >= 4 and w not in _STOPWORDS}
 
 
+def word_count(text: str) -> int:
+    """Words as the length term of :func:`reply_quality` counts them."""
+    return len(_WORD.findall(text.lower()))
+
+
 def reply_quality(reply: str, user_message: str) -> ReplyQuality:
     """How well ``reply`` answers ``user_message``, by the heuristic in the module docstring."""
     text = reply.strip().lower()
     if not text:
         return ReplyQuality(-1.0, {"empty": 1.0})
-    words = len(_WORD.findall(text))
+    words = word_count(text)
     user_words = _content_words(user_message)
     overlap = len(user_words & _content_words(text)) / len(user_words) if user_words else 0.0
-    ratio = words / max(len(_WORD.findall(user_message.lower())), 8)
+    ratio = words / max(word_count(user_message), 8)
     components = {
         "empathy": min(1.0, len(_EMPATHY.findall(text)) / 2),
         "reflection": min(1.0, 2 * overlap),
