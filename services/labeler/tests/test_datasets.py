@@ -387,6 +387,32 @@ def test_trimmed_cut_replies_are_trained_on_and_paired_on_either_side() -> None:
         feedback_pairs(sessions, cut_replies="kept")  # type: ignore[arg-type]
 
 
+def test_open_end_trains_cut_replies_as_generated_and_pairs_them_trimmed() -> None:
+    cut = _reply_session("cut", "That sounds so hard. I keep thinking about how", True, True)
+    whole = _reply_session("whole", "Oh no. What happened?", True, False)
+    negative_cut = _reply_session("negative-cut", "Well. At least you have more time for", False, True)
+    no_sentence = _reply_session("no-sentence", "And at least you have more time for", True, True)
+    sessions = [cut, whole, negative_cut, no_sentence]
+    trained = {
+        m["content"]: m.get("open_end", False)
+        for s in sessions
+        for e in sft_examples(s.session_id, SYSTEM, s.events, s.labels, cut_replies="open_end")
+        for m in e["messages"]
+        if m.get("weight") == 1
+    }
+    # Every flagged reply as the model said it; only the cut ones open-ended (no stop learned after them).
+    assert trained == {
+        "That sounds so hard. I keep thinking about how": True,
+        "Oh no. What happened?": False,
+        "And at least you have more time for": True,
+    }
+    pairs = feedback_pairs(sessions, max_pairs_per_context=100, cut_replies="open_end")
+    assert {(p["chosen"], p["rejected"]) for p in pairs} == {
+        ("That sounds so hard.", "Well."),
+        ("Oh no. What happened?", "Well."),
+    }
+
+
 # --- ids, files, manifests ------------------------------------------------------------------------------
 
 

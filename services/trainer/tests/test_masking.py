@@ -191,6 +191,34 @@ def test_context_is_kept_whole_when_it_fits(tokenizer: PreTrainedTokenizerBase, 
     assert not last.truncated and turns.context_trimmed == 0
 
 
+def test_an_open_ended_reply_teaches_its_words_but_not_the_stop(
+    tokenizer: PreTrainedTokenizerBase, conversation: Conversation
+) -> None:
+    cut = "I hear you, and I keep wondering whether the"
+    session = [*conversation[:2], {"role": "assistant", "content": cut, "weight": 1, "open_end": True}]
+    (example,) = tokenise_turns(tokenizer, session, 4096).examples
+    assert _trained(tokenizer, example) == cut  # No <|im_end|>: the model said no more because it was cut off.
+    assert tokenizer.decode(example.input_ids).endswith(cut + "<|im_end|>\n")  # Still rendered as the model saw it.
+    closed = tokenise_turns(tokenizer, [*session[:-1], {**session[-1], "open_end": False}], 4096).examples[0]
+    assert _trained(tokenizer, closed) == cut + "<|im_end|>\n"
+
+
+def test_an_open_ended_reply_the_template_rewrites_is_refused(
+    tokenizer: PreTrainedTokenizerBase, conversation: Conversation
+) -> None:
+    original = tokenizer.chat_template
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content']|upper }}|{% endfor %}"
+    try:
+        with pytest.raises(MaskingError, match="open-ended"):
+            tokenise_weighted(
+                tokenizer,
+                [*conversation[:2], {"role": "assistant", "content": "so the", "weight": 1, "open_end": True}],
+                4096,
+            )
+    finally:
+        tokenizer.chat_template = original
+
+
 def test_a_reply_longer_than_the_limit_keeps_its_start(any_tokenizer: PreTrainedTokenizerBase) -> None:
     reply = " ".join(_long_session_texts()[1::2])
     session = [

@@ -110,9 +110,10 @@ class PipelineConfig(BaseModel):
     sft_delta_share: float | None = Field(None, gt=0.0, le=1.0)
     # A reply cut off at the token limit. rejected_only: never trained on by SFT nor the chosen side of a pair, may
     # be the rejected side; trimmed: cut back to its last complete sentence, then trained on and paired as any
-    # other reply (a rule that favours no length whatever the reactions say); unset: the labeler's default
-    # (rejected_only).
-    cut_replies: Literal["rejected_only", "trimmed"] | None = None
+    # other reply (SFT still teaches stopping sooner: every target ends); open_end: SFT trains it as generated
+    # with no loss on the end-of-turn marker, pairs use it trimmed (self-training on random replies leaves the
+    # model's stopping as it was); unset: the labeler's default (rejected_only).
+    cut_replies: Literal["rejected_only", "trimmed", "open_end"] | None = None
     evaluation: Evaluation = Evaluation()
     # The production arm the candidate (the last version trained: DPO, else SFT) is compared with by the
     # evaluation gate: "base" or a registered model version. Every evaluation step talks to it too.

@@ -18,10 +18,12 @@ What the functions decide, so the data can be interpreted:
   weight-1 turn produce nothing. Empty replies, and replies cut off at the chat service's token limit
   (``at_limit``: they stop mid-thought, and training on them would teach the model to stop there too), are never
   weighted 1 as they are; under ``cut_replies="trimmed"`` a cut reply is trained cut back to its last complete
-  sentence (:func:`trim_to_sentence`). ``delta_share`` below 1 (:func:`sft_delta_cutoff`) weights only that share
-  of all the flagged replies, those with the largest reactions across every session (a flag without a measured
-  delta never passes such a cut). With ``include_readouts=False`` readouts and reminders (which refer to the
-  readout) are dropped, and unprompted replies get weight 0: what triggered them was a readout.
+  sentence (:func:`trim_to_sentence`), under ``"open_end"`` as recorded with ``"open_end": True`` (the trainer then
+  puts no loss on the end-of-turn marker after it, so it teaches no stop). ``delta_share`` below 1
+  (:func:`sft_delta_cutoff`) weights only that share of all the flagged replies, those with the largest reactions
+  across every session (a flag without a measured delta never passes such a cut). With ``include_readouts=False``
+  readouts and reminders (which refer to the readout) are dropped, and unprompted replies get weight 0: what
+  triggered them was a readout.
 * **Feedback pairs** (:func:`feedback_pairs`): only replies that answer a user message are paired (the prompt must end
   with the user message; unprompted remarks answer a face, not a context). The context key is the system prompt plus
   the user/assistant messages up to and including that user message, whitespace-normalised (NFC, runs of whitespace
@@ -29,7 +31,7 @@ What the functions decide, so the data can be interpreted:
   as the same context. Within a context, each reply flagged True is paired with each reply flagged False with a
   measured delta (unflaggable turns, ``flagged`` None or False without a delta, are skipped, as are pairs whose
   replies read the same; a reply cut off at the token limit is never the chosen side, and may be the rejected one, or
-  under ``cut_replies="trimmed"`` is cut back to its last complete sentence and may be either); at
+  under ``cut_replies="trimmed"`` or ``"open_end"`` is cut back to its last complete sentence and may be either); at
   most ``max_pairs_per_context`` pairs per context. With ``selection="margin"`` (the default) they are the pairs whose
   reactions differ most (chosen delta minus rejected delta), ties broken by a generator seeded by ``(seed, context)``;
   with ``"random"`` they are drawn with that generator alone. ``margin_share`` below 1 first keeps only that share of
@@ -95,8 +97,13 @@ DATASET_KINDS: tuple[DatasetKind, ...] = ("sft", "dpo_feedback", "dpo_empathetic
 # may be a rejected side. trimmed: cut back to its last complete sentence and then used as any other reply, on
 # either side (left out when no sentence ends in it). Why trimmed exists: rejected_only favours complete replies
 # whatever the reactions say, a preference for shorter replies that needs no feedback at all (BENCHMARKS.md, run M).
-CutReplies = Literal["rejected_only", "trimmed"]
-CUT_REPLY_RULES: tuple[CutReplies, ...] = ("rejected_only", "trimmed")
+# open_end: SFT trains it as the model said it, marked ``"open_end": True`` so that the trainer puts no loss on the
+# end-of-turn marker after it; pairs use it trimmed, as under trimmed. Why open_end exists: under trimmed every SFT
+# target ends a reply, so self-training on random replies still teaches the model to stop sooner than it does (both
+# noise candidates of run O cut off far fewer replies than base); trained as generated, replies chosen at random
+# leave the model's stopping as it was, and only the reactions can shorten it (BENCHMARKS.md, run O).
+CutReplies = Literal["rejected_only", "trimmed", "open_end"]
+CUT_REPLY_RULES: tuple[CutReplies, ...] = ("rejected_only", "trimmed", "open_end")
 DEFAULT_CUT_REPLIES: CutReplies = "rejected_only"
 # The end of a sentence: . ! ? or an ellipsis, then any closing quotes or brackets.
 _SENTENCE_END = re.compile(r"(?:[.!?]|\u2026)+[\"'\u201d\u2019)\]]*")
@@ -205,12 +212,20 @@ def trim_to_sentence(text: str) -> str:
 
 
 def _trimmed(entry: Turn, cut_replies: CutReplies) -> bool:
-    """Whether training uses this reply cut back to its last complete sentence."""
-    return cut_replies == "trimmed" and entry.at_limit is True
+    """Whether a pair uses this reply cut back to its last complete sentence (SFT too, under ``trimmed``)."""
+    return cut_replies in ("trimmed", "open_end") and entry.at_limit is True
+
+
+def _open_end(entry: Turn, cut_replies: CutReplies) -> bool:
+    """Whether SFT trains this reply as generated, with no loss on the end-of-turn marker after it."""
+    return cut_replies == "open_end" and entry.at_limit is True
 
 
 def _trainable_text(entry: Turn, cut_replies: CutReplies) -> str:
-    """The reply as SFT may train on it: as recorded, trimmed (a cut reply under ``trimmed``), or "" (not usable)."""
+    """The reply as SFT may train on it: as recorded (open-ended under ``open_end``), trimmed (a cut reply under
+    ``trimmed``), or "" (not usable)."""
+    if _open_end(entry, cut_replies):
+        return entry.content
     if _trimmed(entry, cut_replies):
         return trim_to_sentence(plain_reply(entry.content))
     return "" if entry.at_limit is True else entry.content
@@ -277,7 +292,8 @@ def sft_examples(
     The example is ``{"id", "session_id", "messages", "flagged_turns"}``; ``messages`` are
     ``{"role", "content"}`` plus ``"weight"`` (0 or 1) on assistant messages only. With ``min_delta`` (from
     :func:`sft_delta_cutoff`) a flagged reply is weighted only when its reaction reached it. Under ``cut_replies``
-    "trimmed" a weighted cut reply is trained as trimmed; an unweighted one stays as the model said it (context).
+    "trimmed" a weighted cut reply is trained as trimmed; under "open_end" as the model said it, with
+    ``"open_end": True``; an unweighted one stays as the model said it (context).
     """
     messages: list[dict[str, Any]] = []
     flagged_turns: list[str] = []
@@ -292,6 +308,8 @@ def sft_examples(
             message["weight"] = weight
             if weight:
                 message["content"] = _trainable_text(entry, cut_replies)
+                if _open_end(entry, cut_replies):
+                    message["open_end"] = True
                 flagged_turns.append(entry.turn_id)
         messages.append(message)
     if not flagged_turns:

@@ -10,8 +10,9 @@ reply late in a session, and all of them when the system prompt alone is longer 
 
 Loss tokens are located on the rendered chat template: each reply's characters are found by rendering the
 conversation up to it (with the generation prompt) and up to its end, and the tokens whose characters fall in that
-span carry loss. The span includes the template's end-of-turn marker, so the model also learns where a reply stops.
-Everything else gets the label -100.
+span carry loss. The span includes the template's end-of-turn marker, so the model also learns where a reply stops,
+except after a reply marked ``"open_end": True`` (cut off at the token limit and trained as generated): its span ends
+with its last character, so the model learns its words but not to stop there. Everything else gets the label -100.
 
 When even the system prompt and the reply alone exceed ``max_length``, the example keeps the end of the prompt
 and the whole reply (the start of the system prompt is cut), or, for a reply longer than the limit, a few prompt
@@ -84,8 +85,20 @@ def trained_spans(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping
         # Templates that rewrite earlier turns once later ones exist (e.g. dropping reasoning) break this.
         if not through.startswith(before) or not full.startswith(through):
             raise MaskingError("the chat template does not render conversations as a growing prefix")
-        spans.append(range(len(before), len(through)))
+        spans.append(range(len(before), _reply_end(message, before, through)))
     return full, spans
+
+
+def _reply_end(message: Mapping[str, Any], before: str, through: str) -> int:
+    """Where a trained reply's loss span ends in ``through``: after the end-of-turn marker, or after the reply's
+    last character when it is open-ended."""
+    if not message.get("open_end"):
+        return len(through)
+    content = str(message["content"]).strip()
+    at = through.rfind(content, len(before)) if content else -1
+    if at < 0:
+        raise MaskingError("the chat template does not render an open-ended reply's text as it is")
+    return at + len(content)
 
 
 def _check_fast(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -116,9 +129,11 @@ def tokenise_weighted(
 
 
 def _only_weighted(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The messages with weight 1 on the last one only."""
+    """The messages with weight 1 on the last one only (which keeps its ``open_end``)."""
     out = [{"role": m["role"], "content": m["content"], "weight": 0} for m in messages]
     out[-1]["weight"] = 1
+    if messages[-1].get("open_end"):
+        out[-1]["open_end"] = True
     return out
 
 
