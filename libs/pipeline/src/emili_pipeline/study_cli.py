@@ -1,12 +1,13 @@
 """``emili study simulate``: the loop simulation study (:mod:`emili_pipeline.study_sim`) with SIMULATED users, and
 ``emili study combine``: one study from its conditions run apart (:mod:`.study_combine`),
-``emili study power``: how many sessions per arm the gate needs to see its candidates' gain (:mod:`.study_power`).
+``emili study power``: how many sessions per arm the gate needs to see its candidates' gain (:mod:`.study_power`),
+``emili study gate-replies``: what the gate's simulated users heard (:mod:`.study_gate_replies`).
 
 ``emili study`` is the gateway's command group (researchers' studies with real participants). This package adds
-``simulate``, ``combine`` and ``power`` to it without importing the gateway: :data:`commands` (an
+``simulate``, ``combine``, ``power`` and ``gate-replies`` to it without importing the gateway: :data:`commands` (an
 ``emili.commands`` entry point, added after every ``emili.cli`` group) holds a ``study`` group whose class takes the
 gateway's group, found through its own ``emili.cli`` entry point, and adds them to its commands. Without the gateway
-installed, ``emili study`` has these three alone.
+installed, ``emili study`` has these four alone.
 """
 
 from __future__ import annotations
@@ -59,13 +60,14 @@ class StudyGroup(TyperGroup):
                 params=[p for p in gateway.params if p.name not in ("install_completion", "show_completion")],
                 callback=gateway.callback,
                 help=f"{(gateway.help or '').strip()} Loop simulation study with simulated users: "
-                "simulate, combine, power.",
+                "simulate, combine, power, gate-replies.",
             )
         super().__init__(**kwargs)
 
 
 study = typer.Typer(
-    help="Studies: with participants on the gateway, or simulated (simulate, combine, power).", no_args_is_help=True
+    help="Studies: with participants on the gateway, or simulated (simulate, combine, power, gate-replies).",
+    no_args_is_help=True,
 )
 commands = typer.Typer()
 commands.add_typer(study, name=GROUP, cls=StudyGroup)
@@ -237,6 +239,47 @@ def combine(
     write_report(report, out)
     typer.echo(render_markdown(report))
     console.print(f"wrote {out / 'study.json'} and {out / 'study.md'}")
+
+
+@study.command("gate-replies")
+def gate_replies_command(
+    report: Annotated[
+        Path, typer.Argument(exists=True, help="A simulation study's folder or study.json, rewritten in place.")
+    ],
+) -> None:
+    """Add to a simulation study's report what its gates' simulated users heard: the hidden quality, length penalty
+    and cut-off share of the replies in each iteration's gate sessions, candidate against production (reports
+    written before `emili study simulate` recorded it). Needs the stack's object storage (make up)."""
+    import json
+
+    from emili_core.errors import EmiliError
+    from emili_core.objectstore import ObjectStore
+    from emili_core.settings import load_settings
+    from emili_pipeline.settings import PipelineSettings
+    from emili_pipeline.study_gate_replies import gate_replies
+    from emili_pipeline.study_sim import render_markdown, write_report
+
+    path = report / "study.json" if report.is_dir() else report
+    try:
+        study = json.loads(path.read_text())
+        conditions = study["conditions"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise typer.BadParameter(f"{path} is not a simulation study's study.json ({exc})", param_hint="REPORT") from exc
+    store = ObjectStore(load_settings(PipelineSettings).s3)
+    seed = int((study.get("options") or {}).get("seed", 0))
+    for condition, iterations in conditions.items():
+        for it in iterations:
+            if not it.get("pipeline_id") or not it.get("candidate"):
+                continue
+            try:
+                it["gate_replies"] = gate_replies(
+                    store, it["pipeline_id"], it["candidate"], it.get("production_before") or "base", seed
+                )
+            except EmiliError as exc:
+                console.print(f"[red]{condition} iteration {it['iteration']}:[/red] {exc}")
+    write_report(study, path.parent)
+    typer.echo(render_markdown(study))
+    console.print(f"rewrote {path} and {path.parent / 'study.md'}")
 
 
 def _sizes(value: str) -> list[int]:

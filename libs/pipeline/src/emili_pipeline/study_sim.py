@@ -660,6 +660,7 @@ def _parts_lines(report: Mapping[str, Any]) -> list[str]:
 
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The report for people: what was simulated, decisions, Δv and ratings with intervals, gate checks."""
+    from emili_pipeline.study_gate_replies import gate_replies_table
     from emili_pipeline.study_signal import signal_table
 
     options = report.get("options") or {}
@@ -692,6 +693,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         *_base_against_base_table(report),
         "",
         *signal_table(report["conditions"]),
+        "",
+        *gate_replies_table(report["conditions"]),
         "",
         *_gate_table(report),
         "",
@@ -1184,6 +1187,7 @@ class ConditionRun:
                     cand, other, self.options.seed, (users[candidate], self.arm_users[(self.iteration, production)])
                 )
             record["training_signal"] = self._training_signal(state.pipeline_id)
+            record["gate_replies"] = self._gate_replies(state.pipeline_id, candidate, production)
         record["errors"] += self.arm_errors
         self.arm_errors = []
         record["production_after"] = self.loop.baseline(state)
@@ -1206,6 +1210,20 @@ class ConditionRun:
             return training_signal(self.stack.store, datasets, seed=self.options.seed)
         except EmiliError as exc:
             log.warning("study %s: no training signal for %s: %s", self.run_id, pipeline_id, exc)
+            return {}
+
+    def _gate_replies(self, pipeline_id: str | None, candidate: str, production: str) -> dict[str, Any]:
+        """The hidden quality of the replies the gate judged (:mod:`emili_pipeline.study_gate_replies`); {} when
+        unreadable."""
+        from emili_core.errors import EmiliError
+        from emili_pipeline.study_gate_replies import gate_replies
+
+        if pipeline_id is None:
+            return {}
+        try:
+            return gate_replies(self.stack.store, pipeline_id, candidate, production, self.options.seed)
+        except EmiliError as exc:
+            log.warning("study %s: no gate replies for %s: %s", self.run_id, pipeline_id, exc)
             return {}
 
     def finish_iteration(self) -> None:
