@@ -21,6 +21,7 @@ from rich.table import Table
 
 from emili_core import stack
 from emili_core.auth import KNOWN_SCOPES, create_token
+from emili_core.errors import DependencyUnavailable, EmiliError
 from emili_core.grpc_client import open_channel
 from emili_core.objectstore import ObjectStore
 from emili_core.retention import retention_app
@@ -323,6 +324,18 @@ def _load_plugins() -> None:
         app.add_typer(ep.load())
 
 
+UNREACHABLE_HINT = "Is the stack running? Locally: `make up`; `emili status` shows each part."
+
+
 def main() -> None:
+    """``emili``: a domain error ends the command with its message (exit 1), not a traceback; one that names an
+    unreachable dependency says how to check on it."""
     _load_plugins()
-    app()
+    try:
+        app()
+    except (DependencyUnavailable, redis.exceptions.ConnectionError) as exc:
+        console.print(f"[red]error:[/red] {exc}\n{UNREACHABLE_HINT}", highlight=False)
+        raise SystemExit(1) from None
+    except EmiliError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise SystemExit(1) from None
