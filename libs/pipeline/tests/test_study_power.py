@@ -171,3 +171,19 @@ def test_paired_analysis_sees_a_gain_that_users_spread_hides_unpaired() -> None:
     assert paired["paired"] is True and "Paired: the same users" in render_markdown(paired)
     assert unpaired["paired"] is False and "Unpaired" in render_markdown(unpaired)
     assert paired["rows"][0]["pass_gold"] > unpaired["rows"][0]["pass_gold"] + 0.25
+
+
+def test_canary_power_grows_with_the_planned_size_and_never_promotes_a_clear_loss() -> None:
+    from emili_pipeline.study_power import canary_power, render_canary_power, report_ratings
+
+    rng = np.random.default_rng(0)
+    ratings = list(np.clip(rng.normal(3.0, 0.6, size=200), 1.0, 5.0))
+    report = {"conditions": {"feedback": [{"evaluation": {"items": {"base": {"rating": ratings}}}}]}}
+    assert report_ratings(report) == ratings
+    rows = canary_power(report_ratings(report), [10, 80], [0.0, -0.6], repeats=40, seed=1)
+    rate = {(r["sessions_per_arm"], r["shift"]): r["promoted"] for r in rows}
+    assert rate[(80, 0.0)] > rate[(10, 0.0)]  # An equal candidate: more sessions, more often shown not worse.
+    assert rate[(80, 0.0)] >= 0.8 and rate[(10, -0.6)] == rate[(80, -0.6)] == 0.0
+    assert "SYNTHETIC" in render_canary_power(rows, len(ratings), "r.json")
+    with pytest.raises(ValueError, match="rated base sessions"):
+        report_ratings({"conditions": {}})

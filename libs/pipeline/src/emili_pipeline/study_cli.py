@@ -1,13 +1,14 @@
 """``emili study simulate``: the loop simulation study (:mod:`emili_pipeline.study_sim`) with SIMULATED users, and
 ``emili study combine``: one study from its conditions run apart (:mod:`.study_combine`),
 ``emili study power``: how many sessions per arm the gate needs to see its candidates' gain (:mod:`.study_power`),
-``emili study gate-replies``: what the gate's simulated users heard (:mod:`.study_gate_replies`).
+``emili study gate-replies``: what the gate's simulated users heard (:mod:`.study_gate_replies`),
+``emili study canary-power``: how often the gateway's canary rule promotes, by planned size (:mod:`.study_power`).
 
 ``emili study`` is the gateway's command group (researchers' studies with real participants). This package adds
-``simulate``, ``combine``, ``power`` and ``gate-replies`` to it without importing the gateway: :data:`commands` (an
-``emili.commands`` entry point, added after every ``emili.cli`` group) holds a ``study`` group whose class takes the
-gateway's group, found through its own ``emili.cli`` entry point, and adds them to its commands. Without the gateway
-installed, ``emili study`` has these four alone.
+these five to it without importing the gateway: :data:`commands` (an ``emili.commands`` entry point, added after
+every ``emili.cli`` group) holds a ``study`` group whose class takes the gateway's group, found through its own
+``emili.cli`` entry point, and adds them to its commands. Without the gateway installed, ``emili study`` has these
+five alone.
 """
 
 from __future__ import annotations
@@ -60,13 +61,14 @@ class StudyGroup(TyperGroup):
                 params=[p for p in gateway.params if p.name not in ("install_completion", "show_completion")],
                 callback=gateway.callback,
                 help=f"{(gateway.help or '').strip()} Loop simulation study with simulated users: "
-                "simulate, combine, power, gate-replies.",
+                "simulate, combine, power, gate-replies, canary-power.",
             )
         super().__init__(**kwargs)
 
 
 study = typer.Typer(
-    help="Studies: with participants on the gateway, or simulated (simulate, combine, power, gate-replies).",
+    help="Studies: with participants on the gateway, or simulated (simulate, combine, power, gate-replies, "
+    "canary-power).",
     no_args_is_help=True,
 )
 commands = typer.Typer()
@@ -290,6 +292,35 @@ def _sizes(value: str) -> list[int]:
     if not sizes or sizes[0] < 2:
         raise typer.BadParameter("give at least one size, each 2 or more")
     return sizes
+
+
+@study.command("canary-power")
+def canary_power_command(
+    report: Annotated[
+        Path,
+        typer.Option(exists=True, dir_okay=False, help="A simulation study's study.json (its base arms' ratings)."),
+    ],
+    sizes: Annotated[str, typer.Option(help="Planned sessions per arm to try, comma-separated.")] = "20,40,60,100",
+    shifts: Annotated[str, typer.Option(help="The candidate's rating shifts to try, comma-separated.")] = "0,0.1,-0.3",
+    repeats: Annotated[int, typer.Option(min=10, help="Draws per size and shift.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed of the draws.")] = 0,
+) -> None:
+    """How often the gateway's canary rule promotes a candidate rated like the production arm (shift 0), a little
+    better or clearly worse, at each planned size, resampling a study's SIMULATED base sessions. Needs no stack."""
+    import json
+
+    from emili_pipeline.study_power import canary_power, render_canary_power, report_ratings
+
+    try:
+        moved = sorted({float(v) for v in shifts.split(",") if v.strip()})
+    except ValueError:
+        raise typer.BadParameter(f"shifts are numbers separated by commas, like 0,0.1; not {shifts!r}") from None
+    try:
+        ratings = report_ratings(json.loads(report.read_text()))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--report") from exc
+    rows = canary_power(ratings, _sizes(sizes), moved or [0.0], repeats, seed)
+    typer.echo(render_canary_power(rows, len(ratings), str(report)))
 
 
 @study.command()

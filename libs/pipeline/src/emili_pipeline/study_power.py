@@ -322,3 +322,65 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         for r in result["rows"]
     ]
     return "\n".join(lines) + "\n"
+
+
+# --- the offline canary's power ------------------------------------------------------------------------------------
+
+
+def report_ratings(report: Mapping[str, Any]) -> list[float]:
+    """The per-session mean ratings of every base arm (the production arm of the study's canaries) in a study
+    report, every condition and iteration; ValueError when it has none."""
+    ratings = [
+        float(r)
+        for records in (report.get("conditions") or {}).values()
+        for record in records
+        for r in (((record.get("evaluation") or {}).get("items") or {}).get("base") or {}).get("rating") or ()
+        if r is not None
+    ]
+    if len(ratings) < 2:
+        raise ValueError("the report has fewer than 2 rated base sessions: run emili study simulate first")
+    return ratings
+
+
+def canary_power(
+    ratings: Sequence[float], sizes: Sequence[int], shifts: Sequence[float], repeats: int = 200, seed: int = 0
+) -> list[dict[str, Any]]:
+    """How often the gateway's canary rule (:func:`emili_pipeline.study_sim.gateway_canary_decision`, planned at n)
+    promotes a candidate whose ratings are the production's moved by ``shift`` rating points (clipped to 1-5): per
+    n and shift, ``repeats`` draws of n rated sessions per arm, with replacement from ``ratings``. Judged on the
+    rating and completion alone: the rule's harm checks on gold Δv and reactions can only roll back more, so these
+    are upper bounds of the promote rate."""
+    from emili_pipeline.study_sim import gateway_canary_decision
+
+    pool = np.asarray(ratings, dtype=float)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in sizes:
+        for shift in shifts:
+            promoted = 0
+            for _ in range(repeats):
+                arms = [rng.choice(pool, n), np.clip(rng.choice(pool, n) + shift, 1.0, 5.0)]
+                production, candidate = ([{"rating": float(r), "completed": 1.0} for r in arm] for arm in arms)
+                promoted += gateway_canary_decision(candidate, production, planned_sessions=n)["outcome"] == "promoted"
+            rows.append({"sessions_per_arm": n, "shift": shift, "repeats": repeats, "promoted": promoted / repeats})
+    return rows
+
+
+def render_canary_power(rows: Sequence[Mapping[str, Any]], ratings: int, report: str) -> str:
+    shifts = sorted({r["shift"] for r in rows})
+    sizes = sorted({r["sessions_per_arm"] for r in rows})
+    rate = {(r["sessions_per_arm"], r["shift"]): r["promoted"] for r in rows}
+    return "\n".join(
+        [
+            "# The offline canary's power (SYNTHETIC: simulated users)",
+            "",
+            f"Share of draws the gateway's canary rule promotes, planned at n rated sessions per arm: both arms drawn "
+            f"from the {ratings} rated base sessions of {report}, the candidate's ratings moved by the shift. Rating "
+            "and completion only (the harm checks on gold Δv and reactions can only roll back more): upper bounds.",
+            "",
+            "| sessions per arm | " + " | ".join(f"shift {s:+.2f}" for s in shifts) + " |",
+            "|---|" + "---|" * len(shifts),
+            *(f"| {n} | " + " | ".join(f"{rate[(n, s)]:.2f}" for s in shifts) + " |" for n in sizes),
+            "",
+        ]
+    )
