@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import redis
 
 from emili_core import cli
 from emili_core.errors import DependencyUnavailable, InvalidInput
@@ -27,7 +28,13 @@ def test_an_unreachable_object_store_is_named_with_what_to_do() -> None:
 
 
 @pytest.mark.parametrize(
-    ("error", "hint"), [(DependencyUnavailable("redis is down"), True), (InvalidInput("bad version name"), False)]
+    ("error", "hint"),
+    [
+        (DependencyUnavailable("redis is down"), True),
+        (InvalidInput("bad version name"), False),
+        (InvalidInput("no key [/var/x] in [frames]"), False),  # Printed as written, not read as Rich markup.
+        (redis.exceptions.AuthenticationError("invalid password"), False),  # Reached, refused: no "is it up?".
+    ],
 )
 def test_domain_errors_exit_1_with_their_message(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], error: Exception, hint: bool

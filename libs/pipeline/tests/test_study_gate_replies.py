@@ -107,18 +107,35 @@ def test_gate_replies_reads_the_pipelines_arm_sessions_and_renders_a_synthetic_t
     for i in range(6):
         _session(store, ids["a"][i], f"u{i}", [(LONG, True), (LONG, True)])
         _session(store, ids["b"][i], f"u{i}", [(GOOD, False), (LONG, True)])
+    store.put(Bucket.SESSIONS, session_record_keys("b-broken")["session.json"], {"user_id": "u9"})
+    store.put(Bucket.SESSIONS, session_record_keys("b-broken")["events.jsonl"], b"{not json")
     store.put(
         Bucket.MODELS,
         pipeline_arm_sessions_key("pl-1"),
-        {"arms": {"base": ids["a"], "dpo": ids["b"]}, "versions": {"base": "base", "dpo": "dpo-1"}},
+        {
+            "arms": {"base": ids["a"], "dpo": [*ids["b"], "b-lost", "b-broken"]},  # Two records cannot be read.
+            "versions": {"base": "base", "dpo": "dpo-1"},
+        },
     )
     heard = gate_replies(store, "pl-1", "dpo-1")
-    assert heard["sessions"] == {"candidate": 6, "production": 6}
+    assert heard["sessions"] == {"candidate": 6, "production": 6} and heard["unreadable"] == 2
     assert heard["cut_off"]["production"] == 1.0 and heard["cut_off"]["candidate"] == 0.5
     assert heard["cut_off"]["paired"]["difference"] == pytest.approx(-0.5)
     assert heard["quality"]["paired"]["difference"] > 0
     assert gate_replies(store, "pl-1", "dpo-2") == {}  # Not a version the step ran.
     table = gate_replies_table({"noise": [{"iteration": 1, "gate_replies": heard}, {"iteration": 2}]})
     assert "SYNTHETIC" in table[0] and len([r for r in table if r.startswith("| noise |")]) == 1
-    assert "| 1.00 / 0.50 (-0.50" in table[-1]
+    assert "| 1.00 / 0.50 (-0.50" in table[-1] and "6 / 6 (2 unreadable)" in table[-1]
     assert gate_replies_table({"noise": [{"iteration": 1}]}) == []
+
+
+def test_gate_replies_command_rewrites_only_a_studys_report(tmp_path: Any) -> None:
+    from typer.testing import CliRunner
+
+    from emili_pipeline.study_cli import commands
+
+    other = tmp_path / "other.json"
+    other.write_text("{}")
+    result = CliRunner().invoke(commands, ["study", "gate-replies", str(other)])
+    assert result.exit_code == 2 and "study.json" in result.output
+    assert other.read_text() == "{}"

@@ -201,6 +201,8 @@ def test_an_open_ended_reply_teaches_its_words_but_not_the_stop(
     assert tokenizer.decode(example.input_ids).endswith(cut + "<|im_end|>\n")  # Still rendered as the model saw it.
     closed = tokenise_turns(tokenizer, [*session[:-1], {**session[-1], "open_end": False}], 4096).examples[0]
     assert _trained(tokenizer, closed) == cut + "<|im_end|>\n"
+    short = [*conversation[:2], {"role": "assistant", "content": "im", "weight": 1, "open_end": True}]
+    assert _trained(tokenizer, tokenise_turns(tokenizer, short, 4096).examples[0]) == "im"  # Not the "im" of im_end.
 
 
 def test_an_open_ended_reply_the_template_rewrites_is_refused(

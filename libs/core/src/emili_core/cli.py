@@ -17,6 +17,7 @@ import urllib3
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from emili_core import stack
@@ -333,9 +334,11 @@ def main() -> None:
     _load_plugins()
     try:
         app()
-    except (DependencyUnavailable, redis.exceptions.ConnectionError) as exc:
-        console.print(f"[red]error:[/red] {exc}\n{UNREACHABLE_HINT}", highlight=False)
-        raise SystemExit(1) from None
-    except EmiliError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+    except (EmiliError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        unreachable = isinstance(exc, DependencyUnavailable | redis.exceptions.TimeoutError) or (
+            isinstance(exc, redis.exceptions.ConnectionError)
+            and not isinstance(exc, redis.exceptions.AuthenticationError)
+        )
+        hint = f"\n{UNREACHABLE_HINT}" if unreachable else ""
+        console.print(f"[red]error:[/red] {escape(str(exc))}{hint}", highlight=False)
         raise SystemExit(1) from None

@@ -271,14 +271,16 @@ class ObjectStore:
         from emili_core.retention import lifecycle_config  # Beside the sweeper that stands in for it.
 
         name = self.bucket(bucket)
-        if days > 0:
-            call = functools.partial(self.client.set_bucket_lifecycle, name, lifecycle_config(prefix, days))
-        else:
-            call = functools.partial(self.client.delete_bucket_lifecycle, name)
         try:
-            # Retried like any call: an unreachable store is DependencyUnavailable, not "no lifecycle support".
-            self._retry("bucket", f"lifecycle of {name}", call)
-        except (MinioException, NotFound) as exc:  # rclone answers PUT ?lifecycle as a bucket creation: 409.
+            if days > 0:
+                self.client.set_bucket_lifecycle(name, lifecycle_config(prefix, days))
+            else:
+                self.client.delete_bucket_lifecycle(name)
+        except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as exc:
+            # No answer at all is an unreachable store, not a store without lifecycle support.
+            objectstore_errors().labels("bucket", "final").inc()
+            raise DependencyUnavailable(f"object store at {self.settings.endpoint} unreachable: {exc}") from exc
+        except MinioException as exc:  # rclone answers PUT ?lifecycle as a bucket creation: 409.
             log.info("object store: no lifecycle rule on %s (%s): the retention sweeper expires it", name, exc)
             return False
         return True

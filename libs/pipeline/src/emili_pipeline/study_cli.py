@@ -21,6 +21,7 @@ from typing import Annotated, Any, cast
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from emili_pipeline.study_sim import (
@@ -254,7 +255,7 @@ def gate_replies_command(
     written before `emili study simulate` recorded it). Needs the stack's object storage (make up)."""
     import json
 
-    from emili_core.errors import EmiliError
+    from emili_core.errors import DependencyUnavailable, EmiliError
     from emili_core.objectstore import ObjectStore
     from emili_core.settings import load_settings
     from emili_pipeline.settings import PipelineSettings
@@ -262,6 +263,8 @@ def gate_replies_command(
     from emili_pipeline.study_sim import render_markdown, write_report
 
     path = report / "study.json" if report.is_dir() else report
+    if path.name != "study.json":
+        raise typer.BadParameter(f"give a study's folder or its study.json, not {path}", param_hint="REPORT")
     try:
         study = json.loads(path.read_text())
         conditions = study["conditions"]
@@ -277,8 +280,10 @@ def gate_replies_command(
                 it["gate_replies"] = gate_replies(
                     store, it["pipeline_id"], it["candidate"], it.get("production_before") or "base", seed
                 )
+            except DependencyUnavailable:
+                raise  # Nothing can be read: stop before rewriting the report (emili's main says what to do).
             except EmiliError as exc:
-                console.print(f"[red]{condition} iteration {it['iteration']}:[/red] {exc}")
+                console.print(f"[red]{condition} iteration {it['iteration']}:[/red] {escape(str(exc))}")
     write_report(study, path.parent)
     typer.echo(render_markdown(study))
     console.print(f"rewrote {path} and {path.parent / 'study.md'}")

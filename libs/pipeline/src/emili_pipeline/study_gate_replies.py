@@ -9,8 +9,9 @@ change in the replies, and which one: in run O (BENCHMARKS.md) both noise candid
 base, a gain on the length term that needs no feedback.
 
 Per reply (one that answers a user message): ``quality`` (-1..1), ``length_penalty`` (the length component, 0..1, 1
-for a reply more than 4.5 times as long as the user's message), ``cut_off`` (1 when cut off at the token limit) and
-``words``; each session contributes the mean over its replies.
+for a reply more than 4.5 times as long as the user's message or 8 words, whichever is longer), ``cut_off`` (1 when
+cut off at the token limit) and ``words``; each session contributes the mean over its replies. A session that cannot
+be read (missing, or a malformed record) is left out and counted in ``unreadable``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def compare(
     candidate: Mapping[str, Mapping[str, float]], production: Mapping[str, Mapping[str, float]], seed: int = 0
 ) -> dict[str, Any]:
     """Per metric: each arm's mean over its sessions and candidate - production per user who met both arms, with a
-    95% bootstrap interval resampling users. Both arguments map a user to their session's means."""
+    95% bootstrap interval resampling users. Both arguments map a user to their session's means (the pipeline's
+    simulated users give one session per arm)."""
     from emili_pipeline.study_sim import paired_interval
 
     both = [u for u in candidate if u in production]
@@ -78,7 +80,8 @@ def gate_replies(
     store: Any, pipeline_id: str, candidate: str, production: str = "base", seed: int = 0
 ) -> dict[str, Any]:
     """:func:`compare` over the pipeline's simulated users of the candidate's and the production's arm (its
-    ``arm_sessions`` step's sessions); {} when the step recorded neither version."""
+    ``arm_sessions`` step's sessions); {} when the step did not run either version."""
+    from emili_core.errors import NotFound
     from emili_core.keys import pipeline_arm_sessions_key
     from emili_core.objectstore import Bucket
     from emili_core.records import load_session
@@ -87,18 +90,25 @@ def gate_replies(
     arm_of = {version: arm for arm, version in (recorded.get("versions") or {}).items()}
     if candidate not in arm_of or production not in arm_of:
         return {}
+    unreadable = 0
 
     def per_user(version: str) -> dict[str, dict[str, float]]:
+        nonlocal unreadable
         users: dict[str, dict[str, float]] = {}
-        for session_id in recorded["arms"].get(arm_of[version]) or ():
-            manifest, events = load_session(store, session_id)
-            means = session_means(reply_values(events))
+        for session_id in (recorded.get("arms") or {}).get(arm_of[version]) or ():
+            try:
+                manifest, events = load_session(store, session_id)
+                means = session_means(reply_values(events))
+            except (NotFound, ValueError):  # One lost or malformed record is not a reason to lose the rest.
+                unreadable += 1
+                continue
             if means is not None:
                 users[str(manifest.get("user_id") or session_id)] = means
         return users
 
-    return {"candidate_version": candidate, "production_version": production} | compare(
-        per_user(candidate), per_user(production), seed
+    users = {"candidate": per_user(candidate), "production": per_user(production)}
+    return {"candidate_version": candidate, "production_version": production, "unreadable": unreadable} | compare(
+        users["candidate"], users["production"], seed
     )
 
 
@@ -116,7 +126,8 @@ def gate_replies_table(conditions: Mapping[str, Sequence[Mapping[str, Any]]]) ->
     """The report's table: one row per iteration that recorded its gate sessions' replies (none: no table)."""
     rows = [
         f"| {condition} | {it['iteration']} | {heard['candidate_version']} | {heard['production_version']} | "
-        f"{heard['sessions']['production']} / {heard['sessions']['candidate']} | {_cell(heard['quality'], 3)} | "
+        f"{heard['sessions']['production']} / {heard['sessions']['candidate']}"
+        f"{f' ({n} unreadable)' if (n := heard.get('unreadable')) else ''} | {_cell(heard['quality'], 3)} | "
         f"{_cell(heard['length_penalty'], 3)} | {_cell(heard['cut_off'], 2)} | {_cell(heard['words'], 1)} |"
         for condition, iterations in conditions.items()
         for it in iterations

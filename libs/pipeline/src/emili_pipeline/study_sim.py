@@ -1222,7 +1222,7 @@ class ConditionRun:
             return {}
         try:
             return gate_replies(self.stack.store, pipeline_id, candidate, production, self.options.seed)
-        except EmiliError as exc:
+        except (EmiliError, ValueError) as exc:
             log.warning("study %s: no gate replies for %s: %s", self.run_id, pipeline_id, exc)
             return {}
 

@@ -12,7 +12,9 @@ Loss tokens are located on the rendered chat template: each reply's characters a
 conversation up to it (with the generation prompt) and up to its end, and the tokens whose characters fall in that
 span carry loss. The span includes the template's end-of-turn marker, so the model also learns where a reply stops,
 except after a reply marked ``"open_end": True`` (cut off at the token limit and trained as generated): its span ends
-with its last character, so the model learns its words but not to stop there. Everything else gets the label -100.
+with its last character, so the model learns its words but not to stop there (a template that does not render the
+reply's text as it is cannot show where that is: MaskingError, and the SFT job fails with the record's id). Everything
+else gets the label -100.
 
 When even the system prompt and the reply alone exceed ``max_length``, the example keeps the end of the prompt
 and the whole reply (the start of the system prompt is cut), or, for a reply longer than the limit, a few prompt
@@ -95,7 +97,8 @@ def _reply_end(message: Mapping[str, Any], before: str, through: str) -> int:
     if not message.get("open_end"):
         return len(through)
     content = str(message["content"]).strip()
-    at = through.rfind(content, len(before)) if content else -1
+    # The first match after the generation prompt: a later one could sit inside the end-of-turn marker itself.
+    at = through.find(content, len(before)) if content else -1
     if at < 0:
         raise MaskingError("the chat template does not render an open-ended reply's text as it is")
     return at + len(content)
