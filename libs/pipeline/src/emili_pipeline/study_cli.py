@@ -25,6 +25,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from emili_pipeline.study_sim import (
+    CANARY_PLANNED_SESSIONS,
     CANARY_RULES,
     CONDITIONS,
     MIN_CANARY_SESSIONS,
@@ -109,7 +110,7 @@ def simulate(
             min=2,
             help="Sessions per arm the offline canary is planned at (gateway rule) or needs to promote (dv-gain).",
         ),
-    ] = MIN_CANARY_SESSIONS,
+    ] = CANARY_PLANNED_SESSIONS,
     seed: Annotated[int, typer.Option(help="The study's seed (users, personas, arms).")] = 0,
     condition: Annotated[str, typer.Option(help="feedback, noise or both.")] = "both",
     out: Annotated[Path, typer.Option(help="Folder for study.json and study.md.")] = Path("var/reports/study-simulate"),

@@ -306,6 +306,10 @@ def base_against_base(conditions: Mapping[str, Sequence[Mapping[str, Any]]], see
 # Percentile bootstrap intervals on a handful of sessions are far too narrow (the first run saw a noise-trained
 # candidate "gain" on 6 users per arm): below this many sessions per arm the offline canary never promotes.
 MIN_CANARY_SESSIONS = 20
+# The offline canary's planned size by default. At 20 per arm the gateway's rule promotes only about half of
+# candidates rated exactly like production; at 60, 85%, while still rolling back 98% of those rated 0.3 worse
+# (`emili study canary-power`, BENCHMARKS.md run P).
+CANARY_PLANNED_SESSIONS = 60
 
 
 def canary_decision(
@@ -838,7 +842,7 @@ class StudyOptions:
     # Simulated users per arm after each candidate (base, candidate, production); fewer than canary_min_sessions and
     # the offline canary never promotes.
     eval_users: int = MIN_CANARY_SESSIONS
-    canary_min_sessions: int = MIN_CANARY_SESSIONS  # Fewer per arm: the offline canary never promotes.
+    canary_min_sessions: int = CANARY_PLANNED_SESSIONS  # Per arm; the gateway rule tops an arm up to it.
     seed: int = 0
     conditions: tuple[Condition, ...] = CONDITIONS
     out: Path = Path("var/reports/study-simulate")
