@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from emili.trainer.v1 import trainer_pb2, trainer_pb2_grpc
-from emili_core.errors import InvalidInput
+from emili_core.errors import DependencyUnavailable, InvalidInput
 from emili_pipeline import cli
 from emili_pipeline.config import PipelineConfig, resolve
 
@@ -30,6 +30,9 @@ class StandInTrainer(trainer_pb2_grpc.TrainerServiceServicer):
         if request.name not in shipped:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no shipped recipe {request.name!r}; shipped: {sorted(shipped)}")
         return trainer_pb2.GetRecipeResponse(name=request.name, yaml=shipped[request.name])
+
+    def GetUnmeasurable(self, request: trainer_pb2.GetUnmeasurableRequest, context: grpc.ServicerContext) -> Any:
+        return trainer_pb2.GetUnmeasurableResponse(reasons={"diff_epitome_mean": "no EPITOME classifiers found in X"})
 
 
 @pytest.fixture
@@ -61,3 +64,42 @@ def test_an_unreachable_trainer_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(cli, "_service_target", lambda service, hint: "127.0.0.1:9")  # Nothing listens there.
     with pytest.raises(InvalidInput, match=r"cannot fetch the shipped recipe 'smollm2-cpu-sft'.*make up"):
         resolve(PipelineConfig(), tmp_path, shared=tmp_path, fetch_recipe=cli._fetch_recipe)
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_a_study_whose_gate_checks_an_unmeasurable_metric_refuses_to_start(
+    trainer: StandInTrainer, tmp_path: Path
+) -> None:
+    """Without EPITOME classifiers the gate's empathy check fails every candidate: the study says so at once (a run
+    on a new machine once found out after an hour's candidate)."""
+    from typer.testing import CliRunner
+
+    from emili_pipeline.study_cli import commands
+
+    out = tmp_path / "study"
+    gate = CONFIGS / "gate-simulation-reactions.yaml"
+    result = CliRunner().invoke(commands, ["study", "simulate", "--gate", str(gate), "--out", str(out)])
+    assert result.exit_code == 1
+    said = " ".join(result.output.split())  # Rich wraps long lines.
+    assert "check empathy_not_worse: diff_epitome_mean cannot be measured: no EPITOME classifiers" in said
+    assert not out.exists()  # Nothing started.
+
+
+def test_the_loop_warns_of_unmeasurable_checks_and_tolerates_an_unreachable_trainer(
+    trainer: StandInTrainer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from emili_pipeline.loop_cli import load_policy, warn_unmeasurable
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"loop:\n  gate: {CONFIGS / 'gate-simulation-reactions.yaml'}\n")
+    with caplog.at_level("WARNING"):
+        assert [p.split(":")[0] for p in warn_unmeasurable(load_policy(policy))] == [
+            "gate simulation-reactions, check empathy_not_worse"
+        ]
+    assert "every candidate will fail it" in caplog.text
+    monkeypatch.setattr(cli, "_service_target", lambda service, hint: "127.0.0.1:9")  # Nothing listens there.
+    with pytest.raises(DependencyUnavailable, match="cannot ask the trainer"):
+        cli._fetch_unmeasurable()
+    assert warn_unmeasurable(load_policy(policy)) == []  # Logged, not fatal: the loop waits for the trainer.

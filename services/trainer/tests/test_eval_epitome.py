@@ -150,3 +150,23 @@ def test_bertscore_with_the_local_minilm() -> None:
     # An empty reply matches nothing: 0, and the mean is over both pairs.
     with_empty = scorer.score(["I am so sorry to hear that.", "  "], ["I am so sorry to hear that.", "Oh no."])
     assert with_empty["f1"] == pytest.approx(0.5, abs=1e-5)
+
+
+def test_unmeasurable_gate_metrics_say_what_is_missing_and_how_to_get_it(tmp_path: Path) -> None:
+    from emili_trainer.evaluation.scorers import unmeasurable_gate_metrics
+    from emili_trainer.settings import TrainerOptions
+
+    options = TrainerOptions(epitome_dir=Path("epitome"), embedding_model=Path("minilm"), mmlu_path=None)
+    reasons = unmeasurable_gate_metrics(options, tmp_path)
+    assert set(reasons) == {"diff_epitome_mean", "mmlu_correct"}
+    assert "emili eval train-epitome" in reasons["diff_epitome_mean"]
+    assert "EMILI_TRAINER__MMLU_PATH" in reasons["mmlu_correct"]
+
+    _classifiers().save(tmp_path / "epitome")
+    assert "MiniLM embedder" in unmeasurable_gate_metrics(options, tmp_path)["diff_epitome_mean"]
+    (tmp_path / "minilm").mkdir()
+    (tmp_path / "minilm" / "config.json").write_text("{}")
+    (tmp_path / "mmlu").mkdir()
+    assert unmeasurable_gate_metrics(options.model_copy(update={"mmlu_path": tmp_path / "mmlu"}), tmp_path) == {}
+    gone = options.model_copy(update={"mmlu_path": tmp_path / "no-such-folder"})
+    assert "not at EMILI_TRAINER__MMLU_PATH" in unmeasurable_gate_metrics(gone, tmp_path)["mmlu_correct"]

@@ -184,3 +184,15 @@ async def test_get_model_returns_lineage_and_the_withdrawal_mark(
     listed = (await client.ListModels(trainer_pb2.ListModelsRequest())).models
     verdicts = {m.version: json.loads(m.gate_verdict_json) for m in listed if m.version.startswith("gm-")}
     assert verdicts["gm-v1"]["pipeline_id"] == "pl-gm" and "unreadable" in verdicts["gm-v2"]
+
+
+async def test_get_unmeasurable_names_the_gate_metrics_this_trainer_cannot_give(
+    stub: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, _, runtime, _ = stub
+    empty = tmp_path / "no-classifiers"
+    monkeypatch.setattr(runtime.settings.trainer, "epitome_dir", empty)
+    monkeypatch.setattr(runtime.settings.trainer, "mmlu_path", None)
+    response = await client.GetUnmeasurable(trainer_pb2.GetUnmeasurableRequest())
+    assert set(response.reasons) == {"diff_epitome_mean", "mmlu_correct"}
+    assert str(empty) in response.reasons["diff_epitome_mean"]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -17,6 +18,7 @@ from emili_core.settings import load_settings
 
 app = typer.Typer(help="Simulated users, the collect-label-train-evaluate pipeline, load tests.", no_args_is_help=True)
 console = Console(stderr=True)
+_T = TypeVar("_T")
 
 
 @app.callback()
@@ -38,36 +40,63 @@ def _chat_target() -> str:
     return _service_target("chat", "pass --target HOST:PORT")
 
 
-def _fetch_recipe(name: str, trainer_target: str = "") -> str:
-    """A shipped recipe's YAML text, from the trainer's ``GetRecipe`` (the trainer owns its recipes) at
-    ``trainer_target`` (default: the address in the installed trainer's settings)."""
-    import grpc
-
-    from emili.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+def _call_trainer(call: Callable[[Any], Awaitable[_T]], trainer_target: str, hint: str) -> _T:
+    """``call(stub)`` on the trainer at ``trainer_target`` (default: the address in the installed trainer's
+    settings), with the CLI's token and TLS; ``hint`` says what to do when no trainer is installed."""
+    from emili.trainer.v1 import trainer_pb2_grpc
     from emili_core.cli import CliSettings, client_token
-    from emili_core.errors import InvalidInput
     from emili_core.grpc_client import make_channel
 
-    target = trainer_target or _service_target(
-        "trainer", "name recipe files in the pipeline config instead of shipped recipes"
-    )
+    target = trainer_target or _service_target("trainer", hint)
     cli_settings = load_settings(CliSettings)
     token = client_token(cli_settings, "trainer", "emili-pipeline")
 
-    async def call() -> str:
+    async def run() -> _T:
         async with make_channel(target, token, tls=cli_settings.tls) as channel:
-            stub = trainer_pb2_grpc.TrainerServiceStub(channel)
-            response: trainer_pb2.GetRecipeResponse = await stub.GetRecipe(trainer_pb2.GetRecipeRequest(name=name))
-            return response.yaml
+            return await call(trainer_pb2_grpc.TrainerServiceStub(channel))
+
+    return asyncio.run(run())
+
+
+def _fetch_recipe(name: str, trainer_target: str = "") -> str:
+    """A shipped recipe's YAML text, from the trainer's ``GetRecipe`` (the trainer owns its recipes)."""
+    import grpc
+
+    from emili.trainer.v1 import trainer_pb2
+    from emili_core.errors import InvalidInput
+
+    async def call(stub: Any) -> str:
+        response: trainer_pb2.GetRecipeResponse = await stub.GetRecipe(trainer_pb2.GetRecipeRequest(name=name))
+        return response.yaml
 
     try:
-        return asyncio.run(call())
+        hint = "name recipe files in the pipeline config instead of shipped recipes"
+        return _call_trainer(call, trainer_target, hint)
     except grpc.aio.AioRpcError as exc:
         if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
             raise InvalidInput(f"recipe {name!r}: {exc.details()}") from None
         raise InvalidInput(
-            f"cannot fetch the shipped recipe {name!r} from the trainer at {target} ({exc.code().name}: "
+            f"cannot fetch the shipped recipe {name!r} from the trainer ({exc.code().name}: "
             f"{exc.details()}); is the stack up (make up)?"
+        ) from None
+
+
+def _fetch_unmeasurable(trainer_target: str = "") -> dict[str, str]:
+    """The gate metrics the trainer's evaluations cannot measure, and why (the trainer's ``GetUnmeasurable``)."""
+    import grpc
+
+    from emili.trainer.v1 import trainer_pb2
+    from emili_core.errors import DependencyUnavailable
+
+    async def call(stub: Any) -> dict[str, str]:
+        response: trainer_pb2.GetUnmeasurableResponse = await stub.GetUnmeasurable(trainer_pb2.GetUnmeasurableRequest())
+        return dict(response.reasons)
+
+    try:
+        return _call_trainer(call, trainer_target, "a gate's evidence comes from the trainer's evaluations")
+    except grpc.aio.AioRpcError as exc:
+        raise DependencyUnavailable(
+            f"cannot ask the trainer what its evaluations measure ({exc.code().name}: {exc.details()})"
         ) from None
 
 

@@ -39,7 +39,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -133,6 +133,16 @@ def undersized_checks(config: PipelineConfig, gate: GatePolicy) -> list[str]:
         "evaluation.max_examples)"
         for check in gate.checks
         if check.metric in ceiling and ceiling[check.metric] < check.min_n
+    ]
+
+
+def unmeasurable_checks(gate: GatePolicy, unmeasurable: Mapping[str, str]) -> list[str]:
+    """The gate's checks on a metric the trainer's evaluations cannot measure (``unmeasurable``: metric -> why, the
+    trainer's ``GetUnmeasurable``): each fails every candidate for want of evidence."""
+    return [
+        f"gate {gate.name}, check {check.name}: {check.metric} cannot be measured: {unmeasurable[check.metric]}"
+        for check in gate.checks
+        if check.metric in unmeasurable
     ]
 
 

@@ -134,6 +134,7 @@ def build_loop(policy_path: Path | None) -> tuple[Loop, LoopSettings]:
     settings = load_settings(LoopSettings)
     policy = load_policy(policy_path or settings.loop_policy)
     warn_undersized(policy)
+    warn_unmeasurable(policy, settings.loop_trainer_target)
     store = ObjectStore(settings.s3)  # Buckets are made by the first tick (S3 may still be starting).
     actions = SystemActions(
         store,
@@ -163,6 +164,25 @@ def warn_undersized(policy: LoopPolicy) -> list[str]:
         problems = undersized_checks(load_config(policy.pipeline), load_gate(policy.gate))
     except (InvalidInput, ValueError) as exc:  # A pipeline or gate file missing or malformed.
         raise typer.BadParameter(f"loop policy: {exc}") from None
+    for problem in problems:
+        log.warning("loop policy: %s; every candidate will fail it", problem)
+    return problems
+
+
+def warn_unmeasurable(policy: LoopPolicy, trainer_target: str = "") -> list[str]:
+    """Say (log) which of the gate's checks are on a metric the trainer cannot measure (e.g. no EPITOME
+    classifiers): every candidate will fail them. A trainer not yet reachable is logged, not fatal: the loop waits
+    for its dependencies like any service."""
+    from emili_core.errors import DependencyUnavailable
+    from emili_pipeline.cli import _fetch_unmeasurable
+    from emili_pipeline.gate import load_policy as load_gate
+    from emili_pipeline.loop import unmeasurable_checks
+
+    try:
+        problems = unmeasurable_checks(load_gate(policy.gate), _fetch_unmeasurable(trainer_target))
+    except DependencyUnavailable as exc:
+        log.warning("loop policy: not checked whether the gate's metrics can be measured: %s", exc)
+        return []
     for problem in problems:
         log.warning("loop policy: %s; every candidate will fail it", problem)
     return problems

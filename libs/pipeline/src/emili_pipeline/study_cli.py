@@ -161,12 +161,21 @@ def simulate(
     from emili_core.objectstore import ObjectStore
     from emili_core.settings import load_settings
     from emili_core.tasks import create_celery_app
-    from emili_pipeline.cli import _chat_target, _fetch_recipe
+    from emili_pipeline.cli import _chat_target, _fetch_recipe, _fetch_unmeasurable
+    from emili_pipeline.gate import load_policy as load_gate
+    from emili_pipeline.loop import unmeasurable_checks
     from emili_pipeline.settings import PipelineSettings
     from emili_pipeline.study_sim import Stack, StudyOptions, StudyResumeError, render_markdown, run_study
 
     settings = load_settings(PipelineSettings)
     configure_logging("pipeline", settings.log_level, settings.log_format)  # The loop's steps, as they happen.
+    # A gate check on a metric the trainer cannot measure fails every candidate: say so now, not after an hour.
+    unmeasurable = unmeasurable_checks(load_gate(gate), _fetch_unmeasurable())
+    if unmeasurable:
+        for problem in unmeasurable:
+            console.print(f"[red]error:[/red] {escape(problem)}")
+        console.print("Make the metric measurable, or pass a --gate without that check.")
+        raise typer.Exit(1)
     secret = settings.auth.secret.get_secret_value()
 
     def token_for(subject: str) -> str:

@@ -190,6 +190,12 @@ class TrainerEngine:
     async def get_report(self, run_id: str) -> Report:
         return await asyncio.to_thread(evaluation.load_report, self.runtime, run_id)
 
+    async def unmeasurable_gate_metrics(self) -> dict[str, str]:
+        from emili_trainer.evaluation.scorers import unmeasurable_gate_metrics
+
+        settings = self.runtime.settings
+        return await asyncio.to_thread(unmeasurable_gate_metrics, settings.trainer, settings.artifacts_dir)
+
     async def get_recipe(self, name: str) -> ShippedRecipe:
         if not name:
             raise InvalidInput("name is required: a shipped recipe's name (e.g. smollm2-cpu-dpo)")

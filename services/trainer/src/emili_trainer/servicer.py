@@ -64,3 +64,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     ) -> trainer_pb2.GetRecipeResponse:
         shipped = await self.engine.get_recipe(request.name)
         return codec.recipe_to_pb(shipped.name, shipped.text, shipped.recipe)
+
+    async def GetUnmeasurable(
+        self, request: trainer_pb2.GetUnmeasurableRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.GetUnmeasurableResponse:
+        return trainer_pb2.GetUnmeasurableResponse(reasons=await self.engine.unmeasurable_gate_metrics())

@@ -14,7 +14,7 @@ from typing import Any
 
 from emili_trainer.settings import TrainerOptions
 
-__all__ = ["ReplyScorers", "build_scorers"]
+__all__ = ["ReplyScorers", "build_scorers", "unmeasurable_gate_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +80,24 @@ def build_scorers(options: TrainerOptions, artifacts_dir: Path, *, embeddings: b
         bert_scorer=bert_scorer,
         epitome=epitome,
     )
+
+
+def unmeasurable_gate_metrics(options: TrainerOptions, artifacts_dir: Path) -> dict[str, str]:
+    """The gate metrics (:mod:`~emili_trainer.evaluation.gate_evidence`) an evaluation with these settings cannot
+    give, and why. A gate check on one of them fails every candidate, so loops and studies ask first."""
+    from emili_trainer.evaluation.epitome import load_epitome
+
+    reasons: dict[str, str] = {}
+    epitome_dir = _under(artifacts_dir, options.epitome_dir)
+    embed_dir = _under(artifacts_dir, options.embedding_model)
+    if epitome_dir is None or load_epitome(epitome_dir) is None:
+        reasons["diff_epitome_mean"] = (
+            f"no EPITOME classifiers found in {epitome_dir} (`emili eval train-epitome --data DIR` trains them)"
+        )
+    elif embed_dir is None or not (embed_dir / "config.json").is_file():
+        reasons["diff_epitome_mean"] = f"the EPITOME classifiers need the MiniLM embedder, not found in {embed_dir}"
+    if options.mmlu_path is None:
+        reasons["mmlu_correct"] = "MMLU is not configured: set EMILI_TRAINER__MMLU_PATH to the MMLU data folder"
+    elif not options.mmlu_path.exists():
+        reasons["mmlu_correct"] = f"the MMLU data is not at EMILI_TRAINER__MMLU_PATH={options.mmlu_path}"
+    return reasons

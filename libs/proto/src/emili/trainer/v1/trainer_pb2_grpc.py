@@ -79,6 +79,11 @@ class TrainerServiceStub:
                 request_serializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetRecipeRequest.SerializeToString,
                 response_deserializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetRecipeResponse.FromString,
                 _registered_method=True)
+        self.GetUnmeasurable = channel.unary_unary(
+                '/emili.trainer.v1.TrainerService/GetUnmeasurable',
+                request_serializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetUnmeasurableRequest.SerializeToString,
+                response_deserializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetUnmeasurableResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -141,6 +146,13 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUnmeasurable(self, request, context):
+        """The gate metrics this trainer's evaluations cannot measure, and why.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +200,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.GetRecipe,
                     request_deserializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetRecipeRequest.FromString,
                     response_serializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetRecipeResponse.SerializeToString,
+            ),
+            'GetUnmeasurable': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUnmeasurable,
+                    request_deserializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetUnmeasurableRequest.FromString,
+                    response_serializer=emili_dot_trainer_dot_v1_dot_trainer__pb2.GetUnmeasurableResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -433,6 +450,33 @@ class TrainerService:
             '/emili.trainer.v1.TrainerService/GetRecipe',
             emili_dot_trainer_dot_v1_dot_trainer__pb2.GetRecipeRequest.SerializeToString,
             emili_dot_trainer_dot_v1_dot_trainer__pb2.GetRecipeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUnmeasurable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/emili.trainer.v1.TrainerService/GetUnmeasurable',
+            emili_dot_trainer_dot_v1_dot_trainer__pb2.GetUnmeasurableRequest.SerializeToString,
+            emili_dot_trainer_dot_v1_dot_trainer__pb2.GetUnmeasurableResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,8 @@ class TrainerServiceStub:
     GetReport: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetReportRequest, _trainer_pb2.GetReportResponse]
     GetRecipe: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetRecipeRequest, _trainer_pb2.GetRecipeResponse]
     """A shipped recipe, so a client (the pipeline's config) can use its values without a copy of the trainer."""
+    GetUnmeasurable: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetUnmeasurableRequest, _trainer_pb2.GetUnmeasurableResponse]
+    """The gate metrics this trainer's evaluations cannot measure, and why."""
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -61,6 +63,8 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     GetReport: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetReportRequest, _trainer_pb2.GetReportResponse]  # type: ignore[assignment]
     GetRecipe: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetRecipeRequest, _trainer_pb2.GetRecipeResponse]  # type: ignore[assignment]
     """A shipped recipe, so a client (the pipeline's config) can use its values without a copy of the trainer."""
+    GetUnmeasurable: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetUnmeasurableRequest, _trainer_pb2.GetUnmeasurableResponse]  # type: ignore[assignment]
+    """The gate metrics this trainer's evaluations cannot measure, and why."""
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -128,5 +132,13 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.GetRecipeResponse, _abc.Awaitable[_trainer_pb2.GetRecipeResponse]]:
         """A shipped recipe, so a client (the pipeline's config) can use its values without a copy of the trainer."""
+
+    @_abc_1.abstractmethod
+    def GetUnmeasurable(
+        self,
+        request: _trainer_pb2.GetUnmeasurableRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.GetUnmeasurableResponse, _abc.Awaitable[_trainer_pb2.GetUnmeasurableResponse]]:
+        """The gate metrics this trainer's evaluations cannot measure, and why."""
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
