@@ -103,3 +103,18 @@ def test_the_loop_warns_of_unmeasurable_checks_and_tolerates_an_unreachable_trai
     with pytest.raises(DependencyUnavailable, match="cannot ask the trainer"):
         cli._fetch_unmeasurable()
     assert warn_unmeasurable(load_policy(policy)) == []  # Logged, not fatal: the loop waits for the trainer.
+
+
+def test_a_trainer_without_get_unmeasurable_is_not_checked_but_said(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    trainer_pb2_grpc.add_TrainerServiceServicer_to_server(trainer_pb2_grpc.TrainerServiceServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.setattr(cli, "_service_target", lambda service, hint: f"127.0.0.1:{port}")
+    try:
+        assert cli._fetch_unmeasurable() == {}
+    finally:
+        server.stop(None)
+    assert "predates GetUnmeasurable" in " ".join(capsys.readouterr().err.split())

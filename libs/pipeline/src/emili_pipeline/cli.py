@@ -95,6 +95,12 @@ def _fetch_unmeasurable(trainer_target: str = "") -> dict[str, str]:
     try:
         return _call_trainer(call, trainer_target, "a gate's evidence comes from the trainer's evaluations")
     except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # A trainer older than this client: it cannot say.
+            console.print(
+                "[yellow]warning:[/yellow] the trainer predates GetUnmeasurable (restart it to update): "
+                "not checked whether the gate's metrics can be measured"
+            )
+            return {}
         raise DependencyUnavailable(
             f"cannot ask the trainer what its evaluations measure ({exc.code().name}: {exc.details()})"
         ) from None
