@@ -307,7 +307,7 @@ def base_against_base(conditions: Mapping[str, Sequence[Mapping[str, Any]]], see
 # candidate "gain" on 6 users per arm): below this many sessions per arm the offline canary never promotes.
 MIN_CANARY_SESSIONS = 20
 # The offline canary's planned size by default. At 20 per arm the gateway's rule promotes only about half of
-# candidates rated exactly like production; at 60, 85%, while still rolling back 98% of those rated 0.3 worse
+# candidates rated exactly like production; at 60, 84-85%, while still rolling back 99% of those rated 0.3 worse
 # (`emili study canary-power`, BENCHMARKS.md run P).
 CANARY_PLANNED_SESSIONS = 60
 
