@@ -40,14 +40,18 @@ def _chat_target() -> str:
     return _service_target("chat", "pass --target HOST:PORT")
 
 
-def _call_trainer(call: Callable[[Any], Awaitable[_T]], trainer_target: str, hint: str) -> _T:
-    """``call(stub)`` on the trainer at ``trainer_target`` (default: the address in the installed trainer's
-    settings), with the CLI's token and TLS; ``hint`` says what to do when no trainer is installed."""
+def _trainer_target(trainer_target: str, hint: str) -> str:
+    """``trainer_target``, else the address in the installed trainer's settings; ``hint`` says what to do when no
+    trainer is installed."""
+    return trainer_target or _service_target("trainer", hint)
+
+
+def _call_trainer(call: Callable[[Any], Awaitable[_T]], target: str) -> _T:
+    """``call(stub)`` on the trainer at ``target``, with the CLI's token and TLS."""
     from emili.trainer.v1 import trainer_pb2_grpc
     from emili_core.cli import CliSettings, client_token
     from emili_core.grpc_client import make_channel
 
-    target = trainer_target or _service_target("trainer", hint)
     cli_settings = load_settings(CliSettings)
     token = client_token(cli_settings, "trainer", "emili-pipeline")
 
@@ -69,14 +73,14 @@ def _fetch_recipe(name: str, trainer_target: str = "") -> str:
         response: trainer_pb2.GetRecipeResponse = await stub.GetRecipe(trainer_pb2.GetRecipeRequest(name=name))
         return response.yaml
 
+    target = _trainer_target(trainer_target, "name recipe files in the pipeline config instead of shipped recipes")
     try:
-        hint = "name recipe files in the pipeline config instead of shipped recipes"
-        return _call_trainer(call, trainer_target, hint)
+        return _call_trainer(call, target)
     except grpc.aio.AioRpcError as exc:
         if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
             raise InvalidInput(f"recipe {name!r}: {exc.details()}") from None
         raise InvalidInput(
-            f"cannot fetch the shipped recipe {name!r} from the trainer ({exc.code().name}: "
+            f"cannot fetch the shipped recipe {name!r} from the trainer at {target} ({exc.code().name}: "
             f"{exc.details()}); is the stack up (make up)?"
         ) from None
 
@@ -92,8 +96,9 @@ def _fetch_unmeasurable(trainer_target: str = "") -> dict[str, str]:
         response: trainer_pb2.GetUnmeasurableResponse = await stub.GetUnmeasurable(trainer_pb2.GetUnmeasurableRequest())
         return dict(response.reasons)
 
+    target = _trainer_target(trainer_target, "a gate's evidence comes from the trainer's evaluations")
     try:
-        return _call_trainer(call, trainer_target, "a gate's evidence comes from the trainer's evaluations")
+        return _call_trainer(call, target)
     except grpc.aio.AioRpcError as exc:
         if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # A trainer older than this client: it cannot say.
             console.print(
@@ -102,7 +107,7 @@ def _fetch_unmeasurable(trainer_target: str = "") -> dict[str, str]:
             )
             return {}
         raise DependencyUnavailable(
-            f"cannot ask the trainer what its evaluations measure ({exc.code().name}: {exc.details()})"
+            f"cannot ask the trainer at {target} what its evaluations measure ({exc.code().name}: {exc.details()})"
         ) from None
 
 

@@ -134,7 +134,6 @@ def build_loop(policy_path: Path | None) -> tuple[Loop, LoopSettings]:
     settings = load_settings(LoopSettings)
     policy = load_policy(policy_path or settings.loop_policy)
     warn_undersized(policy)
-    warn_unmeasurable(policy, settings.loop_trainer_target)
     store = ObjectStore(settings.s3)  # Buckets are made by the first tick (S3 may still be starting).
     actions = SystemActions(
         store,
@@ -211,6 +210,7 @@ def run(policy: PolicyOption = None) -> None:
 
     loop, settings = build_loop(policy)
     configure_logging("loop", settings.log_level, settings.log_format)
+    warn_unmeasurable(loop.policy, settings.loop_trainer_target)  # Where the loop acts; not for `loop status`.
     if not loop.policy.enabled:
         console.print(f"the loop policy {policy or settings.loop_policy} is disabled (enabled: false); not running")
         raise typer.Exit(1)
@@ -277,6 +277,7 @@ def tick(policy: PolicyOption = None) -> None:
 
     loop, settings = build_loop(policy)
     configure_logging("loop", settings.log_level, settings.log_format)
+    warn_unmeasurable(loop.policy, settings.loop_trainer_target)
     if not loop.policy.enabled:
         console.print("[yellow]note: the policy is disabled; `emili loop run` would not run it[/yellow]")
     import redis

@@ -106,9 +106,9 @@ def gate_replies(
                 users[str(manifest.get("user_id") or session_id)] = means
         return users
 
-    users = {"candidate": per_user(candidate), "production": per_user(production)}
+    candidate_users, production_users = per_user(candidate), per_user(production)  # Both before reading unreadable.
     return {"candidate_version": candidate, "production_version": production, "unreadable": unreadable} | compare(
-        users["candidate"], users["production"], seed
+        candidate_users, production_users, seed
     )
 
 
