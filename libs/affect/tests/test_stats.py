@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from emili_affect.stats import bootstrap_ci
+from emili_affect.stats import bootstrap_ci, bootstrap_difference_ci
 
 
 def test_bootstrap_interval_brackets_the_mean_and_narrows_with_n() -> None:
@@ -66,3 +66,25 @@ def test_msprt_reports_welchs_degrees_of_freedom_for_a_fixed_size_bound() -> Non
     lopsided = msprt_compare([0.0, 10.0, 0.0, 10.0, 0.0, 10.0], [5.0, 5.1, 4.9, 5.0, 5.1, 4.9], tau=1.0)
     assert 5.0 <= lopsided.degrees_of_freedom < 5.1
     assert math.isnan(msprt_compare([1.0], [2.0, 3.0], tau=1.0).degrees_of_freedom)
+
+
+def test_difference_interval_on_normal_data_is_the_t_interval() -> None:
+    """Widened to Student's t, the bootstrap interval of 5 normal pairs has about the t interval's half-width."""
+    from scipy.stats import t
+
+    rng = np.random.default_rng(5)
+    diff = rng.normal(0.3, 1.0, 5)
+    estimate, low, high = bootstrap_difference_ci(diff, np.zeros(5), paired=True, rng=rng, samples=20000)
+    half_t = float(t.ppf(0.975, 4)) * float(diff.std(ddof=1)) / math.sqrt(5)
+    assert estimate == pytest.approx(diff.mean())
+    assert (high - low) / 2 == pytest.approx(half_t, rel=0.1)
+
+
+def test_difference_interval_needs_two_items_per_arm() -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        bootstrap_difference_ci([1.0], [0.0], paired=True, rng=rng)
+    with pytest.raises(ValueError, match="each arm"):
+        bootstrap_difference_ci([1.0, 2.0], [0.0], paired=False, rng=rng)
+    estimate, low, high = bootstrap_difference_ci([1.0, 2.0, 3.0], [0.0, 0.5], paired=False, rng=rng)
+    assert estimate == pytest.approx(1.75) and low < estimate < high

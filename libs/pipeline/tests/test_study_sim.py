@@ -30,6 +30,7 @@ from emili_pipeline.study_sim import (
     decision_summary,
     difference,
     interval,
+    paired_interval,
     pooled_difference,
     render_markdown,
     session_items,
@@ -168,6 +169,11 @@ def test_interval_and_difference() -> None:
     d = difference([1.0, 1.1, 0.9, 1.0], [0.0, 0.1, -0.1, 0.0])
     assert d["difference"] == pytest.approx(1.0) and d["ci95"][0] > 0.8
     assert difference([], [1.0])["ci95"] is None
+    # One value has no spread: no interval, rather than a point read as certainty.
+    assert interval([0.3]) == {"n": 1, "mean": 0.3, "ci95": None}
+    single = difference([0.2], [0.1, 0.0])
+    assert single["difference"] == pytest.approx(0.15) and single["ci95"] is None
+    assert paired_interval([0.05]) == {"n_pairs": 1, "difference": 0.05, "ci95": None}
 
 
 def test_pooled_difference_averages_iterations_and_resamples_within_each() -> None:
@@ -186,6 +192,18 @@ def test_pooled_difference_averages_iterations_and_resamples_within_each() -> No
     # their sessions before resampling would mix the two gains into a wide interval).
     fixed = pooled_difference([([1.0] * 5, [0.0] * 5), ([3.0] * 5, [0.0] * 5)])
     assert fixed["difference"] == pytest.approx(2.0) and fixed["ci95"] == [pytest.approx(2.0), pytest.approx(2.0)]
+
+
+def test_base_against_base_is_called_an_aa_check_only_when_both_bases_read_real_faces() -> None:
+    from emili_pipeline.study_sim import _base_against_base_table
+
+    same = {"n_candidate": 4, "n_baseline": 4, "difference": 0.0, "ci95": [-0.1, 0.1]}
+    checks = {"delta_v": {"iterations": {1: same}, "pooled": same}}
+    aa = "\n".join(_base_against_base_table({"options": {"noise_faces": "training"}, "base_against_base": checks}))
+    assert "Base against base" in aa and "| delta_v | 1 | 4 / 4 |" in aa
+    for options in ({"noise_faces": "everywhere"}, {}):  # {}: a report from before the option had its default.
+        decoy = "\n".join(_base_against_base_table({"options": options, "base_against_base": checks}))
+        assert "Base under real faces against base under decoy faces" in decoy and "not an A/A check" in decoy
 
 
 def test_compare_arms_has_every_metric() -> None:
@@ -207,6 +225,9 @@ def test_canary_promotes_only_on_a_clear_gain() -> None:
     decision = canary_decision(worse_rating, same, min_sessions=5)
     assert decision["outcome"] == "rolled_back" and "rating" in decision["reason"]
     assert canary_decision({"delta_v": [1.0]}, same, min_sessions=1)["outcome"] == "rolled_back"
+    # A clear Δv gain with nobody's rating is no evidence that the rating is not worse.
+    unrated = canary_decision({"delta_v": better["delta_v"]}, {"delta_v": same["delta_v"]}, min_sessions=5)
+    assert unrated["outcome"] == "rolled_back" and "rated" in unrated["reason"]
 
 
 def _iteration(n: int, *, passed: bool | None, canary: str | None, production: str = "base") -> dict[str, Any]:
@@ -576,7 +597,9 @@ def test_run_study_promotes_a_real_gain_and_nothing_under_noise(fake_study: _Fak
     # The fake users on base react alike in both conditions (same seeds, nothing trained): the A/A check reads 0.
     same = report["base_against_base"]["delta_v"]
     assert set(same["iterations"]) == {1, 2} and same["pooled"]["difference"] == pytest.approx(0.0)
-    assert "Base against base" in (tmp_path / "study.md").read_text()
+    # Under the default decoy faces everywhere, noise's base reads other faces: the table must not call it an A/A.
+    markdown = (tmp_path / "study.md").read_text()
+    assert "Base under real faces against base under decoy faces" in markdown and "Base against base" not in markdown
     assert (tmp_path / "study.json").is_file() and "SYNTHETIC" in (tmp_path / "study.md").read_text()
 
 

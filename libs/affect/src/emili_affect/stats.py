@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SequentialComparison", "bootstrap_ci", "msprt_compare"]
+__all__ = ["SequentialComparison", "bootstrap_ci", "bootstrap_difference_ci", "msprt_compare"]
 
 
 def bootstrap_ci(
@@ -22,6 +22,57 @@ def bootstrap_ci(
     means = data[rng.integers(0, len(data), size=(samples, len(data)))].mean(axis=1)
     tail = (1.0 - level) / 2.0
     return float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
+
+
+def bootstrap_difference_ci(
+    candidate: Sequence[float],
+    baseline: Sequence[float],
+    *,
+    paired: bool,
+    rng: np.random.Generator,
+    samples: int = 2000,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """mean(candidate) - mean(baseline) and its two-sided interval at ``level``: paired (the mean of the per-item
+    differences, items resampled) or of independent arms (each arm resampled).
+
+    The percentile bootstrap alone is too narrow on few items: it spreads the mean by the sample's plug-in variance
+    and reads normal quantiles, so a 95% interval on 4 pairs of pure noise excludes 0 on one side about 10% of the
+    time instead of 2.5%. Here the bootstrap draws keep their shape but are widened about the estimate by
+    sqrt(unbiased variance / bootstrap variance) * t / z (Student's t on n - 1 or Welch's degrees of freedom), so
+    that on normal data the interval is the t interval and on skewed data it stays skewed. Needs at least 2 items
+    per arm (2 pairs); a ValueError otherwise."""
+    from scipy.stats import norm, t
+
+    c = np.asarray(candidate, dtype=np.float64)
+    b = np.asarray(baseline, dtype=np.float64)
+    if paired:
+        if len(c) != len(b):
+            raise ValueError("paired evidence needs as many baseline items as candidate items")
+        diff = c - b
+        if len(diff) < 2:
+            raise ValueError("an interval needs at least 2 pairs")
+        estimate = float(diff.mean())
+        means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
+        widen = math.sqrt(len(diff) / (len(diff) - 1))
+        degrees_of_freedom = float(len(diff) - 1)
+    else:
+        if len(c) < 2 or len(b) < 2:
+            raise ValueError("an interval needs at least 2 items on each arm")
+        estimate = float(c.mean() - b.mean())
+        means = c[rng.integers(0, len(c), size=(samples, len(c)))].mean(axis=1) - b[
+            rng.integers(0, len(b), size=(samples, len(b)))
+        ].mean(axis=1)
+        vc, vb = float(c.var(ddof=1)) / len(c), float(b.var(ddof=1)) / len(b)
+        plug_in = float(c.var(ddof=0)) / len(c) + float(b.var(ddof=0)) / len(b)
+        widen = math.sqrt((vc + vb) / plug_in) if plug_in > 0 else 1.0
+        df_denominator = vc * vc / (len(c) - 1) + vb * vb / (len(b) - 1)
+        degrees_of_freedom = (vc + vb) ** 2 / df_denominator if df_denominator > 0 else float(len(c) + len(b) - 2)
+    upper = 1.0 - (1.0 - level) / 2.0
+    widen *= float(t.ppf(upper, degrees_of_freedom)) / float(norm.ppf(upper))
+    widened = estimate + (means - estimate) * widen
+    tail = (1.0 - level) / 2.0
+    return estimate, float(np.quantile(widened, tail)), float(np.quantile(widened, 1.0 - tail))
 
 
 @dataclass(frozen=True)

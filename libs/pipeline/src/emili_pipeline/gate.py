@@ -4,7 +4,8 @@ The policy is data (the shipped one is ``emili_pipeline/data/gate.yaml``): each 
 evidence, which way is better, the kind of comparison and its margin, and the sample size below which it cannot
 pass. Evidence is per item: for offline metrics the same contexts answered by both arms (paired), for online ones
 the sessions of each arm (independent). Every comparison is a bootstrap confidence interval of the difference
-candidate - baseline:
+candidate - baseline, widened to Student's t so that it keeps its level on a few items
+(:func:`emili_affect.stats.bootstrap_difference_ci`):
 
 - ``non_inferior``: passes when the interval excludes a loss bigger than ``margin`` (in the metric's units);
 - ``superior``: passes when the interval excludes no gain (it lies wholly on the better side of 0);
@@ -27,6 +28,8 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from emili_affect.stats import bootstrap_difference_ci
+
 SHIPPED = Path(__file__).resolve().parent / "data" / "gate.yaml"
 
 
@@ -48,6 +51,8 @@ class GateCheck(_Strict):
     def _bounds(self) -> GateCheck:
         if self.kind == "within" and (self.low is None or self.high is None or self.low > self.high):
             raise ValueError(f"check {self.name}: 'within' needs low <= high")
+        if self.kind != "within" and self.min_n < 2:
+            raise ValueError(f"check {self.name}: a comparison needs min_n >= 2 (one item has no spread to test)")
         return self
 
 
@@ -142,20 +147,14 @@ class Verdict:
 
 
 def _difference_ci(evidence: Evidence, policy: GatePolicy, rng: np.random.Generator) -> tuple[float, float, float]:
-    c = np.asarray(evidence.candidate, dtype=np.float64)
-    b = np.asarray(evidence.baseline, dtype=np.float64)
-    samples = policy.bootstrap_samples
-    if evidence.paired:
-        diff = c - b
-        means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
-        estimate = float(diff.mean())
-    else:
-        means = c[rng.integers(0, len(c), size=(samples, len(c)))].mean(axis=1) - b[
-            rng.integers(0, len(b), size=(samples, len(b)))
-        ].mean(axis=1)
-        estimate = float(c.mean() - b.mean())
-    tail = (1.0 - policy.level) / 2.0
-    return estimate, float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
+    return bootstrap_difference_ci(
+        evidence.candidate,
+        evidence.baseline,
+        paired=evidence.paired,
+        rng=rng,
+        samples=policy.bootstrap_samples,
+        level=policy.level,
+    )
 
 
 def _check(check: GateCheck, evidence: Evidence | None, policy: GatePolicy, rng: np.random.Generator) -> CheckResult:

@@ -152,7 +152,9 @@ def paired_interval(differences: Sequence[float], seed: int = 0) -> dict[str, An
     """The mean per-user difference with a 95% bootstrap interval resampling users (:func:`pooled_paired` of one
     iteration)."""
     one = pooled_paired([differences], seed)
-    return {"n_pairs": one["n_pairs"], "difference": one["difference"], "ci95": one["ci95"]}
+    # One pair has no spread: a bootstrap "interval" of it would be a single point, read as certainty.
+    ci95 = one["ci95"] if one["n_pairs"] >= 2 else None
+    return {"n_pairs": one["n_pairs"], "difference": one["difference"], "ci95": ci95}
 
 
 def _finite(value: float) -> float | None:
@@ -160,9 +162,11 @@ def _finite(value: float) -> float | None:
 
 
 def interval(values: Sequence[float], seed: int = 0) -> dict[str, Any]:
-    """n, mean and the 95% percentile-bootstrap interval of the mean (None when there are no values)."""
+    """n, mean and the 95% percentile-bootstrap interval of the mean (None when there are fewer than 2 values)."""
     if not values:
         return {"n": 0, "mean": None, "ci95": None}
+    if len(values) < 2:
+        return {"n": 1, "mean": round(float(values[0]), 4), "ci95": None}
     low, high = bootstrap_ci(values, samples=SAMPLES, seed=seed, level=LEVEL)
     return {"n": len(values), "mean": round(float(np.mean(values)), 4), "ci95": [_finite(low), _finite(high)]}
 
@@ -173,7 +177,8 @@ def difference(candidate: Sequence[float], baseline: Sequence[float], seed: int 
     if not candidate or not baseline:
         return {"n_candidate": len(candidate), "n_baseline": len(baseline), "difference": None, "ci95": None}
     one = pooled_difference([(candidate, baseline)], seed)
-    return {k: one[k] for k in ("n_candidate", "n_baseline", "difference", "ci95")}
+    found = {k: one[k] for k in ("n_candidate", "n_baseline", "difference", "ci95")}
+    return found if min(len(candidate), len(baseline)) >= 2 else {**found, "ci95": None}
 
 
 def compare_arms(
@@ -320,13 +325,16 @@ def canary_decision(
 ) -> dict[str, Any]:
     """The offline canary: ``promoted`` when Δv's gain over production is above 0 with 95% confidence and the
     mean rating's interval does not lie wholly below 0; else ``rolled_back``. Fewer than ``min_sessions``
-    sessions on either arm: rolled back."""
+    sessions, or rated sessions, on either arm: rolled back."""
     gain = difference(candidate.get(PRIMARY, []), production.get(PRIMARY, []), seed)
     rating = difference(candidate.get("rating", []), production.get("rating", []), seed)
     if gain["ci95"] is None or min(gain["n_candidate"], gain["n_baseline"]) < max(2, min_sessions):
         reason = f"too few simulated sessions to decide (fewer than {min_sessions} on an arm)"
         return {"outcome": "rolled_back", "reason": reason, PRIMARY: gain}
-    if rating["ci95"] is not None and rating["ci95"][1] < 0:
+    if rating["ci95"] is None or min(rating["n_candidate"], rating["n_baseline"]) < max(2, min_sessions):
+        reason = f"too few rated simulated sessions to decide (fewer than {min_sessions} on an arm)"
+        return {"outcome": "rolled_back", "reason": reason, PRIMARY: gain, "rating": rating}
+    if rating["ci95"][1] < 0:
         reason = f"rating clearly lower ({rating['difference']:+.3f}, 95% CI {rating['ci95']})"
         return {"outcome": "rolled_back", "reason": reason, PRIMARY: gain, "rating": rating}
     if gain["ci95"][0] > 0:
@@ -595,13 +603,28 @@ def _base_against_base_table(report: Mapping[str, Any]) -> list[str]:
     checks = report.get("base_against_base") or {}
     if not checks:
         return []
+    options = report.get("options") or {}
+    if (options.get("noise_faces") or RESUME_DEFAULTS["noise_faces"]) == "training":
+        heading = [
+            "### Base against base: how far chance alone moves an arm (SYNTHETIC: simulated users)",
+            "",
+            "Each iteration's base arm meets the same simulated users in both conditions, on the same base model: "
+            "feedback's base minus noise's base differs only by the model's sampling and the users' reactions. A "
+            "candidate's difference from base of this size is no evidence; about 1 in 20 of these intervals "
+            "excludes 0 by chance.",
+        ]
+    else:
+        # The base model reads the faces it is shown: under decoy faces its replies differ for a reason besides chance.
+        heading = [
+            "### Base under real faces against base under decoy faces (SYNTHETIC: simulated users)",
+            "",
+            "Each iteration's base arm meets the same simulated users in both conditions, on the same base model, "
+            "but with `--noise-faces everywhere` the noise condition's users show the decoy state, and the model "
+            "reads their faces: this is not an A/A check (`--noise-faces training` gives one). The difference is "
+            "what the faces' readout changes in base's replies, plus chance.",
+        ]
     lines = [
-        "### Base against base: how far chance alone moves an arm (SYNTHETIC: simulated users)",
-        "",
-        "Each iteration's base arm meets the same simulated users in both conditions, on the same base model: "
-        "feedback's base minus noise's base differs only by the model's sampling and the users' reactions. A "
-        "candidate's difference from base of this size is no evidence; about 1 in 20 of these intervals excludes 0 "
-        "by chance.",
+        *heading,
         "",
         "| metric | iteration | sessions, feedback's base / noise's base | difference [95% CI] |",
         "|---|---|---|---|",
