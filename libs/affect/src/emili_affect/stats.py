@@ -24,6 +24,15 @@ def bootstrap_ci(
     return float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
 
 
+def _welch(c: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """Each arm's variance of its mean (unbiased) and Welch-Satterthwaite's degrees of freedom of their sum (each arm
+    needs 2 values; with no spread at all, the pooled n - 2)."""
+    vc, vb = float(c.var(ddof=1)) / len(c), float(b.var(ddof=1)) / len(b)
+    df_denominator = vc * vc / (len(c) - 1) + vb * vb / (len(b) - 1)
+    degrees_of_freedom = (vc + vb) ** 2 / df_denominator if df_denominator > 0 else float(len(c) + len(b) - 2)
+    return vc, vb, degrees_of_freedom
+
+
 def bootstrap_difference_ci(
     candidate: Sequence[float],
     baseline: Sequence[float],
@@ -63,11 +72,9 @@ def bootstrap_difference_ci(
         means = c[rng.integers(0, len(c), size=(samples, len(c)))].mean(axis=1) - b[
             rng.integers(0, len(b), size=(samples, len(b)))
         ].mean(axis=1)
-        vc, vb = float(c.var(ddof=1)) / len(c), float(b.var(ddof=1)) / len(b)
+        vc, vb, degrees_of_freedom = _welch(c, b)
         plug_in = float(c.var(ddof=0)) / len(c) + float(b.var(ddof=0)) / len(b)
         widen = math.sqrt((vc + vb) / plug_in) if plug_in > 0 else 1.0
-        df_denominator = vc * vc / (len(c) - 1) + vb * vb / (len(b) - 1)
-        degrees_of_freedom = (vc + vb) ** 2 / df_denominator if df_denominator > 0 else float(len(c) + len(b) - 2)
     upper = 1.0 - (1.0 - level) / 2.0
     widen *= float(t.ppf(upper, degrees_of_freedom)) / float(norm.ppf(upper))
     widened = estimate + (means - estimate) * widen
@@ -119,11 +126,9 @@ def msprt_compare(
         inf = float("inf")
         return SequentialComparison(len(c), len(b), float("nan"), 1.0, 1.0, (-inf, inf), inf, float("nan"))
     difference = float(c.mean() - b.mean())
+    vc, vb, degrees_of_freedom = _welch(c, b)
     # A variance floor: two arms of identical ratings would otherwise give V = 0 and an infinite statistic.
-    vc, vb = float(c.var(ddof=1)) / len(c), float(b.var(ddof=1)) / len(b)
     variance = max(vc + vb, 1e-12)
-    df_denominator = vc * vc / (len(c) - 1) + vb * vb / (len(b) - 1)
-    degrees_of_freedom = (vc + vb) ** 2 / df_denominator if df_denominator > 0 else float(len(c) + len(b) - 2)
     t2 = tau * tau
     log_lambda = 0.5 * math.log(variance / (variance + t2)) + t2 * difference**2 / (2 * variance * (variance + t2))
     p_two_sided = min(1.0, math.exp(-log_lambda))

@@ -146,17 +146,6 @@ class Verdict:
         }
 
 
-def _difference_ci(evidence: Evidence, policy: GatePolicy, rng: np.random.Generator) -> tuple[float, float, float]:
-    return bootstrap_difference_ci(
-        evidence.candidate,
-        evidence.baseline,
-        paired=evidence.paired,
-        rng=rng,
-        samples=policy.bootstrap_samples,
-        level=policy.level,
-    )
-
-
 def _check(check: GateCheck, evidence: Evidence | None, policy: GatePolicy, rng: np.random.Generator) -> CheckResult:
     def result(passed: bool, n: int, estimate: float | None, ci: tuple[float, float] | None, why: str) -> CheckResult:
         paired = None if evidence is None else evidence.paired
@@ -178,7 +167,14 @@ def _check(check: GateCheck, evidence: Evidence | None, policy: GatePolicy, rng:
         inside = check.low <= mean <= check.high
         where = "in" if inside else "outside"
         return result(inside, n, mean, None, f"mean {mean:.3g} {where} [{check.low}, {check.high}]")
-    estimate, low, high = _difference_ci(evidence, policy, rng)
+    estimate, low, high = bootstrap_difference_ci(
+        evidence.candidate,
+        evidence.baseline,
+        paired=evidence.paired,
+        rng=rng,
+        samples=policy.bootstrap_samples,
+        level=policy.level,
+    )
     # Express the interval as "gain": positive is better, whichever way the metric points.
     gain_low = low if check.direction == "higher" else -high
     if check.kind == "non_inferior":
