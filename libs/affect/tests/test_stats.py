@@ -88,3 +88,23 @@ def test_difference_interval_needs_two_items_per_arm() -> None:
         bootstrap_difference_ci([1.0, 2.0], [0.0], paired=False, rng=rng)
     estimate, low, high = bootstrap_difference_ci([1.0, 2.0, 3.0], [0.0, 0.5], paired=False, rng=rng)
     assert estimate == pytest.approx(1.75) and low < estimate < high
+
+
+def test_association_is_spearmans_rho_with_a_one_sided_permutation_p_value() -> None:
+    from scipy.stats import spearmanr
+
+    from emili_affect.stats import association_test
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=40)
+    y = x + rng.normal(size=40)
+    rho, p = association_test(x, y, rng=rng, resamples=999)
+    assert rho == pytest.approx(spearmanr(x, y).statistic)
+    assert p == pytest.approx(1 / 1000)  # No shuffle of 999 beats a strong association; the observed one counts.
+    rho_against, p_against = association_test(x, -y, rng=rng, resamples=999)
+    assert rho_against == pytest.approx(-rho) and p_against > 0.99
+    assert association_test([1.0, 1.0, 1.0], [0.1, 0.2, 0.3], rng=rng) == (0.0, 1.0)  # Nothing to rank.
+    with pytest.raises(ValueError, match="at least 3"):
+        association_test([1.0, 2.0], [1.0, 2.0], rng=rng)
+    with pytest.raises(ValueError, match="one outcome per signal"):
+        association_test([1.0, 2.0, 3.0], [1.0, 2.0], rng=rng)

@@ -148,3 +148,37 @@ def test_a_comparison_check_needs_at_least_two_items() -> None:
     with pytest.raises(ValueError, match="min_n >= 2"):
         GateCheck(name="g", metric="m", kind="superior", min_n=1)
     assert GateCheck(name="w", metric="m", kind="within", low=0, high=1, min_n=1).min_n == 1
+
+
+def test_an_association_check_passes_a_signal_that_predicts_its_outcome_and_fails_one_that_does_not() -> None:
+    check = GateCheck(name="signal", metric="s", kind="associated", min_n=20)
+    rng = np.random.default_rng(3)
+    signal = rng.normal(size=60)
+    predicts = judge(policy(check), {"s": Evidence(list(signal), list(signal + rng.normal(size=60)), paired=True)})
+    result = predicts.checks[0]
+    assert predicts.passed and result.estimate is not None and result.estimate > 0.3
+    assert result.p_value is not None and result.p_value <= 0.025 and "predicts" in result.reason
+    # A clear negative association is not a positive one: one-sided.
+    against = judge(policy(check), {"s": Evidence(list(signal), list(-signal), paired=True)}).checks[0]
+    assert not against.passed and against.p_value is not None and against.p_value > 0.5
+    few = judge(policy(check), {"s": Evidence(list(signal[:10]), list(signal[:10]), paired=True)}).checks[0]
+    assert not few.passed and "not enough evidence" in few.reason
+    with pytest.raises(ValueError, match="paired evidence"):
+        judge(policy(check), {"s": Evidence(list(signal), list(signal), paired=False)})
+    with pytest.raises(ValueError, match="min_n >= 3"):
+        GateCheck(name="a", metric="s", kind="associated", min_n=2)
+
+
+def test_an_association_check_on_an_unrelated_signal_passes_about_as_often_as_its_level_allows() -> None:
+    """A signal independent of its outcome (a decoy face against real surveys) passes at most 2.5% of the time,
+    whatever the two look like: here skewed, tied outcomes as coarse as the simulator's surveys."""
+    check = GateCheck(name="signal", metric="s", kind="associated", min_n=24)
+    strict = GatePolicy(name="t", bootstrap_samples=500, checks=[check])
+    rng = np.random.default_rng(11)
+    draws = 400
+    passed = 0
+    for seed in range(draws):
+        signal = rng.lognormal(size=24)
+        outcome = np.round(rng.normal(size=24), 1)
+        passed += judge(strict.model_copy(update={"seed": seed}), {"s": Evidence(signal, outcome, True)}).passed
+    assert passed / draws <= 0.05

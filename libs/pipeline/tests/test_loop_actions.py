@@ -176,13 +176,16 @@ def test_a_saved_but_unsent_pipeline_is_sent(
     assert redis.Redis.from_url(isolated_redis_url).llen("chat") == 1
 
 
-def finished(actions: SystemActions, store: ObjectStore, evaluate: dict[str, Any], failed: str = "") -> str:
+def finished(
+    actions: SystemActions, store: ObjectStore, evaluate: dict[str, Any], failed: str = "", label: Any = None
+) -> str:
     state = actions.pipeline_state(["p", "q"], "base")
     for name, step in state["steps"].items():
         step["state"] = FAILED if name == failed else DONE
     state["steps"]["sft"]["outputs"] = {"model_version": "v-sft"}
     state["steps"]["dpo"]["outputs"] = {"model_version": "v-dpo"}
     state["steps"]["evaluate"]["outputs"] = evaluate
+    state["steps"]["label"]["outputs"] = label or {}
     save_state(store, state)
     return str(state["pipeline_id"])
 
@@ -207,6 +210,12 @@ def test_pipeline_outcomes(actions: SystemActions, store: ObjectStore) -> None:
         and not found["diff_epitome_mean"].candidate
     )
     assert found["delta_v"].missing is None
+    # The label step's evidence is on the pipeline's own sessions (does their feedback predict their surveys?).
+    signal = {"reaction_predicts_delta_v": {"candidate": [1.0, 2.0, 3.0], "baseline": [0.1, 0.3, 0.2], "paired": True}}
+    with_signal = finished(actions, store, {"gate_evidence": evidence}, label={"gate_evidence": signal})
+    _, _, found = actions.pipeline_outcome(with_signal)
+    assert set(found) == {"delta_v", "reaction_predicts_delta_v"}
+    assert found["reaction_predicts_delta_v"].paired and list(found["reaction_predicts_delta_v"].baseline)[1] == 0.3
 
 
 def answering(*answers: httpx.Response) -> Callable[[], httpx.Client]:

@@ -338,7 +338,8 @@ REACTIONS_GATE = SIMULATION_GATE.with_name("gate-simulation-reactions.yaml")
 
 def test_reactions_gate_needs_a_gain_in_the_face_and_surveys_not_worse() -> None:
     """A gain in the face's reaction passes; the same gain with the surveys' Δv clearly worse fails on the surveys;
-    no gain in the face fails on the face, however good the surveys look."""
+    no gain in the face fails on the face, however good the surveys look; and every gain fails when the training
+    users' faces did not predict their surveys."""
     from emili_pipeline.config import load_config
     from emili_pipeline.loop import undersized_checks
 
@@ -346,14 +347,26 @@ def test_reactions_gate_needs_a_gain_in_the_face_and_surveys_not_worse() -> None
     rng = np.random.default_rng(1)
     faces = list(rng.normal(0.0, 20.0, 48))
 
-    def evidence(face_gain: float, delta_v_gain: float) -> dict[str, Evidence]:
-        return _evidence(delta_v_gain, 48, 28) | {"reaction": Evidence([v + face_gain for v in faces], faces, True)}
+    # The pipeline's own users: their faces' mean reactions and their surveys' Δv.
+    training_faces = rng.normal(0.0, 20.0, 72)
+    predicted = training_faces / 100 + rng.normal(0.0, 0.2, 72)
+    unrelated = rng.normal(0.0, 0.2, 72)
+
+    def evidence(face_gain: float, delta_v_gain: float, surveys: np.ndarray = predicted) -> dict[str, Evidence]:
+        signal = Evidence(list(training_faces), list(surveys), paired=True)
+        return _evidence(delta_v_gain, 48, 28) | {
+            "reaction": Evidence([v + face_gain for v in faces], faces, True),
+            "reaction_predicts_delta_v": signal,
+        }
 
     assert judge(policy, evidence(10.0, 0.0)).passed
     worse = judge(policy, evidence(10.0, -0.3))
     assert [c.name for c in worse.checks if not c.passed] == ["delta_v_not_worse"]
     flat = judge(policy, evidence(0.0, 0.3))
     assert [c.name for c in flat.checks if not c.passed] == ["reaction_gain"]
+    # Feedback that predicts nothing the same people reported: the candidate's gains are not credited to it.
+    noise = judge(policy, evidence(10.0, 0.3, unrelated))
+    assert [c.name for c in noise.checks if not c.passed] == ["feedback_predicts_surveys"]
     # The study's pipeline gives every check enough evidence.
     for pipeline in ("loop-simulation-reactions.yaml", "loop-simulation-personas.yaml"):
         assert undersized_checks(load_config(SIMULATION_GATE.with_name(pipeline)), policy) == []

@@ -98,3 +98,24 @@ def test_each_per_session_item_names_its_user_so_arms_can_be_paired() -> None:
     assert items["base"]["synthetic"]["reaction_users"] == ["eval-1-1"]
     assert items["sft-1"]["synthetic"]["reaction"] == [3.0]
     assert items["sft-1"]["synthetic"]["reaction_users"] == ["eval-1-0"]
+
+
+def test_signal_evidence_pairs_each_users_mean_reaction_with_their_mean_survey_change() -> None:
+    from emili_labeler.jobs import signal_evidence
+    from emili_session.gate_items import SIGNAL_METRIC
+
+    def of(user: str, pre: float | None, post: float | None, deltas: list[float | None]) -> dict[str, Any]:
+        return _label("base", pre, post, deltas) | {"user_id": user}
+
+    labels = [
+        of("u2", 0.0, 0.4, [1.0, 3.0]),  # reaction 2, Δv 0.4
+        of("u1", 0.5, 0.4, [-1.0]),  # reaction -1, Δv -0.1
+        of("u2", 0.2, 0.4, [0.0]),  # reaction 0, Δv 0.2: u2's means are 1 and 0.3
+        of("u3", None, 0.4, [1.0]),  # no pre-chat survey: no Δv, not an item
+        of("u4", 0.1, 0.4, [None]),  # no reaction read: not an item
+    ]
+    evidence = signal_evidence(labels)[SIGNAL_METRIC]
+    assert evidence["paired"] is True
+    assert evidence["candidate"] == [pytest.approx(-1.0), pytest.approx(1.0)]  # u1, u2
+    assert evidence["baseline"] == [pytest.approx(-0.1), pytest.approx(0.3)]
+    assert signal_evidence([])[SIGNAL_METRIC] == {"candidate": [], "baseline": [], "paired": True}

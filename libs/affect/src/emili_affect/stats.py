@@ -8,7 +8,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SequentialComparison", "bootstrap_ci", "bootstrap_difference_ci", "msprt_compare"]
+__all__ = [
+    "SequentialComparison",
+    "association_test",
+    "bootstrap_ci",
+    "bootstrap_difference_ci",
+    "msprt_compare",
+]
 
 
 def bootstrap_ci(
@@ -107,6 +113,45 @@ class SequentialComparison:
         from scipy.stats import t
 
         return self.difference - float(t.ppf(1 - alpha, self.degrees_of_freedom)) * self.standard_error
+
+
+def association_test(
+    signal: Sequence[float], outcome: Sequence[float], *, rng: np.random.Generator, resamples: int = 2000
+) -> tuple[float, float]:
+    """Spearman's rank correlation of paired (signal, outcome) items and the one-sided permutation p-value of a
+    positive association: the share of random re-pairings (the outcomes shuffled against the signals) whose
+    correlation is at least the observed one, counting the observed pairing. When signal and outcome are
+    independent, p <= alpha happens at most an alpha share of the time whatever their distributions, so a check on
+    it holds its level without assuming anything about the signal's scale. Needs 3 items; a ValueError otherwise.
+    A constant side has no ranks to correlate: (0.0, 1.0)."""
+    from scipy.stats import permutation_test, rankdata
+
+    x = np.asarray(signal, dtype=np.float64)
+    y = np.asarray(outcome, dtype=np.float64)
+    if len(x) != len(y):
+        raise ValueError("an association needs one outcome per signal item")
+    if len(x) < 3:
+        raise ValueError(f"an association needs at least 3 items, got {len(x)}")
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return 0.0, 1.0
+    # Spearman's rho is Pearson's r of the ranks; re-pairing ranks is re-pairing the items.
+    x_ranks, y_ranks = rankdata(x), rankdata(y)
+
+    def rho(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+        a = a - a.mean(axis=axis, keepdims=True)
+        b = b - b.mean(axis=axis, keepdims=True)
+        return (a * b).sum(axis=axis) / np.sqrt((a * a).sum(axis=axis) * (b * b).sum(axis=axis))
+
+    result = permutation_test(
+        (x_ranks, y_ranks),
+        rho,
+        permutation_type="pairings",
+        alternative="greater",
+        n_resamples=resamples,
+        random_state=rng,
+        vectorized=True,
+    )
+    return float(result.statistic), float(result.pvalue)
 
 
 def msprt_compare(

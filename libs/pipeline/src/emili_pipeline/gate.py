@@ -9,7 +9,14 @@ candidate - baseline, widened to Student's t so that it keeps its level on a few
 
 - ``non_inferior``: passes when the interval excludes a loss bigger than ``margin`` (in the metric's units);
 - ``superior``: passes when the interval excludes no gain (it lies wholly on the better side of 0);
-- ``within``: passes when the candidate's mean lies in [``low``, ``high``] (e.g. reply length).
+- ``within``: passes when the candidate's mean lies in [``low``, ``high``] (e.g. reply length);
+- ``associated``: a check of the data the candidate learned from, not of the candidate. Its evidence pairs, per
+  item, a signal (the ``candidate`` side, e.g. a user's mean facial reaction) with an outcome people reported (the
+  ``baseline`` side, e.g. their surveys' valence change); it passes when the signal predicts the outcome: Spearman's
+  rank correlation above 0 by a one-sided permutation test at ``(1 - level) / 2``, the error a ``superior`` check
+  allows (:func:`emili_affect.stats.association_test`). A candidate trained on feedback that predicts nothing people
+  report may still be better by chance (e.g. shorter replies), but the loop has no reason to credit the feedback
+  for it, and the check fails it at most that share of the time whatever the candidate does.
 
 A check with fewer than ``min_n`` items fails ("not enough evidence"), never passes by default; the verdict
 passes only when every check does. The verdict keeps each check's estimate, interval and n, so a decision can be
@@ -28,7 +35,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from emili_affect.stats import bootstrap_difference_ci
+from emili_affect.stats import association_test, bootstrap_difference_ci
 
 SHIPPED = Path(__file__).resolve().parent / "data" / "gate.yaml"
 
@@ -40,7 +47,7 @@ class _Strict(BaseModel):
 class GateCheck(_Strict):
     name: str = Field(min_length=1)
     metric: str = Field(min_length=1)  # A key of the evidence.
-    kind: Literal["non_inferior", "superior", "within"]
+    kind: Literal["non_inferior", "superior", "within", "associated"]
     direction: Literal["higher", "lower"] = "higher"  # Which way is better (not used by "within").
     margin: float = Field(0.0, ge=0)
     low: float | None = None
@@ -53,6 +60,8 @@ class GateCheck(_Strict):
             raise ValueError(f"check {self.name}: 'within' needs low <= high")
         if self.kind != "within" and self.min_n < 2:
             raise ValueError(f"check {self.name}: a comparison needs min_n >= 2 (one item has no spread to test)")
+        if self.kind == "associated" and self.min_n < 3:
+            raise ValueError(f"check {self.name}: an association needs min_n >= 3 (two points always line up)")
         return self
 
 
@@ -128,6 +137,7 @@ class CheckResult:
     margin: float | None = None
     min_n: int = 0
     paired: bool | None = None  # How the evidence was compared (None: no evidence).
+    p_value: float | None = None  # "associated": the permutation test's one-sided p-value.
 
 
 @dataclass(frozen=True)
@@ -147,15 +157,35 @@ class Verdict:
 
 
 def _check(check: GateCheck, evidence: Evidence | None, policy: GatePolicy, rng: np.random.Generator) -> CheckResult:
-    def result(passed: bool, n: int, estimate: float | None, ci: tuple[float, float] | None, why: str) -> CheckResult:
+    def result(
+        passed: bool,
+        n: int,
+        estimate: float | None,
+        ci: tuple[float, float] | None,
+        why: str,
+        p_value: float | None = None,
+    ) -> CheckResult:
         paired = None if evidence is None else evidence.paired
         return CheckResult(
-            check.name, check.metric, check.kind, passed, n, estimate, ci, why, check.margin, check.min_n, paired
+            check.name,
+            check.metric,
+            check.kind,
+            passed,
+            n,
+            estimate,
+            ci,
+            why,
+            check.margin,
+            check.min_n,
+            paired,
+            p_value,
         )
 
     if evidence is None or (evidence.missing and not evidence.candidate):
         why = f": {evidence.missing}" if evidence is not None else ""
         return result(False, 0, None, None, f"no evidence for {check.metric}{why}")
+    if check.kind == "associated" and not evidence.paired:
+        raise ValueError(f"{check.metric}: an association needs paired evidence (one outcome per signal item)")
     if evidence.paired and len(evidence.candidate) != len(evidence.baseline):
         raise ValueError(f"{check.metric}: paired evidence needs as many baseline items as candidate items")
     n = len(evidence.candidate) if check.kind == "within" else min(len(evidence.candidate), len(evidence.baseline))
@@ -167,6 +197,17 @@ def _check(check: GateCheck, evidence: Evidence | None, policy: GatePolicy, rng:
         inside = check.low <= mean <= check.high
         where = "in" if inside else "outside"
         return result(inside, n, mean, None, f"mean {mean:.3g} {where} [{check.low}, {check.high}]")
+    if check.kind == "associated":
+        rho, p = association_test(evidence.candidate, evidence.baseline, rng=rng, resamples=policy.bootstrap_samples)
+        alpha = (1.0 - policy.level) / 2.0
+        passed = p <= alpha
+        test = f"Spearman {rho:+.3f}, one-sided p {p:.3g} {'<=' if passed else '>'} {alpha:.3g}"
+        why = (
+            f"the signal predicts the outcome ({test})"
+            if passed
+            else f"no sign the signal predicts the outcome ({test})"
+        )
+        return result(passed, n, rho, None, why, p)
     estimate, low, high = bootstrap_difference_ci(
         evidence.candidate,
         evidence.baseline,

@@ -144,7 +144,9 @@ def evidence_of(state: State) -> dict[str, Evidence]:
     gate's reason can name the cause); malformed evidence is logged and counts as none (the gate then fails)."""
     evaluate = outputs(state, "evaluate")
     try:
-        evidence = evidence_from_json(evaluate.get("gate_evidence") or {})
+        # The label step's evidence is on the pipeline's own sessions (does their feedback predict their surveys?).
+        evidence = evidence_from_json(outputs(state, "label").get("gate_evidence") or {})
+        evidence |= evidence_from_json(evaluate.get("gate_evidence") or {})
     except ValueError as exc:
         log.error("pipeline %s: %s; the gate sees no evidence", state.get("pipeline_id"), exc)
         return {}

@@ -9,7 +9,7 @@ the same simulated user on two arms can be paired.
 
 from __future__ import annotations
 
-__all__ = ["METRICS", "PER_SESSION_METRICS", "users_key"]
+__all__ = ["METRICS", "PER_SESSION_METRICS", "SIGNAL_METRIC", "users_key"]
 
 PER_SESSION_METRICS = ("delta_v", "reaction")  # Gold Δv from the surveys; the face's mean change after a reply.
 METRICS = (*PER_SESSION_METRICS, "negative_reaction")  # negative_reaction: one 0/1 item per reply read.
@@ -17,3 +17,9 @@ METRICS = (*PER_SESSION_METRICS, "negative_reaction")  # negative_reaction: one 
 
 def users_key(metric: str) -> str:
     return f"{metric}_users"
+
+
+# The gate's evidence on the pipeline's own sessions (the labeler's label step): per user, the mean facial reaction
+# (signal) against the mean gold Δv of the surveys (outcome), for an ``associated`` check: does the feedback the loop
+# learns from predict what people report?
+SIGNAL_METRIC = "reaction_predicts_delta_v"

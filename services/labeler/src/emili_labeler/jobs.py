@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -69,7 +69,7 @@ from emili_labeler.user_weights import (
 )
 from emili_session.conversation import system_prompt_of
 from emili_session.events import EventKind
-from emili_session.gate_items import METRICS, PER_SESSION_METRICS, users_key
+from emili_session.gate_items import METRICS, PER_SESSION_METRICS, SIGNAL_METRIC, users_key
 from emili_session.registry import mark_models_withdrawn
 
 log = logging.getLogger(__name__)
@@ -555,6 +555,28 @@ def arm_gate_items(labels: Sequence[tuple[Mapping[str, Any], bool]]) -> dict[str
         for metric in PER_SESSION_METRICS:
             entry[users_key(metric)] += [str(label.get("user_id", ""))] * len(session[metric])
     return items
+
+
+def signal_evidence(labels: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The gate's :data:`~emili_session.gate_items.SIGNAL_METRIC` evidence of labelled sessions: per user with a read
+    reaction and a gold Δv, their sessions' mean ``reaction`` (the ``candidate`` side, the signal) paired with their
+    mean ``delta_v`` (the ``baseline`` side, the outcome). One item per user, since a user's sessions share their
+    face and their way of writing surveys, so they are not independent items."""
+    per_user: dict[str, tuple[list[float], list[float]]] = {}
+    for label in labels:
+        items = session_gate_items(label)
+        if items["reaction"] and items["delta_v"]:
+            reactions, deltas = per_user.setdefault(str(label.get("user_id", "")), ([], []))
+            reactions += items["reaction"]
+            deltas += items["delta_v"]
+    users = sorted(per_user)
+    return {
+        SIGNAL_METRIC: {
+            "candidate": [sum(per_user[u][0]) / len(per_user[u][0]) for u in users],
+            "baseline": [sum(per_user[u][1]) / len(per_user[u][1]) for u in users],
+            "paired": True,
+        }
+    }
 
 
 def gate_items(runtime: Runtime, session_ids: Sequence[str]) -> dict[str, Any]:

@@ -12,7 +12,14 @@ from typing import Any
 from emili_core.errors import FailedPrecondition, InvalidInput, NotFound
 from emili_labeler.datasets import DEFAULT_CUT_REPLIES, DEFAULT_PAIR_SELECTION, DEFAULT_PAIRS_PER_CONTEXT
 from emili_labeler.gold import GoldLabel
-from emili_labeler.jobs import Runtime, build_dpo_dataset, build_sft_dataset, gate_items, label_session
+from emili_labeler.jobs import (
+    Runtime,
+    build_dpo_dataset,
+    build_sft_dataset,
+    gate_items,
+    label_session,
+    signal_evidence,
+)
 from emili_labeler.jobs import delta_table as table_of
 from emili_pipeline.pipeline import State, config_of, outputs
 
@@ -22,6 +29,7 @@ def label(runtime: Runtime, state: State) -> dict[str, Any]:
     failed: dict[str, str] = {}
     missing_gold: dict[str, list[str]] = {}
     skipped = 0
+    labels = []
     for session_id in state["sessions"]:
         try:
             result = label_session(runtime, session_id)
@@ -32,6 +40,7 @@ def label(runtime: Runtime, state: State) -> dict[str, Any]:
             failed[session_id] = str(exc)
             continue
         labelled += 1
+        labels.append(result)
         if missing := GoldLabel.from_json(result["gold"]).missing:
             missing_gold[session_id] = missing
         turns += len(result["turns"])
@@ -49,6 +58,8 @@ def label(runtime: Runtime, state: State) -> dict[str, Any]:
         "missing_gold_sessions": missing_gold,
         "notes": notes,
         "settings_hash": runtime.settings_hash,
+        # For the gate's "associated" check: does the feedback the loop learns from predict what people report?
+        "gate_evidence": signal_evidence(labels),
     }
 
 
