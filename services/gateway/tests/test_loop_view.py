@@ -44,6 +44,8 @@ GOOD = {
     "reply_words": Evidence([20.0] * 40),
     "delta_v": Evidence([0.3, 0.4] * 10, [0.1, 0.2] * 10),  # A clear gain: the gate requires one.
     "negative_reaction": Evidence([0.0, 1.0, 0.0] * 400, [0.0, 1.0, 0.0] * 400),
+    # The training users' faces predicted their surveys (the shipped gate asks for it first).
+    "reaction_predicts_delta_v": Evidence([float(i) for i in range(40)], [0.01 * i for i in range(40)], paired=True),
 }
 BAD = {**GOOD, "mmlu_correct": Evidence([0.0] * 120, [1.0, 0.0] * 60, paired=True)}
 
@@ -167,6 +169,8 @@ def test_a_round_is_traced_from_each_decision_to_its_sessions(client: TestClient
     assert knowledge["n"] == 120 and knowledge["estimate"] == 0.0 and knowledge["passed"] is True
     assert knowledge["ci"][0] <= 0.0 <= knowledge["ci"][1] and "margin" in knowledge["reason"]
     assert checks["reply_length_sane"]["ci"] is None and checks["reply_length_sane"]["estimate"] == 20.0
+    signal = checks["feedback_predicts_surveys"]
+    assert signal["estimate"] == 1.0 and signal["p_value"] <= 0.025 and signal["ci"] is None
 
     detail = get(client, f"/loop/candidates/{candidate}")
     assert detail["verdict"] == verdict and detail["registered"] is True

@@ -101,10 +101,11 @@ def test_the_loop_section_traces_a_decision(
     pipeline |= {"heldout_sessions": heldout, "created_ms": 1, "steps": {"sft": {"state": "done"}}}
     object_store.put_json(Bucket.MODELS, pipeline_state_key("pl-browser"), pipeline)
     verdict = {"policy": "default", "decided_ms": 5_000, "version": passed, "pipeline_id": "pl-browser", "sessions": 4}
+    signal = check("feedback_predicts_surveys", True, 0.406, None, 72) | {"kind": "associated", "p_value": 0.0005}
     object_store.put_json(
         Bucket.MODELS,
         loop_records.gate_key(passed),
-        verdict | {"passed": True, "checks": [check("knowledge_kept", True, -0.004, [-0.012, 0.003], 120)]},
+        verdict | {"passed": True, "checks": [check("knowledge_kept", True, -0.004, [-0.012, 0.003], 120), signal]},
     )
     object_store.put_json(
         Bucket.MODELS,
@@ -146,7 +147,19 @@ def test_the_loop_section_traces_a_decision(
         card = f"document.getElementById('loop-candidate-{passed}')"
         until(browser, f"{card}.open && {card}.querySelectorAll('.session-ids li').length === 7")
         text = browser.execute_script(f"return {card}.textContent")
-        for part in ("knowledge_kept", "-0.004", "[-0.012, 0.003]", "120", "within the margin", "s-held-1", "ds-sft"):
+        for part in (
+            "knowledge_kept",
+            "-0.004",
+            "[-0.012, 0.003]",
+            "120",
+            "within the margin",
+            "s-held-1",
+            "ds-sft",
+            "feedback_predicts_surveys",
+            "associated",
+            "0.406",
+            "p = 0.0005",
+        ):
             assert part in text, part
         assert f"Canary in study {study_id}: running" in text
         link = browser.execute_script(f"return {card}.querySelector('.canary-trace a').getAttribute('href')")

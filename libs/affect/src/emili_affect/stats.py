@@ -140,7 +140,8 @@ def association_test(
     def rho(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
         a = a - a.mean(axis=axis, keepdims=True)
         b = b - b.mean(axis=axis, keepdims=True)
-        return (a * b).sum(axis=axis) / np.sqrt((a * a).sum(axis=axis) * (b * b).sum(axis=axis))
+        correlation: np.ndarray = (a * b).sum(axis=axis) / np.sqrt((a * a).sum(axis=axis) * (b * b).sum(axis=axis))
+        return correlation
 
     result = permutation_test(
         (x_ranks, y_ranks),

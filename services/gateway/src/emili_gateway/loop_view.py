@@ -65,10 +65,11 @@ class GateCheckView(BaseModel):
     margin: float | None = None  # What the policy asked (verdicts from before these were kept: None and 0).
     min_n: int = 0
     paired: bool | None = None
+    p_value: float | None = None  # An "associated" check's one-sided permutation p-value (its estimate: Spearman).
 
-    @field_validator("estimate", mode="before")
+    @field_validator("estimate", "p_value", mode="before")
     @classmethod
-    def _finite_estimate(cls, value: Any) -> Any:
+    def _finite_number(cls, value: Any) -> Any:
         return _finite(value)
 
     @field_validator("ci", mode="before")

@@ -355,7 +355,9 @@ function verdictTable(verdict) {
     const tr = el("tr", null, check.passed ? "passed" : "failed");
     const th = el("th", check.name);
     th.scope = "row";
-    const interval = Array.isArray(check.ci) ? `[${number(check.ci[0], 3)}, ${number(check.ci[1], 3)}]` : "n/a";
+    // An association check has a p-value, not an interval (its estimate is Spearman's rho).
+    const interval = Array.isArray(check.ci) ? `[${number(check.ci[0], 3)}, ${number(check.ci[1], 3)}]`
+      : check.p_value != null ? `p = ${number(check.p_value, 4)}` : "n/a";
     const kind = `${check.kind.replaceAll("_", " ")}${check.paired ? ", paired" : ""}`;
     const n = check.min_n ? `${check.n} (needs ${check.min_n})` : check.n;
     tr.append(th, el("td", check.metric), el("td", kind), el("td", n),
