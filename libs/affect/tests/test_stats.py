@@ -106,5 +106,21 @@ def test_association_is_spearmans_rho_with_a_one_sided_permutation_p_value() -> 
     assert association_test([1.0, 1.0, 1.0], [0.1, 0.2, 0.3], rng=rng) == (0.0, 1.0)  # Nothing to rank.
     with pytest.raises(ValueError, match="at least 3"):
         association_test([1.0, 2.0], [1.0, 2.0], rng=rng)
-    with pytest.raises(ValueError, match="one outcome per signal"):
+    with pytest.raises(ValueError, match="one outcome"):
         association_test([1.0, 2.0, 3.0], [1.0, 2.0], rng=rng)
+
+
+def test_a_blocked_association_compares_items_only_within_their_blocks() -> None:
+    from emili_affect.stats import association_test, covariate_blocks
+
+    rng = np.random.default_rng(8)
+    blocks = covariate_blocks([0.3, 0.1, 0.2, 0.9, 0.8, 0.7, 0.5, 0.4], 4, rng)
+    assert list(blocks) == [0, 0, 0, 1, 1, 1, 1, 0]  # Sorted by the covariate, cut into 8 // 4 blocks.
+    # Across the blocks the signal follows the outcome; within each it runs against it.
+    signal = [1.0, 2.0, 3.0, 4.0, 11.0, 12.0, 13.0, 14.0]
+    outcome = [4.0, 3.0, 2.0, 1.0, 14.0, 13.0, 12.0, 11.0]
+    rho, p = association_test(signal, outcome, rng=rng, resamples=999)
+    within, p_within = association_test(signal, outcome, rng=rng, resamples=999, blocks=[0, 0, 0, 0, 1, 1, 1, 1])
+    assert rho > 0.5 and within == pytest.approx(-1.0) and p < 0.2 < 0.9 < p_within
+    # One item per block leaves nothing to re-pair: no association can be shown.
+    assert association_test(signal, outcome, rng=rng, blocks=list(range(8))) == (0.0, 1.0)

@@ -96,6 +96,8 @@ def test_evidence_round_trips_through_json_and_malformed_entries_name_their_metr
     from emili_pipeline.gate import evidence_from_json, evidence_to_json
 
     evidence = {"delta_v": Evidence([0.1, 0.2], [0.0], paired=False), "mmlu_correct": Evidence([1, 0], [1, 1], True)}
+    signal = Evidence([1.0, 2.0, 3.0], [0.1, 0.0, 0.2], True, covariate=[0.5, 0.4, 0.1])
+    assert evidence_from_json(evidence_to_json({"signal": signal})) == {"signal": signal}
     assert evidence_from_json(evidence_to_json(evidence)) == {
         "delta_v": Evidence([0.1, 0.2], [0.0], False),
         "mmlu_correct": Evidence([1.0, 0.0], [1.0, 1.0], True),
@@ -182,3 +184,38 @@ def test_an_association_check_on_an_unrelated_signal_passes_about_as_often_as_it
         outcome = np.round(rng.normal(size=24), 1)
         passed += judge(strict.model_copy(update={"seed": seed}), {"s": Evidence(signal, outcome, True)}).passed
     assert passed / draws <= 0.05
+
+
+def confounded(rng: np.random.Generator, n: int = 72, effect: float = 0.0) -> Evidence:
+    """A signal and an outcome that share a cause (the pre-chat mood, the covariate), the outcome strongly (Δv is
+    post minus pre), the signal less; ``effect``: how much the signal predicts the outcome beyond it."""
+    mood = rng.choice(np.linspace(-0.8, 0.8, 12), n)
+    signal = -0.4 * mood + rng.normal(size=n)
+    return Evidence(signal, -1.0 * mood + 0.5 * rng.normal(size=n) + effect * signal, True, covariate=mood)
+
+
+@pytest.mark.parametrize(("blocks_of", "at_most"), [(None, 1.0), (4, 0.05)])
+def test_an_association_blocked_by_a_common_cause_holds_its_level_and_one_across_all_items_does_not(
+    blocks_of: int | None, at_most: float
+) -> None:
+    check = GateCheck(name="signal", metric="s", kind="associated", min_n=24, blocks_of=blocks_of)
+    rng = np.random.default_rng(17)
+    draws = 300
+    passed = sum(
+        judge(GatePolicy(name="t", bootstrap_samples=500, seed=seed, checks=[check]), {"s": confounded(rng)}).passed
+        for seed in range(draws)
+    )
+    assert passed / draws <= at_most
+    if blocks_of is None:
+        assert passed / draws > 0.1  # The shared cause alone makes an unrelated signal look predictive.
+
+
+def test_a_blocked_association_still_finds_a_real_one_and_needs_its_covariate() -> None:
+    check = GateCheck(name="signal", metric="s", kind="associated", min_n=24, blocks_of=4)
+    real = judge(policy(check), {"s": confounded(np.random.default_rng(2), effect=0.5)}).checks[0]
+    assert real.passed and "within blocks of 4" in real.reason
+    bare = Evidence(list(range(30)), list(range(30)), paired=True)
+    missing = judge(policy(check), {"s": bare}).checks[0]
+    assert not missing.passed and "no covariate" in missing.reason
+    with pytest.raises(ValueError, match="blocks_of is for 'associated'"):
+        GateCheck(name="a", metric="s", kind="superior", blocks_of=4)

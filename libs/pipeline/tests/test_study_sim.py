@@ -351,9 +351,10 @@ def test_reactions_gate_needs_a_gain_in_the_face_and_surveys_not_worse() -> None
     training_faces = rng.normal(0.0, 20.0, 72)
     predicted = training_faces / 100 + rng.normal(0.0, 0.2, 72)
     unrelated = rng.normal(0.0, 0.2, 72)
+    moods = rng.choice([-0.5, 0.0, 0.5], 72)  # The users' pre-chat valence, which the check blocks by.
 
     def evidence(face_gain: float, delta_v_gain: float, surveys: np.ndarray = predicted) -> dict[str, Evidence]:
-        signal = Evidence(list(training_faces), list(surveys), paired=True)
+        signal = Evidence(list(training_faces), list(surveys), paired=True, covariate=list(moods))
         return _evidence(delta_v_gain, 48, 28) | {
             "reaction": Evidence([v + face_gain for v in faces], faces, True),
             "reaction_predicts_delta_v": signal,

@@ -100,7 +100,7 @@ def test_each_per_session_item_names_its_user_so_arms_can_be_paired() -> None:
     assert items["sft-1"]["synthetic"]["reaction_users"] == ["eval-1-0"]
 
 
-def test_signal_evidence_pairs_each_users_mean_reaction_with_their_mean_survey_change() -> None:
+def test_signal_evidence_pairs_each_users_mean_reaction_with_their_mean_survey_change_and_mood_before() -> None:
     from emili_labeler.jobs import signal_evidence
     from emili_session.gate_items import SIGNAL_METRIC
 
@@ -118,4 +118,5 @@ def test_signal_evidence_pairs_each_users_mean_reaction_with_their_mean_survey_c
     assert evidence["paired"] is True
     assert evidence["candidate"] == [pytest.approx(-1.0), pytest.approx(1.0)]  # u1, u2
     assert evidence["baseline"] == [pytest.approx(-0.1), pytest.approx(0.3)]
-    assert signal_evidence([])[SIGNAL_METRIC] == {"candidate": [], "baseline": [], "paired": True}
+    assert evidence["covariate"] == [pytest.approx(0.5), pytest.approx(0.1)]  # The pre-chat valence.
+    assert signal_evidence([])[SIGNAL_METRIC] == {"candidate": [], "baseline": [], "paired": True, "covariate": []}

@@ -14,9 +14,12 @@ candidate - baseline, widened to Student's t so that it keeps its level on a few
   item, a signal (the ``candidate`` side, e.g. a user's mean facial reaction) with an outcome people reported (the
   ``baseline`` side, e.g. their surveys' valence change); it passes when the signal predicts the outcome: Spearman's
   rank correlation above 0 by a one-sided permutation test at ``(1 - level) / 2``, the error a ``superior`` check
-  allows (:func:`emili_affect.stats.association_test`). A candidate trained on feedback that predicts nothing people
-  report may still be better by chance (e.g. shorter replies), but the loop has no reason to credit the feedback
-  for it, and the check fails it at most that share of the time whatever the candidate does.
+  allows (:func:`emili_affect.stats.association_test`). With ``blocks_of``, the items are compared within blocks of
+  that many with a similar ``covariate`` (carried by the evidence, e.g. the pre-chat survey's valence), because a
+  common cause of both sides (how a person felt before the chat moves both their face's changes and their Δv) makes
+  an unrelated signal look predictive. A candidate trained on feedback that predicts nothing people report may
+  still be better by chance (e.g. shorter replies), but the loop has no reason to credit the feedback for it, and
+  the check fails it at least 97.5% of the time whatever the candidate does.
 
 A check with fewer than ``min_n`` items fails ("not enough evidence"), never passes by default; the verdict
 passes only when every check does. The verdict keeps each check's estimate, interval and n, so a decision can be
@@ -26,7 +29,7 @@ traced back to its numbers.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +38,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from emili_affect.stats import association_test, bootstrap_difference_ci
+from emili_affect.stats import association_test, bootstrap_difference_ci, covariate_blocks
 
 SHIPPED = Path(__file__).resolve().parent / "data" / "gate.yaml"
 
@@ -53,6 +56,8 @@ class GateCheck(_Strict):
     low: float | None = None
     high: float | None = None
     min_n: int = Field(10, ge=1)
+    # "associated": compare within blocks of this many items of similar covariate (None: all items as one).
+    blocks_of: int | None = Field(None, ge=2)
 
     @model_validator(mode="after")
     def _bounds(self) -> GateCheck:
@@ -62,6 +67,8 @@ class GateCheck(_Strict):
             raise ValueError(f"check {self.name}: a comparison needs min_n >= 2 (one item has no spread to test)")
         if self.kind == "associated" and self.min_n < 3:
             raise ValueError(f"check {self.name}: an association needs min_n >= 3 (two points always line up)")
+        if self.blocks_of is not None and self.kind != "associated":
+            raise ValueError(f"check {self.name}: blocks_of is for 'associated' checks")
         return self
 
 
@@ -98,6 +105,8 @@ class Evidence:
     paired: bool = False
     # Why there are no items, when the evaluation said (e.g. "no EPITOME classifiers found"): the check's reason.
     missing: str | None = None
+    # Per item, what an "associated" check with ``blocks_of`` blocks by (e.g. the pre-chat survey's valence).
+    covariate: Sequence[float] = ()
 
 
 def evidence_from_json(data: Mapping[str, Any]) -> dict[str, Evidence]:
@@ -110,6 +119,7 @@ def evidence_from_json(data: Mapping[str, Any]) -> dict[str, Evidence]:
                 candidate=[float(v) for v in item["candidate"]],
                 baseline=[float(v) for v in item.get("baseline", ())],
                 paired=bool(item.get("paired", False)),
+                covariate=[float(v) for v in item["covariate"]] if "covariate" in item else (),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"gate evidence for {metric!r} is malformed: {exc}") from None
@@ -119,6 +129,7 @@ def evidence_from_json(data: Mapping[str, Any]) -> dict[str, Evidence]:
 def evidence_to_json(evidence: Mapping[str, Evidence]) -> dict[str, Any]:
     return {
         metric: {"candidate": list(e.candidate), "baseline": list(e.baseline), "paired": e.paired}
+        | ({"covariate": list(e.covariate)} if len(e.covariate) else {})
         for metric, e in evidence.items()
     }
 
@@ -198,16 +209,7 @@ def _check(check: GateCheck, evidence: Evidence | None, policy: GatePolicy, rng:
         where = "in" if inside else "outside"
         return result(inside, n, mean, None, f"mean {mean:.3g} {where} [{check.low}, {check.high}]")
     if check.kind == "associated":
-        rho, p = association_test(evidence.candidate, evidence.baseline, rng=rng, resamples=policy.bootstrap_samples)
-        alpha = (1.0 - policy.level) / 2.0
-        passed = p <= alpha
-        test = f"Spearman {rho:+.3f}, one-sided p {p:.3g} {'<=' if passed else '>'} {alpha:.3g}"
-        why = (
-            f"the signal predicts the outcome ({test})"
-            if passed
-            else f"no sign the signal predicts the outcome ({test})"
-        )
-        return result(passed, n, rho, None, why, p)
+        return _association(check, evidence, policy, rng, n, result)
     estimate, low, high = bootstrap_difference_ci(
         evidence.candidate,
         evidence.baseline,
@@ -226,6 +228,31 @@ def _check(check: GateCheck, evidence: Evidence | None, policy: GatePolicy, rng:
         passed = gain_low > 0
         why = "better beyond doubt" if passed else "no clear gain (the interval includes 0 or a loss)"
     return result(passed, n, estimate, (low, high), why)
+
+
+def _association(
+    check: GateCheck,
+    evidence: Evidence,
+    policy: GatePolicy,
+    rng: np.random.Generator,
+    n: int,
+    result: Callable[..., CheckResult],
+) -> CheckResult:
+    blocks, within = None, ""
+    if check.blocks_of is not None:
+        if len(evidence.covariate) != n:
+            why = f"no covariate to block {check.metric} by (the policy asks for blocks of {check.blocks_of})"
+            return result(False, n, None, None, why)
+        blocks = covariate_blocks(evidence.covariate, check.blocks_of, rng)
+        within = f" within blocks of {check.blocks_of} of similar covariate"
+    rho, p = association_test(
+        evidence.candidate, evidence.baseline, rng=rng, resamples=policy.bootstrap_samples, blocks=blocks
+    )
+    alpha = (1.0 - policy.level) / 2.0
+    passed = p <= alpha
+    test = f"Spearman {rho:+.3f}{within}, one-sided p {p:.3g} {'<=' if passed else '>'} {alpha:.3g}"
+    why = f"the signal predicts the outcome ({test})" if passed else f"no sign the signal predicts the outcome ({test})"
+    return result(passed, n, rho, None, why, p)
 
 
 def unreadable_evidence(policy: GatePolicy, why: str) -> Verdict:

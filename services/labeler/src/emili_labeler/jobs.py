@@ -560,23 +560,24 @@ def arm_gate_items(labels: Sequence[tuple[Mapping[str, Any], bool]]) -> dict[str
 def signal_evidence(labels: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """The gate's :data:`~emili_session.gate_items.SIGNAL_METRIC` evidence of labelled sessions: per user with a read
     reaction and a gold Δv, their sessions' mean ``reaction`` (the ``candidate`` side, the signal) paired with their
-    mean ``delta_v`` (the ``baseline`` side, the outcome). One item per user, since a user's sessions share their
-    face and their way of writing surveys, so they are not independent items."""
-    per_user: dict[str, tuple[list[float], list[float]]] = {}
+    mean ``delta_v`` (the ``baseline`` side, the outcome), and their mean pre-chat valence (``covariate``: how
+    someone felt before the chat moves both their face's changes and their Δv, so the gate compares users of similar
+    pre-chat valence). One item per user, since a user's sessions share their face and their way of writing surveys,
+    so they are not independent items."""
+    per_user: dict[str, tuple[list[float], list[float], list[float]]] = {}
     for label in labels:
         items = session_gate_items(label)
         if items["reaction"] and items["delta_v"]:
-            reactions, deltas = per_user.setdefault(str(label.get("user_id", "")), ([], []))
+            reactions, deltas, before = per_user.setdefault(str(label.get("user_id", "")), ([], [], []))
             reactions += items["reaction"]
             deltas += items["delta_v"]
+            before.append(float(label["gold"]["pre"]["valence"]))  # A Δv means both surveys were scored.
     users = sorted(per_user)
-    return {
-        SIGNAL_METRIC: {
-            "candidate": [sum(per_user[u][0]) / len(per_user[u][0]) for u in users],
-            "baseline": [sum(per_user[u][1]) / len(per_user[u][1]) for u in users],
-            "paired": True,
-        }
-    }
+
+    def means(side: int) -> list[float]:
+        return [sum(per_user[u][side]) / len(per_user[u][side]) for u in users]
+
+    return {SIGNAL_METRIC: {"candidate": means(0), "baseline": means(1), "paired": True, "covariate": means(2)}}
 
 
 def gate_items(runtime: Runtime, session_ids: Sequence[str]) -> dict[str, Any]:
