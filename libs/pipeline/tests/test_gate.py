@@ -169,6 +169,13 @@ def test_an_association_check_passes_a_signal_that_predicts_its_outcome_and_fail
         judge(policy(check), {"s": Evidence(list(signal), list(signal), paired=False)})
     with pytest.raises(ValueError, match="min_n >= 3"):
         GateCheck(name="a", metric="s", kind="associated", min_n=2)
+    with pytest.raises(ValueError, match="one way"):
+        GateCheck(name="a", metric="s", kind="associated", direction="lower")
+    with pytest.raises(ValueError, match="too few for an association"):
+        GatePolicy(name="t", level=0.99, bootstrap_samples=150, checks=[check])
+    # A NaN would rank as nothing and pass: an error, which the loop records as unreadable evidence.
+    with pytest.raises(ValueError, match="finite"):
+        judge(policy(check), {"s": Evidence([*signal[:-1], float("nan")], list(signal), paired=True)})
 
 
 def test_an_association_check_on_an_unrelated_signal_passes_about_as_often_as_its_level_allows() -> None:

@@ -113,6 +113,7 @@ def test_signal_evidence_pairs_each_users_mean_reaction_with_their_mean_survey_c
         of("u2", 0.2, 0.4, [0.0]),  # reaction 0, Δv 0.2: u2's means are 1 and 0.3
         of("u3", None, 0.4, [1.0]),  # no pre-chat survey: no Δv, not an item
         of("u4", 0.1, 0.4, [None]),  # no reaction read: not an item
+        of("", 0.1, 0.4, [2.0]),  # no user: not an item
     ]
     evidence = signal_evidence(labels)[SIGNAL_METRIC]
     assert evidence["paired"] is True
@@ -120,3 +121,7 @@ def test_signal_evidence_pairs_each_users_mean_reaction_with_their_mean_survey_c
     assert evidence["baseline"] == [pytest.approx(-0.1), pytest.approx(0.3)]
     assert evidence["covariate"] == [pytest.approx(0.5), pytest.approx(0.1)]  # The pre-chat valence.
     assert signal_evidence([])[SIGNAL_METRIC] == {"candidate": [], "baseline": [], "paired": True, "covariate": []}
+    # Real sessions only, when there are any; synthetic ones otherwise (a simulation study's).
+    synthetic = of("u9", 0.0, 0.9, [5.0]) | {"synthetic": True}
+    assert signal_evidence([*labels, synthetic])[SIGNAL_METRIC]["candidate"] == evidence["candidate"]
+    assert signal_evidence([synthetic])[SIGNAL_METRIC]["candidate"] == [pytest.approx(5.0)]

@@ -118,9 +118,11 @@ class SequentialComparison:
 
 def covariate_blocks(covariate: Sequence[float], size: int, rng: np.random.Generator) -> np.ndarray:
     """A block number per item: the items sorted by ``covariate`` (ties in random order) and cut into consecutive
-    blocks of about ``size`` (``len // size`` blocks, never fewer than one), so each block holds items of similar
-    covariate."""
+    blocks (``len // size`` of them, never fewer than one, so each holds ``size`` to ``2 * size - 1`` items, or all of
+    them when there are fewer), so each block holds items of similar covariate. A ValueError on a non-finite value."""
     values = np.asarray(covariate, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("a covariate to block by must be finite (no NaN or infinity)")
     order = np.lexsort((rng.random(len(values)), values))
     blocks = np.empty(len(values), dtype=np.int64)
     for number, members in enumerate(np.array_split(order, max(1, len(values) // size))):
@@ -148,7 +150,7 @@ def association_test(
     face's changes and their surveys' Δv): independence given the block then holds the level, plain independence
     would not. scipy's ``permutation_test`` has no blocks, hence the loop here.
 
-    Needs 3 items; a ValueError otherwise. A side with no spread left has no ranks to correlate: (0.0, 1.0)."""
+    Needs 3 finite items; a ValueError otherwise. A side with no spread left has no ranks to correlate: (0.0, 1.0)."""
     from scipy.stats import rankdata
 
     x = np.asarray(signal, dtype=np.float64)
@@ -157,6 +159,8 @@ def association_test(
         raise ValueError("an association needs one outcome (and one block) per signal item")
     if len(x) < 3:
         raise ValueError(f"an association needs at least 3 items, got {len(x)}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("an association needs finite values (a NaN would rank as nothing and pass)")
     groups = (
         [np.flatnonzero(np.asarray(blocks) == b) for b in np.unique(blocks)]
         if blocks is not None

@@ -19,7 +19,8 @@ candidate - baseline, widened to Student's t so that it keeps its level on a few
   common cause of both sides (how a person felt before the chat moves both their face's changes and their Δv) makes
   an unrelated signal look predictive. A candidate trained on feedback that predicts nothing people report may
   still be better by chance (e.g. shorter replies), but the loop has no reason to credit the feedback for it, and
-  the check fails it at least 97.5% of the time whatever the candidate does.
+  the check fails it about 97.5% of the time whatever the candidate does (exactly, when the signal is unrelated to
+  the outcome given the blocks; users of similar but unequal covariate leak a little of a strong common cause).
 
 A check with fewer than ``min_n`` items fails ("not enough evidence"), never passes by default; the verdict
 passes only when every check does. The verdict keeps each check's estimate, interval and n, so a decision can be
@@ -29,6 +30,7 @@ traced back to its numbers.
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +71,8 @@ class GateCheck(_Strict):
             raise ValueError(f"check {self.name}: an association needs min_n >= 3 (two points always line up)")
         if self.blocks_of is not None and self.kind != "associated":
             raise ValueError(f"check {self.name}: blocks_of is for 'associated' checks")
+        if self.kind == "associated" and (self.direction != "higher" or self.margin != 0):
+            raise ValueError(f"check {self.name}: an association is tested one way (higher), with no margin")
         return self
 
 
@@ -84,6 +88,12 @@ class GatePolicy(_Strict):
         names = [c.name for c in self.checks]
         if len(set(names)) != len(names):
             raise ValueError("check names must be unique")
+        # A permutation p-value is never below 1 / (resamples + 1): fewer and an association could never pass.
+        if any(c.kind == "associated" for c in self.checks) and (self.bootstrap_samples + 1) * (1 - self.level) / 2 < 1:
+            raise ValueError(
+                f"bootstrap_samples {self.bootstrap_samples} is too few for an association at level {self.level}: "
+                f"its smallest p-value would be above {(1 - self.level) / 2:.3g}"
+            )
         return self
 
 
@@ -250,7 +260,7 @@ def _association(
     )
     alpha = (1.0 - policy.level) / 2.0
     passed = p <= alpha
-    test = f"Spearman {rho:+.3f}{within}, one-sided p {p:.3g} {'<=' if passed else '>'} {alpha:.3g}"
+    test = f"rank correlation {rho:+.3f}{within}, one-sided permutation p {p:.3g} {'<=' if passed else '>'} {alpha:.3g}"
     why = f"the signal predicts the outcome ({test})" if passed else f"no sign the signal predicts the outcome ({test})"
     return result(passed, n, rho, None, why, p)
 
@@ -266,6 +276,10 @@ def unreadable_evidence(policy: GatePolicy, why: str) -> Verdict:
 
 def judge(policy: GatePolicy, evidence: Mapping[str, Evidence]) -> Verdict:
     """Apply every check of ``policy`` to ``evidence``; the verdict passes only when all of them pass."""
-    rng = np.random.default_rng(policy.seed)
-    results = tuple(_check(c, evidence.get(c.metric), policy, rng) for c in policy.checks)
+    # One generator per check, seeded by its name: a check's numbers do not depend on which checks come before it,
+    # so a verdict judged again under a policy with a check added or removed keeps the others' intervals.
+    results = tuple(
+        _check(c, evidence.get(c.metric), policy, np.random.default_rng([policy.seed, zlib.crc32(c.name.encode())]))
+        for c in policy.checks
+    )
     return Verdict(policy.name, all(r.passed for r in results), results, int(time.time() * 1000))

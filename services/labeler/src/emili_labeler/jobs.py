@@ -563,15 +563,22 @@ def signal_evidence(labels: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     mean ``delta_v`` (the ``baseline`` side, the outcome), and their mean pre-chat valence (``covariate``: how
     someone felt before the chat moves both their face's changes and their Δv, so the gate compares users of similar
     pre-chat valence). One item per user, since a user's sessions share their face and their way of writing surveys,
-    so they are not independent items."""
-    per_user: dict[str, tuple[list[float], list[float], list[float]]] = {}
+    so they are not independent items; sessions without a user are left out. Real sessions only when there are
+    any, as the rest of the gate never pools them with synthetic ones."""
+    per_origin: dict[bool, dict[str, tuple[list[float], list[float], list[float]]]] = {True: {}, False: {}}
     for label in labels:
-        items = session_gate_items(label)
-        if items["reaction"] and items["delta_v"]:
-            reactions, deltas, before = per_user.setdefault(str(label.get("user_id", "")), ([], [], []))
-            reactions += items["reaction"]
-            deltas += items["delta_v"]
-            before.append(float(label["gold"]["pre"]["valence"]))  # A Δv means both surveys were scored.
+        user, gold, items = (
+            str(label.get("user_id") or ""),
+            GoldLabel.from_json(label["gold"]),
+            session_gate_items(label),
+        )
+        if not user or gold.pre is None or not (items["reaction"] and items["delta_v"]):
+            continue
+        reactions, deltas, before = per_origin[bool(label.get("synthetic"))].setdefault(user, ([], [], []))
+        reactions += items["reaction"]
+        deltas += items["delta_v"]
+        before.append(float(gold.pre.valence))
+    per_user = per_origin[False] or per_origin[True]
     users = sorted(per_user)
 
     def means(side: int) -> list[float]:

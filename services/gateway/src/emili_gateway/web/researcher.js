@@ -358,7 +358,8 @@ function verdictTable(verdict) {
     // An association check has a p-value, not an interval (its estimate is Spearman's rho).
     const interval = Array.isArray(check.ci) ? `[${number(check.ci[0], 3)}, ${number(check.ci[1], 3)}]`
       : check.p_value != null ? `p = ${number(check.p_value, 4)}` : "n/a";
-    const kind = `${check.kind.replaceAll("_", " ")}${check.paired ? ", paired" : ""}`;
+    const paired = check.paired && check.kind !== "associated";  // An association's items are always pairs.
+    const kind = `${check.kind.replaceAll("_", " ")}${paired ? ", paired" : ""}`;
     const n = check.min_n ? `${check.n} (needs ${check.min_n})` : check.n;
     tr.append(th, el("td", check.metric), el("td", kind), el("td", n),
       el("td", number(check.estimate, 3)), el("td", interval), el("td", check.passed ? "passed" : "failed"),
