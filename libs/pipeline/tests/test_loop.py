@@ -331,6 +331,23 @@ def test_an_undersized_pipeline_is_named(tmp_path: Path, caplog: pytest.LogCaptu
     assert "every candidate will fail it" in caplog.text
 
 
+def test_a_threshold_below_the_users_the_signal_check_needs_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from emili_pipeline.loop_cli import load_policy, warn_undersized
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"loop:\n  pipeline: {CONFIGS / 'loop.yaml'}\n  min_new_sessions: 12\n")
+    with caplog.at_level("WARNING", logger="emili_pipeline.loop"):
+        assert warn_undersized(load_policy(policy)) == []  # Not a check that every candidate fails.
+    assert "check feedback_predicts_surveys: needs 30 users" in caplog.text
+    assert "once 12 new sessions exist" in caplog.text and "the first candidates may fail it" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="emili_pipeline.loop"):
+        warn_undersized(load_policy(CONFIGS / "loop-policy.yaml"))  # 50 sessions: enough.
+    assert "feedback_predicts_surveys" not in caplog.text
+
+
 def test_the_clusters_loop_config_can_give_its_gate_enough_evidence(tmp_path: Path) -> None:
     from emili_pipeline.loop_cli import load_policy, warn_undersized
 

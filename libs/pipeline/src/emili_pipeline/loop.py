@@ -53,6 +53,7 @@ from emili_pipeline.config import PipelineConfig
 from emili_pipeline.gate import SHIPPED as SHIPPED_GATE
 from emili_pipeline.gate import Evidence, GatePolicy, Verdict, judge, load_policy, unreadable_evidence
 from emili_pipeline.loop_metrics import loop_metrics
+from emili_session.gate_items import SIGNAL_METRIC
 from emili_session.loop_records import LOOP_STATE_KEY, gate_key
 from emili_session.registry import is_retired, model_withdrawal
 
@@ -133,6 +134,18 @@ def undersized_checks(config: PipelineConfig, gate: GatePolicy) -> list[str]:
         "evaluation.max_examples)"
         for check in gate.checks
         if check.metric in ceiling and ceiling[check.metric] < check.min_n
+    ]
+
+
+def short_of_users(policy: LoopPolicy, gate: GatePolicy) -> list[str]:
+    """The gate's checks on the pipeline's own users (the label step's :data:`~emili_session.gate_items.SIGNAL_METRIC`)
+    that need more users than the policy's ``min_new_sessions`` guarantees: a candidate started at that threshold
+    (one user per session at best) fails them for want of evidence until more sessions have come in."""
+    return [
+        f"gate {gate.name}, check {check.name}: needs {check.min_n} users with a read reaction and both surveys, and "
+        f"a candidate is trained once {policy.min_new_sessions} new sessions exist (min_new_sessions)"
+        for check in gate.checks
+        if check.metric == SIGNAL_METRIC and check.min_n > policy.min_new_sessions
     ]
 
 

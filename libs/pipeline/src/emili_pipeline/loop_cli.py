@@ -157,14 +157,18 @@ def warn_undersized(policy: LoopPolicy) -> list[str]:
     from emili_core.errors import InvalidInput
     from emili_pipeline.config import load_config
     from emili_pipeline.gate import load_policy as load_gate
-    from emili_pipeline.loop import undersized_checks
+    from emili_pipeline.loop import short_of_users, undersized_checks
 
     try:
-        problems = undersized_checks(load_config(policy.pipeline), load_gate(policy.gate))
+        gate = load_gate(policy.gate)
+        problems = undersized_checks(load_config(policy.pipeline), gate)
     except (InvalidInput, ValueError) as exc:  # A pipeline or gate file missing or malformed.
         raise typer.BadParameter(f"loop policy: {exc}") from None
     for problem in problems:
         log.warning("loop policy: %s; every candidate will fail it", problem)
+    # Not "every": later candidates learn from more sessions. Said, not returned: the policy can still work.
+    for shortfall in short_of_users(policy, gate):
+        log.warning("loop policy: %s; the first candidates may fail it", shortfall)
     return problems
 
 
