@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -186,20 +186,19 @@ def _check(check: GateCheck, evidence: Evidence | None, policy: GatePolicy, rng:
         why: str,
         p_value: float | None = None,
     ) -> CheckResult:
-        paired = None if evidence is None else evidence.paired
         return CheckResult(
-            check.name,
-            check.metric,
-            check.kind,
-            passed,
-            n,
-            estimate,
-            ci,
-            why,
-            check.margin,
-            check.min_n,
-            paired,
-            p_value,
+            name=check.name,
+            metric=check.metric,
+            kind=check.kind,
+            passed=passed,
+            n=n,
+            estimate=estimate,
+            ci=ci,
+            reason=why,
+            margin=check.margin,
+            min_n=check.min_n,
+            paired=None if evidence is None else evidence.paired,
+            p_value=p_value,
         )
 
     if evidence is None or (evidence.missing and not evidence.candidate):
@@ -219,7 +218,8 @@ def _check(check: GateCheck, evidence: Evidence | None, policy: GatePolicy, rng:
         where = "in" if inside else "outside"
         return result(inside, n, mean, None, f"mean {mean:.3g} {where} [{check.low}, {check.high}]")
     if check.kind == "associated":
-        return _association(check, evidence, policy, rng, n, result)
+        passed, rho, why, p = _association(check, evidence, policy, rng)
+        return result(passed, n, rho, None, why, p)
     estimate, low, high = bootstrap_difference_ci(
         evidence.candidate,
         evidence.baseline,
@@ -241,18 +241,14 @@ def _check(check: GateCheck, evidence: Evidence | None, policy: GatePolicy, rng:
 
 
 def _association(
-    check: GateCheck,
-    evidence: Evidence,
-    policy: GatePolicy,
-    rng: np.random.Generator,
-    n: int,
-    result: Callable[..., CheckResult],
-) -> CheckResult:
+    check: GateCheck, evidence: Evidence, policy: GatePolicy, rng: np.random.Generator
+) -> tuple[bool, float | None, str, float | None]:
+    """(passed, rank correlation, reason, p-value) of an ``associated`` check on evidence with enough items."""
     blocks, within = None, ""
     if check.blocks_of is not None:
-        if len(evidence.covariate) != n:
+        if len(evidence.covariate) != len(evidence.candidate):
             why = f"no covariate to block {check.metric} by (the policy asks for blocks of {check.blocks_of})"
-            return result(False, n, None, None, why)
+            return False, None, why, None
         blocks = covariate_blocks(evidence.covariate, check.blocks_of, rng)
         within = f" within blocks of {check.blocks_of} of similar covariate"
     rho, p = association_test(
@@ -260,9 +256,10 @@ def _association(
     )
     alpha = (1.0 - policy.level) / 2.0
     passed = p <= alpha
-    test = f"rank correlation {rho:+.3f}{within}, one-sided permutation p {p:.3g} {'<=' if passed else '>'} {alpha:.3g}"
+    compared = "<=" if passed else ">"
+    test = f"rank correlation {rho:+.3f}{within}, one-sided permutation p {p:.3g} {compared} {alpha:.3g}"
     why = f"the signal predicts the outcome ({test})" if passed else f"no sign the signal predicts the outcome ({test})"
-    return result(passed, n, rho, None, why, p)
+    return passed, rho, why, p
 
 
 def unreadable_evidence(policy: GatePolicy, why: str) -> Verdict:
