@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -704,6 +704,30 @@ def test_resume_refuses_other_options_or_no_study(fake_study: _FakeStudyStack, t
     assert alone["base_against_base"] == {}  # Nothing to check it against.
     with pytest.raises(StudyResumeError, match="seed was 0, now 1"):
         run_study(fake_study.stack, _options(tmp_path, 2, conditions=("noise",), seed=1), resume=True)
+
+
+def test_resume_ignores_comments_in_the_config_but_not_a_changed_check(
+    fake_study: _FakeStudyStack, tmp_path: Path
+) -> None:
+    from emili_pipeline.study_sim import SIMULATION_GATE, StudyResumeError, byte_config_digest, run_study
+
+    gate = tmp_path / "gate.yaml"
+    gate.write_text(SIMULATION_GATE.read_text())
+    options = _options(tmp_path / "out", 1, conditions=("noise",), gate=gate)
+    run_study(fake_study.stack, options)
+    gate.write_text("# A comment added after the study began.\n" + gate.read_text())
+    assert len(run_study(fake_study.stack, replace(options, iterations=2), resume=True)["conditions"]["noise"]) == 2
+    # A study recorded before the digest parsed its files resumes when they are byte for byte as they were.
+    report_path = tmp_path / "out" / "study.json"
+    report = json.loads(report_path.read_text())
+    report["options"]["config_sha256"] = byte_config_digest(options.pipeline, gate)
+    report_path.write_text(json.dumps(report))
+    assert len(run_study(fake_study.stack, replace(options, iterations=3), resume=True)["conditions"]["noise"]) == 3
+    checks = yaml.safe_load(gate.read_text())
+    checks["gate"]["checks"][0]["min_n"] += 1
+    gate.write_text(yaml.safe_dump(checks))
+    with pytest.raises(StudyResumeError, match="config_sha256 was"):
+        run_study(fake_study.stack, replace(options, iterations=4), resume=True)
 
 
 def test_noise_faces_training_shows_the_decoy_only_where_the_loop_learns(

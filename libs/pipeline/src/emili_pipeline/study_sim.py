@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import math
 import time
@@ -739,8 +740,6 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
 
 def write_report(report: Mapping[str, Any], out: Path) -> tuple[Path, Path]:
-    import json
-
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "study.json", out / "study.md"
     json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -908,12 +907,27 @@ class Stack:
     base_simulator: Any = None  # SimulatorSettings of the environment (TLS and the like).
 
 
-def config_digest(pipeline: Path, gate: Path) -> str:
-    """The pipeline, its recipe files and the gate, by content: a resumed study must train and judge as before."""
-    digest = hashlib.sha256()
+def _config_files(pipeline: Path, gate: Path) -> list[Path]:
     data = yaml.safe_load(pipeline.read_text()) or {}
     recipes = [v for v in (data.get("recipes") or {}).values() if isinstance(v, str) and v.endswith((".yaml", ".yml"))]
-    for path in (pipeline, gate, *(pipeline.resolve().parent / r for r in recipes)):
+    return [pipeline, gate, *(pipeline.resolve().parent / r for r in recipes)]
+
+
+def config_digest(pipeline: Path, gate: Path) -> str:
+    """The pipeline, its recipe files and the gate, by parsed content: a resumed study must train and judge as
+    before, and a comment or a re-wrapped line changes neither."""
+    digest = hashlib.sha256()
+    for path in _config_files(pipeline, gate):
+        content = yaml.safe_load(path.read_text()) if path.is_file() else "(missing)"
+        digest.update(json.dumps(content, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def byte_config_digest(pipeline: Path, gate: Path) -> str:
+    """The digest studies recorded before config_digest parsed the files (a comment changed it): kept so that such a
+    study can still be resumed when its files are byte for byte as they were."""
+    digest = hashlib.sha256()
+    for path in _config_files(pipeline, gate):
         digest.update(path.read_bytes() if path.is_file() else b"(missing)")
     return digest.hexdigest()[:16]
 
@@ -1280,8 +1294,6 @@ class StudyResumeError(ValueError):
 
 def _canary_decided(options: StudyOptions, results: Mapping[str, Sequence[Mapping[str, Any]]]) -> bool:
     """Whether the study in ``options.out`` has decided a canary (in a finished iteration or an interrupted one)."""
-    import json
-
     if any((it.get("canary") or {}).get("outcome") for its in results.values() for it in its):
         return True
     for condition in options.conditions:
@@ -1297,8 +1309,6 @@ def _canary_decided(options: StudyOptions, results: Mapping[str, Sequence[Mappin
 def _previous(options: StudyOptions) -> tuple[StudyOptions, str, dict[str, list[dict[str, Any]]], float]:
     """The study in ``options.out``, checked against ``options``: the options it goes on with (its canary rule unless
     another is asked for before any canary was decided), its run id, finished iterations and wall time."""
-    import json
-
     path = options.out / "study.json"
     if not path.is_file():
         raise StudyResumeError(f"nothing to resume: {path} does not exist (start the study without --resume)")
@@ -1306,6 +1316,8 @@ def _previous(options: StudyOptions) -> tuple[StudyOptions, str, dict[str, list[
     before = RESUME_DEFAULTS | (report.get("options") or {})
     recorded = cast(CanaryRuleName, before.get("canary_rule") or EARLIER_CANARY_RULE)
     now = options.to_json()
+    if before.get("config_sha256") == byte_config_digest(options.pipeline, options.gate):
+        before["config_sha256"] = now["config_sha256"]
     changed = [f"{k} was {before.get(k)!r}, now {now[k]!r}" for k in RESUME_MUST_MATCH if before.get(k) != now[k]]
     if changed:
         raise StudyResumeError(f"{path} was run with other options ({'; '.join(changed)}): resume with the same ones")
