@@ -124,3 +124,51 @@ def test_a_blocked_association_compares_items_only_within_their_blocks() -> None
     assert rho > 0.5 and within == pytest.approx(-1.0) and p < 0.2 < 0.9 < p_within
     # One item per block leaves nothing to re-pair: no association can be shown.
     assert association_test(signal, outcome, rng=rng, blocks=list(range(8))) == (0.0, 1.0)
+
+
+# --- pooling independent runs (random effects) ------------------------------------------------------------------------
+
+
+def test_runs_of_equal_precision_pool_to_the_t_interval_of_their_means() -> None:
+    from scipy import stats
+
+    from emili_affect.stats import random_effects_mean
+
+    runs = [0.1, 0.3, 0.5]
+    pooled = random_effects_mean(runs, [0.01, 0.01, 0.01])
+    half = stats.t.ppf(0.975, 2) * np.std(runs, ddof=1) / np.sqrt(3)
+    assert pooled.mean == pytest.approx(0.3) and pooled.runs == 3
+    assert pooled.ci95 == pytest.approx((0.3 - half, 0.3 + half))
+    assert pooled.between_runs_sd == pytest.approx(np.sqrt(0.03))  # DerSimonian-Laird: (Q - 2) / (300 - 100).
+
+
+def test_runs_that_agree_within_their_noise_have_no_spread_and_weigh_by_precision() -> None:
+    from emili_affect.stats import random_effects_mean
+
+    pooled = random_effects_mean([0.10, 0.12, 0.30], [0.001, 0.001, 0.04])
+    assert pooled.between_runs_sd == 0.0
+    assert 0.10 < pooled.mean < 0.13  # The imprecise third run counts for little.
+    one = random_effects_mean([0.2], [0.01])
+    assert one.runs == 1 and one.ci95 == pytest.approx((0.2 - 0.196, 0.2 + 0.196), abs=1e-3)
+    assert np.isnan(one.between_runs_sd)
+
+
+def test_pooled_interval_covers_the_true_mean_of_few_heterogeneous_runs() -> None:
+    from emili_affect.stats import random_effects_mean
+
+    rng, covered, repeats = np.random.default_rng(3), 0, 2000
+    for _ in range(repeats):
+        truth = rng.normal(0.0, 0.1, size=3)  # Each run's own true effect: what another run of the loop trains.
+        variances = rng.uniform(0.002, 0.02, size=3)
+        low, high = random_effects_mean(rng.normal(truth, np.sqrt(variances)), variances).ci95
+        covered += low <= 0.0 <= high
+    # The normal interval with DerSimonian-Laird's tau covers about 90% here; Hartung-Knapp's at least its level.
+    assert covered / repeats >= 0.94
+
+
+def test_pooling_refuses_what_it_cannot_weigh() -> None:
+    from emili_affect.stats import random_effects_mean
+
+    for estimates, variances in [([], []), ([0.1, 0.2], [0.01]), ([0.1, float("nan")], [0.01, 0.01]), ([0.1], [0.0])]:
+        with pytest.raises(ValueError):
+            random_effects_mean(estimates, variances)

@@ -438,7 +438,7 @@ def test_emili_study_has_simulate_and_keeps_the_gateway_commands() -> None:
 
     group = typer.main.get_command(commands)
     study = group.commands["study"]  # type: ignore[attr-defined]
-    assert {"simulate", "combine", "power", "gate-replies", "canary-power"} <= set(study.commands)
+    assert {"simulate", "combine", "pool", "power", "gate-replies", "canary-power"} <= set(study.commands)
     if list(entry_points(group="emili.cli", name="study")):  # The gateway is installed: its commands stay.
         assert {"create", "invite", "export"} <= set(study.commands)
 

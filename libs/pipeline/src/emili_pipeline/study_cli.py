@@ -254,6 +254,33 @@ def combine(
     console.print(f"wrote {out / 'study.json'} and {out / 'study.md'}")
 
 
+@study.command()
+def pool(
+    studies: Annotated[
+        list[Path],
+        typer.Argument(help="Runs of the same loop with different seeds (their folders or study.json; parts welcome)."),
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for pool.json and pool.md.")] = Path("var/reports/study-pool"),
+) -> None:
+    """Does the loop's candidate beat base run after run, and feedback's beat noise's? Each run's (seed's) mean
+    paired difference per iteration and metric, pooled across runs by random effects, so the interval covers what
+    another run of the loop would train, not only its simulated users. Needs no stack."""
+    import json
+
+    from emili_pipeline.study_combine import StudyCombineError, read_part
+    from emili_pipeline.study_pool import StudyPoolError, group_runs, pool_runs, render_pool
+
+    try:
+        report = pool_runs(group_runs({str(path): read_part(path) for path in studies}))
+    except (StudyCombineError, StudyPoolError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="STUDIES") from exc
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pool.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "pool.md").write_text(render_pool(report))
+    typer.echo(render_pool(report))
+    console.print(f"wrote {out / 'pool.json'} and {out / 'pool.md'}")
+
+
 @study.command("gate-replies")
 def gate_replies_command(
     report: Annotated[
