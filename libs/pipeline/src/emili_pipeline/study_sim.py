@@ -582,7 +582,8 @@ def _pooled_table(report: Mapping[str, Any]) -> list[str]:
         "The mean over iterations of each candidate's difference from base on that iteration's users; 95% "
         "stratified bootstrap (each iteration's arms resampled within it, independently although both arms meet the "
         "same simulated users, so the interval is on the wide side). It is about these candidates: the interval "
-        "covers the users' variation, not what another run of the loop would train. Paired: the same over each "
+        "covers the users' variation, not what another run of the loop would train (`emili study pool` pools runs "
+        "with other seeds for that). Paired: the same over each "
         "user's own difference, in the iterations that recorded their users (how many, and the pairs, in brackets).",
         "",
         "| condition | metric | iterations | sessions, candidate / base (all) | difference [95% CI] | "
