@@ -143,14 +143,39 @@ def test_runs_of_equal_precision_pool_to_the_t_interval_of_their_means() -> None
 
 
 def test_runs_that_agree_within_their_noise_have_no_spread_and_weigh_by_precision() -> None:
+    from scipy import stats
+
     from emili_affect.stats import random_effects_mean
 
     pooled = random_effects_mean([0.10, 0.12, 0.30], [0.001, 0.001, 0.04])
-    assert pooled.between_runs_sd == 0.0
-    assert 0.10 < pooled.mean < 0.13  # The imprecise third run counts for little.
+    # Weights 1000, 1000, 25: mean 227.5 / 2025; Q = 1.09 < k - 1, so tau = 0 and Hartung-Knapp's factor Q / 2 = 0.55
+    # is raised to 1: the interval is the normal one's width with t on 2 degrees of freedom, not narrower.
+    assert pooled.between_runs_sd == 0.0 and pooled.mean == pytest.approx(227.5 / 2025)
+    half = stats.t.ppf(0.975, 2) * math.sqrt(1 / 2025)
+    assert pooled.ci95 == pytest.approx((227.5 / 2025 - half, 227.5 / 2025 + half))
     one = random_effects_mean([0.2], [0.01])
     assert one.runs == 1 and one.ci95 == pytest.approx((0.2 - 0.196, 0.2 + 0.196), abs=1e-3)
     assert np.isnan(one.between_runs_sd)
+
+
+def test_runs_that_differ_weigh_by_their_own_and_the_between_run_variance() -> None:
+    from emili_affect.stats import random_effects_mean
+
+    pooled = random_effects_mean([0.0, 0.2, 0.5, 0.1], [0.001, 0.004, 0.01, 0.002])
+    # Weights 1000, 250, 100, 500 (sum 1850, squares 1322500): fixed mean 150 / 1850, Q = 27.84, so
+    # tau^2 = (27.84 - 3) / (1850 - 1322500 / 1850) = 0.02188; weights 1 / (v + tau^2) give 0.1774, where 1 / v
+    # alone would give the fixed mean, 0.0811.
+    assert pooled.between_runs_sd == pytest.approx(math.sqrt(0.02188), rel=1e-3)
+    assert pooled.mean == pytest.approx(0.1774, abs=1e-4)
+
+
+def test_a_run_that_dwarfs_the_others_leaves_the_between_run_variance_its_digits() -> None:
+    from emili_affect.stats import random_effects_mean
+
+    # tau^2 = (Q - 1) / (sum(w) - sum(w^2) / sum(w)) = (100 - 1) / 2 with weights 1e20 and 1: the subtraction, done
+    # naively, is 0 in floating point.
+    pooled = random_effects_mean([0.0, 10.0], [1e-20, 1.0])
+    assert pooled.between_runs_sd == pytest.approx(math.sqrt(49.5), rel=1e-6)
 
 
 def test_pooled_interval_covers_the_true_mean_of_few_heterogeneous_runs() -> None:

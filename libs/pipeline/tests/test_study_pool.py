@@ -58,8 +58,12 @@ def test_a_real_gain_pools_above_zero_and_noise_around_it() -> None:
     assert feedback["pooled"]["runs"] == 4 and feedback["pooled"]["ci95"][0] > 0.1
     assert noise["pooled"]["ci95"][0] < 0 < noise["pooled"]["ci95"][1]
     assert _row(report, FEEDBACK_AGAINST_NOISE)["pooled"]["ci95"][0] > 0.1
-    # Each run's estimate is its users' mean paired difference, matched by user not by position.
-    assert all(abs(e["mean"] - 0.2) < 0.05 and e["n"] == USERS for e in feedback["runs"])
+    # Each run's estimate is its users' mean paired difference, matched by user not by position: the spread is that
+    # of the candidate's own answers (matched by position it would be the base arm's users' spread too).
+    for estimate in feedback["runs"]:
+        answers = np.random.default_rng([estimate["seed"], 0, len("feedback")]).normal(0.0, 0.05, size=USERS)
+        assert estimate["variance"] == pytest.approx(answers.var(ddof=1) / USERS)
+        assert abs(estimate["mean"] - 0.2) < 0.05 and estimate["n"] == estimate["listed"] == USERS
     assert [r["seed"] for r in report["runs"]] == [1, 2, 3, 4] and report["synthetic"] is True
     assert {r["iteration"] for r in report["rows"]} == {1, 2}
 
@@ -95,9 +99,37 @@ def test_a_run_without_spread_is_left_out_and_says_why() -> None:
     report = pool_runs(group_runs({"a": _report(1, {"feedback": [0.2]}), "b": flat}), metrics=["delta_v"])
 
     row = _row(report, "feedback candidate - base")
-    assert row["pooled"]["runs"] == 1
+    # One run left is not pooled: its interval would cover its users only, nothing across runs.
+    assert row["pooled"] == {"runs": 1, "mean": None, "ci95": None, "between_runs_sd": None}
     (left_out,) = [e for e in row["runs"] if e["left_out"]]
     assert left_out["seed"] == 3 and "no spread" in left_out["left_out"]
+
+
+def test_iterations_without_a_candidate_or_users_are_left_out_and_say_which() -> None:
+    no_candidate, no_users = _report(3, {"feedback": [0.2]}), _report(4, {"feedback": [0.2]})
+    del no_candidate["conditions"]["feedback"][0]["evaluation"]
+    del no_users["conditions"]["feedback"][0]["evaluation"]["users"]
+    reports = {"a": _report(1, {"feedback": [0.2]}), "b": _report(2, {"feedback": [0.2]})}
+    report = pool_runs(group_runs(reports | {"c": no_candidate, "d": no_users}), metrics=["delta_v"])
+
+    row = _row(report, "feedback candidate - base")
+    assert row["pooled"]["runs"] == 2
+    why = {e["seed"]: e["left_out"] for e in row["runs"]}
+    assert why[1] is None and why[3] == "no candidate was evaluated in this iteration"
+    assert "did not record its users" in why[4]
+
+
+def test_a_damaged_or_seedless_report_or_nothing_finished_is_refused() -> None:
+    damaged = _report(2, {"feedback": [0.2]})
+    damaged["conditions"]["feedback"][0]["evaluation"]["users"]["base"]["delta_v"].pop()
+    with pytest.raises(StudyPoolError, match="lists 20 values for 19 users"):
+        pool_runs(group_runs({"a": _report(1, {"feedback": [0.2]}), "b": damaged}), metrics=["delta_v"])
+    seedless = _report(2, {"feedback": [0.2]})
+    del seedless["options"]["seed"]
+    with pytest.raises(StudyPoolError, match="b: its options name no seed"):
+        group_runs({"a": _report(1, {"feedback": [0.2]}), "b": seedless})
+    with pytest.raises(StudyPoolError, match="none of the studies has a finished iteration"):
+        group_runs({"a": _report(1, {"feedback": []}), "b": _report(2, {})})
 
 
 def test_emili_study_pool_writes_a_synthetic_report(tmp_path: Path) -> None:

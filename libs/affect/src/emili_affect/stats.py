@@ -46,9 +46,12 @@ class PooledEstimate:
 def random_effects_mean(estimates: Sequence[float], variances: Sequence[float], level: float = 0.95) -> PooledEstimate:
     """Random-effects pooling of independent runs' estimates (each with the variance of its own mean).
 
-    Between-run variance by DerSimonian and Laird; the interval by Hartung and Knapp with the variance factor kept at
-    1 or above and Student's t on k - 1 degrees of freedom: with a handful of runs the usual normal interval is far
-    too narrow (IntHout et al., BMC Med Res Methodol 2014). One run: its own normal interval, with tau unknown (nan).
+    The interval is for the mean of the runs' true effects (the loop's average effect over runs), not a prediction
+    of the next run's. Between-run variance by DerSimonian and Laird; the interval by Hartung and Knapp on Student's t
+    with k - 1 degrees of freedom: with a handful of runs the usual normal interval is far too narrow (IntHout et
+    al., BMC Med Res Methodol 2014); its variance factor is kept at 1 or above, else runs that agree by chance
+    narrow it below the normal one (Röver et al., BMC Med Res Methodol 2015). With 2 runs t is 12.7: such an
+    interval says little. One run: its own normal interval, with tau unknown (nan).
     """
     from scipy import stats
 
@@ -63,7 +66,10 @@ def random_effects_mean(estimates: Sequence[float], variances: Sequence[float], 
     k, w = len(y), 1.0 / v
     fixed = float(np.sum(w * y) / np.sum(w))
     q = float(np.sum(w * (y - fixed) ** 2))
-    spread_of_weights = float(np.sum(w)) - float(np.sum(w * w)) / float(np.sum(w))  # 0 only when one run is all.
+    # sum(w) - sum(w^2) / sum(w), as sum(w_i * (the other weights)) / sum(w): the difference loses every digit when
+    # one run's weight dwarfs the others'.
+    others = np.array([float(np.sum(np.delete(w, i))) for i in range(k)])
+    spread_of_weights = float(np.sum(w * others)) / float(np.sum(w))
     tau2 = max(0.0, (q - (k - 1)) / spread_of_weights) if spread_of_weights > 0 else 0.0
     w_star = 1.0 / (v + tau2)
     mean = float(np.sum(w_star * y) / np.sum(w_star))

@@ -263,8 +263,8 @@ def pool(
     out: Annotated[Path, typer.Option(help="Folder for pool.json and pool.md.")] = Path("var/reports/study-pool"),
 ) -> None:
     """Does the loop's candidate beat base run after run, and feedback's beat noise's? Each run's (seed's) mean
-    paired difference per iteration and metric, pooled across runs by random effects, so the interval covers what
-    another run of the loop would train, not only its simulated users. Needs no stack."""
+    paired difference per iteration and metric, pooled across runs by random effects: an interval for the loop's
+    average effect over runs, which counts how much runs differ, not only their simulated users. Needs no stack."""
     import json
 
     from emili_pipeline.study_combine import StudyCombineError, read_part

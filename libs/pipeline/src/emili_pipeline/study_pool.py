@@ -4,10 +4,11 @@ run, and does feedback's beat noise's?
 One study's intervals cover its simulated users only: the candidate each iteration trained is one draw of what the
 loop trains from that many sessions, and on a 2-core CPU those draws differ a lot from run to run (BENCHMARKS.md,
 runs Q to S). Here each run (a seed) gives one estimate per comparison, the mean of its users' paired differences,
-and the runs are pooled by random effects, so the interval covers what another run of the loop would train too.
+and the runs are pooled by random effects: the interval is for the loop's average effect over runs, so it counts how
+much runs differ, not only their users. With 2 runs it says little (t on 1 degree of freedom is 12.7).
 
-Iterations are pooled separately: a run's second candidate learned from its first's sessions and is compared with
-the same production arm, so a run's iterations are not independent draws; runs with different seeds are.
+Iterations are pooled separately: a run's second candidate learned from its first's sessions too, so a run's
+iterations are not independent draws; runs with different seeds are.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def group_runs(reports: Mapping[str, Mapping[str, Any]]) -> list[Run]:
         ]
         if changed:
             raise StudyPoolError(f"{source} is not a run of the same loop: {'; '.join(changed)}")
-        run = runs.setdefault(int(options.get("seed", 0)), Run(int(options.get("seed", 0)), options))
+        if not isinstance(options.get("seed"), int):
+            raise StudyPoolError(f"{source}: its options name no seed (a report of `emili study simulate` has one)")
+        run = runs.setdefault(options["seed"], Run(options["seed"], options))
         for condition, iterations in (report.get("conditions") or {}).items():
             if not iterations:
                 continue
@@ -75,72 +78,107 @@ def group_runs(reports: Mapping[str, Mapping[str, Any]]) -> list[Run]:
         run.config_sha256.add(str(options.get("config_sha256")))
     if len(runs) < 2:
         raise StudyPoolError(f"pooling needs runs with at least 2 different seeds, got {sorted(runs)}")
+    if not any(run.conditions for run in runs.values()):
+        raise StudyPoolError("none of the studies has a finished iteration to pool")
     return sorted(runs.values(), key=lambda r: r.seed)
 
 
-def _by_user(iteration: Mapping[str, Any], arm: str, metric: str) -> dict[Any, float]:
-    evaluation = iteration.get("evaluation") or {}
-    values = ((evaluation.get("items") or {}).get(arm) or {}).get(metric) or []
-    users = ((evaluation.get("users") or {}).get(arm) or {}).get(metric) or []
-    return {u: float(v) for u, v in zip(users, values, strict=False) if v is not None and math.isfinite(float(v))}
+@dataclass
+class Paired:
+    """One comparison in one run's iteration: each simulated user's difference, how many users the first arm listed,
+    and why the run cannot be weighed (None when it can)."""
+
+    diffs: np.ndarray
+    listed: int
+    unusable: str | None = None
 
 
-def _paired(first: Mapping[Any, float], second: Mapping[Any, float]) -> np.ndarray:
+def _by_user(run: Run, iteration: Mapping[str, Any], arm: str, metric: str) -> dict[Any, float] | str:
+    """A metric's value per simulated user in one arm, or why there is none."""
+    evaluation = iteration.get("evaluation")
+    if not evaluation:
+        return "no candidate was evaluated in this iteration"
+    values = ((evaluation.get("items") or {}).get(arm) or {}).get(metric)
+    users = ((evaluation.get("users") or {}).get(arm) or {}).get(metric)
+    if values is None:
+        return f"the {arm} arm has no {metric}"
+    if users is None:
+        return "the report did not record its users (written before studies paired them)"
+    if len(users) != len(values) or len(set(users)) != len(users):
+        raise StudyPoolError(
+            f"seed {run.seed} ({', '.join(run.sources)}), iteration {iteration.get('iteration')}: the {arm} arm's "
+            f"{metric} lists {len(values)} values for {len(users)} users ({len(set(users))} different): "
+            "a damaged report"
+        )
+    return {u: float(v) for u, v in zip(users, values, strict=True) if v is not None and math.isfinite(float(v))}
+
+
+def _paired(first: dict[Any, float] | str, second: dict[Any, float] | str) -> Paired:
     """first - second for each simulated user who met both (the same seed, so the same person and opening)."""
-    return np.array([first[u] - second[u] for u in first if u in second], dtype=np.float64)
+    if isinstance(first, str):
+        return Paired(np.empty(0), 0, first)
+    if isinstance(second, str):
+        return Paired(np.empty(0), 0, second)
+    diffs = np.array([first[u] - second[u] for u in first if u in second], dtype=np.float64)
+    if len(diffs) < 2:
+        return Paired(diffs, len(first), f"{len(diffs)} user(s) met both arms")
+    # Rounding leaves a spread of about 1e-17 where every user's difference is the same.
+    if float(diffs.std(ddof=1)) <= 1e-9 * max(1.0, abs(float(diffs.mean()))):
+        return Paired(diffs, len(first), "every user's difference is the same: no spread to weigh it by")
+    return Paired(diffs, len(first))
 
 
-def _differences(run: Run, iteration: int, metric: str) -> dict[str, np.ndarray]:
+def _differences(run: Run, iteration: int, metric: str) -> dict[str, Paired]:
     """Each comparison's per-user differences in one run's iteration (those the run recorded)."""
-    at = {c: its[iteration - 1] for c, its in run.conditions.items() if len(its) >= iteration}
+    at = {
+        c: it for c, its in run.conditions.items() for n, it in enumerate(its, 1) if it.get("iteration", n) == iteration
+    }
     out = {
-        f"{c} candidate - base": _paired(_by_user(it, "candidate", metric), _by_user(it, "base", metric))
+        f"{c} candidate - base": _paired(_by_user(run, it, "candidate", metric), _by_user(run, it, "base", metric))
         for c, it in at.items()
     }
     if "feedback" in at and "noise" in at:
         # Both conditions' candidates met the same users: the study's seed and iteration choose them, not the condition.
         out[FEEDBACK_AGAINST_NOISE] = _paired(
-            _by_user(at["feedback"], "candidate", metric), _by_user(at["noise"], "candidate", metric)
+            _by_user(run, at["feedback"], "candidate", metric), _by_user(run, at["noise"], "candidate", metric)
         )
     return out
 
 
-def _run_estimate(seed: int, diffs: np.ndarray) -> dict[str, Any]:
-    """One run's mean difference and the variance of that mean; left out of the pooling (saying why) when its
-    users cannot tell how precise it is."""
-    estimate: dict[str, Any] = {"seed": seed, "n": len(diffs), "mean": None, "variance": None, "left_out": None}
-    if len(diffs) < 2:
-        estimate["left_out"] = f"{len(diffs)} user(s) met both arms"
-        return estimate
-    estimate["mean"], variance = float(diffs.mean()), float(diffs.var(ddof=1)) / len(diffs)
-    # Rounding leaves a spread of about 1e-17 where every user's difference is the same.
-    if math.sqrt(variance) > 1e-9 * max(1.0, abs(estimate["mean"])):
-        estimate["variance"] = variance
-    else:
-        estimate["left_out"] = "every user's difference is the same: no spread to weigh it by"
+def _run_estimate(seed: int, paired: Paired) -> dict[str, Any]:
+    """One run's mean difference and the variance of that mean, or why it is left out of the pooling."""
+    n = len(paired.diffs)
+    estimate: dict[str, Any] = {"seed": seed, "n": n, "listed": paired.listed, "left_out": paired.unusable}
+    estimate["mean"] = float(paired.diffs.mean()) if n else None
+    estimate["variance"] = float(paired.diffs.var(ddof=1)) / n if paired.unusable is None else None
     return estimate
 
 
 def _pooled(estimates: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The runs pooled; fewer than 2 are not (one run's interval covers its users only: nothing across runs)."""
+    if len(estimates) < 2:
+        return {"runs": len(estimates), "mean": None, "ci95": None, "between_runs_sd": None}
     pooled = random_effects_mean([e["mean"] for e in estimates], [e["variance"] for e in estimates])
     return {
         "mean": pooled.mean,
         "ci95": list(pooled.ci95),
         "runs": pooled.runs,
-        "between_runs_sd": None if math.isnan(pooled.between_runs_sd) else pooled.between_runs_sd,
+        "between_runs_sd": pooled.between_runs_sd,
     }
 
 
 def pool_runs(runs: Sequence[Run], metrics: Sequence[str] = POOLED_METRICS) -> dict[str, Any]:
     """Per comparison, iteration and metric: each run's mean paired difference and the runs pooled."""
     rows: list[dict[str, Any]] = []
-    deepest = max(len(its) for run in runs for its in run.conditions.values())
-    for iteration in range(1, deepest + 1):
+    iterations = sorted(
+        {it.get("iteration", n) for run in runs for its in run.conditions.values() for n, it in enumerate(its, 1)}
+    )
+    for iteration in iterations:
         for metric in metrics:
             per_comparison: dict[str, list[dict[str, Any]]] = {}
             for run in runs:
-                for comparison, diffs in _differences(run, iteration, metric).items():
-                    per_comparison.setdefault(comparison, []).append(_run_estimate(run.seed, diffs))
+                for comparison, paired in _differences(run, iteration, metric).items():
+                    per_comparison.setdefault(comparison, []).append(_run_estimate(run.seed, paired))
             for comparison, estimates in sorted(per_comparison.items()):
                 weighed = [e for e in estimates if e["left_out"] is None]
                 rows.append(
@@ -149,7 +187,7 @@ def pool_runs(runs: Sequence[Run], metrics: Sequence[str] = POOLED_METRICS) -> d
                         "iteration": iteration,
                         "metric": metric,
                         "runs": estimates,
-                        "pooled": _pooled(weighed) if weighed else None,
+                        "pooled": _pooled(weighed),
                     }
                 )
     return {
@@ -158,8 +196,9 @@ def pool_runs(runs: Sequence[Run], metrics: Sequence[str] = POOLED_METRICS) -> d
         "note": (
             "SIMULATED users (emili_pipeline.simulator): each run is one seed's `emili study simulate`; its estimate "
             "is the mean of its users' paired differences; runs pooled by random effects (DerSimonian-Laird, "
-            "Hartung-Knapp interval on runs - 1 degrees of freedom), so the interval covers what another run of the "
-            "loop would train. These numbers say whether the loop's machinery works as designed, nothing about people."
+            "Hartung-Knapp interval on runs - 1 degrees of freedom): the interval is for the loop's average effect "
+            "over runs, so it counts how much runs differ, not only their users. These numbers say whether the loop's "
+            "machinery works as designed, nothing about people."
         ),
         "runs": [
             {
@@ -181,8 +220,9 @@ def _signed(value: float) -> str:
 
 def _run_cell(estimate: Mapping[str, Any]) -> str:
     mean = "–" if estimate["mean"] is None else _signed(estimate["mean"])
+    users = f"{estimate['n']}" if estimate["n"] == estimate["listed"] else f"{estimate['n']} of {estimate['listed']}"
     why = f", left out: {estimate['left_out']}" if estimate["left_out"] else ""
-    return f"{estimate['seed']}: {mean} ({estimate['n']}{why})"
+    return f"{estimate['seed']}: {mean} ({users}{why})"
 
 
 def render_pool(report: Mapping[str, Any]) -> str:
@@ -201,15 +241,18 @@ def render_pool(report: Mapping[str, Any]) -> str:
         "A config digest that differs between runs can be a changed gate or comment: pool only runs whose pipeline",
         "and recipes trained alike.",
         "",
-        "| comparison | iteration | metric | runs | each run's mean difference (seed: mean, users) | pooled [95% CI] "
-        "| between-run SD |",
+        "| comparison | iteration | metric | runs | each run's mean difference (seed: mean, users paired) "
+        "| pooled [95% CI] | between-run SD |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         each = "; ".join(_run_cell(e) for e in row["runs"])
         pooled = row["pooled"]
-        if pooled is None:
-            lines.append(f"| {row['comparison']} | {row['iteration']} | {row['metric']} | 0 | {each} | – | – |")
+        if pooled["mean"] is None:
+            lines.append(
+                f"| {row['comparison']} | {row['iteration']} | {row['metric']} | {pooled['runs']} | {each} "
+                "| not pooled: fewer than 2 runs | – |"
+            )
             continue
         low, high = pooled["ci95"]
         sd = "–" if pooled["between_runs_sd"] is None else f"{pooled['between_runs_sd']:.3f}"

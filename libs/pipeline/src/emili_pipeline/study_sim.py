@@ -583,7 +583,7 @@ def _pooled_table(report: Mapping[str, Any]) -> list[str]:
         "stratified bootstrap (each iteration's arms resampled within it, independently although both arms meet the "
         "same simulated users, so the interval is on the wide side). It is about these candidates: the interval "
         "covers the users' variation, not what another run of the loop would train (`emili study pool` pools runs "
-        "with other seeds for that). Paired: the same over each "
+        "with other seeds: the loop's average effect over runs). Paired: the same over each "
         "user's own difference, in the iterations that recorded their users (how many, and the pairs, in brackets).",
         "",
         "| condition | metric | iterations | sessions, candidate / base (all) | difference [95% CI] | "
