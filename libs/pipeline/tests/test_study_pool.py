@@ -152,3 +152,34 @@ def test_emili_study_pool_writes_a_synthetic_report(tmp_path: Path) -> None:
         commands, ["study", "pool", str(tmp_path / "study-1"), str(tmp_path / "nothing")], env={"COLUMNS": "300"}
     )
     assert refused.exit_code == 2 and "no study.json" in refused.output
+
+
+def _gate_replies(report: dict[str, Any], production: str, difference: float | None, half: float = 0.05) -> None:
+    """What `emili study gate-replies` records: the gate's users' hidden reply quality, candidate - production."""
+    replies: dict[str, Any] = {"production_version": production}
+    if difference is not None:
+        replies["quality"] = {
+            "paired": {"n_pairs": 96, "difference": difference, "ci95": [difference - half, difference + half]}
+        }
+    report["conditions"]["feedback"][0]["gate_replies"] = replies
+
+
+def test_the_gates_hidden_quality_pools_from_its_recorded_interval() -> None:
+    from scipy import stats
+
+    reports = {s: _report(s, {"feedback": [0.2]}) for s in (1, 2, 3, 4)}
+    _gate_replies(reports[1], "base", 0.10)
+    _gate_replies(reports[2], "base", None)
+    _gate_replies(reports[3], "dpo-first", 0.3)
+    _gate_replies(reports[4], "base", 0.08, half=0.04)
+    report = pool_runs(group_runs({f"run-{s}": r for s, r in reports.items()}), metrics=["gate_quality"])
+
+    (row,) = report["rows"]
+    assert row["comparison"] == "feedback candidate - base" and row["pooled"]["runs"] == 2
+    by_seed = {e["seed"]: e for e in row["runs"]}
+    t = stats.t.ppf(0.975, 95)
+    assert by_seed[1]["variance"] == pytest.approx((0.05 / t) ** 2)
+    assert "no gate replies" in by_seed[2]["left_out"] and "compared it with dpo-first" in by_seed[3]["left_out"]
+    # The two runs agree within their noise (tau 0): weighed by precision alone.
+    assert row["pooled"]["between_runs_sd"] == 0.0
+    assert row["pooled"]["mean"] == pytest.approx((0.10 / 0.05**2 + 0.08 / 0.04**2) / (1 / 0.05**2 + 1 / 0.04**2))

@@ -23,7 +23,10 @@ import numpy as np
 
 from emili_affect.stats import random_effects_mean
 
-POOLED_METRICS = ("delta_v", "rating", "reply_quality", "reply_words")
+# The step-3 users' (20 per arm in the studies so far) values, paired per user; and the hidden quality of the replies
+# the gate's users heard (96 per arm), from its paired interval (`gate_replies` in the report).
+POOLED_METRICS = ("delta_v", "rating", "reply_quality", "reply_words", "gate_quality")
+GATE_QUALITY = "gate_quality"
 # What makes runs draws of the same loop: the pipeline they trained with and the users that judged them.
 POOL_MUST_MATCH = ("pipeline", "sessions_per_iteration", "eval_users_per_arm", "noise_faces")
 FEEDBACK_AGAINST_NOISE = "feedback candidate - noise candidate"
@@ -128,11 +131,40 @@ def _paired(first: dict[Any, float] | str, second: dict[Any, float] | str) -> Pa
     return Paired(diffs, len(first))
 
 
-def _differences(run: Run, iteration: int, metric: str) -> dict[str, Paired]:
-    """Each comparison's per-user differences in one run's iteration (those the run recorded)."""
-    at = {
+def _at(run: Run, iteration: int) -> dict[str, Mapping[str, Any]]:
+    return {
         c: it for c, its in run.conditions.items() for n, it in enumerate(its, 1) if it.get("iteration", n) == iteration
     }
+
+
+def _gate_quality(run: Run, iteration: int) -> dict[str, dict[str, Any]]:
+    """Each condition's candidate against base as its gate's users heard it: the paired difference in hidden reply
+    quality, its variance read back from the recorded t-widened 95% interval (half-width / t on n - 1)."""
+    from scipy import stats
+
+    out = {}
+    for condition, it in _at(run, iteration).items():
+        replies = it.get("gate_replies") or {}
+        paired = (replies.get("quality") or {}).get("paired")
+        estimate: dict[str, Any] = {"seed": run.seed, "n": 0, "listed": 0, "mean": None, "variance": None}
+        if not paired or not paired.get("ci95") or int(paired.get("n_pairs") or 0) < 2:
+            estimate["left_out"] = "no gate replies recorded (`emili study gate-replies` adds them)"
+        elif replies.get("production_version") != "base":
+            estimate["left_out"] = f"its gate compared it with {replies.get('production_version')}, not base"
+        else:
+            n, (low, high) = int(paired["n_pairs"]), paired["ci95"]
+            half = (float(high) - float(low)) / 2
+            estimate |= {"n": n, "listed": n, "mean": float(paired["difference"]), "left_out": None}
+            estimate["variance"] = (half / float(stats.t.ppf(0.975, n - 1))) ** 2
+            if not estimate["variance"] > 0:
+                estimate["left_out"], estimate["variance"] = "its interval has no width: no spread to weigh it by", None
+        out[f"{condition} candidate - base"] = estimate
+    return out
+
+
+def _differences(run: Run, iteration: int, metric: str) -> dict[str, Paired]:
+    """Each comparison's per-user differences in one run's iteration (those the run recorded)."""
+    at = _at(run, iteration)
     out = {
         f"{c} candidate - base": _paired(_by_user(run, it, "candidate", metric), _by_user(run, it, "base", metric))
         for c, it in at.items()
@@ -177,6 +209,10 @@ def pool_runs(runs: Sequence[Run], metrics: Sequence[str] = POOLED_METRICS) -> d
         for metric in metrics:
             per_comparison: dict[str, list[dict[str, Any]]] = {}
             for run in runs:
+                if metric == GATE_QUALITY:
+                    for comparison, estimate in _gate_quality(run, iteration).items():
+                        per_comparison.setdefault(comparison, []).append(estimate)
+                    continue
                 for comparison, paired in _differences(run, iteration, metric).items():
                     per_comparison.setdefault(comparison, []).append(_run_estimate(run.seed, paired))
             for comparison, estimates in sorted(per_comparison.items()):
@@ -238,6 +274,9 @@ def render_pool(report: Mapping[str, Any]) -> str:
     lines += [
         "",
         "Differences are the first named minus the second, per simulated user who met both (same seed, same person).",
+        "delta_v, rating, reply_quality (hidden) and reply_words: the users each iteration met after its loop settled;",
+        "gate_quality: the hidden quality of the replies the gate's own users heard, its variance read back from the",
+        "report's paired interval (runs whose gate compared the candidate with another production arm left out).",
         "A config digest that differs between runs can be a changed gate or comment: pool only runs whose pipeline",
         "and recipes trained alike.",
         "",
