@@ -24,13 +24,15 @@ def _iteration(seed: int, iteration: int, condition: str, gain: float, users: li
     candidate = base + gain + answers
     order = list(reversed(range(len(users))))
     return {
+        "iteration": iteration + 1,
+        "sessions_used": 72 * (iteration + 1),  # The loop trains on every session so far.
         "evaluation": {
             "items": {
                 "base": {"delta_v": base.tolist()},
                 "candidate": {"delta_v": [float(candidate[i]) for i in order]},
             },
             "users": {"base": {"delta_v": users}, "candidate": {"delta_v": [users[i] for i in order]}},
-        }
+        },
     }
 
 
@@ -65,7 +67,7 @@ def test_a_real_gain_pools_above_zero_and_noise_around_it() -> None:
         assert estimate["variance"] == pytest.approx(answers.var(ddof=1) / USERS)
         assert abs(estimate["mean"] - 0.2) < 0.05 and estimate["n"] == estimate["listed"] == USERS
     assert [r["seed"] for r in report["runs"]] == [1, 2, 3, 4] and report["synthetic"] is True
-    assert {r["iteration"] for r in report["rows"]} == {1, 2}
+    assert {(r["iteration"], tuple(r["sessions_used"])) for r in report["rows"]} == {(1, (72,)), (2, (144,))}
 
 
 def test_a_runs_conditions_given_apart_are_one_run() -> None:
@@ -147,7 +149,7 @@ def test_emili_study_pool_writes_a_synthetic_report(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert json.loads((out / "pool.json").read_text())["synthetic"] is True
     markdown = (out / "pool.md").read_text()
-    assert "SYNTHETIC" in markdown and "| feedback candidate - base | 1 | delta_v | 2 |" in markdown
+    assert "SYNTHETIC" in markdown and "| feedback candidate - base | 1 (72) | delta_v | 2 |" in markdown
     refused = CliRunner().invoke(
         commands, ["study", "pool", str(tmp_path / "study-1"), str(tmp_path / "nothing")], env={"COLUMNS": "300"}
     )

@@ -215,12 +215,16 @@ def pool_runs(runs: Sequence[Run], metrics: Sequence[str] = POOLED_METRICS) -> d
                     continue
                 for comparison, paired in _differences(run, iteration, metric).items():
                     per_comparison.setdefault(comparison, []).append(_run_estimate(run.seed, paired))
+            used = sorted(
+                {int(it.get("sessions_used") or 0) for run in runs for it in _at(run, iteration).values()} - {0}
+            )
             for comparison, estimates in sorted(per_comparison.items()):
                 weighed = [e for e in estimates if e["left_out"] is None]
                 rows.append(
                     {
                         "comparison": comparison,
                         "iteration": iteration,
+                        "sessions_used": used,  # What the candidates of this iteration trained on, per run.
                         "metric": metric,
                         "runs": estimates,
                         "pooled": _pooled(weighed),
@@ -254,6 +258,11 @@ def _signed(value: float) -> str:
     return f"{value:+.3f}"
 
 
+def _iteration_cell(row: Mapping[str, Any]) -> str:
+    used = "/".join(str(n) for n in row.get("sessions_used") or [])
+    return f"{row['iteration']} ({used})" if used else str(row["iteration"])
+
+
 def _run_cell(estimate: Mapping[str, Any]) -> str:
     mean = "–" if estimate["mean"] is None else _signed(estimate["mean"])
     users = f"{estimate['n']}" if estimate["n"] == estimate["listed"] else f"{estimate['n']} of {estimate['listed']}"
@@ -280,8 +289,8 @@ def render_pool(report: Mapping[str, Any]) -> str:
         "A config digest that differs between runs can be a changed gate or comment: pool only runs whose pipeline",
         "and recipes trained alike.",
         "",
-        "| comparison | iteration | metric | runs | each run's mean difference (seed: mean, users paired) "
-        "| pooled [95% CI] | between-run SD |",
+        "| comparison | iteration (sessions trained on) | metric | runs | each run's mean difference (seed: mean, "
+        "users paired) | pooled [95% CI] | between-run SD |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
@@ -289,14 +298,14 @@ def render_pool(report: Mapping[str, Any]) -> str:
         pooled = row["pooled"]
         if pooled["mean"] is None:
             lines.append(
-                f"| {row['comparison']} | {row['iteration']} | {row['metric']} | {pooled['runs']} | {each} "
+                f"| {row['comparison']} | {_iteration_cell(row)} | {row['metric']} | {pooled['runs']} | {each} "
                 "| not pooled: fewer than 2 runs | – |"
             )
             continue
         low, high = pooled["ci95"]
         sd = "–" if pooled["between_runs_sd"] is None else f"{pooled['between_runs_sd']:.3f}"
         lines.append(
-            f"| {row['comparison']} | {row['iteration']} | {row['metric']} | {pooled['runs']} | {each} "
+            f"| {row['comparison']} | {_iteration_cell(row)} | {row['metric']} | {pooled['runs']} | {each} "
             f"| {_signed(pooled['mean'])} [{_signed(low)}, {_signed(high)}] | {sd} |"
         )
     return "\n".join(lines) + "\n"
