@@ -286,8 +286,8 @@ def render_pool(report: Mapping[str, Any]) -> str:
         "delta_v, rating, reply_quality (hidden) and reply_words: the users each iteration met after its loop settled;",
         "gate_quality: the hidden quality of the replies the gate's own users heard, its variance read back from the",
         "report's paired interval (runs whose gate compared the candidate with another production arm left out).",
-        "A config digest that differs between runs can be a changed gate or comment: pool only runs whose pipeline",
-        "and recipes trained alike.",
+        "A config digest that differs between runs can be a changed gate (or, in reports from before the digest",
+        "parsed the files, a comment): pool only runs whose pipeline and recipes trained alike.",
         "",
         "| comparison | iteration (sessions trained on) | metric | runs | each run's mean difference (seed: mean, "
         "users paired) | pooled [95% CI] | between-run SD |",
