@@ -197,3 +197,16 @@ def test_pooling_refuses_what_it_cannot_weigh() -> None:
     for estimates, variances in [([], []), ([0.1, 0.2], [0.01]), ([0.1, float("nan")], [0.01, 0.01]), ([0.1], [0.0])]:
         with pytest.raises(ValueError):
             random_effects_mean(estimates, variances)
+
+
+def test_a_recorded_t_interval_reads_back_as_the_variance_of_its_mean() -> None:
+    from scipy import stats
+
+    from emili_affect.stats import variance_from_t_interval
+
+    values = np.random.default_rng(5).normal(0.3, 1.0, size=12)
+    se = values.std(ddof=1) / math.sqrt(12)
+    half = stats.t.ppf(0.975, 11) * se
+    assert variance_from_t_interval(values.mean() - half, values.mean() + half, 12) == pytest.approx(se**2)
+    with pytest.raises(ValueError, match="no standard error"):
+        variance_from_t_interval(0.0, 1.0, 1)

@@ -17,6 +17,7 @@ __all__ = [
     "covariate_blocks",
     "msprt_compare",
     "random_effects_mean",
+    "variance_from_t_interval",
 ]
 
 
@@ -41,6 +42,16 @@ class PooledEstimate:
     ci95: tuple[float, float]
     runs: int
     between_runs_sd: float  # DerSimonian-Laird's tau: 0 when the runs differ no more than their own noise explains.
+
+
+def variance_from_t_interval(low: float, high: float, n: int, level: float = 0.95) -> float:
+    """The variance of a mean whose two-sided interval at ``level`` is mean +- t(n - 1) * standard error (as
+    bootstrap_difference_ci's intervals are, widened to t): a recorded interval read back as a weight."""
+    from scipy import stats
+
+    if n < 2:
+        raise ValueError(f"an interval from {n} value(s) has no standard error")
+    return float(((high - low) / 2 / stats.t.ppf(0.5 + level / 2, n - 1)) ** 2)
 
 
 def random_effects_mean(estimates: Sequence[float], variances: Sequence[float], level: float = 0.95) -> PooledEstimate:

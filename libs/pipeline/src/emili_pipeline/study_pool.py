@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from emili_affect.stats import random_effects_mean
+from emili_affect.stats import random_effects_mean, variance_from_t_interval
 
 # The step-3 users' (20 per arm in the studies so far) values, paired per user; and the hidden quality of the replies
 # the gate's users heard (96 per arm), from its paired interval (`gate_replies` in the report).
@@ -140,8 +140,6 @@ def _at(run: Run, iteration: int) -> dict[str, Mapping[str, Any]]:
 def _gate_quality(run: Run, iteration: int) -> dict[str, dict[str, Any]]:
     """Each condition's candidate against base as its gate's users heard it: the paired difference in hidden reply
     quality, its variance read back from the recorded t-widened 95% interval (half-width / t on n - 1)."""
-    from scipy import stats
-
     out = {}
     for condition, it in _at(run, iteration).items():
         replies = it.get("gate_replies") or {}
@@ -153,9 +151,8 @@ def _gate_quality(run: Run, iteration: int) -> dict[str, dict[str, Any]]:
             estimate["left_out"] = f"its gate compared it with {replies.get('production_version')}, not base"
         else:
             n, (low, high) = int(paired["n_pairs"]), paired["ci95"]
-            half = (float(high) - float(low)) / 2
             estimate |= {"n": n, "listed": n, "mean": float(paired["difference"]), "left_out": None}
-            estimate["variance"] = (half / float(stats.t.ppf(0.975, n - 1))) ** 2
+            estimate["variance"] = variance_from_t_interval(float(low), float(high), n)
             if not estimate["variance"] > 0:
                 estimate["left_out"], estimate["variance"] = "its interval has no width: no spread to weigh it by", None
         out[f"{condition} candidate - base"] = estimate
