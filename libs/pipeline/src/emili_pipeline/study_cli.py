@@ -274,10 +274,11 @@ def pool(
         report = pool_runs(group_runs({str(path): read_part(path) for path in studies}))
     except (StudyCombineError, StudyPoolError) as exc:
         raise typer.BadParameter(str(exc), param_hint="STUDIES") from exc
+    markdown = render_pool(report)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pool.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "pool.md").write_text(render_pool(report))
-    typer.echo(render_pool(report))
+    (out / "pool.md").write_text(markdown)
+    typer.echo(markdown)
     console.print(f"wrote {out / 'pool.json'} and {out / 'pool.md'}")
 
 
