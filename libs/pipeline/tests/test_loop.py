@@ -358,6 +358,26 @@ def test_the_clusters_loop_config_can_give_its_gate_enough_evidence(tmp_path: Pa
     assert warn_undersized(load_policy(tmp_path / "loop-policy.yaml")) == []
 
 
+def test_the_clusters_loop_trains_by_the_local_loops_rules() -> None:
+    """The cluster's pipeline config is a copy inside a ConfigMap; what it trains on must not drift from loop.yaml's."""
+    from emili_pipeline.config import PipelineConfig, load_config
+
+    manifest = Path(__file__).resolve().parents[3] / "deploy" / "k8s" / "components" / "loop" / "config.yaml"
+    pipeline_text = yaml.safe_load(manifest.read_text())["data"]["pipeline.yaml"]
+    cluster = PipelineConfig.model_validate(yaml.safe_load(pipeline_text))
+    local = load_config(CONFIGS / "loop.yaml")
+    rules = (
+        "recipes",
+        "dpo_source",
+        "sft_source",
+        "sft_delta_share",
+        "cut_replies",
+        "pairs_per_context",
+        "heldout_share",
+    )
+    assert {rule: getattr(cluster, rule) for rule in rules} == {rule: getattr(local, rule) for rule in rules}
+
+
 def test_a_policy_whose_pipeline_is_missing_is_refused_at_start(tmp_path: Path) -> None:
     import typer
 
