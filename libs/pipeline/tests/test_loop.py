@@ -293,6 +293,8 @@ def test_the_policy_file(tmp_path: Path) -> None:
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# The cluster's loop ConfigMap: its policy and pipeline config, as files.
+CLUSTER_LOOP_CONFIG = Path(__file__).resolve().parents[3] / "deploy" / "k8s" / "components" / "loop" / "config.yaml"
 
 
 @pytest.mark.parametrize("policy", ["loop-policy.yaml", "loop-demo-policy.yaml", "loop-demo-canary-policy.yaml"])
@@ -351,8 +353,7 @@ def test_a_threshold_below_the_users_the_signal_check_needs_is_named(
 def test_the_clusters_loop_config_can_give_its_gate_enough_evidence(tmp_path: Path) -> None:
     from emili_pipeline.loop_cli import load_policy, warn_undersized
 
-    manifest = Path(__file__).resolve().parents[3] / "deploy" / "k8s" / "components" / "loop" / "config.yaml"
-    files = yaml.safe_load(manifest.read_text())["data"]
+    files = yaml.safe_load(CLUSTER_LOOP_CONFIG.read_text())["data"]
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     assert warn_undersized(load_policy(tmp_path / "loop-policy.yaml")) == []
@@ -362,8 +363,7 @@ def test_the_clusters_loop_trains_by_the_local_loops_rules() -> None:
     """The cluster's pipeline config is a copy inside a ConfigMap; what it trains on must not drift from loop.yaml's."""
     from emili_pipeline.config import PipelineConfig, load_config
 
-    manifest = Path(__file__).resolve().parents[3] / "deploy" / "k8s" / "components" / "loop" / "config.yaml"
-    pipeline_text = yaml.safe_load(manifest.read_text())["data"]["pipeline.yaml"]
+    pipeline_text = yaml.safe_load(CLUSTER_LOOP_CONFIG.read_text())["data"]["pipeline.yaml"]
     cluster = PipelineConfig.model_validate(yaml.safe_load(pipeline_text))
     local = load_config(CONFIGS / "loop.yaml")
     rules = (
