@@ -9,6 +9,7 @@ from pathlib import Path
 from emili_chat.llm import BackendError, ChatBackend
 from emili_core.errors import DependencyUnavailable, InvalidInput, NotFound
 from emili_core.objectstore import ObjectStore
+from emili_session.loop_records import check_gate_not_failed
 from emili_session.registry import check_servable, check_version, download_adapter
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,9 @@ class AdapterRegistry:
         self.cache_dir = cache_dir
         self._lock = asyncio.Lock()
 
-    async def resolve(self, arm: str) -> str | None:
+    async def resolve(self, arm: str, *, synthetic: bool = False) -> str | None:
+        """``synthetic``: the session is a simulated user's, which may meet a version the evaluation gate
+        rejected (measuring such candidates is what studies do); a person's session never does."""
         if arm == BASE_ARM:
             return None
         try:
@@ -36,7 +39,7 @@ class AdapterRegistry:
         async with self._lock:
             loaded = await self._served(arm)
             if self.objects is not None:
-                await self._check_servable(arm, loaded)
+                await self._check_servable(arm, loaded, synthetic=synthetic)
             if loaded:
                 return arm
             if self.objects is None:
@@ -50,12 +53,15 @@ class AdapterRegistry:
             log.info("loaded adapter %s from object storage", arm)
             return arm
 
-    async def _check_servable(self, arm: str, loaded: bool) -> None:
-        """A version retired after a withdrawal starts no new session. Asked at every session start, since a
-        withdrawal can come while the adapter is loaded; an outage of the store does not stop a loaded arm."""
+    async def _check_servable(self, arm: str, loaded: bool, *, synthetic: bool) -> None:
+        """A version retired after a withdrawal starts no new session, and one the evaluation gate rejected serves
+        no person. Asked at every session start, since a withdrawal or a verdict can come while the adapter is
+        loaded; an outage of the store does not stop a loaded arm."""
         assert self.objects is not None
         try:
             await asyncio.to_thread(check_servable, self.objects, arm)
+            if not synthetic:
+                await asyncio.to_thread(check_gate_not_failed, self.objects, arm)
         except DependencyUnavailable:
             if not loaded:
                 raise

@@ -124,7 +124,7 @@ class Conversation:
     # --- the stream ---------------------------------------------------------------------------------
 
     async def run(self, inputs: AsyncIterator[ConverseInput]) -> AsyncIterator[ConverseOutput]:
-        self.adapter = await self.engine.adapters.resolve(self.record.model_arm)
+        self.adapter = await self.engine.adapters.resolve(self.record.model_arm, synthetic=self.record.synthetic)
         if unanswered_message(self.events) is not None:
             self.turns.put_nowait(RESUME)  # Before anything this stream sends: the reply the last one lost.
         tasks = [

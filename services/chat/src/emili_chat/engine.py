@@ -147,7 +147,7 @@ class ChatEngine:
     ) -> SessionRecord:
         principal.require("chat")
         arm = arm or self.options.default_arm
-        adapter = await self.adapters.resolve(arm)
+        adapter = await self.adapters.resolve(arm, synthetic=synthetic)
         record = SessionRecord(
             session_id=new_session_id(),
             user_id=principal.subject,
