@@ -93,7 +93,14 @@ def test_one_instance_acts_and_a_restart_starts_no_second_pipeline(
     for session_id in ("loop-s1", "loop-s2", "loop-s3"):
         keys = session_record_keys(session_id)
         store.put_bytes(Bucket.SESSIONS, keys["events.jsonl"], b"")
-        manifest = {"session_id": session_id, "state": "ended", "use_for_training": True, "synthetic": False}
+        counts = {"pre_survey": 1, "assistant_message": 1, "post_survey": 1}  # What a label is computed from.
+        manifest = {
+            "session_id": session_id,
+            "state": "ended",
+            "use_for_training": True,
+            "synthetic": False,
+            "counts": counts,
+        }
         store.put_json(Bucket.SESSIONS, keys["session.json"], manifest)
     policy = tmp_path / "policy.yaml"
     # Small, its recipes files: the trainer is never asked for one.

@@ -30,7 +30,15 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def record(store: ObjectStore, session_id: str, **fields: Any) -> None:
-    manifest = {"session_id": session_id, "state": "ended", "use_for_training": True, "synthetic": False, **fields}
+    counts = {"pre_survey": 1, "user_message": 2, "assistant_message": 2, "post_survey": 1}
+    manifest = {
+        "session_id": session_id,
+        "state": "ended",
+        "use_for_training": True,
+        "synthetic": False,
+        "counts": counts,
+        **fields,
+    }
     keys = session_record_keys(session_id)
     store.put_bytes(Bucket.SESSIONS, keys["events.jsonl"], b"")
     store.put_json(Bucket.SESSIONS, keys["session.json"], manifest)
@@ -71,6 +79,9 @@ def test_eligible_sessions(store: ObjectStore) -> None:
     record(store, "simulated", synthetic=True)
     record(store, "withdrawn")
     write_tombstone(store, "withdrawn")  # A withdrawal's deletion writes the tombstone first.
+    # Abandoned before the post-chat survey (no gold Δv), or before any reply (no turn to flag): no label.
+    record(store, "abandoned", counts={"pre_survey": 1, "user_message": 1, "assistant_message": 1})
+    record(store, "no-reply", counts={"pre_survey": 1, "post_survey": 1})
     assert eligible_session_ids(store, include_synthetic=False) == ["ok-1", "ok-2"]
     assert eligible_session_ids(store, include_synthetic=True) == ["ok-1", "ok-2", "simulated"]
 

@@ -11,9 +11,11 @@ Actions`.
   ids (``pipelines/<id>/arm_users.json``, written before the first of them starts). A policy with
   ``sessions_from: study`` further keeps only the sessions the gateway recorded under its study
   (``<studies prefix>/<study_id>/sessions/<session_id>.json``, bucket sessions); the chat session record itself
-  does not know its study. Labelling is not a condition: it is the pipeline's own first step after collection, so
-  a recorded, ended session is enough (the label step skips one without consent again, in case consent changed in
-  between).
+  does not know its study. Labelling is the pipeline's own first step after collection, so what is asked of a
+  session is what its label is computed from: a pre- and a post-chat survey (the gold Δv) and at least one reply
+  (the turns flags and pairs are cut from), read from the record's event counts. A session abandoned before its
+  post-chat survey cannot be labelled and never counts toward the policy's threshold (the label step skips one
+  without consent again, in case consent changed in between).
 - **A pipeline** is the policy's pipeline config (``policy.pipeline``) with the production arm as its ``baseline``,
   over exactly the given recorded sessions (nothing is simulated before training; the collect step only makes
   sure their records are stored). Its id is a digest of config and sessions, so asking again for the same one
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 API = "/api/v1"
 ENDED = "ended"  # chat's state of a session that has ended (its record then holds every event).
 RUNNING, DONE = "running", "done"
+# The events a label is computed from (chat's per-kind counts in the session record): both surveys and a reply.
+LABEL_MATERIAL = ("pre_survey", "post_survey", "assistant_message")
 CANARY_STATES = {"running": "running", "promoted": "promoted", "rolled_back": "rolled_back"}
 # The gateway's error code (``{"error": code, ...}``) for a study that has had no canary.
 CANARY_NOT_FOUND = "canary_not_found"
@@ -99,12 +103,18 @@ def study_session_ids(store: ObjectStore, study_id: str, studies_prefix: str = S
     return {key.removeprefix(prefix).removesuffix(".json") for key in store.list_keys(Bucket.SESSIONS, prefix)}
 
 
+def labellable(manifest: dict[str, Any]) -> bool:
+    """Whether a session record holds what its label needs (:data:`LABEL_MATERIAL`)."""
+    counts = manifest.get("counts")
+    return isinstance(counts, dict) and all(isinstance(counts.get(k), int) and counts[k] > 0 for k in LABEL_MATERIAL)
+
+
 def eligible_session_ids(
     store: ObjectStore, include_synthetic: bool, study_id: str | None = None, studies_prefix: str = STUDIES_PREFIX
 ) -> list[str]:
-    """Ids of recorded, ended sessions consented to training, not deleted, not synthetic unless allowed, not
-    simulated by a pipeline's evaluation and, when ``study_id`` is given, recorded under that gateway study;
-    sorted."""
+    """Ids of recorded, ended, labellable sessions consented to training, not deleted, not synthetic unless
+    allowed, not simulated by a pipeline's evaluation and, when ``study_id`` is given, recorded under that gateway
+    study; sorted."""
     simulated, simulated_users = pipeline_simulated(store)
     members = study_session_ids(store, study_id, studies_prefix) if study_id is not None else None
     eligible = []
@@ -120,6 +130,8 @@ def eligible_session_ids(
         if manifest.get("user_id") in simulated_users:
             continue
         if not manifest.get("use_for_training") or (manifest.get("synthetic") and not include_synthetic):
+            continue
+        if not labellable(manifest):
             continue
         if session_deleted(store, session_id):
             continue
