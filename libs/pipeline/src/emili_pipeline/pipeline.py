@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,16 +67,26 @@ def pipeline_id(config: PipelineConfig, session_ids: Sequence[str]) -> str:
     return f"pl-{_digest({'config': config.model_dump(mode='json'), 'sessions': sorted(session_ids)})[:16]}"
 
 
+def _split_draw(seed: int, session_id: str) -> float:
+    """A session's fixed draw in [0, 1) for the split: the same in every pipeline with this seed."""
+    return int(hashlib.sha256(f"{seed}:{session_id}".encode()).hexdigest()[:15], 16) / 16**15
+
+
 def heldout_split(session_ids: Sequence[str], share: float, seed: int = 0) -> tuple[list[str], list[str]]:
-    """(training, held-out) session ids. Each id's rank by a hash of (seed, id) decides, so the split does not
-    depend on the order sessions were collected in; the held-out part is ``ceil(share * n)`` sessions (at least
-    one when ``share > 0`` and there are two or more, never all of them)."""
+    """(training, held-out) session ids. A session is held out when its draw (a hash of seed and id) is below
+    ``share``, so its side never depends on which other sessions are in the set: as the loop's sessions grow, one
+    an earlier candidate (the next one's baseline) trained on is never held out to judge the two, and the order of
+    collection does not matter. With two or more sessions and ``share > 0`` at least one is held out and never all
+    (the lowest, or the highest, draw moves), which only small sets need."""
     ids = sorted(set(session_ids))
     if share <= 0 or len(ids) < 2:
         return ids, []
-    ranked = sorted(ids, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
-    count = min(len(ids) - 1, max(1, math.ceil(share * len(ids))))
-    heldout = set(ranked[:count])
+    ranked = sorted(ids, key=lambda s: _split_draw(seed, s))
+    heldout = {s for s in ids if _split_draw(seed, s) < share}
+    if not heldout:
+        heldout = {ranked[0]}
+    elif len(heldout) == len(ids):
+        heldout.discard(ranked[-1])
     return [s for s in ids if s not in heldout], sorted(heldout)
 
 
