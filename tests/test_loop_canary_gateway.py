@@ -110,8 +110,11 @@ def test_the_loop_s_canary_calls_against_the_real_gateway(gateway_url: str, obje
         actions.start_canary(UNKNOWN_STUDY, candidate, 0.2)
     with pytest.raises(CanaryRefused, match=r"HTTP 400 .*not a registered model version"):
         actions.start_canary(study, "v-never-registered", 0.2)
+    # The version the loop's gate judged against serves no arm of the study: no canary against something else.
+    with pytest.raises(CanaryRefused, match=r"HTTP 400 'v-judged-against' serves no arm"):
+        actions.start_canary(study, candidate, 0.2, production="v-judged-against")
 
-    actions.start_canary(study, candidate, 0.2)
+    actions.start_canary(study, candidate, 0.2, production="base")
     with gateway() as http:
         shown = http.get(f"/api/v1/studies/{study}/canary").json()
     assert (shown["candidate"], shown["production"], shown["share"]) == (candidate, "base", 0.2)

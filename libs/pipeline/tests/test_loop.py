@@ -42,6 +42,7 @@ class FakeSystem:
     baselines: list[str] = field(default_factory=list)
     finished: bool = False
     canaries: list[str] = field(default_factory=list)
+    canary_productions: list[str | None] = field(default_factory=list)  # What each canary stands in for.
     decision: str = "running"
     outcome: tuple[str, str | None] = ("done", "cand-1")  # Once finished: the pipeline's outcome and candidate.
     refusal: str | None = None  # The gateway refuses every canary, saying this.
@@ -57,10 +58,11 @@ class FakeSystem:
     def pipeline_outcome(self, pipeline_id: str) -> tuple[str, str | None, dict[str, Evidence]]:
         return (*self.outcome, self.evidence) if self.finished else ("running", None, {})
 
-    def start_canary(self, study_id: str, candidate: str, share: float) -> None:
+    def start_canary(self, study_id: str, candidate: str, share: float, production: str | None = None) -> None:
         if self.refusal:
             raise CanaryRefused(self.refusal)
         self.canaries.append(candidate)
+        self.canary_productions.append(production)
 
     def canary_outcome(self, study_id: str, candidate: str) -> str:
         return self.decision if self.canaries else "missing"
@@ -97,6 +99,7 @@ def test_one_round_restarts_and_a_second_instance(store: ObjectStore, isolated_r
     assert (restarted.tick() or pytest.fail()).phase == "gating"
     state = restarted.tick() or pytest.fail()
     assert state.phase == "canary" and system.canaries == ["cand-1"]
+    assert system.canary_productions == ["base"]  # The canary stands in for what the gate judged it against.
     verdict = store.get_json(Bucket.MODELS, gate_key("cand-1"))
     assert verdict["passed"] and verdict["pipeline_id"] == "pl-1" and verdict["sessions"] == 3
 
@@ -120,6 +123,11 @@ def test_one_round_restarts_and_a_second_instance(store: ObjectStore, isolated_r
     system.finished = False
     assert (restarted.tick() or pytest.fail()).phase == "training"
     assert system.baselines == ["base", "cand-1"] and restarted.state().history[-1]["baseline"] == "cand-1"
+    # Its canary stands in for the promoted version too, so the gate and the canary judge against the same one.
+    system.outcome, system.finished, system.decision, system.canaries = ("done", "cand-2"), True, "running", []
+    assert (restarted.tick() or pytest.fail()).phase == "gating"
+    assert (restarted.tick() or pytest.fail()).phase == "canary"
+    assert system.canaries == ["cand-2"] and system.canary_productions == ["base", "cand-1"]
 
 
 def test_a_stopped_instance_hands_the_lease_over(store: ObjectStore, isolated_redis_url: str) -> None:

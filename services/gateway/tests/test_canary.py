@@ -371,6 +371,13 @@ def test_a_canary_through_the_gateway(
     progress = client.get(f"/api/v1/studies/{study_id}/progress", headers=admin_headers()).json()
     assert progress["arms"][0]["arm"] == "base"  # The study is unchanged; the gateway maps its arm.
 
+    # A canary stands in for what serves now: the study arm the promoted version replaced is refused by name (a
+    # candidate judged against base would be compared with canary-good), and what serves no arm at all is unknown.
+    stale = client.post(url, json={"candidate": "canary-bad", "production": "base"}, headers=admin_headers())
+    assert stale.status_code == 409 and "served by 'canary-good'" in stale.json()["detail"]
+    unknown = client.post(url, json={"candidate": "canary-bad", "production": "v-none"}, headers=admin_headers())
+    assert unknown.status_code == 400 and "serving now: base by canary-good" in unknown.json()["detail"]
+
     # A harmful candidate against the new production arm: rolled back at the first look with min_sessions (10) per
     # arm, long before 30.
     bad = client.post(url, json={"candidate": "canary-bad", "share": 0.3}, headers=admin_headers())

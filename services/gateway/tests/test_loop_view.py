@@ -82,8 +82,8 @@ class System:
     def pipeline_outcome(self, pipeline_id: str) -> tuple[str, str | None, dict[str, Evidence]]:
         return "done", self.candidate, self.evidence
 
-    def start_canary(self, study_id: str, candidate: str, share: float) -> None:
-        body = {"candidate": candidate, "share": share}
+    def start_canary(self, study_id: str, candidate: str, share: float, production: str | None = None) -> None:
+        body = {"candidate": candidate, "share": share, "production": production}
         response = self.client.post(f"/api/v1/studies/{study_id}/canary", json=body, headers=admin_headers())
         assert response.status_code == 201, response.text
 

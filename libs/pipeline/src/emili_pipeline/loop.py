@@ -178,7 +178,9 @@ class Actions(Protocol):
 
     def pipeline_outcome(self, pipeline_id: str) -> tuple[str, str | None, dict[str, Evidence]]: ...
 
-    def start_canary(self, study_id: str, candidate: str, share: float) -> None: ...
+    def start_canary(self, study_id: str, candidate: str, share: float, production: str | None = None) -> None:
+        """``production``: the version the gate judged the candidate against; the canary must stand in for what
+        serves it, and is refused (:class:`CanaryRefused`) when the study serves something else."""
 
     def canary_outcome(self, study_id: str, candidate: str) -> str: ...
 
@@ -366,7 +368,9 @@ class Loop:
 
     def _start_canary(self, state: LoopState) -> LoopState:
         try:
-            self.actions.start_canary(self.policy.study_id, str(state.candidate), self.policy.canary_share)
+            self.actions.start_canary(
+                self.policy.study_id, str(state.candidate), self.policy.canary_share, production=self.baseline(state)
+            )
         except CanaryRefused as exc:
             # The round ends (retrying would stall the loop on the same refusal); new sessions start the next one.
             state.phase = "idle"

@@ -261,10 +261,11 @@ class SystemActions:
         except httpx.HTTPError as exc:
             raise GatewayError(f"{method} {path}: the gateway cannot be reached ({exc})") from None
 
-    def start_canary(self, study_id: str, candidate: str, share: float) -> None:
-        response = self._gateway_call(
-            "POST", f"/studies/{study_id}/canary", json={"candidate": candidate, "share": share}
-        )
+    def start_canary(self, study_id: str, candidate: str, share: float, production: str | None = None) -> None:
+        body: dict[str, Any] = {"candidate": candidate, "share": share}
+        if production is not None:
+            body["production"] = production
+        response = self._gateway_call("POST", f"/studies/{study_id}/canary", json=body)
         if response.status_code != 201:
             message = f"the canary of {candidate} in study {study_id}: HTTP {response.status_code} {_detail(response)}"
             # The gateway refused the request itself (a retired or rejected candidate, another canary running, no

@@ -848,8 +848,8 @@ class StudyActions:
     def pipeline_outcome(self, pipeline_id: str) -> Any:
         return self.system.pipeline_outcome(pipeline_id)
 
-    def start_canary(self, study_id: str, candidate: str, share: float) -> None:
-        self.canary.start(candidate)
+    def start_canary(self, study_id: str, candidate: str, share: float, production: str | None = None) -> None:
+        self.canary.start(candidate)  # Offline: its users meet the loop's baseline, the production arm it judged.
 
     def canary_outcome(self, study_id: str, candidate: str) -> str:
         return self.canary.outcome(candidate)

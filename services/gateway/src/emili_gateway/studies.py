@@ -566,10 +566,19 @@ class StudyEngine:
         return arm
 
     async def start_canary(self, study: Study, candidate: str, production: str, share: float, by: str) -> Canary:
-        if production not in {a.arm for a in study.arms} and production not in await self._promoted(study.study_id):
+        """``production`` must be what serves one of the study's arms now: a canary stands in for it, and the
+        candidate was judged against it (the loop sends the version its gate compared with)."""
+        serving = {a.arm: await self.serving_arm(study.study_id, a.arm) for a in study.arms}
+        if production not in serving.values():
+            if production in serving:  # An arm a promoted version now serves in place of.
+                raise FailedPrecondition(
+                    f"arm {production!r} of study {study.study_id} is served by {serving[production]!r} since its "
+                    f"promotion: a canary stands in for what serves now; name {serving[production]!r} (or no "
+                    "production) if the candidate was judged against it"
+                )
             raise InvalidInput(
-                f"{production!r} serves no arm of study {study.study_id}; its arms: "
-                f"{', '.join(a.arm for a in study.arms)}"
+                f"{production!r} serves no arm of study {study.study_id}; serving now: "
+                f"{', '.join(f'{arm} by {version}' for arm, version in serving.items())}"
             )
         current = await self.canary(study.study_id)
         if current is not None and current.state == "running":
@@ -590,10 +599,6 @@ class StudyEngine:
         )
         await self.save_canary(canary)
         return canary
-
-    async def _promoted(self, study_id: str) -> set[str]:
-        raw = await self._r("read promotions", self.redis.hgetall(self._key("study", study_id, "arm_map")))
-        return {_str(v) for v in raw.values()}
 
     async def save_canary(self, canary: Canary, *, while_running: bool = False) -> bool:
         """Record the canary (S3 first: the durable record; with ``while_running``, once Redis took it) and, once
