@@ -359,6 +359,11 @@ def test_a_canary_through_the_gateway(
     assert [c.state for c in decided] == ["promoted"]
     shown = client.get(url, headers=admin_headers()).json()
     assert shown["state"] == "promoted" and shown["looks"][0]["n_candidate"] >= 30
+    # The decision names the sessions it rests on, per arm (with the participants' unrated sessions of above).
+    behind = {role: set(ids) for role, ids in shown["sessions"].items()}
+    assert {f"{study_id}-canary-good-{i}" for i in range(30)} <= behind["candidate"]
+    assert {f"{study_id}-base-{i}" for i in range(30)} <= behind["production"]
+    assert not behind["candidate"] & behind["production"]
     newcomer = join(client, study_id)
     start_session(client, newcomer)
     prefix = settings.gateway.studies.redis_prefix

@@ -188,7 +188,8 @@ def test_the_loop_section_traces_a_decision(
         look = {"outcome": "rating", "n_candidate": 12, "n_production": 31, "difference": -0.917, "p_harm": 0.0042}
         look |= {"ci": [-1.6, -0.2], "lower_bound": -1.4}
         decided = object_store.get_json(Bucket.SESSIONS, record)
-        object_store.put_json(Bucket.SESSIONS, record, decided | {"looks": [look]})
+        behind = {"candidate": ["s-canary-c1", "s-canary-c2"], "production": ["s-canary-p1"]}
+        object_store.put_json(Bucket.SESSIONS, record, decided | {"looks": [look], "sessions": behind})
         later = f"cand-{uuid.uuid4().hex[:8]}"
         register_model_version(object_store, later)
         again = httpx.post(f"{base}/api/v1/studies/{study_id}/canary", json={"candidate": later}, headers=admin)
@@ -200,6 +201,16 @@ def test_the_loop_section_traces_a_decision(
         for part in ("rating", "12 / 31", "-0.917", "0.0042"):
             assert part in numbers, part
         assert "rolled back" in browser.execute_script(f"return {card}.querySelector('.canary-trace').textContent")
+        # ...and the sessions its decision rests on, per arm.
+        canary_ids = browser.execute_script(
+            f"return [...{card}.querySelectorAll('.session-list')].slice(-2)"
+            ".map(d => d.querySelector('summary').textContent + ': ' +"
+            " [...d.querySelectorAll('li')].map(li => li.textContent).join(' '))"
+        )
+        assert canary_ids == [
+            f"Canary sessions of the candidate ({passed}) (2): s-canary-c1 s-canary-c2",
+            "Canary sessions of the production arm (base) (1): s-canary-p1",
+        ]
     finally:
         httpx.post(f"{base}/api/v1/studies/{study_id}/canary/rollback", headers=admin, timeout=30)
         object_store.delete(Bucket.MODELS, loop_records.LOOP_STATE_KEY)

@@ -17,7 +17,8 @@ back a promotion, never a harm decision, until it is read or ``label_grace_s`` h
 
 A promoted candidate takes the production arm's place for every later participant of the study (the study itself
 never changes; the gateway maps the arm); a rolled back one gets no new participant. Each decision, with its
-numbers, is kept with the canary (``GET /api/v1/studies/{id}/canary``, the researcher page) and counted in metrics.
+numbers and the ids of the sessions it rests on per arm, is kept with the canary (``GET
+/api/v1/studies/{id}/canary``, the researcher page) and counted in metrics.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class Canary(BaseModel):
     looks: list[OutcomeLook] = Field(default_factory=list)  # The last look, one per outcome.
     participants: int = 0  # New participants the candidate got while it ran (filled in when read).
     labels_pending: int = 0  # Finished sessions whose label could not be read at the last look.
+    # The sessions its last look compared, by role ("candidate", "production"): what its decision rests on.
+    sessions: dict[str, list[str]] = Field(default_factory=dict)
 
 
 def canary_sessions(records: Sequence[SessionRecord], arm: str, since_ms: int) -> list[SessionRecord]:
@@ -230,14 +233,17 @@ class CanaryMonitor:
     async def _compare(self, canary: Canary) -> Canary:
         records = await self.studies.study_sessions(canary.study_id)
         idle_before = _now_ms() - self.studies.options.abandoned_after_seconds * 1000
-        arms = [
-            r for arm in (canary.candidate, canary.production) for r in canary_sessions(records, arm, canary.started_ms)
-        ]
+        by_role = {
+            role: canary_sessions(records, arm, canary.started_ms)
+            for role, arm in (("candidate", canary.candidate), ("production", canary.production))
+        }
+        arms = [r for rs in by_role.values() for r in rs]
         self._seen.update(r.session_id for r in arms)
         pending = await self.read_labels(arms)
+        sessions = {role: sorted(r.session_id for r in rs) for role, rs in by_role.items()}
         return decide(
             self.options,
-            canary.model_copy(update={"labels_pending": pending}),
+            canary.model_copy(update={"labels_pending": pending, "sessions": sessions}),
             session_outcomes(records, canary.candidate, canary.started_ms, idle_before, self._reactions),
             session_outcomes(records, canary.production, canary.started_ms, idle_before, self._reactions),
             OUTCOMES if self.labels is not None else RATED_OUTCOMES,

@@ -144,6 +144,7 @@ async function showCanary(card, study) {
   const body = table.querySelector("tbody");
   for (const look of canary.looks) body.append(lookRow(look));
   table.hidden = canary.looks.length === 0;
+  if (canary.looks.length) table.closest(".table-wrap").after(...canarySessionLists(canary));
 }
 
 // One outcome of a canary's last look: sessions per arm, the difference and the always-valid p-value for harm.
@@ -281,6 +282,15 @@ function numbersText(numbers) {
   return parts.join("; ");
 }
 
+// The sessions a canary's last look compared: what its decision rests on.
+function canarySessionLists(canary) {
+  const sessions = canary.sessions || {};
+  return [
+    sessionList(`Canary sessions of the candidate (${canary.candidate})`, sessions.candidate || []),
+    sessionList(`Canary sessions of the production arm (${canary.production})`, sessions.production || []),
+  ];
+}
+
 // An expandable list of session ids (they can be many).
 function sessionList(title, ids) {
   const details = el("details", null, "session-list");
@@ -406,7 +416,9 @@ function candidateTrace(detail) {
   }
   parts.push(canaryTrace(detail));
   // The candidate's own canary numbers: the study's card shows only its newest canary's.
-  if (detail.canary && detail.canary.looks.length) parts.push(looksTable(detail.canary.looks));
+  if (detail.canary && detail.canary.looks.length) {
+    parts.push(looksTable(detail.canary.looks), ...canarySessionLists(detail.canary));
+  }
   return parts;
 }
 
