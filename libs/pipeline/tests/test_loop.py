@@ -26,6 +26,7 @@ GOOD = {
     "reply_words": Evidence([20.0] * 40),
     "delta_v": Evidence([0.3, 0.4] * 10, [0.1, 0.2] * 10),  # A clear gain: the gate requires one.
     "negative_reaction": Evidence([0.0, 1.0, 0.0] * 400, [0.0, 1.0, 0.0] * 400),
+    "negative_reaction_rate": Evidence([0.0, 0.5] * 20, [0.0, 0.5] * 20, paired=True),
     # The training users' faces predicted their surveys (the shipped gate asks for it first).
     "reaction_predicts_delta_v": Evidence(
         [float(i) for i in range(40)], [0.01 * i for i in range(40)], paired=True, covariate=[0.0, 0.5] * 20
@@ -324,6 +325,7 @@ def test_an_undersized_pipeline_is_named(tmp_path: Path, caplog: pytest.LogCaptu
     assert evidence_ceiling(load_config(small)) == {
         "delta_v": 1,
         "reaction": 1,
+        "negative_reaction_rate": 1,
         "negative_reaction": 3,  # One per turn.
         "diff_epitome_mean": 60,  # Held-out and EmpatheticDialogues contexts, max_examples each.
         "reply_words": 60,
@@ -337,7 +339,7 @@ def test_an_undersized_pipeline_is_named(tmp_path: Path, caplog: pytest.LogCaptu
         "gate default, check delta_v_not_worse",
         "gate default, check no_more_negative_reactions",
     ]
-    assert "needs 200 negative_reaction items per arm, and pipeline loop gives at most 3" in problems[2]
+    assert "needs 30 negative_reaction_rate items per arm, and pipeline loop gives at most 1" in problems[2]
     assert "every candidate will fail it" in caplog.text
 
 

@@ -44,6 +44,7 @@ GOOD = {
     "reply_words": Evidence([20.0] * 40),
     "delta_v": Evidence([0.3, 0.4] * 10, [0.1, 0.2] * 10),  # A clear gain: the gate requires one.
     "negative_reaction": Evidence([0.0, 1.0, 0.0] * 400, [0.0, 1.0, 0.0] * 400),
+    "negative_reaction_rate": Evidence([0.0, 0.5] * 20, [0.0, 0.5] * 20, paired=True),
     # The training users' faces predicted their surveys (the shipped gate asks for it first).
     "reaction_predicts_delta_v": Evidence(
         [float(i) for i in range(40)], [0.01 * i for i in range(40)], paired=True, covariate=[0.0, 0.5] * 20

@@ -48,6 +48,7 @@ def test_session_items_read_the_label() -> None:
     items = session_gate_items(label)
     assert items["delta_v"] == [pytest.approx(0.3)]
     assert items["negative_reaction"] == [0.0, 1.0, 0.0]  # The unread turn is left out.
+    assert items["negative_reaction_rate"] == [pytest.approx(1 / 3)]  # One item for the session.
     assert items["reaction"] == [pytest.approx((1.0 - 2.0 - 0.05) / 3)]  # The mean change of the read ones.
     assert label_threshold(_label("a", 0.1, 0.2, [], threshold=None)) == 0.0  # Learned weights flag at 0.
     # A session without both surveys has no Delta v, but its replies still count.
@@ -55,9 +56,11 @@ def test_session_items_read_the_label() -> None:
         "delta_v": [],
         "reaction": [-1.0],
         "negative_reaction": [1.0],
+        "negative_reaction_rate": [1.0],
     }
     # No reaction read: no reaction item.
     assert session_gate_items(_label("a", 0.1, 0.2, [None]))["reaction"] == []
+    assert session_gate_items(_label("a", 0.1, 0.2, [None]))["negative_reaction_rate"] == []
 
 
 def test_items_are_grouped_by_arm_and_origin_never_pooled() -> None:
@@ -73,6 +76,7 @@ def test_items_are_grouped_by_arm_and_origin_never_pooled() -> None:
     synthetic = items["base"]["synthetic"]
     assert synthetic["sessions"] == 2 and synthetic["delta_v"] == [pytest.approx(0.1), pytest.approx(-0.1)]
     assert synthetic["negative_reaction"] == [1.0, 0.0, 0.0]
+    assert synthetic["negative_reaction_rate"] == [0.5, 0.0]  # Per session: replies of one person go together.
     assert items["base"]["real"] == {
         "sessions": 1,
         "delta_v": [pytest.approx(0.1)],
@@ -80,6 +84,8 @@ def test_items_are_grouped_by_arm_and_origin_never_pooled() -> None:
         "reaction": [],
         "reaction_users": [],
         "negative_reaction": [],
+        "negative_reaction_rate": [],
+        "negative_reaction_rate_users": [],
     }
     assert items["sft-1"]["real"]["delta_v"] == [0.0] and items["sft-1"]["synthetic"]["negative_reaction"] == [1.0]
 

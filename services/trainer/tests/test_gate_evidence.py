@@ -33,11 +33,24 @@ ONLINE = {
             "delta_v": [0.2, 0.1],
             "reaction": [3.0, -1.0],
             "negative_reaction": [0.0, 1.0, 0.0],
+            "negative_reaction_rate": [0.0, 0.5],
         }
     },
     "prod": {
-        "synthetic": {"sessions": 1, "delta_v": [0.0], "reaction": [-2.0], "negative_reaction": [1.0]},
-        "real": {"sessions": 1, "delta_v": [0.3], "reaction": [0.5], "negative_reaction": [0.0]},
+        "synthetic": {
+            "sessions": 1,
+            "delta_v": [0.0],
+            "reaction": [-2.0],
+            "negative_reaction": [1.0],
+            "negative_reaction_rate": [1.0],
+        },
+        "real": {
+            "sessions": 1,
+            "delta_v": [0.3],
+            "reaction": [0.5],
+            "negative_reaction": [0.0],
+            "negative_reaction_rate": [0.0],
+        },
     },
 }
 
@@ -76,6 +89,7 @@ def test_evidence_pairs_offline_items_and_keeps_online_origins_apart() -> None:
     # The baseline has real sessions, the candidate only synthetic ones: both sides are synthetic.
     assert ev["delta_v"].candidate == [0.2, 0.1] and ev["delta_v"].baseline == [0.0] and not ev["delta_v"].paired
     assert ev["negative_reaction"].baseline == [1.0] and ev["reaction"].baseline == [-2.0]
+    assert ev["negative_reaction_rate"].candidate == [0.0, 0.5]  # One item per session.
     assert found.origins == {
         "reply_words": "contexts",
         "diff_epitome_mean": "contexts",
@@ -83,6 +97,7 @@ def test_evidence_pairs_offline_items_and_keeps_online_origins_apart() -> None:
         "delta_v": "synthetic",
         "reaction": "synthetic",
         "negative_reaction": "synthetic",
+        "negative_reaction_rate": "synthetic",
     }
     # The JSON form is the gate's: it reads back and can be judged (too few items here: every check fails).
     data = found.to_json()
@@ -119,7 +134,7 @@ def test_what_cannot_be_computed_is_absent_and_says_why() -> None:
     assert "did not answer its contexts with the baseline" in found.missing["reply_words"]
 
     nothing = gate_evidence(None, "base", offline, None, ONLINE)
-    assert nothing.evidence == {} and len(nothing.missing) == 6 and nothing.candidate is None
+    assert nothing.evidence == {} and len(nothing.missing) == 7 and nothing.candidate is None
 
 
 def test_mmlu_pairs_need_per_question_results_of_both_arms() -> None:
@@ -141,11 +156,12 @@ def test_the_evaluate_steps_outputs_and_the_report_section() -> None:
         "delta_v",
         "reaction",
         "negative_reaction",
+        "negative_reaction_rate",
     }
     assert outputs["gate_evidence_missing"] == {"mmlu_correct": "MMLU did not run"}
     assert evidence_from_json(outputs["gate_evidence"])["reply_words"].candidate == [3.0, 1.0]
     old = gate_outputs({"title": "a report from before"}, "cand", "base")
-    assert old["gate_evidence"] == {} and len(old["gate_evidence_missing"]) == 6 and old["candidate"] == "cand"
+    assert old["gate_evidence"] == {} and len(old["gate_evidence_missing"]) == 7 and old["candidate"] == "cand"
 
     rows = {row["metric"]: row for row in summarize(gate)}
     assert rows["reply_words"]["n_candidate"] == 2 and rows["reply_words"]["mean_candidate"] == 2.0

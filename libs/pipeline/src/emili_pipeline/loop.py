@@ -111,7 +111,8 @@ class LoopState(BaseModel):
 
 def evidence_ceiling(config: PipelineConfig) -> dict[str, int]:
     """The most items per arm a pipeline's evaluation can give each gate metric, from its config alone: its
-    simulated users per arm (Δv and the mean reaction, one each; negative reactions, one per turn) and its contexts
+    simulated users per arm (Δv, the mean reaction and the negative-reaction rate, one each; negative reactions, one
+    per turn) and its contexts
     (up to ``max_examples`` from the held-out sessions and as many from EmpatheticDialogues). MMLU's depend on the
     trainer's copy: not bounded here."""
     users = config.evaluation.users_per_arm
@@ -119,6 +120,7 @@ def evidence_ceiling(config: PipelineConfig) -> dict[str, int]:
     return {
         "delta_v": users,
         "reaction": users,
+        "negative_reaction_rate": users,
         "negative_reaction": users * config.simulator_settings().turns,
         "diff_epitome_mean": contexts,
         "reply_words": contexts,

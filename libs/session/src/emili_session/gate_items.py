@@ -11,7 +11,9 @@ from __future__ import annotations
 
 __all__ = ["METRICS", "PER_SESSION_METRICS", "SIGNAL_METRIC", "users_key"]
 
-PER_SESSION_METRICS = ("delta_v", "reaction")  # Gold Δv from the surveys; the face's mean change after a reply.
+# Gold Δv from the surveys; the face's mean change after a reply; the share of the session's read replies whose
+# reaction was negative (one item per session: a person's replies are not independent items).
+PER_SESSION_METRICS = ("delta_v", "reaction", "negative_reaction_rate")
 METRICS = (*PER_SESSION_METRICS, "negative_reaction")  # negative_reaction: one 0/1 item per reply read.
 
 

@@ -523,21 +523,26 @@ def session_gate_items(label: Mapping[str, Any]) -> dict[str, list[float]]:
       reply (the flag's delta, in the weight vector's units): the signal the flags are cut from, kept continuous
       (none when no reaction was read);
     - ``negative_reaction``: 1.0 or 0.0 per reply whose reaction was read (see
-      :func:`~emili_labeler.reactions.negative_reaction`)."""
+      :func:`~emili_labeler.reactions.negative_reaction`);
+    - ``negative_reaction_rate``: those items' mean, one per session (none when no reaction was read): the unit the
+      gate compares, since one person's replies are not independent."""
     delta = GoldLabel.from_json(label["gold"]).delta
     threshold = label_threshold(label)
     read = [float(t["delta"]) for t in label.get("turns") or () if t.get("delta") is not None]
+    negatives = [float(n) for n in (negative_reaction(d, threshold) for d in read) if n is not None]
     return {
         "delta_v": [] if delta is None else [float(delta.valence)],
         "reaction": [sum(read) / len(read)] if read else [],
-        "negative_reaction": [float(n) for n in (negative_reaction(d, threshold) for d in read) if n is not None],
+        "negative_reaction": negatives,
+        "negative_reaction_rate": [sum(negatives) / len(negatives)] if negatives else [],
     }
 
 
 def arm_gate_items(labels: Sequence[tuple[Mapping[str, Any], bool]]) -> dict[str, Any]:
     """Per model arm and origin ("real", "synthetic"), the gate's per-session and per-reply items of
     (label, synthetic) pairs: ``{arm: {origin: {"sessions": n, "delta_v": [...], "delta_v_users": [...],
-    "reaction": [...], "reaction_users": [...], "negative_reaction": [...]}}}`` (:mod:`emili_session.gate_items`);
+    "reaction": [...], "reaction_users": [...], "negative_reaction": [...], "negative_reaction_rate": [...],
+    "negative_reaction_rate_users": [...]}}}`` (:mod:`emili_session.gate_items`);
     ``<metric>_users`` is the user of each item of a per-session metric. Origins are never pooled: the gate compares
     sessions of one kind."""
     items: dict[str, Any] = {}

@@ -11,8 +11,10 @@ Contexts are those of every source of the run (EmpatheticDialogues test, held-ou
 with several seeds, the first seed's replies, as the reply metrics use.
 
 Online items come from the labelled sessions each arm had (the labeler's ``gate_items``): per session ``delta_v``
-(from the surveys) and ``reaction`` (the mean change of the face after a reply), and ``negative_reaction`` (0/1) per
-reply whose reaction was read. Real and synthetic (simulated-user) sessions are never pooled: both arms' items are
+(from the surveys), ``reaction`` (the mean change of the face after a reply) and ``negative_reaction_rate`` (the
+share of its read replies whose reaction was negative), and ``negative_reaction`` (0/1) per reply whose reaction
+was read (kept for older policies; replies of one person are not independent items, so the shipped gate compares
+the per-session rate). Real and synthetic (simulated-user) sessions are never pooled: both arms' items are
 real sessions when both have some, else synthetic ones, and ``origins`` says which. Synthetic per-session items are
 paired by simulated user: the pipeline's arm sessions let the same users (seed, persona, start state, one user id)
 meet every arm, and a paired comparison removes their differences from the gate's interval (``emili study power``
