@@ -252,6 +252,31 @@ def test_a_marked_production_version_is_replaced_without_the_withdrawn_sessions(
     assert (waits.tick() or pytest.fail()).phase == "idle" and len(system.pipelines) == 3
 
 
+def test_a_candidate_retired_during_its_canary_is_replaced_without_the_withdrawn_sessions(
+    store: ObjectStore, isolated_redis_url: str
+) -> None:
+    """The person behind "b" withdraws while cand-1's canary runs: the gateway rolls it back (retired), and the loop
+    trains its replacement at once, once, on the sessions that remain; a candidate the gate rejected is not."""
+    system = FakeSystem(sessions=["a", "b", "c"], evidence=GOOD, finished=True)
+    loop = make(store, isolated_redis_url, system, "only")
+    assert [(loop.tick() or pytest.fail()).phase for _ in range(3)] == ["training", "gating", "canary"]
+    store.put_json(Bucket.MODELS, model_withdrawal_key("cand-1"), {"version": "cand-1", "retired": True})
+    system.sessions.remove("b")
+    system.decision = "rolled_back"
+    assert (loop.tick() or pytest.fail()).phase == "idle"
+    state = loop.tick() or pytest.fail()
+    assert state.phase == "training" and state.production is None
+    assert system.pipelines[-1] == ("a", "c") and system.baselines[-1] == "base"
+    assert state.history[-2]["event"] == "retraining without the withdrawn sessions"
+    assert state.history[-2]["replaces"] == "cand-1"
+
+    # Its replacement fails the gate and is retired too: no second retrain (the withdrawal did not end its round).
+    system.outcome, system.evidence = ("done", "cand-2"), BAD
+    assert [(loop.tick() or pytest.fail()).phase for _ in range(2)] == ["gating", "idle"]
+    store.put_json(Bucket.MODELS, model_withdrawal_key("cand-2"), {"version": "cand-2", "retired": True})
+    assert (loop.tick() or pytest.fail()).phase == "idle" and len(system.pipelines) == 2
+
+
 def test_a_stop_before_the_canary_started_starts_it_on_restart(store: ObjectStore, isolated_redis_url: str) -> None:
     system = FakeSystem(sessions=["a", "b", "c"], evidence=GOOD, finished=True)
     loop = make(store, isolated_redis_url, system, "only")

@@ -27,7 +27,9 @@ from then on with the promoted version (``LoopState.production``), which the nex
 When the promoted version is retired (people it learned from withdrew, ``retention.withdrawn_models: retire``), the
 idle loop goes back to ``policy.production`` and retrains at once on the sessions that remain. When it is only
 marked (``mark``), it keeps serving and, with ``retrain_on_withdrawal``, the idle loop trains its replacement at once
-on the sessions that remain, once per withdrawal mark.
+on the sessions that remain, once per withdrawal mark. A candidate whose round a withdrawal ended (retired while
+its canary ran, so the gateway rolled it back or refused it) is replaced the same way, once: its data minus the
+withdrawn sessions gets the canary the withdrawal took away.
 
 Every transition is appended to the state's history with its numbers, so a decision can be traced back to the
 pipeline, its sessions and the verdict.
@@ -282,6 +284,9 @@ class Loop:
         if (mark := self._unanswered_withdrawal(state)) and eligible:
             state.retrained_for.append(mark)
             return self._retrain(state, eligible, replaces=state.production)
+        if (key := self._candidate_lost_to_withdrawal(state)) and eligible:
+            state.retrained_for.append(key)
+            return self._retrain(state, eligible, replaces=state.candidate)
         new = [s for s in eligible if s not in used]
         if len(new) < self.policy.min_new_sessions:
             return state
@@ -304,6 +309,21 @@ class Loop:
         sessions = ",".join(sorted(str(s) for s in mark.get("withdrawn_sessions", [])))
         key = f"{state.production}@{hashlib.sha256(sessions.encode()).hexdigest()[:16]}"
         return None if key in state.retrained_for else key
+
+    def _candidate_lost_to_withdrawal(self, state: LoopState) -> str | None:
+        """``version@retired`` when the last round's candidate (not the production version) was retired while its
+        canary was asked for or ran, and no replacement was trained for it yet; else None. A candidate the gate
+        rejected is not replaced: the withdrawal did not end its round."""
+        candidate = state.candidate
+        if not candidate or candidate == state.production or not state.history:
+            return None
+        ended = state.history[-1]
+        if ended.get("candidate") != candidate or ended.get("event") not in {"canary refused", "canary rolled back"}:
+            return None
+        key = f"{candidate}@retired"
+        if key in state.retrained_for or not is_retired(self.store, candidate):
+            return None
+        return key
 
     def _production_retired(self, state: LoopState, eligible: Sequence[str]) -> LoopState:
         """People the promoted version learned from withdrew and it was retired: production goes back to the
