@@ -4,6 +4,7 @@ candidate that fails the gate is never given to a canary; a passed one is, and t
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +13,9 @@ import pytest
 import redis
 import yaml
 
-from emili_core.keys import model_withdrawal_key
+from emili_core.keys import model_withdrawal_key, pipeline_state_key
 from emili_core.objectstore import Bucket, ObjectStore
-from emili_pipeline.gate import Evidence
+from emili_pipeline.gate import VERDICT_HEADING, Evidence
 from emili_pipeline.loop import NO_CANDIDATE, STATE_KEY, CanaryRefused, Loop, LoopPolicy, RedisLease
 from emili_session.loop_records import gate_key
 
@@ -301,6 +302,32 @@ def test_a_refused_canary_ends_the_round(store: ObjectStore, isolated_redis_url:
     system.sessions += ["d", "e", "f"]
     system.refusal = None
     assert (loop.tick() or pytest.fail()).phase == "training" and len(system.pipelines) == 2
+
+
+def test_the_verdict_goes_into_the_candidates_evaluation_report(store: ObjectStore, isolated_redis_url: str) -> None:
+    pipeline_id = f"pl-report-{secrets.token_hex(4)}"
+    prefix = f"evaluations/ev-{pipeline_id}/report"
+    evaluated = {"state": "done", "outputs": {"report_prefix": prefix}}
+    store.put_json(Bucket.MODELS, pipeline_state_key(pipeline_id), {"steps": {"evaluate": evaluated}})
+    store.put_json(Bucket.MODELS, f"{prefix}/report.json", {"title": "Evaluation"})
+    store.put_bytes(Bucket.MODELS, f"{prefix}/report.md", b"# Evaluation\n\nTable 1\n")
+    system = FakeSystem(sessions=["a", "b", "c"], evidence=BAD, finished=True)
+    system.start_pipeline = lambda ids, baseline: pipeline_id  # type: ignore[method-assign]
+    loop = make(store, isolated_redis_url, system, "only")
+    assert [(loop.tick() or pytest.fail()).phase for _ in range(3)] == ["training", "gating", "idle"]
+
+    markdown = store.get_bytes(Bucket.MODELS, f"{prefix}/report.md").decode()
+    assert markdown.startswith("# Evaluation\n\nTable 1\n\n" + VERDICT_HEADING)
+    assert f"Candidate cand-1 failed gate 'default' (pipeline {pipeline_id}, 3 sessions)" in markdown
+    assert "| knowledge_kept | mmlu_correct | non_inferior | 120 |" in markdown and "**failed**" in markdown
+    report = store.get_json(Bucket.MODELS, f"{prefix}/report.json")
+    stored = store.get_json(Bucket.MODELS, gate_key("cand-1"))
+    assert report["title"] == "Evaluation" and report["gate_verdict"] == stored
+
+    # Judged again (a restart between the verdict and the next state): the section is replaced, not repeated.
+    loop._verdict_into_report(pipeline_id, {**report["gate_verdict"], "policy": "again"})
+    markdown = store.get_bytes(Bucket.MODELS, f"{prefix}/report.md").decode()
+    assert markdown.count(VERDICT_HEADING) == 1 and "failed gate 'again'" in markdown
 
 
 def test_unreadable_evidence_fails_the_gate(store: ObjectStore, isolated_redis_url: str) -> None:

@@ -280,3 +280,37 @@ def judge(policy: GatePolicy, evidence: Mapping[str, Evidence]) -> Verdict:
         for c in policy.checks
     )
     return Verdict(policy.name, all(r.passed for r in results), results, int(time.time() * 1000))
+
+
+VERDICT_HEADING = "## The evaluation gate's verdict"
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{float(value):+.{digits}f}"
+
+
+def verdict_markdown(record: Mapping[str, Any]) -> str:
+    """A stored verdict (``gates/<version>.json``: :meth:`Verdict.to_json` with version, pipeline and sessions) as
+    the report section that says what the gate decided and on which numbers."""
+    checks = [c for c in record.get("checks") or () if isinstance(c, Mapping)]
+    outcome = "passed" if record.get("passed") else "failed"
+    lines = [
+        VERDICT_HEADING,
+        "",
+        f"Candidate {record.get('version', 'n/a')} {outcome} gate {record.get('policy', 'n/a')!r} (pipeline "
+        f"{record.get('pipeline_id', 'n/a')}, {record.get('sessions', 'n/a')} sessions). A candidate that fails "
+        "stays registered and is never served to a person.",
+        "",
+        "| check | metric | kind | n | candidate - baseline | 95% CI | margin | min n | result |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in checks:
+        ci = c.get("ci")
+        interval = f"[{_number(ci[0])}, {_number(ci[1])}]" if isinstance(ci, Sequence) and len(ci) == 2 else "n/a"
+        margin = "-" if c.get("margin") is None else f"{float(c['margin']):g}"
+        result = "passed" if c.get("passed") else f"**failed**: {c.get('reason', '')}"
+        lines.append(
+            f"| {c.get('name')} | {c.get('metric')} | {c.get('kind')} | {c.get('n', 0)} | {_number(c.get('estimate'))} "
+            f"| {interval} | {margin} | {c.get('min_n', 0)} | {result} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -49,11 +49,20 @@ from typing import Any, Literal, Protocol
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from emili_core.errors import NotFound
+from emili_core.errors import DependencyUnavailable, NotFound
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_pipeline.config import PipelineConfig
 from emili_pipeline.gate import SHIPPED as SHIPPED_GATE
-from emili_pipeline.gate import Evidence, GatePolicy, Verdict, judge, load_policy, unreadable_evidence
+from emili_pipeline.gate import (
+    VERDICT_HEADING,
+    Evidence,
+    GatePolicy,
+    Verdict,
+    judge,
+    load_policy,
+    unreadable_evidence,
+    verdict_markdown,
+)
 from emili_pipeline.loop_metrics import loop_metrics
 from emili_session.gate_items import SIGNAL_METRIC
 from emili_session.loop_records import LOOP_STATE_KEY, gate_key
@@ -379,6 +388,7 @@ class Loop:
             "sessions": len(state.sessions),
         }
         self.store.put_json(Bucket.MODELS, gate_key(state.candidate), record)
+        self._verdict_into_report(state.pipeline_id, record)
         failed = [c.name for c in verdict.checks if not c.passed]
         if not verdict.passed or not self.policy.study_id:
             state.phase = "idle"
@@ -387,6 +397,26 @@ class Loop:
         state.phase = "canary"
         self._save(state, "gate passed", candidate=state.candidate)
         return self._start_canary(state)
+
+    def _verdict_into_report(self, pipeline_id: str, record: dict[str, Any]) -> None:
+        """The verdict into the candidate's evaluation report: ``report.json`` gets ``gate_verdict`` and
+        ``report.md`` a section (replaced when judged again), so the report reads with its decision. A report that
+        cannot be found or written is logged; the verdict itself is already stored with the model."""
+        from emili_pipeline.pipeline import load_state, outputs
+
+        try:
+            prefix = outputs(load_state(self.store, pipeline_id), "evaluate").get("report_prefix")
+            if not prefix:
+                return
+            report = self.store.get_json(Bucket.MODELS, f"{prefix}/report.json")
+            markdown = self.store.get_bytes(Bucket.MODELS, f"{prefix}/report.md").decode()
+            before = markdown.split(f"\n{VERDICT_HEADING}\n", 1)[0].rstrip("\n")
+            self.store.put_json(Bucket.MODELS, f"{prefix}/report.json", {**report, "gate_verdict": record})
+            section = f"{before}\n\n{verdict_markdown(record)}".encode()
+            self.store.put_bytes(Bucket.MODELS, f"{prefix}/report.md", section, content_type="text/markdown")
+        except (NotFound, DependencyUnavailable, ValueError, TypeError, AttributeError) as exc:
+            # An outage, or a report of another shape: the decision must not wait on it.
+            log.warning("loop: the verdict on pipeline %s could not go into its report: %s", pipeline_id, exc)
 
     def _start_canary(self, state: LoopState) -> LoopState:
         try:

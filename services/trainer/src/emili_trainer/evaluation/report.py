@@ -352,7 +352,8 @@ def _gate_lines(gate: Mapping[str, Any]) -> list[str]:
     sources = [str(s) for s in gate.get("context_sources") or []]
     lines = [
         f"Candidate {gate.get('candidate') or NA} against the production arm {gate.get('baseline') or NA}: the items "
-        "the gate judges (its verdict is the loop's, not this report's). A metric without items fails its check.",
+        "the gate judges (the loop adds its verdict to this report once it judges). A metric without items fails "
+        "its check.",
         "",
     ]
     rows, missing = [], []
