@@ -10,16 +10,19 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import httpx
 import numpy as np
 import pytest
+import redis
 import redis.asyncio as aioredis
 import uvicorn
+import yaml
 
 from emili.chat.v1 import chat_pb2, chat_pb2_grpc
 from emili_core.keys import model_registry_key
@@ -30,10 +33,14 @@ from emili_gateway.canary import CanaryMonitor
 from emili_gateway.metrics import gateway_metrics
 from emili_gateway.settings import CanarySettings, GatewaySettings
 from emili_gateway.studies import StudyEngine
+from emili_pipeline.gate import Evidence
+from emili_pipeline.loop import Loop, LoopPolicy, RedisLease
+from emili_pipeline.loop_actions import SystemActions
 from emili_pipeline.simulator.faces import FaceModelSettings, FaceSet
 from emili_pipeline.simulator.gateway_participant import NotSynthetic, run_participant, websocket_url
 from emili_pipeline.simulator.personas import load_personas
 from emili_pipeline.simulator.run import SimulatorSettings
+from emili_pipeline.study_sim import ScopedStateStore
 from emili_testing.chat import ScriptedBackend
 from emili_testing.plugin import TEST_SECRET, free_port, token
 from emili_testing.servers import chat_and_fer
@@ -171,44 +178,96 @@ async def test_the_canary_allocates_simulated_participants(gateway: Gateway, s3_
     assert arms["base"]["completed"] + canary["participants"] == 8, (arms, canary)
 
 
-async def test_the_canary_rolls_back_a_harmful_model_and_promotes_an_as_good_one(
-    gateway: Gateway, redis_url: str, s3_settings: S3Settings
+@dataclass
+class ScriptedTraining:
+    """The loop's actions with training scripted (each round's candidate is the next of ``candidates``, a registered
+    scripted model, with evidence the test's gate passes) and the canary real: the loop's own calls to the gateway."""
+
+    gateway: SystemActions
+    candidates: list[str]
+    sessions: list[str] = field(default_factory=list)
+    baselines: list[str] = field(default_factory=list)
+
+    def eligible_sessions(self, include_synthetic: bool) -> list[str]:
+        return list(self.sessions)
+
+    def start_pipeline(self, session_ids: Sequence[str], baseline: str) -> str:
+        self.baselines.append(baseline)
+        return f"pl-scripted-{len(self.baselines)}"
+
+    def pipeline_outcome(self, pipeline_id: str) -> tuple[str, str | None, dict[str, Evidence]]:
+        candidate = self.candidates[int(pipeline_id.rsplit("-", 1)[1]) - 1]
+        return "done", candidate, {"reply_words": Evidence([12.0] * 4)}
+
+    def start_canary(self, study_id: str, candidate: str, share: float, production: str | None = None) -> None:
+        self.gateway.start_canary(study_id, candidate, share, production)
+
+    def canary_outcome(self, study_id: str, candidate: str) -> str:
+        return self.gateway.canary_outcome(study_id, candidate)
+
+
+async def test_the_loops_canary_rolls_back_a_harmful_model_and_promotes_an_as_good_one(
+    gateway: Gateway, redis_url: str, s3_settings: S3Settings, tmp_path: Path
 ) -> None:
-    """Simulated participants rate what the scripted models say; the gateway's monitor decides on their sessions."""
+    """The loop gives each candidate a canary through the gateway; simulated participants rate what the scripted
+    models say; the gateway's monitor decides on their sessions, and the loop acts on the decision: a rolled back
+    candidate changes nothing, a promoted one becomes the production arm the next candidate is compared with."""
     store = ObjectStore(s3_settings)
     as_good = "sft-gwasgood00001"  # The scripted model's usual reply, as the production arm gives.
     for version in (HARMFUL_VERSION, as_good):
         _register(store, version)
     study_id, invite = _study(gateway, synthetic=True)
+    gate = tmp_path / "gate.yaml"
+    checks = [{"name": "length", "metric": "reply_words", "kind": "within", "low": 3, "high": 120, "min_n": 2}]
+    gate.write_text(yaml.safe_dump({"gate": {"name": "scripted", "checks": checks}}))
+    policy = LoopPolicy(enabled=True, min_new_sessions=2, study_id=study_id, canary_share=0.5, gate=gate)
+
+    def admin_http() -> httpx.Client:
+        return httpx.Client(base_url=gateway.url, headers=_admin_headers(), timeout=30)
+
+    actions = ScriptedTraining(SystemActions(store, None, gate, gateway=admin_http), [HARMFUL_VERSION, as_good])
+    state_store = ScopedStateStore(store, f"test-loops/{study_id}/state.json")
+    lease = RedisLease(redis.Redis.from_url(redis_url), key=f"emili:test-loop:{study_id}")
+    loop = Loop(policy, cast(Any, state_store), lease, actions, owner="test")
     # A small planned canary, as the loop demo's: harm may be called after 4 sessions per arm, a promotion after 6.
     options = CanarySettings(min_sessions=4, max_sessions=6, margin=0.75, monitor=False)
     client = aioredis.Redis.from_url(redis_url)
     studies = StudyEngine(GatewaySettings().gateway.studies, client, store)  # The app's, through its Redis and S3.
     monitor = CanaryMonitor(options, studies, gateway_metrics())
 
-    async def until_decided(candidate: str, seeds: range) -> Any:
-        _admin(gateway, "POST", f"/studies/{study_id}/canary", json={"candidate": candidate, "share": 0.5})
+    async def round_until_decided(new_sessions: list[str], seeds: range) -> Any:
+        actions.sessions += new_sessions
+        phases = [(loop.tick() or pytest.fail()).phase for _ in range(3)]
+        assert phases == ["training", "gating", "canary"], loop.state().history
         for seed in seeds:
             outcome = await _participant(gateway, invite, seed)
             assert outcome.ok, outcome.errors
             if decided := await monitor.tick():
-                return decided[0]
-        pytest.fail(f"no decision on {candidate}: {_admin(gateway, 'GET', f'/studies/{study_id}/canary')}")
+                after = loop.tick() or pytest.fail()
+                assert after.phase == "idle", after.history
+                return decided[0], after
+        pytest.fail(f"no decision: {_admin(gateway, 'GET', f'/studies/{study_id}/canary')}")
 
     random.seed(11)  # The canary's draw uses the process's random generator.
     try:
-        harmful = await until_decided(HARMFUL_VERSION, range(100, 140))
+        harmful, state = await round_until_decided(["s-1", "s-2"], range(100, 140))
         assert harmful.state == "rolled_back" and harmful.reason.startswith("harm"), harmful
         rating = harmful.looks[0]
         assert rating.outcome == "rating" and rating.difference is not None and rating.difference < -0.5
-        promoted = await until_decided(as_good, range(200, 240))
+        assert (harmful.candidate, harmful.production) == (HARMFUL_VERSION, "base")
+        assert state.history[-1]["event"] == "canary rolled back" and state.production is None
+
+        promoted, state = await round_until_decided(["s-3", "s-4"], range(200, 240))
         assert promoted.state == "promoted", promoted
         assert min(promoted.looks[0].n_candidate, promoted.looks[0].n_production) >= options.max_sessions
+        assert state.history[-1]["event"] == "canary promoted" and state.production == as_good
     finally:
         await client.aclose()
-    # Later newcomers get the promoted version in the study arm's place.
+    # Later newcomers get the promoted version in the study arm's place, and the next candidate is judged against it.
     newcomer = await _participant(gateway, invite, 300)
     assert newcomer.ok and _admin(gateway, "GET", f"/studies/{study_id}/canary")["state"] == "promoted"
+    actions.sessions += ["s-5", "s-6"]
+    assert (loop.tick() or pytest.fail()).phase == "training" and actions.baselines == ["base", "base", as_good]
 
 
 async def test_a_synthetic_study_records_synthetic_sessions(gateway: Gateway) -> None:
