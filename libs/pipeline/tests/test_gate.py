@@ -70,6 +70,19 @@ def test_within_bounds_and_the_verdict_needs_every_check() -> None:
     assert verdict.to_json()["checks"][0]["reason"].startswith("mean 297 outside")
 
 
+def test_within_with_max_outside_checks_each_item_not_only_the_mean() -> None:
+    """Empty replies among rambling ones average to a sane length: the share outside the bounds catches them."""
+    each = GateCheck(name="len", metric="words", kind="within", low=3, high=120, max_outside=0.1, min_n=5)
+    mixed = Evidence(candidate=[0, 0, 0, 150, 160, 90, 40, 50, 60, 70])  # Mean 62, 5 of 10 outside.
+    assert judge(policy(each.model_copy(update={"max_outside": None})), {"words": mixed}).passed
+    verdict = judge(policy(each), {"words": mixed})
+    assert not verdict.passed and "50.0% of items outside (at most 10.0% allowed)" in verdict.checks[0].reason
+    one_short = Evidence(candidate=[2, 40, 50, 60, 70, 80, 90, 100, 30, 20])  # 1 of 10: within the share allowed.
+    assert judge(policy(each), {"words": one_short}).passed
+    with pytest.raises(ValueError, match="max_outside is for 'within' checks"):
+        GateCheck(name="x", metric="m", kind="superior", max_outside=0.1)
+
+
 def test_paired_evidence_of_unequal_length_is_an_error() -> None:
     check = GateCheck(name="m", metric="m", kind="non_inferior", min_n=2)
     with pytest.raises(ValueError, match="paired evidence"):

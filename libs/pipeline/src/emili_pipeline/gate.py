@@ -9,7 +9,8 @@ candidate - baseline, widened to Student's t so that it keeps its level on a few
 
 - ``non_inferior``: passes when the interval excludes a loss bigger than ``margin`` (in the metric's units);
 - ``superior``: passes when the interval excludes no gain (it lies wholly on the better side of 0);
-- ``within``: passes when the candidate's mean lies in [``low``, ``high``] (e.g. reply length);
+- ``within``: passes when the candidate's mean lies in [``low``, ``high``] (e.g. reply length) and, with
+  ``max_outside``, at most that share of its items lies outside (a mean hides empty replies among long ones);
 - ``associated``: a check of the data the candidate learned from, not of the candidate. Its evidence pairs, per
   item, a signal (the ``candidate`` side, e.g. a user's mean facial reaction) with an outcome people reported (the
   ``baseline`` side, e.g. their surveys' valence change); it passes when the signal predicts the outcome: Spearman's
@@ -60,6 +61,8 @@ class GateCheck(_Strict):
     min_n: int = Field(10, ge=1)
     # "associated": compare within blocks of this many items of similar covariate (None: all items as one).
     blocks_of: int | None = Field(None, ge=2)
+    # "within": the most share of the candidate's items allowed outside [low, high] (None: only the mean is checked).
+    max_outside: float | None = Field(None, ge=0, le=1)
 
     @model_validator(mode="after")
     def _bounds(self) -> GateCheck:
@@ -71,6 +74,8 @@ class GateCheck(_Strict):
             raise ValueError(f"check {self.name}: an association needs min_n >= 3 (two points always line up)")
         if self.blocks_of is not None and self.kind != "associated":
             raise ValueError(f"check {self.name}: blocks_of is for 'associated' checks")
+        if self.max_outside is not None and self.kind != "within":
+            raise ValueError(f"check {self.name}: max_outside is for 'within' checks")
         if self.kind == "associated" and (self.direction != "higher" or self.margin != 0):
             raise ValueError(f"check {self.name}: an association is tested one way (higher), with no margin")
         return self
@@ -216,7 +221,14 @@ def _check(check: GateCheck, evidence: Evidence | None, policy: GatePolicy, rng:
         assert check.low is not None and check.high is not None
         inside = check.low <= mean <= check.high
         where = "in" if inside else "outside"
-        return result(inside, n, mean, None, f"mean {mean:.3g} {where} [{check.low}, {check.high}]")
+        why = f"mean {mean:.3g} {where} [{check.low}, {check.high}]"
+        if check.max_outside is None:
+            return result(inside, n, mean, None, why)
+        items = np.asarray(evidence.candidate, dtype=float)
+        outside = float(np.mean((items < check.low) | (items > check.high)))
+        few_outside = outside <= check.max_outside
+        why += f"; {outside:.1%} of items outside (at most {check.max_outside:.1%} allowed)"
+        return result(inside and few_outside, n, mean, None, why)
     if check.kind == "associated":
         passed, rho, why, p = _association(check, evidence, policy, rng)
         return result(passed, n, rho, None, why, p)
