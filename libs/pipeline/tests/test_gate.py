@@ -79,8 +79,22 @@ def test_within_with_max_outside_checks_each_item_not_only_the_mean() -> None:
     assert not verdict.passed and "50.0% of items outside (at most 10.0% allowed)" in verdict.checks[0].reason
     one_short = Evidence(candidate=[2, 40, 50, 60, 70, 80, 90, 100, 30, 20])  # 1 of 10: within the share allowed.
     assert judge(policy(each), {"words": one_short}).passed
+    with pytest.raises(ValueError, match="paired is for comparisons"):
+        GateCheck(name="x", metric="m", kind="within", low=0, high=1, paired=True)
     with pytest.raises(ValueError, match="max_outside is for 'within' checks"):
         GateCheck(name="x", metric="m", kind="superior", max_outside=0.1)
+
+
+def test_a_policy_can_require_the_paired_test() -> None:
+    check = GateCheck(name="m", metric="m", kind="non_inferior", margin=0.1, min_n=2, paired=True)
+    assert judge(policy(check), {"m": paired(0.0)}).passed
+    unpaired = Evidence(candidate=list(paired(0.0).candidate), baseline=list(paired(0.0).baseline))
+    verdict = judge(policy(check), {"m": unpaired})
+    assert not verdict.passed
+    assert verdict.checks[0].reason == "the policy asks for a paired test and the evidence is independent"
+    independent = check.model_copy(update={"paired": False})
+    assert judge(policy(independent), {"m": unpaired}).passed
+    assert not judge(policy(independent), {"m": paired(0.0)}).passed
 
 
 def test_paired_evidence_of_unequal_length_is_an_error() -> None:

@@ -63,6 +63,9 @@ class GateCheck(_Strict):
     blocks_of: int | None = Field(None, ge=2)
     # "within": the most share of the candidate's items allowed outside [low, high] (None: only the mean is checked).
     max_outside: float | None = Field(None, ge=0, le=1)
+    # A comparison's test: True requires paired evidence (the same items or users on both arms), False requires
+    # independent arms; None takes the evidence as it comes. Evidence of the other kind fails the check.
+    paired: bool | None = None
 
     @model_validator(mode="after")
     def _bounds(self) -> GateCheck:
@@ -76,6 +79,8 @@ class GateCheck(_Strict):
             raise ValueError(f"check {self.name}: blocks_of is for 'associated' checks")
         if self.max_outside is not None and self.kind != "within":
             raise ValueError(f"check {self.name}: max_outside is for 'within' checks")
+        if self.paired is not None and self.kind not in ("non_inferior", "superior"):
+            raise ValueError(f"check {self.name}: paired is for comparisons ('non_inferior', 'superior')")
         if self.kind == "associated" and (self.direction != "higher" or self.margin != 0):
             raise ValueError(f"check {self.name}: an association is tested one way (higher), with no margin")
         return self
@@ -213,6 +218,9 @@ def _check(check: GateCheck, evidence: Evidence | None, policy: GatePolicy, rng:
         raise ValueError(f"{check.metric}: an association needs paired evidence (one outcome per signal item)")
     if evidence.paired and len(evidence.candidate) != len(evidence.baseline):
         raise ValueError(f"{check.metric}: paired evidence needs as many baseline items as candidate items")
+    if check.paired is not None and evidence.paired != check.paired:
+        asked, got = ("paired", "independent") if check.paired else ("independent", "paired")
+        return result(False, 0, None, None, f"the policy asks for a {asked} test and the evidence is {got}")
     n = len(evidence.candidate) if check.kind == "within" else min(len(evidence.candidate), len(evidence.baseline))
     if n < check.min_n:
         return result(False, n, None, None, f"not enough evidence: {n} items, the policy needs {check.min_n}")
