@@ -179,6 +179,7 @@ def downloads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(adapters_module, "download_adapter", download)
     monkeypatch.setattr(adapters_module, "check_servable", lambda _store, _version: None)
+    monkeypatch.setattr(adapters_module, "check_gate_not_failed", lambda _store, _version: None)
     return downloaded
 
 
