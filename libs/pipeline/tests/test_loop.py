@@ -320,6 +320,7 @@ def test_the_verdict_goes_into_the_candidates_evaluation_report(store: ObjectSto
     assert markdown.startswith("# Evaluation\n\nTable 1\n\n" + VERDICT_HEADING)
     assert f"Candidate cand-1 failed gate 'default' (pipeline {pipeline_id}, 3 sessions)" in markdown
     assert "| knowledge_kept | mmlu_correct | non_inferior | 120 |" in markdown and "**failed**" in markdown
+    assert "| reply_length_sane | reply_words | within | 40 | 20 (mean) | n/a | - | 30 | passed |" in markdown
     report = store.get_json(Bucket.MODELS, f"{prefix}/report.json")
     stored = store.get_json(Bucket.MODELS, gate_key("cand-1"))
     assert report["title"] == "Evaluation" and report["gate_verdict"] == stored

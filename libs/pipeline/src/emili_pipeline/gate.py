@@ -321,16 +321,23 @@ def verdict_markdown(record: Mapping[str, Any]) -> str:
         f"{record.get('pipeline_id', 'n/a')}, {record.get('sessions', 'n/a')} sessions). A candidate that fails "
         "stays registered and is never served to a person.",
         "",
-        "| check | metric | kind | n | candidate - baseline | 95% CI | margin | min n | result |",
+        "| check | metric | kind | n | estimate (candidate - baseline) | 95% CI | margin | min n | result |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in checks:
         ci = c.get("ci")
         interval = f"[{_number(ci[0])}, {_number(ci[1])}]" if isinstance(ci, Sequence) and len(ci) == 2 else "n/a"
-        margin = "-" if c.get("margin") is None else f"{float(c['margin']):g}"
+        compares = c.get("kind") in ("non_inferior", "superior")
+        margin = f"{float(c['margin']):g}" if compares and c.get("margin") is not None else "-"
+        if compares:
+            estimate = _number(c.get("estimate"))
+        elif c.get("estimate") is None:
+            estimate = "n/a"
+        else:  # "within" estimates the candidate's mean, "associated" a rank correlation: not a difference.
+            estimate = f"{float(c['estimate']):.3g} ({'mean' if c.get('kind') == 'within' else 'rho'})"
         result = "passed" if c.get("passed") else f"**failed**: {c.get('reason', '')}"
         lines.append(
-            f"| {c.get('name')} | {c.get('metric')} | {c.get('kind')} | {c.get('n', 0)} | {_number(c.get('estimate'))} "
+            f"| {c.get('name')} | {c.get('metric')} | {c.get('kind')} | {c.get('n', 0)} | {estimate} "
             f"| {interval} | {margin} | {c.get('min_n', 0)} | {result} |"
         )
     return "\n".join(lines) + "\n"
