@@ -320,9 +320,11 @@ class Loop:
         return None if key in state.retrained_for else key
 
     def _candidate_lost_to_withdrawal(self, state: LoopState) -> str | None:
-        """``version@retired`` when the last round's candidate (not the production version) was retired while its
-        canary was asked for or ran, and no replacement was trained for it yet; else None. A candidate the gate
-        rejected is not replaced: the withdrawal did not end its round."""
+        """``version@retired`` when the last round's candidate (not the production version) is retired and its round
+        ended at the canary (refused or rolled back), and no replacement was trained for it yet; else None. The
+        gateway rolls back or refuses a retired candidate, so the withdrawal most likely ended the round; a candidate
+        rolled back for harm and retired only later gets a replacement too, which must pass the gate and a canary
+        again. A candidate the gate rejected is not replaced: the withdrawal did not end its round."""
         candidate = state.candidate
         if not candidate or candidate == state.production or not state.history:
             return None
