@@ -19,12 +19,12 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from emili_core.keys import session_record_keys
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import REPO_ROOT
 from emili_pipeline.loop import STATE_KEY, LoopState
 from emili_pipeline.loop_cli import LEASE_KEY
 from emili_testing.plugin import Stack, free_port
+from emili_testing.records import record_ended_session
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PREFIX = "loop-proc-"  # Buckets of this test's own: the loop looks at every recorded session.
@@ -91,17 +91,7 @@ def test_one_instance_acts_and_a_restart_starts_no_second_pipeline(
     store = ObjectStore(stack.s3.model_copy(update={"bucket_prefix": PREFIX}))
     store.ensure_buckets()
     for session_id in ("loop-s1", "loop-s2", "loop-s3"):
-        keys = session_record_keys(session_id)
-        store.put_bytes(Bucket.SESSIONS, keys["events.jsonl"], b"")
-        counts = {"pre_survey": 1, "assistant_message": 1, "post_survey": 1}  # What a label is computed from.
-        manifest = {
-            "session_id": session_id,
-            "state": "ended",
-            "use_for_training": True,
-            "synthetic": False,
-            "counts": counts,
-        }
-        store.put_json(Bucket.SESSIONS, keys["session.json"], manifest)
+        record_ended_session(store, session_id)
     policy = tmp_path / "policy.yaml"
     # Small, its recipes files: the trainer is never asked for one.
     pipeline = REPO_ROOT / "libs" / "pipeline" / "configs" / "ci.yaml"

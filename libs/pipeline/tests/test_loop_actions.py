@@ -16,32 +16,18 @@ import pytest
 import redis
 
 from emili_core.deletion import write_tombstone
-from emili_core.keys import pipeline_prefix, session_record_keys
+from emili_core.keys import pipeline_prefix
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import CommonSettings, S3Settings
 from emili_core.tasks import create_celery_app
 from emili_pipeline.loop import CanaryRefused, LoopPolicy, load_loop_policy
 from emili_pipeline.loop_actions import GatewayError, SystemActions, eligible_session_ids
 from emili_pipeline.pipeline import DONE, FAILED, load_state, save_state
+from emili_testing.records import record_ended_session
 
 pytestmark = pytest.mark.integration
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def record(store: ObjectStore, session_id: str, **fields: Any) -> None:
-    counts = {"pre_survey": 1, "user_message": 2, "assistant_message": 2, "post_survey": 1}
-    manifest = {
-        "session_id": session_id,
-        "state": "ended",
-        "use_for_training": True,
-        "synthetic": False,
-        "counts": counts,
-        **fields,
-    }
-    keys = session_record_keys(session_id)
-    store.put_bytes(Bucket.SESSIONS, keys["events.jsonl"], b"")
-    store.put_json(Bucket.SESSIONS, keys["session.json"], manifest)
 
 
 @pytest.fixture
@@ -72,25 +58,26 @@ def actions(store: ObjectStore, own_s3: S3Settings, isolated_redis_url: str) -> 
 
 
 def test_eligible_sessions(store: ObjectStore) -> None:
-    record(store, "ok-1")
-    record(store, "ok-2")
-    record(store, "live", state="active")  # Not ended: its record may still grow.
-    record(store, "no-consent", use_for_training=False)
-    record(store, "simulated", synthetic=True)
-    record(store, "withdrawn")
+    record_ended_session(store, "ok-1")
+    record_ended_session(store, "ok-2")
+    record_ended_session(store, "live", state="active")  # Not ended: its record may still grow.
+    record_ended_session(store, "no-consent", use_for_training=False)
+    record_ended_session(store, "simulated", synthetic=True)
+    record_ended_session(store, "withdrawn")
     write_tombstone(store, "withdrawn")  # A withdrawal's deletion writes the tombstone first.
     # Abandoned before the post-chat survey (no gold Δv), or before any reply (no turn to flag): no label.
-    record(store, "abandoned", counts={"pre_survey": 1, "user_message": 1, "assistant_message": 1})
-    record(store, "no-reply", counts={"pre_survey": 1, "post_survey": 1})
+    record_ended_session(store, "abandoned", counts={"pre_survey": 1, "user_message": 1, "assistant_message": 1})
+    record_ended_session(store, "no-reply", counts={"pre_survey": 1, "post_survey": 1})
     assert eligible_session_ids(store, include_synthetic=False) == ["ok-1", "ok-2"]
     assert eligible_session_ids(store, include_synthetic=True) == ["ok-1", "ok-2", "simulated"]
 
 
 def test_a_pipelines_own_simulated_users_are_never_eligible(empty_store: ObjectStore) -> None:
-    record(empty_store, "person")
-    record(empty_store, "participant", synthetic=True)  # A simulation study's participant: eligible when allowed.
-    record(empty_store, "eval-base", synthetic=True)
-    record(empty_store, "eval-sft", synthetic=True)
+    record_ended_session(empty_store, "person")
+    # A simulation study's participant: eligible when allowed.
+    record_ended_session(empty_store, "participant", synthetic=True)
+    record_ended_session(empty_store, "eval-base", synthetic=True)
+    record_ended_session(empty_store, "eval-sft", synthetic=True)
     kept = {"arms": {"base": ["eval-base"], "sft": ["eval-sft"]}, "versions": {"base": "base", "sft": "v-1"}}
     empty_store.put_json(Bucket.MODELS, f"{pipeline_prefix('pl-1234abcd')}arm_sessions.json", kept)
     empty_store.put_json(Bucket.MODELS, f"{pipeline_prefix('pl-empty')}arm_sessions.json", {"arms": {}})
@@ -101,9 +88,9 @@ def test_a_pipelines_own_simulated_users_are_never_eligible(empty_store: ObjectS
 def test_simulated_users_of_an_unfinished_evaluation_are_never_eligible(empty_store: ObjectStore) -> None:
     """The step names its users before the first starts; it lists their sessions only once all have finished, so a
     step still running (or one that died midway) has ended sessions known only by their user."""
-    record(empty_store, "participant", synthetic=True, user_id="p-1")
-    record(empty_store, "eval-done", synthetic=True, user_id="base-1234abcd-1000-0")
-    record(empty_store, "eval-running", synthetic=True, user_id="base-1234abcd-1000-1")
+    record_ended_session(empty_store, "participant", synthetic=True, user_id="p-1")
+    record_ended_session(empty_store, "eval-done", synthetic=True, user_id="base-1234abcd-1000-0")
+    record_ended_session(empty_store, "eval-running", synthetic=True, user_id="base-1234abcd-1000-1")
     users = {"users": ["base-1234abcd-1000-0", "base-1234abcd-1000-1", "sft-1234abcd-1000-0"]}
     empty_store.put_json(Bucket.MODELS, f"{pipeline_prefix('pl-1234abcd')}arm_users.json", users)
     assert eligible_session_ids(empty_store, include_synthetic=True) == ["participant"]
@@ -111,7 +98,7 @@ def test_simulated_users_of_an_unfinished_evaluation_are_never_eligible(empty_st
 
 def test_eligible_sessions_of_one_study(empty_store: ObjectStore) -> None:
     for session_id in ("mine-1", "mine-2", "other", "loose", "mine-eval"):
-        record(empty_store, session_id, synthetic=True)
+        record_ended_session(empty_store, session_id, synthetic=True)
     for study_id, session_id in [("st-mine", "mine-1"), ("st-mine", "mine-2"), ("st-other", "other")]:
         empty_store.put_json(Bucket.SESSIONS, f"studies/{study_id}/sessions/{session_id}.json", {"study_id": study_id})
     empty_store.put_json(Bucket.SESSIONS, "studies/st-mine/sessions/mine-eval.json", {"study_id": "st-mine"})
@@ -130,8 +117,8 @@ def test_the_policy_names_the_study_sessions_come_from(empty_store: ObjectStore)
     assert load_loop_policy(CONFIGS / "loop-policy.yaml").sessions_from == "all"
     assert load_loop_policy(CONFIGS / "loop-demo-policy.yaml").sessions_from == "study"
     actions = SystemActions(empty_store, None, CONFIGS / "ci.yaml", study_id="st-mine")
-    record(empty_store, "mine", synthetic=True)
-    record(empty_store, "other", synthetic=True)
+    record_ended_session(empty_store, "mine", synthetic=True)
+    record_ended_session(empty_store, "other", synthetic=True)
     empty_store.put_json(Bucket.SESSIONS, "studies/st-mine/sessions/mine.json", {"study_id": "st-mine"})
     assert actions.eligible_sessions(include_synthetic=True) == ["mine"]
 
@@ -143,7 +130,7 @@ def test_study_sessions_follow_the_gateways_studies_prefix(
     from emili_pipeline.loop_cli import LoopSettings, gateway_studies_prefix
     from emili_session.loop_records import STUDIES_PREFIX
 
-    record(empty_store, "mine", synthetic=True)
+    record_ended_session(empty_store, "mine", synthetic=True)
     empty_store.put_json(Bucket.SESSIONS, "trial-2/st-mine/sessions/mine.json", {"study_id": "st-mine"})
     moved = SystemActions(empty_store, None, CONFIGS / "ci.yaml", study_id="st-mine", studies_prefix="trial-2")
     assert moved.eligible_sessions(include_synthetic=True) == ["mine"]
