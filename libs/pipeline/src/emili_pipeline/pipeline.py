@@ -81,8 +81,9 @@ def heldout_split(session_ids: Sequence[str], share: float, seed: int = 0) -> tu
     ids = sorted(set(session_ids))
     if share <= 0 or len(ids) < 2:
         return ids, []
-    ranked = sorted(ids, key=lambda s: _split_draw(seed, s))
-    heldout = {s for s in ids if _split_draw(seed, s) < share}
+    draws = {s: _split_draw(seed, s) for s in ids}
+    ranked = sorted(ids, key=draws.__getitem__)
+    heldout = {s for s in ids if draws[s] < share}
     if not heldout:
         heldout = {ranked[0]}
     elif len(heldout) == len(ids):
