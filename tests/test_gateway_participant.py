@@ -199,11 +199,13 @@ class ScriptedTraining:
         candidate = self.candidates[int(pipeline_id.rsplit("-", 1)[1]) - 1]
         return "done", candidate, {"reply_words": Evidence([12.0] * 4)}
 
-    def start_canary(self, study_id: str, candidate: str, share: float, production: str | None = None) -> None:
-        self.gateway.start_canary(study_id, candidate, share, production)
+    def start_canary(
+        self, candidate: str, production: str, share: float, studies: Sequence[str] | None, include_synthetic: bool
+    ) -> list[str]:
+        return self.gateway.start_canary(candidate, production, share, studies, include_synthetic)
 
-    def canary_outcome(self, study_id: str, candidate: str) -> str:
-        return self.gateway.canary_outcome(study_id, candidate)
+    def canary_outcome(self, candidate: str) -> str:
+        return self.gateway.canary_outcome(candidate)
 
 
 async def test_the_loops_canary_rolls_back_a_harmful_model_and_promotes_an_as_good_one(
@@ -220,7 +222,10 @@ async def test_the_loops_canary_rolls_back_a_harmful_model_and_promotes_an_as_go
     gate = tmp_path / "gate.yaml"
     checks = [{"name": "length", "metric": "reply_words", "kind": "within", "low": 3, "high": 120, "min_n": 2}]
     gate.write_text(yaml.safe_dump({"gate": {"name": "scripted", "checks": checks}}))
-    policy = LoopPolicy(enabled=True, min_new_sessions=2, study_id=study_id, canary_share=0.5, gate=gate)
+    # In its own study: the test stack's other studies serve base too.
+    policy = LoopPolicy(
+        enabled=True, min_new_sessions=2, canary_in="study", study_id=study_id, canary_share=0.5, gate=gate
+    )
 
     def admin_http() -> httpx.Client:
         return httpx.Client(base_url=gateway.url, headers=_admin_headers(), timeout=30)

@@ -22,8 +22,8 @@ from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import AuthSettings, S3Settings
 from emili_gateway.app import create_app
 from emili_gateway.settings import GatewaySettings
-from emili_pipeline.loop import CanaryRefused
-from emili_pipeline.loop_actions import GatewayError, SystemActions
+from emili_pipeline.loop import CanaryRefused, NoStudyForCanary
+from emili_pipeline.loop_actions import SystemActions
 from emili_testing.plugin import TEST_SECRET, free_port, token
 
 pytestmark = pytest.mark.integration
@@ -43,7 +43,13 @@ def _settings(redis_url: str, s3: S3Settings) -> GatewaySettings:
             "fer_target": unused,
             "server": base.server.model_copy(update={"metrics_port": 0}),
             # Keys of its own in the shared Redis; no monitor, so a running canary stays running while we look.
-            "studies": base.studies.model_copy(update={"redis_prefix": f"loop-canary-{uuid.uuid4().hex[:8]}"}),
+            # And studies of its own: a canary can span every study.
+            "studies": base.studies.model_copy(
+                update={
+                    "redis_prefix": f"loop-canary-{uuid.uuid4().hex[:8]}",
+                    "prefix": f"loop-canary-{uuid.uuid4().hex[:8]}",
+                }
+            ),
             "canary": base.canary.model_copy(update={"monitor": False}),
             "withdrawals": base.withdrawals.model_copy(update={"drain": False}),
         }
@@ -93,45 +99,59 @@ def test_the_loop_s_canary_calls_against_the_real_gateway(gateway_url: str, obje
     candidate, other = f"v-canary-{uuid.uuid4().hex[:6]}", f"v-other-{uuid.uuid4().hex[:6]}"
     register_model_version(object_store, candidate)
     register_model_version(object_store, other)
-    with gateway() as http:
-        spec = {"name": "Loop canary", "arms": [{"arm": "base"}], "consent_text": "You may stop at any time."}
-        created = http.post("/api/v1/studies", json=spec)
-    assert created.status_code == 201, created.text
-    study = created.json()["study_id"]
     actions = SystemActions(object_store, celery=None, pipeline_config=LOOP_CONFIG, gateway=gateway)
 
+    def study(**changes: object) -> str:
+        spec = {"name": "Loop canary", "arms": [{"arm": "base"}], "consent_text": "You may stop at any time."}
+        with gateway() as http:
+            created = http.post("/api/v1/studies", json=spec | changes)
+        assert created.status_code == 201, created.text
+        return str(created.json()["study_id"])
+
+    # No study yet: the loop waits (no_study_for_canary), it does not give the candidate up.
+    with pytest.raises(NoStudyForCanary, match="HTTP 409 no study can take a canary"):
+        actions.start_canary(candidate, "base", 0.2, None, False)
+    first, second = study(), study()
+    simulated = study(synthetic=True)
+
     # No canary yet: "missing" (the gateway's canary_not_found code), so the loop may start one.
-    assert actions.canary_outcome(study, candidate) == "missing"
-    # An unknown study is a 404 too, but not_found: an error, never a canary to start.
-    with pytest.raises(GatewayError, match=f"HTTP 404 study {UNKNOWN_STUDY} does not exist"):
-        actions.canary_outcome(UNKNOWN_STUDY, candidate)
+    assert actions.canary_outcome(candidate) == "missing"
     # Refused by the gateway itself: final, the loop ends the round instead of asking again on every tick.
     with pytest.raises(CanaryRefused, match="HTTP 404"):
-        actions.start_canary(UNKNOWN_STUDY, candidate, 0.2)
+        actions.start_canary(candidate, "base", 0.2, [UNKNOWN_STUDY], False)
     with pytest.raises(CanaryRefused, match=r"HTTP 400 .*not a registered model version"):
-        actions.start_canary(study, "v-never-registered", 0.2)
-    # The version the loop's gate judged against serves no arm of the study: no canary against something else.
+        actions.start_canary("v-never-registered", "base", 0.2, None, False)
+    # The version the loop's gate judged against serves no arm of a named study: no canary against something else.
     with pytest.raises(CanaryRefused, match=r"HTTP 400 'v-judged-against' serves no arm"):
-        actions.start_canary(study, candidate, 0.2, production="v-judged-against")
+        actions.start_canary(candidate, "v-judged-against", 0.2, [first], False)
 
-    actions.start_canary(study, candidate, 0.2, production="base")
+    # By default, every people's study that base serves: one experiment (a simulated study only when asked).
+    assert sorted(actions.start_canary(candidate, "base", 0.2, None, False)) == sorted([first, second])
     with gateway() as http:
-        shown = http.get(f"/api/v1/studies/{study}/canary").json()
-    assert (shown["candidate"], shown["production"], shown["share"]) == (candidate, "base", 0.2)
-    assert actions.canary_outcome(study, candidate) == "running"
-    # The study's newest canary is another version's: ours (other) never started.
-    assert actions.canary_outcome(study, other) == "missing"
+        shown = http.get(f"/api/v1/canaries/{candidate}").json()
+        in_first = http.get(f"/api/v1/studies/{first}/canary").json()
+    assert (shown["candidate"], shown["production"], shown["state"]) == (candidate, "base", "running")
+    assert sorted(in_first["studies"]) == sorted([first, second]) and in_first["share"] == 0.2
+    assert actions.canary_outcome(candidate) == "running"
+    assert actions.canary_outcome(other) == "missing"
+    # Every people's study runs a canary now; the simulated one is not the loop's to take.
+    with pytest.raises(NoStudyForCanary):
+        actions.start_canary(other, "base", 0.2, None, False)
     with pytest.raises(CanaryRefused, match=rf"HTTP 409 .*already runs a canary of {candidate}"):
-        actions.start_canary(study, other, 0.2)
+        actions.start_canary(other, "base", 0.2, [first], False)
+    assert actions.start_canary(other, "base", 0.2, None, True) == [simulated]
 
     with gateway() as http:
-        assert http.post(f"/api/v1/studies/{study}/canary/rollback").status_code == 200
-    assert actions.canary_outcome(study, candidate) == "rolled_back"
-    # Another version's canary becomes the study's newest before the loop looks again: ours is still found
+        assert http.post(f"/api/v1/canaries/{candidate}/rollback").status_code == 200
+        stopped = [http.get(f"/api/v1/studies/{s}/canary").json()["state"] for s in (first, second)]
+    assert stopped == ["rolled_back", "rolled_back"] and actions.canary_outcome(candidate) == "rolled_back"
+    # Another version's canary becomes a study's newest before the loop looks again: ours is still found
     # (decided), never taken for one that never started (which the loop would start, and the gateway refuse).
-    actions.start_canary(study, other, 0.2)
-    assert actions.canary_outcome(study, other) == "running"
-    assert actions.canary_outcome(study, candidate) == "rolled_back"
     with gateway() as http:
-        bad = http.get(f"/api/v1/studies/{study}/canary", params={"candidate": "../x"})
+        assert http.post(f"/api/v1/studies/{simulated}/canary/rollback").status_code == 200
+    assert actions.start_canary(other, "base", 0.2, [first], False) == [first]
+    assert actions.canary_outcome(other) == "running"  # Its newest experiment, not the simulated study's.
+    assert actions.canary_outcome(candidate) == "rolled_back"
+    with gateway() as http:
+        bad = http.get("/api/v1/canaries/v%20x")
         assert bad.status_code == 400, bad.text

@@ -16,7 +16,17 @@ import yaml
 from emili_core.keys import model_withdrawal_key, pipeline_state_key
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_pipeline.gate import VERDICT_HEADING, Evidence
-from emili_pipeline.loop import NO_CANDIDATE, STATE_KEY, CanaryRefused, Loop, LoopPolicy, RedisLease
+from emili_pipeline.loop import (
+    NO_CANARY,
+    NO_CANDIDATE,
+    STATE_KEY,
+    WAITING,
+    CanaryRefused,
+    Loop,
+    LoopPolicy,
+    NoStudyForCanary,
+    RedisLease,
+)
 from emili_session.loop_records import gate_key
 
 pytestmark = pytest.mark.integration
@@ -48,6 +58,8 @@ class FakeSystem:
     decision: str = "running"
     outcome: tuple[str, str | None] = ("done", "cand-1")  # Once finished: the pipeline's outcome and candidate.
     refusal: str | None = None  # The gateway refuses every canary, saying this.
+    no_study: bool = False  # No study can take a canary now.
+    canary_studies: list[Sequence[str] | None] = field(default_factory=list)  # Where each was asked to run.
 
     def eligible_sessions(self, include_synthetic: bool) -> list[str]:
         return list(self.sessions)
@@ -60,13 +72,19 @@ class FakeSystem:
     def pipeline_outcome(self, pipeline_id: str) -> tuple[str, str | None, dict[str, Evidence]]:
         return (*self.outcome, self.evidence) if self.finished else ("running", None, {})
 
-    def start_canary(self, study_id: str, candidate: str, share: float, production: str | None = None) -> None:
+    def start_canary(
+        self, candidate: str, production: str, share: float, studies: Sequence[str] | None, include_synthetic: bool
+    ) -> list[str]:
+        self.canary_studies.append(studies)
         if self.refusal:
             raise CanaryRefused(self.refusal)
+        if self.no_study:
+            raise NoStudyForCanary("HTTP 409 no study can take a canary of cand-1 now")
         self.canaries.append(candidate)
         self.canary_productions.append(production)
+        return list(studies or ["st-a", "st-b"])
 
-    def canary_outcome(self, study_id: str, candidate: str) -> str:
+    def canary_outcome(self, candidate: str) -> str:
         return self.decision if self.canaries else "missing"
 
 
@@ -77,7 +95,8 @@ def store(object_store: ObjectStore) -> ObjectStore:
 
 
 def make(store: ObjectStore, redis_url: str, system: FakeSystem, owner: str, **policy: object) -> Loop:
-    options = LoopPolicy(enabled=True, interval_s=5, min_new_sessions=3, study_id="st-0123456789ab", **policy)
+    where: dict[str, object] = {"canary_in": "study", "study_id": "st-0123456789ab"}
+    options = LoopPolicy.model_validate({"enabled": True, "interval_s": 5, "min_new_sessions": 3} | where | policy)
     return Loop(options, store, RedisLease(redis.Redis.from_url(redis_url)), system, owner)
 
 
@@ -302,6 +321,37 @@ def test_a_refused_canary_ends_the_round(store: ObjectStore, isolated_redis_url:
     system.sessions += ["d", "e", "f"]
     system.refusal = None
     assert (loop.tick() or pytest.fail()).phase == "training" and len(system.pipelines) == 2
+
+
+def test_the_canary_runs_in_every_study_and_waits_while_none_can_take_it(
+    store: ObjectStore, isolated_redis_url: str
+) -> None:
+    """The shipped default (``canary_in: running_studies``): the gateway is asked for every study the production
+    version serves; while none can take the canary, the candidate waits (recorded once) and is asked again each tick."""
+    system = FakeSystem(sessions=["a", "b", "c"], evidence=GOOD, finished=True, no_study=True)
+    loop = make(store, isolated_redis_url, system, "only", canary_in="running_studies", study_id="")
+    phases = [(loop.tick() or pytest.fail()).phase for _ in range(4)]
+    assert phases == ["training", "gating", "canary", "canary"] and system.canary_studies == [None, None]
+    waited = [h for h in loop.state().history if h["event"] == WAITING]
+    assert len(waited) == 1 and "no study can take" in waited[0]["why"]
+    system.no_study = False
+    state = loop.tick() or pytest.fail()
+    assert state.history[-1]["event"] == "canary started" and state.history[-1]["studies"] == ["st-a", "st-b"]
+    system.decision = "promoted"
+    assert (loop.tick() or pytest.fail()).production == "cand-1"
+
+
+@pytest.mark.parametrize(
+    ("where", "why"), [({"canary_in": "none"}, "canary_in: none"), ({"study_id": ""}, "no study_id")]
+)
+def test_without_a_canary_a_passed_candidate_stops_at_the_gate(
+    store: ObjectStore, isolated_redis_url: str, where: dict[str, str], why: str
+) -> None:
+    system = FakeSystem(sessions=["a", "b", "c"], evidence=GOOD, finished=True)
+    loop = make(store, isolated_redis_url, system, "only", **where)
+    assert [(loop.tick() or pytest.fail()).phase for _ in range(3)] == ["training", "gating", "idle"]
+    last = loop.state().history[-1]
+    assert last["event"] == NO_CANARY and why in last["why"] and system.canary_studies == []
 
 
 def test_the_verdict_goes_into_the_candidates_evaluation_report(store: ObjectStore, isolated_redis_url: str) -> None:

@@ -20,7 +20,7 @@ from emili_core.keys import pipeline_prefix
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import CommonSettings, S3Settings
 from emili_core.tasks import create_celery_app
-from emili_pipeline.loop import CanaryRefused, LoopPolicy, load_loop_policy
+from emili_pipeline.loop import CanaryRefused, LoopPolicy, NoStudyForCanary, load_loop_policy
 from emili_pipeline.loop_actions import GatewayError, SystemActions, eligible_session_ids
 from emili_pipeline.pipeline import DONE, FAILED, load_state, save_state
 from emili_testing.records import record_ended_session
@@ -232,33 +232,40 @@ def answering(*answers: httpx.Response) -> Callable[[], httpx.Client]:
 
 def test_canary_answers_the_real_gateway_seldom_gives(actions: SystemActions) -> None:
     """What the real gateway gives only after a monitor's decision, a version skew or an outage."""
-    study = "st-0123456789ab"
     for state in ("running", "promoted", "rolled_back"):
         actions.gateway = answering(httpx.Response(200, json={"candidate": "v2", "state": state}))
-        assert actions.canary_outcome(study, "v2") == state
+        assert actions.canary_outcome("v2") == state
     actions.gateway = answering(httpx.Response(200, json={"candidate": "v2", "state": "paused"}))
     with pytest.raises(GatewayError, match="unknown state 'paused'"):
-        actions.canary_outcome(study, "v2")
+        actions.canary_outcome("v2")
+    actions.gateway = answering(httpx.Response(200, json={"candidate": "v3", "state": "promoted"}))
+    with pytest.raises(GatewayError, match="answered for 'v3'"):
+        actions.canary_outcome("v2")
     # Only the code means "never started": not the message, and not a proxy's 404 page.
-    no_canary = "study st-0123456789ab has had no canary; start one with POST .../canary"
+    no_canary = "v2 has had no canary; start one with POST /api/v1/canaries"
     actions.gateway = answering(httpx.Response(404, json={"error": "canary_not_found", "detail": no_canary}))
-    assert actions.canary_outcome(study, "v2") == "missing"
+    assert actions.canary_outcome("v2") == "missing"
     actions.gateway = answering(httpx.Response(404, json={"error": "not_found", "detail": no_canary}))
     with pytest.raises(GatewayError, match="HTTP 404"):
-        actions.canary_outcome(study, "v2")
+        actions.canary_outcome("v2")
     actions.gateway = answering(httpx.Response(404, text="<html>Not Found</html>"))
     with pytest.raises(GatewayError, match="HTTP 404 <html>Not Found"):
-        actions.canary_outcome(study, "v2")
+        actions.canary_outcome("v2")
 
-    # A refusal by the gateway itself is final (the loop ends the round); an outage or a proxy's page is not.
+    # A refusal by the gateway itself is final (the loop ends the round); no study able to take it now is a wait; an
+    # outage or a proxy's page is neither.
     retired = {"error": "failed_precondition", "detail": "model v2 was retired: people it learned from withdrew"}
     actions.gateway = answering(httpx.Response(409, json=retired))
     with pytest.raises(CanaryRefused, match="HTTP 409 model v2 was retired"):
-        actions.start_canary(study, "v2", 0.2)
+        actions.start_canary("v2", "base", 0.2, None, False)
+    busy = {"error": "no_study_for_canary", "detail": "no study can take a canary of v2 now"}
+    actions.gateway = answering(httpx.Response(409, json=busy))
+    with pytest.raises(NoStudyForCanary, match="in the running studies: HTTP 409 no study"):
+        actions.start_canary("v2", "base", 0.2, None, False)
     for answer in (httpx.Response(503, json={"error": "unavailable", "detail": "redis"}), httpx.Response(404)):
         actions.gateway = answering(answer)
         with pytest.raises(GatewayError) as raised:
-            actions.start_canary(study, "v2", 0.2)
+            actions.start_canary("v2", "base", 0.2, ["st-0123456789ab"], False)
         assert not isinstance(raised.value, CanaryRefused)
 
     def unreachable(request: httpx.Request) -> httpx.Response:
@@ -266,10 +273,10 @@ def test_canary_answers_the_real_gateway_seldom_gives(actions: SystemActions) ->
 
     actions.gateway = lambda: httpx.Client(base_url="http://gateway", transport=httpx.MockTransport(unreachable))
     with pytest.raises(GatewayError, match="cannot be reached"):
-        actions.start_canary(study, "v2", 0.2)
+        actions.start_canary("v2", "base", 0.2, None, False)
     actions.gateway = None
     with pytest.raises(GatewayError, match="no gateway"):
-        actions.start_canary(study, "v2", 0.2)
+        actions.start_canary("v2", "base", 0.2, None, False)
 
 
 def test_the_commands(

@@ -18,6 +18,7 @@ from emili_pipeline.simulator.personas import builtin_personas
 from emili_pipeline.simulator.run import SimulatorSettings
 from emili_pipeline.simulator.user import noise_quality
 from emili_pipeline.study_sim import (
+    OFFLINE_STUDY,
     SIMULATION_GATE,
     SIMULATION_PIPELINE,
     OfflineCanary,
@@ -426,9 +427,9 @@ def test_study_actions_see_only_the_condition_sessions_and_run_the_canary_offlin
 
     actions = StudyActions(_System(), OfflineCanary(compare), {"a", "b", "c"})
     assert actions.eligible_sessions(True) == ["a", "b"]
-    assert actions.canary_outcome("s", "v1") == "missing"
-    actions.start_canary("s", "v1", 0.1)
-    assert actions.canary_outcome("s", "v1") == "rolled_back" and compared == ["v1"]
+    assert actions.canary_outcome("v1") == "missing"
+    assert actions.start_canary("v1", "base", 0.1, None, True) == [OFFLINE_STUDY]
+    assert actions.canary_outcome("v1") == "rolled_back" and compared == ["v1"]
 
 
 def test_emili_study_has_simulate_and_keeps_the_gateway_commands() -> None:

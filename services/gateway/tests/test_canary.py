@@ -270,7 +270,11 @@ def _settings(redis_url: str, s3: S3Settings, servers: Servers) -> GatewaySettin
     # Keys of its own in the shared Redis: other tests' gateways run canary monitors that take the same lock.
     # Two sessions per participant: a returning participant's arm is checked again at their second.
     studies = settings.gateway.studies.model_copy(
-        update={"redis_prefix": f"canary-test-{uuid.uuid4().hex[:8]}", "max_sessions_per_participant": 2}
+        update={
+            "redis_prefix": f"canary-test-{uuid.uuid4().hex[:8]}",
+            "prefix": f"canary-test-{uuid.uuid4().hex[:8]}",  # Its own studies: a canary can span every study.
+            "max_sessions_per_participant": 2,
+        }
     )
     canary = OPTIONS.model_copy(update={"monitor": False})
     options = settings.gateway.model_copy(update={"canary": canary, "studies": studies})
@@ -442,6 +446,103 @@ def test_a_canary_through_the_gateway(
     assert [(c.state, c.reason) for c in decided] == [("rolled_back", PRODUCTION_RETIRED_REASON)]
 
 
+@pytest.mark.integration
+def test_one_canary_across_the_running_studies(
+    make_client: MakeClient, redis_url: str, s3_settings: S3Settings, servers: Servers, object_store: ObjectStore
+) -> None:
+    """``POST /canaries``: the candidate runs in every study its production version serves (not a simulated one
+    unless asked, not one running another canary), the studies' sessions are pooled, and one decision holds in all."""
+    settings = _settings(redis_url, s3_settings, servers)
+    client: TestClient = make_client(settings)
+    for version in ("wide-good", "wide-bad", "busy"):
+        register_model_version(object_store, version)
+    first, second = create_study(client)["study_id"], create_study(client)["study_id"]
+    simulated = create_study(client, synthetic=True)["study_id"]
+    other_arm = create_study(client, arms=[{"arm": "busy", "weight": 1}])["study_id"]  # Serves no base.
+    busy = create_study(client)["study_id"]
+    assert client.post(f"/api/v1/studies/{busy}/canary", json={"candidate": "busy"}, headers=admin_headers()).is_success
+
+    nothing = client.post(
+        "/api/v1/canaries", json={"candidate": "wide-good", "production": "v-none"}, headers=admin_headers()
+    )
+    assert nothing.status_code == 409 and nothing.json()["error"] == "no_study_for_canary"
+    assert client.get("/api/v1/canaries/wide-good", headers=admin_headers()).json()["error"] == "canary_not_found"
+    body = {"candidate": "wide-good", "production": "base", "share": 0.5}
+    started = client.post("/api/v1/canaries", json=body, headers=admin_headers())
+    assert started.status_code == 201, started.text
+    group = started.json()
+    assert sorted(c["study_id"] for c in group["canaries"]) == sorted([first, second])
+    assert simulated not in str(group) and other_arm not in str(group)
+    assert list(group["skipped"]) == [busy] and "already runs a canary of busy" in group["skipped"][busy]
+    again = client.post("/api/v1/canaries", json=body, headers=admin_headers())
+    assert again.status_code == 409 and again.json()["error"] == "no_study_for_canary"  # Each runs it already.
+
+    # Neither study alone reaches the planned 30 sessions per arm; pooled, they do: promoted in both at one look.
+    started_ms = group["started_ms"]
+    sessions = [
+        _rated(study_id, arm, i, 4 + i % 2, started_ms)
+        for study_id in (first, second)
+        for arm in ("wide-good", "base")
+        for i in range(15)
+    ]
+    decided = _monitor(redis_url, object_store, settings, sessions)
+    assert sorted((c.study_id, c.state) for c in decided) == sorted([(first, "promoted"), (second, "promoted")])
+    shown = client.get("/api/v1/canaries/wide-good", headers=admin_headers()).json()
+    assert shown["state"] == "promoted" and shown["looks"][0]["n_candidate"] == 30
+    assert {s.split("-wide-good-")[0] for s in shown["sessions"]["candidate"]} == {first, second}
+    for study_id in (first, second):
+        assert client.get(f"/api/v1/studies/{study_id}/canary", headers=admin_headers()).json()["state"] == "promoted"
+        newcomer = join(client, study_id)
+        start_session(client, newcomer)
+        prefix = settings.gateway.studies.redis_prefix
+        raw = redis.Redis.from_url(redis_url).hget(f"{prefix}:participant:{newcomer.participant_id}", "arm")
+        assert json.loads(raw or b'""') == "wide-good"
+
+    # A researcher stops the next candidate in one study: the next look rolls it back in the other too.
+    body = {"candidate": "wide-bad", "production": "wide-good", "studies": [first, second]}
+    assert client.post("/api/v1/canaries", json=body, headers=admin_headers()).status_code == 201
+    assert client.post(f"/api/v1/studies/{first}/canary/rollback", headers=admin_headers()).is_success
+    decided = _monitor(redis_url, object_store, settings, [])
+    assert [(c.study_id, c.state) for c in decided] == [(second, "rolled_back")]
+    assert decided[0].reason.startswith(f"rolled back in study {first} (rolled back by")
+    assert client.get("/api/v1/canaries/wide-bad", headers=admin_headers()).json()["state"] == "rolled_back"
+    stopped = client.post("/api/v1/canaries/wide-bad/rollback", headers=admin_headers())
+    assert stopped.status_code == 409 and "already rolled back" in stopped.json()["detail"]
+    # Named studies must each take it, or none starts.
+    named = client.post(
+        "/api/v1/canaries",
+        json={"candidate": "wide-bad", "production": "wide-good", "studies": [first, other_arm]},
+        headers=admin_headers(),
+    )
+    assert named.status_code == 400 and "'wide-good' serves no arm of study" in named.json()["detail"]
+    assert client.get(f"/api/v1/studies/{first}/canary", headers=admin_headers()).json()["candidate"] == "wide-bad"
+
+    # A look that promoted in one study and stopped before recording the other: the next look promotes there too.
+    register_model_version(object_store, "wide-third")
+    body = {"candidate": "wide-third", "production": "wide-good", "studies": [first, second]}
+    third = client.post("/api/v1/canaries", json=body, headers=admin_headers()).json()
+    promoted = Canary.model_validate(third["canaries"][0]).model_copy(
+        update={"state": "promoted", "reason": "as good: within the margin", "decided_ms": NOW}
+    )
+    assert _save(redis_url, object_store, settings, promoted)
+    decided = _monitor(redis_url, object_store, settings, [])
+    assert [(c.study_id, c.state, c.reason) for c in decided] == [(second, "promoted", promoted.reason)]
+    assert client.get("/api/v1/canaries/wide-third", headers=admin_headers()).json()["state"] == "promoted"
+
+
+def _save(redis_url: str, object_store: ObjectStore, settings: GatewaySettings, canary: Canary) -> bool:
+    async def go() -> bool:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            return await StudyEngine(settings.gateway.studies, client, object_store).save_canary(
+                canary, while_running=True
+            )
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
 def retire(store: ObjectStore, version: str) -> None:
     """The withdrawal mark the labeler writes with ``retention.withdrawn_models: retire``."""
     mark = {"version": version, "withdrawn_sessions": ["s-gone"], "withdrawn_ms": 1, "updated_ms": 1, "retired": True}
@@ -525,3 +626,31 @@ def test_a_look_never_undoes_a_decision_that_landed_first(redis_url: str, object
     saved, stored = asyncio.run(race([stopped], running.model_copy(update={"reason": "a stale look"})))
     assert not saved and stored is not None and stored.state == "rolled_back"
     assert object_store.get_json(Bucket.SESSIONS, durable)["state"] == "rolled_back"
+
+
+@pytest.mark.integration
+def test_a_stopped_monitor_hands_its_lock_over_at_once(redis_url: str, object_store: ObjectStore) -> None:
+    """A replica shutting down gives the monitor's lock up: another replica looks at its next tick, not a TTL later
+    (the lock lives two intervals)."""
+    options = StudyStoreSettings(redis_prefix=f"canary-lock-{uuid.uuid4().hex[:8]}")
+    slow = OPTIONS.model_copy(update={"interval_s": 600.0})
+
+    async def go() -> tuple[bool, bool]:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            first, second = StudyEngine(options, client, object_store), StudyEngine(options, client, object_store)
+            first.replica, second.replica = "replica-1", "replica-2"
+            running = asyncio.create_task(CanaryMonitor(slow, first, gateway_metrics()).run())
+            for _ in range(500):  # Its first tick takes the lock.
+                if await client.get(f"{options.redis_prefix}:lock:canary-monitor") is not None:
+                    break
+                await asyncio.sleep(0.01)
+            held = not await second.take_lock("canary-monitor", 60)
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+            return held, await second.take_lock("canary-monitor", 60)
+        finally:
+            await client.aclose()
+
+    held, taken = asyncio.run(go())
+    assert held and taken

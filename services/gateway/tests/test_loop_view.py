@@ -83,19 +83,23 @@ class System:
     def pipeline_outcome(self, pipeline_id: str) -> tuple[str, str | None, dict[str, Evidence]]:
         return "done", self.candidate, self.evidence
 
-    def start_canary(self, study_id: str, candidate: str, share: float, production: str | None = None) -> None:
-        body = {"candidate": candidate, "share": share, "production": production}
-        response = self.client.post(f"/api/v1/studies/{study_id}/canary", json=body, headers=admin_headers())
+    def start_canary(
+        self, candidate: str, production: str, share: float, studies: Sequence[str] | None, include_synthetic: bool
+    ) -> list[str]:
+        body = {"candidate": candidate, "share": share, "production": production, "studies": studies}
+        response = self.client.post("/api/v1/canaries", json=body, headers=admin_headers())
         assert response.status_code == 201, response.text
+        return [c["study_id"] for c in response.json()["canaries"]]
 
-    def canary_outcome(self, study_id: str, candidate: str) -> str:
-        canary = self.client.get(f"/api/v1/studies/{study_id}/canary", headers=admin_headers()).json()
-        return str(canary["state"]) if canary.get("candidate") == candidate else "missing"
+    def canary_outcome(self, candidate: str) -> str:
+        group = self.client.get(f"/api/v1/canaries/{candidate}", headers=admin_headers()).json()
+        return str(group.get("state", "missing"))
 
 
 def fresh_loop(store: ObjectStore, system: System, study_id: str = "") -> Loop:
     store.delete(Bucket.MODELS, loop_records.LOOP_STATE_KEY)
-    policy = LoopPolicy(enabled=True, interval_s=5, min_new_sessions=3, study_id=study_id)
+    where = "study" if study_id else "none"
+    policy = LoopPolicy(enabled=True, interval_s=5, min_new_sessions=3, canary_in=where, study_id=study_id)
     return Loop(policy, store, AlwaysLease(), system, "test")
 
 
@@ -160,11 +164,11 @@ def test_a_round_is_traced_from_each_decision_to_its_sessions(client: TestClient
     newest, started = view["history"][0], view["history"][-1]
     assert newest["candidate"] == candidate and newest["phase"] == "idle" and newest["at_ms"] > 0
     assert started["numbers"]["new_sessions"] == 4 and started["numbers"]["sessions"] == 4
-    assert view["history"][1]["study_id"] == study["study_id"]
+    assert view["history"][1]["studies"] == [study["study_id"]]
     assert view["history"][4]["pipeline_id"] == pipeline_id
     (listed,) = view["candidates"]
     assert listed["version"] == candidate and listed["latest_event"] == "canary rolled back"
-    assert listed["pipeline_id"] == pipeline_id and listed["study_id"] == study["study_id"]
+    assert listed["pipeline_id"] == pipeline_id and listed["studies"] == [study["study_id"]]
     verdict = listed["verdict"]
     assert verdict["passed"] is True and verdict["policy"] == "default" and verdict["sessions"] == 4
     checks = {c["name"]: c for c in verdict["checks"]}
@@ -184,8 +188,9 @@ def test_a_round_is_traced_from_each_decision_to_its_sessions(client: TestClient
     assert pipeline["steps"]["sft"] == "done" and pipeline["steps"]["evaluate"] == "pending"
     assert detail["lineage_sessions"] == sorted(sessions) and detail["lineage_datasets"][0]["id"] == "ds-1"
     assert detail["lineage_parents"] == ["base"]
-    assert detail["study_id"] == study["study_id"]
+    assert detail["studies"] == [study["study_id"]]
     assert detail["canary"]["candidate"] == candidate and detail["canary"]["state"] == "rolled_back"
+    assert [c["study_id"] for c in detail["canary"]["canaries"]] == [study["study_id"]]
     assert [e["event"] for e in detail["history"]][:2] == ["canary rolled back", "canary started"]
     assert get(client, f"/loop/pipelines/{pipeline_id}") == pipeline
 
@@ -230,7 +235,7 @@ def test_failed_gates_and_pipelines_and_the_newest_decisions(client: TestClient,
         "phase": "idle",
         "candidate": None,
         "pipeline_id": "pl-x",
-        "study_id": None,
+        "studies": [],
         "numbers": {},
     }
 
@@ -293,3 +298,13 @@ def test_the_researcher_page_has_the_loop_section(client: TestClient) -> None:
     script = client.get("/static/researcher.js").text
     for part in ('"/loop"', "/loop/candidates/", "/loop/pipelines/", "train_sessions", "lineage_sessions"):
         assert part in script
+
+
+def test_an_event_names_its_canarys_studies_as_the_loop_wrote_them() -> None:
+    """Before a canary could span studies, the loop recorded one ``study_id``; both read as ``studies``."""
+    from emili_gateway.loop_view import event_view
+
+    assert event_view({"event": "canary started", "studies": ["st-a", "st-b"]}).studies == ["st-a", "st-b"]
+    assert event_view({"event": "canary started", "study_id": "st-a"}).studies == ["st-a"]
+    assert event_view({"event": "canary started", "studies": "st-a"}).studies == []  # Not as the loop writes it.
+    assert "studies" not in event_view({"studies": ["st-a"], "sessions": 3}).numbers

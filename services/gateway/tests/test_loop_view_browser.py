@@ -90,6 +90,7 @@ def test_the_loop_section_traces_a_decision(
     spec = {"name": "Loop study", "arms": [{"arm": "base"}], "consent_text": "You will chat with an AI."}
     study = httpx.post(f"{base}/api/v1/studies", json=spec, headers=admin, timeout=30).json()
     study_id = study["study_id"]
+    second = httpx.post(f"{base}/api/v1/studies", json=spec, headers=admin, timeout=30).json()["study_id"]
     passed, failed = f"cand-{uuid.uuid4().hex[:8]}", f"cand-{uuid.uuid4().hex[:8]}"
     train, heldout = ["s-train-1", "s-train-2", "s-train-3"], ["s-held-1"]
     for version in (passed, failed):
@@ -112,7 +113,8 @@ def test_the_loop_section_traces_a_decision(
         loop_records.gate_key(failed),
         verdict | {"version": failed, "passed": False, "checks": [check("delta_v_not_worse", False, None, None, 3)]},
     )
-    started = httpx.post(f"{base}/api/v1/studies/{study_id}/canary", json={"candidate": passed}, headers=admin)
+    both = {"candidate": passed, "production": "base", "studies": [study_id, second]}
+    started = httpx.post(f"{base}/api/v1/canaries", json=both, headers=admin)
     assert started.status_code == 201, started.text
     history = [  # An older round whose candidate failed the gate, then one whose candidate runs as a canary.
         {"at_ms": 500, "event": "gate failed", "phase": "idle", "candidate": failed, "failed_checks": ["delta_v"]},
@@ -120,7 +122,13 @@ def test_the_loop_section_traces_a_decision(
         {"at_ms": 2_000, "event": "pipeline started", "phase": "training", "pipeline_id": "pl-browser"},
         {"at_ms": 3_000, "event": "candidate trained", "phase": "gating", "candidate": passed},
         {"at_ms": 5_000, "event": "gate passed", "phase": "canary", "candidate": passed},
-        {"at_ms": 6_000, "event": "canary started", "phase": "canary", "candidate": passed, "study_id": study_id},
+        {
+            "at_ms": 6_000,
+            "event": "canary started",
+            "phase": "canary",
+            "candidate": passed,
+            "studies": [study_id, second],
+        },
     ]
     state = {"phase": "canary", "pipeline_id": "pl-browser", "candidate": passed, "sessions": train + heldout}
     object_store.put_json(Bucket.MODELS, loop_records.LOOP_STATE_KEY, state | {"history": history})
@@ -161,10 +169,20 @@ def test_the_loop_section_traces_a_decision(
             "p = 0.0005",
         ):
             assert part in text, part
-        assert f"Canary in study {study_id}: running" in text
-        link = browser.execute_script(f"return {card}.querySelector('.canary-trace a').getAttribute('href')")
-        assert link == f"#canary-{study_id}"
-        until(browser, f"document.getElementById('canary-{study_id}')")  # The study card it links to.
+        assert f"Canary in studies {study_id}, {second}: running" in text
+        links = browser.execute_script(
+            f"return [...{card}.querySelectorAll('.canary-trace a')].map(a => a.getAttribute('href'))"
+        )
+        assert links == [f"#canary-{study_id}", f"#canary-{second}"]
+        until(browser, f"document.getElementById('canary-{study_id}')")  # The study cards they link to.
+        # Each study's card says its canary is one experiment with the other's.
+        status = until(
+            browser,
+            f"document.getElementById('study-{second}').querySelector('.canary-status').textContent"
+            ".includes('One experiment') && "
+            f"document.getElementById('study-{second}').querySelector('.canary-status').textContent",
+        )
+        assert f"One experiment with its canary in {study_id}" in status
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(SCREENSHOTS / "researcher-loop-candidate.png"))
 
@@ -212,5 +230,6 @@ def test_the_loop_section_traces_a_decision(
             "Canary sessions of the production arm (base) (1): s-canary-p1",
         ]
     finally:
-        httpx.post(f"{base}/api/v1/studies/{study_id}/canary/rollback", headers=admin, timeout=30)
+        for each in (study_id, second):
+            httpx.post(f"{base}/api/v1/studies/{each}/canary/rollback", headers=admin, timeout=30)
         object_store.delete(Bucket.MODELS, loop_records.LOOP_STATE_KEY)

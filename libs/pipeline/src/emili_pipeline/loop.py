@@ -18,9 +18,15 @@ Phases, one step per tick:
 - ``gating``: judge the candidate's evidence with the gate policy; the verdict is stored with the model
   (``gates/<version>.json``); passed -> start a canary -> ``canary``; failed (evidence it cannot read included)
   -> ``idle`` (never served); a canary the gateway refuses for good (the candidate retired meanwhile, another
-  canary running in the study) -> ``idle``, "canary refused", with the gateway's reason;
+  canary running in the named study) -> ``idle``, "canary refused", with the gateway's reason;
 - ``canary``: wait for the gateway's decision (promoted or rolled back) -> ``idle`` (a canary that is missing,
-  because the process stopped before starting it, is started).
+  because the process stopped before starting it, or because no study could take it yet, is started).
+
+Where the canary runs (``canary_in``): by default in every running study that the production version serves now
+(people's studies; simulated ones too with ``include_synthetic``), as one experiment whose sessions the gateway pools
+and decides once for all of them, so the studies never serve different versions; or only in ``study_id``; or
+nowhere (candidates stop after the gate). While no study can take it (none serves the production version, or each
+runs another canary), the candidate waits in ``canary``, asked again at every tick.
 
 The production arm: candidates are compared with ``policy.production`` (``base``) until the loop promotes one;
 from then on with the promoted version (``LoopState.production``), which the next pipeline gets as its baseline.
@@ -73,6 +79,8 @@ log = logging.getLogger(__name__)
 STATE_KEY = LOOP_STATE_KEY  # Where the loop's records live is defined once, with their readers (the gateway's).
 NO_CANDIDATE = "no candidate"
 NO_CANDIDATE_WHY = "the pipeline finished without training a model: no SFT or DPO examples in these sessions"
+WAITING = "canary waiting for a study"
+NO_CANARY = "gate passed; no canary"
 Phase = Literal["idle", "training", "gating", "canary"]
 
 
@@ -83,7 +91,10 @@ class LoopPolicy(BaseModel):
     interval_s: float = Field(300.0, gt=0)
     min_new_sessions: int = Field(50, ge=1)
     include_synthetic: bool = False  # Only simulation studies set it: real candidates learn from people.
-    study_id: str = ""  # Where the canary runs (the gateway's study); empty: candidates stop after the gate.
+    # Where a candidate that passed the gate gets its canary: every running study its production version serves
+    # now ("running_studies"), only ``study_id`` ("study"), or nowhere ("none": candidates stop after the gate).
+    canary_in: Literal["running_studies", "study", "none"] = "running_studies"
+    study_id: str = ""  # The gateway study of ``canary_in: study`` and ``sessions_from: study``.
     # Which sessions candidates learn from: "all" recorded ones, or only those of ``study_id`` ("study"), so that
     # a simulation study's loop does not take other runs' synthetic sessions (with no study_id: none).
     sessions_from: Literal["all", "study"] = "all"
@@ -96,6 +107,23 @@ class LoopPolicy(BaseModel):
     # train its replacement without their sessions at once (it keeps serving until a replacement is promoted).
     # A retired one is always replaced at once.
     retrain_on_withdrawal: bool = True
+
+    def no_canary(self) -> str | None:
+        """Why a candidate that passed the gate gets no canary (it stops there); None: it gets one."""
+        if self.canary_in == "none":
+            return "canary_in: none"
+        if self.canary_in == "study" and not self.study_id:
+            return "canary_in: study, and no study_id"
+        return None
+
+    def canary_studies(self) -> list[str] | None:
+        """The studies to run the canary in; None: every running study the production version serves."""
+        return [self.study_id] if self.canary_in == "study" else None
+
+    def canary_where(self) -> str:
+        if why := self.no_canary():
+            return f"nowhere ({why}): candidates stop after the gate"
+        return f"study {self.study_id}" if self.canary_in == "study" else "every study the production version serves"
 
     def sessions_study(self) -> str | None:
         """The study eligible sessions must belong to; None: any session, of a study or not."""
@@ -179,7 +207,12 @@ class LeaseLost(Exception):
 
 class CanaryRefused(Exception):
     """The gateway refused the candidate's canary for good (the candidate was retired or rejected meanwhile, the
-    study runs another canary, or it no longer exists): asking again would be refused again."""
+    named study runs another canary, or it no longer exists): asking again would be refused again."""
+
+
+class NoStudyForCanary(Exception):
+    """No study can take the canary now (none is served by the production version, or each runs another canary):
+    the candidate waits and asks again."""
 
 
 class Actions(Protocol):
@@ -191,11 +224,16 @@ class Actions(Protocol):
 
     def pipeline_outcome(self, pipeline_id: str) -> tuple[str, str | None, dict[str, Evidence]]: ...
 
-    def start_canary(self, study_id: str, candidate: str, share: float, production: str | None = None) -> None:
-        """``production``: the version the gate judged the candidate against; the canary must stand in for what
-        serves it, and is refused (:class:`CanaryRefused`) when the study serves something else."""
+    def start_canary(
+        self, candidate: str, production: str, share: float, studies: Sequence[str] | None, include_synthetic: bool
+    ) -> list[str]:
+        """Start ``candidate``'s canary, standing in for ``production`` (the version the gate judged it against), in
+        ``studies`` (None: every study ``production`` serves now, simulated ones only with ``include_synthetic``);
+        returns the studies it runs in. Refused for good (:class:`CanaryRefused`) when a named study serves
+        something else; :class:`NoStudyForCanary` when no study can take it now."""
 
-    def canary_outcome(self, study_id: str, candidate: str) -> str: ...
+    def canary_outcome(self, candidate: str) -> str:
+        """``running``, ``promoted``, ``rolled_back`` (in every study it runs in), or ``missing``."""
 
 
 class Lease(Protocol):
@@ -392,10 +430,11 @@ class Loop:
         self.store.put_json(Bucket.MODELS, gate_key(state.candidate), record)
         self._verdict_into_report(state.pipeline_id, record)
         failed = [c.name for c in verdict.checks if not c.passed]
-        if not verdict.passed or not self.policy.study_id:
+        if not verdict.passed or self.policy.no_canary():
             state.phase = "idle"
-            event = "gate failed" if not verdict.passed else "gate passed; no study to run a canary in"
-            return self._save(state, event, candidate=state.candidate, failed_checks=failed)
+            if not verdict.passed:
+                return self._save(state, "gate failed", candidate=state.candidate, failed_checks=failed)
+            return self._save(state, NO_CANARY, candidate=state.candidate, why=self.policy.no_canary())
         state.phase = "canary"
         self._save(state, "gate passed", candidate=state.candidate)
         return self._start_canary(state)
@@ -422,18 +461,28 @@ class Loop:
 
     def _start_canary(self, state: LoopState) -> LoopState:
         try:
-            self.actions.start_canary(
-                self.policy.study_id, str(state.candidate), self.policy.canary_share, production=self.baseline(state)
+            studies = self.actions.start_canary(
+                str(state.candidate),
+                self.baseline(state),
+                self.policy.canary_share,
+                self.policy.canary_studies(),
+                self.policy.include_synthetic,
             )
         except CanaryRefused as exc:
             # The round ends (retrying would stall the loop on the same refusal); new sessions start the next one.
             state.phase = "idle"
             return self._save(state, "canary refused", candidate=state.candidate, why=str(exc))
-        return self._save(state, "canary started", candidate=state.candidate, study_id=self.policy.study_id)
+        except NoStudyForCanary as exc:
+            # Waits in "canary" and asks again next tick; recorded once, not at every tick.
+            last = state.history[-1] if state.history else {}
+            if (last.get("event"), last.get("candidate")) == (WAITING, state.candidate):
+                return state
+            return self._save(state, WAITING, candidate=state.candidate, why=str(exc))
+        return self._save(state, "canary started", candidate=state.candidate, studies=studies)
 
     def _canary(self, state: LoopState) -> LoopState:
         assert state.candidate is not None
-        outcome = self.actions.canary_outcome(self.policy.study_id, state.candidate)
+        outcome = self.actions.canary_outcome(state.candidate)
         if outcome == "missing":  # Stopped between saving "canary" and starting it.
             return self._start_canary(state)
         if outcome == "running":

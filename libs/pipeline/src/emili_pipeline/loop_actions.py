@@ -47,7 +47,7 @@ from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.records import recorded_sessions
 from emili_pipeline.config import PipelineConfig, RecipeFetcher, load_config, resolve
 from emili_pipeline.gate import Evidence, evidence_from_json
-from emili_pipeline.loop import CanaryRefused
+from emili_pipeline.loop import CanaryRefused, NoStudyForCanary
 from emili_pipeline.pipeline import FAILED, State, is_finished, load_state, new_state, outputs
 from emili_session.loop_records import STUDIES_PREFIX
 
@@ -59,8 +59,9 @@ RUNNING, DONE = "running", "done"
 # The events a label is computed from (chat's per-kind counts in the session record): both surveys and a reply.
 LABEL_MATERIAL = ("pre_survey", "post_survey", "assistant_message")
 CANARY_STATES = {"running": "running", "promoted": "promoted", "rolled_back": "rolled_back"}
-# The gateway's error code (``{"error": code, ...}``) for a study that has had no canary.
+# The gateway's error codes (``{"error": code, ...}``): a candidate that has had no canary; no study can take one now.
 CANARY_NOT_FOUND = "canary_not_found"
+NO_STUDY_FOR_CANARY = "no_study_for_canary"
 
 
 CANARY_REFUSALS = frozenset({400, 404, 409, 422})
@@ -261,32 +262,42 @@ class SystemActions:
         except httpx.HTTPError as exc:
             raise GatewayError(f"{method} {path}: the gateway cannot be reached ({exc})") from None
 
-    def start_canary(self, study_id: str, candidate: str, share: float, production: str | None = None) -> None:
-        body: dict[str, Any] = {"candidate": candidate, "share": share}
-        if production is not None:
-            body["production"] = production
-        response = self._gateway_call("POST", f"/studies/{study_id}/canary", json=body)
+    def start_canary(
+        self, candidate: str, production: str, share: float, studies: Sequence[str] | None, include_synthetic: bool
+    ) -> list[str]:
+        body: dict[str, Any] = {"candidate": candidate, "production": production, "share": share}
+        if studies is not None:
+            body["studies"] = list(studies)
+        body["include_synthetic"] = include_synthetic
+        response = self._gateway_call("POST", "/canaries", json=body)
+        where = f"in study {', '.join(studies)}" if studies else "in the running studies"
         if response.status_code != 201:
-            message = f"the canary of {candidate} in study {study_id}: HTTP {response.status_code} {_detail(response)}"
-            # The gateway refused the request itself (a retired or rejected candidate, another canary running, no
-            # such study): final. Anything else (the gateway down, our token, a proxy's page) may pass later.
-            refused = response.status_code in CANARY_REFUSALS and _error_code(response)
+            message = f"the canary of {candidate} {where}: HTTP {response.status_code} {_detail(response)}"
+            code = _error_code(response)
+            if code == NO_STUDY_FOR_CANARY:
+                raise NoStudyForCanary(message)
+            # The gateway refused the request itself (a retired or rejected candidate, another canary running in a
+            # named study, no such study): final. Anything else (the gateway down, our token, a proxy's page) may
+            # pass later.
+            refused = response.status_code in CANARY_REFUSALS and code
             raise (CanaryRefused if refused else GatewayError)(message)
-        log.info("canary of %s started in study %s (share %.2f)", candidate, study_id, share)
+        started = [str(c.get("study_id")) for c in response.json().get("canaries", [])]
+        log.info("canary of %s started in %s (share %.2f)", candidate, ", ".join(started), share)
+        return started
 
-    def canary_outcome(self, study_id: str, candidate: str) -> str:
-        # The candidate's own canary: another may have become the study's newest since ours was decided.
-        response = self._gateway_call("GET", f"/studies/{study_id}/canary", params={"candidate": candidate})
+    def canary_outcome(self, candidate: str) -> str:
+        # The candidate's own canary: another may have become a study's newest since ours was decided.
+        response = self._gateway_call("GET", f"/canaries/{candidate}")
         if response.status_code == 404 and _error_code(response) == CANARY_NOT_FOUND:
-            return "missing"  # An unknown study is a 404 too (``not_found``), and an error.
+            return "missing"
         if response.status_code != 200:
-            raise GatewayError(f"the canary of study {study_id}: HTTP {response.status_code} {_detail(response)}")
-        canary = response.json()
-        if canary.get("candidate") != candidate:
-            return "missing"  # A gateway that ignores ?candidate= gave the study's newest: another version's.
-        state = CANARY_STATES.get(str(canary.get("state")))
+            raise GatewayError(f"the canary of {candidate}: HTTP {response.status_code} {_detail(response)}")
+        group = response.json()
+        if group.get("candidate") != candidate:
+            raise GatewayError(f"the gateway answered for {group.get('candidate')!r} when asked for {candidate!r}")
+        state = CANARY_STATES.get(str(group.get("state")))
         if state is None:
-            raise GatewayError(f"the canary of study {study_id} is in an unknown state {canary.get('state')!r}")
+            raise GatewayError(f"the canary of {candidate} is in an unknown state {group.get('state')!r}")
         return state
 
 

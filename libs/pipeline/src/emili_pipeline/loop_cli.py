@@ -323,7 +323,7 @@ def _state_table(state: LoopState, policy: LoopPolicy, holder: str, last: int) -
         "candidate": state.candidate or "",
         "production (baseline)": state.production or policy.production,
         "sessions (this round / used)": f"{len(state.sessions)} / {len(state.used_sessions)}",
-        "study (canary)": policy.study_id or "(none: candidates stop after the gate)",
+        "canary in": policy.canary_where(),
         "sessions from": policy.sessions_from,
         "acting instance": holder or "(none)",
     }

@@ -34,7 +34,7 @@ import yaml
 
 from emili_core.errors import NotFound
 from emili_core.objectstore import Bucket, ObjectStore
-from emili_pipeline.loop import NO_CANDIDATE, STATE_KEY, LoopPolicy, LoopState
+from emili_pipeline.loop import NO_CANARY, NO_CANDIDATE, STATE_KEY, LoopPolicy, LoopState
 from emili_pipeline.simulator.faces import FaceSet
 from emili_pipeline.simulator.gateway_participant import NotSynthetic, run_participant
 from emili_pipeline.simulator.personas import Persona, pick
@@ -51,7 +51,7 @@ INVITE_SECONDS = 7 * 24 * 3600
 # The events with which the loop closes a candidate's round: a decision the demo waits for.
 DECISIONS = (
     "gate failed",
-    "gate passed; no study to run a canary in",
+    NO_CANARY,
     "canary promoted",
     "canary rolled back",
     "canary refused",

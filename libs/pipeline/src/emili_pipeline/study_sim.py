@@ -848,10 +848,13 @@ class StudyActions:
     def pipeline_outcome(self, pipeline_id: str) -> Any:
         return self.system.pipeline_outcome(pipeline_id)
 
-    def start_canary(self, study_id: str, candidate: str, share: float, production: str | None = None) -> None:
+    def start_canary(
+        self, candidate: str, production: str, share: float, studies: Sequence[str] | None, include_synthetic: bool
+    ) -> list[str]:
         self.canary.start(candidate)  # Offline: its users meet the loop's baseline, the production arm it judged.
+        return [OFFLINE_STUDY]
 
-    def canary_outcome(self, study_id: str, candidate: str) -> str:
+    def canary_outcome(self, candidate: str) -> str:
         return self.canary.outcome(candidate)
 
 
@@ -973,6 +976,7 @@ class ConditionRun:
             interval_s=max(options.poll_s, 1.0),
             min_new_sessions=1,
             include_synthetic=True,
+            canary_in="study",
             study_id=OFFLINE_STUDY,
             production="base",
             gate=options.gate,
@@ -1176,9 +1180,9 @@ class ConditionRun:
         collect_s = float(record.pop("collect_s", 0.0))
         record["resumed"] = resumed
         deadline = time.monotonic() + self.options.iteration_timeout_s
-        from emili_pipeline.loop import NO_CANDIDATE
+        from emili_pipeline.loop import NO_CANARY, NO_CANDIDATE
 
-        settled = {"gate failed", "gate passed; no study to run a canary in", "pipeline failed", NO_CANDIDATE}
+        settled = {"gate failed", NO_CANARY, "pipeline failed", NO_CANDIDATE}
         settled |= {"canary promoted", "canary rolled back", "canary refused"}
         events: list[dict[str, Any]] = []
         while True:

@@ -33,11 +33,11 @@ from emili_core.auth import Principal, create_token
 from emili_core.grpc_client import ServiceToken
 from emili_core.objectstore import ObjectStore
 from emili_gateway import export
-from emili_gateway.canary import Canary, CanaryMonitor, CanaryRequest
+from emili_gateway.canary import CanariesRequest, Canary, CanaryGroup, CanaryMonitor, CanaryRequest
 from emili_gateway.chat_client import ChatClient, FerClient, LabelerClient
 from emili_gateway.converse import ClientGone, ConverseBridge
 from emili_gateway.engine import GatewayEngine
-from emili_gateway.errors import CanaryNotFound, Gone, PayloadTooLarge, RateLimited
+from emili_gateway.errors import CanaryNotFound, Gone, NoStudyForCanary, PayloadTooLarge, RateLimited
 from emili_gateway.loop_view import LoopCandidateDetail, LoopPipeline, LoopReader, LoopView
 from emili_gateway.metrics import gateway_metrics
 from emili_gateway.models import (
@@ -76,6 +76,7 @@ API = "/api/v1"
 # The one table from domain errors to HTTP; looked up along the exception's MRO, most specific first.
 HTTP_FOR_ERROR: dict[type[errors.EmiliError], tuple[int, str]] = {
     CanaryNotFound: (404, "canary_not_found"),
+    NoStudyForCanary: (409, "no_study_for_canary"),
     Gone: (410, "gone"),
     PayloadTooLarge: (413, "payload_too_large"),
     RateLimited: (429, "rate_limited"),
@@ -318,6 +319,22 @@ def build_routers() -> list[APIRouter]:
     async def roll_back_canary(study_id: str, engine: Engine, who: Admin) -> Canary:
         """Stop a running canary now: the candidate gets no new participant."""
         return await engine.roll_back_canary(who[0], study_id)
+
+    @researchers.post("/canaries", status_code=201, response_model=CanaryGroup)
+    async def start_canaries(body: CanariesRequest, engine: Engine, who: Admin) -> CanaryGroup:
+        """Give a candidate a share of the production version's new participants in several studies at once (by
+        default every study it serves now): one experiment, its sessions pooled, decided once for all of them."""
+        return await engine.start_canaries(who[0], body)
+
+    @researchers.get("/canaries/{candidate}", response_model=CanaryGroup)
+    async def get_canaries(candidate: str, engine: Engine, who: Admin) -> CanaryGroup:
+        """The candidate's latest canary across the studies it ran in: their common state, numbers and sessions."""
+        return await engine.canary_group(candidate)
+
+    @researchers.post("/canaries/{candidate}/rollback", response_model=CanaryGroup)
+    async def roll_back_canaries(candidate: str, engine: Engine, who: Admin) -> CanaryGroup:
+        """Stop the candidate's running canary in every study now."""
+        return await engine.roll_back_canaries(who[0], candidate)
 
     @researchers.get("/studies/{study_id}/report", response_model=StudyReport)
     async def study_report(study_id: str, engine: Engine, who: Admin) -> StudyReport:

@@ -19,6 +19,12 @@ A promoted candidate takes the production arm's place for every later participan
 never changes; the gateway maps the arm); a rolled back one gets no new participant. Each decision, with its
 numbers and the ids of the sessions it rests on per arm, is kept with the canary (``GET
 /api/v1/studies/{id}/canary``, the researcher page) and counted in metrics.
+
+One candidate can run in several studies at once (``POST /api/v1/canaries``: by default every study the production
+version serves now): one canary per study, started together and listing each other (``studies``). They are one
+experiment: every look pools their sessions, and its decision (one, counted once) is recorded in each; a researcher's
+rollback in any of them rolls back the others at the next look, so the studies never end up serving different
+versions.
 """
 
 from __future__ import annotations
@@ -40,10 +46,13 @@ from emili_gateway.settings import CanarySettings
 
 log = logging.getLogger(__name__)
 
+LOCK = "canary-monitor"  # One replica's monitor looks at a time.
 MAX_LABEL_READS = 16  # Labels read per look: a look stays well within the monitor's lock.
 RETIRED_REASON = "retired: people it learned from withdrew their data; it gets no new participant"
 PRODUCTION_RETIRED_REASON = "the production arm it was compared with was retired; the study serves its own arm again"
 LabelReader = Callable[[str], Awaitable[SessionReactions]]
+# What one look decides, recorded alike in each study's canary of an experiment.
+DECISION_FIELDS = ("state", "reason", "decided_ms", "looks", "labels_pending", "sessions")
 
 
 class CanaryRequest(BaseModel):
@@ -52,6 +61,25 @@ class CanaryRequest(BaseModel):
     candidate: str = Field(description="A registered model version the evaluation gate did not reject")
     production: str | None = Field(None, description="The arm it stands in for; default: the study's first arm")
     share: float | None = Field(None, gt=0, le=0.5, description="Share of that arm's new participants it gets")
+
+
+class CanariesRequest(BaseModel):
+    """A canary of one candidate in several studies at once, decided together."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    candidate: str = Field(description="A registered model version the evaluation gate did not reject")
+    production: str = Field(min_length=1, description="The version it stands in for: what the gate judged it against")
+    share: float | None = Field(None, gt=0, le=0.5, description="Share of that version's new participants it gets")
+    studies: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="The studies it runs in; default: every study that ``production`` serves now and that runs no "
+        "other canary",
+    )
+    include_synthetic: bool = Field(
+        False, description="With ``studies`` left out, also studies of simulated participants (demos)"
+    )
 
 
 class Canary(BaseModel):
@@ -69,6 +97,60 @@ class Canary(BaseModel):
     labels_pending: int = 0  # Finished sessions whose label could not be read at the last look.
     # The sessions its last look compared, by role ("candidate", "production"): what its decision rests on.
     sessions: dict[str, list[str]] = Field(default_factory=dict)
+    # The studies it was started in together with this one (itself included), pooled and decided as one; empty: a
+    # canary of this study alone.
+    studies: list[str] = Field(default_factory=list)
+
+    def pooled_studies(self) -> list[str]:
+        return self.studies or [self.study_id]
+
+    def same_experiment(self, other: Canary) -> bool:
+        return (other.candidate, other.started_ms) == (self.candidate, self.started_ms)
+
+
+class CanaryGroup(BaseModel):
+    """A candidate's canary across the studies it runs in: their common state and, per study, its canary."""
+
+    candidate: str
+    production: str
+    state: CanaryState
+    reason: str = ""
+    started_ms: int
+    decided_ms: int | None = None
+    participants: int = 0
+    looks: list[OutcomeLook] = Field(default_factory=list)
+    sessions: dict[str, list[str]] = Field(default_factory=dict)
+    canaries: list[Canary]
+    skipped: dict[str, str] = Field(
+        default_factory=dict, description="Studies left out when it started (another canary running there), and why"
+    )
+
+    @classmethod
+    def of(cls, canaries: Sequence[Canary], skipped: Mapping[str, str] | None = None) -> CanaryGroup:
+        """The group's state: rolled back when any study's canary was (the others follow at the next look), promoted
+        when all were, else running. Its numbers are those of its newest look (the same pooled look in each)."""
+        states = {c.state for c in canaries}
+        state: CanaryState = "running"
+        if "rolled_back" in states:
+            state = "rolled_back"
+        elif states == {"promoted"}:
+            state = "promoted"
+        decided = [c for c in canaries if c.state == state and c.decided_ms]
+        shown = decided[0] if decided else max(canaries, key=lambda c: sum(look.n_candidate for look in c.looks))
+        first = canaries[0]
+        return cls(
+            candidate=first.candidate,
+            production=first.production,
+            state=state,
+            reason=shown.reason if state != "running" else "",
+            started_ms=first.started_ms,
+            decided_ms=shown.decided_ms if state != "running" else None,
+            participants=sum(c.participants for c in canaries),
+            looks=shown.looks,
+            sessions=shown.sessions,
+            canaries=list(canaries),
+            skipped=dict(skipped or {}),
+        )
 
 
 def canary_sessions(records: Sequence[SessionRecord], arm: str, since_ms: int) -> list[SessionRecord]:
@@ -153,25 +235,34 @@ class CanaryMonitor:
         self._seen: set[str] = set()  # Sessions of the canaries looked at in this tick: the cache keeps these only.
 
     async def run(self) -> None:
-        while True:
+        try:
+            while True:
+                try:
+                    await self.tick()
+                except Exception:  # A Redis or S3 outage: the next tick tries again.
+                    log.exception("canary monitor: a look failed")
+                await asyncio.sleep(self.options.interval_s)
+        finally:
+            # Stopped (the replica shuts down): another replica's monitor takes over at once, not after the TTL.
             try:
-                await self.tick()
-            except Exception:  # A Redis or S3 outage: the next tick tries again.
-                log.exception("canary monitor: a look failed")
-            await asyncio.sleep(self.options.interval_s)
+                await self.studies.release_lock(LOCK)
+            except Exception as exc:
+                log.warning("canary monitor: could not give up its lock (%s); it lapses on its own", exc)
 
     async def tick(self) -> list[Canary]:
-        if not await self.studies.take_lock("canary-monitor", self.options.interval_s * 2):
+        """One look at every running canary; the canaries it decided (one per study)."""
+        if not await self.studies.take_lock(LOCK, self.options.interval_s * 2):
             return []
-        decided = []
+        decided: list[Canary] = []
         running = await self.studies.running_canaries()
-        self._seen = set()
+        experiments: dict[tuple[str, int], list[Canary]] = {}
         for canary in running:
-            looked = await self.look(canary)
-            if looked.state != "running":
-                decided.append(looked)
+            experiments.setdefault((canary.candidate, canary.started_ms), []).append(canary)
+        self._seen = set()
+        for members in experiments.values():
+            decided += [c for c in await self.look(members) if c.state != "running"]
         self._reactions = {k: v for k, v in self._reactions.items() if k in self._seen}
-        self.metrics.canaries_running.set(len(running) - len(decided))
+        self.metrics.canaries_running.set(len(experiments) - len({(c.candidate, c.started_ms) for c in decided}))
         return decided
 
     async def read_labels(self, records: Sequence[SessionRecord]) -> int:
@@ -213,29 +304,59 @@ class CanaryMonitor:
         pending = sum(await asyncio.gather(*(read(r) for r in now_read)))
         return pending + len(later)
 
-    async def look(self, canary: Canary) -> Canary:
-        if await self.studies.retired(canary.candidate):
-            looked = _decided(canary, "rolled_back", RETIRED_REASON)
-        elif await self.studies.retired(canary.production):
-            looked = _decided(canary, "rolled_back", PRODUCTION_RETIRED_REASON)
+    async def look(self, members: Sequence[Canary]) -> list[Canary]:
+        """One look at one experiment: the running canaries of one candidate started together (one per study). Its
+        decision is recorded in each; a canary decided meanwhile (a researcher's rollback) keeps its own."""
+        first = members[0]
+        if await self.studies.retired(first.candidate):
+            looked = _decided(first, "rolled_back", RETIRED_REASON)
+        elif await self.studies.retired(first.production):
+            looked = _decided(first, "rolled_back", PRODUCTION_RETIRED_REASON)
+        elif other := await self._decided_elsewhere(first, members):
+            looked = other.model_copy(update={"study_id": first.study_id})
+            if other.state == "rolled_back" and not other.reason.startswith("rolled back in study"):
+                looked.reason = f"rolled back in study {other.study_id} ({other.reason})"
         else:
-            looked = await self._compare(canary)
-        if not await self.studies.save_canary(looked, while_running=True):
-            # A researcher rolled it back (or another replica decided) while this look ran: that decision stands, and
-            # this look decided nothing (the caller counts only its own decisions).
-            log.info("canary %s in %s: decided while looked at; not overwritten", canary.candidate, canary.study_id)
-            return canary
-        if looked.state != "running":
+            looked = await self._compare(members)
+        decision = {key: getattr(looked, key) for key in DECISION_FIELDS}
+        saved = []
+        for canary in members:
+            mine = canary.model_copy(update=decision)
+            if await self.studies.save_canary(mine, while_running=True):
+                saved.append(mine)
+            else:
+                # A researcher rolled it back (or another replica decided) while this look ran: that decision stands,
+                # and this look decided nothing there (the caller counts only its own decisions).
+                log.info("canary %s in %s: decided while looked at; not overwritten", canary.candidate, canary.study_id)
+        if saved and looked.state != "running":
             self.metrics.canary_decisions.labels(looked.state).inc()
-            log.info("canary %s in %s: %s (%s)", canary.candidate, canary.study_id, looked.state, looked.reason)
-        return looked
+            where = ", ".join(c.study_id for c in saved)
+            log.info("canary %s in %s: %s (%s)", first.candidate, where, looked.state, looked.reason)
+        return saved
 
-    async def _compare(self, canary: Canary) -> Canary:
-        records = await self.studies.study_sessions(canary.study_id)
+    async def _decided_elsewhere(self, first: Canary, members: Sequence[Canary]) -> Canary | None:
+        """A canary of the same experiment in another study that was decided already (a researcher rolled it back, or
+        a look decided it and stopped before recording the others): the experiment is one, so the others follow,
+        a rollback first."""
+        running = {c.study_id for c in members}
+        decided = []
+        for study_id in first.pooled_studies():
+            if study_id in running:
+                continue
+            other = await self.studies.canary_of(study_id, first.candidate)
+            if other is not None and other.same_experiment(first) and other.state != "running":
+                decided.append(other)
+        return min(decided, key=lambda c: c.state != "rolled_back", default=None)
+
+    async def _compare(self, members: Sequence[Canary]) -> Canary:
+        """The experiment's sessions pooled over its studies (sessions of studies whose canary no longer runs, such as
+        one promoted at an earlier look of a replica that then stopped, count too)."""
+        first = members[0]
+        records = [r for study_id in first.pooled_studies() for r in await self.studies.study_sessions(study_id)]
         idle_before = _now_ms() - self.studies.options.abandoned_after_seconds * 1000
         by_role = {
-            role: canary_sessions(records, arm, canary.started_ms)
-            for role, arm in (("candidate", canary.candidate), ("production", canary.production))
+            role: canary_sessions(records, arm, first.started_ms)
+            for role, arm in (("candidate", first.candidate), ("production", first.production))
         }
         arms = [r for rs in by_role.values() for r in rs]
         self._seen.update(r.session_id for r in arms)
@@ -243,8 +364,8 @@ class CanaryMonitor:
         sessions = {role: sorted(r.session_id for r in rs) for role, rs in by_role.items()}
         return decide(
             self.options,
-            canary.model_copy(update={"labels_pending": pending, "sessions": sessions}),
-            session_outcomes(records, canary.candidate, canary.started_ms, idle_before, self._reactions),
-            session_outcomes(records, canary.production, canary.started_ms, idle_before, self._reactions),
+            first.model_copy(update={"labels_pending": pending, "sessions": sessions}),
+            session_outcomes(records, first.candidate, first.started_ms, idle_before, self._reactions),
+            session_outcomes(records, first.production, first.started_ms, idle_before, self._reactions),
             OUTCOMES if self.labels is not None else RATED_OUTCOMES,
         )

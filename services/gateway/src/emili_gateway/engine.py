@@ -21,9 +21,9 @@ from emili_core.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from emili_gateway.canary import Canary, CanaryRequest
+from emili_gateway.canary import CanariesRequest, Canary, CanaryGroup, CanaryRequest
 from emili_gateway.chat_client import ChatClient, FerClient
-from emili_gateway.errors import CanaryNotFound, PayloadTooLarge
+from emili_gateway.errors import CanaryNotFound, NoStudyForCanary, PayloadTooLarge
 from emili_gateway.export import export_row
 from emili_gateway.metrics import GatewayMetrics
 from emili_gateway.models import (
@@ -173,19 +173,82 @@ class GatewayEngine:
             raise CanaryNotFound(f"study {study_id} has had {which}; start one with POST .../canary")
         return canary
 
+    async def start_canaries(self, principal: Principal, request: CanariesRequest) -> CanaryGroup:
+        share = request.share or self.settings.gateway.canary.share
+        if request.studies is not None:  # Named: each must take it, or none starts.
+            chosen = [await self.studies.get_study(study_id) for study_id in dict.fromkeys(request.studies)]
+            for study in chosen:
+                await self.studies.check_canary_start(study, request.candidate, request.production)
+            skipped: dict[str, str] = {}
+        else:
+            chosen, skipped = await self._studies_for_canary(request)
+        if not chosen:
+            why = "; ".join(f"{study_id}: {reason}" for study_id, reason in skipped.items())
+            raise NoStudyForCanary(
+                f"no study can take a canary of {request.candidate} now: {request.production!r} serves no arm of a "
+                f"{'' if request.include_synthetic else 'non-synthetic '}study without a running canary"
+                + (f" ({why})" if why else "")
+            )
+        canaries = await self.studies.start_canaries(
+            chosen, request.candidate, request.production, share, principal.subject
+        )
+        return CanaryGroup.of(canaries, skipped)
+
+    async def _studies_for_canary(self, request: CanariesRequest) -> tuple[list[Study], dict[str, str]]:
+        """Every study ``request.production`` serves now (synthetic ones only when asked), and those of them left out
+        because another canary runs there, with why."""
+        chosen: list[Study] = []
+        skipped: dict[str, str] = {}
+        for study in await self.studies.list_studies():
+            if study.synthetic and not request.include_synthetic:
+                continue
+            try:
+                await self.studies.check_canary_start(study, request.candidate, request.production)
+            except (InvalidInput, FailedPrecondition) as exc:
+                if await self._serves(study, request.production):
+                    skipped[study.study_id] = str(exc)
+                continue
+            chosen.append(study)
+        return chosen, skipped
+
+    async def _serves(self, study: Study, version: str) -> bool:
+        return version in {await self.studies.serving_arm(study.study_id, a.arm) for a in study.arms}
+
+    async def canary_group(self, candidate: str) -> CanaryGroup:
+        check_version(candidate)
+        canaries = await self.studies.candidate_canaries(candidate)
+        if not canaries:
+            raise CanaryNotFound(f"{candidate} has had no canary; start one with POST /api/v1/canaries")
+        return CanaryGroup.of(canaries)
+
+    async def roll_back_canaries(self, principal: Principal, candidate: str) -> CanaryGroup:
+        group = await self.canary_group(candidate)
+        if group.state != "running":
+            raise FailedPrecondition(f"the canary of {candidate} was already {group.state.replace('_', ' ')}")
+        # One decision for the experiment; a study's canary the monitor decided meanwhile keeps that decision.
+        stopped = [await self._roll_back(principal, c) for c in group.canaries if c.state == "running"]
+        if any(stopped):
+            self.metrics.canary_decisions.labels("rolled_back").inc()
+        return await self.canary_group(candidate)
+
     async def roll_back_canary(self, principal: Principal, study_id: str) -> Canary:
         canary = await self.canary(study_id)
         if canary.state != "running":
             raise FailedPrecondition(f"the canary of {canary.candidate} was already {canary.state.replace('_', ' ')}")
-        stopped = canary.model_copy(
-            update={"state": "rolled_back", "reason": f"rolled back by {principal.subject}", "decided_ms": now_ms()}
-        )
-        if not await self.studies.save_canary(stopped, while_running=True):
+        stopped = await self._roll_back(principal, canary)
+        if stopped is None:
             raise FailedPrecondition(
                 f"the canary of {canary.candidate} was decided meanwhile (or another replaced it); read it again"
             )
         self.metrics.canary_decisions.labels("rolled_back").inc()
         return stopped
+
+    async def _roll_back(self, principal: Principal, canary: Canary) -> Canary | None:
+        """The canary rolled back by ``principal``; None when it was decided meanwhile (that decision stands)."""
+        stopped = canary.model_copy(
+            update={"state": "rolled_back", "reason": f"rolled back by {principal.subject}", "decided_ms": now_ms()}
+        )
+        return stopped if await self.studies.save_canary(stopped, while_running=True) else None
 
     async def progress(self, study_id: str) -> Progress:
         return await self.studies.progress(await self.studies.get_study(study_id))

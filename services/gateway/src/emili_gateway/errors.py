@@ -13,6 +13,11 @@ class CanaryNotFound(NotFound):
     unknown study without reading the message."""
 
 
+class NoStudyForCanary(FailedPrecondition):
+    """No study can take the canary now (none is served by the production version, or each runs another canary):
+    HTTP 409 with its own code, so a client (the loop) waits and asks again rather than giving the candidate up."""
+
+
 class Gone(FailedPrecondition):
     """The thing existed but can no longer be used (an expired invite): HTTP 410."""
 

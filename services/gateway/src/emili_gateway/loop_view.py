@@ -9,7 +9,8 @@ leads to:
   held-out ones, and its steps;
 - its candidate (``GET /api/v1/loop/candidates/{version}``): the gate's verdict (each check's estimate,
   interval, n and reason), the pipeline, the version's lineage in the model registry (the sessions it learned
-  from, its datasets and parents) and, when the loop gave it a canary, the canary's outcome in its study.
+  from, its datasets and parents) and, when the loop gave it a canary, the canary's outcome across the studies it
+  ran in.
 
 A loop that has never run is no error: the view says so (``ran`` false) with empty lists.
 """
@@ -25,7 +26,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from emili_core.errors import FailedPrecondition, InvalidInput, NotFound
 from emili_core.objectstore import ObjectStore
-from emili_gateway.canary import Canary
+from emili_gateway.canary import CanaryGroup
 from emili_gateway.studies import StudyEngine
 from emili_session import loop_records
 from emili_session.registry import check_version, registered_model
@@ -34,7 +35,7 @@ M = TypeVar("M", bound=BaseModel)
 
 MAX_CANDIDATES = 20  # Verdicts read for one view of the loop (the newest candidates its history names).
 # History fields shown as links; the rest of an entry are its numbers.
-_EVENT_FIELDS = ("at_ms", "event", "phase", "candidate", "pipeline_id", "study_id")
+_EVENT_FIELDS = ("at_ms", "event", "phase", "candidate", "pipeline_id", "study_id", "studies")
 
 
 def _finite(value: Any) -> Any:
@@ -49,7 +50,7 @@ class LoopEvent(BaseModel):
     phase: str | None = None  # The phase the decision led to.
     candidate: str | None = None
     pipeline_id: str | None = None
-    study_id: str | None = None  # Where the candidate's canary runs (events that started one).
+    studies: list[str] = Field(default_factory=list)  # Where the candidate's canary runs (events that started one).
     numbers: dict[str, Any] = Field(default_factory=dict, description="Everything else the loop recorded")
 
 
@@ -97,7 +98,7 @@ class LoopCandidate(BaseModel):
     latest_event: str = ""
     latest_ms: int | None = None
     pipeline_id: str | None = None
-    study_id: str | None = None
+    studies: list[str] = Field(default_factory=list)  # Where its canary ran, when the loop started one.
     verdict: GateVerdictView | None = None
 
 
@@ -134,8 +135,8 @@ class LoopCandidateDetail(BaseModel):
     lineage_sessions: list[str] = Field(default_factory=list, description="The sessions the version learned from")
     lineage_datasets: list[dict[str, Any]] = Field(default_factory=list)
     lineage_parents: list[str] = Field(default_factory=list)
-    study_id: str | None = None  # The study of its canary, when the loop started one.
-    canary: Canary | None = None
+    studies: list[str] = Field(default_factory=list)  # The studies of its canary, when the loop started one.
+    canary: CanaryGroup | None = None  # Its canary across those studies: one decision, pooled numbers.
     history: list[LoopEvent] = Field(default_factory=list, description="The decisions about it, newest first")
 
 
@@ -171,9 +172,19 @@ def event_view(entry: Mapping[str, Any]) -> LoopEvent:
         phase=_text(entry.get("phase")),
         candidate=_text(entry.get("candidate")),
         pipeline_id=_text(entry.get("pipeline_id")),
-        study_id=_text(entry.get("study_id")),
+        studies=_studies(entry),
         numbers={k: _finite(v) for k, v in entry.items() if k not in _EVENT_FIELDS},
     )
+
+
+def _studies(entry: Mapping[str, Any]) -> list[str]:
+    """The studies an event names: ``studies``, or ``study_id`` as the loop wrote it before canaries spanned
+    studies."""
+    listed = entry.get("studies")
+    if isinstance(listed, list):
+        return [s for s in listed if isinstance(s, str) and s]
+    single = _text(entry.get("study_id"))
+    return [single] if single else []
 
 
 def verdict_view(version: str, raw: Mapping[str, Any]) -> GateVerdictView:
@@ -242,7 +253,7 @@ class LoopReader:
             if not seen.latest_event:
                 seen.latest_event, seen.latest_ms = event.event, event.at_ms
             seen.pipeline_id = seen.pipeline_id or event.pipeline_id
-            seen.study_id = seen.study_id or event.study_id
+            seen.studies = seen.studies or event.studies
         named = {e.candidate for e in shown if e.candidate} | ({state.candidate} if state.candidate else set())
         listed = [c for c in candidates.values() if c.version in named][:MAX_CANDIDATES]
         verdicts = await asyncio.gather(*(self._listed_verdict(c.version) for c in listed))
@@ -269,6 +280,14 @@ class LoopReader:
             raise NotFound(f"no pipeline {pipeline_id!r} in object storage (it may not have started yet)")
         return pipeline_view(pipeline_id, raw)
 
+    async def _canary(self, version: str, studies: list[str]) -> CanaryGroup | None:
+        """``version``'s latest canary in the studies the loop started it in (one experiment), or None."""
+        found = [c for s in studies if (c := await self.studies.canary_of(s, version)) is not None]
+        if not found:
+            return None
+        latest = max(found, key=lambda c: c.started_ms)
+        return CanaryGroup.of([c for c in found if c.same_experiment(latest)])
+
     async def candidate(self, version: str) -> LoopCandidateDetail:
         """Everything behind one candidate: verdict, pipeline and its sessions, lineage, canary, decisions."""
         check_version(version)
@@ -294,8 +313,8 @@ class LoopReader:
                 raw = None
             pipeline = None if raw is None else pipeline_view(pipeline_id, raw)
         lineage = _mapping((entry or {}).get("lineage"))
-        study_id = next((e.study_id for e in history if e.study_id), None)
-        canary = await self.studies.canary_of(study_id, version) if study_id else None
+        studies = next((e.studies for e in history if e.studies), [])
+        canary = await self._canary(version, studies)
         return LoopCandidateDetail(
             version=version,
             verdict=verdict,
@@ -304,7 +323,7 @@ class LoopReader:
             lineage_sessions=sorted(str(s) for s in lineage.get("sessions") or []),
             lineage_datasets=[d for d in lineage.get("datasets") or [] if isinstance(d, Mapping)],
             lineage_parents=[str(p) for p in lineage.get("parents") or []],
-            study_id=study_id,
+            studies=studies,
             canary=canary,
             history=history,
         )

@@ -47,11 +47,15 @@ class GatewayMetrics:
             metric_name("gateway", "frames_dropped_total"), "Face frames not forwarded to chat, by reason", ["reason"]
         )
         self.canary_decisions = Counter(
-            metric_name("gateway", "canary_decisions_total"), "Canaries decided, by outcome", ["outcome"]
+            metric_name("gateway", "canary_decisions_total"),
+            "Canaries decided, by outcome (one canary across several studies is one decision)",
+            ["outcome"],
         )
         for outcome in ("promoted", "rolled_back"):  # Made at 0, so that increase() sees the first decision.
             self.canary_decisions.labels(outcome)
-        self.canaries_running = Gauge(metric_name("gateway", "canaries_running"), "Canaries now running, all studies")
+        self.canaries_running = Gauge(
+            metric_name("gateway", "canaries_running"), "Canaries now running (one across several studies counts once)"
+        )
         self._studies: set[str] = set()
 
     def study_label(self, study_id: str) -> str:

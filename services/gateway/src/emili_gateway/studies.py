@@ -23,7 +23,7 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -568,6 +568,51 @@ class StudyEngine:
     async def start_canary(self, study: Study, candidate: str, production: str, share: float, by: str) -> Canary:
         """``production`` must be what serves one of the study's arms now: a canary stands in for it, and the
         candidate was judged against it (the loop sends the version its gate compared with)."""
+        await self.check_canary_start(study, candidate, production)
+        await self._check_candidate(candidate, production)
+        canary = Canary(
+            study_id=study.study_id,
+            candidate=candidate,
+            production=production,
+            share=share,
+            started_ms=now_ms(),
+            started_by=by,
+        )
+        await self.save_canary(canary)
+        # Its latest canary is this one, in one study: the index of an earlier one across studies no longer tells.
+        await self._r("unindex the canary", self.redis.delete(self._key("candidate", candidate, "canary_studies")))
+        return canary
+
+    async def start_canaries(
+        self, studies: Sequence[Study], candidate: str, production: str, share: float, by: str
+    ) -> list[Canary]:
+        """One experiment in several studies (each checked by :meth:`check_canary_start` first): a canary in each,
+        started at the same time and listing the others, so that the monitor pools and decides them as one."""
+        await self._check_candidate(candidate, production)
+        started_ms, ids = now_ms(), [s.study_id for s in studies]
+        canaries = [
+            Canary(
+                study_id=study_id,
+                candidate=candidate,
+                production=production,
+                share=share,
+                started_ms=started_ms,
+                started_by=by,
+                studies=ids,
+            )
+            for study_id in ids
+        ]
+        for canary in canaries:
+            await self.save_canary(canary)
+        await self._r(
+            "index the canary", self.redis.set(self._key("candidate", candidate, "canary_studies"), json.dumps(ids))
+        )
+        return canaries
+
+    async def check_canary_start(self, study: Study, candidate: str, production: str) -> None:
+        """Why a canary of ``candidate`` standing in for ``production`` cannot start in ``study`` now, raised:
+        ``production`` serves none of its arms (409 when it served one before a promotion), or another canary runs
+        there."""
         serving = {a.arm: await self.serving_arm(study.study_id, a.arm) for a in study.arms}
         if production not in serving.values():
             if production in serving:  # An arm a promoted version now serves in place of.
@@ -586,19 +631,25 @@ class StudyEngine:
                 f"study {study.study_id} already runs a canary of {current.candidate}; wait for its decision or "
                 "roll it back first"
             )
+
+    async def _check_candidate(self, candidate: str, production: str) -> None:
         if candidate in (BASE_ARM, production):
             raise InvalidInput("the candidate must be a registered model version other than the production arm")
         await self._check_servable_version(candidate, f"{candidate!r} is not a registered model version")
-        canary = Canary(
-            study_id=study.study_id,
-            candidate=candidate,
-            production=production,
-            share=share,
-            started_ms=now_ms(),
-            started_by=by,
+
+    async def candidate_canaries(self, candidate: str) -> list[Canary]:
+        """``candidate``'s latest experiment: its canaries in every study it was last started in together (one, for
+        a canary started in one study), or [] if it never had one."""
+        indexed = await self._r(
+            "read the canary index", self.redis.get(self._key("candidate", candidate, "canary_studies"))
         )
-        await self.save_canary(canary)
-        return canary
+        # Without the index (a canary started in one study, or Redis lost its keys): every study is looked through.
+        study_ids = json.loads(indexed) if indexed else [study.study_id for study in await self.list_studies()]
+        found = [c for study_id in study_ids if (c := await self.canary_of(study_id, candidate))]
+        if not found:
+            return []
+        latest = max(found, key=lambda c: c.started_ms)
+        return sorted((c for c in found if c.same_experiment(latest)), key=lambda c: c.study_id)
 
     async def save_canary(self, canary: Canary, *, while_running: bool = False) -> bool:
         """Record the canary (S3 first: the durable record; with ``while_running``, once Redis took it) and, once
@@ -676,6 +727,10 @@ class StudyEngine:
             return True
         return False
 
+    async def release_lock(self, name: str) -> None:
+        """Give ``name`` up if this replica holds it, so another takes it over at once rather than after its TTL."""
+        await self._r("release a lock", self.redis.eval(_RELEASE, 1, self._key("lock", name), self.replica))
+
     # --- progress ---------------------------------------------------------------------------------------
 
     async def progress(self, study: Study) -> Progress:
@@ -714,6 +769,10 @@ class StudyEngine:
             sessions=len(sessions) + sum(forgotten.values()),
             arms=arms,
         )
+
+
+# Delete a lock only when the caller holds it, atomically (a lapsed lock may have a new holder).
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 def _to_redis(values: dict[str, Any]) -> dict[Any, Any]:

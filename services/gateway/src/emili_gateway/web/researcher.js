@@ -139,6 +139,11 @@ async function showCanary(card, study) {
     `${canary.candidate} in place of ${canary.production} for ${Math.round(canary.share * 100)}% of new ` +
     `participants: ${CANARY_STATES[canary.state]} (started ${formatTime(canary.started_ms)} by ` +
     `${canary.started_by}${when}; ${canary.participants} participants so far).`;
+  const others = (canary.studies || []).filter((id) => id !== canary.study_id);
+  if (others.length) {
+    status.append(` One experiment with its canary in ${others.join(", ")}: the sessions of all are pooled, and ` +
+      "one decision holds in each.");
+  }
   card.querySelector(".canary-reason").textContent = canary.reason;
   const table = card.querySelector(".canary-table");
   const body = table.querySelector("tbody");
@@ -383,18 +388,21 @@ function verdictTable(verdict) {
 
 function canaryTrace(detail) {
   const box = el("p", null, "canary-trace");
-  if (!detail.study_id) {
+  if (!detail.studies.length) {
     box.textContent = "No canary: the loop gave this candidate no share of a study.";
     return box;
   }
   const canary = detail.canary;
+  const where = `${detail.studies.length > 1 ? "studies" : "study"} ${detail.studies.join(", ")}`;
   box.append(canary
-    ? `Canary in study ${detail.study_id}: ${CANARY_STATES[canary.state]}` +
+    ? `Canary in ${where}: ${CANARY_STATES[canary.state]}` +
       `${canary.reason ? ` (${canary.reason})` : ""}; ${canary.participants} participants. `
-    : `Canary in study ${detail.study_id}: its record was not found. `);
-  const link = el("a", "See the study's canary");
-  link.href = `#${anchorId("canary", detail.study_id)}`;
-  box.append(link);
+    : `Canary in ${where}: its record was not found. `);
+  detail.studies.forEach((studyId, i) => {
+    const link = el("a", detail.studies.length > 1 ? `See ${studyId}'s canary` : "See the study's canary");
+    link.href = `#${anchorId("canary", studyId)}`;
+    box.append(i ? ", " : "", link);
+  });
   return box;
 }
 
@@ -462,11 +470,11 @@ function historyRow(event, listed) {
   const pipeline = el("td", null, "trace-cell");
   if (event.pipeline_id) pipeline.append(pipelineDetails(event.pipeline_id));
   const numbers = el("td", numbersText(event.numbers), "numbers");
-  if (event.study_id) {
-    const link = el("a", `canary in ${event.study_id}`);
-    link.href = `#${anchorId("canary", event.study_id)}`;
-    numbers.append(numbers.textContent ? "; " : "", link);
-  }
+  event.studies.forEach((studyId, i) => {
+    const link = el("a", `canary in ${studyId}`);
+    link.href = `#${anchorId("canary", studyId)}`;
+    numbers.append(numbers.textContent || i ? "; " : "", link);
+  });
   tr.append(th, el("td", event.event), el("td", event.phase || ""), candidate, pipeline, numbers);
   return tr;
 }
