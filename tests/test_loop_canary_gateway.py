@@ -101,14 +101,19 @@ def test_the_loop_s_canary_calls_against_the_real_gateway(gateway_url: str, obje
     register_model_version(object_store, other)
     actions = SystemActions(object_store, celery=None, pipeline_config=LOOP_CONFIG, gateway=gateway)
 
-    def study(**changes: object) -> str:
+    def study(running: bool = True, **changes: object) -> str:
         spec = {"name": "Loop canary", "arms": [{"arm": "base"}], "consent_text": "You may stop at any time."}
         with gateway() as http:
             created = http.post("/api/v1/studies", json=spec | changes)
-        assert created.status_code == 201, created.text
-        return str(created.json()["study_id"])
+            assert created.status_code == 201, created.text
+            study_id = str(created.json()["study_id"])
+            if running:  # It takes new participants: an invite is left.
+                assert http.post(f"/api/v1/studies/{study_id}/invites", json={}).status_code == 201
+        return study_id
 
-    # No study yet: the loop waits (no_study_for_canary), it does not give the candidate up.
+    # No running study yet (one nobody can join is not): the loop waits (no_study_for_canary), it does not give the
+    # candidate up.
+    closed = study(running=False)
     with pytest.raises(NoStudyForCanary, match="HTTP 409 no study can take a canary"):
         actions.start_canary(candidate, "base", 0.2, None, False)
     first, second = study(), study()
@@ -125,7 +130,7 @@ def test_the_loop_s_canary_calls_against_the_real_gateway(gateway_url: str, obje
     with pytest.raises(CanaryRefused, match=r"HTTP 400 'v-judged-against' serves no arm"):
         actions.start_canary(candidate, "v-judged-against", 0.2, [first], False)
 
-    # By default, every people's study that base serves: one experiment (a simulated study only when asked).
+    # By default, every running people's study that base serves (not the closed one): one experiment.
     assert sorted(actions.start_canary(candidate, "base", 0.2, None, False)) == sorted([first, second])
     with gateway() as http:
         shown = http.get(f"/api/v1/canaries/{candidate}").json()

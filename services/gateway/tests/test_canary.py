@@ -43,6 +43,7 @@ from .conftest import (
     MakeClient,
     Servers,
     admin_headers,
+    create_invite,
     create_study,
     gateway_settings,
     join,
@@ -460,6 +461,9 @@ def test_one_canary_across_the_running_studies(
     simulated = create_study(client, synthetic=True)["study_id"]
     other_arm = create_study(client, arms=[{"arm": "busy", "weight": 1}])["study_id"]  # Serves no base.
     busy = create_study(client)["study_id"]
+    closed = create_study(client)["study_id"]  # Serves base, but nobody can join it: not running.
+    for study_id in (first, second, simulated, other_arm, busy):
+        create_invite(client, study_id)
     assert client.post(f"/api/v1/studies/{busy}/canary", json={"candidate": "busy"}, headers=admin_headers()).is_success
 
     nothing = client.post(
@@ -472,7 +476,7 @@ def test_one_canary_across_the_running_studies(
     assert started.status_code == 201, started.text
     group = started.json()
     assert sorted(c["study_id"] for c in group["canaries"]) == sorted([first, second])
-    assert simulated not in str(group) and other_arm not in str(group)
+    assert simulated not in str(group) and other_arm not in str(group) and closed not in str(group)
     assert list(group["skipped"]) == [busy] and "already runs a canary of busy" in group["skipped"][busy]
     again = client.post("/api/v1/canaries", json=body, headers=admin_headers())
     assert again.status_code == 409 and again.json()["error"] == "no_study_for_canary"  # Each runs it already.

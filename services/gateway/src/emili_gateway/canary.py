@@ -74,8 +74,8 @@ class CanariesRequest(BaseModel):
     studies: list[str] | None = Field(
         None,
         min_length=1,
-        description="The studies it runs in; default: every study that ``production`` serves now and that runs no "
-        "other canary",
+        description="The studies it runs in; default: every running study (an invite left) that ``production`` "
+        "serves now and that runs no other canary",
     )
     include_synthetic: bool = Field(
         False, description="With ``studies`` left out, also studies of simulated participants (demos)"

@@ -186,8 +186,8 @@ class GatewayEngine:
             why = "; ".join(f"{study_id}: {reason}" for study_id, reason in skipped.items())
             raise NoStudyForCanary(
                 f"no study can take a canary of {request.candidate} now: {request.production!r} serves no arm of a "
-                f"{'' if request.include_synthetic else 'non-synthetic '}study without a running canary"
-                + (f" ({why})" if why else "")
+                f"running {'' if request.include_synthetic else 'non-synthetic '}study (one with an invite left) "
+                "without a canary of its own" + (f" ({why})" if why else "")
             )
         canaries = await self.studies.start_canaries(
             chosen, request.candidate, request.production, share, principal.subject
@@ -195,12 +195,12 @@ class GatewayEngine:
         return CanaryGroup.of(canaries, skipped)
 
     async def _studies_for_canary(self, request: CanariesRequest) -> tuple[list[Study], dict[str, str]]:
-        """Every study ``request.production`` serves now (synthetic ones only when asked), and those of them left out
-        because another canary runs there, with why."""
+        """Every running study (one taking new participants: an invite left) that ``request.production`` serves now
+        (synthetic ones only when asked), and those of them left out because another canary runs there, with why."""
         chosen: list[Study] = []
         skipped: dict[str, str] = {}
         for study in await self.studies.list_studies():
-            if study.synthetic and not request.include_synthetic:
+            if (study.synthetic and not request.include_synthetic) or not await self.studies.running(study):
                 continue
             try:
                 await self.studies.check_canary_start(study, request.candidate, request.production)

@@ -275,6 +275,11 @@ class StudyEngine:
                 invites.append(Invite(code=code, **fields))
         return sorted(invites, key=lambda i: (i.created_ms, i.code))
 
+    async def running(self, study: Study) -> bool:
+        """Whether the study takes new participants now: one of its invites can still be redeemed."""
+        now = now_ms()
+        return any(i.uses < i.max_uses and i.expires_ms > now for i in await self.list_invites(study))
+
     async def redeem(self, code: str, participant_ttl_seconds: int) -> tuple[Participant, str]:
         """One use of an invite: a new pseudonymous participant of its study and their withdraw code."""
         if not INVITE_CODE.match(code):
