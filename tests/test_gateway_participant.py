@@ -200,9 +200,9 @@ class ScriptedTraining:
         return "done", candidate, {"reply_words": Evidence([12.0] * 4)}
 
     def start_canary(
-        self, candidate: str, production: str, share: float, studies: Sequence[str] | None, include_synthetic: bool
+        self, candidate: str, production: str, share: float, studies: Sequence[str] | None, synthetic: bool
     ) -> list[str]:
-        return self.gateway.start_canary(candidate, production, share, studies, include_synthetic)
+        return self.gateway.start_canary(candidate, production, share, studies, synthetic)
 
     def canary_outcome(self, candidate: str) -> str:
         return self.gateway.canary_outcome(candidate)

@@ -113,7 +113,7 @@ def test_the_loop_s_canary_calls_against_the_real_gateway(gateway_url: str, obje
 
     # No running study yet (one nobody can join is not): the loop waits (no_study_for_canary), it does not give the
     # candidate up.
-    closed = study(running=False)
+    study(running=False)
     with pytest.raises(NoStudyForCanary, match="HTTP 409 no study can take a canary"):
         actions.start_canary(candidate, "base", 0.2, None, False)
     first, second = study(), study()
@@ -144,6 +144,9 @@ def test_the_loop_s_canary_calls_against_the_real_gateway(gateway_url: str, obje
         actions.start_canary(other, "base", 0.2, None, False)
     with pytest.raises(CanaryRefused, match=rf"HTTP 409 .*already runs a canary of {candidate}"):
         actions.start_canary(other, "base", 0.2, [first], False)
+    # A candidate that learned from simulated sessions runs only in studies of simulated participants.
+    with pytest.raises(CanaryRefused, match=rf"HTTP 400 study {first} is people's"):
+        actions.start_canary(other, "base", 0.2, [first], True)
     assert actions.start_canary(other, "base", 0.2, None, True) == [simulated]
 
     with gateway() as http:

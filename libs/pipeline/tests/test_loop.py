@@ -5,6 +5,7 @@ candidate that fails the gate is never given to a canary; a passed one is, and t
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,7 @@ class FakeSystem:
         return (*self.outcome, self.evidence) if self.finished else ("running", None, {})
 
     def start_canary(
-        self, candidate: str, production: str, share: float, studies: Sequence[str] | None, include_synthetic: bool
+        self, candidate: str, production: str, share: float, studies: Sequence[str] | None, synthetic: bool
     ) -> list[str]:
         self.canary_studies.append(studies)
         if self.refusal:
@@ -339,6 +340,40 @@ def test_the_canary_runs_in_every_study_and_waits_while_none_can_take_it(
     assert state.history[-1]["event"] == "canary started" and state.history[-1]["studies"] == ["st-a", "st-b"]
     system.decision = "promoted"
     assert (loop.tick() or pytest.fail()).production == "cand-1"
+
+
+def test_a_waiting_canary_gives_up_when_production_is_retired_or_after_its_maximum_wait(
+    store: ObjectStore, isolated_redis_url: str
+) -> None:
+    system = FakeSystem(sessions=["a", "b", "c"], evidence=GOOD, finished=True, no_study=True)
+    loop = make(store, isolated_redis_url, system, "only", canary_in="running_studies", max_canary_wait_s=0.05)
+    assert [(loop.tick() or pytest.fail()).phase for _ in range(3)] == ["training", "gating", "canary"]
+    time.sleep(0.1)
+    state = loop.tick() or pytest.fail()
+    assert state.phase == "idle" and state.history[-1]["event"] == "canary refused"
+    assert "no study took its canary" in state.history[-1]["why"]
+
+    # Production was retired (people it learned from withdrew) while the next candidate waited: the round ends, and
+    # the idle loop goes back to the policy's production arm.
+    state.production, state.phase, state.candidate = "cand-0", "canary", "cand-1"
+    store.put_json(Bucket.MODELS, STATE_KEY, state.model_dump(mode="json"))
+    mark = {"version": "cand-0", "withdrawn_sessions": ["a"], "withdrawn_ms": 1, "updated_ms": 1, "retired": True}
+    store.put_json(Bucket.MODELS, model_withdrawal_key("cand-0"), mark)
+    try:
+        ended = loop.tick() or pytest.fail()
+        assert ended.phase == "idle" and "cand-0" in ended.history[-1]["why"] and "retired" in ended.history[-1]["why"]
+        events = [h["event"] for h in (loop.tick() or pytest.fail()).history[-3:]]
+        assert events == ["production retired", "retraining without the withdrawn sessions", "pipeline started"]
+    finally:
+        store.delete(Bucket.MODELS, model_withdrawal_key("cand-0"))
+
+
+def test_where_the_canary_runs_by_default() -> None:
+    """A policy naming a study meant its canary ran there before canaries spanned studies; it still does."""
+    assert LoopPolicy().canary_in == "running_studies" and LoopPolicy().canary_studies() is None
+    assert LoopPolicy(study_id="st-mine").canary_in == "study"
+    assert LoopPolicy(study_id="st-mine").canary_studies() == ["st-mine"]
+    assert LoopPolicy(study_id="st-mine", canary_in="running_studies").canary_studies() is None
 
 
 @pytest.mark.parametrize(

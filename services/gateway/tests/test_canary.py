@@ -304,13 +304,14 @@ def _monitor(
     settings: GatewaySettings,
     sessions: list[SessionRecord],
     replica: str = "test-monitor",
+    engine: type[StudyEngine] = StudyEngine,
 ) -> list[Canary]:
     """Store ``sessions`` and take one look, in this test's own event loop (the app runs in another)."""
 
     async def go() -> list[Canary]:
         client = aioredis.Redis.from_url(redis_url)
         try:
-            studies = StudyEngine(settings.gateway.studies, client, object_store)
+            studies = engine(settings.gateway.studies, client, object_store)
             studies.replica = replica  # The same monitor each time: it still holds the lock it took.
             for record in sessions:
                 await studies.save_session(record)
@@ -502,28 +503,76 @@ def test_one_canary_across_the_running_studies(
         raw = redis.Redis.from_url(redis_url).hget(f"{prefix}:participant:{newcomer.participant_id}", "arm")
         assert json.loads(raw or b'""') == "wide-good"
 
-    # A researcher stops the next candidate in one study: the next look rolls it back in the other too.
+    # A researcher stops the next candidate in one study: it stops in the other at once (one decision, counted once).
+    decisions = gateway_metrics().canary_decisions.labels("rolled_back")
+    counted = decisions._value.get()
     body = {"candidate": "wide-bad", "production": "wide-good", "studies": [first, second]}
     assert client.post("/api/v1/canaries", json=body, headers=admin_headers()).status_code == 201
+    again = client.post("/api/v1/studies/" + busy + "/canary", json={"candidate": "wide-bad"}, headers=admin_headers())
+    assert again.status_code == 409 and "already runs a canary" in again.json()["detail"]  # One experiment at a time.
     assert client.post(f"/api/v1/studies/{first}/canary/rollback", headers=admin_headers()).is_success
-    decided = _monitor(redis_url, object_store, settings, [])
-    assert [(c.study_id, c.state) for c in decided] == [(second, "rolled_back")]
-    assert decided[0].reason.startswith(f"rolled back in study {first} (rolled back by")
+    states = [client.get(f"/api/v1/studies/{i}/canary", headers=admin_headers()).json() for i in (first, second)]
+    assert [c["state"] for c in states] == ["rolled_back", "rolled_back"] and states[1]["reason"] == states[0]["reason"]
+    assert _monitor(redis_url, object_store, settings, []) == [] and decisions._value.get() == counted + 1
     assert client.get("/api/v1/canaries/wide-bad", headers=admin_headers()).json()["state"] == "rolled_back"
     stopped = client.post("/api/v1/canaries/wide-bad/rollback", headers=admin_headers())
     assert stopped.status_code == 409 and "already rolled back" in stopped.json()["detail"]
+
+    # A rollback lands while a look that would promote is comparing the sessions: the rollback stands in both studies,
+    # and neither serves the candidate.
+    as_good = _as_good_in_both(client, object_store, "wide-race", "wide-good", [first, second], first_session=100)
+
+    class RolledBackMidLook(StudyEngine):
+        rolled = False
+
+        async def study_sessions(self, study_id: str) -> list[SessionRecord]:
+            if not self.rolled:
+                self.rolled = True
+                stop = client.post(f"/api/v1/studies/{second}/canary/rollback", headers=admin_headers())
+                assert stop.is_success, stop.text
+            return await super().study_sessions(study_id)
+
+    decided = _monitor(redis_url, object_store, settings, as_good, engine=RolledBackMidLook)
+    assert decided == []  # The rollback was decided first; the look only found it there.
+    shown = client.get("/api/v1/canaries/wide-race", headers=admin_headers()).json()
+    assert [c["state"] for c in shown["canaries"]] == ["rolled_back", "rolled_back"]
+    assert shown["reason"].startswith("rolled back by")
+    for study_id in (first, second):
+        newcomer = join(client, study_id)
+        start_session(client, newcomer)
+        raw = redis.Redis.from_url(redis_url).hget(f"{prefix}:participant:{newcomer.participant_id}", "arm")
+        assert json.loads(raw or b'""') == "wide-good"
+    # A rollback arrives while a look writes its promotion into the studies: the promotion was claimed first and
+    # stands in both; the researcher is told so.
+    as_good = _as_good_in_both(client, object_store, "wide-late", "wide-good", [first, second], first_session=200)
+    refused: list[str] = []
+
+    class RollbackBetweenWrites(StudyEngine):
+        async def save_canary(self, canary: Canary, *, while_running: bool = False) -> bool:
+            saved = await super().save_canary(canary, while_running=while_running)
+            if canary.state == "promoted" and not refused:  # The study not written yet.
+                other = second if canary.study_id == first else first
+                stop = client.post(f"/api/v1/studies/{other}/canary/rollback", headers=admin_headers())
+                refused.append(f"{stop.status_code} {stop.json()['detail']}")
+            return saved
+
+    decided = _monitor(redis_url, object_store, settings, as_good, engine=RollbackBetweenWrites)
+    assert refused and refused[0].startswith("409") and "decided meanwhile (promoted" in refused[0]
+    shown = client.get("/api/v1/canaries/wide-late", headers=admin_headers()).json()
+    assert [c["state"] for c in shown["canaries"]] == ["promoted", "promoted"], shown
+
     # Named studies must each take it, or none starts.
     named = client.post(
         "/api/v1/canaries",
-        json={"candidate": "wide-bad", "production": "wide-good", "studies": [first, other_arm]},
+        json={"candidate": "wide-bad", "production": "wide-late", "studies": [first, other_arm]},
         headers=admin_headers(),
     )
-    assert named.status_code == 400 and "'wide-good' serves no arm of study" in named.json()["detail"]
-    assert client.get(f"/api/v1/studies/{first}/canary", headers=admin_headers()).json()["candidate"] == "wide-bad"
+    assert named.status_code == 400 and "'wide-late' serves no arm of study" in named.json()["detail"]
+    assert client.get(f"/api/v1/studies/{first}/canary", headers=admin_headers()).json()["candidate"] == "wide-late"
 
     # A look that promoted in one study and stopped before recording the other: the next look promotes there too.
     register_model_version(object_store, "wide-third")
-    body = {"candidate": "wide-third", "production": "wide-good", "studies": [first, second]}
+    body = {"candidate": "wide-third", "production": "wide-late", "studies": [first, second]}
     third = client.post("/api/v1/canaries", json=body, headers=admin_headers()).json()
     promoted = Canary.model_validate(third["canaries"][0]).model_copy(
         update={"state": "promoted", "reason": "as good: within the margin", "decided_ms": NOW}
@@ -534,13 +583,32 @@ def test_one_canary_across_the_running_studies(
     assert client.get("/api/v1/canaries/wide-third", headers=admin_headers()).json()["state"] == "promoted"
 
 
+def _as_good_in_both(
+    client: TestClient, store: ObjectStore, candidate: str, production: str, studies: list[str], first_session: int
+) -> list[SessionRecord]:
+    """Start ``candidate``'s canary across ``studies`` and make 15 rated sessions per arm in each, alike: pooled, as
+    many as a promotion needs."""
+    register_model_version(store, candidate)
+    body = {"candidate": candidate, "production": production, "studies": studies}
+    started = client.post("/api/v1/canaries", json=body, headers=admin_headers())
+    assert started.status_code == 201, started.text
+    return [
+        _rated(study_id, arm, first_session + i, 4 + i % 2, started.json()["started_ms"])
+        for study_id in studies
+        for arm in (candidate, production)
+        for i in range(15)
+    ]
+
+
 def _save(redis_url: str, object_store: ObjectStore, settings: GatewaySettings, canary: Canary) -> bool:
+    """What a look that decided does before it stopped: claim the decision, write it into this one study only."""
+
     async def go() -> bool:
         client = aioredis.Redis.from_url(redis_url)
         try:
-            return await StudyEngine(settings.gateway.studies, client, object_store).save_canary(
-                canary, while_running=True
-            )
+            studies = StudyEngine(settings.gateway.studies, client, object_store)
+            _, claimed = await studies.claim_decision(canary)
+            return claimed and await studies.save_canary(canary, while_running=True)
         finally:
             await client.aclose()
 

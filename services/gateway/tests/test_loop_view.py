@@ -84,7 +84,7 @@ class System:
         return "done", self.candidate, self.evidence
 
     def start_canary(
-        self, candidate: str, production: str, share: float, studies: Sequence[str] | None, include_synthetic: bool
+        self, candidate: str, production: str, share: float, studies: Sequence[str] | None, synthetic: bool
     ) -> list[str]:
         body = {"candidate": candidate, "share": share, "production": production, "studies": studies}
         response = self.client.post("/api/v1/canaries", json=body, headers=admin_headers())

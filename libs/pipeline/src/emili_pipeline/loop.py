@@ -22,11 +22,14 @@ Phases, one step per tick:
 - ``canary``: wait for the gateway's decision (promoted or rolled back) -> ``idle`` (a canary that is missing,
   because the process stopped before starting it, or because no study could take it yet, is started).
 
-Where the canary runs (``canary_in``): by default in every running study that the production version serves now
-(people's studies; simulated ones too with ``include_synthetic``), as one experiment whose sessions the gateway pools
-and decides once for all of them, so the studies never serve different versions; or only in ``study_id``; or
-nowhere (candidates stop after the gate). While no study can take it (none serves the production version, or each
-runs another canary), the candidate waits in ``canary``, asked again at every tick.
+Where the canary runs (``canary_in``; default: ``study`` when the policy names a ``study_id``, else
+``running_studies``): in every running study (an invite left) that the production version serves now, as one
+experiment whose sessions the gateway pools and decides once for all of them, so the studies never serve different
+versions; or only in ``study_id``; or nowhere (candidates stop after the gate). A policy with ``include_synthetic``
+(its candidates may learn from simulated sessions) gets canaries only in studies of simulated participants, never in
+people's. While no study can take it (none serves the production version, or each runs another canary), the
+candidate waits in ``canary``, asked again at every tick, for up to ``max_canary_wait_s``; the round ends sooner when
+the production version it was judged against is retired meanwhile.
 
 The production arm: candidates are compared with ``policy.production`` (``base``) until the loop promotes one;
 from then on with the promoted version (``LoopState.production``), which the next pipeline gets as its baseline.
@@ -53,7 +56,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from emili_core.errors import DependencyUnavailable, NotFound
 from emili_core.objectstore import Bucket, ObjectStore
@@ -93,7 +96,11 @@ class LoopPolicy(BaseModel):
     include_synthetic: bool = False  # Only simulation studies set it: real candidates learn from people.
     # Where a candidate that passed the gate gets its canary: every running study its production version serves
     # now ("running_studies"), only ``study_id`` ("study"), or nowhere ("none": candidates stop after the gate).
-    canary_in: Literal["running_studies", "study", "none"] = "running_studies"
+    # Unset: "study" when ``study_id`` is set (what such a policy meant before canaries spanned studies), else
+    # "running_studies".
+    canary_in: Literal["running_studies", "study", "none"] | None = None
+    # How long a candidate that passed the gate waits for a study to take its canary before its round ends.
+    max_canary_wait_s: float = Field(7 * 24 * 3600.0, gt=0)
     study_id: str = ""  # The gateway study of ``canary_in: study`` and ``sessions_from: study``.
     # Which sessions candidates learn from: "all" recorded ones, or only those of ``study_id`` ("study"), so that
     # a simulation study's loop does not take other runs' synthetic sessions (with no study_id: none).
@@ -107,6 +114,12 @@ class LoopPolicy(BaseModel):
     # train its replacement without their sessions at once (it keeps serving until a replacement is promoted).
     # A retired one is always replaced at once.
     retrain_on_withdrawal: bool = True
+
+    @model_validator(mode="after")
+    def _canary_in_default(self) -> LoopPolicy:
+        if self.canary_in is None:
+            self.canary_in = "study" if self.study_id else "running_studies"
+        return self
 
     def no_canary(self) -> str | None:
         """Why a candidate that passed the gate gets no canary (it stops there); None: it gets one."""
@@ -225,10 +238,11 @@ class Actions(Protocol):
     def pipeline_outcome(self, pipeline_id: str) -> tuple[str, str | None, dict[str, Evidence]]: ...
 
     def start_canary(
-        self, candidate: str, production: str, share: float, studies: Sequence[str] | None, include_synthetic: bool
+        self, candidate: str, production: str, share: float, studies: Sequence[str] | None, synthetic: bool
     ) -> list[str]:
         """Start ``candidate``'s canary, standing in for ``production`` (the version the gate judged it against), in
-        ``studies`` (None: every study ``production`` serves now, simulated ones only with ``include_synthetic``);
+        ``studies`` (None: every running study ``production`` serves now: people's, or with ``synthetic`` (a
+        candidate that learned from simulated sessions) only studies of simulated participants);
         returns the studies it runs in. Refused for good (:class:`CanaryRefused`) when a named study serves
         something else; :class:`NoStudyForCanary` when no study can take it now."""
 
@@ -473,12 +487,26 @@ class Loop:
             state.phase = "idle"
             return self._save(state, "canary refused", candidate=state.candidate, why=str(exc))
         except NoStudyForCanary as exc:
-            # Waits in "canary" and asks again next tick; recorded once, not at every tick.
-            last = state.history[-1] if state.history else {}
-            if (last.get("event"), last.get("candidate")) == (WAITING, state.candidate):
-                return state
-            return self._save(state, WAITING, candidate=state.candidate, why=str(exc))
+            return self._wait_for_a_study(state, str(exc))
         return self._save(state, "canary started", candidate=state.candidate, studies=studies)
+
+    def _wait_for_a_study(self, state: LoopState, why: str) -> LoopState:
+        """No study can take the canary now: wait in "canary" and ask again next tick (recorded once), unless the
+        version it was judged against is retired (the idle loop then goes back to the policy's production arm and
+        retrains) or it has waited ``max_canary_wait_s``."""
+        if state.production and is_retired(self.store, state.production):
+            state.phase = "idle"
+            why = f"the production version {state.production} it was judged against was retired while it waited"
+            return self._save(state, "canary refused", candidate=state.candidate, why=why)
+        last = state.history[-1] if state.history else {}
+        if (last.get("event"), last.get("candidate")) != (WAITING, state.candidate):
+            return self._save(state, WAITING, candidate=state.candidate, why=why)
+        waited_s = time.time() - int(last.get("at_ms", 0)) / 1000
+        if waited_s > self.policy.max_canary_wait_s:
+            state.phase = "idle"
+            why = f"no study took its canary in {waited_s / 3600:.1f} h (max_canary_wait_s); last: {why}"
+            return self._save(state, "canary refused", candidate=state.candidate, why=why)
+        return state
 
     def _canary(self, state: LoopState) -> LoopState:
         assert state.candidate is not None

@@ -263,12 +263,12 @@ class SystemActions:
             raise GatewayError(f"{method} {path}: the gateway cannot be reached ({exc})") from None
 
     def start_canary(
-        self, candidate: str, production: str, share: float, studies: Sequence[str] | None, include_synthetic: bool
+        self, candidate: str, production: str, share: float, studies: Sequence[str] | None, synthetic: bool
     ) -> list[str]:
         body: dict[str, Any] = {"candidate": candidate, "production": production, "share": share}
         if studies is not None:
             body["studies"] = list(studies)
-        body["include_synthetic"] = include_synthetic
+        body["synthetic"] = synthetic
         response = self._gateway_call("POST", "/canaries", json=body)
         where = f"in study {', '.join(studies)}" if studies else "in the running studies"
         if response.status_code != 201:

@@ -849,7 +849,7 @@ class StudyActions:
         return self.system.pipeline_outcome(pipeline_id)
 
     def start_canary(
-        self, candidate: str, production: str, share: float, studies: Sequence[str] | None, include_synthetic: bool
+        self, candidate: str, production: str, share: float, studies: Sequence[str] | None, synthetic: bool
     ) -> list[str]:
         self.canary.start(candidate)  # Offline: its users meet the loop's baseline, the production arm it judged.
         return [OFFLINE_STUDY]

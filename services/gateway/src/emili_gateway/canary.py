@@ -22,9 +22,9 @@ numbers and the ids of the sessions it rests on per arm, is kept with the canary
 
 One candidate can run in several studies at once (``POST /api/v1/canaries``: by default every study the production
 version serves now): one canary per study, started together and listing each other (``studies``). They are one
-experiment: every look pools their sessions, and its decision (one, counted once) is recorded in each; a researcher's
-rollback in any of them rolls back the others at the next look, so the studies never end up serving different
-versions.
+experiment: every look pools their sessions, and a decision (the monitor's, or a researcher's rollback in any of them)
+is claimed once for the experiment, atomically, before it is written into each study's canary; whichever comes second
+gives way. So the studies never end up serving different versions, and a decision is counted once.
 """
 
 from __future__ import annotations
@@ -77,8 +77,10 @@ class CanariesRequest(BaseModel):
         description="The studies it runs in; default: every running study (an invite left) that ``production`` "
         "serves now and that runs no other canary",
     )
-    include_synthetic: bool = Field(
-        False, description="With ``studies`` left out, also studies of simulated participants (demos)"
+    synthetic: bool = Field(
+        False,
+        description="A candidate that learned from simulated sessions (demos, simulation studies): it runs only in "
+        "studies of simulated participants, never in people's",
     )
 
 
@@ -127,16 +129,12 @@ class CanaryGroup(BaseModel):
 
     @classmethod
     def of(cls, canaries: Sequence[Canary], skipped: Mapping[str, str] | None = None) -> CanaryGroup:
-        """The group's state: rolled back when any study's canary was (the others follow at the next look), promoted
-        when all were, else running. Its numbers are those of its newest look (the same pooled look in each)."""
-        states = {c.state for c in canaries}
-        state: CanaryState = "running"
-        if "rolled_back" in states:
-            state = "rolled_back"
-        elif states == {"promoted"}:
-            state = "promoted"
-        decided = [c for c in canaries if c.state == state and c.decided_ms]
+        """The experiment's state: its decision once any of its studies' canaries has it (one decision is claimed for
+        all of them, and written into the others at once or at the monitor's next look), else running. Its numbers
+        are those of its newest look (the same pooled look in each)."""
+        decided = [c for c in canaries if c.state != "running"]
         shown = decided[0] if decided else max(canaries, key=lambda c: sum(look.n_candidate for look in c.looks))
+        state = shown.state
         first = canaries[0]
         return cls(
             candidate=first.candidate,
@@ -305,48 +303,34 @@ class CanaryMonitor:
         return pending + len(later)
 
     async def look(self, members: Sequence[Canary]) -> list[Canary]:
-        """One look at one experiment: the running canaries of one candidate started together (one per study). Its
-        decision is recorded in each; a canary decided meanwhile (a researcher's rollback) keeps its own."""
+        """One look at one experiment: the running canaries of one candidate started together (one per study). A
+        decision is claimed for the whole experiment first (:meth:`StudyEngine.claim_decision`; one taken earlier,
+        such as a researcher's rollback in one of its studies, stands) and then written into each study's canary."""
         first = members[0]
-        if await self.studies.retired(first.candidate):
-            looked = _decided(first, "rolled_back", RETIRED_REASON)
-        elif await self.studies.retired(first.production):
-            looked = _decided(first, "rolled_back", PRODUCTION_RETIRED_REASON)
-        elif other := await self._decided_elsewhere(first, members):
-            looked = other.model_copy(update={"study_id": first.study_id})
-            if other.state == "rolled_back" and not other.reason.startswith("rolled back in study"):
-                looked.reason = f"rolled back in study {other.study_id} ({other.reason})"
-        else:
-            looked = await self._compare(members)
-        decision = {key: getattr(looked, key) for key in DECISION_FIELDS}
+        claimed = False
+        if (decision := await self.studies.experiment_decision(first)) is None:
+            if await self.studies.retired(first.candidate):
+                decision = _decided(first, "rolled_back", RETIRED_REASON)
+            elif await self.studies.retired(first.production):
+                decision = _decided(first, "rolled_back", PRODUCTION_RETIRED_REASON)
+            else:
+                decision = await self._compare(members)
+            if decision.state != "running":
+                decision, claimed = await self.studies.claim_decision(decision)
+        update = {key: getattr(decision, key) for key in DECISION_FIELDS}
         saved = []
         for canary in members:
-            mine = canary.model_copy(update=decision)
+            mine = canary.model_copy(update=update)
             if await self.studies.save_canary(mine, while_running=True):
                 saved.append(mine)
             else:
-                # A researcher rolled it back (or another replica decided) while this look ran: that decision stands,
-                # and this look decided nothing there (the caller counts only its own decisions).
+                # Decided while this look ran (its decision was claimed first and is written there): not overwritten.
                 log.info("canary %s in %s: decided while looked at; not overwritten", canary.candidate, canary.study_id)
-        if saved and looked.state != "running":
-            self.metrics.canary_decisions.labels(looked.state).inc()
-            where = ", ".join(c.study_id for c in saved)
-            log.info("canary %s in %s: %s (%s)", first.candidate, where, looked.state, looked.reason)
+        if claimed:  # Counted once, by whoever decided; copies into the other studies are not decisions.
+            self.metrics.canary_decisions.labels(decision.state).inc()
+            where = ", ".join(c.study_id for c in members)
+            log.info("canary %s in %s: %s (%s)", first.candidate, where, decision.state, decision.reason)
         return saved
-
-    async def _decided_elsewhere(self, first: Canary, members: Sequence[Canary]) -> Canary | None:
-        """A canary of the same experiment in another study that was decided already (a researcher rolled it back, or
-        a look decided it and stopped before recording the others): the experiment is one, so the others follow,
-        a rollback first."""
-        running = {c.study_id for c in members}
-        decided = []
-        for study_id in first.pooled_studies():
-            if study_id in running:
-                continue
-            other = await self.studies.canary_of(study_id, first.candidate)
-            if other is not None and other.same_experiment(first) and other.state != "running":
-                decided.append(other)
-        return min(decided, key=lambda c: c.state != "rolled_back", default=None)
 
     async def _compare(self, members: Sequence[Canary]) -> Canary:
         """The experiment's sessions pooled over its studies (sessions of studies whose canary no longer runs, such as

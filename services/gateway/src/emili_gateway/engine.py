@@ -175,9 +175,17 @@ class GatewayEngine:
 
     async def start_canaries(self, principal: Principal, request: CanariesRequest) -> CanaryGroup:
         share = request.share or self.settings.gateway.canary.share
+        # A candidate that can never run (unknown, rejected, retired) is refused before any study is looked for: the
+        # loop gives it up rather than waiting for a study.
+        await self.studies.check_candidate(request.candidate, request.production)
         if request.studies is not None:  # Named: each must take it, or none starts.
             chosen = [await self.studies.get_study(study_id) for study_id in dict.fromkeys(request.studies)]
             for study in chosen:
+                if request.synthetic and not study.synthetic:
+                    raise InvalidInput(
+                        f"study {study.study_id} is people's: a candidate of simulated sessions (synthetic: true) "
+                        "runs only in studies of simulated participants"
+                    )
                 await self.studies.check_canary_start(study, request.candidate, request.production)
             skipped: dict[str, str] = {}
         else:
@@ -186,8 +194,8 @@ class GatewayEngine:
             why = "; ".join(f"{study_id}: {reason}" for study_id, reason in skipped.items())
             raise NoStudyForCanary(
                 f"no study can take a canary of {request.candidate} now: {request.production!r} serves no arm of a "
-                f"running {'' if request.include_synthetic else 'non-synthetic '}study (one with an invite left) "
-                "without a canary of its own" + (f" ({why})" if why else "")
+                f"running study of {'simulated participants' if request.synthetic else 'people'} (one with an invite "
+                "left) without a canary of its own" + (f" ({why})" if why else "")
             )
         canaries = await self.studies.start_canaries(
             chosen, request.candidate, request.production, share, principal.subject
@@ -195,12 +203,13 @@ class GatewayEngine:
         return CanaryGroup.of(canaries, skipped)
 
     async def _studies_for_canary(self, request: CanariesRequest) -> tuple[list[Study], dict[str, str]]:
-        """Every running study (one taking new participants: an invite left) that ``request.production`` serves now
-        (synthetic ones only when asked), and those of them left out because another canary runs there, with why."""
+        """Every running study (one taking new participants: an invite left) of people, or of simulated participants
+        with ``request.synthetic``, that ``request.production`` serves now; and those of them left out because another
+        canary runs there, with why."""
         chosen: list[Study] = []
         skipped: dict[str, str] = {}
         for study in await self.studies.list_studies():
-            if (study.synthetic and not request.include_synthetic) or not await self.studies.running(study):
+            if study.synthetic != request.synthetic or not await self.studies.running(study):
                 continue
             try:
                 await self.studies.check_canary_start(study, request.candidate, request.production)
@@ -225,30 +234,31 @@ class GatewayEngine:
         group = await self.canary_group(candidate)
         if group.state != "running":
             raise FailedPrecondition(f"the canary of {candidate} was already {group.state.replace('_', ' ')}")
-        # One decision for the experiment; a study's canary the monitor decided meanwhile keeps that decision.
-        stopped = [await self._roll_back(principal, c) for c in group.canaries if c.state == "running"]
-        if any(stopped):
-            self.metrics.canary_decisions.labels("rolled_back").inc()
+        await self._roll_back(principal, group.canaries[0])
         return await self.canary_group(candidate)
 
     async def roll_back_canary(self, principal: Principal, study_id: str) -> Canary:
+        """The study's running canary, and with it its experiment's canaries in other studies."""
         canary = await self.canary(study_id)
         if canary.state != "running":
             raise FailedPrecondition(f"the canary of {canary.candidate} was already {canary.state.replace('_', ' ')}")
-        stopped = await self._roll_back(principal, canary)
-        if stopped is None:
-            raise FailedPrecondition(
-                f"the canary of {canary.candidate} was decided meanwhile (or another replaced it); read it again"
-            )
-        self.metrics.canary_decisions.labels("rolled_back").inc()
-        return stopped
+        return await self._roll_back(principal, canary)
 
-    async def _roll_back(self, principal: Principal, canary: Canary) -> Canary | None:
-        """The canary rolled back by ``principal``; None when it was decided meanwhile (that decision stands)."""
+    async def _roll_back(self, principal: Principal, canary: Canary) -> Canary:
+        """Claim the rollback as the decision of ``canary``'s experiment and write it into each of its studies; a
+        decision claimed first (the monitor's promotion) stands, and the rollback is refused."""
         stopped = canary.model_copy(
             update={"state": "rolled_back", "reason": f"rolled back by {principal.subject}", "decided_ms": now_ms()}
         )
-        return stopped if await self.studies.save_canary(stopped, while_running=True) else None
+        decision, claimed = await self.studies.claim_decision(stopped)
+        await self.studies.apply_decision(decision)  # Also finishes writing an earlier decision, if one was claimed.
+        if not claimed:
+            raise FailedPrecondition(
+                f"the canary of {canary.candidate} was decided meanwhile ({decision.state.replace('_', ' ')}: "
+                f"{decision.reason}); read it again"
+            )
+        self.metrics.canary_decisions.labels("rolled_back").inc()
+        return decision
 
     async def progress(self, study_id: str) -> Progress:
         return await self.studies.progress(await self.studies.get_study(study_id))

@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 
 from emili_core.errors import DependencyUnavailable, FailedPrecondition, InvalidInput, NotFound
 from emili_core.objectstore import Bucket, ObjectStore
-from emili_gateway.canary import Canary, draw_candidate
+from emili_gateway.canary import DECISION_FIELDS, Canary, draw_candidate
 from emili_gateway.errors import Gone
 from emili_gateway.models import (
     ArmProgress,
@@ -573,27 +573,18 @@ class StudyEngine:
     async def start_canary(self, study: Study, candidate: str, production: str, share: float, by: str) -> Canary:
         """``production`` must be what serves one of the study's arms now: a canary stands in for it, and the
         candidate was judged against it (the loop sends the version its gate compared with)."""
+        await self.check_candidate(candidate, production)
         await self.check_canary_start(study, candidate, production)
-        await self._check_candidate(candidate, production)
-        canary = Canary(
-            study_id=study.study_id,
-            candidate=candidate,
-            production=production,
-            share=share,
-            started_ms=now_ms(),
-            started_by=by,
-        )
-        await self.save_canary(canary)
-        # Its latest canary is this one, in one study: the index of an earlier one across studies no longer tells.
-        await self._r("unindex the canary", self.redis.delete(self._key("candidate", candidate, "canary_studies")))
+        (canary,) = await self.start_canaries([study], candidate, production, share, by, alone=True)
         return canary
 
     async def start_canaries(
-        self, studies: Sequence[Study], candidate: str, production: str, share: float, by: str
+        self, studies: Sequence[Study], candidate: str, production: str, share: float, by: str, *, alone: bool = False
     ) -> list[Canary]:
         """One experiment in several studies (each checked by :meth:`check_canary_start` first): a canary in each,
-        started at the same time and listing the others, so that the monitor pools and decides them as one."""
-        await self._check_candidate(candidate, production)
+        started at the same time and listing the others (unless ``alone``: one study's own canary), so that the
+        monitor pools and decides them as one."""
+        await self.check_candidate(candidate, production)
         started_ms, ids = now_ms(), [s.study_id for s in studies]
         canaries = [
             Canary(
@@ -603,16 +594,55 @@ class StudyEngine:
                 share=share,
                 started_ms=started_ms,
                 started_by=by,
-                studies=ids,
+                studies=[] if alone else ids,
             )
             for study_id in ids
         ]
-        for canary in canaries:
-            await self.save_canary(canary)
-        await self._r(
-            "index the canary", self.redis.set(self._key("candidate", candidate, "canary_studies"), json.dumps(ids))
-        )
-        return canaries
+        for _ in range(CANARY_SAVE_TRIES):
+            if await self._start_experiment(canaries):
+                for canary in canaries:  # The durable records, once Redis took the canaries.
+                    await self._s3(
+                        self.objects.put_json, Bucket.SESSIONS, self.canary_object(canary), canary.model_dump()
+                    )
+                return canaries
+        raise DependencyUnavailable(f"canaries of other versions kept starting while {candidate}'s did; try again")
+
+    async def _start_experiment(self, canaries: Sequence[Canary]) -> bool:
+        """Record the experiment's canaries and the candidate's index in one transaction (WATCH): refused when a study
+        runs another canary or the candidate runs in another experiment; False when one of them changed meanwhile."""
+        first = canaries[0]
+        index = self._key("candidate", first.candidate, "canary_studies")
+        study_keys = [self._key("study", c.study_id, "canary") for c in canaries]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(index, *study_keys)
+                indexed = await pipe.get(index)
+                stored = [await pipe.get(key) for key in study_keys]
+                others = [await pipe.get(self._key("study", i, "canary")) for i in json.loads(indexed or "[]")]
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                raise DependencyUnavailable("Redis is unavailable while trying to start a canary; try again") from exc
+            for canary, raw in zip(canaries, stored, strict=True):
+                current = Canary.model_validate_json(raw) if raw else None
+                if current is not None and current.state == "running":
+                    raise FailedPrecondition(
+                        f"study {canary.study_id} already runs a canary of {current.candidate}; wait for its "
+                        "decision or roll it back first"
+                    )
+            running = [c for raw in others if raw and (c := Canary.model_validate_json(raw)).state == "running"]
+            if elsewhere := [c.study_id for c in running if c.candidate == first.candidate]:
+                raise FailedPrecondition(
+                    f"{first.candidate} already runs as a canary in {', '.join(elsewhere)}; wait for its decision or "
+                    "roll it back first"
+                )
+            pipe.multi()
+            for canary in canaries:
+                await self._queue_canary(pipe, canary)
+            pipe.set(index, json.dumps([c.study_id for c in canaries]))
+            try:
+                await self._r("start the canary", pipe.execute())
+            except redis.WatchError:
+                return False
+        return True
 
     async def check_canary_start(self, study: Study, candidate: str, production: str) -> None:
         """Why a canary of ``candidate`` standing in for ``production`` cannot start in ``study`` now, raised:
@@ -637,7 +667,7 @@ class StudyEngine:
                 "roll it back first"
             )
 
-    async def _check_candidate(self, candidate: str, production: str) -> None:
+    async def check_candidate(self, candidate: str, production: str) -> None:
         if candidate in (BASE_ARM, production):
             raise InvalidInput("the candidate must be a registered model version other than the production arm")
         await self._check_servable_version(candidate, f"{candidate!r} is not a registered model version")
@@ -648,13 +678,47 @@ class StudyEngine:
         indexed = await self._r(
             "read the canary index", self.redis.get(self._key("candidate", candidate, "canary_studies"))
         )
-        # Without the index (a canary started in one study, or Redis lost its keys): every study is looked through.
+        # Without the index (a canary started before there was one): every study is looked through.
         study_ids = json.loads(indexed) if indexed else [study.study_id for study in await self.list_studies()]
         found = [c for study_id in study_ids if (c := await self.canary_of(study_id, candidate))]
         if not found:
             return []
         latest = max(found, key=lambda c: c.started_ms)
         return sorted((c for c in found if c.same_experiment(latest)), key=lambda c: c.study_id)
+
+    def _decision_key(self, canary: Canary) -> str:
+        return self._key("canary_decision", canary.candidate, str(canary.started_ms))
+
+    async def experiment_decision(self, canary: Canary) -> Canary | None:
+        """The decision recorded for ``canary``'s experiment (the canaries of its candidate started with it, one per
+        study), as ``canary`` decided; None while it runs."""
+        raw = await self._r("read the canary's decision", self.redis.get(self._decision_key(canary)))
+        return Canary.model_validate(canary.model_dump() | json.loads(raw)) if raw else None
+
+    async def claim_decision(self, decided: Canary) -> tuple[Canary, bool]:
+        """Record ``decided``'s decision as its experiment's unless one was recorded first (SET NX: the monitor, a
+        researcher's rollback in any of its studies and a rollback of the whole experiment all go through here, so
+        the studies of one experiment never take different decisions). Returns the experiment's decision, and
+        whether it is this one."""
+        payload = decided.model_dump_json(include=set(DECISION_FIELDS))
+        if await self._r("record the canary's decision", self.redis.set(self._decision_key(decided), payload, nx=True)):
+            return decided, True
+        earlier = await self.experiment_decision(decided)
+        if earlier is None:  # Cannot happen while Redis keeps its keys: the key was there a moment ago.
+            raise DependencyUnavailable("the canary's decision could not be read back; try again")
+        return earlier, False
+
+    async def apply_decision(self, decision: Canary) -> list[Canary]:
+        """Write the experiment's decision into each of its studies' canaries still running; those written."""
+        written = []
+        for study_id in decision.pooled_studies():
+            mine = await self.canary_of(study_id, decision.candidate)
+            if mine is None or not mine.same_experiment(decision) or mine.state != "running":
+                continue
+            update = {key: getattr(decision, key) for key in DECISION_FIELDS}
+            if await self.save_canary(mine.model_copy(update=update), while_running=True):
+                written.append(mine.model_copy(update=update))
+        return written
 
     async def save_canary(self, canary: Canary, *, while_running: bool = False) -> bool:
         """Record the canary (S3 first: the durable record; with ``while_running``, once Redis took it) and, once
