@@ -508,8 +508,9 @@ def test_one_canary_across_the_running_studies(
     counted = decisions._value.get()
     body = {"candidate": "wide-bad", "production": "wide-good", "studies": [first, second]}
     assert client.post("/api/v1/canaries", json=body, headers=admin_headers()).status_code == 201
-    again = client.post("/api/v1/studies/" + busy + "/canary", json={"candidate": "wide-bad"}, headers=admin_headers())
-    assert again.status_code == 409 and "already runs a canary" in again.json()["detail"]  # One experiment at a time.
+    elsewhere = create_study(client)["study_id"]  # Serves base, runs nothing: the candidate may not start there too.
+    again = client.post(f"/api/v1/studies/{elsewhere}/canary", json={"candidate": "wide-bad"}, headers=admin_headers())
+    assert again.status_code == 409 and "wide-bad already runs as a canary in" in again.json()["detail"]
     assert client.post(f"/api/v1/studies/{first}/canary/rollback", headers=admin_headers()).is_success
     states = [client.get(f"/api/v1/studies/{i}/canary", headers=admin_headers()).json() for i in (first, second)]
     assert [c["state"] for c in states] == ["rolled_back", "rolled_back"] and states[1]["reason"] == states[0]["reason"]
@@ -522,18 +523,26 @@ def test_one_canary_across_the_running_studies(
     # and neither serves the candidate.
     as_good = _as_good_in_both(client, object_store, "wide-race", "wide-good", [first, second], first_session=100)
 
+    claims: list[tuple[str, bool]] = []
+
     class RolledBackMidLook(StudyEngine):
         rolled = False
 
         async def study_sessions(self, study_id: str) -> list[SessionRecord]:
-            if not self.rolled:
+            if not self.rolled and study_id in (first, second):  # Not during the look at busy's own canary.
                 self.rolled = True
                 stop = client.post(f"/api/v1/studies/{second}/canary/rollback", headers=admin_headers())
                 assert stop.is_success, stop.text
             return await super().study_sessions(study_id)
 
+        async def claim_decision(self, decided: Canary) -> tuple[Canary, bool]:
+            decision, claimed = await super().claim_decision(decided)
+            claims.append((decided.state, claimed))
+            return decision, claimed
+
     decided = _monitor(redis_url, object_store, settings, as_good, engine=RolledBackMidLook)
-    assert decided == []  # The rollback was decided first; the look only found it there.
+    # The look would have promoted, but the rollback was claimed first: the look found nothing left to decide.
+    assert claims == [("promoted", False)] and decided == []
     shown = client.get("/api/v1/canaries/wide-race", headers=admin_headers()).json()
     assert [c["state"] for c in shown["canaries"]] == ["rolled_back", "rolled_back"]
     assert shown["reason"].startswith("rolled back by")
@@ -582,6 +591,23 @@ def test_one_canary_across_the_running_studies(
     assert [(c.study_id, c.state, c.reason) for c in decided] == [(second, "promoted", promoted.reason)]
     assert client.get("/api/v1/canaries/wide-third", headers=admin_headers()).json()["state"] == "promoted"
 
+    # Rolled back in one study with no claim recorded (before claims existed, or Redis lost the key): the next look
+    # takes that rollback for the whole experiment rather than deciding the other study on its own.
+    register_model_version(object_store, "wide-fourth")
+    body = {"candidate": "wide-fourth", "production": "wide-third", "studies": [first, second]}
+    fourth = client.post("/api/v1/canaries", json=body, headers=admin_headers()).json()
+    stopped = Canary.model_validate(fourth["canaries"][1]).model_copy(
+        update={"state": "rolled_back", "reason": "rolled back by an older gateway", "decided_ms": NOW}
+    )
+    assert _save(redis_url, object_store, settings, stopped, claim=False)
+    as_good = [
+        _rated(first, arm, 300 + i, 4 + i % 2, fourth["started_ms"])
+        for arm in ("wide-fourth", "wide-third")
+        for i in range(30)
+    ]
+    decided = _monitor(redis_url, object_store, settings, as_good)
+    assert [(c.study_id, c.state, c.reason) for c in decided] == [(first, "rolled_back", stopped.reason)]
+
 
 def _as_good_in_both(
     client: TestClient, store: ObjectStore, candidate: str, production: str, studies: list[str], first_session: int
@@ -600,14 +626,17 @@ def _as_good_in_both(
     ]
 
 
-def _save(redis_url: str, object_store: ObjectStore, settings: GatewaySettings, canary: Canary) -> bool:
-    """What a look that decided does before it stopped: claim the decision, write it into this one study only."""
+def _save(
+    redis_url: str, object_store: ObjectStore, settings: GatewaySettings, canary: Canary, claim: bool = True
+) -> bool:
+    """What a look that decided does before it stopped: claim the decision (unless not ``claim``: a gateway from
+    before claims existed), write it into this one study only."""
 
     async def go() -> bool:
         client = aioredis.Redis.from_url(redis_url)
         try:
             studies = StudyEngine(settings.gateway.studies, client, object_store)
-            _, claimed = await studies.claim_decision(canary)
+            claimed = (await studies.claim_decision(canary))[1] if claim else True
             return claimed and await studies.save_canary(canary, while_running=True)
         finally:
             await client.aclose()

@@ -286,7 +286,16 @@ def test_object_storage_down_is_a_503(
     from emili_testing.plugin import free_port
 
     down = s3_settings.model_copy(update={"endpoint": f"127.0.0.1:{free_port()}", "max_attempts": 1})
-    client = make_client(gateway_settings(redis_url, down, servers))
+    settings = gateway_settings(redis_url, down, servers)
+    # Only the loop view is asked for: no background loop (a canary monitor, the withdrawal drainer) that would keep
+    # calling the unreachable store, or another test's canaries, while the app shuts down.
+    quiet = settings.gateway.model_copy(
+        update={
+            "canary": settings.gateway.canary.model_copy(update={"monitor": False}),
+            "withdrawals": settings.gateway.withdrawals.model_copy(update={"drain": False}),
+        }
+    )
+    client = make_client(settings.model_copy(update={"gateway": quiet}))
     body = get(client, "/loop", 503)
     assert body["error"] == "unavailable"
 

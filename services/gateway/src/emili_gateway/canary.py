@@ -306,17 +306,24 @@ class CanaryMonitor:
         """One look at one experiment: the running canaries of one candidate started together (one per study). A
         decision is claimed for the whole experiment first (:meth:`StudyEngine.claim_decision`; one taken earlier,
         such as a researcher's rollback in one of its studies, stands) and then written into each study's canary."""
-        first = members[0]
-        claimed = False
+        first, elsewhere = members[0], None
         if (decision := await self.studies.experiment_decision(first)) is None:
             if await self.studies.retired(first.candidate):
                 decision = _decided(first, "rolled_back", RETIRED_REASON)
             elif await self.studies.retired(first.production):
                 decision = _decided(first, "rolled_back", PRODUCTION_RETIRED_REASON)
+            elif (elsewhere := await self._decided_elsewhere(first, members)) is not None:
+                # Decided in one of its studies without a recorded claim (before claims existed, or the key was lost
+                # with Redis): that decision, a rollback first, is the experiment's.
+                decision = elsewhere.model_copy(update={"study_id": first.study_id})
             else:
                 decision = await self._compare(members)
             if decision.state != "running":
                 decision, claimed = await self.studies.claim_decision(decision)
+                if claimed and elsewhere is None:  # Counted once, by whoever decided, as soon as it is claimed.
+                    self.metrics.canary_decisions.labels(decision.state).inc()
+                    where = ", ".join(c.study_id for c in members)
+                    log.info("canary %s in %s: %s (%s)", first.candidate, where, decision.state, decision.reason)
         update = {key: getattr(decision, key) for key in DECISION_FIELDS}
         saved = []
         for canary in members:
@@ -326,11 +333,20 @@ class CanaryMonitor:
             else:
                 # Decided while this look ran (its decision was claimed first and is written there): not overwritten.
                 log.info("canary %s in %s: decided while looked at; not overwritten", canary.candidate, canary.study_id)
-        if claimed:  # Counted once, by whoever decided; copies into the other studies are not decisions.
-            self.metrics.canary_decisions.labels(decision.state).inc()
-            where = ", ".join(c.study_id for c in members)
-            log.info("canary %s in %s: %s (%s)", first.candidate, where, decision.state, decision.reason)
         return saved
+
+    async def _decided_elsewhere(self, first: Canary, members: Sequence[Canary]) -> Canary | None:
+        """A canary of the same experiment, in a study not among the running ``members``, that is decided: a
+        rollback if there is one, else a promotion."""
+        running = {c.study_id for c in members}
+        decided = []
+        for study_id in first.pooled_studies():
+            if study_id in running:
+                continue
+            other = await self.studies.canary_of(study_id, first.candidate)
+            if other is not None and other.same_experiment(first) and other.state != "running":
+                decided.append(other)
+        return min(decided, key=lambda c: c.state != "rolled_back", default=None)
 
     async def _compare(self, members: Sequence[Canary]) -> Canary:
         """The experiment's sessions pooled over its studies (sessions of studies whose canary no longer runs, such as

@@ -251,13 +251,14 @@ class GatewayEngine:
             update={"state": "rolled_back", "reason": f"rolled back by {principal.subject}", "decided_ms": now_ms()}
         )
         decision, claimed = await self.studies.claim_decision(stopped)
+        if claimed:  # Counted once claimed: it stands even if writing it into every study fails now.
+            self.metrics.canary_decisions.labels("rolled_back").inc()
         await self.studies.apply_decision(decision)  # Also finishes writing an earlier decision, if one was claimed.
         if not claimed:
             raise FailedPrecondition(
                 f"the canary of {canary.candidate} was decided meanwhile ({decision.state.replace('_', ' ')}: "
                 f"{decision.reason}); read it again"
             )
-        self.metrics.canary_decisions.labels("rolled_back").inc()
         return decision
 
     async def progress(self, study_id: str) -> Progress:

@@ -600,10 +600,14 @@ class StudyEngine:
         ]
         for _ in range(CANARY_SAVE_TRIES):
             if await self._start_experiment(canaries):
-                for canary in canaries:  # The durable records, once Redis took the canaries.
-                    await self._s3(
-                        self.objects.put_json, Bucket.SESSIONS, self.canary_object(canary), canary.model_dump()
-                    )
+                try:
+                    for canary in canaries:  # The durable records, once Redis took the canaries.
+                        await self._s3(
+                            self.objects.put_json, Bucket.SESSIONS, self.canary_object(canary), canary.model_dump()
+                        )
+                except DependencyUnavailable as exc:
+                    # They run (allocation reads Redis); the monitor's next look writes the durable records.
+                    log.warning("canaries of %s started; durable records wait for object storage: %s", candidate, exc)
                 return canaries
         raise DependencyUnavailable(f"canaries of other versions kept starting while {candidate}'s did; try again")
 
