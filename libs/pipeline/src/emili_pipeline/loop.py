@@ -136,7 +136,10 @@ class LoopPolicy(BaseModel):
     def canary_where(self) -> str:
         if why := self.no_canary():
             return f"nowhere ({why}): candidates stop after the gate"
-        return f"study {self.study_id}" if self.canary_in == "study" else "every study the production version serves"
+        if self.canary_in == "study":
+            return f"study {self.study_id}"
+        whose = "simulated participants" if self.include_synthetic else "people"
+        return f"every running study of {whose} that the production version serves"
 
     def sessions_study(self) -> str | None:
         """The study eligible sessions must belong to; None: any session, of a study or not."""
