@@ -34,7 +34,7 @@ from emili_gateway.canary import (
 )
 from emili_gateway.chat_client import SessionReactions
 from emili_gateway.metrics import gateway_metrics
-from emili_gateway.models import SessionRecord
+from emili_gateway.models import SessionRecord, Study
 from emili_gateway.settings import CanarySettings, GatewaySettings, StudyStoreSettings
 from emili_gateway.studies import StudyEngine
 
@@ -49,6 +49,7 @@ from .conftest import (
     join,
     register_model_version,
     start_session,
+    study_spec,
 )
 
 OPTIONS = CanarySettings(max_sessions=30, alpha=0.05, margin=0.25)
@@ -755,3 +756,43 @@ def test_a_stopped_monitor_hands_its_lock_over_at_once(redis_url: str, object_st
 
     held, taken = asyncio.run(go())
     assert held and taken
+
+
+@pytest.mark.integration
+def test_a_start_that_loses_a_race_is_made_again(redis_url: str, object_store: ObjectStore) -> None:
+    """Another write to a key the start watches lands between its checks and its commit (WATCH): the start is made
+    again on what is there now, and the canaries run once."""
+    options = StudyStoreSettings(redis_prefix=f"canary-start-{uuid.uuid4().hex[:8]}", prefix="canary-start")
+    register_model_version(object_store, "race-start")
+    studies = [
+        Study.model_validate(
+            study_spec() | {"study_id": f"st-{uuid.uuid4().hex[:12]}", "created_ms": 1, "created_by": "r"}
+        )
+        for _ in range(2)
+    ]
+    index = f"{options.redis_prefix}:candidate:race-start:canary_studies"
+    attempts: list[int] = []
+
+    class Interleaved(StudyEngine):
+        async def _queue_canary(self, pipe: Any, canary: Canary) -> None:
+            if not attempts:  # Another replica's write, from its own connection, before this commit.
+                redis.Redis.from_url(redis_url).set(index, "[]")
+            attempts.append(1)
+            await super()._queue_canary(pipe, canary)
+
+    async def go() -> list[Canary]:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            return await Interleaved(options, client, object_store).start_canaries(
+                studies, "race-start", "base", 0.1, "r"
+            )
+        finally:
+            await client.aclose()
+
+    started = asyncio.run(go())
+    assert len(attempts) == 4  # Two canaries queued per attempt: the first attempt lost, the second committed.
+    stored = redis.Redis.from_url(redis_url)
+    assert json.loads(stored.get(index) or b"[]") == [s.study_id for s in studies]
+    for canary in started:
+        raw = stored.get(f"{options.redis_prefix}:study:{canary.study_id}:canary")
+        assert raw is not None and Canary.model_validate_json(raw).state == "running"
