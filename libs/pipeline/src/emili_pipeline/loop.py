@@ -59,6 +59,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from emili_core.errors import DependencyUnavailable, NotFound
+from emili_core.leases import RELEASE_IF_HELD, TAKE_OR_RENEW
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_pipeline.config import PipelineConfig
 from emili_pipeline.gate import SHIPPED as SHIPPED_GATE
@@ -266,23 +267,11 @@ class RedisLease:
         self.client, self.key = client, key
 
     def take(self, owner: str, ttl_s: float) -> bool:
-        return bool(self.client.eval(_TAKE, 1, self.key, owner, int(ttl_s * 1000)))
+        return bool(self.client.eval(TAKE_OR_RENEW, 1, self.key, owner, int(ttl_s * 1000)))
 
     def release(self, owner: str) -> None:
         """Give the lease up if ``owner`` holds it, so a successor acts at once instead of after the TTL."""
-        self.client.eval(_RELEASE, 1, self.key, owner)
-
-
-# Take a free lease or renew one's own, atomically: between a separate read and renewal the lease could lapse and
-# go to another instance, whose lease the renewal would then extend.
-_TAKE = """
-local holder = redis.call('GET', KEYS[1])
-if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
-if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-return 0
-"""
-# Delete the lease only when its holder is the caller, atomically (a lapsed lease may have a new holder).
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+        self.client.eval(RELEASE_IF_HELD, 1, self.key, owner)
 
 
 @dataclass

@@ -30,6 +30,7 @@ import redis
 import redis.asyncio as aioredis
 
 from emili_core.errors import DependencyUnavailable, FailedPrecondition, InvalidInput, NotFound
+from emili_core.leases import RELEASE_IF_HELD, TAKE_OR_RENEW
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_gateway.canary import DECISION_FIELDS, Canary, draw_candidate
 from emili_gateway.errors import Gone
@@ -790,19 +791,12 @@ class StudyEngine:
 
     async def take_lock(self, name: str, ttl_s: float) -> bool:
         """True when this replica holds ``name`` for the next ``ttl_s`` (renewed by taking it again in time)."""
-        key = self._key("lock", name)
-        mine = await self._r("take a lock", self.redis.set(key, self.replica, nx=True, px=int(ttl_s * 1000)))
-        if mine:
-            return True
-        holder = await self._r("read a lock", self.redis.get(key))
-        if holder is not None and _str(holder) == self.replica:
-            await self._r("renew a lock", self.redis.pexpire(key, int(ttl_s * 1000)))
-            return True
-        return False
+        key, ttl_ms = self._key("lock", name), int(ttl_s * 1000)
+        return bool(await self._r("take a lock", self.redis.eval(TAKE_OR_RENEW, 1, key, self.replica, ttl_ms)))
 
     async def release_lock(self, name: str) -> None:
         """Give ``name`` up if this replica holds it, so another takes it over at once rather than after its TTL."""
-        await self._r("release a lock", self.redis.eval(_RELEASE, 1, self._key("lock", name), self.replica))
+        await self._r("release a lock", self.redis.eval(RELEASE_IF_HELD, 1, self._key("lock", name), self.replica))
 
     # --- progress ---------------------------------------------------------------------------------------
 
@@ -842,10 +836,6 @@ class StudyEngine:
             sessions=len(sessions) + sum(forgotten.values()),
             arms=arms,
         )
-
-
-# Delete a lock only when the caller holds it, atomically (a lapsed lock may have a new holder).
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 def _to_redis(values: dict[str, Any]) -> dict[Any, Any]:

@@ -31,6 +31,7 @@ import redis
 
 from emili_core.errors import FailedPrecondition, NotFound
 from emili_core.keys import run_prefix
+from emili_core.leases import RELEASE_IF_HELD
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_trainer.metrics import TRAINING
 
@@ -276,7 +277,7 @@ class RunStore:
             stop.set()
             thread.join()
             TRAINING.left(run_id)  # Also when the run stays "running" to be retried: it is no longer in hand here.
-            self.redis.eval(_RELEASE, 1, key, token)
+            self.redis.eval(RELEASE_IF_HELD, 1, key, token)
 
     # --- checkpoints ---------------------------------------------------------------------------------------
 
@@ -308,7 +309,6 @@ class RunStore:
 
 
 _EXTEND = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 def _now_ms() -> int:
