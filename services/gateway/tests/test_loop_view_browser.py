@@ -199,18 +199,20 @@ def test_the_loop_section_traces_a_decision(
         assert sessions == "s-train-1 s-train-2 s-train-3 s-held-1"
         browser.save_screenshot(str(SCREENSHOTS / "researcher-loop-pipeline.png"))
 
-        # Its canary decided (its numbers in its durable record), then a later candidate's canary became the study's
-        # newest: the candidate's own numbers still show in its trace.
+        # Its canary decided (its numbers in its durable records, one per study, as a look writes them), then a later
+        # candidate's canary became both studies' newest: the candidate's own numbers still show in its trace.
         assert httpx.post(f"{base}/api/v1/studies/{study_id}/canary/rollback", headers=admin).status_code == 200
-        record = f"studies/{study_id}/canaries/{started.json()['started_ms']}-{passed}.json"
         look = {"outcome": "rating", "n_candidate": 12, "n_production": 31, "difference": -0.917, "p_harm": 0.0042}
         look |= {"ci": [-1.6, -0.2], "lower_bound": -1.4}
-        decided = object_store.get_json(Bucket.SESSIONS, record)
         behind = {"candidate": ["s-canary-c1", "s-canary-c2"], "production": ["s-canary-p1"]}
-        object_store.put_json(Bucket.SESSIONS, record, decided | {"looks": [look], "sessions": behind})
+        for each in (study_id, second):
+            record = f"studies/{each}/canaries/{started.json()['started_ms']}-{passed}.json"
+            decided = object_store.get_json(Bucket.SESSIONS, record)
+            object_store.put_json(Bucket.SESSIONS, record, decided | {"looks": [look], "sessions": behind})
         later = f"cand-{uuid.uuid4().hex[:8]}"
         register_model_version(object_store, later)
-        again = httpx.post(f"{base}/api/v1/studies/{study_id}/canary", json={"candidate": later}, headers=admin)
+        both_later = {"candidate": later, "production": "base", "studies": [study_id, second]}
+        again = httpx.post(f"{base}/api/v1/canaries", json=both_later, headers=admin)
         assert again.status_code == 201, again.text
         browser.execute_script("location.reload();")
         until(browser, card)

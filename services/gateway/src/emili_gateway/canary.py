@@ -109,6 +109,10 @@ class Canary(BaseModel):
     def same_experiment(self, other: Canary) -> bool:
         return (other.candidate, other.started_ms) == (self.candidate, self.started_ms)
 
+    def with_decision(self, decision: Canary) -> Canary:
+        """This study's canary with its experiment's decision (or latest look) in it."""
+        return self.model_copy(update={key: getattr(decision, key) for key in DECISION_FIELDS})
+
 
 class CanaryGroup(BaseModel):
     """A candidate's canary across the studies it runs in: their common state and, per study, its canary."""
@@ -324,10 +328,9 @@ class CanaryMonitor:
                     self.metrics.canary_decisions.labels(decision.state).inc()
                     where = ", ".join(c.study_id for c in members)
                     log.info("canary %s in %s: %s (%s)", first.candidate, where, decision.state, decision.reason)
-        update = {key: getattr(decision, key) for key in DECISION_FIELDS}
         saved = []
         for canary in members:
-            mine = canary.model_copy(update=update)
+            mine = canary.with_decision(decision)
             if await self.studies.save_canary(mine, while_running=True):
                 saved.append(mine)
             else:

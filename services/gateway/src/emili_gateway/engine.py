@@ -51,7 +51,7 @@ from emili_gateway.models import (
 from emili_gateway.ratelimit import RateLimiter
 from emili_gateway.reports import ReportFinder, study_report
 from emili_gateway.settings import GatewaySettings
-from emili_gateway.studies import StudyEngine, check_feelings, now_ms
+from emili_gateway.studies import StudyEngine, already_running, check_feelings, now_ms
 from emili_session.events import EventKind
 from emili_session.registry import check_version
 
@@ -186,7 +186,7 @@ class GatewayEngine:
                         f"study {study.study_id} is people's: a candidate of simulated sessions (synthetic: true) "
                         "runs only in studies of simulated participants"
                     )
-                await self.studies.check_canary_start(study, request.candidate, request.production)
+                await self.studies.check_serves(study, request.production)
             skipped: dict[str, str] = {}
         else:
             chosen, skipped = await self._studies_for_canary(request)
@@ -211,17 +211,13 @@ class GatewayEngine:
         for study in await self.studies.list_studies():
             if study.synthetic != request.synthetic or not await self.studies.running(study):
                 continue
-            try:
-                await self.studies.check_canary_start(study, request.candidate, request.production)
-            except (InvalidInput, FailedPrecondition) as exc:
-                if await self._serves(study, request.production):
-                    skipped[study.study_id] = str(exc)
+            if request.production not in (await self.studies.serving_versions(study)).values():
+                continue
+            if (current := await self.studies.running_canary(study.study_id)) is not None:
+                skipped[study.study_id] = str(already_running(current))
                 continue
             chosen.append(study)
         return chosen, skipped
-
-    async def _serves(self, study: Study, version: str) -> bool:
-        return version in {await self.studies.serving_arm(study.study_id, a.arm) for a in study.arms}
 
     async def canary_group(self, candidate: str) -> CanaryGroup:
         check_version(candidate)

@@ -280,14 +280,6 @@ class LoopReader:
             raise NotFound(f"no pipeline {pipeline_id!r} in object storage (it may not have started yet)")
         return pipeline_view(pipeline_id, raw)
 
-    async def _canary(self, version: str, studies: list[str]) -> CanaryGroup | None:
-        """``version``'s latest canary in the studies the loop started it in (one experiment), or None."""
-        found = [c for s in studies if (c := await self.studies.canary_of(s, version)) is not None]
-        if not found:
-            return None
-        latest = max(found, key=lambda c: c.started_ms)
-        return CanaryGroup.of([c for c in found if c.same_experiment(latest)])
-
     async def candidate(self, version: str) -> LoopCandidateDetail:
         """Everything behind one candidate: verdict, pipeline and its sessions, lineage, canary, decisions."""
         check_version(version)
@@ -314,7 +306,9 @@ class LoopReader:
             pipeline = None if raw is None else pipeline_view(pipeline_id, raw)
         lineage = _mapping((entry or {}).get("lineage"))
         studies = next((e.studies for e in history if e.studies), [])
-        canary = await self._canary(version, studies)
+        # Only for a candidate the loop gave a canary: without one, finding that out would look through every study.
+        canaries = await self.studies.candidate_canaries(version) if studies else []
+        canary = CanaryGroup.of(canaries) if canaries else None
         return LoopCandidateDetail(
             version=version,
             verdict=verdict,

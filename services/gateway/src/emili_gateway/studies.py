@@ -575,17 +575,17 @@ class StudyEngine:
         """``production`` must be what serves one of the study's arms now: a canary stands in for it, and the
         candidate was judged against it (the loop sends the version its gate compared with)."""
         await self.check_candidate(candidate, production)
-        await self.check_canary_start(study, candidate, production)
+        await self.check_serves(study, production)
         (canary,) = await self.start_canaries([study], candidate, production, share, by, alone=True)
         return canary
 
     async def start_canaries(
         self, studies: Sequence[Study], candidate: str, production: str, share: float, by: str, *, alone: bool = False
     ) -> list[Canary]:
-        """One experiment in several studies (each checked by :meth:`check_canary_start` first): a canary in each,
-        started at the same time and listing the others (unless ``alone``: one study's own canary), so that the
-        monitor pools and decides them as one."""
-        await self.check_candidate(candidate, production)
+        """One experiment in several studies: a canary in each, started at the same time and listing the others
+        (unless ``alone``: one study's own canary), so that the monitor pools and decides them as one. The caller has
+        checked the candidate (:meth:`check_candidate`) and that ``production`` serves each study
+        (:meth:`check_serves`); a study running another canary is refused here, atomically."""
         started_ms, ids = now_ms(), [s.study_id for s in studies]
         canaries = [
             Canary(
@@ -626,13 +626,10 @@ class StudyEngine:
                 others = [await pipe.get(self._key("study", i, "canary")) for i in json.loads(indexed or "[]")]
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 raise DependencyUnavailable("Redis is unavailable while trying to start a canary; try again") from exc
-            for canary, raw in zip(canaries, stored, strict=True):
+            for raw in stored:
                 current = Canary.model_validate_json(raw) if raw else None
                 if current is not None and current.state == "running":
-                    raise FailedPrecondition(
-                        f"study {canary.study_id} already runs a canary of {current.candidate}; wait for its "
-                        "decision or roll it back first"
-                    )
+                    raise already_running(current)
             running = [c for raw in others if raw and (c := Canary.model_validate_json(raw)).state == "running"]
             if elsewhere := [c.study_id for c in running if c.candidate == first.candidate]:
                 raise FailedPrecondition(
@@ -649,11 +646,14 @@ class StudyEngine:
                 return False
         return True
 
-    async def check_canary_start(self, study: Study, candidate: str, production: str) -> None:
-        """Why a canary of ``candidate`` standing in for ``production`` cannot start in ``study`` now, raised:
-        ``production`` serves none of its arms (409 when it served one before a promotion), or another canary runs
-        there."""
-        serving = {a.arm: await self.serving_arm(study.study_id, a.arm) for a in study.arms}
+    async def serving_versions(self, study: Study) -> dict[str, str]:
+        """What serves each of the study's arms now (:meth:`serving_arm`), by arm."""
+        return {a.arm: await self.serving_arm(study.study_id, a.arm) for a in study.arms}
+
+    async def check_serves(self, study: Study, production: str) -> None:
+        """Refuse a canary standing in for ``production`` when it serves none of the study's arms now (409 when it
+        served one before a promotion)."""
+        serving = await self.serving_versions(study)
         if production not in serving.values():
             if production in serving:  # An arm a promoted version now serves in place of.
                 raise FailedPrecondition(
@@ -665,12 +665,10 @@ class StudyEngine:
                 f"{production!r} serves no arm of study {study.study_id}; serving now: "
                 f"{', '.join(f'{arm} by {version}' for arm, version in serving.items())}"
             )
-        current = await self.canary(study.study_id)
-        if current is not None and current.state == "running":
-            raise FailedPrecondition(
-                f"study {study.study_id} already runs a canary of {current.candidate}; wait for its decision or "
-                "roll it back first"
-            )
+
+    async def running_canary(self, study_id: str) -> Canary | None:
+        current = await self.canary(study_id)
+        return current if current is not None and current.state == "running" else None
 
     async def check_candidate(self, candidate: str, production: str) -> None:
         if candidate in (BASE_ARM, production):
@@ -720,9 +718,9 @@ class StudyEngine:
             mine = await self.canary_of(study_id, decision.candidate)
             if mine is None or not mine.same_experiment(decision) or mine.state != "running":
                 continue
-            update = {key: getattr(decision, key) for key in DECISION_FIELDS}
-            if await self.save_canary(mine.model_copy(update=update), while_running=True):
-                written.append(mine.model_copy(update=update))
+            mine = mine.with_decision(decision)
+            if await self.save_canary(mine, while_running=True):
+                written.append(mine)
         return written
 
     async def save_canary(self, canary: Canary, *, while_running: bool = False) -> bool:
@@ -853,6 +851,13 @@ def _same_running(stored: Any, canary: Canary) -> bool:
         canary.candidate,
     )
     return current.state == "running" and same
+
+
+def already_running(current: Canary) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"study {current.study_id} already runs a canary of {current.candidate}; wait for its decision or roll it "
+        "back first"
+    )
 
 
 def _str(value: bytes | str) -> str:
