@@ -436,11 +436,12 @@ class Loop:
         self.store.put_json(Bucket.MODELS, gate_key(state.candidate), record)
         self._verdict_into_report(state.pipeline_id, record)
         failed = [c.name for c in verdict.checks if not c.passed]
-        if not verdict.passed or self.policy.no_canary():
+        no_canary = self.policy.no_canary()
+        if not verdict.passed or no_canary:
             state.phase = "idle"
             if not verdict.passed:
                 return self._save(state, "gate failed", candidate=state.candidate, failed_checks=failed)
-            return self._save(state, NO_CANARY, candidate=state.candidate, why=self.policy.no_canary())
+            return self._save(state, NO_CANARY, candidate=state.candidate, why=no_canary)
         state.phase = "canary"
         self._save(state, "gate passed", candidate=state.candidate)
         return self._start_canary(state)
