@@ -19,9 +19,10 @@ from emili_core.deletion import write_tombstone
 from emili_core.keys import pipeline_prefix
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.settings import CommonSettings, S3Settings
-from emili_core.tasks import create_celery_app
+from emili_core.tasks import create_celery_app, message_held
 from emili_pipeline.loop import CanaryRefused, LoopPolicy, NoStudyForCanary, load_loop_policy
 from emili_pipeline.loop_actions import GatewayError, SystemActions, eligible_session_ids
+from emili_pipeline.orchestrate import Watcher
 from emili_pipeline.pipeline import DONE, FAILED, load_state, save_state
 from emili_testing.records import record_ended_session
 
@@ -172,6 +173,42 @@ def test_a_saved_but_unsent_pipeline_is_sent(
     save_state(store, state)  # As if the process had died before submitting it.
     assert actions.start_pipeline(["x", "y"], "base") == state["pipeline_id"]
     assert redis.Redis.from_url(isolated_redis_url).llen("chat") == 1
+
+
+def test_a_queued_step_whose_message_was_lost_is_resubmitted(
+    actions: SystemActions, store: ObjectStore, own_s3: S3Settings, isolated_redis_url: str
+) -> None:
+    broker = redis.Redis.from_url(isolated_redis_url)
+    pipeline = actions.start_pipeline(["m", "n"], "base")
+    watcher = Watcher(actions.celery, store, load_state(store, pipeline), ping_every_s=0.0)
+    # Waiting on its queue, then delivered to a consumer that has not acknowledged it: held both times.
+    for _ in range(4):
+        assert watcher.poll()[1] == "running" and not watcher.resubmissions
+    # The chain's first message names the later steps' ids too; a later chat step's message is not sent yet.
+    tasks = load_state(store, pipeline)["tasks"]
+    assert tasks["arm_sessions"].encode() in broker.lindex("chat", 0)
+    assert message_held(broker, "chat", tasks["collect"]) and not message_held(broker, "chat", tasks["arm_sessions"])
+    chat_worker = create_celery_app("chat", CommonSettings(redis_url=isolated_redis_url, s3=own_s3))
+    with chat_worker.connection_for_read() as connection:
+        message = connection.default_channel.basic_get("chat", no_ack=False)
+        assert message is not None and broker.llen("chat") == 0 and broker.hlen("unacked:chat") == 1
+        for _ in range(4):
+            assert watcher.poll()[1] == "running" and not watcher.resubmissions
+        message.ack()
+    # Gone from the broker (as after a Redis restored from an older copy): nothing would ever run the step.
+    # Several looks first: a consumer takes a message off its list a moment before it records it as unacknowledged.
+    for _ in range(watcher.missed_pings_allowed - 1):
+        watcher.poll()
+    assert not watcher.resubmissions
+    watcher.poll()
+    assert [(r["step"], r["why"]) for r in watcher.resubmissions] == [("collect", "its queued message was lost")]
+    state = load_state(store, pipeline)
+    assert state["attempt"] == 2 and broker.llen("chat") == 1
+    assert json.loads(broker.lindex("chat", 0))["headers"]["id"] == state["tasks"]["collect"]
+    # The new message is held: no second resubmission.
+    for _ in range(4):
+        watcher.poll()
+    assert len(watcher.resubmissions) == 1
 
 
 def finished(

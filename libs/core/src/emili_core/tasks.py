@@ -196,6 +196,31 @@ def read_queue_stats(client: redis.Redis, queue: str, now: float) -> QueueStats:
     return QueueStats(depth, max(0.0, now - min(stamps)) if stamps else None)
 
 
+def message_held(client: redis.Redis, queue: str, task_id: str) -> bool:
+    """Whether the broker still has ``task_id``'s message for ``queue``: waiting in its lists, or delivered to one of
+    its consumers and not yet acknowledged (running, prefetched or waiting for a retry's countdown: the transport's
+    unacked hash). A message in neither is lost, and nothing will ever run it."""
+    pipe = client.pipeline(transaction=False)
+    for key in queue_keys(queue):
+        pipe.lrange(key, 0, -1)
+    pipe.hvals(unacked_keys(queue)["unacked_key"])
+    *waiting, delivered = pipe.execute()
+    needle = task_id.encode()
+    # An unacked entry is [message, exchange, routing key]. A chain's first message names the later steps' ids too,
+    # so the id must be the message's own, not merely somewhere in it.
+    return any(needle in raw and _message_id(raw) == task_id for raws in waiting for raw in raws) or any(
+        needle in raw and _message_id(raw, delivered=True) == task_id for raw in delivered
+    )
+
+
+def _message_id(raw: bytes, delivered: bool = False) -> str | None:
+    try:
+        message = json.loads(raw)
+        return str((message[0] if delivered else message)["headers"]["id"])
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
 def _enqueue_time(raw: bytes) -> float | None:
     try:
         stamp = json.loads(raw)["headers"][ENQUEUED_AT_HEADER]

@@ -210,7 +210,7 @@ def _follow(app: Any, store: Any, state: dict[str, Any], timeout_s: float | None
             timeout_s, on_poll=lambda views, s: live.update(_status_table(watcher.pipeline_id, views, s))
         )
     for r in watcher.resubmissions:
-        console.print(f"[yellow]step {r['step']} lost its worker ({r['worker']}); it was resubmitted[/yellow]")
+        console.print(f"[yellow]step {r['step']}: {r['why']}; it was resubmitted[/yellow]")
     return status, watcher.state
 
 

@@ -5,7 +5,9 @@
 its task), the final state. When the worker running a step has died (its process is gone, or, on another host,
 it stopped answering pings), the watcher resubmits the chain from that step: the step runs again and, being
 keyed by content, resumes or finds its outputs instead of making new ones. The dead worker's message comes
-back only after the broker's visibility timeout; it then belongs to an older attempt and stops at once.
+back only after the broker's visibility timeout; it then belongs to an older attempt and stops at once. A queued
+step whose message the broker no longer holds (a Redis restored from an older copy, a queue deleted by hand) would
+wait forever: after as many looks as a dead worker's missed pings, the watcher resubmits from that step too.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
 from celery import Celery, chain
 
 from emili_core.keys import run_prefix
 from emili_core.objectstore import Bucket, ObjectStore
+from emili_core.queues import queue_for
+from emili_core.tasks import message_held
 from emili_pipeline.describe import describe
 from emili_pipeline.pipeline import DONE, FAILED, STEPS, State, first_unfinished, load_state, save_state
 
@@ -86,6 +91,8 @@ class Watcher:
     _last_ping: float = 0.0
     _alive: set[str] = field(default_factory=set)
     _started: dict[str, float] = field(default_factory=dict)
+    _last_look: dict[str, float] = field(default_factory=dict)
+    _broker: redis.Redis | None = None
 
     @property
     def pipeline_id(self) -> str:
@@ -143,19 +150,43 @@ class Watcher:
                 view.detail = _progress(info) if celery_state == "PROGRESS" else ""
                 worker = str(meta.get("worker") or (info or {}).get("hostname") or "")
                 if celery_state != "RETRY" and worker and self._worker_dead(worker):
-                    self._resubmit(step.name, worker)
+                    self._resubmit(step.name, f"worker {worker} died")
                     view.detail = f"worker {worker} died; resubmitted from this step"
                 break
             else:
                 view.state = "queued"
+                if self._message_lost(step.name, task_id):
+                    self._resubmit(step.name, "its queued message was lost")
+                    view.detail = "its queued message was lost; resubmitted from this step"
                 break
         if all(v.state == "done" for v in views):
             status = "succeeded"
         return views, status
 
-    def _resubmit(self, step: str, worker: str) -> None:
+    def _message_lost(self, step: str, task_id: str) -> bool:
+        """Whether the broker has, at each of the last ``missed_pings_allowed`` looks (one per ``ping_every_s``),
+        held no message of the step's task (several looks: a consumer takes a message off its list a moment before
+        it records it as unacknowledged)."""
+        now = time.monotonic()
+        if now - self._last_look.get(task_id, -self.ping_every_s) < self.ping_every_s:
+            return False
+        self._last_look[task_id] = now
+        try:
+            held = message_held(self._broker_client(), queue_for(STEP_TASK[step]).value, task_id)
+        except (redis.RedisError, ValueError):
+            return False  # The broker is unreachable (or not Redis): no evidence about the message.
+        unseen = f"message:{task_id}"
+        self._missed[unseen] = 0 if held else self._missed.get(unseen, 0) + 1
+        return self._missed[unseen] >= self.missed_pings_allowed
+
+    def _broker_client(self) -> redis.Redis:
+        if self._broker is None:
+            self._broker = redis.Redis.from_url(str(self.app.conf.broker_url), socket_timeout=5)
+        return self._broker
+
+    def _resubmit(self, step: str, why: str) -> None:
         stored = load_state(self.store, self.pipeline_id)
-        self.resubmissions.append({"step": step, "worker": worker, "attempt": stored.get("attempt")})
+        self.resubmissions.append({"step": step, "why": why, "attempt": stored.get("attempt")})
         self._started.pop(step, None)
         self.state = submit(self.app, self.store, stored, from_step=step)
 
