@@ -22,8 +22,8 @@ from emili_core.settings import CommonSettings, S3Settings
 from emili_core.tasks import create_celery_app, message_held
 from emili_pipeline.loop import CanaryRefused, LoopPolicy, NoStudyForCanary, load_loop_policy
 from emili_pipeline.loop_actions import GatewayError, SystemActions, eligible_session_ids
-from emili_pipeline.orchestrate import Watcher
-from emili_pipeline.pipeline import DONE, FAILED, load_state, save_state
+from emili_pipeline.orchestrate import Watcher, cancel, submit
+from emili_pipeline.pipeline import DONE, FAILED, Superseded, load_state, run_step, save_state
 from emili_testing.records import record_ended_session
 
 pytestmark = pytest.mark.integration
@@ -209,6 +209,39 @@ def test_a_queued_step_whose_message_was_lost_is_resubmitted(
     for _ in range(4):
         watcher.poll()
     assert len(watcher.resubmissions) == 1
+
+
+def test_a_cancelled_pipeline_stops_for_good_until_resumed(
+    actions: SystemActions, store: ObjectStore, isolated_redis_url: str
+) -> None:
+    broker = redis.Redis.from_url(isolated_redis_url)
+    pipeline = actions.start_pipeline(["c", "d"], "base")
+    submitted = load_state(store, pipeline)
+    following = Watcher(actions.celery, store, submitted, ping_every_s=0.0)
+    assert following.poll()[1] == "running"
+
+    cancelled, runs = cancel(actions.celery, store, submitted, "wrong sessions")
+    assert runs == []  # No step was running (no worker): no training run to cancel.
+    stored = load_state(store, pipeline)
+    assert stored["attempt"] == 2 and stored["cancelled"]["why"] == "wrong sessions"
+    assert {s["state"] for s in stored["steps"].values()} == {FAILED}
+    assert stored["steps"]["dpo"]["error"] == "cancelled: wrong sessions"
+    assert actions.pipeline_outcome(pipeline)[0] == "failed"
+    # Whoever follows it hears so, and never resubmits it (its message is still queued; revoked ones are dropped by
+    # the worker that gets them).
+    for _ in range(5):
+        views, status = following.poll()
+        assert status == "failed" and not following.resubmissions
+    assert views[0].detail == "cancelled: wrong sessions"
+    # Its message, delivered now or redelivered hours later, stops at once and writes nothing.
+    with pytest.raises(Superseded):
+        run_step(store, submitted, "collect", lambda s: {})
+    assert load_state(store, pipeline)["cancelled"]["why"] == "wrong sessions"
+
+    resumed = submit(actions.celery, store, cancelled)
+    assert resumed["attempt"] == 3 and "cancelled" not in load_state(store, pipeline)
+    assert Watcher(actions.celery, store, resumed, ping_every_s=0.0).poll()[1] == "running"
+    assert broker.llen("chat") == 2  # The revoked message and the resumed one.
 
 
 def finished(

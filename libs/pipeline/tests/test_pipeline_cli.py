@@ -1,8 +1,10 @@
-"""``emili pipeline run`` resolves shipped recipes through the trainer's GetRecipe: here a stand-in trainer
-(the generated servicer base, no trainer code) answers, so the CLI's client and its error messages are tested."""
+"""``emili pipeline run`` resolves shipped recipes through the trainer's GetRecipe, and ``emili pipeline cancel``
+asks it to cancel a training run: here a stand-in trainer (the generated servicer base, no trainer code) answers,
+so the CLI's client and its error messages are tested."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 
 from emili.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from emili_core.errors import DependencyUnavailable, InvalidInput
+from emili_core.objectstore import ObjectStore
 from emili_pipeline import cli
 from emili_pipeline.config import PipelineConfig, resolve
 
@@ -33,6 +36,12 @@ class StandInTrainer(trainer_pb2_grpc.TrainerServiceServicer):
 
     def GetUnmeasurable(self, request: trainer_pb2.GetUnmeasurableRequest, context: grpc.ServicerContext) -> Any:
         return trainer_pb2.GetUnmeasurableResponse(reasons={"diff_epitome_mean": "no EPITOME classifiers found in X"})
+
+    def CancelRun(self, request: trainer_pb2.CancelRunRequest, context: grpc.ServicerContext) -> Any:
+        self.asked.append(("cancel", request.run_id))
+        if request.run_id != "dpo-running":
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"run {request.run_id} is already SUCCEEDED")
+        return trainer_pb2.CancelRunResponse(run=trainer_pb2.Run(run_id=request.run_id))
 
 
 @pytest.fixture
@@ -118,3 +127,40 @@ def test_a_trainer_without_get_unmeasurable_is_not_checked_but_said(
     finally:
         server.stop(None)
     assert "predates GetUnmeasurable" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.integration
+def test_cancel_stops_a_pipeline_and_its_training_run(
+    trainer: StandInTrainer, stack_env: dict[str, str], object_store: ObjectStore
+) -> None:
+    from typer.testing import CliRunner
+
+    from emili_core.settings import CommonSettings
+    from emili_core.tasks import create_celery_app
+    from emili_pipeline.cli import app
+    from emili_pipeline.pipeline import DONE, load_state, new_state, save_state
+
+    state = new_state(PipelineConfig(name=f"cancel-{secrets.token_hex(4)}"), ["a", "b"])
+    for step in ("collect", "label", "datasets", "sft"):
+        state["steps"][step] = {"state": DONE, "outputs": {}}
+    # DPO is training (its task reports the run's progress); nothing after it has started.
+    state["tasks"] = {"dpo": secrets.token_hex(16), "arm_sessions": secrets.token_hex(16)}
+    state["attempt"] = 1
+    save_state(object_store, state)
+    producer = create_celery_app("tests", CommonSettings())
+    producer.backend.store_result(state["tasks"]["dpo"], {"run_id": "dpo-running", "step": 3}, "PROGRESS")
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["cancel", state["pipeline_id"], "--why", "trained on the wrong study"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, said
+    assert "dpo, arm_sessions, delta_table, evaluate stopped" in said
+    assert "its training run dpo-running: cancel requested" in said and ("cancel", "dpo-running") in trainer.asked
+    stored = load_state(object_store, state["pipeline_id"])
+    assert stored["steps"]["sft"]["state"] == DONE and stored["steps"]["dpo"]["error"].startswith("cancelled: trained")
+
+    producer.backend.store_result(stored["tasks"]["dpo"], {"run_id": "dpo-finished"}, "PROGRESS")
+    again = " ".join(runner.invoke(app, ["cancel", state["pipeline_id"]]).output.split())
+    assert "dpo-finished: not cancelled (FAILED_PRECONDITION: run dpo-finished is already SUCCEEDED)" in again
+    missing = runner.invoke(app, ["cancel", "pl-0000000000000000"])
+    assert missing.exit_code == 2 and "no pipeline" in missing.output

@@ -211,6 +211,25 @@ def test_an_older_submission_stops_when_a_newer_one_exists() -> None:
         run_step(store, {**state, "attempt": 1}, "label", lambda s: {})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_step_that_ends_after_its_pipeline_was_resubmitted_writes_nothing(fails: bool) -> None:
+    store = MemoryStore()
+    state = {**new_state(PipelineConfig(), SESSIONS), "attempt": 1}
+    key = f"pipelines/{state['pipeline_id']}/state.json"
+
+    def work(s: dict[str, Any]) -> dict[str, Any]:
+        # Meanwhile the pipeline was resubmitted (or cancelled) by someone who thought this step's worker dead.
+        store.put_json("models", key, {**load_state(store, s["pipeline_id"]), "attempt": 2})  # type: ignore[arg-type]
+        if fails:
+            raise NotFound("something")
+        return {"written": 1}
+
+    with pytest.raises(NotFound if fails else Superseded):
+        run_step(store, state, "collect", work)  # type: ignore[arg-type]
+    stored = store.get_json("models", key)
+    assert stored["attempt"] == 2 and stored["steps"]["collect"]["state"] == "running"
+
+
 def test_model_arms_follow_the_training_steps() -> None:
     state = new_state(PipelineConfig(), SESSIONS)
     assert model_arms(state) == {"base": "base"}

@@ -435,6 +435,50 @@ def resume(
 
 
 @app.command()
+def cancel(
+    pipeline: Annotated[str, typer.Argument(help="A pipeline id (pl-...).")],
+    why: Annotated[str, typer.Option(help="Recorded with the pipeline, on each unfinished step.")] = "by hand",
+) -> None:
+    """Stop a pipeline: its unfinished steps are recorded as failed, its tasks revoked, and any of its messages
+    still queued or redelivered later stop at once. A training step's run is cancelled after its current optimiser
+    step; an evaluation already running ends its work but records nothing. Finished steps' outputs stay;
+    `emili pipeline resume` carries it on."""
+    from emili_core.errors import NotFound
+    from emili_pipeline.orchestrate import cancel as cancel_pipeline
+    from emili_pipeline.pipeline import STEP_NAMES, first_unfinished, load_state
+
+    app_, store = _producer()
+    try:
+        state = load_state(store, pipeline)
+    except NotFound as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if first_unfinished(state) is None:
+        console.print(f"pipeline {pipeline} has finished: nothing to cancel")
+        return
+    state, runs = cancel_pipeline(app_, store, state, why)
+    stopped = [name for name in STEP_NAMES if str(state["steps"][name].get("error", "")).startswith("cancelled")]
+    console.print(f"pipeline {pipeline} cancelled ({why}): {', '.join(stopped)} stopped")
+    for run_id in runs:
+        console.print(f"its training run {run_id}: {_cancel_training_run(run_id)}")
+
+
+def _cancel_training_run(run_id: str) -> str:
+    import grpc
+
+    from emili.trainer.v1 import trainer_pb2
+
+    async def call(stub: Any) -> None:
+        await stub.CancelRun(trainer_pb2.CancelRunRequest(run_id=run_id))
+
+    try:
+        _call_trainer(call, _trainer_target("", "the trainer is not installed here"))
+    except grpc.aio.AioRpcError as exc:
+        details = f"{exc.code().name}: {exc.details()}"
+        return f"not cancelled ({details}); it runs to its end and the pipeline records none of it"
+    return "cancel requested (it stops after its current optimiser step)"
+
+
+@app.command()
 def load(
     users: Annotated[int, typer.Option(min=1, help="Simulated sessions open at once (M).")] = 20,
     minutes: Annotated[float, typer.Option(min=0.05, help="How long to keep them going (T).")] = 2.0,

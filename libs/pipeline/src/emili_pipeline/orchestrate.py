@@ -23,6 +23,7 @@ from typing import Any
 import redis
 from celery import Celery, chain
 
+from emili_core.errors import DependencyUnavailable
 from emili_core.keys import run_prefix
 from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.queues import queue_for
@@ -42,6 +43,7 @@ def submit(app: Celery, store: ObjectStore, state: State, from_step: str | None 
     names = [s.name for s in STEPS]
     todo = names[names.index(start) :]
     state = {**state, "attempt": int(state.get("attempt", 0)) + 1}
+    state.pop("cancelled", None)
     ids = {name: uuid.uuid4().hex for name in todo}
     state["tasks"] = {**state.get("tasks", {}), **ids}
     for name in todo:
@@ -53,6 +55,33 @@ def submit(app: Celery, store: ObjectStore, state: State, from_step: str | None 
     ]
     chain(*signatures).apply_async()
     return state
+
+
+def cancel(app: Celery, store: ObjectStore, state: State, why: str) -> tuple[State, list[str]]:
+    """Stop a pipeline for good (until it is resumed): its unfinished steps are recorded as failed with ``why``, its
+    attempt is bumped so any step of its chain still travelling (queued, or redelivered hours later) stops at its
+    start, and its tasks are revoked. The workers run tasks in threads, which cannot be killed: a step already
+    running ends its work, records nothing and stops the chain. Returns the stored state and the training runs
+    its running steps reported (the trainer can cancel those after their current optimiser step)."""
+    state = {**state, "attempt": int(state.get("attempt", 0)) + 1, "cancelled": {"at_ms": _now_ms(), "why": why}}
+    unfinished = [s.name for s in STEPS if state["steps"][s.name].get("state") != DONE]
+    for name in unfinished:
+        state["steps"][name] = {**state["steps"][name], "state": FAILED, "error": f"cancelled: {why}"}
+    save_state(store, state)  # First: a step that starts or ends from now on sees the newer attempt.
+    tasks = [state["tasks"][name] for name in unfinished if name in state.get("tasks", {})]
+    runs: list[str] = []
+    if tasks:
+        app.control.revoke(tasks)
+        for task_id in tasks:
+            meta = dict(app.backend.get_task_meta(task_id))
+            info = meta.get("result")
+            if meta.get("status") == "PROGRESS" and isinstance(info, dict) and info.get("run_id"):
+                runs.append(str(info["run_id"]))
+    return state, runs
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _local_worker_alive(hostname: str) -> bool | None:
@@ -117,6 +146,10 @@ class Watcher:
 
     def poll(self) -> tuple[list[StepView], str]:
         """Each step's view, and the pipeline's status: running, succeeded or failed (resubmitting as needed)."""
+        cancelled = self.state if self.state.get("cancelled") else self._cancelled()
+        if cancelled is not None:
+            self.state = cancelled
+            return [self._recorded_view(step.name, step.title, cancelled) for step in STEPS], "failed"
         views: list[StepView] = []
         status = "running"
         latest = self.state
@@ -126,8 +159,7 @@ class Watcher:
             recorded = latest["steps"][step.name]
             task_id = latest.get("tasks", {}).get(step.name)
             if recorded.get("state") == DONE:
-                view.state, view.detail = "done", describe(step.name, recorded.get("outputs") or {})
-                view.seconds = step_seconds(recorded)
+                views[-1] = self._recorded_view(step.name, step.title, latest)
                 continue
             if task_id is None:
                 continue
@@ -139,8 +171,8 @@ class Watcher:
                 done = latest["steps"][step.name]
                 view.state, view.detail = "done", describe(step.name, done.get("outputs") or {})
                 view.seconds = step_seconds(done)
-            elif celery_state == "FAILURE":
-                view.state, view.detail = "failed", _error(info)
+            elif celery_state in ("FAILURE", "REVOKED"):
+                view.state, view.detail = "failed", _error(info) if celery_state == "FAILURE" else "revoked"
                 status = "failed"
                 break
             elif celery_state in LIVE:
@@ -162,6 +194,26 @@ class Watcher:
         if all(v.state == "done" for v in views):
             status = "succeeded"
         return views, status
+
+    @staticmethod
+    def _recorded_view(name: str, title: str, state: State) -> StepView:
+        recorded = state["steps"][name]
+        if recorded.get("state") == DONE:
+            return StepView(name, title, "done", describe(name, recorded.get("outputs") or {}), step_seconds(recorded))
+        return StepView(name, title, str(recorded.get("state", "pending")), str(recorded.get("error") or ""))
+
+    def _cancelled(self) -> State | None:
+        """The stored state, once a look (one per ``ping_every_s``) finds the pipeline cancelled since this attempt."""
+        now = time.monotonic()
+        if now - self._last_look.get("cancelled", -self.ping_every_s) < self.ping_every_s:
+            return None
+        self._last_look["cancelled"] = now
+        try:
+            stored = load_state(self.store, self.pipeline_id)
+        except DependencyUnavailable:
+            return None  # Object storage is unreachable: no news.
+        newer = int(stored.get("attempt", 0)) > int(self.state.get("attempt", 0))
+        return stored if newer and stored.get("cancelled") else None
 
     def _message_lost(self, step: str, task_id: str) -> bool:
         """Whether the broker has, at each of the last ``missed_pings_allowed`` looks (one per ``ping_every_s``),

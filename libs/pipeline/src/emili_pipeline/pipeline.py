@@ -8,7 +8,9 @@ later and a pipeline can be resumed from its first unfinished step.
 
 Every step's work is keyed by content (session records, labels, dataset ids, run ids), so running a step
 again (a redelivered message, a resubmitted chain) finds or rewrites the same objects. A resubmission bumps
-``attempt``; a step of an older chain that is still travelling sees the newer attempt and stops its chain.
+``attempt``; a step of an older chain that is still travelling sees the newer attempt and stops its chain. A
+cancelled pipeline (:func:`emili_pipeline.orchestrate.cancel`) has its attempt bumped the same way, its unfinished
+steps failed with the reason, and ``cancelled`` set until it is resumed.
 """
 
 from __future__ import annotations
@@ -190,8 +192,7 @@ def run_step(
     unchanged; a state from an older submission raises :class:`Superseded`."""
     if name not in STEP_NAMES:
         raise ValueError(f"unknown pipeline step {name!r}")
-    if _stored_attempt(store, state["pipeline_id"]) > int(state.get("attempt", 0)):
-        raise Superseded(f"pipeline {state['pipeline_id']} was resubmitted; this copy of step {name} stops")
+    _stop_if_superseded(store, state, name)
     step = state["steps"][name]
     if step.get("state") == DONE:
         return state
@@ -203,11 +204,21 @@ def run_step(
     except Exception as exc:
         transient = isinstance(exc, TRANSIENT_ERRORS)
         step.update(state=RETRYING if transient else FAILED, error=f"{type(exc).__name__}: {exc}")
-        save_state(store, state)
+        if _stored_attempt(store, state["pipeline_id"]) <= int(state.get("attempt", 0)):
+            save_state(store, state)
         raise
+    # A step that ran on while its pipeline was resubmitted or cancelled must not write its older copy over the
+    # newer state (its outputs, keyed by content, are stored either way).
+    _stop_if_superseded(store, state, name)
     step.update(state=DONE, finished_ms=_now_ms(), outputs=result)
     save_state(store, state)
     return state
+
+
+def _stop_if_superseded(store: ObjectStore, state: State, name: str) -> None:
+    if _stored_attempt(store, state["pipeline_id"]) > int(state.get("attempt", 0)):
+        pipeline = state["pipeline_id"]
+        raise Superseded(f"pipeline {pipeline} was resubmitted or cancelled; this copy of step {name} stops")
 
 
 def run_step_task(
