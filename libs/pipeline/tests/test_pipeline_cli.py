@@ -155,7 +155,7 @@ def test_cancel_stops_a_pipeline_and_its_training_run(
     said = " ".join(result.output.split())
     assert result.exit_code == 0, said
     assert "dpo, arm_sessions, delta_table, evaluate stopped" in said
-    assert "its training run dpo-running: cancel requested" in said and ("cancel", "dpo-running") in trainer.asked
+    assert "its trainer run dpo-running: cancel requested" in said and ("cancel", "dpo-running") in trainer.asked
     stored = load_state(object_store, state["pipeline_id"])
     assert stored["steps"]["sft"]["state"] == DONE and stored["steps"]["dpo"]["error"].startswith("cancelled: trained")
 

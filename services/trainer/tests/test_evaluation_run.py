@@ -140,6 +140,20 @@ def test_base_vs_adapter_report(
     greedy, _ = evaluation.start_evaluation(runtime, [version], session_ids=held_out, rating_session_ids=held_out)
     assert greedy.run_id != record.run_id  # Options that differ from the defaults are part of the run's id.
 
+    # Cancelled between batches of replies (``CancelRun``, as `emili pipeline cancel` asks): no report; asked
+    # again, it runs from the start.
+    def cancel_at_first_batch(p: Any) -> None:
+        jobs.cancel_run(runtime, greedy.run_id)
+
+    cancelled = evaluation.execute_evaluation(runtime, greedy.run_id, progress=cancel_at_first_batch)
+    assert cancelled.state == RunState.CANCELLED and cancelled.step < cancelled.total
+    assert not runtime.store.list_keys(Bucket.MODELS, evaluation.report_prefix(greedy.run_id))
+    retried, enqueue_retry = evaluation.start_evaluation(
+        runtime, [version], session_ids=held_out, rating_session_ids=held_out
+    )
+    assert enqueue_retry and retried.run_id == greedy.run_id
+    assert evaluation.execute_evaluation(runtime, greedy.run_id).state == RunState.SUCCEEDED
+
 
 SHARED_ED = Path(__file__).resolve().parents[4] / "shared" / "data" / "empatheticdialogues"
 

@@ -440,8 +440,8 @@ def cancel(
     why: Annotated[str, typer.Option(help="Recorded with the pipeline, on each unfinished step.")] = "by hand",
 ) -> None:
     """Stop a pipeline: its unfinished steps are recorded as failed, its tasks revoked, and any of its messages
-    still queued or redelivered later stop at once. A training step's run is cancelled after its current optimiser
-    step; an evaluation already running ends its work but records nothing. Finished steps' outputs stay;
+    still queued or redelivered later stop at once. A running training or evaluation step's trainer run is
+    cancelled (after its current optimiser step or batch of replies). Finished steps' outputs stay;
     `emili pipeline resume` carries it on."""
     from emili_core.errors import NotFound
     from emili_pipeline.orchestrate import cancel as cancel_pipeline
@@ -459,10 +459,10 @@ def cancel(
     stopped = [name for name in STEP_NAMES if str(state["steps"][name].get("error", "")).startswith("cancelled")]
     console.print(f"pipeline {pipeline} cancelled ({why}): {', '.join(stopped)} stopped")
     for run_id in runs:
-        console.print(f"its training run {run_id}: {_cancel_training_run(run_id)}")
+        console.print(f"its trainer run {run_id}: {_cancel_trainer_run(run_id)}")
 
 
-def _cancel_training_run(run_id: str) -> str:
+def _cancel_trainer_run(run_id: str) -> str:
     import grpc
 
     from emili.trainer.v1 import trainer_pb2
@@ -475,7 +475,7 @@ def _cancel_training_run(run_id: str) -> str:
     except grpc.aio.AioRpcError as exc:
         details = f"{exc.code().name}: {exc.details()}"
         return f"not cancelled ({details}); it runs to its end and the pipeline records none of it"
-    return "cancel requested (it stops after its current optimiser step)"
+    return "cancel requested (it stops after its current optimiser step or batch of replies)"
 
 
 @app.command()

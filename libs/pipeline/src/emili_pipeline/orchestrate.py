@@ -61,8 +61,8 @@ def cancel(app: Celery, store: ObjectStore, state: State, why: str) -> tuple[Sta
     """Stop a pipeline for good (until it is resumed): its unfinished steps are recorded as failed with ``why``, its
     attempt is bumped so any step of its chain still travelling (queued, or redelivered hours later) stops at its
     start, and its tasks are revoked. The workers run tasks in threads, which cannot be killed: a step already
-    running ends its work, records nothing and stops the chain. Returns the stored state and the training runs
-    its running steps reported (the trainer can cancel those after their current optimiser step)."""
+    running ends its work (sooner when its trainer run is cancelled), records nothing and stops the chain. Returns
+    the stored state and the trainer runs (training or evaluation) its running steps reported."""
     state = {**state, "attempt": int(state.get("attempt", 0)) + 1, "cancelled": {"at_ms": _now_ms(), "why": why}}
     unfinished = [s.name for s in STEPS if state["steps"][s.name].get("state") != DONE]
     for name in unfinished:

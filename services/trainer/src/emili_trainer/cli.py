@@ -191,7 +191,8 @@ def runs(run_id: Annotated[str, typer.Argument(help="A run id.")]) -> None:
 
 @app.command("cancel")
 def cancel(run_id: Annotated[str, typer.Argument(help="A run id.")]) -> None:
-    """Cancel a queued or running run (it stops after the current optimiser step)."""
+    """Cancel a queued or running run (training stops after its current optimiser step, an evaluation after its
+    current batch of replies)."""
 
     async def go(stub: trainer_pb2_grpc.TrainerServiceStub) -> trainer_pb2.Run:
         response: trainer_pb2.CancelRunResponse = await stub.CancelRun(trainer_pb2.CancelRunRequest(run_id=run_id))

@@ -283,10 +283,18 @@ def _evaluate_locked(
     record = runs.get(run_id)
     if record.final:
         return record
+    if runs.cancel_requested(run_id):
+        runs.update(run_id, state=RunState.CANCELLED)
+        runs.mirror(run_id)
+        return runs.get(run_id)
     runs.update(run_id, state=RunState.RUNNING, attempts=record.attempts + 1)
     runs.mirror(run_id)
     try:
         report = _evaluate(runtime, run_id, record, delta_table or record.delta_table, progress)
+    except _Cancelled:
+        runs.update(run_id, state=RunState.CANCELLED)
+        runs.mirror(run_id)
+        return runs.get(run_id)
     except (InvalidInput, FailedPrecondition, NotFound) as exc:
         runs.update(run_id, state=RunState.FAILED, error=str(exc))
         runs.mirror(run_id)
@@ -324,6 +332,10 @@ def _load_arms(runtime: jobs.Runtime, arms: Sequence[str], work: Path) -> tuple[
             peft = PeftModel.from_pretrained(model, str(folder), adapter_name=manifest["version"])
     peft.eval()
     return tokenizer, peft
+
+
+class _Cancelled(Exception):
+    """The run's cancel was requested (``CancelRun``) while it generated replies."""
 
 
 def _evaluate(
@@ -383,6 +395,8 @@ def _evaluate(
                         done += len(rows)
                         progress(Progress(done, total, 0.0, tokens_per_second=None))
                         runtime.runs.update(run_id, step=done, total=total)
+                        if runtime.runs.cancel_requested(run_id):  # Checked between batches of replies.
+                            raise _Cancelled
                     by_seed[source][arm] = runs
                     replies = runs[0]  # The reply metrics below are the first seed's; paired covers all seeds.
                     scored = [ReplyRow(r.context, reply, r.reply) for r, reply in zip(rows, replies, strict=True)]
