@@ -161,6 +161,10 @@ def test_cancel_stops_a_pipeline_and_its_training_run(
 
     producer.backend.store_result(stored["tasks"]["dpo"], {"run_id": "dpo-finished"}, "PROGRESS")
     again = " ".join(runner.invoke(app, ["cancel", state["pipeline_id"]]).output.split())
-    assert "dpo-finished: not cancelled (FAILED_PRECONDITION: run dpo-finished is already SUCCEEDED)" in again
+    assert "dpo-finished: nothing to cancel (run dpo-finished is already SUCCEEDED)" in again
     missing = runner.invoke(app, ["cancel", "pl-0000000000000000"])
     assert missing.exit_code == 2 and "no pipeline" in missing.output
+
+    listed = runner.invoke(app, ["list", "--unfinished"], env={"COLUMNS": "200"})
+    (row,) = [line for line in listed.output.splitlines() if state["pipeline_id"] in line]
+    assert "cancelled: by hand" in row and listed.exit_code == 0

@@ -383,7 +383,6 @@ def status(
 ) -> None:
     """A pipeline's stored state: each step's state and outputs."""
     from emili_core.errors import NotFound
-    from emili_pipeline.describe import describe
     from emili_pipeline.pipeline import STEPS, load_state
 
     _, store = _producer()
@@ -394,16 +393,48 @@ def status(
     if as_json:
         print(json.dumps(state, indent=2))
         return
-    from emili_pipeline.orchestrate import StepView, step_seconds
+    from emili_pipeline.orchestrate import recorded_view, summary
 
-    views = []
-    for step in STEPS:
-        recorded = state["steps"][step.name]
-        detail = recorded.get("error") or ""
-        if recorded.get("state") == "done":
-            detail = describe(step.name, recorded.get("outputs") or {})
-        views.append(StepView(step.name, step.title, recorded.get("state", "pending"), detail, step_seconds(recorded)))
-    console.print(_status_table(pipeline, views, f"attempt {state.get('attempt')}"))
+    views = [recorded_view(step.name, step.title, state) for step in STEPS]
+    console.print(_status_table(pipeline, views, f"attempt {state.get('attempt')}, {summary(state)}"))
+
+
+@app.command("list")
+def list_pipelines(
+    unfinished: Annotated[bool, typer.Option(help="Only those not finished (running, failed or cancelled).")] = False,
+    limit: Annotated[int, typer.Option(min=1, help="The most recently updated this many.")] = 30,
+) -> None:
+    """Stored pipelines, most recently updated first: where each stands (e.g. to find one left running by a stopped
+    study, and cancel it)."""
+    from rich.table import Table
+
+    from emili_core.objectstore import Bucket
+    from emili_pipeline.orchestrate import summary
+    from emili_pipeline.pipeline import first_unfinished, load_state
+
+    _, store = _producer()
+    ids = sorted({k.split("/")[1] for k in store.list_keys(Bucket.MODELS, "pipelines/") if k.endswith("/state.json")})
+    states = [load_state(store, pipeline) for pipeline in ids]
+    if unfinished:
+        states = [s for s in states if first_unfinished(s) is not None]
+    states.sort(key=lambda s: int(s.get("updated_ms") or 0), reverse=True)
+    table = Table("config", "sessions", "baseline", "attempt", "updated (UTC)", "state")
+    table.columns[0].overflow = "fold"
+    table.add_column("pipeline", no_wrap=True)  # Whole, to copy into `status`, `resume` or `cancel`.
+    for state in states[:limit]:
+        config = state.get("config") or {}
+        updated = time.strftime("%Y-%m-%d %H:%M", time.gmtime(int(state.get("updated_ms") or 0) / 1000))
+        table.add_row(
+            str(config.get("name", "")),
+            str(len(state.get("sessions") or [])),
+            str(config.get("baseline", "base")),
+            str(state.get("attempt", 0)),
+            updated,
+            summary(state),
+            str(state["pipeline_id"]),
+        )
+    console.print(table)
+    console.print(f"{min(len(states), limit)} of {len(states)} pipeline(s)")
 
 
 @app.command()
@@ -473,6 +504,8 @@ def _cancel_trainer_run(run_id: str) -> str:
     try:
         _call_trainer(call, _trainer_target("", "the trainer is not installed here"))
     except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+            return f"nothing to cancel ({exc.details()})"
         details = f"{exc.code().name}: {exc.details()}"
         return f"not cancelled ({details}); it runs to its end and the pipeline records none of it"
     return "cancel requested (it stops after its current optimiser step or batch of replies)"

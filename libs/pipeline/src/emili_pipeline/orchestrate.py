@@ -149,7 +149,7 @@ class Watcher:
         cancelled = self.state if self.state.get("cancelled") else self._cancelled()
         if cancelled is not None:
             self.state = cancelled
-            return [self._recorded_view(step.name, step.title, cancelled) for step in STEPS], "failed"
+            return [recorded_view(step.name, step.title, cancelled) for step in STEPS], "failed"
         views: list[StepView] = []
         status = "running"
         latest = self.state
@@ -159,7 +159,7 @@ class Watcher:
             recorded = latest["steps"][step.name]
             task_id = latest.get("tasks", {}).get(step.name)
             if recorded.get("state") == DONE:
-                views[-1] = self._recorded_view(step.name, step.title, latest)
+                views[-1] = recorded_view(step.name, step.title, latest)
                 continue
             if task_id is None:
                 continue
@@ -194,13 +194,6 @@ class Watcher:
         if all(v.state == "done" for v in views):
             status = "succeeded"
         return views, status
-
-    @staticmethod
-    def _recorded_view(name: str, title: str, state: State) -> StepView:
-        recorded = state["steps"][name]
-        if recorded.get("state") == DONE:
-            return StepView(name, title, "done", describe(name, recorded.get("outputs") or {}), step_seconds(recorded))
-        return StepView(name, title, str(recorded.get("state", "pending")), str(recorded.get("error") or ""))
 
     def _cancelled(self) -> State | None:
         """The stored state, once a look (one per ``ping_every_s``) finds the pipeline cancelled since this attempt."""
@@ -253,6 +246,25 @@ class Watcher:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"pipeline {self.pipeline_id} still running after {timeout_s} s")
             time.sleep(interval_s)
+
+
+def recorded_view(name: str, title: str, state: State) -> StepView:
+    """A step as its pipeline's stored state records it."""
+    recorded = state["steps"][name]
+    if recorded.get("state") == DONE:
+        return StepView(name, title, "done", describe(name, recorded.get("outputs") or {}), step_seconds(recorded))
+    return StepView(name, title, str(recorded.get("state", "pending")), str(recorded.get("error") or ""))
+
+
+def summary(state: State) -> str:
+    """A pipeline's state in a few words: finished, cancelled, failed at a step, or the step it is at."""
+    if state.get("cancelled"):
+        return f"cancelled: {state['cancelled'].get('why', '')}"
+    step = first_unfinished(state)
+    if step is None:
+        return "finished"
+    recorded = state["steps"][step]
+    return f"{recorded.get('state', 'pending')} at {step}"
 
 
 def step_seconds(step: dict[str, Any]) -> float | None:
