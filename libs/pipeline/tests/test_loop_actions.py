@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -210,6 +212,59 @@ def test_a_queued_step_whose_message_was_lost_is_resubmitted(
         watcher.poll()
     assert len(watcher.resubmissions) == 1
 
+    # Lost again and again (e.g. a worker discarding it): a few more tries, then the step fails and says why.
+    status = "running"
+    for _ in range(40):
+        broker.delete("chat")
+        views, status = watcher.poll()
+        if status != "running":
+            break
+    assert status == "failed" and len(watcher.resubmissions) == watcher.lost_resubmissions_allowed
+    assert "its message was lost 4 times: see the chat workers' logs" in views[0].detail
+    assert load_state(store, pipeline)["steps"]["collect"]["state"] == FAILED
+    assert actions.pipeline_outcome(pipeline)[0] == "failed"
+
+
+def test_a_message_a_busy_worker_may_hold_is_not_taken_for_lost(
+    actions: SystemActions, store: ObjectStore, own_s3: S3Settings, isolated_redis_url: str
+) -> None:
+    """A busy worker may have popped a message it has not read yet (kombu keeps a paused BRPOP's reply until the
+    worker has room): in neither the queue nor the unacked hash, yet not lost. Only once the queue's consumers
+    are idle is a message in neither place taken for lost."""
+    from celery.contrib.testing.worker import start_worker
+
+    broker = redis.Redis.from_url(isolated_redis_url)
+    pipeline = actions.start_pipeline(["b1", "b2"], "base")
+    broker.delete("chat")
+    watcher = Watcher(actions.celery, store, load_state(store, pipeline), ping_every_s=0.0)
+
+    chat_worker = create_celery_app("chat", CommonSettings(redis_url=isolated_redis_url, s3=own_s3))
+    release = threading.Event()
+
+    @chat_worker.task(name="chat.persist_session", acks_late=True)  # Holds its worker's one slot while it runs.
+    def persist_session() -> None:
+        release.wait(60)
+
+    try:
+        with start_worker(chat_worker, concurrency=1, pool="threads", perform_ping_check=False, shutdown_timeout=10):
+            busy = chat_worker.send_task("chat.persist_session")
+            deadline = time.monotonic() + 30
+            while busy.state != "STARTED" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert busy.state == "STARTED"
+            for _ in range(2 * watcher.missed_pings_allowed):
+                assert watcher.poll()[1] == "running"
+            assert not watcher.resubmissions
+            release.set()
+            busy.get(timeout=30)
+            for _ in range(2 * watcher.missed_pings_allowed):
+                watcher.poll()
+                if watcher.resubmissions:
+                    break
+            assert [r["why"] for r in watcher.resubmissions] == ["its queued message was lost"]
+    finally:
+        release.set()
+
 
 def test_a_cancelled_pipeline_stops_for_good_until_resumed(
     actions: SystemActions, store: ObjectStore, isolated_redis_url: str
@@ -237,6 +292,11 @@ def test_a_cancelled_pipeline_stops_for_good_until_resumed(
     with pytest.raises(Superseded):
         run_step(store, submitted, "collect", lambda s: {})
     assert load_state(store, pipeline)["cancelled"]["why"] == "wrong sessions"
+
+    # A watcher that finds a dead worker or a lost message after the cancel follows it instead of resubmitting.
+    late = Watcher(actions.celery, store, submitted)
+    assert "cancelled or resubmitted elsewhere" in late._resubmit("collect", "worker w@h died")
+    assert not late.resubmissions and load_state(store, pipeline)["attempt"] == 2
 
     resumed = submit(actions.celery, store, cancelled)
     assert resumed["attempt"] == 3 and "cancelled" not in load_state(store, pipeline)

@@ -159,12 +159,15 @@ def test_cancel_stops_a_pipeline_and_its_training_run(
     stored = load_state(object_store, state["pipeline_id"])
     assert stored["steps"]["sft"]["state"] == DONE and stored["steps"]["dpo"]["error"].startswith("cancelled: trained")
 
+    # Asked again: the first reason stays, and its running runs are asked to stop again.
     producer.backend.store_result(stored["tasks"]["dpo"], {"run_id": "dpo-finished"}, "PROGRESS")
     again = " ".join(runner.invoke(app, ["cancel", state["pipeline_id"]]).output.split())
+    assert "was already cancelled (trained on the wrong study)" in again
     assert "dpo-finished: nothing to cancel (run dpo-finished is already SUCCEEDED)" in again
+    assert load_state(object_store, state["pipeline_id"])["attempt"] == stored["attempt"]
     missing = runner.invoke(app, ["cancel", "pl-0000000000000000"])
     assert missing.exit_code == 2 and "no pipeline" in missing.output
 
     listed = runner.invoke(app, ["list", "--unfinished"], env={"COLUMNS": "200"})
     (row,) = [line for line in listed.output.splitlines() if state["pipeline_id"] in line]
-    assert "cancelled: by hand" in row and listed.exit_code == 0
+    assert "cancelled: trained on the wrong study" in row and listed.exit_code == 0

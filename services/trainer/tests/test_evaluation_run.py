@@ -140,7 +140,7 @@ def test_base_vs_adapter_report(
     greedy, _ = evaluation.start_evaluation(runtime, [version], session_ids=held_out, rating_session_ids=held_out)
     assert greedy.run_id != record.run_id  # Options that differ from the defaults are part of the run's id.
 
-    # Cancelled between batches of replies (``CancelRun``, as `emili pipeline cancel` asks): no report; asked
+    # Cancelled after its first set of replies (``CancelRun``, as `emili pipeline cancel` asks): no report; asked
     # again, it runs from the start.
     def cancel_at_first_batch(p: Any) -> None:
         jobs.cancel_run(runtime, greedy.run_id)
@@ -152,7 +152,17 @@ def test_base_vs_adapter_report(
         runtime, [version], session_ids=held_out, rating_session_ids=held_out
     )
     assert enqueue_retry and retried.run_id == greedy.run_id
-    assert evaluation.execute_evaluation(runtime, greedy.run_id).state == RunState.SUCCEEDED
+
+    # Cancelled, then asked for again before the cancel took effect (a pipeline resumed soon after it was
+    # cancelled): it goes on.
+    def cancel_then_ask_again(p: Any) -> None:
+        if p.step == 2:  # After the first set of replies.
+            jobs.cancel_run(runtime, greedy.run_id)
+            evaluation.start_evaluation(runtime, [version], session_ids=held_out, rating_session_ids=held_out)
+
+    assert evaluation.execute_evaluation(runtime, greedy.run_id, progress=cancel_then_ask_again).state == (
+        RunState.SUCCEEDED
+    )
 
 
 SHARED_ED = Path(__file__).resolve().parents[4] / "shared" / "data" / "empatheticdialogues"

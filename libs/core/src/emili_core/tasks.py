@@ -196,29 +196,37 @@ def read_queue_stats(client: redis.Redis, queue: str, now: float) -> QueueStats:
     return QueueStats(depth, max(0.0, now - min(stamps)) if stamps else None)
 
 
+# Whether a message with task id ARGV[1] is in any of the lists KEYS[1..n-1] or the unacked hash KEYS[n] (whose
+# entries are [message, exchange, routing key]). Run in Redis: a deep queue is scanned there, not sent to the caller.
+# A chain's first message names the later steps' ids too, so the id must be the message's own (its headers' id).
+_MESSAGE_HELD = """
+local id = ARGV[1]
+local function own(raw, delivered)
+  if not string.find(raw, id, 1, true) then return false end
+  local ok, message = pcall(cjson.decode, raw)
+  if not ok or type(message) ~= 'table' then return false end
+  if delivered then message = message[1] end
+  return type(message) == 'table' and type(message.headers) == 'table' and message.headers.id == id
+end
+for i = 1, #KEYS - 1 do
+  for _, raw in ipairs(redis.call('lrange', KEYS[i], 0, -1)) do
+    if own(raw, false) then return 1 end
+  end
+end
+for _, raw in ipairs(redis.call('hvals', KEYS[#KEYS])) do
+  if own(raw, true) then return 1 end
+end
+return 0
+"""
+
+
 def message_held(client: redis.Redis, queue: str, task_id: str) -> bool:
     """Whether the broker still has ``task_id``'s message for ``queue``: waiting in its lists, or delivered to one of
     its consumers and not yet acknowledged (running, prefetched or waiting for a retry's countdown: the transport's
-    unacked hash). A message in neither is lost, and nothing will ever run it."""
-    pipe = client.pipeline(transaction=False)
-    for key in queue_keys(queue):
-        pipe.lrange(key, 0, -1)
-    pipe.hvals(unacked_keys(queue)["unacked_key"])
-    *waiting, delivered = pipe.execute()
-    needle = task_id.encode()
-    # An unacked entry is [message, exchange, routing key]. A chain's first message names the later steps' ids too,
-    # so the id must be the message's own, not merely somewhere in it.
-    return any(needle in raw and _message_id(raw) == task_id for raws in waiting for raw in raws) or any(
-        needle in raw and _message_id(raw, delivered=True) == task_id for raw in delivered
-    )
-
-
-def _message_id(raw: bytes, delivered: bool = False) -> str | None:
-    try:
-        message = json.loads(raw)
-        return str((message[0] if delivered else message)["headers"]["id"])
-    except (ValueError, KeyError, TypeError, IndexError):
-        return None
+    unacked hash). A busy worker may also hold one it popped but has not read yet (kombu keeps a paused BRPOP's reply
+    until the worker has room): only a queue whose consumers are idle says a message in neither place is lost."""
+    keys = [*queue_keys(queue), unacked_keys(queue)["unacked_key"]]
+    return bool(client.eval(_MESSAGE_HELD, len(keys), *keys, task_id))
 
 
 def _enqueue_time(raw: bytes) -> float | None:

@@ -472,7 +472,7 @@ def cancel(
 ) -> None:
     """Stop a pipeline: its unfinished steps are recorded as failed, its tasks revoked, and any of its messages
     still queued or redelivered later stop at once. A running training or evaluation step's trainer run is
-    cancelled (after its current optimiser step or batch of replies). Finished steps' outputs stay;
+    cancelled (after its current optimiser step, or set of replies). Finished steps' outputs stay;
     `emili pipeline resume` carries it on."""
     from emili_core.errors import NotFound
     from emili_pipeline.orchestrate import cancel as cancel_pipeline
@@ -486,9 +486,13 @@ def cancel(
     if first_unfinished(state) is None:
         console.print(f"pipeline {pipeline} has finished: nothing to cancel")
         return
+    earlier = state.get("cancelled")
     state, runs = cancel_pipeline(app_, store, state, why)
-    stopped = [name for name in STEP_NAMES if str(state["steps"][name].get("error", "")).startswith("cancelled")]
-    console.print(f"pipeline {pipeline} cancelled ({why}): {', '.join(stopped)} stopped")
+    if earlier:
+        console.print(f"pipeline {pipeline} was already cancelled ({earlier.get('why', '')})")
+    else:
+        stopped = [name for name in STEP_NAMES if str(state["steps"][name].get("error", "")).startswith("cancelled")]
+        console.print(f"pipeline {pipeline} cancelled ({why}): {', '.join(stopped)} stopped")
     for run_id in runs:
         console.print(f"its trainer run {run_id}: {_cancel_trainer_run(run_id)}")
 
@@ -502,13 +506,15 @@ def _cancel_trainer_run(run_id: str) -> str:
         await stub.CancelRun(trainer_pb2.CancelRunRequest(run_id=run_id))
 
     try:
-        _call_trainer(call, _trainer_target("", "the trainer is not installed here"))
+        _call_trainer(call, _trainer_target("", "cancel the run with `emili trainer cancel` where it is"))
+    except typer.BadParameter as exc:
+        return f"not cancelled ({exc.message})"
     except grpc.aio.AioRpcError as exc:
         if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
             return f"nothing to cancel ({exc.details()})"
         details = f"{exc.code().name}: {exc.details()}"
         return f"not cancelled ({details}); it runs to its end and the pipeline records none of it"
-    return "cancel requested (it stops after its current optimiser step or batch of replies)"
+    return "cancel requested (it stops after its current optimiser step, or set of replies)"
 
 
 @app.command()

@@ -63,11 +63,12 @@ def cancel(app: Celery, store: ObjectStore, state: State, why: str) -> tuple[Sta
     start, and its tasks are revoked. The workers run tasks in threads, which cannot be killed: a step already
     running ends its work (sooner when its trainer run is cancelled), records nothing and stops the chain. Returns
     the stored state and the trainer runs (training or evaluation) its running steps reported."""
-    state = {**state, "attempt": int(state.get("attempt", 0)) + 1, "cancelled": {"at_ms": _now_ms(), "why": why}}
     unfinished = [s.name for s in STEPS if state["steps"][s.name].get("state") != DONE]
-    for name in unfinished:
-        state["steps"][name] = {**state["steps"][name], "state": FAILED, "error": f"cancelled: {why}"}
-    save_state(store, state)  # First: a step that starts or ends from now on sees the newer attempt.
+    if not state.get("cancelled"):  # Cancelled again: it keeps its first reason; its runs are asked to stop again.
+        state = {**state, "attempt": int(state.get("attempt", 0)) + 1, "cancelled": {"at_ms": _now_ms(), "why": why}}
+        for name in unfinished:
+            state["steps"][name] = {**state["steps"][name], "state": FAILED, "error": f"cancelled: {why}"}
+        save_state(store, state)  # First: a step that starts or ends from now on sees the newer attempt.
     tasks = [state["tasks"][name] for name in unfinished if name in state.get("tasks", {})]
     runs: list[str] = []
     if tasks:
@@ -115,6 +116,8 @@ class Watcher:
     state: State
     ping_every_s: float = 10.0
     missed_pings_allowed: int = 3
+    # A message lost again and again is being discarded (e.g. by a worker that does not know its task): fail then.
+    lost_resubmissions_allowed: int = 3
     resubmissions: list[dict[str, Any]] = field(default_factory=list)
     _missed: dict[str, int] = field(default_factory=dict)
     _last_ping: float = 0.0
@@ -161,6 +164,9 @@ class Watcher:
             if recorded.get("state") == DONE:
                 views[-1] = recorded_view(step.name, step.title, latest)
                 continue
+            if recorded.get("state") == FAILED:  # Failed by this watcher (a message lost too often).
+                views[-1], status = recorded_view(step.name, step.title, latest), "failed"
+                break
             if task_id is None:
                 continue
             meta = self._meta(task_id)
@@ -182,14 +188,14 @@ class Watcher:
                 view.detail = _progress(info) if celery_state == "PROGRESS" else ""
                 worker = str(meta.get("worker") or (info or {}).get("hostname") or "")
                 if celery_state != "RETRY" and worker and self._worker_dead(worker):
-                    self._resubmit(step.name, f"worker {worker} died")
-                    view.detail = f"worker {worker} died; resubmitted from this step"
+                    view.detail = self._resubmit(step.name, f"worker {worker} died")
                 break
             else:
                 view.state = "queued"
                 if self._message_lost(step.name, task_id):
-                    self._resubmit(step.name, "its queued message was lost")
-                    view.detail = "its queued message was lost; resubmitted from this step"
+                    view.detail = self._resubmit(step.name, "its queued message was lost", lost=True)
+                    if self.state["steps"][step.name].get("state") == FAILED:
+                        view.state, status = "failed", "failed"
                 break
         if all(v.state == "done" for v in views):
             status = "succeeded"
@@ -209,31 +215,68 @@ class Watcher:
         return stored if newer and stored.get("cancelled") else None
 
     def _message_lost(self, step: str, task_id: str) -> bool:
-        """Whether the broker has, at each of the last ``missed_pings_allowed`` looks (one per ``ping_every_s``),
-        held no message of the step's task (several looks: a consumer takes a message off its list a moment before
-        it records it as unacknowledged)."""
+        """Whether, at each of the last ``missed_pings_allowed`` looks (one per ``ping_every_s``), the broker held
+        no message of the step's task while its queue's consumers were idle (a busy one may hold a message it has
+        popped but not read; several looks: a consumer takes a message off its list a moment before it records it
+        as unacknowledged)."""
         now = time.monotonic()
         if now - self._last_look.get(task_id, -self.ping_every_s) < self.ping_every_s:
             return False
         self._last_look[task_id] = now
+        queue = queue_for(STEP_TASK[step]).value
+        unseen = f"message:{task_id}"
         try:
-            held = message_held(self._broker_client(), queue_for(STEP_TASK[step]).value, task_id)
+            held = message_held(self._broker_client(), queue, task_id)
         except (redis.RedisError, ValueError):
             return False  # The broker is unreachable (or not Redis): no evidence about the message.
-        unseen = f"message:{task_id}"
-        self._missed[unseen] = 0 if held else self._missed.get(unseen, 0) + 1
+        if held:
+            self._missed[unseen] = 0
+            return False
+        if not self._consumers_idle(queue):
+            return False  # No evidence either way.
+        self._missed[unseen] = self._missed.get(unseen, 0) + 1
         return self._missed[unseen] >= self.missed_pings_allowed
+
+    def _consumers_idle(self, queue: str) -> bool:
+        """Whether every live worker consuming ``queue`` answers that it runs nothing (none alive: nothing can hold
+        a message of the queue outside the broker)."""
+        try:
+            replies = self.app.control.inspect(timeout=1.0).active_queues() or {}
+            consumers = [w for w, queues in replies.items() if any(q.get("name") == queue for q in queues or [])]
+            if not consumers:
+                return True
+            active = self.app.control.inspect(destination=consumers, timeout=2.0, limit=len(consumers)).active()
+        except Exception:
+            return False  # The broker is unreachable: no evidence.
+        return set(active or {}) == set(consumers) and not any((active or {}).values())
 
     def _broker_client(self) -> redis.Redis:
         if self._broker is None:
             self._broker = redis.Redis.from_url(str(self.app.conf.broker_url), socket_timeout=5)
         return self._broker
 
-    def _resubmit(self, step: str, why: str) -> None:
+    def _resubmit(self, step: str, why: str, lost: bool = False) -> str:
+        """Resubmit the chain from ``step`` (unless the pipeline was cancelled or resubmitted elsewhere meanwhile:
+        then follow that); returns what happened, for the step's view."""
         stored = load_state(self.store, self.pipeline_id)
+        if stored.get("cancelled") or int(stored.get("attempt", 0)) > int(self.state.get("attempt", 0)):
+            self.state = stored
+            return f"{why}; cancelled or resubmitted elsewhere meanwhile"
+        if lost:
+            losses = {**(stored.get("lost_messages") or {})}
+            losses[step] = int(losses.get(step, 0)) + 1
+            stored["lost_messages"] = losses
+            if losses[step] > self.lost_resubmissions_allowed:
+                queue = queue_for(STEP_TASK[step]).value
+                error = f"its message was lost {losses[step]} times: see the {queue} workers' logs (one discarding it?)"
+                stored["steps"][step] = {**stored["steps"][step], "state": FAILED, "error": error}
+                save_state(self.store, stored)
+                self.state = stored
+                return error
         self.resubmissions.append({"step": step, "why": why, "attempt": stored.get("attempt")})
         self._started.pop(step, None)
         self.state = submit(self.app, self.store, stored, from_step=step)
+        return f"{why}; resubmitted from this step"
 
     def wait(self, timeout_s: float | None = None, interval_s: float = 1.0, on_poll: Any = None) -> str:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s

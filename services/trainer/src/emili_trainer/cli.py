@@ -192,7 +192,7 @@ def runs(run_id: Annotated[str, typer.Argument(help="A run id.")]) -> None:
 @app.command("cancel")
 def cancel(run_id: Annotated[str, typer.Argument(help="A run id.")]) -> None:
     """Cancel a queued or running run (training stops after its current optimiser step, an evaluation after its
-    current batch of replies)."""
+    current set of replies: one arm's to one source's contexts, with one seed)."""
 
     async def go(stub: trainer_pb2_grpc.TrainerServiceStub) -> trainer_pb2.Run:
         response: trainer_pb2.CancelRunResponse = await stub.CancelRun(trainer_pb2.CancelRunRequest(run_id=run_id))

@@ -200,6 +200,9 @@ def create_or_requeue(runtime: Runtime, record: RunRecord) -> tuple[RunRecord, b
         runtime.runs.update(run_id, state=RunState.QUEUED, error=None)
         runtime.runs.mirror(run_id)
         return runtime.runs.get(run_id), True
+    if not existing.final and runtime.runs.cancel_requested(run_id):
+        # Asked for again before a cancel took effect (a pipeline resumed soon after it was cancelled): it goes on.
+        runtime.runs.clear_cancel(run_id)
     return existing, False
 
 

@@ -5,8 +5,9 @@
 * The lock is a Redis key set with NX and a short TTL that a heartbeat thread keeps extending. A worker that
   dies stops the heartbeat; the lock expires within a TTL, and the redelivered job can take the run over.
   Two live copies of one run are impossible: the second one finds the lock held and does nothing.
-* Cancellation is a flag the training loop checks after every optimiser step (an evaluation, after every batch of
-  replies).
+* Cancellation is a flag the training loop checks after every optimiser step (an evaluation, after every set of
+  replies: one arm's to one source's contexts, with one seed). A run asked for again before its cancel took effect
+  goes on.
 * Checkpoints are copied to ``runs/<id>/checkpoints/<step>/``; ``runs/<id>/checkpoint.json`` names the last
   complete one and is written only after all its files are, so a half-uploaded checkpoint is never used.
 

@@ -26,6 +26,10 @@ def runtime() -> jobs.Runtime:
 
 
 def _reporter(task: Any, run_id: str) -> jobs.ProgressSink:
+    # The run is named at once, before its first step or batch (loading a model can take minutes): `emili pipeline
+    # cancel` finds it in this meta.
+    task.update_state(state="PROGRESS", meta={"run_id": run_id})
+
     def report(progress: Progress) -> None:
         TRAINING.observe(run_id, progress)
         task.update_state(state="PROGRESS", meta={"run_id": run_id, **progress.to_dict()})

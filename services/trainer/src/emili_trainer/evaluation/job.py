@@ -395,7 +395,7 @@ def _evaluate(
                         done += len(rows)
                         progress(Progress(done, total, 0.0, tokens_per_second=None))
                         runtime.runs.update(run_id, step=done, total=total)
-                        if runtime.runs.cancel_requested(run_id):  # Checked between batches of replies.
+                        if runtime.runs.cancel_requested(run_id):  # Checked after each set of replies.
                             raise _Cancelled
                     by_seed[source][arm] = runs
                     replies = runs[0]  # The reply metrics below are the first seed's; paired covers all seeds.
