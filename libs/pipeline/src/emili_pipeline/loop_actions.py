@@ -21,8 +21,9 @@ Actions`.
   sure their records are stored). Its id is a digest of config and sessions, so asking again for the same one
   finds it instead of starting a second.
 - **The outcome** comes from the pipeline's stored state (it outlives the Celery results): done when every step
-  is, failed when one failed, else running; a :class:`~emili_pipeline.orchestrate.Watcher` kept per pipeline
-  resubmits a step whose worker died. The candidate is the evaluation's ``candidate`` (else the last version
+  is, cancelled when ``emili pipeline cancel`` stopped it, failed when a step failed, else running; a
+  :class:`~emili_pipeline.orchestrate.Watcher` kept per pipeline resubmits a step whose worker died or whose message
+  was lost. The candidate is the evaluation's ``candidate`` (else the last version
   trained: DPO, else SFT), the evidence its ``gate_evidence``.
 - **Canaries** go through the gateway's HTTP API with an admin token (never its code): ``POST`` and ``GET
   /api/v1/studies/{id}/canary``; the gateway decides promotion or rollback itself. A canary that never started
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 
 API = "/api/v1"
 ENDED = "ended"  # chat's state of a session that has ended (its record then holds every event).
-RUNNING, DONE = "running", "done"
+RUNNING, DONE, CANCELLED = "running", "done", "cancelled"
 # The events a label is computed from (chat's per-kind counts in the session record): both surveys and a reply.
 LABEL_MATERIAL = ("pre_survey", "post_survey", "assistant_message")
 CANARY_STATES = {"running": "running", "promoted": "promoted", "rolled_back": "rolled_back"}
@@ -229,6 +230,9 @@ class SystemActions:
         if is_finished(state):
             self._watchers.pop(pipeline_id, None)
             return DONE, candidate_of(state), evidence_of(state)
+        if state.get("cancelled"):  # A failure the loop's history names as such (`emili pipeline cancel`).
+            self._watchers.pop(pipeline_id, None)
+            return CANCELLED, None, {}
         if any(step.get("state") == FAILED for step in state["steps"].values()):
             self._watchers.pop(pipeline_id, None)
             return FAILED, None, {}
