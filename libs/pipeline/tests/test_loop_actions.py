@@ -239,15 +239,16 @@ def test_a_message_a_busy_worker_may_hold_is_not_taken_for_lost(
     watcher = Watcher(actions.celery, store, load_state(store, pipeline), ping_every_s=0.0)
 
     chat_worker = create_celery_app("chat", CommonSettings(redis_url=isolated_redis_url, s3=own_s3))
+    chat_worker.conf.task_routes = ()  # The test's own task: sent to the chat queue by name, not through the table.
     release = threading.Event()
 
-    @chat_worker.task(name="chat.persist_session", acks_late=True)  # Holds its worker's one slot while it runs.
-    def persist_session() -> None:
+    @chat_worker.task(name="tests.hold_the_chat_worker", acks_late=True)  # Holds its worker's one slot while it runs.
+    def hold_the_chat_worker() -> None:
         release.wait(60)
 
     try:
         with start_worker(chat_worker, concurrency=1, pool="threads", perform_ping_check=False, shutdown_timeout=10):
-            busy = chat_worker.send_task("chat.persist_session")
+            busy = hold_the_chat_worker.apply_async(queue="chat")
             deadline = time.monotonic() + 30
             while busy.state != "STARTED" and time.monotonic() < deadline:
                 time.sleep(0.1)

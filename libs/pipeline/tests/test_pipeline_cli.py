@@ -4,6 +4,7 @@ so the CLI's client and its error messages are tested."""
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterator
 from concurrent import futures
@@ -168,6 +169,8 @@ def test_cancel_stops_a_pipeline_and_its_training_run(
     missing = runner.invoke(app, ["cancel", "pl-0000000000000000"])
     assert missing.exit_code == 2 and "no pipeline" in missing.output
 
-    listed = runner.invoke(app, ["list", "--unfinished"], env={"COLUMNS": "200"})
-    (row,) = [line for line in listed.output.splitlines() if state["pipeline_id"] in line]
-    assert "cancelled: trained on the wrong study" in row and listed.exit_code == 0
+    listed = runner.invoke(app, ["list", "--unfinished", "--limit", "1000", "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    (row,) = [r for r in rows if r["pipeline_id"] == state["pipeline_id"]]
+    assert row["state"] == "cancelled: trained on the wrong study" and row["attempt"] == 2 and row["sessions"] == 2

@@ -403,6 +403,7 @@ def status(
 def list_pipelines(
     unfinished: Annotated[bool, typer.Option(help="Only those not finished (running, failed or cancelled).")] = False,
     limit: Annotated[int, typer.Option(min=1, help="The most recently updated this many.")] = 30,
+    as_json: Annotated[bool, typer.Option("--json", help="Print them as JSON lines.")] = False,
 ) -> None:
     """Stored pipelines, most recently updated first: where each stands (e.g. to find one left running by a stopped
     study, and cancel it)."""
@@ -418,23 +419,31 @@ def list_pipelines(
     if unfinished:
         states = [s for s in states if first_unfinished(s) is not None]
     states.sort(key=lambda s: int(s.get("updated_ms") or 0), reverse=True)
+    rows: list[dict[str, Any]] = [
+        {
+            "pipeline_id": str(state["pipeline_id"]),
+            "config": str((state.get("config") or {}).get("name", "")),
+            "sessions": len(state.get("sessions") or []),
+            "baseline": str((state.get("config") or {}).get("baseline", "base")),
+            "attempt": int(state.get("attempt", 0)),
+            "updated_ms": int(state.get("updated_ms") or 0),
+            "state": summary(state),
+        }
+        for state in states[:limit]
+    ]
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
     table = Table("config", "sessions", "baseline", "attempt", "updated (UTC)", "state")
     table.columns[0].overflow = "fold"
     table.add_column("pipeline", no_wrap=True)  # Whole, to copy into `status`, `resume` or `cancel`.
-    for state in states[:limit]:
-        config = state.get("config") or {}
-        updated = time.strftime("%Y-%m-%d %H:%M", time.gmtime(int(state.get("updated_ms") or 0) / 1000))
-        table.add_row(
-            str(config.get("name", "")),
-            str(len(state.get("sessions") or [])),
-            str(config.get("baseline", "base")),
-            str(state.get("attempt", 0)),
-            updated,
-            summary(state),
-            str(state["pipeline_id"]),
-        )
+    for row in rows:
+        updated = time.strftime("%Y-%m-%d %H:%M", time.gmtime(row["updated_ms"] / 1000))
+        values = (row["config"], row["sessions"], row["baseline"], row["attempt"], updated, row["state"])
+        table.add_row(*map(str, values), row["pipeline_id"])
     console.print(table)
-    console.print(f"{min(len(states), limit)} of {len(states)} pipeline(s)")
+    console.print(f"{len(rows)} of {len(states)} pipeline(s)")
 
 
 @app.command()
