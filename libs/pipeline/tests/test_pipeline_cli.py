@@ -169,8 +169,14 @@ def test_cancel_stops_a_pipeline_and_its_training_run(
     missing = runner.invoke(app, ["cancel", "pl-0000000000000000"])
     assert missing.exit_code == 2 and "no pipeline" in missing.output
 
+    # A state an older pipeline left (other steps) is listed as unreadable, not a crash.
+    old = {"pipeline_id": f"pl-old-{secrets.token_hex(4)}", "steps": {"train": {"state": "done"}}, "attempt": 1}
+    save_state(object_store, old)
     listed = runner.invoke(app, ["list", "--unfinished", "--limit", "1000", "--json"])
     assert listed.exit_code == 0, listed.output
-    rows = [json.loads(line) for line in listed.stdout.splitlines()]
-    (row,) = [r for r in rows if r["pipeline_id"] == state["pipeline_id"]]
+    rows = {r["pipeline_id"]: r for r in map(json.loads, listed.stdout.splitlines())}
+    row = rows[state["pipeline_id"]]
     assert row["state"] == "cancelled: trained on the wrong study" and row["attempt"] == 2 and row["sessions"] == 2
+    assert rows[old["pipeline_id"]]["state"].startswith("unreadable state (KeyError")
+    table = runner.invoke(app, ["list"])
+    assert table.exit_code == 0 and "pipeline(s)" in table.output

@@ -415,22 +415,29 @@ def list_pipelines(
 
     _, store = _producer()
     ids = sorted({k.split("/")[1] for k in store.list_keys(Bucket.MODELS, "pipelines/") if k.endswith("/state.json")})
-    states = [load_state(store, pipeline) for pipeline in ids]
-    if unfinished:
-        states = [s for s in states if first_unfinished(s) is not None]
-    states.sort(key=lambda s: int(s.get("updated_ms") or 0), reverse=True)
-    rows: list[dict[str, Any]] = [
-        {
-            "pipeline_id": str(state["pipeline_id"]),
-            "config": str((state.get("config") or {}).get("name", "")),
-            "sessions": len(state.get("sessions") or []),
-            "baseline": str((state.get("config") or {}).get("baseline", "base")),
-            "attempt": int(state.get("attempt", 0)),
-            "updated_ms": int(state.get("updated_ms") or 0),
-            "state": summary(state),
-        }
-        for state in states[:limit]
-    ]
+    rows: list[dict[str, Any]] = []
+    for pipeline in ids:
+        state = load_state(store, pipeline)
+        config: dict[str, Any] = state["config"] if isinstance(state.get("config"), dict) else {}
+        try:
+            where, done = summary(state), first_unfinished(state) is None
+        except (KeyError, TypeError, AttributeError) as exc:  # A state from an older pipeline (other steps).
+            where, done = f"unreadable state ({type(exc).__name__}: {exc})", False
+        if unfinished and done:
+            continue
+        rows.append(
+            {
+                "pipeline_id": pipeline,
+                "config": str(config.get("name", "")),
+                "sessions": len(state.get("sessions") or []),
+                "baseline": str(config.get("baseline", "base")),
+                "attempt": int(state.get("attempt") or 0),
+                "updated_ms": int(state.get("updated_ms") or 0),
+                "state": where,
+            }
+        )
+    rows.sort(key=lambda row: int(row["updated_ms"]), reverse=True)
+    found, rows = len(rows), rows[:limit]
     if as_json:
         for row in rows:
             print(json.dumps(row))
@@ -443,7 +450,7 @@ def list_pipelines(
         values = (row["config"], row["sessions"], row["baseline"], row["attempt"], updated, row["state"])
         table.add_row(*map(str, values), row["pipeline_id"])
     console.print(table)
-    console.print(f"{len(rows)} of {len(states)} pipeline(s)")
+    console.print(f"{len(rows)} of {found} pipeline(s)")
 
 
 @app.command()
