@@ -29,7 +29,7 @@ from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.queues import queue_for
 from emili_core.tasks import message_held
 from emili_pipeline.describe import describe
-from emili_pipeline.pipeline import DONE, FAILED, STEPS, State, first_unfinished, load_state, save_state
+from emili_pipeline.pipeline import DONE, FAILED, STEPS, State, first_unfinished, load_state, now_ms, save_state
 
 STEP_TASK = {s.name: s.task for s in STEPS}
 LIVE = {"STARTED", "PROGRESS", "RETRY"}
@@ -65,7 +65,7 @@ def cancel(app: Celery, store: ObjectStore, state: State, why: str) -> tuple[Sta
     the stored state and the trainer runs (training or evaluation) its running steps reported."""
     unfinished = [s.name for s in STEPS if state["steps"][s.name].get("state") != DONE]
     if not state.get("cancelled"):  # Cancelled again: it keeps its first reason; its runs are asked to stop again.
-        state = {**state, "attempt": int(state.get("attempt", 0)) + 1, "cancelled": {"at_ms": _now_ms(), "why": why}}
+        state = {**state, "attempt": int(state.get("attempt", 0)) + 1, "cancelled": {"at_ms": now_ms(), "why": why}}
         for name in unfinished:
             state["steps"][name] = {**state["steps"][name], "state": FAILED, "error": f"cancelled: {why}"}
         save_state(store, state)  # First: a step that starts or ends from now on sees the newer attempt.
@@ -79,10 +79,6 @@ def cancel(app: Celery, store: ObjectStore, state: State, why: str) -> tuple[Sta
             if meta.get("status") == "PROGRESS" and isinstance(info, dict) and info.get("run_id"):
                 runs.append(str(info["run_id"]))
     return state, runs
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _local_worker_alive(hostname: str) -> bool | None:
@@ -174,9 +170,7 @@ class Watcher:
             if celery_state == "SUCCESS" and isinstance(info, dict):
                 latest = info  # The state after this step: what the next steps build on.
                 self.state = latest
-                done = latest["steps"][step.name]
-                view.state, view.detail = "done", describe(step.name, done.get("outputs") or {})
-                view.seconds = step_seconds(done)
+                views[-1] = recorded_view(step.name, step.title, latest)
             elif celery_state in ("FAILURE", "REVOKED"):
                 view.state, view.detail = "failed", _error(info) if celery_state == "FAILURE" else "revoked"
                 status = "failed"

@@ -60,7 +60,7 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
     return int(time.time() * 1000)
 
 
@@ -104,7 +104,7 @@ def new_state(config: PipelineConfig, session_ids: Sequence[str], collected: dic
         "collected": collected or {},
         "attempt": 0,
         "tasks": {},
-        "created_ms": _now_ms(),
+        "created_ms": now_ms(),
         "steps": {s.name: {"state": PENDING} for s in STEPS},
     }
 
@@ -158,7 +158,7 @@ def is_finished(state: State) -> bool:
 
 
 def save_state(store: ObjectStore, state: State) -> None:
-    store.put_json(Bucket.MODELS, pipeline_state_key(state["pipeline_id"]), {**state, "updated_ms": _now_ms()})
+    store.put_json(Bucket.MODELS, pipeline_state_key(state["pipeline_id"]), {**state, "updated_ms": now_ms()})
 
 
 def load_state(store: ObjectStore, pipeline: str) -> State:
@@ -196,7 +196,7 @@ def run_step(
     step = state["steps"][name]
     if step.get("state") == DONE:
         return state
-    step.update(state=RUNNING, started_ms=_now_ms(), task_id=task_id, worker=worker, error=None)
+    step.update(state=RUNNING, started_ms=now_ms(), task_id=task_id, worker=worker, error=None)
     step["runs"] = int(step.get("runs", 0)) + 1
     save_state(store, state)
     try:
@@ -204,19 +204,24 @@ def run_step(
     except Exception as exc:
         transient = isinstance(exc, TRANSIENT_ERRORS)
         step.update(state=RETRYING if transient else FAILED, error=f"{type(exc).__name__}: {exc}")
-        if _stored_attempt(store, state["pipeline_id"]) <= int(state.get("attempt", 0)):
+        if not _superseded(store, state):
             save_state(store, state)
         raise
     # A step that ran on while its pipeline was resubmitted or cancelled must not write its older copy over the
     # newer state (its outputs, keyed by content, are stored either way).
     _stop_if_superseded(store, state, name)
-    step.update(state=DONE, finished_ms=_now_ms(), outputs=result)
+    step.update(state=DONE, finished_ms=now_ms(), outputs=result)
     save_state(store, state)
     return state
 
 
+def _superseded(store: ObjectStore, state: State) -> bool:
+    """Whether the stored pipeline was resubmitted or cancelled since ``state`` was submitted."""
+    return _stored_attempt(store, state["pipeline_id"]) > int(state.get("attempt", 0))
+
+
 def _stop_if_superseded(store: ObjectStore, state: State, name: str) -> None:
-    if _stored_attempt(store, state["pipeline_id"]) > int(state.get("attempt", 0)):
+    if _superseded(store, state):
         pipeline = state["pipeline_id"]
         raise Superseded(f"pipeline {pipeline} was resubmitted or cancelled; this copy of step {name} stops")
 

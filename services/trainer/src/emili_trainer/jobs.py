@@ -233,15 +233,20 @@ def execute_run(runtime: Runtime, run_id: str, progress: ProgressSink = lambda p
         return runtime.runs.get(run_id).with_note(str(exc))
 
 
+def record_cancelled(runs: RunStore, run_id: str, **changes: Any) -> RunRecord:
+    """Record a run (training or evaluation) as cancelled, as its cancel asked, and return its record."""
+    runs.update(run_id, state=RunState.CANCELLED, **changes)
+    runs.mirror(run_id)
+    return runs.get(run_id)
+
+
 def _execute_locked(runtime: Runtime, run_id: str, progress: ProgressSink) -> RunRecord:
     runs = runtime.runs
     record = runs.get(run_id)  # Again, under the lock: another copy may have finished meanwhile.
     if record.final:
         return record
     if runs.cancel_requested(run_id):
-        runs.update(run_id, state=RunState.CANCELLED)
-        runs.mirror(run_id)
-        return runs.get(run_id)
+        return record_cancelled(runs, run_id)
     work_dir = runtime.settings.trainer.work_dir / run_id
     shutil.rmtree(work_dir, ignore_errors=True)  # Local leftovers of a dead worker are not trusted.
     work_dir.mkdir(parents=True)
@@ -262,9 +267,7 @@ def _execute_locked(runtime: Runtime, run_id: str, progress: ProgressSink) -> Ru
         runs.mirror(run_id)
         raise
     if result.cancelled:
-        runs.update(run_id, state=RunState.CANCELLED, step=result.steps)
-        runs.mirror(run_id)
-        return runs.get(run_id)
+        return record_cancelled(runs, run_id, step=result.steps)
     metrics = {
         "train_loss": result.train_loss,
         "steps": result.steps,

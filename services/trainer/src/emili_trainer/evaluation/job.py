@@ -284,17 +284,13 @@ def _evaluate_locked(
     if record.final:
         return record
     if runs.cancel_requested(run_id):
-        runs.update(run_id, state=RunState.CANCELLED)
-        runs.mirror(run_id)
-        return runs.get(run_id)
+        return jobs.record_cancelled(runs, run_id)
     runs.update(run_id, state=RunState.RUNNING, attempts=record.attempts + 1)
     runs.mirror(run_id)
     try:
         report = _evaluate(runtime, run_id, record, delta_table or record.delta_table, progress)
     except _Cancelled:
-        runs.update(run_id, state=RunState.CANCELLED)
-        runs.mirror(run_id)
-        return runs.get(run_id)
+        return jobs.record_cancelled(runs, run_id)
     except (InvalidInput, FailedPrecondition, NotFound) as exc:
         runs.update(run_id, state=RunState.FAILED, error=str(exc))
         runs.mirror(run_id)
