@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from celery import Celery
 
 from emili_core.errors import InvalidInput, NotFound
 from emili_core.queues import TASK_ROUTES
 from emili_pipeline.config import AUTO, PipelineConfig, Recipes, load_config, resolve
 from emili_pipeline.describe import describe
+from emili_pipeline.orchestrate import cancel, submit
 from emili_pipeline.pipeline import (
     DONE,
     FAILED,
@@ -27,6 +31,7 @@ from emili_pipeline.pipeline import (
     new_state,
     pipeline_id,
     run_step,
+    state_lock,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -318,3 +323,54 @@ def test_an_sft_delta_share_is_dumped_only_when_set_and_needs_session_sft() -> N
         PipelineConfig(sft_delta_share=0.0)
     with pytest.raises(ValueError, match="sft_source sessions"):
         PipelineConfig(sft_source="empathetic", sft_delta_share=0.5)
+
+
+class SlowReadStore(MemoryStore):
+    """Runs ``meanwhile`` in another thread at the first state read after ``armed`` is set, and gives it time to
+    write before that read returns: a cancel landing between a step's last check and its write."""
+
+    def __init__(self, meanwhile: Any) -> None:
+        super().__init__()
+        self.meanwhile = meanwhile
+        self.armed = False
+        self.thread: threading.Thread | None = None
+
+    def get_json(self, bucket: Any, key: str) -> Any:
+        value = super().get_json(bucket, key)
+        if self.armed and self.thread is None:
+            self.thread = threading.Thread(target=self.meanwhile)
+            self.thread.start()
+            time.sleep(0.5)
+        return value
+
+
+@pytest.mark.integration
+def test_a_cancel_between_a_steps_last_check_and_its_write_is_kept(isolated_redis_url: str) -> None:
+    app = Celery(broker=isolated_redis_url)
+    state = {**new_state(PipelineConfig(), SESSIONS), "attempt": 1}
+    store = SlowReadStore(lambda: cancel(app, store, state, "wrong sessions"))  # type: ignore[arg-type]
+    store.put_json("models", f"pipelines/{state['pipeline_id']}/state.json", state)
+
+    def work(s: dict[str, Any]) -> dict[str, Any]:
+        store.armed = True
+        return {"written": 20}
+
+    run_step(store, state, "collect", work, lock=state_lock(isolated_redis_url))  # type: ignore[arg-type]
+    assert store.thread is not None
+    store.thread.join(timeout=40)
+    stored = load_state(store, state["pipeline_id"])  # type: ignore[arg-type]
+    # The step wrote first (the cancel waited for the lock), then the cancel acted on what the step wrote.
+    assert stored["cancelled"]["why"] == "wrong sessions" and stored["attempt"] == 2
+    assert stored["steps"]["collect"]["state"] == DONE
+    assert stored["steps"]["label"]["state"] == FAILED
+
+
+@pytest.mark.integration
+def test_a_submission_that_expects_an_attempt_stops_when_someone_acted_first(isolated_redis_url: str) -> None:
+    app = Celery(broker=isolated_redis_url)
+    store = MemoryStore()
+    state = new_state(PipelineConfig(), SESSIONS)
+    store.put_json("models", f"pipelines/{state['pipeline_id']}/state.json", {**state, "attempt": 1})
+    with pytest.raises(Superseded):
+        submit(app, store, state, expect_attempt=0)  # type: ignore[arg-type]
+    assert load_state(store, state["pipeline_id"])["attempt"] == 1  # type: ignore[arg-type]

@@ -40,6 +40,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     DependencyUnavailable,
     redis.ConnectionError,
     redis.TimeoutError,
+    redis.exceptions.LockError,  # Another process held a pipeline's state lock for its whole wait.
     ConnectionError,
     TimeoutError,
 )

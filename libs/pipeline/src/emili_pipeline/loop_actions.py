@@ -49,7 +49,7 @@ from emili_core.records import recorded_sessions
 from emili_pipeline.config import PipelineConfig, RecipeFetcher, load_config, resolve
 from emili_pipeline.gate import Evidence, evidence_from_json
 from emili_pipeline.loop import CanaryRefused, NoStudyForCanary
-from emili_pipeline.pipeline import FAILED, State, is_finished, load_state, new_state, outputs
+from emili_pipeline.pipeline import FAILED, State, Superseded, is_finished, load_state, new_state, outputs, stored_state
 from emili_session.loop_records import STUDIES_PREFIX
 
 log = logging.getLogger(__name__)
@@ -211,13 +211,11 @@ class SystemActions:
         state = self.pipeline_state(session_ids, baseline)
         pipeline_id = str(state["pipeline_id"])
         try:
-            stored = load_state(self.store, pipeline_id)
-        except NotFound:
-            stored = None
-        if stored is not None and int(stored.get("attempt", 0)) > 0:
-            log.info("pipeline %s exists already (attempt %s): not started again", pipeline_id, stored["attempt"])
+            # Saves the state first, then sends the chain; only if nobody submitted this pipeline before.
+            submit(self.celery, self.store, stored_state(self.store, pipeline_id) or state, expect_attempt=0)
+        except Superseded:
+            log.info("pipeline %s exists already: not started again", pipeline_id)
             return pipeline_id
-        submit(self.celery, self.store, stored or state)  # Saves the state first, then sends the chain.
         log.info("pipeline %s submitted: %d sessions, baseline %s", pipeline_id, len(session_ids), baseline)
         return pipeline_id
 

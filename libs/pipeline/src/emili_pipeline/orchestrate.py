@@ -29,26 +29,54 @@ from emili_core.objectstore import Bucket, ObjectStore
 from emili_core.queues import queue_for
 from emili_core.tasks import message_held
 from emili_pipeline.describe import describe
-from emili_pipeline.pipeline import DONE, FAILED, STEPS, State, first_unfinished, load_state, now_ms, save_state
+from emili_pipeline.pipeline import (
+    DONE,
+    FAILED,
+    STEPS,
+    State,
+    StateLock,
+    Superseded,
+    first_unfinished,
+    load_state,
+    now_ms,
+    save_state,
+    state_lock,
+    stored_state,
+    update_state,
+)
 
 STEP_TASK = {s.name: s.task for s in STEPS}
 LIVE = {"STARTED", "PROGRESS", "RETRY"}
 
 
-def submit(app: Celery, store: ObjectStore, state: State, from_step: str | None = None) -> State:
-    """Send the chain from ``from_step`` (default: the first step not done); returns the submitted state."""
+def pipeline_lock(app: Celery) -> StateLock:
+    """The lock of a pipeline's checked state writes, in the broker of ``app``."""
+    return state_lock(str(app.conf.broker_url or ""))
+
+
+def submit(
+    app: Celery, store: ObjectStore, state: State, from_step: str | None = None, *, expect_attempt: int | None = None
+) -> State:
+    """Send the chain from ``from_step`` (default: the first step not done); returns the submitted state. Its
+    attempt is above any stored one. ``expect_attempt``: submit only if the stored pipeline is still at that
+    attempt (0: not stored yet) and not cancelled, else raise :class:`Superseded` (someone else acted first)."""
     start = from_step or first_unfinished(state)
     if start is None:
         return state
     names = [s.name for s in STEPS]
     todo = names[names.index(start) :]
-    state = {**state, "attempt": int(state.get("attempt", 0)) + 1}
-    state.pop("cancelled", None)
-    ids = {name: uuid.uuid4().hex for name in todo}
-    state["tasks"] = {**state.get("tasks", {}), **ids}
-    for name in todo:
-        state["steps"][name] = {**state["steps"][name], "state": "pending", "error": None}
-    save_state(store, state)  # First: a step of the previous attempt that is still running sees it and stops.
+    with pipeline_lock(app)(state["pipeline_id"]):
+        stored = stored_state(store, state["pipeline_id"]) or {}
+        stored_attempt = int(stored.get("attempt", 0))
+        if expect_attempt is not None and (stored_attempt != expect_attempt or stored.get("cancelled")):
+            raise Superseded(f"pipeline {state['pipeline_id']} was submitted or cancelled elsewhere meanwhile")
+        state = {**state, "attempt": max(int(state.get("attempt", 0)), stored_attempt) + 1}
+        state.pop("cancelled", None)
+        ids = {name: uuid.uuid4().hex for name in todo}
+        state["tasks"] = {**state.get("tasks", {}), **ids}
+        for name in todo:
+            state["steps"][name] = {**state["steps"][name], "state": "pending", "error": None}
+        save_state(store, state)  # First: a step of the previous attempt that is still running sees it and stops.
     signatures = [
         app.signature(STEP_TASK[name], args=(state,) if i == 0 else ()).set(task_id=ids[name])
         for i, name in enumerate(todo)
@@ -62,13 +90,20 @@ def cancel(app: Celery, store: ObjectStore, state: State, why: str) -> tuple[Sta
     attempt is bumped so any step of its chain still travelling (queued, or redelivered hours later) stops at its
     start, and its tasks are revoked. The workers run tasks in threads, which cannot be killed: a step already
     running ends its work (sooner when its trainer run is cancelled), records nothing and stops the chain. Returns
-    the stored state and the trainer runs (training or evaluation) its running steps reported."""
-    unfinished = [s.name for s in STEPS if state["steps"][s.name].get("state") != DONE]
-    if not state.get("cancelled"):  # Cancelled again: it keeps its first reason; its runs are asked to stop again.
-        state = {**state, "attempt": int(state.get("attempt", 0)) + 1, "cancelled": {"at_ms": now_ms(), "why": why}}
-        for name in unfinished:
-            state["steps"][name] = {**state["steps"][name], "state": FAILED, "error": f"cancelled: {why}"}
-        save_state(store, state)  # First: a step that starts or ends from now on sees the newer attempt.
+    the stored state and the trainer runs (training or evaluation) its running steps reported. It acts on the
+    stored state (``state`` names the pipeline), so a step that finished meanwhile stays done."""
+
+    def stop(stored: State) -> State:
+        if stored.get("cancelled"):  # Cancelled again: it keeps its first reason; its runs are asked to stop again.
+            return stored
+        stored = {**stored, "attempt": int(stored.get("attempt", 0)) + 1, "cancelled": {"at_ms": now_ms(), "why": why}}
+        for name in _unfinished(stored):
+            stored["steps"][name] = {**stored["steps"][name], "state": FAILED, "error": f"cancelled: {why}"}
+        return stored
+
+    # First: a step that starts or ends from now on sees the newer attempt.
+    state = update_state(store, state["pipeline_id"], stop, pipeline_lock(app))
+    unfinished = _unfinished(state)
     tasks = [state["tasks"][name] for name in unfinished if name in state.get("tasks", {})]
     runs: list[str] = []
     if tasks:
@@ -79,6 +114,10 @@ def cancel(app: Celery, store: ObjectStore, state: State, why: str) -> tuple[Sta
             if meta.get("status") == "PROGRESS" and isinstance(info, dict) and info.get("run_id"):
                 runs.append(str(info["run_id"]))
     return state, runs
+
+
+def _unfinished(state: State) -> list[str]:
+    return [s.name for s in STEPS if state["steps"][s.name].get("state") != DONE]
 
 
 def _local_worker_alive(hostname: str) -> bool | None:
@@ -252,11 +291,11 @@ class Watcher:
     def _resubmit(self, step: str, why: str, lost: bool = False) -> str:
         """Resubmit the chain from ``step`` (unless the pipeline was cancelled or resubmitted elsewhere meanwhile:
         then follow that); returns what happened, for the step's view."""
-        stored = load_state(self.store, self.pipeline_id)
-        if stored.get("cancelled") or int(stored.get("attempt", 0)) > int(self.state.get("attempt", 0)):
-            self.state = stored
-            return f"{why}; cancelled or resubmitted elsewhere meanwhile"
-        if lost:
+        known = int(self.state.get("attempt", 0))
+
+        def count_loss(stored: State) -> State:
+            if stored.get("cancelled") or int(stored.get("attempt", 0)) != known:
+                raise Superseded(self.pipeline_id)
             losses = {**(stored.get("lost_messages") or {})}
             losses[step] = int(losses.get(step, 0)) + 1
             stored["lost_messages"] = losses
@@ -264,12 +303,23 @@ class Watcher:
                 queue = queue_for(STEP_TASK[step]).value
                 error = f"its message was lost {losses[step]} times: see the {queue} workers' logs (one discarding it?)"
                 stored["steps"][step] = {**stored["steps"][step], "state": FAILED, "error": error}
-                save_state(self.store, stored)
-                self.state = stored
-                return error
-        self.resubmissions.append({"step": step, "why": why, "attempt": stored.get("attempt")})
+            return stored
+
+        try:
+            if lost:
+                stored = update_state(self.store, self.pipeline_id, count_loss, pipeline_lock(self.app))
+                if stored["steps"][step]["state"] == FAILED:
+                    self.state = stored
+                    return str(stored["steps"][step]["error"])
+            else:
+                stored = load_state(self.store, self.pipeline_id)
+            resubmitted = submit(self.app, self.store, stored, from_step=step, expect_attempt=known)
+        except Superseded:
+            self.state = load_state(self.store, self.pipeline_id)
+            return f"{why}; cancelled or resubmitted elsewhere meanwhile"
+        self.resubmissions.append({"step": step, "why": why, "attempt": known})
         self._started.pop(step, None)
-        self.state = submit(self.app, self.store, stored, from_step=step)
+        self.state = resubmitted
         return f"{why}; resubmitted from this step"
 
     def wait(self, timeout_s: float | None = None, interval_s: float = 1.0, on_poll: Any = None) -> str:

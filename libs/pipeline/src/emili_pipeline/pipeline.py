@@ -11,16 +11,24 @@ again (a redelivered message, a resubmitted chain) finds or rewrites the same ob
 ``attempt``; a step of an older chain that is still travelling sees the newer attempt and stops its chain. A
 cancelled pipeline (:func:`emili_pipeline.orchestrate.cancel`) has its attempt bumped the same way, its unfinished
 steps failed with the reason, and ``cancelled`` set until it is resumed.
+
+Object storage offers no compare-and-set (rclone's S3 server has no conditional writes), so every write that first
+checks the stored attempt does both under one lock per pipeline in the broker's Redis (:func:`state_lock`): a step
+that ends while its pipeline is cancelled either writes before the cancel reads, or sees the cancel and stops.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
+
+import redis
 
 from emili_core.errors import NotFound
 from emili_core.keys import pipeline_state_key
@@ -168,11 +176,52 @@ def load_state(store: ObjectStore, pipeline: str) -> State:
         raise NotFound(f"no pipeline {pipeline!r} in object storage") from None
 
 
-def _stored_attempt(store: ObjectStore, pipeline: str) -> int:
+StateLock = Callable[[str], AbstractContextManager[Any]]
+# Held for one read and one write of a small object; a holder that dies loses it after LOCK_EXPIRY_S.
+LOCK_EXPIRY_S, LOCK_WAIT_S = 30.0, 30.0
+
+
+def no_lock(pipeline: str) -> AbstractContextManager[Any]:
+    """For a single process (unit tests, a broker that is not Redis): nothing else writes the state."""
+    return nullcontext()
+
+
+def state_lock(broker_url: str) -> StateLock:
+    """The lock that serialises a pipeline's checked state writes across processes: a Redis lock in the Celery
+    broker, which every worker and producer of the pipeline already reaches (none for a broker that is not Redis)."""
+    if not broker_url.startswith(("redis://", "rediss://", "unix://")):
+        return no_lock
+    client = _lock_client(broker_url)
+
+    def lock(pipeline: str) -> AbstractContextManager[Any]:
+        held = client.lock(f"emili:pipeline-state:{pipeline}", timeout=LOCK_EXPIRY_S, blocking_timeout=LOCK_WAIT_S)
+        return cast(AbstractContextManager[Any], held)
+
+    return lock
+
+
+@functools.cache
+def _lock_client(broker_url: str) -> redis.Redis:
+    return redis.Redis.from_url(broker_url, socket_timeout=10)
+
+
+def update_state(store: ObjectStore, pipeline: str, change: Callable[[State], State], lock: StateLock) -> State:
+    """Read the stored state, change it and write it back, with no other checked write in between."""
+    with lock(pipeline):
+        state = change(load_state(store, pipeline))
+        save_state(store, state)
+        return state
+
+
+def stored_state(store: ObjectStore, pipeline: str) -> State | None:
     try:
-        return int(load_state(store, pipeline).get("attempt", 0))
+        return load_state(store, pipeline)
     except NotFound:
-        return 0
+        return None
+
+
+def _stored_attempt(store: ObjectStore, pipeline: str) -> int:
+    return int((stored_state(store, pipeline) or {}).get("attempt", 0))
 
 
 # --- running one step ------------------------------------------------------------------------------------------
@@ -186,32 +235,38 @@ def run_step(
     *,
     task_id: str = "",
     worker: str = "",
+    lock: StateLock = no_lock,
 ) -> State:
     """Run step ``name`` of the pipeline in ``state``: record it as running, call ``work`` (which returns the
     step's outputs), record the outputs, and return the new state. A step already done returns the state
-    unchanged; a state from an older submission raises :class:`Superseded`."""
+    unchanged; a state from an older submission raises :class:`Superseded`. ``lock``: :func:`state_lock`
+    wherever another process may write the same pipeline's state."""
     if name not in STEP_NAMES:
         raise ValueError(f"unknown pipeline step {name!r}")
-    _stop_if_superseded(store, state, name)
+    pipeline = state["pipeline_id"]
     step = state["steps"][name]
-    if step.get("state") == DONE:
-        return state
-    step.update(state=RUNNING, started_ms=now_ms(), task_id=task_id, worker=worker, error=None)
-    step["runs"] = int(step.get("runs", 0)) + 1
-    save_state(store, state)
+    with lock(pipeline):
+        _stop_if_superseded(store, state, name)
+        if step.get("state") == DONE:
+            return state
+        step.update(state=RUNNING, started_ms=now_ms(), task_id=task_id, worker=worker, error=None)
+        step["runs"] = int(step.get("runs", 0)) + 1
+        save_state(store, state)
     try:
         result = work(state)
     except Exception as exc:
         transient = isinstance(exc, TRANSIENT_ERRORS)
         step.update(state=RETRYING if transient else FAILED, error=f"{type(exc).__name__}: {exc}")
-        if not _superseded(store, state):
-            save_state(store, state)
+        with lock(pipeline):
+            if not _superseded(store, state):
+                save_state(store, state)
         raise
     # A step that ran on while its pipeline was resubmitted or cancelled must not write its older copy over the
     # newer state (its outputs, keyed by content, are stored either way).
-    _stop_if_superseded(store, state, name)
-    step.update(state=DONE, finished_ms=now_ms(), outputs=result)
-    save_state(store, state)
+    with lock(pipeline):
+        _stop_if_superseded(store, state, name)
+        step.update(state=DONE, finished_ms=now_ms(), outputs=result)
+        save_state(store, state)
     return state
 
 
@@ -232,7 +287,9 @@ def run_step_task(
     """The body of every ``*.pipeline_*`` Celery task: :func:`run_step`, and a superseded chain stops quietly."""
     from celery.exceptions import Ignore
 
+    lock = state_lock(str(task.app.conf.broker_url or ""))
+    request = task.request
     try:
-        return run_step(store, state, name, work, task_id=task.request.id or "", worker=task.request.hostname or "")
+        return run_step(store, state, name, work, task_id=request.id or "", worker=request.hostname or "", lock=lock)
     except Superseded:
         raise Ignore() from None
