@@ -16,6 +16,7 @@ import yaml
 
 from emili_core.keys import model_withdrawal_key, pipeline_state_key
 from emili_core.objectstore import Bucket, ObjectStore
+from emili_pipeline.config import PipelineConfig
 from emili_pipeline.gate import VERDICT_HEADING, Evidence
 from emili_pipeline.loop import (
     NO_CANARY,
@@ -28,6 +29,7 @@ from emili_pipeline.loop import (
     NoStudyForCanary,
     RedisLease,
 )
+from emili_pipeline.pipeline import new_state
 from emili_session.loop_records import gate_key
 
 pytestmark = pytest.mark.integration
@@ -207,6 +209,7 @@ def test_a_round_without_a_candidate_is_told_apart_from_a_failed_one(
     last = loop.state().history[-1]
     assert last["event"] == event and last["pipeline_id"] == "pl-1"
     assert ("why" in last) == (event == NO_CANDIDATE)
+    assert "step" not in last  # The failed pipeline left no readable state: the failure is recorded all the same.
     # The sessions count as used: the next round waits for new ones, then trains on all of them.
     assert (loop.tick() or pytest.fail()).phase == "idle" and len(system.pipelines) == 1
     system.sessions += ["d", "e", "f"]
@@ -535,3 +538,16 @@ def test_a_policy_whose_pipeline_is_missing_is_refused_at_start(tmp_path: Path) 
     policy.write_text("loop:\n  pipeline: no-such-pipeline.yaml\n")
     with pytest.raises(typer.BadParameter, match=r"no-such-pipeline\.yaml"):
         warn_undersized(load_policy(policy))
+
+
+def test_a_failed_round_says_which_step_failed_and_why(store: ObjectStore, isolated_redis_url: str) -> None:
+    system = FakeSystem(sessions=["a", "b", "c"], evidence=GOOD, finished=True, outcome=("failed", None))
+    loop = make(store, isolated_redis_url, system, "only")
+    assert (loop.tick() or pytest.fail()).phase == "training"
+    failed = new_state(PipelineConfig(), ["a", "b", "c"])
+    failed["steps"]["dpo"].update(state="failed", error="FailedPrecondition: none of the 4 DPO pairs fits " + "x" * 900)
+    store.put_json(Bucket.MODELS, pipeline_state_key("pl-1"), failed)
+    assert (loop.tick() or pytest.fail()).phase == "idle"
+    last = loop.state().history[-1]
+    assert last["event"] == "pipeline failed" and last["step"] == "dpo"
+    assert last["error"].startswith("FailedPrecondition: none of the 4 DPO pairs") and len(last["error"]) == 400

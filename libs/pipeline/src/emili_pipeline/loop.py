@@ -411,7 +411,8 @@ class Loop:
         state.used_sessions = sorted(set(state.used_sessions) | set(state.sessions))
         if outcome != "done":
             state.phase = "idle"
-            return self._save(state, "pipeline failed", pipeline_id=state.pipeline_id, outcome=outcome)
+            why = self._pipeline_failure(state.pipeline_id)
+            return self._save(state, "pipeline failed", pipeline_id=state.pipeline_id, outcome=outcome, **why)
         if candidate is None:
             # Not a failure: e.g. no reaction was positive enough to flag a turn, so there was nothing to learn from.
             # The next round (new sessions) tries again on every session so far.
@@ -445,6 +446,17 @@ class Loop:
         state.phase = "canary"
         self._save(state, "gate passed", candidate=state.candidate)
         return self._start_canary(state)
+
+    def _pipeline_failure(self, pipeline_id: str) -> dict[str, str]:
+        """The failed step and its error (or the cancel's reason), so the history says what to fix; empty when the
+        stored state cannot be read (the failure is recorded either way)."""
+        from emili_pipeline.pipeline import failure, load_state
+
+        try:
+            return failure(load_state(self.store, pipeline_id))
+        except (NotFound, DependencyUnavailable, KeyError, TypeError) as exc:
+            log.warning("loop: why pipeline %s failed cannot be read: %s", pipeline_id, exc)
+            return {}
 
     def _verdict_into_report(self, pipeline_id: str, record: dict[str, Any]) -> None:
         """The verdict into the candidate's evaluation report: ``report.json`` gets ``gate_verdict`` and

@@ -117,6 +117,18 @@ def new_state(config: PipelineConfig, session_ids: Sequence[str], collected: dic
     }
 
 
+def failure(state: State, max_chars: int = 400) -> dict[str, str]:
+    """Why a pipeline stopped, for the loop's history and the researcher page: its first failed step with that
+    step's error (cut to ``max_chars``), or its cancel's reason; empty when nothing failed."""
+    if cancelled := state.get("cancelled"):
+        return {"why": f"cancelled: {cancelled.get('why', '')}"[:max_chars]}
+    for step in STEPS:
+        recorded = state["steps"][step.name]
+        if recorded.get("state") == FAILED:
+            return {"step": step.name, "error": str(recorded.get("error") or "")[:max_chars]}
+    return {}
+
+
 def config_of(state: State) -> PipelineConfig:
     return PipelineConfig.model_validate(state["config"])
 
