@@ -355,7 +355,7 @@ def test_a_cancel_between_a_steps_last_check_and_its_write_is_kept(isolated_redi
         store.armed = True
         return {"written": 20}
 
-    run_step(store, state, "collect", work, lock=state_lock(isolated_redis_url))  # type: ignore[arg-type]
+    run_step(store, state, "collect", work, lock=state_lock(app))  # type: ignore[arg-type]
     assert store.thread is not None
     store.thread.join(timeout=40)
     stored = load_state(store, state["pipeline_id"])  # type: ignore[arg-type]

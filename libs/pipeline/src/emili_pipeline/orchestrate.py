@@ -34,8 +34,8 @@ from emili_pipeline.pipeline import (
     FAILED,
     STEPS,
     State,
-    StateLock,
     Superseded,
+    broker_client,
     first_unfinished,
     load_state,
     now_ms,
@@ -49,11 +49,6 @@ STEP_TASK = {s.name: s.task for s in STEPS}
 LIVE = {"STARTED", "PROGRESS", "RETRY"}
 
 
-def pipeline_lock(app: Celery) -> StateLock:
-    """The lock of a pipeline's checked state writes, in the broker of ``app``."""
-    return state_lock(str(app.conf.broker_url or ""))
-
-
 def submit(
     app: Celery, store: ObjectStore, state: State, from_step: str | None = None, *, expect_attempt: int | None = None
 ) -> State:
@@ -65,7 +60,7 @@ def submit(
         return state
     names = [s.name for s in STEPS]
     todo = names[names.index(start) :]
-    with pipeline_lock(app)(state["pipeline_id"]):
+    with state_lock(app)(state["pipeline_id"]):
         stored = stored_state(store, state["pipeline_id"]) or {}
         stored_attempt = int(stored.get("attempt", 0))
         if expect_attempt is not None and (stored_attempt != expect_attempt or stored.get("cancelled")):
@@ -102,7 +97,7 @@ def cancel(app: Celery, store: ObjectStore, state: State, why: str) -> tuple[Sta
         return stored
 
     # First: a step that starts or ends from now on sees the newer attempt.
-    state = update_state(store, state["pipeline_id"], stop, pipeline_lock(app))
+    state = update_state(store, state["pipeline_id"], stop, state_lock(app))
     unfinished = _unfinished(state)
     tasks = [state["tasks"][name] for name in unfinished if name in state.get("tasks", {})]
     runs: list[str] = []
@@ -159,7 +154,6 @@ class Watcher:
     _alive: set[str] = field(default_factory=set)
     _started: dict[str, float] = field(default_factory=dict)
     _last_look: dict[str, float] = field(default_factory=dict)
-    _broker: redis.Redis | None = None
 
     @property
     def pipeline_id(self) -> str:
@@ -259,7 +253,7 @@ class Watcher:
         queue = queue_for(STEP_TASK[step]).value
         unseen = f"message:{task_id}"
         try:
-            held = message_held(self._broker_client(), queue, task_id)
+            held = message_held(broker_client(str(self.app.conf.broker_url)), queue, task_id)
         except (redis.RedisError, ValueError):
             return False  # The broker is unreachable (or not Redis): no evidence about the message.
         if held:
@@ -283,11 +277,6 @@ class Watcher:
             return False  # The broker is unreachable: no evidence.
         return set(active or {}) == set(consumers) and not any((active or {}).values())
 
-    def _broker_client(self) -> redis.Redis:
-        if self._broker is None:
-            self._broker = redis.Redis.from_url(str(self.app.conf.broker_url), socket_timeout=5)
-        return self._broker
-
     def _resubmit(self, step: str, why: str, lost: bool = False) -> str:
         """Resubmit the chain from ``step`` (unless the pipeline was cancelled or resubmitted elsewhere meanwhile:
         then follow that); returns what happened, for the step's view."""
@@ -307,7 +296,7 @@ class Watcher:
 
         try:
             if lost:
-                stored = update_state(self.store, self.pipeline_id, count_loss, pipeline_lock(self.app))
+                stored = update_state(self.store, self.pipeline_id, count_loss, state_lock(self.app))
                 if stored["steps"][step]["state"] == FAILED:
                     self.state = stored
                     return str(stored["steps"][step]["error"])
@@ -380,10 +369,6 @@ def _progress(info: Any) -> str:
     if info.get("run_id"):
         parts.append(str(info["run_id"]))
     return " · ".join(parts)
-
-
-def step_failed(state: State) -> str | None:
-    return next((n for n, s in state["steps"].items() if s.get("state") == FAILED), None)
 
 
 def download_report(store: ObjectStore, eval_run_id: str, folder: Path) -> tuple[str, list[Path]]:

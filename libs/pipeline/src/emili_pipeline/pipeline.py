@@ -198,12 +198,14 @@ def no_lock(pipeline: str) -> AbstractContextManager[Any]:
     return nullcontext()
 
 
-def state_lock(broker_url: str) -> StateLock:
-    """The lock that serialises a pipeline's checked state writes across processes: a Redis lock in the Celery
-    broker, which every worker and producer of the pipeline already reaches (none for a broker that is not Redis)."""
+def state_lock(app: Any) -> StateLock:
+    """The lock that serialises a pipeline's checked state writes across processes: a Redis lock in the broker of
+    the Celery ``app``, which every worker and producer of the pipeline already reaches (none for a broker that is
+    not Redis)."""
+    broker_url = str(app.conf.broker_url or "")
     if not broker_url.startswith(("redis://", "rediss://", "unix://")):
         return no_lock
-    client = _lock_client(broker_url)
+    client = broker_client(broker_url)
 
     def lock(pipeline: str) -> AbstractContextManager[Any]:
         held = client.lock(f"emili:pipeline-state:{pipeline}", timeout=LOCK_EXPIRY_S, blocking_timeout=LOCK_WAIT_S)
@@ -213,8 +215,9 @@ def state_lock(broker_url: str) -> StateLock:
 
 
 @functools.cache
-def _lock_client(broker_url: str) -> redis.Redis:
-    return redis.Redis.from_url(broker_url, socket_timeout=10)
+def broker_client(broker_url: str) -> redis.Redis:
+    """One Redis client per broker and process (its pool is thread-safe), for the pipeline's own broker reads."""
+    return redis.Redis.from_url(broker_url, socket_timeout=5)
 
 
 def update_state(store: ObjectStore, pipeline: str, change: Callable[[State], State], lock: StateLock) -> State:
@@ -299,8 +302,8 @@ def run_step_task(
     """The body of every ``*.pipeline_*`` Celery task: :func:`run_step`, and a superseded chain stops quietly."""
     from celery.exceptions import Ignore
 
-    lock = state_lock(str(task.app.conf.broker_url or ""))
     request = task.request
+    lock = state_lock(task.app)
     try:
         return run_step(store, state, name, work, task_id=request.id or "", worker=request.hostname or "", lock=lock)
     except Superseded:
